@@ -1,0 +1,249 @@
+"""The executor: check the plan still fits the target, lock, record, run the steps, verify, record.
+
+Two connections: the executor runs the steps and holds the session advisory lock (so the lock
+goes with it if the process dies); a second, autocommit connection writes the history row, so
+the record survives the rollback of the steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from . import history, inspect
+from .errors import ApplyError, LockTimeoutError, RefusedError
+from .history import StepRecord
+from .logs import current_run
+from .plan import Plan, body_to_json, content_id, object_digests
+from .safety import Step
+from .servers import connect
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 0x7265636F6E63_00  # "recon": one apply at a time per database
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    environment: str
+    metadata_schema: str
+    lock_timeout: str = "5s"
+    statement_timeout: str = "15min"
+    lock_wait_seconds: float = 60.0
+    required_approvals: int = 0
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    run_id: str | None
+    status: str  # applied, or nothing (no steps)
+    steps: tuple[StepRecord, ...]
+    fingerprint: str
+
+
+def describe_differences(expected: dict[str, str], actual: dict[str, str], limit: int = 10) -> str:
+    """'kind name (missing)' for objects whose digests differ, for one-line errors."""
+    names = []
+    for key in sorted(set(expected) | set(actual)):
+        if key not in actual:
+            names.append(f"{key} (missing)")
+        elif key not in expected:
+            names.append(f"{key} (unexpected)")
+        elif expected[key] != actual[key]:
+            names.append(f"{key} (different)")
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_plan(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> inspect.SchemaSnapshot:
+    """Refuse a plan that was altered, is for another database or whose database moved on."""
+    if content_id(body_to_json(plan.body)) != plan.id:
+        raise RefusedError(f"plan {plan.short_id}: the body does not hash to the plan id: the file was altered")
+    if plan.body.environment != options.environment:
+        raise RefusedError(
+            f"plan {plan.short_id} was made for environment {plan.body.environment!r}, not {options.environment!r}"
+        )
+    approvals = len([s for s in plan.signatures if s.get("role") == "approver"])
+    if approvals < options.required_approvals:
+        raise RefusedError(
+            f"plan {plan.short_id} has {approvals} of the {options.required_approvals} approvals "
+            f"environment {options.environment!r} requires"
+        )
+    ident = inspect.identity(conn)
+    target = plan.body.target
+    if (ident.system_identifier, ident.database) != (target.system_identifier, target.database):
+        raise RefusedError(
+            f"plan {plan.short_id} is for database {target.database!r} on system {target.system_identifier}, "
+            f"not {ident.database!r} on system {ident.system_identifier}"
+        )
+    live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,))
+    if live.fingerprint != target.fingerprint:
+        changed = describe_differences(dict(target.objects), object_digests(live))
+        raise RefusedError(
+            f"plan {plan.short_id} is stale: the database changed since it was planned ({changed}); plan again"
+        )
+    return live
+
+
+def _acquire_lock(executor: psycopg.Connection[Any], control: psycopg.Connection[Any], options: ApplyOptions) -> None:
+    deadline = time.monotonic() + options.lock_wait_seconds
+    announced = False
+    while True:
+        row = executor.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+        if row and row[0]:
+            return
+        holders = [
+            int(r[0])
+            for r in control.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND ((classid::bigint << 32) | objid::bigint) = %s",
+                (LOCK_KEY,),
+            ).fetchall()
+        ]
+        holder = history.running_with_pid(control, options.metadata_schema, holders)
+        who = (
+            f"run {holder.id} (plan {holder.plan_id.removeprefix('sha256:')[:12]}, {holder.actor}@{holder.client_host}, "
+            f"since {holder.started_at:%Y-%m-%d %H:%M:%S %Z})"
+            if holder else f"backend pid {', '.join(map(str, holders)) or 'unknown'}"
+        )
+        if time.monotonic() >= deadline:
+            raise LockTimeoutError(
+                f"another apply holds the lock on {executor.info.dbname}: {who}; gave up after {options.lock_wait_seconds:g}s"
+            )
+        if not announced:
+            log.info("waiting up to %gs for the apply lock held by %s", options.lock_wait_seconds, who)
+            announced = True
+        time.sleep(0.2)
+
+
+def _phases(steps: Sequence[Step]) -> list[list[Step]]:
+    """Consecutive transactional steps share a transaction; the others run alone."""
+    phases: list[list[Step]] = []
+    for step in steps:
+        if step.transactional and phases and phases[-1][0].transactional:
+            phases[-1].append(step)
+        else:
+            phases.append([step])
+    return phases
+
+
+def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResult:
+    """Run an approved plan against the target; refuses, or records the run as applied or failed."""
+    schema = options.metadata_schema
+    with connect(target_dsn, application_name="reconciler control") as control, \
+            connect(target_dsn, application_name="reconciler apply") as executor:
+        _acquire_lock(executor, control, options)
+        try:
+            history.ensure_schema(control, schema)
+            if any(r.status == "applied" for r in history.runs_for_plan(control, schema, plan.id)):
+                raise RefusedError(f"plan {plan.short_id} was already applied to this database: plans are not replayed")
+            live = check_plan(plan, control, options)
+            if not plan.body.steps:
+                return ApplyResult(run_id=None, status="nothing", steps=(), fingerprint=live.fingerprint)
+            run_id = history.start_run(
+                control, schema,
+                plan_id=plan.id, environment=options.environment, backend_pid=executor.info.backend_pid,
+                git_commit=plan.body.desired.git_commit, from_fingerprint=plan.body.target.fingerprint,
+                to_fingerprint=plan.body.desired.schema_fingerprint,
+            )
+            token = current_run.set(run_id)
+            log.info("applying plan %s (%d steps)", plan.short_id, len(plan.body.steps))
+            records: list[StepRecord] = []
+            try:
+                fingerprint = _execute(plan, executor, options, records)
+            except BaseException as exc:
+                status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+                message = _error_text(exc)
+                history.finish_run(control, schema, run_id, status=status, statements=records, error=message)
+                log.error("%s: %s", status, message)
+                current_run.reset(token)
+                if isinstance(exc, ApplyError | psycopg.Error):
+                    raise ApplyError(f"run {run_id} failed and was rolled back: {message}", run_id) from None
+                raise
+            history.finish_run(control, schema, run_id, status="applied", statements=records)
+            log.info("applied")
+            current_run.reset(token)
+            return ApplyResult(run_id=run_id, status="applied", steps=tuple(records), fingerprint=fingerprint)
+        finally:
+            if not executor.closed and executor.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                executor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error):
+        diag = exc.diag
+        text = diag.message_primary or str(exc).strip()
+        if diag.sqlstate:
+            text += f" [SQLSTATE {diag.sqlstate}]"
+        if diag.message_detail:
+            text += f" DETAIL: {diag.message_detail}"
+        return text
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return str(exc)
+
+
+def _set_timeouts(conn: psycopg.Connection[Any], options: ApplyOptions, *, local: bool) -> None:
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, %s), set_config('statement_timeout', %s, %s)",
+        (options.lock_timeout, local, options.statement_timeout, local),
+    )
+
+
+def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord]) -> None:
+    started = time.perf_counter()
+    try:
+        conn.execute(step.sql.encode(), prepare=False)
+    except BaseException as exc:
+        records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
+                                  (time.perf_counter() - started) * 1000))
+        if isinstance(exc, psycopg.Error):
+            raise ApplyError(f"step {step.index} ({step.kind} {step.object}) failed: {_error_text(exc)}") from exc
+        raise
+    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied",
+                              (time.perf_counter() - started) * 1000))
+
+
+def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> str:
+    live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,))
+    if live.fingerprint != plan.body.desired.schema_fingerprint:
+        changed = describe_differences(dict(plan.body.desired.objects), object_digests(live))
+        raise ApplyError(f"after the steps the database does not match the desired schema: {changed}")
+    return live.fingerprint
+
+
+def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, records: list[StepRecord]) -> str:
+    phases = _phases(plan.body.steps)
+    for number, phase in enumerate(phases, 1):
+        last = number == len(phases)
+        if phase[0].transactional:
+            done_before = len(records)
+            try:
+                with conn.transaction():
+                    _set_timeouts(conn, options, local=True)
+                    for step in phase:
+                        _run_step(conn, step, records)
+                    if last:
+                        # Verified before commit: a plan that does not converge leaves nothing behind.
+                        return _verify(plan, conn, options)
+            except BaseException:
+                records[done_before:] = [
+                    StepRecord(r.index, r.kind, r.object, r.sql, "rolled back" if r.status == "applied" else r.status,
+                               r.duration_ms)
+                    for r in records[done_before:]
+                ]
+                raise
+        else:
+            _set_timeouts(conn, options, local=False)
+            try:
+                _run_step(conn, phase[0], records)
+            finally:
+                conn.execute("RESET lock_timeout")
+                conn.execute("RESET statement_timeout")
+    return _verify(plan, conn, options)

@@ -1,0 +1,289 @@
+"""The command line: parse arguments, call the stages, format results, map errors to exit codes.
+
+Exit codes: 0 success or nothing to do; 2 changes planned or drift found; 3 refused; 1 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import __version__, history, logs
+from .apply import ApplyOptions, apply_plan
+from .config import Config, Environment, load_config
+from .diff.migra_engine import MigraEngine
+from .dsn import redact
+from .errors import ReconcilerError, RefusedError
+from .pipeline import drift, make_plan, open_servers
+from .plan import read_plan, render, summary_line, write_plan
+from .servers import connect
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES, EXIT_REFUSED = 0, 1, 2, 3
+
+
+def _target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", "-e", dest="env", help="environment from reconciler.yaml (default: local)")
+    p.add_argument("--database", "-d", dest="database", help="libpq DSN or URL of the target (overrides the environment's)")
+
+
+def _schemas_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schemas", type=Path, help="folder of desired-schema .sql files (default: from reconciler.yaml)")
+
+
+def _format_option(p: argparse.ArgumentParser, choices: Sequence[str] = ("text", "markdown", "json")) -> None:
+    p.add_argument("--format", "-f", choices=list(choices), default="text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reconciler", description="Declarative schema reconciler for PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    parser.add_argument("--config", "-c", type=Path, help="path to reconciler.yaml (default: nearest one upwards)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", "-v", action="count", default=0)
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="scaffold reconciler.yaml, schemas/ and policies/")
+    p.add_argument("directory", nargs="?", type=Path, default=Path("."))
+
+    p = sub.add_parser("plan", help="compare desired and live, write a plan")
+    _target_options(p)
+    _schemas_option(p)
+    p.add_argument("-o", "--out", type=Path, help="write the plan file here")
+    _format_option(p)
+
+    p = sub.add_parser("show", help="render a saved plan")
+    p.add_argument("plan", type=Path)
+    _format_option(p)
+
+    p = sub.add_parser("apply", help="apply a saved plan, or plan and apply with --auto")
+    p.add_argument("plan", type=Path, nargs="?")
+    p.add_argument("--auto", action="store_true", help="plan and apply in one go where the environment allows it")
+    _target_options(p)
+    _schemas_option(p)
+
+    p = sub.add_parser("diff", help="print the SQL that would make live equal desired")
+    _target_options(p)
+    _schemas_option(p)
+
+    p = sub.add_parser("drift", help="is the live schema equal to the desired one?")
+    _target_options(p)
+    _schemas_option(p)
+
+    p = sub.add_parser("history", help="list apply runs recorded in the target")
+    _target_options(p)
+    _format_option(p, ("text", "json"))
+    p.add_argument("--limit", type=int, default=20)
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def _env(config: Config, args: argparse.Namespace) -> Environment:
+    return config.environment(args.env, args.database)
+
+
+def cmd_init(args: argparse.Namespace, _config: Config | None) -> int:
+    root: Path = args.directory.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    files = {
+        "reconciler.yaml": _INIT_CONFIG,
+        "schemas/001_app.sql": _INIT_SCHEMA,
+        "policies/README.md": "Policy files (YAML) go here, with trust.yaml for approvers' keys.\n",
+        "plans/.gitkeep": "",
+    }
+    for rel, content in files.items():
+        path = root / rel
+        if path.exists():
+            print(f"kept     {rel} (exists)")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        print(f"created  {rel}")
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    if ".reconciler/" not in lines:
+        gitignore.write_text("\n".join([*lines, ".reconciler/"]) + "\n")
+        print("updated  .gitignore (.reconciler/ holds the local embedded database)")
+    print(f"\nNext: edit schemas/, then run `reconciler plan` in {root}")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env) as servers:
+        result = make_plan(config, env, servers, schemas_dir=args.schemas)
+    plan = result.plan
+    if args.out:
+        write_plan(plan, args.out)
+    sys.stdout.write(render(plan, args.format))
+    if args.out:
+        print(f"\nSaved plan {plan.short_id} to {args.out}", file=sys.stderr)
+    elif plan.body.steps:
+        print("\nSave it with -o FILE to approve and apply it later.", file=sys.stderr)
+    return EXIT_CHANGES if plan.body.steps else EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, _config: Config | None) -> int:
+    sys.stdout.write(render(read_plan(args.plan), args.format))
+    return EXIT_OK
+
+
+def _apply_options(config: Config, env: Environment) -> ApplyOptions:
+    return ApplyOptions(
+        environment=env.name,
+        metadata_schema=config.metadata_schema,
+        lock_timeout=env.lock_timeout,
+        statement_timeout=env.statement_timeout,
+        lock_wait_seconds=env.lock_wait_seconds,
+        required_approvals=env.approvals,
+    )
+
+
+def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    if args.auto == (args.plan is not None):
+        raise ReconcilerError("give either a plan file or --auto")
+    options = _apply_options(config, env)
+    if args.auto:
+        if not env.auto_apply:
+            raise RefusedError(f"environment {env.name!r} does not allow --auto (auto_apply: false): plan, approve, then apply")
+        if env.approvals:
+            raise RefusedError(f"environment {env.name!r} requires {env.approvals} approval(s): plan, approve, then apply")
+        with open_servers(config, env) as servers:
+            plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
+            print(summary_line(plan), file=sys.stderr)
+            result = apply_plan(plan, servers.target_dsn, options)
+    else:
+        plan = read_plan(args.plan)
+        with open_servers(config, env, need_shadow=False) as servers:
+            result = apply_plan(plan, servers.target_dsn, options)
+    if result.status == "nothing":
+        print(f"Nothing to apply: {plan.body.target.database} already matches plan {plan.short_id}.")
+        return EXIT_OK
+    total_ms = sum(s.duration_ms for s in result.steps)
+    print(f"Applied plan {plan.short_id}: {len(result.steps)} step(s) in {total_ms:.0f} ms (run {result.run_id}).")
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env) as servers:
+        plan = make_plan(config, env, servers, schemas_dir=args.schemas, engine=MigraEngine()).plan
+    for step in plan.body.steps:
+        print(step.sql.rstrip().rstrip(";") + ";\n")
+    return EXIT_CHANGES if plan.body.steps else EXIT_OK
+
+
+def cmd_drift(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env) as servers:
+        differences = drift(config, servers, schemas_dir=args.schemas)
+    if not differences:
+        print("No drift: the live schema matches the desired schema.")
+        return EXIT_OK
+    print(f"Drift: {len(differences)} object(s) differ from the desired schema:")
+    labels = {"missing": "missing from live", "unexpected": "not in desired", "different": "differs"}
+    for diff in differences:
+        print(f"  {diff.kind} {diff.name}: {labels[diff.change]}")
+    return EXIT_CHANGES
+
+
+def cmd_history(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
+        runs = history.list_runs(conn, config.metadata_schema, limit=args.limit)
+    if args.format == "json":
+        print(json.dumps([_run_json(r) for r in runs], indent=2, default=str))
+        return EXIT_OK
+    if not runs:
+        print("No runs recorded in this database yet.")
+        return EXIT_OK
+    print(f"{'RUN':<36}  {'STATUS':<9}  {'STARTED (UTC)':<19}  {'TOOK':>7}  {'STEPS':>5}  {'PLAN':<12}  BY")
+    for r in runs:
+        took = f"{(r.finished_at - r.started_at).total_seconds():.1f}s" if r.finished_at else "-"
+        print(f"{r.id:<36}  {r.status:<9}  {r.started_at:%Y-%m-%d %H:%M:%S}  {took:>7}  {len(r.statements):>5}  "
+              f"{r.plan_id.removeprefix('sha256:')[:12]:<12}  {r.actor}@{r.client_host}")
+        if r.error:
+            print(f"{'':<38}error: {r.error.splitlines()[0][:200]}")
+    return EXIT_OK
+
+
+def _run_json(run: history.Run) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in run.__dict__.items()}
+
+
+_COMMANDS = {
+    "init": cmd_init, "plan": cmd_plan, "show": cmd_show, "apply": cmd_apply,
+    "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
+}
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(args.log_format, args.verbose)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        config = None if args.command in ("init", "show") and args.config is None else load_config(args.config)
+        return _COMMANDS[args.command](args, config)  # type: ignore[operator]
+    except ReconcilerError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so in one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {redact(str(exc))} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+_INIT_CONFIG = """\
+# pg-reconciler configuration. Folders are relative to this file.
+schemas: schemas
+policies: policies
+plans: plans
+
+environments:
+  # 'local' is an embedded PostgreSQL kept under .reconciler/ (no setup needed).
+  local:
+    database: embedded
+    auto_apply: true
+  # staging:
+  #   database: ${STAGING_DATABASE_URL}
+  #   shadow: embedded
+  #   approvals: 1
+  #   lock_timeout: 5s
+  #   statement_timeout: 15min
+"""
+
+_INIT_SCHEMA = """\
+-- The desired schema: edit this file (or add more .sql files), then run `reconciler plan`.
+CREATE TABLE accounts (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    email text NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

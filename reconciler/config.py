@@ -1,0 +1,132 @@
+"""``reconciler.yaml``: folders, the metadata schema and the environments, validated by a JSON Schema.
+
+Environment variables in ``${NAME}`` form are interpolated only when an environment is used, so
+a missing production secret does not stop a developer planning against ``local``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .yamlfile import load_validated
+
+CONFIG_FILE = "reconciler.yaml"
+LOCAL = "local"
+ADHOC = "adhoc"
+EMBEDDED = "embedded"
+DATABASE_URL_ENV = "RECONCILER_DATABASE_URL"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DURATION = re.compile(r"^([0-9]+)(ms|s|min|h)?$")
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    database: str  # 'embedded' or a DSN, possibly with ${VARS}
+    shadow: str = EMBEDDED
+    approvals: int = 0
+    auto_apply: bool = False
+    lock_timeout: str = "5s"
+    statement_timeout: str = "15min"
+    lock_wait: str = "60s"
+
+    @property
+    def lock_wait_seconds(self) -> float:
+        return duration_seconds(self.lock_wait)
+
+    def database_dsn(self) -> str:
+        return interpolate(self.database, f"environments.{self.name}.database")
+
+    def shadow_dsn(self) -> str:
+        return interpolate(self.shadow, f"environments.{self.name}.shadow")
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    path: Path | None  # None when running without a reconciler.yaml
+    schemas_dir: Path
+    policies_dir: Path
+    plans_dir: Path
+    metadata_schema: str
+    environments: Mapping[str, Environment]
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the ``local`` environment's embedded cluster lives."""
+        return self.root / ".reconciler"
+
+    def environment(self, name: str | None, database_override: str | None = None) -> Environment:
+        """The environment to use; ``--database`` or RECONCILER_DATABASE_URL replaces its database."""
+        override = database_override or os.environ.get(DATABASE_URL_ENV) or None
+        if name is None:
+            if override is None:
+                return self.environments[LOCAL]
+            return Environment(name=ADHOC, database=override, auto_apply=True)
+        if name not in self.environments:
+            known = ", ".join(sorted(self.environments))
+            where = self.path or CONFIG_FILE
+            raise ConfigError(f"unknown environment {name!r} (in {where}: {known})")
+        env = self.environments[name]
+        if override is not None:
+            env = Environment(**{**env.__dict__, "database": override})
+        return env
+
+
+def duration_seconds(text: str) -> float:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ConfigError(f"invalid duration {text!r}: use a number with ms, s, min or h")
+    value = int(match.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
+
+
+def interpolate(value: str, field: str) -> str:
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{field} uses ${{{name}}} but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return _VAR.sub(repl, value)
+
+
+def find_config(start: Path) -> Path | None:
+    """reconciler.yaml in ``start`` or the nearest parent, like git finds its repository."""
+    for folder in [start, *start.parents]:
+        candidate = folder / CONFIG_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
+    cwd = (cwd or Path.cwd()).resolve()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    path = path.resolve() if path is not None else find_config(cwd)
+    data: dict[str, Any] = load_validated(path, "config.schema.json") if path is not None else {}
+    root = path.parent if path is not None else cwd
+    environments: dict[str, Environment] = {
+        LOCAL: Environment(name=LOCAL, database=EMBEDDED, auto_apply=True),
+    }
+    for name, raw in (data.get("environments") or {}).items():
+        environments[name] = Environment(name=name, **raw)
+    for env in environments.values():
+        for field in ("lock_timeout", "statement_timeout", "lock_wait"):
+            duration_seconds(getattr(env, field))
+    return Config(
+        root=root,
+        path=path,
+        schemas_dir=root / data.get("schemas", "schemas"),
+        policies_dir=root / data.get("policies", "policies"),
+        plans_dir=root / data.get("plans", "plans"),
+        metadata_schema=data.get("metadata_schema", "reconciler"),
+        environments=environments,
+    )

@@ -1,0 +1,150 @@
+"""Name what a statement does (kind) and to what (object), from pglast's parse tree."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pglast
+from pglast import ast, enums
+
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+_ALTER_TABLE_KINDS = {
+    enums.AlterTableType.AT_AddColumn: "add_column",
+    enums.AlterTableType.AT_DropColumn: "drop_column",
+    enums.AlterTableType.AT_AlterColumnType: "alter_column_type",
+    enums.AlterTableType.AT_SetNotNull: "set_not_null",
+    enums.AlterTableType.AT_DropNotNull: "drop_not_null",
+    enums.AlterTableType.AT_ColumnDefault: "set_default",
+    enums.AlterTableType.AT_DropConstraint: "drop_constraint",
+    enums.AlterTableType.AT_ValidateConstraint: "validate_constraint",
+    enums.AlterTableType.AT_EnableRowSecurity: "enable_rls",
+    enums.AlterTableType.AT_DisableRowSecurity: "disable_rls",
+    enums.AlterTableType.AT_AttachPartition: "attach_partition",
+    enums.AlterTableType.AT_DetachPartition: "detach_partition",
+}
+
+_CONSTRAINT_KINDS = {
+    enums.ConstrType.CONSTR_FOREIGN: "add_foreign_key",
+    enums.ConstrType.CONSTR_PRIMARY: "add_primary_key",
+    enums.ConstrType.CONSTR_UNIQUE: "add_unique_constraint",
+    enums.ConstrType.CONSTR_CHECK: "add_check_constraint",
+    enums.ConstrType.CONSTR_EXCLUSION: "add_exclusion_constraint",
+}
+
+
+def _names(items: Any) -> str:
+    parts = [getattr(i, "sval", None) for i in items or ()]
+    return ".".join(p for p in parts if p)
+
+
+def _range_var(rv: ast.RangeVar | None) -> str:
+    if rv is None:
+        return ""
+    return f"{rv.schemaname}.{rv.relname}" if rv.schemaname else str(rv.relname)
+
+
+def _object_name(obj: Any) -> str:
+    if isinstance(obj, ast.ObjectWithArgs):
+        return _names(obj.objname) + "(" + ", ".join(_names(a.names) for a in obj.objargs or ()) + ")"
+    if isinstance(obj, ast.TypeName):
+        return _names(obj.names)
+    if isinstance(obj, ast.String):
+        return str(obj.sval)
+    if isinstance(obj, tuple):
+        return _names(obj)
+    return ""
+
+
+def _snake(name: str) -> str:
+    return _CAMEL.sub("_", name).lower()
+
+
+def classify(statement: str) -> tuple[str, str]:
+    """(kind, object) of one SQL statement; statements pglast cannot parse are ("unparsed", "")."""
+    try:
+        parsed = pglast.parse_sql(statement)
+    except pglast.parser.ParseError:
+        return "unparsed", ""
+    if len(parsed) != 1:
+        return "multiple", ""
+    node = parsed[0].stmt
+    if isinstance(node, ast.CreateStmt):
+        return "create_table", _range_var(node.relation)
+    if isinstance(node, ast.AlterTableStmt):
+        return _alter_table(node)
+    if isinstance(node, ast.IndexStmt):
+        schema = node.relation.schemaname if node.relation is not None else None
+        index = f"{schema}.{node.idxname}" if schema and node.idxname else str(node.idxname or "")
+        return ("create_index_concurrently" if node.concurrent else "create_index"), index
+    if isinstance(node, ast.DropStmt):
+        kind = enums.ObjectType(node.removeType).name.removeprefix("OBJECT_").lower()
+        objects = ", ".join(_object_name(o) for o in node.objects or ())
+        return f"drop_{kind}", objects
+    if isinstance(node, ast.ViewStmt):
+        return ("replace_view" if node.replace else "create_view"), _range_var(node.view)
+    if isinstance(node, ast.CreateTableAsStmt):
+        return "create_materialized_view", _range_var(node.into.rel if node.into else None)
+    if isinstance(node, ast.CreateFunctionStmt):
+        kind = "create_procedure" if node.is_procedure else "create_function"
+        return kind, _names(node.funcname)
+    if isinstance(node, ast.CreateEnumStmt):
+        return "create_enum", _names(node.typeName)
+    if isinstance(node, ast.AlterEnumStmt):
+        return ("rename_enum_value" if node.oldVal else "add_enum_value"), _names(node.typeName)
+    if isinstance(node, ast.CreateTrigStmt):
+        return "create_trigger", f"{_range_var(node.relation)}.{node.trigname}"
+    if isinstance(node, ast.CreateSeqStmt):
+        return "create_sequence", _range_var(node.sequence)
+    if isinstance(node, ast.AlterSeqStmt):
+        return "alter_sequence", _range_var(node.sequence)
+    if isinstance(node, ast.CreateSchemaStmt):
+        return "create_schema", str(node.schemaname or "")
+    if isinstance(node, ast.CreateExtensionStmt):
+        return "create_extension", str(node.extname)
+    if isinstance(node, ast.AlterExtensionStmt):
+        return "alter_extension", str(node.extname)
+    if isinstance(node, ast.VariableSetStmt):
+        return "set", str(node.name or "")
+    if isinstance(node, ast.RenameStmt):
+        kind = enums.ObjectType(node.renameType).name.removeprefix("OBJECT_").lower()
+        target = _range_var(node.relation) if node.relation is not None else _object_name(node.object)
+        return f"rename_{kind}", target
+    if isinstance(node, ast.CommentStmt):
+        return "comment", _object_name(node.object)
+    if isinstance(node, ast.GrantStmt):
+        return ("grant" if node.is_grant else "revoke"), ", ".join(_object_name(o) if not isinstance(o, ast.RangeVar) else _range_var(o) for o in node.objects or ())
+    if isinstance(node, ast.CreatePolicyStmt):
+        return "create_policy", f"{_range_var(node.table)}.{node.policy_name}"
+    if isinstance(node, ast.AlterPolicyStmt):
+        return "alter_policy", f"{_range_var(node.table)}.{node.policy_name}"
+    if isinstance(node, ast.CompositeTypeStmt):
+        return "create_composite_type", _range_var(node.typevar)
+    if isinstance(node, ast.CreateDomainStmt):
+        return "create_domain", _names(node.domainname)
+    if isinstance(node, ast.AlterDomainStmt):
+        return "alter_domain", _names(node.typeName)
+    return _snake(type(node).__name__).removesuffix("_stmt"), ""
+
+
+def _alter_table(node: ast.AlterTableStmt) -> tuple[str, str]:
+    table = _range_var(node.relation)
+    cmds = [c for c in node.cmds or () if isinstance(c, ast.AlterTableCmd)]
+    if enums.ObjectType(node.objtype) is not enums.ObjectType.OBJECT_TABLE:
+        kind = enums.ObjectType(node.objtype).name.removeprefix("OBJECT_").lower()
+        return f"alter_{kind}", table
+    if len(cmds) != 1:
+        return "alter_table", table
+    cmd = cmds[0]
+    subtype = enums.AlterTableType(cmd.subtype)
+    if subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint):
+        kind = _CONSTRAINT_KINDS.get(enums.ConstrType(cmd.def_.contype), "add_constraint")
+        name = cmd.def_.conname
+        return kind, f"{table}.{name}" if name else table
+    if subtype is enums.AlterTableType.AT_AddColumn and isinstance(cmd.def_, ast.ColumnDef):
+        return "add_column", f"{table}.{cmd.def_.colname}"
+    kind = _ALTER_TABLE_KINDS.get(subtype, "alter_table")
+    if cmd.name and kind != "alter_table":
+        return kind, f"{table}.{cmd.name}"
+    return kind, table

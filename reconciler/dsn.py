@@ -1,0 +1,76 @@
+"""libpq connection strings: pointing one at another database, and showing one without its secrets."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from psycopg import conninfo
+
+from .errors import ConfigError
+
+_URL_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)([^@\s]*)@")
+_KV_PASSWORD = re.compile(r"(\b(?:password|sslpassword)\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def parse(dsn: str) -> dict[str, str]:
+    """Parse a libpq DSN or URL; a malformed one is a config error that does not echo the secret."""
+    try:
+        return {k: str(v) for k, v in conninfo.conninfo_to_dict(dsn).items() if v is not None}
+    except Exception as exc:  # psycopg raises ProgrammingError with the raw text
+        raise ConfigError(f"invalid database DSN {redact(dsn)!r}: {redact(str(exc))}") from None
+
+
+def with_database(dsn: str, dbname: str) -> str:
+    """The same server and credentials, another database."""
+    params = parse(dsn)
+    params["dbname"] = dbname
+    return conninfo.make_conninfo(**params)
+
+
+def database_name(dsn: str) -> str | None:
+    return parse(dsn).get("dbname")
+
+
+def redact(text: str) -> str:
+    """Hide passwords in a DSN or in any message that may quote one."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    return _KV_PASSWORD.sub(r"\1***", text)
+
+
+def describe(dsn: str) -> str:
+    """A short, secret-free name for a server and database, for logs and history rows."""
+    try:
+        params = parse(dsn)
+    except ConfigError:
+        return "<invalid dsn>"
+    host = params.get("host", "localhost")
+    if host.startswith("/"):
+        host = f"socket:{host}"
+    port = params.get("port", "5432")
+    user = params.get("user", "")
+    db = params.get("dbname", "")
+    return f"{user + '@' if user else ''}{host}:{port}/{db}"
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    """A SQLAlchemy URL with the psycopg 3 driver, as migra needs, for the same connection."""
+    params = parse(dsn)
+    user = quote(params.pop("user", ""), safe="")
+    password = params.pop("password", None)
+    host = params.pop("host", "")
+    port = params.pop("port", "")
+    dbname = quote(params.pop("dbname", ""), safe="")
+    auth = user + (":" + quote(password, safe="") if password is not None else "")
+    netloc = ""
+    query: list[str] = []
+    if host.startswith("/") or "," in host:
+        query.append("host=" + quote(host, safe="/,"))
+        if port:
+            query.append("port=" + quote(port, safe=""))
+    else:
+        netloc = host + (":" + port if port else "")
+    for key, value in sorted(params.items()):
+        query.append(f"{quote(key, safe='')}={quote(value, safe='/')}")
+    url = f"postgresql+psycopg://{auth + '@' if auth else ''}{netloc}/{dbname}"
+    return url + ("?" + "&".join(query) if query else "")

@@ -1,0 +1,227 @@
+"""Run history in the target database itself: the only place a run's state lives.
+
+The metadata schema is created on first use and versioned; each version is applied once, under
+a transaction-level advisory lock so two first runs cannot race.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from . import __version__
+
+SCHEMA_VERSION = 1
+_MIGRATION_LOCK = 0x7265636F6E63_01  # "recon" + 1: serialises metadata schema upgrades
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE {schema}.runs (
+        id uuid PRIMARY KEY,
+        plan_id text NOT NULL,
+        environment text NOT NULL,
+        status text NOT NULL CHECK (status IN ('running', 'applied', 'failed', 'cancelled')),
+        actor text NOT NULL,
+        client_host text NOT NULL,
+        tool_version text NOT NULL,
+        backend_pid integer,
+        started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        finished_at timestamptz,
+        git_commit text,
+        from_fingerprint text NOT NULL,
+        to_fingerprint text NOT NULL,
+        statements jsonb NOT NULL DEFAULT '[]',
+        error text
+    );
+    CREATE INDEX runs_started_at_idx ON {schema}.runs (started_at DESC);
+    CREATE INDEX runs_plan_id_idx ON {schema}.runs (plan_id);
+    COMMENT ON TABLE {schema}.runs IS 'pg-reconciler: one row per apply run';
+    """,
+}
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    index: int
+    kind: str
+    object: str
+    sql: str
+    status: str  # applied, failed, rolled back
+    duration_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "kind": self.kind, "object": self.object, "sql": self.sql,
+                "status": self.status, "duration_ms": round(self.duration_ms, 3)}
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    plan_id: str
+    environment: str
+    status: str
+    actor: str
+    client_host: str
+    tool_version: str
+    backend_pid: int | None
+    started_at: datetime
+    finished_at: datetime | None
+    git_commit: str | None
+    from_fingerprint: str
+    to_fingerprint: str
+    statements: tuple[dict[str, Any], ...]
+    error: str | None
+
+
+def actor() -> str:
+    """Who runs this: RECONCILER_ACTOR (set it in CI), else the operating-system user."""
+    explicit = os.environ.get("RECONCILER_ACTOR")
+    if explicit:
+        return explicit
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+def _table(schema: str) -> sql.Composed:
+    return sql.SQL("{}.runs").format(sql.Identifier(schema))
+
+
+def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create or upgrade the metadata schema; safe to call on every run."""
+    ident = sql.Identifier(schema)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        conn.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {}.schema_version (version integer PRIMARY KEY, "
+                    "applied_at timestamptz NOT NULL DEFAULT now())").format(ident)
+        )
+        row = conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version").format(ident)).fetchone()
+        current = int(row[0]) if row else 0
+        if current > SCHEMA_VERSION:
+            from .errors import ReconcilerError
+
+            raise ReconcilerError(
+                f"the metadata schema {schema!r} is at version {current}, newer than this reconciler "
+                f"({__version__}) knows ({SCHEMA_VERSION}): upgrade reconciler"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            conn.execute(sql.SQL(_MIGRATIONS[version]).format(schema=ident))  # type: ignore[arg-type]
+            conn.execute(sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(ident), (version,))
+
+
+def start_run(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    *,
+    plan_id: str,
+    environment: str,
+    backend_pid: int,
+    git_commit: str | None,
+    from_fingerprint: str,
+    to_fingerprint: str,
+) -> str:
+    run_id = str(uuid.uuid4())
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (id, plan_id, environment, status, actor, client_host, tool_version, backend_pid, "
+            "git_commit, from_fingerprint, to_fingerprint) VALUES (%s, %s, %s, 'running', %s, %s, %s, %s, %s, %s, %s)"
+        ).format(_table(schema)),
+        (run_id, plan_id, environment, actor(), socket.gethostname(), __version__, backend_pid, git_commit,
+         from_fingerprint, to_fingerprint),
+    )
+    return run_id
+
+
+def finish_run(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    run_id: str,
+    *,
+    status: str,
+    statements: Sequence[StepRecord],
+    error: str | None = None,
+) -> None:
+    conn.execute(
+        sql.SQL("UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, error = %s "
+                "WHERE id = %s").format(_table(schema)),
+        (status, json.dumps([s.to_json() for s in statements]), error, run_id),
+    )
+
+
+def _exists(conn: psycopg.Connection[Any], schema: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema).as_string(conn) + ".runs",)).fetchone()
+    return bool(row and row[0])
+
+
+def list_runs(conn: psycopg.Connection[Any], schema: str, *, limit: int = 50) -> list[Run]:
+    """Newest first; an empty list when the tool never ran against this database."""
+    if not _exists(conn, schema):
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {} ORDER BY started_at DESC LIMIT %s").format(_table(schema)), (limit,))
+        rows = cur.fetchall()
+    return [_run(r) for r in rows]
+
+
+def get_run(conn: psycopg.Connection[Any], schema: str, run_id: str) -> Run | None:
+    if not _exists(conn, schema):
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {} WHERE id::text = %s").format(_table(schema)), (run_id,))
+        row = cur.fetchone()
+    return _run(row) if row else None
+
+
+def runs_for_plan(conn: psycopg.Connection[Any], schema: str, plan_id: str) -> list[Run]:
+    if not _exists(conn, schema):
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {} WHERE plan_id = %s ORDER BY started_at").format(_table(schema)), (plan_id,))
+        return [_run(r) for r in cur.fetchall()]
+
+
+def running_with_pid(conn: psycopg.Connection[Any], schema: str, pids: Sequence[int]) -> Run | None:
+    if not pids or not _exists(conn, schema):
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE status = 'running' AND backend_pid = ANY(%s) "
+                    "ORDER BY started_at DESC LIMIT 1").format(_table(schema)),
+            (list(pids),),
+        )
+        row = cur.fetchone()
+    return _run(row) if row else None
+
+
+def _run(row: dict[str, Any]) -> Run:
+    return Run(
+        id=str(row["id"]),
+        plan_id=row["plan_id"],
+        environment=row["environment"],
+        status=row["status"],
+        actor=row["actor"],
+        client_host=row["client_host"],
+        tool_version=row["tool_version"],
+        backend_pid=row["backend_pid"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        git_commit=row["git_commit"],
+        from_fingerprint=row["from_fingerprint"],
+        to_fingerprint=row["to_fingerprint"],
+        statements=tuple(row["statements"] or ()),
+        error=row["error"],
+    )

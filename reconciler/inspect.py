@@ -1,0 +1,249 @@
+"""What a database is and what it holds: identity, a catalog snapshot, its fingerprint, table sizes.
+
+The snapshot is our own normalised reading of the catalogs, one row per object, independent of
+migra: it decides whether live equals desired after an apply, detects drift and staleness, and
+names the objects that differ. Column order, owners and grants are left out on purpose (migra
+cannot reorder columns; owners and grants depend on the environment's roles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+DEFAULT_METADATA_SCHEMA = "reconciler"
+
+_SYSTEM_SCHEMA_FILTER = (
+    "{n}.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+    "AND {n}.nspname NOT LIKE 'pg\\_temp\\_%%' AND {n}.nspname NOT LIKE 'pg\\_toast\\_temp\\_%%' "
+    "AND {n}.nspname <> ALL(%(excluded)s::text[])"
+)
+
+
+def _managed(alias: str) -> str:
+    return _SYSTEM_SCHEMA_FILTER.format(n=alias)
+
+
+def _not_extension_member(classid: str, objid: str) -> str:
+    return (
+        f"NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = '{classid}'::regclass "
+        f"AND e.objid = {objid} AND e.deptype = 'e')"
+    )
+
+
+# Each query yields (kind, name, definition). Names are schema-qualified and quoted as PostgreSQL would.
+_QUERIES: tuple[str, ...] = (
+    f"""SELECT 'schema', quote_ident(n.nspname), ''
+        FROM pg_namespace n WHERE {_managed('n')} AND {_not_extension_member('pg_namespace', 'n.oid')}""",
+    f"""SELECT 'extension', quote_ident(x.extname), 'schema ' || quote_ident(n.nspname)
+        FROM pg_extension x JOIN pg_namespace n ON n.oid = x.extnamespace
+        WHERE x.extname <> 'plpgsql' AND {_managed('n')}""",
+    f"""SELECT CASE c.relkind WHEN 'p' THEN 'partitioned table' WHEN 'f' THEN 'foreign table' ELSE 'table' END,
+               c.oid::regclass::text,
+               concat_ws(' ',
+                 'persistence=' || c.relpersistence::text,
+                 'options=' || array_to_string(c.reloptions, ','),
+                 'partition key=' || pg_get_partkeydef(c.oid),
+                 'partition of=' || (SELECT string_agg(i.inhparent::regclass::text, ',' ORDER BY i.inhseqno)
+                                     FROM pg_inherits i WHERE i.inhrelid = c.oid),
+                 'bound=' || pg_get_expr(c.relpartbound, c.oid),
+                 'rls=' || c.relrowsecurity, 'force rls=' || c.relforcerowsecurity,
+                 'replica identity=' || c.relreplident::text)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'f') AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}""",
+    f"""SELECT 'column', c.oid::regclass::text || '.' || quote_ident(a.attname),
+               concat_ws(' ',
+                 format_type(a.atttypid, a.atttypmod),
+                 CASE WHEN a.attnotnull THEN 'not null' END,
+                 CASE WHEN a.attcollation <> t.typcollation THEN 'collate ' || co.collname END,
+                 CASE WHEN a.attgenerated <> '' THEN 'generated ' || a.attgenerated::text || ' ' || pg_get_expr(d.adbin, d.adrelid)
+                      WHEN d.adbin IS NOT NULL THEN 'default ' || pg_get_expr(d.adbin, d.adrelid) END,
+                 CASE WHEN a.attidentity <> '' THEN 'identity ' || a.attidentity::text END,
+                 CASE WHEN a.attstattarget >= 0 THEN 'statistics ' || a.attstattarget END)
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_type t ON t.oid = a.atttypid
+        LEFT JOIN pg_collation co ON co.oid = a.attcollation
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f', 'v', 'm', 'c')
+          AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}
+          AND (c.relkind <> 'c' OR {_not_extension_member('pg_type', 'c.reltype')})""",
+    f"""SELECT 'constraint',
+               CASE WHEN con.conrelid <> 0 THEN con.conrelid::regclass::text ELSE con.contypid::regtype::text END
+                 || '.' || quote_ident(con.conname),
+               pg_get_constraintdef(con.oid)
+                 || CASE WHEN con.condeferrable THEN ' deferrable' ELSE '' END
+                 || CASE WHEN con.condeferred THEN ' initially deferred' ELSE '' END
+        FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
+        WHERE {_managed('n')} AND con.conislocal IS TRUE
+          AND {_not_extension_member('pg_constraint', 'con.oid')}
+          AND (con.conrelid = 0 OR {_not_extension_member('pg_class', 'con.conrelid')})""",
+    f"""SELECT 'index', quote_ident(n.nspname) || '.' || quote_ident(ic.relname), pg_get_indexdef(i.indexrelid)
+        FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_class', 'i.indrelid')}""",
+    f"""SELECT CASE c.relkind WHEN 'v' THEN 'view' ELSE 'materialized view' END, c.oid::regclass::text,
+               pg_get_viewdef(c.oid) || coalesce(' with ' || array_to_string(c.reloptions, ','), '')
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('v', 'm') AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}""",
+    f"""SELECT 'sequence', c.oid::regclass::text,
+               concat_ws(' ', format_type(s.seqtypid, NULL), 'start', s.seqstart, 'increment', s.seqincrement,
+                 'min', s.seqmin, 'max', s.seqmax, 'cache', s.seqcache, CASE WHEN s.seqcycle THEN 'cycle' END,
+                 (SELECT 'owned by ' || d.refobjid::regclass::text || '.' || quote_ident(a.attname)
+                  FROM pg_depend d JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i')
+                    AND d.refclassid = 'pg_class'::regclass LIMIT 1))
+        FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}""",
+    f"""SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate' ELSE 'function' END,
+               p.oid::regprocedure::text,
+               CASE WHEN p.prokind = 'a' THEN
+                 concat_ws(' ', 'returns', format_type(p.prorettype, NULL), 'sfunc', ag.aggtransfn::text,
+                   'stype', format_type(ag.aggtranstype, NULL), 'final', ag.aggfinalfn::text,
+                   'combine', ag.aggcombinefn::text, 'init', ag.agginitval)
+               ELSE pg_get_functiondef(p.oid) END
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        LEFT JOIN pg_aggregate ag ON ag.aggfnoid = p.oid
+        WHERE {_managed('n')} AND {_not_extension_member('pg_proc', 'p.oid')}""",
+    f"""SELECT 'trigger', c.oid::regclass::text || '.' || quote_ident(t.tgname), pg_get_triggerdef(t.oid)
+                 || CASE t.tgenabled WHEN 'O' THEN '' ELSE ' enabled=' || t.tgenabled::text END
+        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND {_managed('n')}
+          AND {_not_extension_member('pg_class', 'c.oid')}""",
+    f"""SELECT CASE t.typtype WHEN 'e' THEN 'enum' WHEN 'd' THEN 'domain' WHEN 'r' THEN 'range type'
+                               WHEN 'm' THEN 'multirange type' ELSE 'composite type' END,
+               t.oid::regtype::text,
+               CASE t.typtype
+                 WHEN 'e' THEN (SELECT string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder)
+                                FROM pg_enum e WHERE e.enumtypid = t.oid)
+                 WHEN 'd' THEN concat_ws(' ', format_type(t.typbasetype, t.typtypmod),
+                                 CASE WHEN t.typnotnull THEN 'not null' END, 'default ' || t.typdefault)
+                 WHEN 'r' THEN (SELECT concat_ws(' ', 'subtype', format_type(r.rngsubtype, NULL),
+                                  'opclass', r.rngsubopc::text, 'canonical', r.rngcanonical::text,
+                                  'diff', r.rngsubdiff::text) FROM pg_range r WHERE r.rngtypid = t.oid)
+                 ELSE '' END
+        FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE (t.typtype IN ('e', 'd', 'r')
+               OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
+          AND {_managed('n')} AND {_not_extension_member('pg_type', 't.oid')}""",
+    f"""SELECT 'policy', c.oid::regclass::text || '.' || quote_ident(p.polname),
+               concat_ws(' ', CASE WHEN p.polpermissive THEN 'permissive' ELSE 'restrictive' END, 'for', p.polcmd::text,
+                 'to', (SELECT string_agg(CASE WHEN r = 0 THEN 'public' ELSE quote_ident(pg_get_userbyid(r)) END, ','
+                                          ORDER BY 1) FROM unnest(p.polroles) r),
+                 'using', pg_get_expr(p.polqual, p.polrelid), 'check', pg_get_expr(p.polwithcheck, p.polrelid))
+        FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_managed('n')}""",
+    f"""SELECT 'rule', c.oid::regclass::text || '.' || quote_ident(r.rulename), pg_get_ruledef(r.oid)
+        FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE r.rulename <> '_RETURN' AND {_managed('n')}""",
+    f"""SELECT 'statistics', quote_ident(n.nspname) || '.' || quote_ident(s.stxname), pg_get_statisticsobjdef(s.oid)
+        FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE {_managed('n')}""",
+    """SELECT 'comment', o.type || ' ' || o.identity, d.description
+        FROM pg_description d
+        CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) o
+        WHERE d.classoid <> 'pg_database'::regclass
+          AND coalesce(o.schema, CASE WHEN d.classoid = 'pg_namespace'::regclass THEN o.identity END) IS NOT NULL
+          AND coalesce(o.schema, o.identity) NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+          AND coalesce(o.schema, o.identity) <> ALL(%(excluded)s::text[])
+          AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classoid AND e.objid = d.objoid
+                          AND e.deptype = 'e')
+          AND NOT (d.classoid = 'pg_namespace'::regclass AND o.identity = 'public'
+                   AND d.description = 'standard public schema')""",
+)
+
+
+@dataclass(frozen=True)
+class TargetIdentity:
+    system_identifier: str
+    database: str
+    server_version: str
+    server_version_num: int
+
+
+@dataclass(frozen=True)
+class SchemaSnapshot:
+    """Every managed object as (kind, name) -> normalised definition."""
+
+    objects: Mapping[tuple[str, str], str]
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for (kind, name), definition in sorted(self.objects.items()):
+            digest.update(f"{kind}\t{name}\t{definition}\n".encode())
+        return "sha256:" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ObjectDifference:
+    kind: str
+    name: str
+    change: str  # "missing" (desired has it, live does not), "unexpected", or "different"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} ({self.change})"
+
+
+@dataclass(frozen=True)
+class TableSize:
+    table: str
+    rows: int
+    bytes: int
+
+
+def identity(conn: psycopg.Connection[Any]) -> TargetIdentity:
+    row = conn.execute(
+        "SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database(), "
+        "current_setting('server_version'), current_setting('server_version_num')::int"
+    ).fetchone()
+    assert row is not None
+    return TargetIdentity(system_identifier=row[0], database=row[1], server_version=row[2], server_version_num=row[3])
+
+
+def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> SchemaSnapshot:
+    """Read the catalogs in one transaction-consistent pass (works inside an open transaction too)."""
+    objects: dict[tuple[str, str], str] = {}
+    params = {"excluded": list(exclude_schemas)}
+    with conn.cursor() as cur:
+        # Names and definitions come out schema-qualified only with an empty search path,
+        # so a role's own search_path cannot change the snapshot.
+        cur.execute("SELECT current_setting('search_path'), set_config('search_path', 'pg_catalog', false)")
+        row = cur.fetchone()
+        assert row is not None
+        try:
+            for query in _QUERIES:
+                cur.execute(query.encode(), params)
+                for kind, name, definition in cur.fetchall():
+                    objects[(kind, name)] = definition or ""
+        finally:
+            if not conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                cur.execute("SELECT set_config('search_path', %s, false)", (row[0],))
+    return SchemaSnapshot(objects=objects)
+
+
+def compare(desired: SchemaSnapshot, live: SchemaSnapshot) -> list[ObjectDifference]:
+    """The objects that differ, in a stable order."""
+    out: list[ObjectDifference] = []
+    for key in sorted(set(desired.objects) | set(live.objects)):
+        if key not in live.objects:
+            out.append(ObjectDifference(key[0], key[1], "missing"))
+        elif key not in desired.objects:
+            out.append(ObjectDifference(key[0], key[1], "unexpected"))
+        elif desired.objects[key] != live.objects[key]:
+            out.append(ObjectDifference(key[0], key[1], "different"))
+    return out
+
+
+def table_sizes(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> dict[str, TableSize]:
+    """Estimated rows and bytes from the catalog (no scans), for hazards and data-aware policies."""
+    rows = conn.execute(
+        f"""SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid)
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p', 'm') AND {_managed('n')}""".encode(),
+        {"excluded": list(exclude_schemas)},
+    ).fetchall()
+    return {name: TableSize(table=name, rows=int(r), bytes=int(b)) for name, r, b in rows}

@@ -1,0 +1,144 @@
+"""Wires the stages together for one environment: servers, shadow, inspect, diff, safety, plan.
+
+The command line calls these and only formats their results; watch and tests call them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg import sql
+
+from . import inspect
+from .config import EMBEDDED, Config, Environment
+from .diff.base import DiffEngine
+from .diff.migra_engine import MigraEngine
+from .errors import ReconcilerError
+from .plan import Plan, build_plan
+from .safety import compile_steps
+from .servers import EmbeddedCluster, Server, bindir_for_shadow, connect, server_for_dsn, throwaway_database
+from .shadow import load_schema
+from .source import DesiredSchema, load_source
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "app"
+
+
+@dataclass(frozen=True)
+class Servers:
+    target_dsn: str
+    target_major: int
+    shadow: Server
+
+
+def shadow_cache_dir(major: int) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "reconciler" / f"shadow-pg{major}"
+
+
+@contextlib.contextmanager
+def open_servers(config: Config, env: Environment, *, need_shadow: bool = True) -> Iterator[Servers]:
+    """Start what the environment needs (embedded clusters) and stop it afterwards."""
+    with contextlib.ExitStack() as stack:
+        database = env.database_dsn()
+        local_server: Server | None = None
+        if database == EMBEDDED:
+            cluster = EmbeddedCluster(config.local_dir / env.name)
+            stack.callback(cluster.stop)
+            local_server = cluster.start()
+            _ensure_database(local_server, EMBEDDED_DATABASE)
+            target_dsn = local_server.database_dsn(EMBEDDED_DATABASE)
+            target_major = local_server.major_version
+        else:
+            target = server_for_dsn(database)
+            target_dsn, target_major = database, target.major_version
+        shadow_spec = env.shadow_dsn() if need_shadow else EMBEDDED
+        if not need_shadow:
+            shadow = local_server or Server(dsn=target_dsn, major_version=target_major)
+        elif shadow_spec != EMBEDDED:
+            shadow = server_for_dsn(shadow_spec)
+        elif local_server is not None:
+            shadow = local_server
+        else:
+            shadow_cluster = EmbeddedCluster(
+                shadow_cache_dir(target_major), bindir_for_shadow(target_major), durable=False
+            )
+            stack.callback(shadow_cluster.stop)
+            shadow = shadow_cluster.start()
+        yield Servers(target_dsn=target_dsn, target_major=target_major, shadow=shadow)
+
+
+def _ensure_database(server: Server, name: str) -> None:
+    with connect(server.dsn) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The live and desired schemas side by side, read while the shadow exists."""
+
+    source: DesiredSchema
+    identity: inspect.TargetIdentity
+    live: inspect.SchemaSnapshot
+    desired: inspect.SchemaSnapshot
+    plan: Plan
+
+
+def make_plan(
+    config: Config,
+    env: Environment,
+    servers: Servers,
+    *,
+    schemas_dir: Path | None = None,
+    engine: DiffEngine | None = None,
+) -> Comparison:
+    engine = engine or MigraEngine()
+    source = load_source(schemas_dir or config.schemas_dir)
+    excluded = (config.metadata_schema,)
+    with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
+        count = load_schema(source, shadow_dsn)
+        log.info("loaded %d statements from %d file(s) into the shadow database", count, len(source.files))
+        with connect(servers.target_dsn) as conn:
+            ident = inspect.identity(conn)
+            live = inspect.snapshot(conn, exclude_schemas=excluded)
+        with connect(shadow_dsn) as conn:
+            desired = inspect.snapshot(conn, exclude_schemas=excluded)
+        changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
+    differences = inspect.compare(desired, live)
+    if differences and not changes:
+        names = ", ".join(str(d) for d in differences[:10])
+        raise ReconcilerError(
+            f"the {engine.name} engine found no statements for differences it cannot express: {names}"
+        )
+    plan = build_plan(
+        environment=env.name,
+        engine=engine.name,
+        metadata_schema=config.metadata_schema,
+        identity=ident,
+        live=live,
+        desired_source=source,
+        desired=desired,
+        steps=compile_steps(changes),
+    )
+    return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
+
+
+def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) -> list[inspect.ObjectDifference]:
+    """What differs between live and desired, by our catalog snapshot (no diff engine needed)."""
+    source = load_source(schemas_dir or config.schemas_dir)
+    excluded = (config.metadata_schema,)
+    with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
+        load_schema(source, shadow_dsn)
+        with connect(shadow_dsn) as conn:
+            desired = inspect.snapshot(conn, exclude_schemas=excluded)
+    with connect(servers.target_dsn) as conn:
+        live = inspect.snapshot(conn, exclude_schemas=excluded)
+    return inspect.compare(desired, live)

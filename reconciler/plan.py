@@ -1,0 +1,337 @@
+"""The plan: a value you save, show, sign and apply.
+
+A plan file is ``{"format", "id", "body", "signatures"}`` where ``id`` is the sha256 of the
+canonical JSON of ``body`` (sorted keys, no spaces, UTF-8). Signatures sit outside the body so
+adding one never changes the id. Files are validated by ``formats/plan.schema.json`` on read
+and on write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from . import __version__
+from .errors import PlanFileError
+from .inspect import SchemaSnapshot, TargetIdentity
+from .safety import Hazard, Step
+from .source import DesiredSchema
+
+FORMAT = "reconciler.plan/v1"
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    system_identifier: str
+    database: str
+    server_version: str
+    fingerprint: str
+    objects: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class PlanDesired:
+    fingerprint: str
+    schema_fingerprint: str
+    git_commit: str | None
+    dirty: bool
+    files: tuple[tuple[str, str], ...]  # (path, sha256)
+    objects: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class PlanBody:
+    created_at: str
+    tool_version: str
+    environment: str
+    engine: str
+    metadata_schema: str
+    target: PlanTarget
+    desired: PlanDesired
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    id: str
+    body: PlanBody
+    signatures: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def short_id(self) -> str:
+        return self.id.removeprefix("sha256:")[:12]
+
+    @property
+    def hazards(self) -> list[tuple[Step, Hazard]]:
+        return [(step, hazard) for step in self.body.steps for hazard in step.hazards]
+
+
+def object_digests(snap: SchemaSnapshot) -> dict[str, str]:
+    """Per-object digests: enough to name what differs later without carrying whole definitions."""
+    return {
+        f"{kind} {name}": hashlib.sha256(definition.encode()).hexdigest()[:16]
+        for (kind, name), definition in sorted(snap.objects.items())
+    }
+
+
+def build_plan(
+    *,
+    environment: str,
+    engine: str,
+    metadata_schema: str,
+    identity: TargetIdentity,
+    live: SchemaSnapshot,
+    desired_source: DesiredSchema,
+    desired: SchemaSnapshot,
+    steps: Sequence[Step],
+    now: datetime | None = None,
+) -> Plan:
+    body = PlanBody(
+        created_at=(now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        tool_version=__version__,
+        environment=environment,
+        engine=engine,
+        metadata_schema=metadata_schema,
+        target=PlanTarget(
+            system_identifier=identity.system_identifier,
+            database=identity.database,
+            server_version=identity.server_version,
+            fingerprint=live.fingerprint,
+            objects=object_digests(live),
+        ),
+        desired=PlanDesired(
+            fingerprint=desired_source.fingerprint,
+            schema_fingerprint=desired.fingerprint,
+            git_commit=desired_source.git_commit,
+            dirty=desired_source.dirty,
+            files=tuple((f.path, f.sha256) for f in desired_source.files),
+            objects=object_digests(desired),
+        ),
+        steps=tuple(steps),
+    )
+    return Plan(id=content_id(body_to_json(body)), body=body)
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def content_id(body_json: Mapping[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(body_json)).hexdigest()
+
+
+def body_to_json(body: PlanBody) -> dict[str, Any]:
+    return {
+        "created_at": body.created_at,
+        "tool_version": body.tool_version,
+        "environment": body.environment,
+        "engine": body.engine,
+        "metadata_schema": body.metadata_schema,
+        "target": {
+            "system_identifier": body.target.system_identifier,
+            "database": body.target.database,
+            "server_version": body.target.server_version,
+            "fingerprint": body.target.fingerprint,
+            "objects": dict(body.target.objects),
+        },
+        "desired": {
+            "fingerprint": body.desired.fingerprint,
+            "schema_fingerprint": body.desired.schema_fingerprint,
+            "git_commit": body.desired.git_commit,
+            "dirty": body.desired.dirty,
+            "files": [{"path": p, "sha256": s} for p, s in body.desired.files],
+            "objects": dict(body.desired.objects),
+        },
+        "steps": [
+            {
+                "index": s.index,
+                "sql": s.sql,
+                "kind": s.kind,
+                "object": s.object,
+                "transactional": s.transactional,
+                "hazards": [{"code": h.code, "message": h.message} for h in s.hazards],
+                "rollback_sql": s.rollback_sql,
+            }
+            for s in body.steps
+        ],
+    }
+
+
+def body_from_json(data: Mapping[str, Any]) -> PlanBody:
+    t, d = data["target"], data["desired"]
+    return PlanBody(
+        created_at=data["created_at"],
+        tool_version=data["tool_version"],
+        environment=data["environment"],
+        engine=data["engine"],
+        metadata_schema=data["metadata_schema"],
+        target=PlanTarget(t["system_identifier"], t["database"], t["server_version"], t["fingerprint"], dict(t["objects"])),
+        desired=PlanDesired(
+            fingerprint=d["fingerprint"],
+            schema_fingerprint=d["schema_fingerprint"],
+            git_commit=d["git_commit"],
+            dirty=d["dirty"],
+            files=tuple((f["path"], f["sha256"]) for f in d["files"]),
+            objects=dict(d["objects"]),
+        ),
+        steps=tuple(
+            Step(
+                index=s["index"],
+                sql=s["sql"],
+                kind=s["kind"],
+                object=s["object"],
+                transactional=s["transactional"],
+                hazards=tuple(Hazard(h["code"], h["message"]) for h in s["hazards"]),
+                rollback_sql=s["rollback_sql"],
+            )
+            for s in data["steps"]
+        ),
+    )
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    return {"format": FORMAT, "id": plan.id, "body": body_to_json(plan.body), "signatures": [dict(s) for s in plan.signatures]}
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(resources.files("reconciler.formats").joinpath("plan.schema.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)  # type: ignore[no-any-return]
+
+
+def validate(data: Any, source: str) -> None:
+    """Refuse a plan document that does not match the schema, naming the field that is wrong."""
+    errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        err = errors[0]
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise PlanFileError(f"{source}: invalid plan file at {where}: {err.message}{more}")
+
+
+def plan_from_json(data: Any, source: str) -> Plan:
+    validate(data, source)
+    return Plan(id=data["id"], body=body_from_json(data["body"]), signatures=tuple(data["signatures"]))
+
+
+def read_plan(path: Path) -> Plan:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanFileError(f"plan file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanFileError(f"cannot read plan file {path}: {exc}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PlanFileError(f"{path}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}") from None
+    return plan_from_json(data, str(path))
+
+
+def write_plan(plan: Plan, path: Path) -> None:
+    """Validate, then replace the file atomically so a reader never sees half a plan."""
+    data = plan_to_json(plan)
+    validate(data, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def id_matches_body(data: Mapping[str, Any]) -> bool:
+    return bool(data.get("id") == content_id(data["body"]))
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+def _indent(text: str, prefix: str = "      ") -> str:
+    return "\n".join(prefix + line if line.strip() else line for line in text.strip().splitlines())
+
+
+def summary_line(plan: Plan) -> str:
+    steps = plan.body.steps
+    if not steps:
+        return f"No changes: {plan.body.target.database} already matches the desired schema."
+    codes = sorted({h.code for _, h in plan.hazards})
+    hazards = f", hazards: {', '.join(codes)}" if codes else ", no hazards"
+    return f"{len(steps)} step{'s' if len(steps) != 1 else ''} to apply to {plan.body.target.database}{hazards}."
+
+
+def render_text(plan: Plan) -> str:
+    b = plan.body
+    git = b.desired.git_commit[:12] if b.desired.git_commit else "not in git"
+    lines = [
+        f"Plan {plan.short_id}  ({plan.id})",
+        f"  environment  {b.environment}",
+        f"  target       {b.target.database} (PostgreSQL {b.target.server_version}, system {b.target.system_identifier})",
+        f"  desired      {len(b.desired.files)} file(s) at {git}{' + uncommitted changes' if b.desired.dirty else ''}",
+        f"  created      {b.created_at} by reconciler {b.tool_version} ({b.engine})",
+        "",
+        summary_line(plan),
+    ]
+    for step in b.steps:
+        mode = "" if step.transactional else "  [outside transaction]"
+        lines.append("")
+        lines.append(f"  {step.index:>3}. {step.kind} {step.object}{mode}")
+        for hazard in step.hazards:
+            lines.append(f"       ! {hazard.code}: {hazard.message}")
+        lines.append(_indent(step.sql.rstrip(";") + ";", "       "))
+    if plan.signatures:
+        lines += ["", f"Signatures: {len(plan.signatures)}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(plan: Plan) -> str:
+    b = plan.body
+    git = f"`{b.desired.git_commit[:12]}`" if b.desired.git_commit else "not in git"
+    out = [
+        f"### pg-reconciler plan `{plan.short_id}` for **{b.environment}**",
+        "",
+        f"**{summary_line(plan)}**",
+        "",
+        f"Target `{b.target.database}` (PostgreSQL {b.target.server_version}); desired schema at {git}"
+        + (" with uncommitted changes" if b.desired.dirty else "") + ".",
+    ]
+    if plan.hazards:
+        out += ["", "| step | hazard | object | why |", "|---:|---|---|---|"]
+        for step, hazard in plan.hazards:
+            out.append(f"| {step.index} | `{hazard.code}` | `{step.object}` | {hazard.message} |")
+    if b.steps:
+        out += ["", f"<details><summary>{len(b.steps)} steps</summary>", "", "```sql"]
+        for step in b.steps:
+            out.append(f"-- {step.index}. {step.kind} {step.object}" + ("" if step.transactional else " (outside transaction)"))
+            out.append(step.sql.rstrip(";") + ";")
+            out.append("")
+        out += ["```", "", "</details>"]
+    out += ["", f"Plan id: `{plan.id}`", ""]
+    return "\n".join(out)
+
+
+def render_json(plan: Plan) -> str:
+    return json.dumps(plan_to_json(plan), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def render(plan: Plan, fmt: str) -> str:
+    renderers = {"text": render_text, "markdown": render_markdown, "json": render_json}
+    return renderers[fmt](plan)

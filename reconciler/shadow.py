@@ -1,0 +1,130 @@
+"""Load the desired schema into a scratch database, pointing every failure at file:line:column.
+
+Statements run one at a time (split by pglast's scanner, so dollar quotes and comments are
+understood) in autocommit, so a failure names the exact statement and statements that cannot run
+in a transaction block (CREATE INDEX CONCURRENTLY, ALTER TYPE ... ADD VALUE then use) still load.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pglast
+import psycopg
+
+from .errors import SchemaLoadError
+from .servers import connect
+from .source import DesiredSchema, SchemaFile
+
+log = logging.getLogger(__name__)
+
+# pg_dump 17.6+/18 writes these psql-only lines; they carry no schema, so they are blanked out.
+_HARMLESS_META = re.compile(r"^[ \t]*\\(?:restrict|unrestrict)\b[^\n]*", re.MULTILINE)
+_META_LINE = re.compile(r"^[ \t]*\\[a-zA-Z!?]", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Statement:
+    path: str
+    start: int  # character offset of the statement in its file
+    text: str
+
+
+def line_column(text: str, offset: int) -> tuple[int, int]:
+    """1-based line and column of a character offset."""
+    offset = max(0, min(offset, len(text)))
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return line, column
+
+
+def _first_code_offset(statement: str) -> int:
+    """Offset of the first character that is not blank or a comment, so errors point at the statement."""
+    i = 0
+    n = len(statement)
+    while i < n:
+        if statement[i].isspace():
+            i += 1
+        elif statement.startswith("--", i):
+            end = statement.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif statement.startswith("/*", i):
+            end = statement.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        else:
+            return i
+    return 0
+
+
+def split_file(schema_file: SchemaFile) -> Iterator[Statement]:
+    """The statements of a file with their offsets; psql meta-commands other than \\restrict are refused."""
+    text = _HARMLESS_META.sub(lambda m: " " * len(m.group(0)), schema_file.text)
+    meta = _META_LINE.search(text)
+    if meta is not None:
+        line, column = line_column(text, meta.start())
+        command = text[meta.start(): text.find("\n", meta.start())].strip() if "\n" in text[meta.start():] else text[meta.start():].strip()
+        raise SchemaLoadError(
+            schema_file.path, line, column,
+            f"psql meta-command {command.split()[0]!r} is not SQL",
+            hint="schema files are plain SQL run statement by statement; remove psql commands such as \\connect or \\i",
+        )
+    try:
+        slices = pglast.split(text, with_parser=False, only_slices=True)
+    except pglast.parser.ParseError as exc:
+        location = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else 0
+        line, column = line_column(text, location)
+        raise SchemaLoadError(schema_file.path, line, column, f"syntax error: {exc.args[0]}") from None
+    for piece in slices:
+        assert isinstance(piece, slice)
+        body = text[piece]
+        if body.strip():
+            yield Statement(path=schema_file.path, start=piece.start, text=body)
+
+
+def load_schema(
+    desired: DesiredSchema,
+    database_dsn: str,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> int:
+    """Run every file into ``database_dsn``; returns the number of statements run."""
+    total = 0
+    for schema_file in desired.files:
+        statements = list(split_file(schema_file))
+        with connect(database_dsn, application_name="reconciler shadow") as conn:
+            conn.execute("SET synchronous_commit = off")
+            for number, statement in enumerate(statements, 1):
+                _run_statement(conn, schema_file, statement)
+                if progress is not None and number % 500 == 0:
+                    progress(schema_file.path, number, len(statements))
+        total += len(statements)
+        log.debug("loaded %s (%d statements)", schema_file.path, len(statements))
+    return total
+
+
+def _run_statement(conn: psycopg.Connection[object], schema_file: SchemaFile, statement: Statement) -> None:
+    try:
+        conn.execute(statement.text.encode(), prepare=False)
+    except psycopg.Error as exc:
+        diag = exc.diag
+        position = diag.statement_position
+        if position:
+            # statement_position counts characters from 1 within the statement we sent.
+            offset = statement.start + int(position) - 1
+        else:
+            offset = statement.start + _first_code_offset(statement.text)
+        line, column = line_column(schema_file.text, offset)
+        message = diag.message_primary or str(exc).strip()
+        if diag.sqlstate:
+            message = f"{message} [SQLSTATE {diag.sqlstate}]"
+        context = diag.context
+        detail = diag.message_detail
+        if context and not detail:
+            detail = context.strip().splitlines()[0]
+        raise SchemaLoadError(
+            schema_file.path, line, column, message,
+            hint=diag.message_hint, detail=detail, statement=statement.text.strip(),
+        ) from None
