@@ -23,7 +23,7 @@ from .diff.migra_engine import MigraEngine
 from .dsn import redact
 from .errors import ReconcilerError, RefusedError
 from .pipeline import drift, make_plan, open_servers
-from .plan import read_plan, render, summary_line, write_plan
+from .plan import read_plan, render, write_plan
 from .servers import connect
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _env(config: Config, args: argparse.Namespace) -> Environment:
     return config.environment(args.env, args.database)
 
 
-def cmd_init(args: argparse.Namespace, _config: Config | None) -> int:
+def cmd_init(args: argparse.Namespace) -> int:
     root: Path = args.directory.resolve()
     root.mkdir(parents=True, exist_ok=True)
     files = {
@@ -134,7 +134,7 @@ def cmd_plan(args: argparse.Namespace, config: Config) -> int:
     return EXIT_CHANGES if plan.body.steps else EXIT_OK
 
 
-def cmd_show(args: argparse.Namespace, _config: Config | None) -> int:
+def cmd_show(args: argparse.Namespace) -> int:
     sys.stdout.write(render(read_plan(args.plan), args.format))
     return EXIT_OK
 
@@ -162,7 +162,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             raise RefusedError(f"environment {env.name!r} requires {env.approvals} approval(s): plan, approve, then apply")
         with open_servers(config, env) as servers:
             plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
-            print(summary_line(plan), file=sys.stderr)
+            sys.stdout.write(render(plan, "text"))
+            sys.stdout.flush()
             result = apply_plan(plan, servers.target_dsn, options)
     else:
         plan = read_plan(args.plan)
@@ -223,10 +224,7 @@ def _run_json(run: history.Run) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in run.__dict__.items()}
 
 
-_COMMANDS = {
-    "init": cmd_init, "plan": cmd_plan, "show": cmd_show, "apply": cmd_apply,
-    "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
-}
+_COMMANDS = {"plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history}
 
 
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
@@ -240,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        config = None if args.command in ("init", "show") and args.config is None else load_config(args.config)
-        return _COMMANDS[args.command](args, config)  # type: ignore[operator]
+        if args.command in ("init", "show"):
+            return cmd_init(args) if args.command == "init" else cmd_show(args)
+        return _COMMANDS[args.command](args, load_config(args.config))
     except ReconcilerError as exc:
         if args.debug:
             log.exception("failed")

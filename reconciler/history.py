@@ -119,7 +119,7 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
                 f"({__version__}) knows ({SCHEMA_VERSION}): upgrade reconciler"
             )
         for version in range(current + 1, SCHEMA_VERSION + 1):
-            conn.execute(sql.SQL(_MIGRATIONS[version]).format(schema=ident))  # type: ignore[arg-type]
+            conn.execute(sql.SQL(_MIGRATIONS[version]).format(schema=ident))
             conn.execute(sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(ident), (version,))
 
 

@@ -220,7 +220,7 @@ def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] 
                 for kind, name, definition in cur.fetchall():
                     objects[(kind, name)] = definition or ""
         finally:
-            if not conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
                 cur.execute("SELECT set_config('search_path', %s, false)", (row[0],))
     return SchemaSnapshot(objects=objects)
 

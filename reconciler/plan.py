@@ -211,7 +211,7 @@ def _validator() -> jsonschema.protocols.Validator:
     schema = json.loads(resources.files("reconciler.formats").joinpath("plan.schema.json").read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)  # type: ignore[no-any-return]
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
 def validate(data: Any, source: str) -> None:

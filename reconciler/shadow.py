@@ -65,7 +65,7 @@ def split_file(schema_file: SchemaFile) -> Iterator[Statement]:
     meta = _META_LINE.search(text)
     if meta is not None:
         line, column = line_column(text, meta.start())
-        command = text[meta.start(): text.find("\n", meta.start())].strip() if "\n" in text[meta.start():] else text[meta.start():].strip()
+        command = text[meta.start():].split("\n", 1)[0].strip()
         raise SchemaLoadError(
             schema_file.path, line, column,
             f"psql meta-command {command.split()[0]!r} is not SQL",

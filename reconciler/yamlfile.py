@@ -19,7 +19,7 @@ def schema_validator(name: str) -> jsonschema.protocols.Validator:
     schema = json.loads(resources.files("reconciler.formats").joinpath(name).read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)
 
 
 def _node_at(node: yaml.Node | None, path: list[str | int]) -> yaml.Node | None:

@@ -57,6 +57,10 @@ def _object_name(obj: Any) -> str:
     return ""
 
 
+def _object_type(value: Any) -> enums.ObjectType:
+    return enums.ObjectType(int(value))
+
+
 def _snake(name: str) -> str:
     return _CAMEL.sub("_", name).lower()
 
@@ -79,7 +83,7 @@ def classify(statement: str) -> tuple[str, str]:
         index = f"{schema}.{node.idxname}" if schema and node.idxname else str(node.idxname or "")
         return ("create_index_concurrently" if node.concurrent else "create_index"), index
     if isinstance(node, ast.DropStmt):
-        kind = enums.ObjectType(node.removeType).name.removeprefix("OBJECT_").lower()
+        kind = _object_type(node.removeType).name.removeprefix("OBJECT_").lower()
         objects = ", ".join(_object_name(o) for o in node.objects or ())
         return f"drop_{kind}", objects
     if isinstance(node, ast.ViewStmt):
@@ -108,13 +112,14 @@ def classify(statement: str) -> tuple[str, str]:
     if isinstance(node, ast.VariableSetStmt):
         return "set", str(node.name or "")
     if isinstance(node, ast.RenameStmt):
-        kind = enums.ObjectType(node.renameType).name.removeprefix("OBJECT_").lower()
+        kind = _object_type(node.renameType).name.removeprefix("OBJECT_").lower()
         target = _range_var(node.relation) if node.relation is not None else _object_name(node.object)
         return f"rename_{kind}", target
     if isinstance(node, ast.CommentStmt):
         return "comment", _object_name(node.object)
     if isinstance(node, ast.GrantStmt):
-        return ("grant" if node.is_grant else "revoke"), ", ".join(_object_name(o) if not isinstance(o, ast.RangeVar) else _range_var(o) for o in node.objects or ())
+        targets = (_range_var(o) if isinstance(o, ast.RangeVar) else _object_name(o) for o in node.objects or ())
+        return ("grant" if node.is_grant else "revoke"), ", ".join(targets)
     if isinstance(node, ast.CreatePolicyStmt):
         return "create_policy", f"{_range_var(node.table)}.{node.policy_name}"
     if isinstance(node, ast.AlterPolicyStmt):
@@ -131,15 +136,15 @@ def classify(statement: str) -> tuple[str, str]:
 def _alter_table(node: ast.AlterTableStmt) -> tuple[str, str]:
     table = _range_var(node.relation)
     cmds = [c for c in node.cmds or () if isinstance(c, ast.AlterTableCmd)]
-    if enums.ObjectType(node.objtype) is not enums.ObjectType.OBJECT_TABLE:
-        kind = enums.ObjectType(node.objtype).name.removeprefix("OBJECT_").lower()
+    if _object_type(node.objtype) is not enums.ObjectType.OBJECT_TABLE:
+        kind = _object_type(node.objtype).name.removeprefix("OBJECT_").lower()
         return f"alter_{kind}", table
     if len(cmds) != 1:
         return "alter_table", table
     cmd = cmds[0]
-    subtype = enums.AlterTableType(cmd.subtype)
+    subtype = enums.AlterTableType(int(cmd.subtype or 0))
     if subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint):
-        kind = _CONSTRAINT_KINDS.get(enums.ConstrType(cmd.def_.contype), "add_constraint")
+        kind = _CONSTRAINT_KINDS.get(enums.ConstrType(int(cmd.def_.contype or 0)), "add_constraint")
         name = cmd.def_.conname
         return kind, f"{table}.{name}" if name else table
     if subtype is enums.AlterTableType.AT_AddColumn and isinstance(cmd.def_, ast.ColumnDef):

@@ -1,0 +1,97 @@
+"""The stages wired together: shadow versions, what migra cannot express, verification inside apply."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from reconciler import history, inspect
+from reconciler.apply import ApplyOptions, apply_plan
+from reconciler.config import Environment, load_config
+from reconciler.errors import ApplyError, ReconcilerError
+from reconciler.pipeline import make_plan, open_servers
+from reconciler.servers import EmbeddedCluster, Server, bindir_for_shadow, connect, find_bindir, wheel_bindir
+from tests.conftest import fetch_one, run_sql
+
+PG15 = Path("/usr/lib/postgresql/15/bin")
+
+
+def _config(tmp_path: Path, schema_sql: str) -> Path:
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "schema.sql").write_text(schema_sql)
+    (tmp_path / "reconciler.yaml").write_text("schemas: schemas\n")
+    return tmp_path / "reconciler.yaml"
+
+
+def test_shadow_falls_back_to_the_wheel_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="reconciler"):
+        chosen = bindir_for_shadow(9)
+    assert chosen == wheel_bindir()
+    assert "runs PostgreSQL 9" in caplog.text and "the shadow uses PostgreSQL 18" in caplog.text
+
+
+@pytest.mark.skipif(not (PG15 / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
+def test_embedded_shadow_matches_target_major_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL 15 target gets a PostgreSQL 15 shadow, and the whole plan/apply works on 15."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert find_bindir(15) == PG15
+    target = EmbeddedCluster(Path(tempfile.mkdtemp()) / "pg15", PG15, durable=False)
+    server = target.start()
+    try:
+        config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL);\n"))
+        env = Environment(name="pg15", database=server.dsn)
+        with open_servers(config, env) as servers:
+            assert servers.target_major == 15
+            assert servers.shadow.major_version == 15
+            assert servers.shadow.dsn != server.dsn
+            plan = make_plan(config, env, servers).plan
+            assert plan.body.target.server_version.startswith("15.")
+            result = apply_plan(plan, servers.target_dsn, ApplyOptions(environment="pg15", metadata_schema="reconciler"))
+        assert result.status == "applied"
+        assert fetch_one(server.dsn, "SELECT count(*) FROM information_schema.columns WHERE table_name = 't'") == 2
+    finally:
+        target.stop(delete=True)
+
+
+def test_differences_migra_cannot_express_are_refused(tmp_path: Path, database: str, pg_server: Server) -> None:
+    run_sql(database, "CREATE TABLE t (id int PRIMARY KEY)")
+    config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\nCOMMENT ON TABLE t IS 'people';\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    with open_servers(config, env) as servers, pytest.raises(ReconcilerError) as err:
+        make_plan(config, env, servers)
+    assert "cannot express" in str(err.value) and "comment table public.t" in str(err.value)
+
+
+def test_apply_verifies_before_commit_and_rolls_back_a_plan_that_does_not_converge(
+    tmp_path: Path, database: str, pg_server: Server
+) -> None:
+    """migra creates the table but not its comment: the in-transaction check refuses to commit."""
+    config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\nCOMMENT ON TABLE t IS 'people';\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    with open_servers(config, env) as servers:
+        plan = make_plan(config, env, servers).plan
+    assert [s.kind for s in plan.body.steps][0] == "create_table"
+    with pytest.raises(ApplyError) as err:
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+    assert "does not match the desired schema" in str(err.value) and "comment table public.t (missing)" in str(err.value)
+    assert fetch_one(database, "SELECT to_regclass('public.t')") is None
+    with connect(database) as conn:
+        (run,) = history.list_runs(conn, "reconciler")
+        assert run.status == "failed" and "comment table public.t" in (run.error or "")
+        assert run.backend_pid is not None and run.finished_at is not None
+        assert inspect.snapshot(conn).objects == {("schema", "public"): ""}
+
+
+def test_metadata_schema_is_versioned_and_excluded(tmp_path: Path, database: str, pg_server: Server) -> None:
+    config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    with open_servers(config, env) as servers:
+        plan = make_plan(config, env, servers).plan
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+        assert fetch_one(database, "SELECT max(version) FROM reconciler.schema_version") == history.SCHEMA_VERSION
+        again = make_plan(config, env, servers).plan
+    assert again.body.steps == ()  # the metadata schema is not ours to diff
+    assert not any("reconciler" in key for key in again.body.target.objects)
