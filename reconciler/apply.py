@@ -68,11 +68,11 @@ def check_plan(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions)
         raise RefusedError(
             f"plan {plan.short_id} was made for environment {plan.body.environment!r}, not {options.environment!r}"
         )
-    approvals = len([s for s in plan.signatures if s.get("role") == "approver"])
-    if approvals < options.required_approvals:
+    if options.required_approvals:
+        # Signatures cannot be verified until signing lands, so none of them counts as an approval.
         raise RefusedError(
-            f"plan {plan.short_id} has {approvals} of the {options.required_approvals} approvals "
-            f"environment {options.environment!r} requires"
+            f"plan {plan.short_id} has 0 verified approvals of the {options.required_approvals} environment "
+            f"{options.environment!r} requires (signed approvals are not supported by this version yet)"
         )
     ident = inspect.identity(conn)
     target = plan.body.target

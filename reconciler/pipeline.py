@@ -81,6 +81,10 @@ def _ensure_database(server: Server, name: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
+def _report_progress(path: str, done: int, total: int) -> None:
+    log.info("loading %s: %d of %d statements", path, done, total)
+
+
 @dataclass(frozen=True)
 class Comparison:
     """The live and desired schemas side by side, read while the shadow exists."""
@@ -104,7 +108,7 @@ def make_plan(
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
     with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
-        count = load_schema(source, shadow_dsn)
+        count = load_schema(source, shadow_dsn, progress=_report_progress)
         log.info("loaded %d statements from %d file(s) into the shadow database", count, len(source.files))
         with connect(servers.target_dsn) as conn:
             ident = inspect.identity(conn)
@@ -136,7 +140,7 @@ def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) 
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
     with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
-        load_schema(source, shadow_dsn)
+        load_schema(source, shadow_dsn, progress=_report_progress)
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded)
     with connect(servers.target_dsn) as conn:

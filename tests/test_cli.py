@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -335,3 +336,56 @@ def test_console_script_init_and_local_environment(tmp_path: Path) -> None:
     again = subprocess.run([str(exe), "plan"], cwd=project, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr
     assert "No changes" in again.stdout
+
+
+def test_interrupted_plan_drops_its_shadow_database(repo: Repo, pg_server: Server) -> None:
+    """Ctrl-C while the shadow loads: exit 130 and no scratch database left on the server."""
+    repo.write({"15_slow.sql": "SELECT pg_sleep(60);\n"})
+    exe = Path(sys.executable).with_name("reconciler")
+    before = fetch_one(pg_server.dsn, "SELECT count(*) FROM pg_database WHERE datname LIKE 'reconciler\\_shadow\\_%'")
+    proc = subprocess.Popen([str(exe), "--config", str(repo.config), "plan", "--env", "test"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while fetch_one(pg_server.dsn, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'") != 1:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    after = fetch_one(pg_server.dsn, "SELECT count(*) FROM pg_database WHERE datname LIKE 'reconciler\\_shadow\\_%'")
+    assert after == before
+
+
+def test_steps_run_under_lock_timeout(repo: Repo, capsys: pytest.CaptureFixture[str]) -> None:
+    repo.config.write_text(repo.config.read_text().replace("lock_timeout: 20s", "lock_timeout: 300ms"))
+    assert repo.run("apply", "--auto") == 0
+    repo.write({"40_extra.sql": "ALTER TABLE customers ADD COLUMN nickname text;\n"})
+    blocker = connect(repo.database, autocommit=False)
+    blocker.execute("LOCK TABLE customers IN SHARE MODE")
+    try:
+        capsys.readouterr()
+        assert repo.run("apply", "--auto") == 1
+    finally:
+        blocker.rollback()
+        blocker.close()
+    err = capsys.readouterr().err
+    assert "lock timeout" in err and "55P03" in err
+    assert fetch_one(repo.database, "SELECT status FROM reconciler.runs ORDER BY started_at DESC LIMIT 1") == "failed"
+    assert fetch_one(repo.database, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'nickname'") == 0
+
+
+def test_environment_requiring_approvals_refuses_unapproved_plan(repo: Repo, capsys: pytest.CaptureFixture[str]) -> None:
+    repo.config.write_text(repo.config.read_text().replace("auto_apply: true", "auto_apply: true\n    approvals: 1"))
+    plan_file = repo.root / "plan.json"
+    assert repo.run("plan", "-o", str(plan_file)) == 2
+    data = json.loads(plan_file.read_text())
+    data["signatures"] = [{"role": "approver", "signer": "mallory"}]  # outside the body: the id still matches
+    plan_file.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert repo.run("apply", str(plan_file)) == 3
+    assert "0 verified approvals of the 1" in capsys.readouterr().err
+    assert repo.run("apply", "--auto") == 3
+    assert fetch_one(repo.database, "SELECT to_regclass('public.orders')") is None
