@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from typing import TYPE_CHECKING
 
 from psycopg import conninfo
 
 from .errors import ConfigError
 
-_URL_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)([^@\s]*)@")
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+_URL_PASSWORD = re.compile(r"(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]*:)([^@\s]*)@")
 _KV_PASSWORD = re.compile(r"(\b(?:password|sslpassword)\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
 
@@ -53,24 +56,30 @@ def describe(dsn: str) -> str:
     return f"{user + '@' if user else ''}{host}:{port}/{db}"
 
 
-def sqlalchemy_url(dsn: str) -> str:
-    """A SQLAlchemy URL with the psycopg 3 driver, as migra needs, for the same connection."""
+def sqlalchemy_url(dsn: str) -> URL:
+    """A SQLAlchemy URL with the psycopg 3 driver, as migra needs, for the same connection.
+
+    Built with ``URL.create`` so names need no percent-quoting (SQLAlchemy does not unquote them).
+    """
+    from sqlalchemy.engine import URL
+
     params = parse(dsn)
-    user = quote(params.pop("user", ""), safe="")
+    user = params.pop("user", None)
     password = params.pop("password", None)
-    host = params.pop("host", "")
-    port = params.pop("port", "")
-    dbname = quote(params.pop("dbname", ""), safe="")
-    auth = user + (":" + quote(password, safe="") if password is not None else "")
-    netloc = ""
-    query: list[str] = []
-    if host.startswith("/") or "," in host:
-        query.append("host=" + quote(host, safe="/,"))
-        if port:
-            query.append("port=" + quote(port, safe=""))
-    else:
-        netloc = host + (":" + port if port else "")
-    for key, value in sorted(params.items()):
-        query.append(f"{quote(key, safe='')}={quote(value, safe='/')}")
-    url = f"postgresql+psycopg://{auth + '@' if auth else ''}{netloc}/{dbname}"
-    return url + ("?" + "&".join(query) if query else "")
+    host = params.pop("host", None)
+    port = params.pop("port", None)
+    dbname = params.pop("dbname", None)
+    if host is not None and (host.startswith("/") or "," in host):
+        params["host"] = host  # a socket directory or several hosts: libpq reads them from the query
+        if port is not None:
+            params["port"] = port
+        host, port = None, None
+    return URL.create(
+        "postgresql+psycopg",
+        username=user,
+        password=password,
+        host=host,
+        port=int(port) if port else None,
+        database=dbname,
+        query=params,
+    )

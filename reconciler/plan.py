@@ -217,6 +217,12 @@ def _validator() -> jsonschema.protocols.Validator:
 def validate(data: Any, source: str) -> None:
     """Refuse a plan document that does not match the schema, naming the field that is wrong."""
     errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        # jsonschema checks "date-time" only with an optional package; check it here instead.
+        try:
+            datetime.fromisoformat(data["body"]["created_at"])
+        except ValueError:
+            raise PlanFileError(f"{source}: invalid plan file at body/created_at: not an ISO 8601 date-time") from None
     if errors:
         err = errors[0]
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"

@@ -64,11 +64,12 @@ def split_file(schema_file: SchemaFile) -> Iterator[Statement]:
     text = _HARMLESS_META.sub(lambda m: " " * len(m.group(0)), schema_file.text)
     meta = _META_LINE.search(text)
     if meta is not None:
-        line, column = line_column(text, meta.start())
-        command = text[meta.start():].split("\n", 1)[0].strip()
+        backslash = text.index("\\", meta.start())
+        line, column = line_column(text, backslash)
+        command = text[backslash:].split(None, 1)[0]
         raise SchemaLoadError(
             schema_file.path, line, column,
-            f"psql meta-command {command.split()[0]!r} is not SQL",
+            f"psql meta-command '{command}' is not SQL",
             hint="schema files are plain SQL run statement by statement; remove psql commands such as \\connect or \\i",
         )
     try:

@@ -90,7 +90,7 @@ def test_sqlalchemy_url_round_trips_special_characters() -> None:
 
 def _select_through_sqlalchemy(database_dsn: str) -> tuple[int, str]:
     url = dsn.sqlalchemy_url(database_dsn)
-    assert url.startswith("postgresql+psycopg://")
+    assert url.drivername == "postgresql+psycopg"
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:

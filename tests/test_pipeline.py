@@ -73,7 +73,7 @@ def test_apply_verifies_before_commit_and_rolls_back_a_plan_that_does_not_conver
     env = Environment(name="test", database=database, shadow=pg_server.dsn)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers).plan
-    assert [s.kind for s in plan.body.steps][0] == "create_table"
+    assert plan.body.steps[0].kind == "create_table"
     with pytest.raises(ApplyError) as err:
         apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
     assert "does not match the desired schema" in str(err.value) and "comment table public.t (missing)" in str(err.value)

@@ -85,7 +85,7 @@ def classify(statement: str) -> tuple[str, str]:
     if isinstance(node, ast.DropStmt):
         kind = _object_type(node.removeType).name.removeprefix("OBJECT_").lower()
         objects = ", ".join(_object_name(o) for o in node.objects or ())
-        return f"drop_{kind}", objects
+        return f"drop_{kind}{'_concurrently' if node.concurrent else ''}", objects
     if isinstance(node, ast.ViewStmt):
         return ("replace_view" if node.replace else "create_view"), _range_var(node.view)
     if isinstance(node, ast.CreateTableAsStmt):

@@ -1,0 +1,215 @@
+"""reconciler.plan: building, content id, writing, reading, validating and rendering plan files."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.diff.base import Change
+from reconciler.dsn import database_name
+from reconciler.errors import PlanFileError
+from reconciler.inspect import identity, snapshot
+from reconciler.plan import (
+    FORMAT,
+    Plan,
+    build_plan,
+    plan_from_json,
+    plan_to_json,
+    read_plan,
+    render,
+    summary_line,
+    write_plan,
+)
+from reconciler.safety import compile_steps
+from reconciler.servers import Server, connect, throwaway_database
+from reconciler.source import load_source
+from tests.conftest import run_sql
+
+LIVE = "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE old (id int);"
+DESIRED = "CREATE TABLE t (id int PRIMARY KEY, v text, note text); CREATE INDEX t_v_idx ON t (v);"
+CHANGES = (
+    Change("ALTER TABLE public.t ADD COLUMN note text -- café", "add_column", "public.t.note", "test"),
+    Change("CREATE INDEX t_v_idx ON public.t USING btree (v)", "create_index", "public.t_v_idx", "test"),
+    Change("CREATE INDEX CONCURRENTLY t_id_v ON public.t (id, v)", "create_index_concurrently", "public.t_id_v", "test"),
+    Change("DROP TABLE public.old", "drop_table", "public.old", "test"),
+)
+
+
+def canonical_id(body: Any) -> str:
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built_plan(pg_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Plan, str]]:
+    """One plan for the module (building it takes two databases), with the live database's name."""
+    with throwaway_database(pg_server, "plan") as live_dsn, throwaway_database(pg_server, "plan") as desired_dsn:
+        run_sql(live_dsn, LIVE)
+        run_sql(desired_dsn, DESIRED)
+        schemas = tmp_path_factory.mktemp("plan") / "schemas"
+        schemas.mkdir()
+        (schemas / "app.sql").write_text(DESIRED, encoding="utf-8")
+        with connect(live_dsn) as conn:
+            ident, live = identity(conn), snapshot(conn)
+        with connect(desired_dsn) as conn:
+            desired = snapshot(conn)
+        built = build_plan(
+            environment="prod-é",
+            engine="test",
+            metadata_schema="reconciler",
+            identity=ident,
+            live=live,
+            desired_source=load_source(schemas),
+            desired=desired,
+            steps=compile_steps(CHANGES),
+            now=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
+        )
+        yield built, str(database_name(live_dsn))
+
+
+@pytest.fixture
+def plan(built_plan: tuple[Plan, str]) -> Plan:
+    return built_plan[0]
+
+
+def test_build_plan(built_plan: tuple[Plan, str]) -> None:
+    plan, dbname = built_plan
+    body = plan.body
+    assert body.created_at == "2024-01-02T03:04:05Z"
+    assert body.target.database == dbname
+    assert body.target.fingerprint != body.desired.schema_fingerprint
+    assert "table public.old" in body.target.objects
+    assert "table public.old" not in body.desired.objects
+    assert "index public.t_v_idx" in body.desired.objects
+    assert [path for path, _ in body.desired.files] == ["app.sql"]
+    assert [s.index for s in body.steps] == [1, 2, 3, 4]
+    assert [s.transactional for s in body.steps] == [True, True, False, True]
+    assert {h.code for _, h in plan.hazards} == {"BLOCKS_WRITES", "DATA_LOSS"}
+
+
+def test_id_is_sha256_of_canonical_body(plan: Plan, tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    write_plan(plan, path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["format"] == FORMAT
+    assert data["id"] == plan.id == canonical_id(data["body"])
+    assert plan.short_id == plan.id.removeprefix("sha256:")[:12]
+    # Signatures live outside the body: adding one does not change the id.
+    signed = Plan(id=plan.id, body=plan.body, signatures=({"key_id": "alice", "signature": "abc"},))
+    assert canonical_id(plan_to_json(signed)["body"]) == plan.id
+
+
+def test_write_read_round_trip(plan: Plan, tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "plan.json"
+    write_plan(plan, path)
+    assert read_plan(path) == plan
+    signed = Plan(id=plan.id, body=plan.body, signatures=({"key_id": "alice", "signature": "abc"},))
+    write_plan(signed, path)
+    assert read_plan(path) == signed
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary files left
+
+
+def _set(path: tuple[str | int, ...], value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        node: Any = data
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+
+    return edit
+
+
+def _delete(path: tuple[str | int, ...]) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        node: Any = data
+        for part in path[:-1]:
+            node = node[part]
+        del node[path[-1]]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "where", "why"),
+    [
+        (_set(("body", "steps", 0, "transactional"), "yes"), "body/steps/0/transactional", "is not of type 'boolean'"),
+        (_set(("body", "steps", 2, "index"), 0), "body/steps/2/index", "less than the minimum"),
+        (_set(("body", "target", "system_identifier"), 42), "body/target/system_identifier", "not of type 'string'"),
+        (_delete(("body", "engine"),), "body", "'engine' is a required property"),
+        (_delete(("body", "steps", 1, "rollback_sql")), "body/steps/1", "'rollback_sql' is a required property"),
+        (_set(("format",), "reconciler.plan/v2"), "format", "'reconciler.plan/v1' was expected"),
+        (_set(("id",), "md5:abc"), "id", "does not match"),
+        (_set(("body", "steps", 3, "hazards", 0, "code"), "data loss"), "body/steps/3/hazards/0/code", "does not match"),
+        (_set(("body", "extra"), 1), "body", "Additional properties are not allowed"),
+    ],
+)
+def test_read_refuses_invalid_plan(
+    plan: Plan, tmp_path: Path, edit: Callable[[dict[str, Any]], None], where: str, why: str
+) -> None:
+    data = copy.deepcopy(plan_to_json(plan))
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(PlanFileError) as info:
+        read_plan(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: invalid plan file at {where}: ")
+    assert why in message
+
+
+def test_read_refuses_malformed_created_at(plan: Plan, tmp_path: Path) -> None:
+    # The schema declares created_at a date-time; a prefix that merely looks like one is not enough.
+    data = plan_to_json(plan)
+    data["body"]["created_at"] = "2024-01-02Tnot a time at all"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(PlanFileError, match="invalid plan file at body/created_at"):
+        read_plan(path)
+
+
+def test_read_refuses_non_json(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text('{\n  "format": oops\n}\n', encoding="utf-8")
+    with pytest.raises(PlanFileError, match=rf"^{path}:2:13: not JSON"):
+        read_plan(path)
+
+
+def test_read_refuses_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PlanFileError, match="does not exist"):
+        read_plan(tmp_path / "nope.json")
+
+
+def test_write_refuses_invalid_plan(plan: Plan, tmp_path: Path) -> None:
+    broken = Plan(id="not-an-id", body=plan.body)
+    path = tmp_path / "out" / "plan.json"
+    with pytest.raises(PlanFileError, match="invalid plan file at id"):
+        write_plan(broken, path)
+    assert not path.parent.exists()
+
+
+@pytest.mark.parametrize("fmt", ["text", "markdown", "json"])
+def test_render_contains_steps_hazards_and_summary(plan: Plan, fmt: str) -> None:
+    out = render(plan, fmt)
+    for change in CHANGES:
+        assert change.sql in out
+    assert "BLOCKS_WRITES" in out
+    assert "DATA_LOSS" in out
+    assert plan.id in out
+    if fmt != "json":
+        assert summary_line(plan) in out
+        assert summary_line(plan) == (
+            f"4 steps to apply to {plan.body.target.database}, hazards: BLOCKS_WRITES, DATA_LOSS."
+        )
+
+
+def test_render_json_parses_back(plan: Plan) -> None:
+    data = json.loads(render(plan, "json"))
+    assert data == plan_to_json(plan)
+    assert plan_from_json(data, "rendered") == plan

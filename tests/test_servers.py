@@ -1,0 +1,79 @@
+"""reconciler.servers: throwaway databases, embedded clusters as root, secret-free connection errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from reconciler.dsn import database_name
+from reconciler.errors import ServerError
+from reconciler.servers import EmbeddedCluster, Server, connect, throwaway_database
+from tests.conftest import fetch_one
+
+
+def database_exists(server: Server, name: str) -> bool:
+    with connect(server.dsn) as conn:
+        return conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,)).fetchone() == (1,)
+
+
+def test_throwaway_database_dropped_after_block(pg_server: Server) -> None:
+    with throwaway_database(pg_server, "unit") as dsn:
+        name = database_name(dsn)
+        assert name is not None
+        assert name.startswith("reconciler_unit_")
+        assert fetch_one(dsn, "SELECT current_database()") == name
+        held = connect(dsn)  # an open session must not keep the database alive
+    try:
+        assert not database_exists(pg_server, name)
+    finally:
+        held.close()
+
+
+def test_throwaway_database_dropped_when_block_raises(pg_server: Server) -> None:
+    names: list[str] = []
+    with pytest.raises(RuntimeError, match="boom"), throwaway_database(pg_server, "unit") as dsn:
+        names.append(str(database_name(dsn)))
+        assert database_exists(pg_server, names[0])
+        raise RuntimeError("boom")
+    assert not database_exists(pg_server, names[0])
+
+
+def test_embedded_cluster_as_root(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only as root does the cluster run under a service account")
+    private = tmp_path / "home"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    before = private.stat()
+    cluster = EmbeddedCluster(private / "pg", durable=False)
+    try:
+        assert cluster.account is not None
+        assert cluster.account.uid != 0
+        assert cluster.requested_datadir == (private / "pg").resolve()
+        assert cluster.datadir != cluster.requested_datadir
+        assert private not in cluster.datadir.parents
+
+        server = cluster.start()
+        assert fetch_one(server.dsn, "SELECT 1") == 1
+        assert cluster.datadir.stat().st_uid == cluster.account.uid
+        pid = int((cluster.datadir / "postmaster.pid").read_text().splitlines()[0])
+        assert Path(f"/proc/{pid}").stat().st_uid == cluster.account.uid  # the postmaster itself
+
+        after = private.stat()
+        assert stat.S_IMODE(after.st_mode) == stat.S_IMODE(before.st_mode) == 0o700
+        assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+        assert not (private / "pg").exists()  # nothing written into the user's folder
+    finally:
+        cluster.stop(delete=True)
+    assert not cluster.datadir.exists()
+
+
+def test_connect_failure_is_secret_free() -> None:
+    with pytest.raises(ServerError) as info:
+        connect("host=127.0.0.1 port=1 dbname=x user=u password=hunter2 connect_timeout=2")
+    message = str(info.value)
+    assert "hunter2" not in message
+    assert message.startswith("cannot connect to u@127.0.0.1:1/x")
