@@ -16,12 +16,13 @@ from typing import Any
 import psycopg
 
 from . import history, inspect
-from .errors import ApplyError, LockTimeoutError, RefusedError
+from .errors import ApplyError, LockTimeoutError
 from .history import StepRecord
 from .logs import current_run
-from .plan import Plan, body_to_json, content_id, object_digests
+from .plan import Plan, object_digests
 from .safety import Step
 from .servers import connect
+from .signing import NO_REQUIREMENTS, Check, Requirements, Trust, enforce, offline_checks
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class ApplyOptions:
     lock_timeout: str = "5s"
     statement_timeout: str = "15min"
     lock_wait_seconds: float = 60.0
-    required_approvals: int = 0
+    requirements: Requirements = NO_REQUIREMENTS
+    trust: Trust | None = None
 
 
 @dataclass(frozen=True)
@@ -60,34 +62,39 @@ def describe_differences(expected: dict[str, str], actual: dict[str, str], limit
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_plan(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> inspect.SchemaSnapshot:
-    """Refuse a plan that was altered, is for another database or whose database moved on."""
-    if content_id(body_to_json(plan.body)) != plan.id:
-        raise RefusedError(f"plan {plan.short_id}: the body does not hash to the plan id: the file was altered")
-    if plan.body.environment != options.environment:
-        raise RefusedError(
-            f"plan {plan.short_id} was made for environment {plan.body.environment!r}, not {options.environment!r}"
-        )
-    if options.required_approvals:
-        # Signatures cannot be verified until signing lands, so none of them counts as an approval.
-        raise RefusedError(
-            f"plan {plan.short_id} has 0 verified approvals of the {options.required_approvals} environment "
-            f"{options.environment!r} requires (signed approvals are not supported by this version yet)"
-        )
+def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any] | None) -> list[Check]:
+    """Every refusal apply can make, as results; the database checks run only with a connection."""
+    checks = offline_checks(plan, options.trust, options.requirements)
+    same_env = plan.body.environment == options.environment
+    checks.append(Check("environment", same_env, f"made for {plan.body.environment!r}" if same_env else
+                        f"made for environment {plan.body.environment!r}, not {options.environment!r}"))
+    if conn is None:
+        return checks
     ident = inspect.identity(conn)
     target = plan.body.target
-    if (ident.system_identifier, ident.database) != (target.system_identifier, target.database):
-        raise RefusedError(
-            f"plan {plan.short_id} is for database {target.database!r} on system {target.system_identifier}, "
-            f"not {ident.database!r} on system {ident.system_identifier}"
-        )
-    live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,))
-    if live.fingerprint != target.fingerprint:
-        changed = describe_differences(dict(target.objects), object_digests(live))
-        raise RefusedError(
-            f"plan {plan.short_id} is stale: the database changed since it was planned ({changed}); plan again"
-        )
-    return live
+    same_target = (ident.system_identifier, ident.database) == (target.system_identifier, target.database)
+    checks.append(Check(
+        "target", same_target,
+        f"database {target.database!r} on system {target.system_identifier}" if same_target else
+        f"the plan is for database {target.database!r} on system {target.system_identifier}, "
+        f"not {ident.database!r} on system {ident.system_identifier}",
+    ))
+    applied = [r for r in history.runs_for_plan(conn, options.metadata_schema, plan.id) if r.status == "applied"]
+    checks.append(Check("replay", not applied, "not applied before" if not applied else
+                        f"already applied to this database by run {applied[0].id}: plans are not replayed"))
+    if same_target:
+        live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,))
+        fresh = live.fingerprint == target.fingerprint
+        changed = "" if fresh else describe_differences(dict(target.objects), object_digests(live))
+        checks.append(Check("freshness", fresh, "the live schema is as planned" if fresh else
+                            f"stale: the database changed since it was planned ({changed}); plan again"))
+    return checks
+
+
+def check_plan(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> str:
+    """Refuse a plan that was altered, unapproved, expired, for another database, stale or replayed."""
+    enforce(plan_checks(plan, options, conn), plan)
+    return plan.body.target.fingerprint
 
 
 def _acquire_lock(executor: psycopg.Connection[Any], control: psycopg.Connection[Any], options: ApplyOptions) -> None:
@@ -141,11 +148,9 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
         _acquire_lock(executor, control, options)
         try:
             history.ensure_schema(control, schema)
-            if any(r.status == "applied" for r in history.runs_for_plan(control, schema, plan.id)):
-                raise RefusedError(f"plan {plan.short_id} was already applied to this database: plans are not replayed")
-            live = check_plan(plan, control, options)
+            fingerprint = check_plan(plan, control, options)
             if not plan.body.steps:
-                return ApplyResult(run_id=None, status="nothing", steps=(), fingerprint=live.fingerprint)
+                return ApplyResult(run_id=None, status="nothing", steps=(), fingerprint=fingerprint)
             run_id = history.start_run(
                 control, schema,
                 plan_id=plan.id, environment=options.environment, backend_pid=executor.info.backend_pid,

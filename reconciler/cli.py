@@ -6,8 +6,11 @@ Exit codes: 0 success or nothing to do; 2 changes planned or drift found; 3 refu
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
+import shlex
 import signal
 import sys
 import threading
@@ -17,14 +20,26 @@ from types import FrameType
 from typing import Any
 
 from . import __version__, history, logs
-from .apply import ApplyOptions, apply_plan
-from .config import Config, Environment, load_config
+from .apply import ApplyOptions, apply_plan, plan_checks
+from .config import Config, Environment, find_config, load_config
 from .diff.migra_engine import MigraEngine
 from .dsn import redact
 from .errors import ReconcilerError, RefusedError
 from .pipeline import drift, make_plan, open_servers
-from .plan import read_plan, render, write_plan
+from .plan import ApprovalView, Plan, read_plan, render, write_plan
 from .servers import connect
+from .signing import (
+    PASSPHRASE_ENV,
+    PLANNER_KEY_ENV,
+    Requirements,
+    Trust,
+    approval_status,
+    approve_file,
+    generate_keypair,
+    key_fingerprint,
+    load_trust,
+    sign_as_planner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     _target_options(p)
     _schemas_option(p)
     p.add_argument("-o", "--out", type=Path, help="write the plan file here")
+    p.add_argument("--key", type=Path, help=f"sign the plan as planner with this key (or ${PLANNER_KEY_ENV})")
     _format_option(p)
 
-    p = sub.add_parser("show", help="render a saved plan")
+    p = sub.add_parser("show", help="render a saved plan, with approvals given and needed")
     p.add_argument("plan", type=Path)
     _format_option(p)
+
+    p = sub.add_parser("approve", help="add a reviewer's signature to a plan file")
+    p.add_argument("plan", type=Path)
+    p.add_argument("--key", type=Path, required=True, help="the approver's OpenSSH Ed25519 private key")
+
+    p = sub.add_parser("verify-plan", help="run every check apply would make, without applying")
+    p.add_argument("plan", type=Path)
+    _target_options(p)
+    p.add_argument("--offline", action="store_true", help="skip the checks that need the target database")
+
+    p = sub.add_parser("keygen", help="create an Ed25519 key pair in OpenSSH format")
+    p.add_argument("--out", type=Path, required=True, help="private key file; the public key goes to FILE.pub")
+    p.add_argument("--comment", default="", help="comment for the public key (e.g. your e-mail)")
+    p.add_argument("--encrypt", action="store_true", help=f"encrypt with a passphrase (${PASSPHRASE_ENV} or a prompt)")
 
     p = sub.add_parser("apply", help="apply a saved plan, or plan and apply with --auto")
     p.add_argument("plan", type=Path, nargs="?")
@@ -119,14 +149,40 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _requirements(env: Environment) -> Requirements:
+    return Requirements(approvals=env.approvals, groups=env.approval_groups, require_signed=env.require_signed_plans)
+
+
+def _trust(config: Config, *, needed: bool) -> Trust | None:
+    if needed or config.trust_file.is_file():
+        return load_trust(config.trust_file)
+    return None
+
+
+def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path | None) -> ApprovalView | None:
+    req = _requirements(env)
+    if not req.approvals and not req.groups:
+        return None
+    status = approval_status(plan, _trust(config, needed=False), req)
+    target = str(plan_path) if plan_path else "PLAN"
+    return ApprovalView(
+        given=status.approvers, required=req.approvals, missing_groups=status.missing_groups,
+        command=f"reconciler approve {shlex.quote(target)} --key ~/.ssh/id_ed25519",
+    )
+
+
 def cmd_plan(args: argparse.Namespace, config: Config) -> int:
     env = _env(config, args)
+    key = args.key or (Path(os.environ[PLANNER_KEY_ENV]) if os.environ.get(PLANNER_KEY_ENV) else None)
+    trust = _trust(config, needed=True) if key else None
     with open_servers(config, env) as servers:
         result = make_plan(config, env, servers, schemas_dir=args.schemas)
     plan = result.plan
+    if key is not None and trust is not None:
+        plan = sign_as_planner(plan, key, trust)
     if args.out:
         write_plan(plan, args.out)
-    sys.stdout.write(render(plan, args.format))
+    sys.stdout.write(render(plan, args.format, _approval_view(config, env, plan, args.out)))
     if args.out:
         print(f"\nSaved plan {plan.short_id} to {args.out}", file=sys.stderr)
     elif plan.body.steps:
@@ -135,31 +191,99 @@ def cmd_plan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    sys.stdout.write(render(read_plan(args.plan), args.format))
+    plan = read_plan(args.plan)
+    view = None
+    config_path = args.config or find_config(Path.cwd())
+    if config_path is not None:
+        config = load_config(config_path)
+        if plan.body.environment in config.environments:
+            view = _approval_view(config, config.environments[plan.body.environment], plan, args.plan)
+    sys.stdout.write(render(plan, args.format, view))
     return EXIT_OK
 
 
-def _apply_options(config: Config, env: Environment) -> ApplyOptions:
+def cmd_approve(args: argparse.Namespace, config: Config) -> int:
+    trust = load_trust(config.trust_file)
+    plan, signature = approve_file(args.plan, args.key, trust)
+    print(f"Approved plan {plan.short_id} as {signature.signer} ({key_fingerprint(signature.key)}).")
+    if plan.body.environment in config.environments:
+        view = _approval_view(config, config.environments[plan.body.environment], plan, args.plan)
+        if view is not None:
+            print(f"Approvals: {view.describe()}.")
+    return EXIT_OK
+
+
+def _env_for_plan(config: Config, args: argparse.Namespace, plan: Plan) -> Environment:
+    """--env when given, else the environment the plan was made for (its rules come from our config)."""
+    if args.env is None and plan.body.environment in config.environments:
+        return config.environment(plan.body.environment, args.database)
+    return _env(config, args)
+
+
+def cmd_verify_plan(args: argparse.Namespace, config: Config) -> int:
+    plan = read_plan(args.plan)
+    env = _env_for_plan(config, args, plan)
+    options = _apply_options(config, env, plan_file=True)
+    if args.offline:
+        checks = plan_checks(plan, options, None)
+    else:
+        with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
+            checks = plan_checks(plan, options, conn)
+    print(f"Plan {plan.short_id} for environment {env.name}:")
+    for check in checks:
+        print(f"  {'ok  ' if check.ok else 'FAIL'}  {check.name:<12} {check.message}")
+    failed = [c for c in checks if not c.ok]
+    print("All checks passed." if not failed else f"{len(failed)} check(s) failed: apply would refuse this plan.")
+    return EXIT_REFUSED if failed else EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    passphrase: bytes | None = None
+    if args.encrypt:
+        env_value = os.environ.get(PASSPHRASE_ENV)
+        if env_value:
+            passphrase = env_value.encode()
+        else:
+            first = getpass.getpass("Passphrase: ")
+            if first != getpass.getpass("Again: "):
+                raise ReconcilerError("the passphrases differ")
+            passphrase = first.encode()
+        if not passphrase:
+            raise ReconcilerError("an empty passphrase encrypts nothing; leave out --encrypt instead")
+    public = generate_keypair(args.out, comment=args.comment, passphrase=passphrase)
+    print(f"Wrote {args.out} (private, mode 0600) and {args.out}.pub")
+    print(f"Fingerprint: {key_fingerprint(public)}")
+    print("\nAdd it to policies/trust.yaml, under approvers (or planners for CI):")
+    print(f"  - name: {args.comment or 'your-name'}\n    groups: []\n    key: \"{public}\"")
+    return EXIT_OK
+
+
+def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> ApplyOptions:
+    """A plan made in this process (--auto) was never a file, so it needs no planner signature."""
+    req = _requirements(env)
+    if not plan_file:
+        req = Requirements(approvals=req.approvals, groups=req.groups, require_signed=False)
     return ApplyOptions(
         environment=env.name,
         metadata_schema=config.metadata_schema,
         lock_timeout=env.lock_timeout,
         statement_timeout=env.statement_timeout,
         lock_wait_seconds=env.lock_wait_seconds,
-        required_approvals=env.approvals,
+        requirements=req,
+        trust=_trust(config, needed=req.require_signed or bool(req.approvals or req.groups)),
     )
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
-    env = _env(config, args)
     if args.auto == (args.plan is not None):
         raise ReconcilerError("give either a plan file or --auto")
-    options = _apply_options(config, env)
     if args.auto:
+        env = _env(config, args)
         if not env.auto_apply:
             raise RefusedError(f"environment {env.name!r} does not allow --auto (auto_apply: false): plan, approve, then apply")
-        if env.approvals:
-            raise RefusedError(f"environment {env.name!r} requires {env.approvals} approval(s): plan, approve, then apply")
+        if env.approvals or env.approval_groups:
+            raise RefusedError(f"environment {env.name!r} requires approvals: plan, approve, then apply")
+        options = _apply_options(config, env, plan_file=False)
         with open_servers(config, env) as servers:
             plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
             sys.stdout.write(render(plan, "text"))
@@ -167,6 +291,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             result = apply_plan(plan, servers.target_dsn, options)
     else:
         plan = read_plan(args.plan)
+        env = _env_for_plan(config, args, plan)
+        options = _apply_options(config, env, plan_file=True)
         with open_servers(config, env, need_shadow=False) as servers:
             result = apply_plan(plan, servers.target_dsn, options)
     if result.status == "nothing":
@@ -224,7 +350,11 @@ def _run_json(run: history.Run) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in run.__dict__.items()}
 
 
-_COMMANDS = {"plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history}
+_COMMANDS = {
+    "plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
+    "approve": cmd_approve, "verify-plan": cmd_verify_plan,
+}
+_NO_CONFIG = {"init": cmd_init, "show": cmd_show, "keygen": cmd_keygen}
 
 
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
@@ -238,8 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command in ("init", "show"):
-            return cmd_init(args) if args.command == "init" else cmd_show(args)
+        if args.command in _NO_CONFIG:
+            return _NO_CONFIG[args.command](args)
         return _COMMANDS[args.command](args, load_config(args.config))
     except ReconcilerError as exc:
         if args.debug:

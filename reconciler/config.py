@@ -22,7 +22,7 @@ ADHOC = "adhoc"
 EMBEDDED = "embedded"
 DATABASE_URL_ENV = "RECONCILER_DATABASE_URL"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_DURATION = re.compile(r"^([0-9]+)(ms|s|min|h)?$")
+_DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,17 @@ class Environment:
     lock_timeout: str = "5s"
     statement_timeout: str = "15min"
     lock_wait: str = "60s"
+    approval_groups: tuple[str, ...] = ()
+    require_signed_plans: bool = True
+    plan_ttl: str = "7d"
 
     @property
     def lock_wait_seconds(self) -> float:
         return duration_seconds(self.lock_wait)
+
+    @property
+    def plan_ttl_seconds(self) -> float:
+        return duration_seconds(self.plan_ttl)
 
     def database_dsn(self) -> str:
         return interpolate(self.database, f"environments.{self.name}.database")
@@ -55,6 +62,7 @@ class Config:
     policies_dir: Path
     plans_dir: Path
     metadata_schema: str
+    trust_file: Path
     environments: Mapping[str, Environment]
 
     @property
@@ -82,9 +90,9 @@ class Config:
 def duration_seconds(text: str) -> float:
     match = _DURATION.match(text.strip())
     if not match:
-        raise ConfigError(f"invalid duration {text!r}: use a number with ms, s, min or h")
+        raise ConfigError(f"invalid duration {text!r}: use a number with ms, s, min, h or d")
     value = int(match.group(1))
-    return value * {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
+    return value * {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}[match.group(2)]
 
 
 def interpolate(value: str, field: str) -> str:
@@ -114,18 +122,23 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
     data: dict[str, Any] = load_validated(path, "config.schema.json") if path is not None else {}
     root = path.parent if path is not None else cwd
     environments: dict[str, Environment] = {
-        LOCAL: Environment(name=LOCAL, database=EMBEDDED, auto_apply=True),
+        LOCAL: Environment(name=LOCAL, database=EMBEDDED, auto_apply=True, require_signed_plans=False),
     }
     for name, raw in (data.get("environments") or {}).items():
-        environments[name] = Environment(name=name, **raw)
+        fields = dict(raw)
+        fields.setdefault("require_signed_plans", name != LOCAL)
+        fields["approval_groups"] = tuple(fields.get("approval_groups") or ())
+        environments[name] = Environment(name=name, **fields)
     for env in environments.values():
-        for field in ("lock_timeout", "statement_timeout", "lock_wait"):
+        for field in ("lock_timeout", "statement_timeout", "lock_wait", "plan_ttl"):
             duration_seconds(getattr(env, field))
+    policies_dir = root / data.get("policies", "policies")
     return Config(
         root=root,
         path=path,
         schemas_dir=root / data.get("schemas", "schemas"),
-        policies_dir=root / data.get("policies", "policies"),
+        policies_dir=policies_dir,
+        trust_file=root / data["trust"] if "trust" in data else policies_dir / "trust.yaml",
         plans_dir=root / data.get("plans", "plans"),
         metadata_schema=data.get("metadata_schema", "reconciler"),
         environments=environments,

@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -53,6 +53,7 @@ class PlanDesired:
 @dataclass(frozen=True)
 class PlanBody:
     created_at: str
+    expires_at: str
     tool_version: str
     environment: str
     engine: str
@@ -63,10 +64,25 @@ class PlanBody:
 
 
 @dataclass(frozen=True)
+class Signature:
+    """An Ed25519 signature over the plan id plus who signed, in which role and when (all signed)."""
+
+    signer: str
+    role: str  # planner or approver
+    key: str  # "ssh-ed25519 AAAA..." without comment
+    signed_at: str
+    signature: str  # base64
+
+    def to_json(self) -> dict[str, str]:
+        return {"signer": self.signer, "role": self.role, "key": self.key, "signed_at": self.signed_at,
+                "signature": self.signature}
+
+
+@dataclass(frozen=True)
 class Plan:
     id: str
     body: PlanBody
-    signatures: tuple[Mapping[str, Any], ...] = ()
+    signatures: tuple[Signature, ...] = ()
 
     @property
     def short_id(self) -> str:
@@ -95,10 +111,13 @@ def build_plan(
     desired_source: DesiredSchema,
     desired: SchemaSnapshot,
     steps: Sequence[Step],
+    ttl: timedelta = timedelta(days=7),
     now: datetime | None = None,
 ) -> Plan:
+    created = now or datetime.now(UTC)
     body = PlanBody(
-        created_at=(now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        created_at=iso_utc(created),
+        expires_at=iso_utc(created + ttl),
         tool_version=__version__,
         environment=environment,
         engine=engine,
@@ -123,6 +142,15 @@ def build_plan(
     return Plan(id=content_id(body_to_json(body)), body=body)
 
 
+def iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 # --- JSON --------------------------------------------------------------------------------------
 
 def canonical_json(value: Any) -> bytes:
@@ -136,6 +164,7 @@ def content_id(body_json: Mapping[str, Any]) -> str:
 def body_to_json(body: PlanBody) -> dict[str, Any]:
     return {
         "created_at": body.created_at,
+        "expires_at": body.expires_at,
         "tool_version": body.tool_version,
         "environment": body.environment,
         "engine": body.engine,
@@ -174,6 +203,7 @@ def body_from_json(data: Mapping[str, Any]) -> PlanBody:
     t, d = data["target"], data["desired"]
     return PlanBody(
         created_at=data["created_at"],
+        expires_at=data["expires_at"],
         tool_version=data["tool_version"],
         environment=data["environment"],
         engine=data["engine"],
@@ -203,7 +233,7 @@ def body_from_json(data: Mapping[str, Any]) -> PlanBody:
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
-    return {"format": FORMAT, "id": plan.id, "body": body_to_json(plan.body), "signatures": [dict(s) for s in plan.signatures]}
+    return {"format": FORMAT, "id": plan.id, "body": body_to_json(plan.body), "signatures": [s.to_json() for s in plan.signatures]}
 
 
 @cache
@@ -219,10 +249,13 @@ def validate(data: Any, source: str) -> None:
     errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
         # jsonschema checks "date-time" only with an optional package; check it here instead.
-        try:
-            datetime.fromisoformat(data["body"]["created_at"])
-        except ValueError:
-            raise PlanFileError(f"{source}: invalid plan file at body/created_at: not an ISO 8601 date-time") from None
+        stamps = [("body/created_at", data["body"]["created_at"]), ("body/expires_at", data["body"]["expires_at"])]
+        stamps += [(f"signatures/{i}/signed_at", sig["signed_at"]) for i, sig in enumerate(data["signatures"])]
+        for where, value in stamps:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise PlanFileError(f"{source}: invalid plan file at {where}: not an ISO 8601 date-time") from None
     if errors:
         err = errors[0]
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
@@ -232,7 +265,11 @@ def validate(data: Any, source: str) -> None:
 
 def plan_from_json(data: Any, source: str) -> Plan:
     validate(data, source)
-    return Plan(id=data["id"], body=body_from_json(data["body"]), signatures=tuple(data["signatures"]))
+    signatures = tuple(
+        Signature(signer=s["signer"], role=s["role"], key=s["key"], signed_at=s["signed_at"], signature=s["signature"])
+        for s in data["signatures"]
+    )
+    return Plan(id=data["id"], body=body_from_json(data["body"]), signatures=signatures)
 
 
 def read_plan(path: Path) -> Plan:
@@ -269,7 +306,30 @@ def id_matches_body(data: Mapping[str, Any]) -> bool:
     return bool(data.get("id") == content_id(data["body"]))
 
 
-# --- rendering ---------------------------------------------------------------------------------
+# --- rendering ---
+
+@dataclass(frozen=True)
+class ApprovalView:
+    """What a reviewer needs to know: who approved, what is still missing, the command to approve."""
+
+    given: tuple[str, ...]
+    required: int
+    missing_groups: tuple[str, ...]
+    command: str
+
+    @property
+    def complete(self) -> bool:
+        return len(self.given) >= self.required and not self.missing_groups
+
+    def describe(self) -> str:
+        text = f"{len(self.given)} of {self.required} given" + (f" ({', '.join(self.given)})" if self.given else "")
+        missing = max(0, self.required - len(self.given))
+        if missing:
+            text += f"; {missing} more needed"
+        if self.missing_groups:
+            text += f"; still needed from group(s): {', '.join(self.missing_groups)}"
+        return text
+
 
 def _indent(text: str, prefix: str = "      ") -> str:
     return "\n".join(prefix + line if line.strip() else line for line in text.strip().splitlines())
@@ -284,7 +344,7 @@ def summary_line(plan: Plan) -> str:
     return f"{len(steps)} step{'s' if len(steps) != 1 else ''} to apply to {plan.body.target.database}{hazards}."
 
 
-def render_text(plan: Plan) -> str:
+def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
     b = plan.body
     git = b.desired.git_commit[:12] if b.desired.git_commit else "not in git"
     lines = [
@@ -304,11 +364,16 @@ def render_text(plan: Plan) -> str:
             lines.append(f"       ! {hazard.code}: {hazard.message}")
         lines.append(_indent(step.sql.rstrip(";") + ";", "       "))
     if plan.signatures:
-        lines += ["", f"Signatures: {len(plan.signatures)}"]
+        lines += ["", "Signatures:"]
+        lines += [f"  {s.role:<8} {s.signer}  {s.signed_at}" for s in plan.signatures]
+    if approvals is not None and plan.body.steps:
+        lines += ["", f"Approvals: {approvals.describe()}"]
+        if not approvals.complete:
+            lines.append(f"  approve with: {approvals.command}")
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(plan: Plan) -> str:
+def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
     b = plan.body
     git = f"`{b.desired.git_commit[:12]}`" if b.desired.git_commit else "not in git"
     out = [
@@ -330,14 +395,21 @@ def render_markdown(plan: Plan) -> str:
             out.append(step.sql.rstrip(";") + ";")
             out.append("")
         out += ["```", "", "</details>"]
+    signers = [f"{s.signer} ({s.role}, {s.signed_at})" for s in plan.signatures]
+    if signers:
+        out += ["", "Signed by: " + "; ".join(signers) + "."]
+    if approvals is not None and b.steps:
+        out += ["", f"**Approvals:** {approvals.describe()}."]
+        if not approvals.complete:
+            out += ["", "To approve, run:", "", "```sh", approvals.command, "```"]
     out += ["", f"Plan id: `{plan.id}`", ""]
     return "\n".join(out)
 
 
-def render_json(plan: Plan) -> str:
+def render_json(plan: Plan, approvals: ApprovalView | None = None) -> str:
     return json.dumps(plan_to_json(plan), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def render(plan: Plan, fmt: str) -> str:
+def render(plan: Plan, fmt: str, approvals: ApprovalView | None = None) -> str:
     renderers = {"text": render_text, "markdown": render_markdown, "json": render_json}
-    return renderers[fmt](plan)
+    return renderers[fmt](plan, approvals)

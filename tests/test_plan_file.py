@@ -19,6 +19,7 @@ from reconciler.inspect import identity, snapshot
 from reconciler.plan import (
     FORMAT,
     Plan,
+    Signature,
     build_plan,
     plan_from_json,
     plan_to_json,
@@ -94,6 +95,12 @@ def test_build_plan(built_plan: tuple[Plan, str]) -> None:
     assert {h.code for _, h in plan.hazards} == {"BLOCKS_WRITES", "DATA_LOSS"}
 
 
+_SIGNATURE = Signature(
+    signer="alice", role="approver", key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPyiUANo2V0jixIRL4E7JnU/+rUNyk6HPYpMZpM7K3RL",
+    signed_at="2026-01-02T03:04:05Z", signature="c2lnbmF0dXJl",
+)
+
+
 def test_id_is_sha256_of_canonical_body(plan: Plan, tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
     write_plan(plan, path)
@@ -102,7 +109,7 @@ def test_id_is_sha256_of_canonical_body(plan: Plan, tmp_path: Path) -> None:
     assert data["id"] == plan.id == canonical_id(data["body"])
     assert plan.short_id == plan.id.removeprefix("sha256:")[:12]
     # Signatures live outside the body: adding one does not change the id.
-    signed = Plan(id=plan.id, body=plan.body, signatures=({"key_id": "alice", "signature": "abc"},))
+    signed = Plan(id=plan.id, body=plan.body, signatures=(_SIGNATURE,))
     assert canonical_id(plan_to_json(signed)["body"]) == plan.id
 
 
@@ -110,7 +117,7 @@ def test_write_read_round_trip(plan: Plan, tmp_path: Path) -> None:
     path = tmp_path / "sub" / "plan.json"
     write_plan(plan, path)
     assert read_plan(path) == plan
-    signed = Plan(id=plan.id, body=plan.body, signatures=({"key_id": "alice", "signature": "abc"},))
+    signed = Plan(id=plan.id, body=plan.body, signatures=(_SIGNATURE,))
     write_plan(signed, path)
     assert read_plan(path) == signed
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary files left
