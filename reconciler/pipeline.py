@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from psycopg import sql
@@ -131,6 +132,7 @@ def make_plan(
         desired_source=source,
         desired=desired,
         steps=compile_steps(changes),
+        ttl=timedelta(seconds=env.plan_ttl_seconds),
     )
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.servers import EmbeddedCluster, Server, connect, server_for_dsn, throwaway_database
+from tests.repo import BASE_SCHEMA, Repo
 
 TEST_DSN_ENV = "RECONCILER_TEST_DSN"
 
@@ -51,3 +52,12 @@ def fetch_one(dsn: str, query: str) -> object:
     with connect(dsn) as conn:
         row = conn.execute(query.encode()).fetchone()
     return row[0] if row else None
+
+
+@pytest.fixture
+def repo(tmp_path: Path, database: str, pg_server: Server) -> Repo:
+    r = Repo(tmp_path, database, pg_server)
+    r.write(BASE_SCHEMA)
+    return r
+
+
