@@ -38,6 +38,7 @@ from .signing import (
     generate_keypair,
     key_fingerprint,
     load_trust,
+    planner_key,
     sign_as_planner,
 )
 
@@ -173,13 +174,12 @@ def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path
 
 def cmd_plan(args: argparse.Namespace, config: Config) -> int:
     env = _env(config, args)
-    key = args.key or (Path(os.environ[PLANNER_KEY_ENV]) if os.environ.get(PLANNER_KEY_ENV) else None)
-    trust = _trust(config, needed=True) if key else None
+    key_path = args.key or (Path(os.environ[PLANNER_KEY_ENV]) if os.environ.get(PLANNER_KEY_ENV) else None)
+    key = planner_key(key_path, load_trust(config.trust_file)) if key_path else None
     with open_servers(config, env) as servers:
-        result = make_plan(config, env, servers, schemas_dir=args.schemas)
-    plan = result.plan
-    if key is not None and trust is not None:
-        plan = sign_as_planner(plan, key, trust)
+        plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
+    if key is not None:
+        plan = sign_as_planner(plan, key)
     if args.out:
         write_plan(plan, args.out)
     sys.stdout.write(render(plan, args.format, _approval_view(config, env, plan, args.out)))

@@ -184,12 +184,23 @@ def signature_valid(plan_id: str, sig: Signature) -> bool:
     return True
 
 
-def sign_as_planner(plan: Plan, key_path: Path, trust: Trust) -> Plan:
+@dataclass(frozen=True)
+class PlannerKey:
+    private_key: Ed25519PrivateKey
+    planner: Planner
+
+
+def planner_key(key_path: Path, trust: Trust) -> PlannerKey:
+    """Load and vet the planner's key before any planning work is done."""
     private = load_private_key(key_path)
     planner = trust.planner_for(public_key_line(private.public_key()))
     if planner is None:
         raise RefusedError(f"the key {key_path} is not a planner key in {trust.path}")
-    signature = sign(plan.id, private, signer=planner.name, role="planner")
+    return PlannerKey(private_key=private, planner=planner)
+
+
+def sign_as_planner(plan: Plan, key: PlannerKey) -> Plan:
+    signature = sign(plan.id, key.private_key, signer=key.planner.name, role="planner")
     return replace(plan, signatures=(*[s for s in plan.signatures if s.role != "planner"], signature))
 
 

@@ -309,3 +309,14 @@ def test_verify_plan_prints_each_check(srepo: SignedRepo, capsys: pytest.Capture
     capsys.readouterr()
     assert srepo.run("verify-plan", str(plan_file)) == 0
     assert fetch_one(srepo.database, "SELECT to_regclass('public.orders')") is None  # verify never applies
+
+
+def test_planner_key_from_environment_variable(srepo: SignedRepo, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECONCILER_PLANNER_KEY", str(srepo.keys / "ci"))
+    plan_file = srepo.root / "env-signed.json"
+    assert srepo.run("plan", "-o", str(plan_file)) == 2
+    (signature,) = read_plan(plan_file).signatures
+    assert (signature.role, signature.signer) == ("planner", "ci")
+    monkeypatch.setenv("RECONCILER_PLANNER_KEY", str(srepo.keys / "mallory"))
+    assert srepo.run("plan", "-o", str(plan_file)) == 3  # not a trusted planner: refused before writing
+    assert read_plan(plan_file).signatures == (signature,)
