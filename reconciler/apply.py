@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from . import history, inspect
 from .errors import ApplyError, LockTimeoutError
@@ -33,11 +34,12 @@ LOCK_KEY = 0x7265636F6E63_00  # "recon": one apply at a time per database
 class ApplyOptions:
     environment: str
     metadata_schema: str
-    lock_timeout: str = "5s"
-    statement_timeout: str = "15min"
     lock_wait_seconds: float = 60.0
     requirements: Requirements = NO_REQUIREMENTS
     trust: Trust | None = None
+    lock_retries: int = 3
+    retry_backoff_seconds: float = 1.0
+    index_build_retries: int = 2
 
 
 @dataclass(frozen=True)
@@ -130,14 +132,11 @@ def _acquire_lock(executor: psycopg.Connection[Any], control: psycopg.Connection
 
 
 def _phases(steps: Sequence[Step]) -> list[list[Step]]:
-    """Consecutive transactional steps share a transaction; the others run alone."""
-    phases: list[list[Step]] = []
+    """The compiler's phases: one transaction each, or one statement that cannot run in one."""
+    grouped: dict[int, list[Step]] = {}
     for step in steps:
-        if step.transactional and phases and phases[-1][0].transactional:
-            phases[-1].append(step)
-        else:
-            phases.append([step])
-    return phases
+        grouped.setdefault(step.phase, []).append(step)
+    return [grouped[k] for k in sorted(grouped)]
 
 
 def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResult:
@@ -166,10 +165,13 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
                 status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
                 message = _error_text(exc)
                 history.finish_run(control, schema, run_id, status=status, statements=records, error=message)
-                log.error("%s: %s", status, message)
+                log.info("%s: %s", status, message)
                 current_run.reset(token)
                 if isinstance(exc, ApplyError | psycopg.Error):
-                    raise ApplyError(f"run {run_id} failed and was rolled back: {message}", run_id) from None
+                    kept = [r.index for r in records if r.status == "applied"]
+                    outcome = ("nothing was changed (rolled back)" if not kept else
+                               f"step(s) {', '.join(map(str, kept))} committed in earlier phases and stay applied")
+                    raise ApplyError(f"run {run_id} failed: {message}; {outcome}", run_id) from None
                 raise
             history.finish_run(control, schema, run_id, status="applied", statements=records)
             log.info("applied")
@@ -194,10 +196,10 @@ def _error_text(exc: BaseException) -> str:
     return str(exc)
 
 
-def _set_timeouts(conn: psycopg.Connection[Any], options: ApplyOptions, *, local: bool) -> None:
+def _set_timeouts(conn: psycopg.Connection[Any], step: Step, *, local: bool) -> None:
     conn.execute(
         "SELECT set_config('lock_timeout', %s, %s), set_config('statement_timeout', %s, %s)",
-        (options.lock_timeout, local, options.statement_timeout, local),
+        (step.lock_timeout, local, step.statement_timeout, local),
     )
 
 
@@ -223,32 +225,101 @@ def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) ->
     return live.fingerprint
 
 
+def _is_lock_timeout(exc: BaseException) -> bool:
+    cause = exc.__cause__ if isinstance(exc, ApplyError) else exc
+    return isinstance(cause, psycopg.errors.LockNotAvailable)
+
+
+def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], str | None]) -> str | None:
+    """Run a phase; a lock timeout is retried with exponential backoff, a bounded number of times."""
+    for attempt in range(options.lock_retries + 1):
+        try:
+            return attempt_phase()
+        except ApplyError as exc:
+            if not _is_lock_timeout(exc) or attempt == options.lock_retries:
+                if _is_lock_timeout(exc):
+                    raise ApplyError(f"{exc} (gave up after {attempt + 1} attempts)") from exc.__cause__
+                raise
+            delay = min(options.retry_backoff_seconds * 2**attempt, 30.0)
+            log.warning("%s hit lock_timeout; retrying in %.1fs (attempt %d of %d)", what, delay, attempt + 2,
+                        options.lock_retries + 1)
+            time.sleep(delay)
+    return None
+
+
+def _drop_invalid_index(conn: psycopg.Connection[Any], step: Step) -> None:
+    """A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind: drop it before retrying or failing."""
+    row = conn.execute(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid AND n.nspname || '.' || c.relname = %s",
+        (step.object,),
+    ).fetchone()
+    if row:
+        log.warning("dropping the INVALID index %s left by a failed concurrent build", row[0])
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(*step.object.split("."))))
+
+
 def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, records: list[StepRecord]) -> str:
     phases = _phases(plan.body.steps)
     for number, phase in enumerate(phases, 1):
         last = number == len(phases)
         if phase[0].transactional:
-            done_before = len(records)
-            try:
-                with conn.transaction():
-                    _set_timeouts(conn, options, local=True)
-                    for step in phase:
-                        _run_step(conn, step, records)
-                    if last:
-                        # Verified before commit: a plan that does not converge leaves nothing behind.
-                        return _verify(plan, conn, options)
-            except BaseException:
-                records[done_before:] = [
-                    StepRecord(r.index, r.kind, r.object, r.sql, "rolled back" if r.status == "applied" else r.status,
-                               r.duration_ms)
-                    for r in records[done_before:]
-                ]
-                raise
+            def run_transaction(phase: list[Step] = phase, last: bool = last) -> str | None:
+                done_before = len(records)
+                try:
+                    with conn.transaction():
+                        for step in phase:
+                            _set_timeouts(conn, step, local=True)
+                            _run_step(conn, step, records)
+                        if last:
+                            # Verified before commit: a plan that does not converge leaves nothing behind.
+                            return _verify(plan, conn, options)
+                except BaseException:
+                    records[done_before:] = [
+                        StepRecord(r.index, r.kind, r.object, r.sql, "rolled back" if r.status == "applied" else r.status,
+                                   r.duration_ms)
+                        for r in records[done_before:]
+                    ]
+                    raise
+                return None
+
+            verified = _retrying(options, f"phase {phase[0].phase}", run_transaction)
+            if verified is not None:
+                return verified
         else:
-            _set_timeouts(conn, options, local=False)
-            try:
-                _run_step(conn, phase[0], records)
-            finally:
-                conn.execute("RESET lock_timeout")
-                conn.execute("RESET statement_timeout")
+            step = phase[0]
+
+            def run_alone(step: Step = step) -> str | None:
+                _set_timeouts(conn, step, local=False)
+                try:
+                    _run_step(conn, step, records)
+                except ApplyError:
+                    if step.kind == "create_index_concurrently":
+                        _drop_invalid_index(conn, step)
+                    raise
+                finally:
+                    conn.execute("RESET lock_timeout")
+                    conn.execute("RESET statement_timeout")
+                return None
+
+            if step.kind == "create_index_concurrently":
+                _retry_index_build(options, step, run_alone)
+            else:
+                _retrying(options, f"step {step.index}", run_alone)
     return _verify(plan, conn, options)
+
+
+def _retry_index_build(options: ApplyOptions, step: Step, build: Callable[[], str | None]) -> None:
+    """A concurrent build can fail for passing reasons (deadlock, lock timeout): retry it a bounded number of times."""
+    for attempt in range(options.index_build_retries + 1):
+        try:
+            _retrying(options, f"step {step.index}", build)
+            return
+        except ApplyError as exc:
+            cause = exc.__cause__
+            permanent = isinstance(cause, psycopg.errors.UniqueViolation | psycopg.errors.SyntaxError
+                                   | psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable)
+            if permanent or attempt == options.index_build_retries:
+                raise
+            log.warning("concurrent index build of %s failed (%s); retrying", step.object, exc)
+            time.sleep(options.retry_backoff_seconds)

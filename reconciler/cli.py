@@ -266,9 +266,8 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
     return ApplyOptions(
         environment=env.name,
         metadata_schema=config.metadata_schema,
-        lock_timeout=env.lock_timeout,
-        statement_timeout=env.statement_timeout,
         lock_wait_seconds=env.lock_wait_seconds,
+        lock_retries=env.lock_retries,
         requirements=req,
         trust=_trust(config, needed=req.require_signed or bool(req.approvals or req.groups)),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Environment:
     statement_timeout: str = "15min"
     lock_wait: str = "60s"
     approval_groups: tuple[str, ...] = ()
+    lock_retries: int = 3
+    timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     require_signed_plans: bool = True
     plan_ttl: str = "7d"
 
@@ -55,6 +57,18 @@ class Environment:
 
 
 @dataclass(frozen=True)
+class SafetyOptions:
+    concurrent_indexes: bool = True
+    concurrent_index_drops: bool = True
+    not_valid_constraints: bool = True
+    safe_not_null: bool = True
+    enum_add_value: bool = True
+    data_checks: bool = True
+    squawk: bool = True
+    squawk_exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     path: Path | None  # None when running without a reconciler.yaml
@@ -64,6 +78,7 @@ class Config:
     metadata_schema: str
     trust_file: Path
     environments: Mapping[str, Environment]
+    safety: SafetyOptions = SafetyOptions()
 
     @property
     def local_dir(self) -> Path:
@@ -128,10 +143,13 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         fields = dict(raw)
         fields.setdefault("require_signed_plans", name != LOCAL)
         fields["approval_groups"] = tuple(fields.get("approval_groups") or ())
+        for limits in (fields.get("timeouts") or {}).values():
+            for value in limits.values():
+                duration_seconds(value)
         environments[name] = Environment(name=name, **fields)
     for env in environments.values():
-        for field in ("lock_timeout", "statement_timeout", "lock_wait", "plan_ttl"):
-            duration_seconds(getattr(env, field))
+        for name in ("lock_timeout", "statement_timeout", "lock_wait", "plan_ttl"):
+            duration_seconds(getattr(env, name))
     policies_dir = root / data.get("policies", "policies")
     return Config(
         root=root,
@@ -139,6 +157,8 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         schemas_dir=root / data.get("schemas", "schemas"),
         policies_dir=policies_dir,
         trust_file=root / data["trust"] if "trust" in data else policies_dir / "trust.yaml",
+        safety=SafetyOptions(**{**data.get("safety", {}),
+                                "squawk_exclude": tuple(data.get("safety", {}).get("squawk_exclude", ()))}),
         plans_dir=root / data.get("plans", "plans"),
         metadata_schema=data.get("metadata_schema", "reconciler"),
         environments=environments,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 DEFAULT_METADATA_SCHEMA = "reconciler"
 
@@ -81,6 +82,7 @@ _QUERIES: tuple[str, ...] = (
                  || CASE WHEN con.condeferred THEN ' initially deferred' ELSE '' END
         FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
         WHERE {_managed('n')} AND con.conislocal IS TRUE
+          AND con.contype <> 'n'  -- PostgreSQL 18's NOT NULL constraints: the column's "not null" says it
           AND {_not_extension_member('pg_constraint', 'con.oid')}
           AND (con.conrelid = 0 OR {_not_extension_member('pg_class', 'con.conrelid')})""",
     f"""SELECT 'index', quote_ident(n.nspname) || '.' || quote_ident(ic.relname), pg_get_indexdef(i.indexrelid)
@@ -247,3 +249,111 @@ def table_sizes(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ..
         {"excluded": list(exclude_schemas)},
     ).fetchall()
     return {name: TableSize(table=name, rows=int(r), bytes=int(b)) for name, r, b in rows}
+
+
+# --- live facts for the safety compiler -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ColumnFact:
+    type: str  # format_type, schema-qualified where needed
+    type_oid: int
+    not_null: bool
+    default: str | None
+
+
+@dataclass(frozen=True)
+class IndexFact:
+    table: str
+    definition: str
+    backs_constraint: bool
+    on_partitioned: bool
+
+
+@dataclass(frozen=True)
+class LiveFacts:
+    """What the safety compiler needs to know about the target, read once, before compiling."""
+
+    tables: Mapping[str, TableSize]  # 'schema.table' (unquoted) -> size
+    partitioned: frozenset[str]
+    columns: Mapping[tuple[str, str], ColumnFact]
+    indexes: Mapping[str, IndexFact]  # 'schema.index' -> fact
+    enums: Mapping[str, tuple[str, ...]]
+    views: Mapping[str, str]
+    volatile_functions: frozenset[str]  # bare names of volatile functions (any schema)
+    binary_coercible: frozenset[tuple[int, int]]  # (source type oid, target type oid)
+    type_oids: Mapping[str, int]  # 'schema.type' and bare builtin names -> oid
+
+    def has_table(self, name: str) -> bool:
+        return qualify(name) in self.tables
+
+
+def qualify(name: str) -> str:
+    """'t' -> 'public.t': migra qualifies everything, the rest runs with the default search path."""
+    return name if "." in name else f"public.{name}"
+
+
+_SMALL_TABLE_BYTES = 64 * 1024 * 1024
+
+
+def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> LiveFacts:
+    params = {"excluded": list(exclude_schemas)}
+    managed = _managed("n")
+    with conn.cursor() as cur:
+        cur.execute(
+            f"""SELECT n.nspname || '.' || c.relname, c.relkind, c.reltuples::bigint, pg_total_relation_size(c.oid), c.oid
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r', 'p', 'm') AND {managed}""".encode(), params)
+        tables: dict[str, TableSize] = {}
+        partitioned = set()
+        for name, kind, reltuples, size, _oid in cur.fetchall():
+            rows = int(reltuples)
+            if rows < 0 and size <= _SMALL_TABLE_BYTES:  # never analysed: small enough to count
+                query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(*name.split(".", 1)))
+                row = conn.execute(query).fetchone()
+                rows = int(row[0]) if row else 0
+            tables[name] = TableSize(table=name, rows=max(rows, 0), bytes=int(size))
+            if kind == "p":
+                partitioned.add(name)
+        cur.execute(
+            f"""SELECT n.nspname || '.' || c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int,
+                       a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+                FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {managed}""".encode(), params)
+        columns = {(t, col): ColumnFact(typ, int(oid), bool(nn), default) for t, col, typ, oid, nn, default in cur.fetchall()}
+        cur.execute(
+            f"""SELECT n.nspname || '.' || ic.relname, tn.nspname || '.' || tc.relname, pg_get_indexdef(i.indexrelid),
+                       EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid), tc.relkind = 'p'
+                FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
+                JOIN pg_class tc ON tc.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+                WHERE {managed}""".encode(), params)
+        indexes = {name: IndexFact(table, definition, bool(backs), bool(part))
+                   for name, table, definition, backs, part in cur.fetchall()}
+        cur.execute(
+            f"""SELECT n.nspname || '.' || t.typname, array_agg(e.enumlabel ORDER BY e.enumsortorder)
+                FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_enum e ON e.enumtypid = t.oid
+                WHERE {managed} GROUP BY 1""".encode(), params)
+        enums = {name: tuple(labels) for name, labels in cur.fetchall()}
+        cur.execute(
+            f"""SELECT n.nspname || '.' || c.relname, pg_get_viewdef(c.oid)
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind = 'v' AND {managed}""".encode(), params)
+        views = {name: definition for name, definition in cur.fetchall()}
+        cur.execute("SELECT DISTINCT proname FROM pg_proc WHERE provolatile = 'v'")
+        volatile = frozenset(r[0] for r in cur.fetchall())
+        cur.execute("SELECT castsource::int, casttarget::int FROM pg_cast WHERE castmethod = 'b'")
+        coercible = frozenset((int(a), int(b)) for a, b in cur.fetchall())
+        cur.execute(
+            """SELECT n.nspname || '.' || t.typname, t.oid::int, n.nspname = 'pg_catalog', format_type(t.oid, NULL)
+               FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+               WHERE t.typtype IN ('b', 'e', 'd', 'r', 'c') AND n.nspname NOT IN ('information_schema', 'pg_toast')""")
+        type_oids: dict[str, int] = {}
+        for name, oid, builtin, formatted in cur.fetchall():
+            type_oids[name] = int(oid)
+            if builtin:
+                type_oids[name.split(".", 1)[1]] = int(oid)
+                type_oids[formatted] = int(oid)
+    return LiveFacts(
+        tables=tables, partitioned=frozenset(partitioned), columns=columns, indexes=indexes, enums=enums,
+        views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
+    )

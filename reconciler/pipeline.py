@@ -17,11 +17,13 @@ from psycopg import sql
 
 from . import inspect
 from .config import EMBEDDED, Config, Environment
+from .datachecks import add_data_hazards
 from .diff.base import DiffEngine
 from .diff.migra_engine import MigraEngine
 from .errors import ReconcilerError
+from .lint import lint_steps
 from .plan import Plan, build_plan
-from .safety import compile_steps
+from .safety import SafetySettings, compile_steps
 from .servers import EmbeddedCluster, Server, bindir_for_shadow, connect, server_for_dsn, throwaway_database
 from .shadow import load_schema
 from .source import DesiredSchema, load_source
@@ -82,6 +84,15 @@ def _ensure_database(server: Server, name: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
+def safety_settings(config: Config, env: Environment) -> SafetySettings:
+    o = config.safety
+    return SafetySettings(
+        concurrent_indexes=o.concurrent_indexes, concurrent_index_drops=o.concurrent_index_drops,
+        not_valid_constraints=o.not_valid_constraints, safe_not_null=o.safe_not_null, enum_add_value=o.enum_add_value,
+        lock_timeout=env.lock_timeout, statement_timeout=env.statement_timeout, timeouts=env.timeouts,
+    )
+
+
 def _report_progress(path: str, done: int, total: int) -> None:
     log.info("loading %s: %d of %d statements", path, done, total)
 
@@ -114,6 +125,7 @@ def make_plan(
         with connect(servers.target_dsn) as conn:
             ident = inspect.identity(conn)
             live = inspect.snapshot(conn, exclude_schemas=excluded)
+            facts = inspect.live_facts(conn, exclude_schemas=excluded)
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded)
         changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
@@ -123,6 +135,12 @@ def make_plan(
         raise ReconcilerError(
             f"the {engine.name} engine found no statements for differences it cannot express: {names}"
         )
+    steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
+    if steps and config.safety.data_checks:
+        with connect(servers.target_dsn) as conn:
+            steps = add_data_hazards(conn, steps, facts)
+    if steps and config.safety.squawk:
+        steps = lint_steps(steps, exclude=config.safety.squawk_exclude, pg_version=ident.server_version.split()[0])
     plan = build_plan(
         environment=env.name,
         engine=engine.name,
@@ -131,7 +149,7 @@ def make_plan(
         live=live,
         desired_source=source,
         desired=desired,
-        steps=compile_steps(changes),
+        steps=steps,
         ttl=timedelta(seconds=env.plan_ttl_seconds),
     )
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)

@@ -25,7 +25,7 @@ import jsonschema
 from . import __version__
 from .errors import PlanFileError
 from .inspect import SchemaSnapshot, TargetIdentity
-from .safety import Hazard, Step
+from .safety import Hazard, LintFinding, Step
 from .source import DesiredSchema
 
 FORMAT = "reconciler.plan/v1"
@@ -184,19 +184,48 @@ def body_to_json(body: PlanBody) -> dict[str, Any]:
             "files": [{"path": p, "sha256": s} for p, s in body.desired.files],
             "objects": dict(body.desired.objects),
         },
-        "steps": [
-            {
-                "index": s.index,
-                "sql": s.sql,
-                "kind": s.kind,
-                "object": s.object,
-                "transactional": s.transactional,
-                "hazards": [{"code": h.code, "message": h.message} for h in s.hazards],
-                "rollback_sql": s.rollback_sql,
-            }
-            for s in body.steps
-        ],
+        "steps": [step_to_json(s) for s in body.steps],
     }
+
+
+def step_to_json(s: Step) -> dict[str, Any]:
+    return {
+        "index": s.index,
+        "phase": s.phase,
+        "sql": s.sql,
+        "kind": s.kind,
+        "object": s.object,
+        "tables": list(s.tables),
+        "transactional": s.transactional,
+        "hazards": [
+            {"code": h.code, "message": h.message, "table": h.table, "rows": h.rows, "bytes": h.bytes} for h in s.hazards
+        ],
+        "rollback_sql": s.rollback_sql,
+        "reversible": s.reversible,
+        "lock_timeout": s.lock_timeout,
+        "statement_timeout": s.statement_timeout,
+        "lint": [{"rule": f.rule, "message": f.message} for f in s.lint],
+        "original_sql": s.original_sql,
+    }
+
+
+def step_from_json(s: Mapping[str, Any]) -> Step:
+    return Step(
+        index=s["index"],
+        phase=s["phase"],
+        sql=s["sql"],
+        kind=s["kind"],
+        object=s["object"],
+        tables=tuple(s["tables"]),
+        transactional=s["transactional"],
+        hazards=tuple(Hazard(h["code"], h["message"], h["table"], h["rows"], h["bytes"]) for h in s["hazards"]),
+        rollback_sql=s["rollback_sql"],
+        reversible=s["reversible"],
+        lock_timeout=s["lock_timeout"],
+        statement_timeout=s["statement_timeout"],
+        lint=tuple(LintFinding(f["rule"], f["message"]) for f in s["lint"]),
+        original_sql=s["original_sql"],
+    )
 
 
 def body_from_json(data: Mapping[str, Any]) -> PlanBody:
@@ -217,18 +246,7 @@ def body_from_json(data: Mapping[str, Any]) -> PlanBody:
             files=tuple((f["path"], f["sha256"]) for f in d["files"]),
             objects=dict(d["objects"]),
         ),
-        steps=tuple(
-            Step(
-                index=s["index"],
-                sql=s["sql"],
-                kind=s["kind"],
-                object=s["object"],
-                transactional=s["transactional"],
-                hazards=tuple(Hazard(h["code"], h["message"]) for h in s["hazards"]),
-                rollback_sql=s["rollback_sql"],
-            )
-            for s in data["steps"]
-        ),
+        steps=tuple(step_from_json(s) for s in data["steps"]),
     )
 
 
@@ -335,13 +353,28 @@ def _indent(text: str, prefix: str = "      ") -> str:
     return "\n".join(prefix + line if line.strip() else line for line in text.strip().splitlines())
 
 
+def phases(plan: Plan) -> list[tuple[int, list[Step]]]:
+    grouped: dict[int, list[Step]] = {}
+    for step in plan.body.steps:
+        grouped.setdefault(step.phase, []).append(step)
+    return sorted(grouped.items())
+
+
+def phase_label(steps: Sequence[Step]) -> str:
+    if not steps[0].transactional:
+        return "outside a transaction"
+    return "one transaction" if len(steps) > 1 else "its own transaction"
+
+
 def summary_line(plan: Plan) -> str:
     steps = plan.body.steps
     if not steps:
         return f"No changes: {plan.body.target.database} already matches the desired schema."
     codes = sorted({h.code for _, h in plan.hazards})
     hazards = f", hazards: {', '.join(codes)}" if codes else ", no hazards"
-    return f"{len(steps)} step{'s' if len(steps) != 1 else ''} to apply to {plan.body.target.database}{hazards}."
+    count = len({s.phase for s in steps})
+    return (f"{len(steps)} step{'s' if len(steps) != 1 else ''} in {count} phase{'s' if count != 1 else ''} "
+            f"to apply to {plan.body.target.database}{hazards}.")
 
 
 def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
@@ -356,13 +389,19 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
         "",
         summary_line(plan),
     ]
-    for step in b.steps:
-        mode = "" if step.transactional else "  [outside transaction]"
-        lines.append("")
-        lines.append(f"  {step.index:>3}. {step.kind} {step.object}{mode}")
-        for hazard in step.hazards:
-            lines.append(f"       ! {hazard.code}: {hazard.message}")
-        lines.append(_indent(step.sql.rstrip(";") + ";", "       "))
+    for phase, steps in phases(plan):
+        lines += ["", f"  Phase {phase}: {phase_label(steps)}"]
+        for step in steps:
+            lines.append(f"  {step.index:>4}. {step.kind} {step.object}")
+            for hazard in step.hazards:
+                lines.append(f"        ! {hazard.code}: {hazard.message}")
+            for finding in step.lint:
+                lines.append(f"        ~ squawk {finding.rule}: {finding.message}")
+            if step.original_sql:
+                lines.append("        (rewritten from the diff engine's: " + " ".join(step.original_sql.split())[:100] + ")")
+            if not step.reversible:
+                lines.append("        (irreversible: no SQL undoes this step)")
+            lines.append(_indent(step.sql.rstrip(";") + ";", "        "))
     if plan.signatures:
         lines += ["", "Signatures:"]
         lines += [f"  {s.role:<8} {s.signer}  {s.signed_at}" for s in plan.signatures]
@@ -388,11 +427,17 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
         out += ["", "| step | hazard | object | why |", "|---:|---|---|---|"]
         for step, hazard in plan.hazards:
             out.append(f"| {step.index} | `{hazard.code}` | `{step.object}` | {hazard.message} |")
+    findings = [(step, f) for step in b.steps for f in step.lint]
+    if findings:
+        out += ["", "| step | squawk rule | message |", "|---:|---|---|"]
+        out += [f"| {step.index} | `{f.rule}` | {f.message} |" for step, f in findings]
     if b.steps:
         out += ["", f"<details><summary>{len(b.steps)} steps</summary>", "", "```sql"]
-        for step in b.steps:
-            out.append(f"-- {step.index}. {step.kind} {step.object}" + ("" if step.transactional else " (outside transaction)"))
-            out.append(step.sql.rstrip(";") + ";")
+        for phase, steps in phases(plan):
+            out.append(f"-- Phase {phase}: {phase_label(steps)}")
+            for step in steps:
+                out.append(f"-- {step.index}. {step.kind} {step.object}" + ("" if step.reversible else " (irreversible)"))
+                out.append(step.sql.rstrip(";") + ";")
             out.append("")
         out += ["```", "", "</details>"]
     signers = [f"{s.signer} ({s.role}, {s.signed_at})" for s in plan.signatures]

@@ -1,18 +1,50 @@
-"""Turn diff changes into plan steps: transactional or not, named hazards, and the SQL to undo them."""
+"""The safety compiler: diff statements in, plan steps out.
+
+Every statement is parsed with pglast (never grepped) and knowing the live tables it:
+- names its hazards, with the live size of the table they concern;
+- rewrites it into an online-safe form where one exists (CONCURRENTLY, NOT VALID + VALIDATE,
+  SET NOT NULL through a validated CHECK, ALTER TYPE ... ADD VALUE), each switchable off;
+- derives the SQL that undoes it, or marks it irreversible;
+- groups steps into phases: one transaction each, or a single statement that cannot run in one.
+Statements that touch only objects created by the same plan keep their plain form: nobody uses
+those objects yet, and CONCURRENTLY cannot run in the transaction that creates the table.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
+import pglast
+from pglast import ast, enums
+from pglast.stream import RawStream
+from pglast.visitors import Visitor
 from psycopg import sql
 
 from .diff.base import Change
+from .diff.classify import classify
+from .errors import ReconcilerError
+from .inspect import LiveFacts, TableSize, qualify
+
+HAZARD_CODES = (
+    "DATA_LOSS", "TABLE_REWRITE", "ACCESS_EXCLUSIVE_LOCK", "BLOCKS_WRITES", "FULL_SCAN_UNDER_LOCK",
+    "INDEX_DROPPED", "AUTHZ_CHANGE", "EXTENSION_CHANGE", "CORRECTNESS",
+)
 
 
 @dataclass(frozen=True)
 class Hazard:
     code: str
+    message: str
+    table: str | None = None
+    rows: int | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class LintFinding:
+    rule: str
     message: str
 
 
@@ -24,88 +56,601 @@ class Step:
     object: str
     transactional: bool
     hazards: tuple[Hazard, ...]
-    rollback_sql: str | None
+    rollback_sql: str | None  # None: irreversible (see ``reversible``)
+    tables: tuple[str, ...] = ()
+    phase: int = 1
+    reversible: bool = False
+    lock_timeout: str = "5s"
+    statement_timeout: str = "15min"
+    lint: tuple[LintFinding, ...] = ()
+    original_sql: str | None = None  # the diff engine's statement, when this step rewrites it
 
 
-# Statements PostgreSQL refuses inside a transaction block.
-_NON_TRANSACTIONAL = frozenset({"create_index_concurrently", "drop_index_concurrently", "vacuum", "reindex"})
-
-_DATA_LOSS = {
-    "drop_table": "drops the table and all its rows",
-    "drop_column": "drops the column and its values",
-    "drop_schema": "drops the schema and everything in it",
-    "drop_type": "drops the type; columns of that type go with it",
-    "drop_materialized_view": "drops the materialized view's stored rows",
-    "drop_sequence": "drops the sequence and its current value",
-}
-
-
-def _qualified(name: str) -> sql.Composable:
-    return sql.Identifier(*name.split(".")) if name else sql.SQL("")
+@dataclass(frozen=True)
+class SafetySettings:
+    concurrent_indexes: bool = True
+    concurrent_index_drops: bool = True
+    not_valid_constraints: bool = True
+    safe_not_null: bool = True
+    enum_add_value: bool = True
+    lock_timeout: str = "5s"
+    statement_timeout: str = "15min"
+    timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # kind -> {lock_timeout, statement_timeout}
 
 
-def _rollback(change: Change) -> str | None:
-    """The inverse of a creating statement, when it is certain; drops cannot be undone by SQL alone."""
-    obj = change.object
-    if not obj or "," in obj or "(" in obj:
-        return None
-    templates = {
-        "create_table": "DROP TABLE {}",
-        "create_index": "DROP INDEX {}",
-        "create_view": "DROP VIEW {}",
-        "create_materialized_view": "DROP MATERIALIZED VIEW {}",
-        "create_enum": "DROP TYPE {}",
-        "create_sequence": "DROP SEQUENCE {}",
-        "create_schema": "DROP SCHEMA {}",
-        "create_domain": "DROP DOMAIN {}",
-        "create_composite_type": "DROP TYPE {}",
-    }
-    if change.kind in templates:
-        return sql.SQL(templates[change.kind]).format(_qualified(obj)).as_string(None)
-    if change.kind == "create_index_concurrently":
-        return sql.SQL("DROP INDEX CONCURRENTLY {}").format(_qualified(obj)).as_string(None)
-    if change.kind == "add_column" and obj.count(".") >= 1:
-        table, column = obj.rsplit(".", 1)
-        return sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(_qualified(table), sql.Identifier(column)).as_string(None)
-    if change.kind == "create_trigger" and obj.count(".") >= 1:
-        table, trigger = obj.rsplit(".", 1)
-        return sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger), _qualified(table)).as_string(None)
-    if change.kind in {"add_foreign_key", "add_primary_key", "add_unique_constraint", "add_check_constraint",
-                       "add_exclusion_constraint"} and obj.count(".") >= 2:
-        table, constraint = obj.rsplit(".", 1)
-        return sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(_qualified(table), sql.Identifier(constraint)).as_string(None)
-    return None
+# --- drafts: steps before numbering, phases and timeouts ---
+
+# Stages, in execution order. Within a stage steps keep the diff engine's (dependency) order.
+PRE, PRE_INDEX, MAIN, POST_INDEX, POST_DEPENDENT, POST_VALIDATE, POST_NOT_NULL, POST_DROP = range(8)
+# PRE: new enum values (nothing needs them absent). PRE_INDEX: concurrent builds over columns that
+# already exist, so the main transaction can use them (ADD CONSTRAINT ... USING INDEX). MAIN: one
+# transaction with everything else. POST_INDEX: concurrent builds that need the main transaction's
+# columns, then POST_DEPENDENT: the constraints that use those indexes. POST_VALIDATE: each
+# VALIDATE CONSTRAINT in its own transaction (writes go on). POST_NOT_NULL: SET NOT NULL spared
+# its scan by the validated CHECK. POST_DROP: indexes dropped concurrently, last.------------------------------------
+
+@dataclass(frozen=True)
+class _Draft:
+    sql: str
+    kind: str
+    object: str
+    tables: tuple[str, ...]
+    transactional: bool = True
+    isolated: bool = False  # a transaction of its own (VALIDATE: long, but does not block writes)
+    stage: int = 2  # see _STAGES
+    index_name: str | None = None  # for CREATE INDEX CONCURRENTLY: the index it builds
+    uses_index: str | None = None  # for ADD CONSTRAINT ... USING INDEX: the index it needs
+    hazards: tuple[Hazard, ...] = ()
+    rollback_sql: str | None = None
+    reversible: bool = False
+    original_sql: str | None = None
 
 
-def _hazards(change: Change) -> tuple[Hazard, ...]:
-    found: list[Hazard] = []
-    if change.kind in _DATA_LOSS:
-        found.append(Hazard("DATA_LOSS", _DATA_LOSS[change.kind]))
-    if change.kind == "drop_index":
-        found.append(Hazard("INDEX_DROPPED", "queries that use this index may become slow"))
-    if change.kind == "create_index":
-        found.append(Hazard("BLOCKS_WRITES", "builds the index without CONCURRENTLY: writes to the table wait"))
-    if change.kind == "alter_column_type":
-        found.append(Hazard("TABLE_REWRITE", "changing a column's type may rewrite the table under an exclusive lock"))
-    if change.kind == "set_not_null":
-        found.append(Hazard("FULL_SCAN_UNDER_LOCK", "SET NOT NULL scans the whole table under an exclusive lock"))
-    if change.kind in {"create_extension", "drop_extension", "alter_extension"}:
-        found.append(Hazard("EXTENSION_CHANGE", "extensions change server-wide behaviour and need privileges"))
-    if change.kind in {"grant", "revoke"}:
-        found.append(Hazard("AUTHZ_CHANGE", "changes who may read or write"))
+def _deparse(node: ast.Node) -> str:
+    return str(RawStream()(node))
+
+
+def _parse(statement: str, engine: str) -> ast.Node:
+    try:
+        parsed = pglast.parse_sql(statement)
+    except pglast.parser.ParseError as exc:
+        raise ReconcilerError(f"cannot parse a statement from {engine} ({exc.args[0]}): {statement.strip()[:300]}") from None
+    if len(parsed) != 1:
+        raise ReconcilerError(f"expected one statement from {engine}, got {len(parsed)}: {statement.strip()[:300]}")
+    node = parsed[0].stmt
+    assert node is not None
+    return node
+
+
+def _rv(rv: ast.RangeVar | None) -> str:
+    if rv is None:
+        return ""
+    return qualify(f"{rv.schemaname}.{rv.relname}" if rv.schemaname else str(rv.relname))
+
+
+def _ident(name: str) -> sql.Composable:
+    return sql.Identifier(*name.split("."))
+
+
+def _q(template: str, *parts: sql.Composable) -> str:
+    return sql.SQL(template).format(*parts).as_string(None)
+
+
+def _names(items: Iterable[ast.Node] | None) -> str:
+    return ".".join(str(getattr(i, "sval", "")) for i in items or ())
+
+
+def _tables_of(node: ast.Node) -> tuple[str, ...]:
+    """Every table a statement names (the relation it alters plus referenced ones)."""
+    found: list[str] = []
+
+    class _V(Visitor):
+        def visit_RangeVar(self, _ancestors: object, rv: ast.RangeVar) -> None:
+            name = _rv(rv)
+            if name not in found:
+                found.append(name)
+
+    _V()(node)
     return tuple(found)
 
 
-def compile_steps(changes: Sequence[Change]) -> tuple[Step, ...]:
-    return tuple(
-        Step(
-            index=i,
-            sql=change.sql,
-            kind=change.kind,
-            object=change.object,
-            transactional=change.kind not in _NON_TRANSACTIONAL,
-            hazards=_hazards(change),
-            rollback_sql=_rollback(change),
-        )
-        for i, change in enumerate(changes, 1)
+def _short(name: str, suffix: str) -> str:
+    """A constraint name within PostgreSQL's 63 bytes, stable for the same input."""
+    candidate = f"{name}_{suffix}"
+    if len(candidate.encode()) <= 63:
+        return candidate
+    digest = hashlib.sha256(candidate.encode()).hexdigest()[:8]
+    return f"{name.encode()[: 63 - len(suffix) - 10].decode(errors='ignore')}_{digest}_{suffix}"
+
+
+class _Compiler:
+    def __init__(self, facts: LiveFacts, settings: SafetySettings, engine: str) -> None:
+        self.facts = facts
+        self.settings = settings
+        self.engine = engine
+        self.created_tables: set[str] = set()
+
+    # -- helpers
+
+    def existing(self, table: str) -> bool:
+        """A table that exists in live and is not created by this plan: someone may be using it."""
+        return table in self.facts.tables and table not in self.created_tables
+
+    def size(self, table: str) -> TableSize | None:
+        return self.facts.tables.get(table)
+
+    def hazard(self, code: str, message: str, table: str | None = None) -> Hazard:
+        size = self.size(table) if table else None
+        if size is not None:
+            message = f"{message} ({table}: ~{size.rows:,} rows, {_human_bytes(size.bytes)})"
+        return Hazard(code, message, table, size.rows if size else None, size.bytes if size else None)
+
+    # -- the pass over all changes
+
+    def compile(self, changes: Sequence[Change]) -> list[_Draft]:
+        statements = [(c, _parse(c.sql, self.engine)) for c in changes]
+        for _change, node in statements:
+            if isinstance(node, ast.CreateStmt):
+                self.created_tables.add(_rv(node.relation))
+            elif isinstance(node, ast.CreateTableAsStmt) and node.into is not None:
+                self.created_tables.add(_rv(node.into.rel))
+        self._plan_wide_facts(statements)
+        skipped, out = self._enum_rewrites(statements)  # new enum values first: nothing needs them absent
+        for i, (change, node) in enumerate(statements):
+            if i in skipped:
+                continue
+            out.extend(self._statement(change, node))
+        return self._dependents(out)
+
+    def _plan_wide_facts(self, statements: list[tuple[Change, ast.Node]]) -> None:
+        """What the whole plan does that decides where a step may move: dropped and created index
+        names, columns added or retyped."""
+        self.dropped_indexes: set[str] = set()
+        self.created_indexes: set[str] = set()
+        self.new_or_retyped_columns: set[tuple[str, str]] = set()
+        for _change, node in statements:
+            if isinstance(node, ast.DropStmt) and enums.ObjectType(int(node.removeType or 0)) is enums.ObjectType.OBJECT_INDEX:
+                self.dropped_indexes.update(qualify(_names(o)) for o in node.objects or ())
+            elif isinstance(node, ast.IndexStmt) and node.idxname:
+                self.created_indexes.add(f"{_rv(node.relation).split('.')[0]}.{node.idxname}")
+            elif isinstance(node, ast.AlterTableStmt):
+                table = _rv(node.relation)
+                for cmd in node.cmds or ():
+                    subtype = enums.AlterTableType(int(cmd.subtype or 0))
+                    if subtype is enums.AlterTableType.AT_AddColumn and isinstance(cmd.def_, ast.ColumnDef):
+                        self.new_or_retyped_columns.add((table, str(cmd.def_.colname)))
+                    elif subtype is enums.AlterTableType.AT_AlterColumnType:
+                        self.new_or_retyped_columns.add((table, str(cmd.name)))
+
+    def _dependents(self, drafts: list[_Draft]) -> list[_Draft]:
+        """Constraints that use an index built after the main transaction move after it too, and so do
+        foreign keys to their tables."""
+        late = {d.index_name for d in drafts if d.stage == POST_INDEX and d.index_name}
+        if not late:
+            return drafts
+        late_tables = {d.tables[0] for d in drafts if d.stage == POST_INDEX and d.tables}
+        out = []
+        for d in drafts:
+            if (d.stage == MAIN and d.uses_index in late) or (d.stage == MAIN and d.kind == "add_foreign_key" and any(t in late_tables for t in d.tables[1:])):
+                d = replace(d, stage=POST_DEPENDENT)
+            out.append(d)
+        return out
+
+    # -- enum values added in place instead of recreating the type
+
+    def _enum_rewrites(self, statements: list[tuple[Change, ast.Node]]) -> tuple[set[int], list[_Draft]]:
+        """migra recreates an enum to add a value (a table rewrite); find those statement groups and
+        the ADD VALUE steps that replace them. Removed or reordered values keep migra's form."""
+        skipped: set[int] = set()
+        hoisted: list[_Draft] = []
+        if not self.settings.enum_add_value:
+            return skipped, hoisted
+        for i, (_change, node) in enumerate(statements):
+            if not (isinstance(node, ast.RenameStmt)
+                    and enums.ObjectType(int(node.renameType or 0)) is enums.ObjectType.OBJECT_TYPE
+                    and str(node.newname).endswith("__old_version_to_be_dropped")):
+                continue
+            target = node.object
+            names = target.names if isinstance(target, ast.TypeName) else target
+            enum_name = qualify(_names(names if isinstance(names, tuple) else ()))
+            old_name = f"{enum_name.split('.')[0]}.{node.newname}"
+            group = [i]
+            new_labels: tuple[str, ...] | None = None
+            for j, (_c, other) in enumerate(statements):
+                if isinstance(other, ast.CreateEnumStmt) and qualify(_names(other.typeName)) == enum_name:
+                    new_labels = tuple(str(v.sval) for v in other.vals or ())
+                    group.append(j)
+                elif (isinstance(other, ast.AlterTableStmt) and _alters_type_to(other, enum_name)) or (isinstance(other, ast.DropStmt)
+                      and enums.ObjectType(int(other.removeType or 0)) is enums.ObjectType.OBJECT_TYPE
+                      and any(qualify(_names(o.names if isinstance(o, ast.TypeName) else o)) == old_name
+                              for o in other.objects or ())):
+                    group.append(j)
+            old_labels = self.facts.enums.get(enum_name)
+            if old_labels is None or new_labels is None or not _is_extension(old_labels, new_labels):
+                continue
+            original = ";\n".join(statements[k][0].sql for k in sorted(group))
+            for n, statement in enumerate(_add_value_statements(enum_name, old_labels, new_labels)):
+                hoisted.append(_Draft(sql=statement, kind="add_enum_value", object=enum_name, tables=(),
+                                      transactional=False, original_sql=original if n == 0 else None, stage=PRE))
+            skipped.update(group)
+        return skipped, hoisted
+
+    # -- one statement
+
+    def _statement(self, change: Change, node: ast.Node) -> list[_Draft]:
+        kind, obj = classify(change.sql)
+        obj = qualify(obj) if obj and "(" not in obj and "," not in obj and kind not in {"set", "create_schema",
+                                                                                        "drop_schema", "create_extension",
+                                                                                        "drop_extension", "alter_extension"} else obj
+        tables = _tables_of(node)
+        base = _Draft(sql=change.sql, kind=kind, object=obj, tables=tables)
+        if isinstance(node, ast.IndexStmt):
+            return [self._create_index(base, node)]
+        if isinstance(node, ast.DropStmt) and kind in {"drop_index", "drop_index_concurrently"}:
+            return [self._drop_index(base, node)]
+        if isinstance(node, ast.AlterTableStmt) and enums.ObjectType(int(node.objtype or 0)) is enums.ObjectType.OBJECT_TABLE:
+            return self._alter_table(base, node)
+        return [self._generic(base, node)]
+
+    def _create_index(self, d: _Draft, node: ast.IndexStmt) -> _Draft:
+        table = _rv(node.relation)
+        index = f"{table.split('.')[0]}.{node.idxname}" if node.idxname else ""
+        rollback = _q("DROP INDEX {}", _ident(index)) if index else None
+        if not self.existing(table):
+            return replace(d, rollback_sql=rollback, reversible=rollback is not None)
+        if node.concurrent or (self.settings.concurrent_indexes and table not in self.facts.partitioned):
+            node.concurrent = True
+            columns = _index_columns(node)
+            early = index not in self.dropped_indexes and not any(
+                (table, c) in self.new_or_retyped_columns or (table, c) not in self.facts.columns for c in columns)
+            return replace(
+                d, sql=_deparse(node), kind="create_index_concurrently", transactional=False, index_name=index,
+                stage=PRE_INDEX if early else POST_INDEX,
+                original_sql=None if d.sql.upper().find("CONCURRENTLY") >= 0 else d.sql,
+                rollback_sql=_q("DROP INDEX CONCURRENTLY IF EXISTS {}", _ident(index)) if index else None,
+                reversible=bool(index),
+            )
+        return replace(d, hazards=(self.hazard("BLOCKS_WRITES", "builds the index without CONCURRENTLY: writes wait", table),),
+                       rollback_sql=rollback, reversible=rollback is not None)
+
+    def _drop_index(self, d: _Draft, node: ast.DropStmt) -> _Draft:
+        names = [qualify(_names(o)) for o in node.objects or ()]
+        facts = [self.facts.indexes.get(n) for n in names]
+        table = facts[0].table if facts and facts[0] else None
+        hazards = (self.hazard("INDEX_DROPPED", "queries that use this index may become slow", table),)
+        rollback = "; ".join(f.definition for f in facts if f) if all(facts) else None
+        safe = (self.settings.concurrent_index_drops and len(names) == 1 and facts[0] is not None
+                and not facts[0].backs_constraint and not facts[0].on_partitioned and names[0] not in self.created_indexes)
+        if safe and not node.concurrent:
+            node.concurrent = True
+            return replace(d, sql=_deparse(node), kind="drop_index_concurrently", transactional=False, hazards=hazards,
+                           rollback_sql=rollback, reversible=rollback is not None, original_sql=d.sql, stage=POST_DROP)
+        return replace(d, hazards=hazards, rollback_sql=rollback, reversible=rollback is not None,
+                       transactional=not node.concurrent)
+
+    def _alter_table(self, d: _Draft, node: ast.AlterTableStmt) -> list[_Draft]:
+        table = _rv(node.relation)
+        cmds = [c for c in node.cmds or () if isinstance(c, ast.AlterTableCmd)]
+        if not self.existing(table):
+            return [self._alter_rollback(d, table, cmds)]
+        if len(cmds) == 1:
+            cmd = cmds[0]
+            subtype = enums.AlterTableType(int(cmd.subtype or 0))
+            if subtype is enums.AlterTableType.AT_SetNotNull and self.settings.safe_not_null:
+                return self._safe_not_null(d, table, str(cmd.name))
+            if (subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint)
+                    and self.settings.not_valid_constraints):
+                con = cmd.def_
+                contype = enums.ConstrType(int(con.contype or 0))
+                if contype in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK) and not con.skip_validation:
+                    con.skip_validation = True
+                    con.initially_valid = False
+                    name = str(con.conname)
+                    add = self._alter_rollback(
+                        replace(d, sql=_deparse(node), original_sql=d.sql, hazards=self._alter_hazards(table, cmds)), table, cmds)
+                    validate = _Draft(
+                        sql=_q("ALTER TABLE {} VALIDATE CONSTRAINT {}", _ident(table), sql.Identifier(name)),
+                        kind="validate_constraint", object=f"{table}.{name}", tables=(table,), isolated=True,
+                        stage=POST_VALIDATE,
+                        rollback_sql="", reversible=True,
+                    )
+                    return [add, validate]
+            if subtype is enums.AlterTableType.AT_ValidateConstraint and self.settings.not_valid_constraints:
+                return [replace(d, isolated=True, rollback_sql="", reversible=True, stage=POST_VALIDATE)]
+        uses_index = next((f"{table.split('.')[0]}.{c.def_.indexname}" for c in cmds
+                           if isinstance(c.def_, ast.Constraint) and c.def_.indexname), None)
+        return [self._alter_rollback(replace(d, hazards=self._alter_hazards(table, cmds), uses_index=uses_index), table, cmds)]
+
+    def _safe_not_null(self, d: _Draft, table: str, column: str) -> list[_Draft]:
+        # not "<table>_<col>_not_null": PostgreSQL 18 gives that name to the NOT NULL constraint itself
+        check = _short(f"{table.split('.')[-1]}_{column}", "notnull_check")
+        t, c, k = _ident(table), sql.Identifier(column), sql.Identifier(check)
+        return [
+            _Draft(sql=_q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID", t, k, c),
+                   kind="add_check_constraint", object=f"{table}.{check}", tables=(table,), original_sql=d.sql,
+                   rollback_sql=_q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, k), reversible=True),
+            _Draft(sql=_q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, k), kind="validate_constraint",
+                   object=f"{table}.{check}", tables=(table,), isolated=True, rollback_sql="", reversible=True,
+                   stage=POST_VALIDATE),
+            _Draft(sql=_q("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", t, c), kind="set_not_null",
+                   object=f"{table}.{column}", tables=(table,), stage=POST_NOT_NULL,
+                   hazards=(self.hazard("ACCESS_EXCLUSIVE_LOCK", "brief exclusive lock: the validated CHECK spares the scan",
+                                        table),),
+                   rollback_sql=_q("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL", t, c), reversible=True),
+            _Draft(sql=_q("ALTER TABLE {} DROP CONSTRAINT {}", t, k), kind="drop_constraint",
+                   object=f"{table}.{check}", tables=(table,), rollback_sql="", reversible=True, stage=POST_NOT_NULL),
+        ]
+
+    def _alter_hazards(self, table: str, cmds: list[ast.AlterTableCmd]) -> tuple[Hazard, ...]:
+        found: list[Hazard] = []
+        for cmd in cmds:
+            subtype = enums.AlterTableType(int(cmd.subtype or 0))
+            column = str(cmd.name) if cmd.name else None
+            if subtype is enums.AlterTableType.AT_DropColumn:
+                found.append(self.hazard("DATA_LOSS", f"drops column {column} and its values", table))
+            elif subtype is enums.AlterTableType.AT_AlterColumnType and isinstance(cmd.def_, ast.ColumnDef):
+                if self._rewrites_type(table, column or "", cmd.def_):
+                    found.append(self.hazard("TABLE_REWRITE", f"changing the type of {column} rewrites the table and its indexes "
+                                                              "under an exclusive lock", table))
+                found.append(self.hazard("CORRECTNESS", f"existing values of {column} must convert to the new type", table))
+            elif subtype is enums.AlterTableType.AT_SetNotNull:
+                found.append(self.hazard("FULL_SCAN_UNDER_LOCK", f"SET NOT NULL on {column} scans the table under an "
+                                                                 "exclusive lock", table))
+            elif subtype is enums.AlterTableType.AT_AddColumn and isinstance(cmd.def_, ast.ColumnDef):
+                found.extend(self._add_column_hazards(table, cmd.def_))
+            elif subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint):
+                con = cmd.def_
+                contype = enums.ConstrType(int(con.contype or 0))
+                if contype in (enums.ConstrType.CONSTR_PRIMARY, enums.ConstrType.CONSTR_UNIQUE) and not con.indexname:
+                    found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "builds the constraint's index under an exclusive lock",
+                                             table))
+                elif contype in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK,
+                                 enums.ConstrType.CONSTR_EXCLUSION) and not con.skip_validation:
+                    found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "validates every row while holding the lock", table))
+            elif subtype in (enums.AlterTableType.AT_EnableRowSecurity, enums.AlterTableType.AT_DisableRowSecurity,
+                             enums.AlterTableType.AT_ForceRowSecurity, enums.AlterTableType.AT_NoForceRowSecurity):
+                found.append(self.hazard("AUTHZ_CHANGE", "changes who can see which rows", table))
+        if any(enums.AlterTableType(int(c.subtype or 0)) is not enums.AlterTableType.AT_ValidateConstraint for c in cmds):
+            found.append(self.hazard("ACCESS_EXCLUSIVE_LOCK", "blocks reads and writes while held, and waits behind running "
+                                                              "transactions", table))
+        return tuple(found)
+
+    def _add_column_hazards(self, table: str, col: ast.ColumnDef) -> list[Hazard]:
+        found: list[Hazard] = []
+        constraints = [c for c in col.constraints or () if isinstance(c, ast.Constraint)]
+        default = next((c.raw_expr for c in constraints if enums.ConstrType(int(c.contype or 0)) is enums.ConstrType.CONSTR_DEFAULT), None)
+        not_null = any(enums.ConstrType(int(c.contype or 0)) is enums.ConstrType.CONSTR_NOTNULL for c in constraints)
+        identity = any(enums.ConstrType(int(c.contype or 0)) in (enums.ConstrType.CONSTR_IDENTITY,
+                                                                   enums.ConstrType.CONSTR_GENERATED) for c in constraints)
+        if (default is not None and self._volatile(default)) or identity:
+            found.append(self.hazard("TABLE_REWRITE", f"a volatile default or generated value for {col.colname} rewrites "
+                                                      "the table under an exclusive lock", table))
+        size = self.size(table)
+        if not_null and default is None and not identity and size is not None and size.rows > 0:
+            found.append(self.hazard("CORRECTNESS", f"adding NOT NULL column {col.colname} without a default fails on a "
+                                                    "table with rows", table))
+        return found
+
+    def _volatile(self, expr: ast.Node) -> bool:
+        volatile = False
+
+        class _V(Visitor):
+            def visit_FuncCall(self, _ancestors: object, node: ast.FuncCall) -> None:
+                nonlocal volatile
+                if node.funcname and str(node.funcname[-1].sval) in facts.volatile_functions:
+                    volatile = True
+
+        facts = self.facts
+        _V()(expr)
+        return volatile
+
+    def _rewrites_type(self, table: str, column: str, col: ast.ColumnDef) -> bool:
+        current = self.facts.columns.get((table, column))
+        if current is None or col.typeName is None:
+            return True
+        target_name = _names(col.typeName.names)
+        target_oid = self.facts.type_oids.get(target_name) or self.facts.type_oids.get(target_name.removeprefix("pg_catalog."))
+        if target_oid is None:
+            return True
+        if target_oid == current.type_oid:
+            # same type, new modifier: widening varchar/numeric keeps the data in place
+            mods = [getattr(m.val, "ival", None) for m in col.typeName.typmods or () if isinstance(m, ast.A_Const)]
+            return not mods or not _widens(current.type, mods)
+        return (current.type_oid, target_oid) not in self.facts.binary_coercible
+
+    def _alter_rollback(self, d: _Draft, table: str, cmds: list[ast.AlterTableCmd]) -> _Draft:
+        """The draft with the SQL that undoes a single-command ALTER TABLE, when it can be derived."""
+        if len(cmds) != 1:
+            return replace(d, rollback_sql=None, reversible=False)
+        cmd = cmds[0]
+        subtype = enums.AlterTableType(int(cmd.subtype or 0))
+        t = _ident(table)
+        column = str(cmd.name) if cmd.name else ""
+        fact = self.facts.columns.get((table, column)) if table not in self.created_tables else None
+        rollback: str | None = None
+        if subtype is enums.AlterTableType.AT_AddColumn and isinstance(cmd.def_, ast.ColumnDef):
+            rollback = _q("ALTER TABLE {} DROP COLUMN {}", t, sql.Identifier(str(cmd.def_.colname)))
+        elif subtype is enums.AlterTableType.AT_SetNotNull:
+            rollback = _q("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL", t, sql.Identifier(column))
+        elif subtype is enums.AlterTableType.AT_DropNotNull:
+            rollback = _q("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", t, sql.Identifier(column))
+        elif subtype is enums.AlterTableType.AT_ColumnDefault and fact is not None:
+            rollback = (_q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT ", t, sql.Identifier(column)) + fact.default
+                        if fact.default else _q("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT", t, sql.Identifier(column)))
+        elif subtype is enums.AlterTableType.AT_AlterColumnType and fact is not None:
+            rollback = _q("ALTER TABLE {} ALTER COLUMN {} TYPE ", t, sql.Identifier(column)) + fact.type + \
+                _q(" USING {}::", sql.Identifier(column)) + fact.type
+        elif subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint) and cmd.def_.conname:
+            rollback = _q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, sql.Identifier(str(cmd.def_.conname)))
+        elif subtype is enums.AlterTableType.AT_ValidateConstraint:
+            rollback = ""
+        elif subtype is enums.AlterTableType.AT_EnableRowSecurity:
+            rollback = _q("ALTER TABLE {} DISABLE ROW LEVEL SECURITY", t)
+        elif subtype is enums.AlterTableType.AT_DisableRowSecurity:
+            rollback = _q("ALTER TABLE {} ENABLE ROW LEVEL SECURITY", t)
+        return replace(d, rollback_sql=rollback, reversible=rollback is not None)
+
+    def _generic(self, d: _Draft, node: ast.Node) -> _Draft:
+        hazards: list[Hazard] = []
+        rollback: str | None = None
+        kind, obj = d.kind, d.object
+        if isinstance(node, ast.DropStmt):
+            if kind in ("drop_table", "drop_materialized_view"):
+                for table in obj.split(", "):
+                    hazards.append(self.hazard("DATA_LOSS", "drops the table and all its rows", qualify(table)))
+            elif kind == "drop_schema":
+                hazards.append(self.hazard("DATA_LOSS", "drops the schema and everything in it"))
+            elif kind == "drop_sequence":
+                hazards.append(self.hazard("DATA_LOSS", "drops the sequence and its current value"))
+            elif kind in ("drop_type", "drop_domain"):
+                hazards.append(self.hazard("DATA_LOSS", "drops the type; columns of that type go with it"))
+            elif kind == "drop_view" and qualify(obj) in self.facts.views:
+                rollback = _q("CREATE VIEW {} AS ", _ident(qualify(obj))) + self.facts.views[qualify(obj)]
+            elif kind == "drop_extension":
+                hazards.append(self.hazard("EXTENSION_CHANGE", "drops an extension and the objects that use it"))
+        if kind in ("create_extension", "alter_extension"):
+            hazards.append(self.hazard("EXTENSION_CHANGE", "extensions change server-wide behaviour and need privileges"))
+            if kind == "create_extension":
+                rollback = _q("DROP EXTENSION IF EXISTS {}", sql.Identifier(obj))
+        if kind in ("grant", "revoke", "create_policy", "alter_policy", "drop_policy", "alter_default_privileges",
+                    "grant_role"):
+            hazards.append(self.hazard("AUTHZ_CHANGE", "changes who may read or write what"))
+        if kind == "create_enum" and isinstance(node, ast.CreateEnumStmt):
+            old = self.facts.enums.get(qualify(obj))
+            new = tuple(str(v.sval) for v in node.vals or ())
+            if old is not None and set(old) - set(new):
+                removed = ", ".join(sorted(set(old) - set(new)))
+                hazards.append(self.hazard("DATA_LOSS", f"the recreated type drops value(s) {removed}: rows holding them "
+                                                        "cannot convert"))
+        simple = {
+            "create_table": "DROP TABLE {}", "create_view": "DROP VIEW {}", "create_materialized_view": "DROP MATERIALIZED VIEW {}",
+            "create_enum": "DROP TYPE {}", "create_sequence": "DROP SEQUENCE {}", "create_schema": "DROP SCHEMA {}",
+            "create_domain": "DROP DOMAIN {}", "create_composite_type": "DROP TYPE {}",
+        }
+        if kind in simple and obj and "," not in obj and not (kind == "create_enum" and qualify(obj) in self.facts.enums):
+            rollback = _q(simple[kind], _ident(obj))
+        if kind == "replace_view" and qualify(obj) in self.facts.views:
+            rollback = _q("CREATE OR REPLACE VIEW {} AS ", _ident(qualify(obj))) + self.facts.views[qualify(obj)]
+        elif kind == "replace_view":
+            rollback = _q("DROP VIEW IF EXISTS {}", _ident(qualify(obj)))
+        if kind == "create_trigger" and isinstance(node, ast.CreateTrigStmt):
+            rollback = _q("DROP TRIGGER IF EXISTS {} ON {}", sql.Identifier(str(node.trigname)), _ident(_rv(node.relation)))
+        if kind == "set":
+            rollback = ""
+        return replace(d, hazards=tuple(hazards), rollback_sql=rollback, reversible=rollback is not None)
+
+
+def _index_columns(node: ast.IndexStmt) -> set[str]:
+    """Columns an index reads, in its keys, expressions and predicate."""
+    found: set[str] = set()
+
+    class _V(Visitor):
+        def visit_ColumnRef(self, _ancestors: object, ref: ast.ColumnRef) -> None:
+            last = (ref.fields or ())[-1:]
+            if last and isinstance(last[0], ast.String):
+                found.add(str(last[0].sval))
+
+    for param in node.indexParams or ():
+        if isinstance(param, ast.IndexElem) and param.name:
+            found.add(str(param.name))
+        elif isinstance(param, ast.IndexElem) and param.expr is not None:
+            _V()(param.expr)
+    if node.whereClause is not None:
+        _V()(node.whereClause)
+    return found
+
+
+def _alters_type_to(node: ast.AlterTableStmt, enum_name: str) -> bool:
+    cmds = [c for c in node.cmds or () if isinstance(c, ast.AlterTableCmd)]
+    return bool(cmds) and all(
+        enums.AlterTableType(int(c.subtype or 0)) is enums.AlterTableType.AT_AlterColumnType
+        and isinstance(c.def_, ast.ColumnDef) and c.def_.typeName is not None
+        and qualify(_names(c.def_.typeName.names)) == enum_name
+        for c in cmds
     )
+
+
+def _is_extension(old: tuple[str, ...], new: tuple[str, ...]) -> bool:
+    """True when ``new`` keeps every old label in the same order and only adds."""
+    it = iter(new)
+    return all(label in it for label in old) and len(new) > len(old)
+
+
+def _add_value_statements(enum_name: str, old: tuple[str, ...], new: tuple[str, ...]) -> list[str]:
+    out = []
+    present = list(old)
+    for i, label in enumerate(new):
+        if label in present:
+            continue
+        following = next((n for n in new[i + 1:] if n in present), None)
+        if following is not None:
+            out.append(_q("ALTER TYPE {} ADD VALUE {} BEFORE {}", _ident(enum_name), sql.Literal(label), sql.Literal(following)))
+            present.insert(present.index(following), label)
+        else:
+            out.append(_q("ALTER TYPE {} ADD VALUE {}", _ident(enum_name), sql.Literal(label)))
+            present.append(label)
+    return out
+
+
+def _widens(current_type: str, mods: list[int | None]) -> bool:
+    """varchar(n) -> varchar(m >= n) and numeric(p, s) -> numeric(p' >= p, s) keep the stored data."""
+    if "(" not in current_type or not mods or mods[0] is None:
+        return False
+    try:
+        current = [int(x) for x in current_type[current_type.index("(") + 1: current_type.index(")")].split(",")]
+    except ValueError:
+        return False
+    if current_type.startswith(("character varying", "varchar", "bit varying")):
+        return mods[0] >= current[0]
+    if current_type.startswith("numeric") and len(current) == 2 and len(mods) == 2 and mods[1] is not None:
+        return mods[0] - mods[1] >= current[0] - current[1] and mods[1] == current[1]
+    return False
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _timeouts(settings: SafetySettings, kind: str) -> tuple[str, str]:
+    override = settings.timeouts.get(kind, {})
+    return override.get("lock_timeout", settings.lock_timeout), override.get("statement_timeout", settings.statement_timeout)
+
+
+def compile_steps(
+    changes: Sequence[Change],
+    facts: LiveFacts | None = None,
+    settings: SafetySettings | None = None,
+    *,
+    engine: str = "migra",
+) -> tuple[Step, ...]:
+    """Steps in order, numbered, in phases; see the module docstring."""
+    facts = facts or _EMPTY_FACTS
+    settings = settings or SafetySettings()
+    compiled = [d for d in _Compiler(facts, settings, engine).compile(changes) if d.sql]
+    drafts = sorted(compiled, key=lambda d: d.stage)  # stable: the engine's order within a stage
+    steps: list[Step] = []
+    phase = 0
+    previous: _Draft | None = None
+    for i, d in enumerate(drafts, 1):
+        alone = not d.transactional or d.isolated
+        if previous is None or alone or not previous.transactional or previous.isolated or previous.stage != d.stage:
+            phase += 1
+        lock_timeout, statement_timeout = _timeouts(settings, d.kind)
+        steps.append(Step(
+            index=i, sql=d.sql, kind=d.kind, object=d.object, tables=d.tables, transactional=d.transactional,
+            phase=phase, hazards=d.hazards, rollback_sql=d.rollback_sql, reversible=d.reversible,
+            lock_timeout=lock_timeout, statement_timeout=statement_timeout, original_sql=d.original_sql,
+        ))
+        previous = d
+    return tuple(steps)
+
+
+_EMPTY_FACTS = LiveFacts(
+    tables={}, partitioned=frozenset(), columns={}, indexes={}, enums={}, views={}, volatile_functions=frozenset(),
+    binary_coercible=frozenset(), type_oids={},
+)

@@ -60,7 +60,7 @@ def test_schema_edits_plan_apply_and_converge(repo: Repo, capsys: pytest.Capture
     plan_file = repo.root / "edit.json"
     assert repo.run("plan", "-o", str(plan_file)) == 2
     out = capsys.readouterr().out
-    for expected in ("add_column public.customers.name", "create_index public.orders_status_idx",
+    for expected in ("add_column public.customers.name", "create_index_concurrently public.orders_status_idx",
                      "public.open_orders", "order_total_guard"):
         assert expected in out
     assert repo.run("apply", str(plan_file)) == 0
@@ -239,12 +239,17 @@ def test_auto_refused_where_environment_forbids(repo: Repo, capsys: pytest.Captu
 
 
 def test_show_renders_markdown_and_json(repo: Repo, capsys: pytest.CaptureFixture[str]) -> None:
+    assert repo.run("apply", "--auto") == 0
+    repo.write({"20_views.sql": "", "10_tables.sql": BASE_SCHEMA["10_tables.sql"].replace(
+        "total numeric(12, 2) NOT NULL CHECK (total >= 0)", "note text").replace(
+        "CREATE INDEX orders_customer_id_idx ON orders (customer_id);", "")})
     plan_file = repo.root / "plan.json"
     assert repo.run("plan", "-o", str(plan_file)) == 2
     capsys.readouterr()
     assert repo.run("show", str(plan_file), "--format", "markdown") == 0
     md = capsys.readouterr().out
-    assert md.startswith("### pg-reconciler plan") and "```sql" in md and "BLOCKS_WRITES" in md
+    assert md.startswith("### pg-reconciler plan") and "```sql" in md and "-- Phase 1: one transaction" in md
+    assert "| `DATA_LOSS` | `public.orders.total` |" in md and "drop_index_concurrently" in md
     assert repo.run("show", str(plan_file), "--format", "json") == 0
     assert json.loads(capsys.readouterr().out) == json.loads(plan_file.read_text())
 

@@ -15,7 +15,7 @@ import pytest
 from reconciler.diff.base import Change
 from reconciler.dsn import database_name
 from reconciler.errors import PlanFileError
-from reconciler.inspect import identity, snapshot
+from reconciler.inspect import identity, live_facts, snapshot
 from reconciler.plan import (
     FORMAT,
     Plan,
@@ -28,7 +28,7 @@ from reconciler.plan import (
     summary_line,
     write_plan,
 )
-from reconciler.safety import compile_steps
+from reconciler.safety import SafetySettings, compile_steps
 from reconciler.servers import Server, connect, throwaway_database
 from reconciler.source import load_source
 from tests.conftest import run_sql
@@ -58,7 +58,7 @@ def built_plan(pg_server: Server, tmp_path_factory: pytest.TempPathFactory) -> I
         schemas.mkdir()
         (schemas / "app.sql").write_text(DESIRED, encoding="utf-8")
         with connect(live_dsn) as conn:
-            ident, live = identity(conn), snapshot(conn)
+            ident, live, facts = identity(conn), snapshot(conn), live_facts(conn)
         with connect(desired_dsn) as conn:
             desired = snapshot(conn)
         built = build_plan(
@@ -69,7 +69,8 @@ def built_plan(pg_server: Server, tmp_path_factory: pytest.TempPathFactory) -> I
             live=live,
             desired_source=load_source(schemas),
             desired=desired,
-            steps=compile_steps(CHANGES),
+            # plain CREATE INDEX kept (concurrent_indexes off) so the plan has a BLOCKS_WRITES step
+            steps=compile_steps(CHANGES, facts, SafetySettings(concurrent_indexes=False)),
             now=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
         )
         yield built, str(database_name(live_dsn))
@@ -91,8 +92,10 @@ def test_build_plan(built_plan: tuple[Plan, str]) -> None:
     assert "index public.t_v_idx" in body.desired.objects
     assert [path for path, _ in body.desired.files] == ["app.sql"]
     assert [s.index for s in body.steps] == [1, 2, 3, 4]
-    assert [s.transactional for s in body.steps] == [True, True, False, True]
-    assert {h.code for _, h in plan.hazards} == {"BLOCKS_WRITES", "DATA_LOSS"}
+    # the explicitly concurrent build over existing columns runs first, outside a transaction
+    assert [(s.kind, s.transactional, s.phase) for s in body.steps] == [
+        ("create_index_concurrently", False, 1), ("add_column", True, 2), ("create_index", True, 2), ("drop_table", True, 2)]
+    assert {h.code for _, h in plan.hazards} == {"ACCESS_EXCLUSIVE_LOCK", "BLOCKS_WRITES", "DATA_LOSS"}
 
 
 _SIGNATURE = Signature(
@@ -153,7 +156,7 @@ def _delete(path: tuple[str | int, ...]) -> Callable[[dict[str, Any]], None]:
         (_delete(("body", "steps", 1, "rollback_sql")), "body/steps/1", "'rollback_sql' is a required property"),
         (_set(("format",), "reconciler.plan/v2"), "format", "'reconciler.plan/v1' was expected"),
         (_set(("id",), "md5:abc"), "id", "does not match"),
-        (_set(("body", "steps", 3, "hazards", 0, "code"), "data loss"), "body/steps/3/hazards/0/code", "does not match"),
+        (_set(("body", "steps", 3, "hazards", 0, "code"), "data loss"), "body/steps/3/hazards/0/code", "is not one of"),
         (_set(("body", "extra"), 1), "body", "Additional properties are not allowed"),
     ],
 )
@@ -208,11 +211,13 @@ def test_render_contains_steps_hazards_and_summary(plan: Plan, fmt: str) -> None
         assert change.sql in out
     assert "BLOCKS_WRITES" in out
     assert "DATA_LOSS" in out
+    assert "ACCESS_EXCLUSIVE_LOCK" in out
     assert plan.id in out
     if fmt != "json":
         assert summary_line(plan) in out
         assert summary_line(plan) == (
-            f"4 steps to apply to {plan.body.target.database}, hazards: BLOCKS_WRITES, DATA_LOSS."
+            f"4 steps in 2 phases to apply to {plan.body.target.database}, "
+            "hazards: ACCESS_EXCLUSIVE_LOCK, BLOCKS_WRITES, DATA_LOSS."
         )
 
 
