@@ -231,7 +231,8 @@ class _Compiler:
         late_tables = {d.tables[0] for d in drafts if d.stage == POST_INDEX and d.tables}
         out = []
         for d in drafts:
-            if (d.stage == MAIN and d.uses_index in late) or (d.stage == MAIN and d.kind == "add_foreign_key" and any(t in late_tables for t in d.tables[1:])):
+            references_late = d.kind == "add_foreign_key" and bool(set(d.tables[1:]) & late_tables)
+            if d.stage == MAIN and (d.uses_index in late or references_late):
                 d = replace(d, stage=POST_DEPENDENT)
             out.append(d)
         return out
