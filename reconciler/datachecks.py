@@ -111,7 +111,11 @@ def add_data_hazards(conn: psycopg.Connection[Any], steps: Sequence[Step], facts
             out.append(step)  # the validated CHECK before it was already counted
             continue
         found = _query(step, facts)
-        if found is None or (step.kind == "alter_column_type" and version < 160000):  # pg_input_is_valid is 16+
+        if found is not None and step.kind == "alter_column_type" and version < 160000:
+            out.append(replace(step, hazards=(*step.hazards, Hazard(  # pg_input_is_valid arrived in PostgreSQL 16
+                "CORRECTNESS", "existing values must convert to the new type (not checked before PostgreSQL 16)", found[1]))))
+            continue
+        if found is None:
             out.append(step)
             continue
         query, table, meaning = found

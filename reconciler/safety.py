@@ -393,7 +393,6 @@ class _Compiler:
                 if self._rewrites_type(table, column or "", cmd.def_):
                     found.append(self.hazard("TABLE_REWRITE", f"changing the type of {column} rewrites the table and its indexes "
                                                               "under an exclusive lock", table))
-                found.append(self.hazard("CORRECTNESS", f"existing values of {column} must convert to the new type", table))
             elif subtype is enums.AlterTableType.AT_SetNotNull:
                 found.append(self.hazard("FULL_SCAN_UNDER_LOCK", f"SET NOT NULL on {column} scans the table under an "
                                                                  "exclusive lock", table))
