@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -21,6 +22,7 @@ from .errors import ApplyError, LockTimeoutError
 from .history import StepRecord
 from .logs import current_run
 from .plan import Plan, object_digests
+from .policy import closed_windows, run_assertion
 from .safety import Step
 from .servers import connect
 from .signing import NO_REQUIREMENTS, Check, Requirements, Trust, enforce, offline_checks
@@ -40,6 +42,8 @@ class ApplyOptions:
     lock_retries: int = 3
     retry_backoff_seconds: float = 1.0
     index_build_retries: int = 2
+    verify_before_commit: bool = False
+    now: datetime | None = None  # the clock for change windows (tests set it)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,20 @@ def describe_differences(expected: dict[str, str], actual: dict[str, str], limit
 
 def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any] | None) -> list[Check]:
     """Every refusal apply can make, as results; the database checks run only with a connection."""
-    checks = offline_checks(plan, options.trust, options.requirements)
+    policy = plan.body.policy
+    req = Requirements(
+        approvals=max(options.requirements.approvals, policy.approvals),
+        groups=tuple(dict.fromkeys([*options.requirements.groups, *policy.groups])),
+        require_signed=options.requirements.require_signed,
+    )
+    checks = offline_checks(plan, options.trust, req)
+    denied = policy.denied
+    checks.append(Check("policy", not denied, "no deny rule fires" if not denied else
+                        "denied by " + "; ".join(f"{f.rule} ({f.file}:{f.line}) {f.subject}" for f in denied)))
+    if policy.windows:
+        closed = closed_windows(policy.windows, options.now)
+        checks.append(Check("window", not closed, "inside the change window(s)" if not closed else
+                            "outside the change window " + "; ".join(f"{w.rule}: {w.describe()}" for w in closed)))
     same_env = plan.body.environment == options.environment
     checks.append(Check("environment", same_env, f"made for {plan.body.environment!r}" if same_env else
                         f"made for environment {plan.body.environment!r}, not {options.environment!r}"))
@@ -81,6 +98,11 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
         f"the plan is for database {target.database!r} on system {target.system_identifier}, "
         f"not {ident.database!r} on system {ident.system_identifier}",
     ))
+    for assertion in (a for a in policy.assertions if a.when == "before"):
+        failure = run_assertion(conn, assertion)
+        ok = failure is None or assertion.action == "warn"
+        checks.append(Check(f"precondition {assertion.rule}", ok, "holds" if failure is None else
+                            f"{failure} ({assertion.file}:{assertion.line})"))
     applied = [r for r in history.runs_for_plan(conn, options.metadata_schema, plan.id) if r.status == "applied"]
     checks.append(Check("replay", not applied, "not applied before" if not applied else
                         f"already applied to this database by run {applied[0].id}: plans are not replayed"))
@@ -170,9 +192,15 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
                 if isinstance(exc, ApplyError | psycopg.Error):
                     kept = [r.index for r in records if r.status == "applied"]
                     outcome = ("nothing was changed (rolled back)" if not kept else
-                               f"step(s) {', '.join(map(str, kept))} committed in earlier phases and stay applied")
+                               f"step(s) {', '.join(map(str, kept))} were committed and stay applied")
                     raise ApplyError(f"run {run_id} failed: {message}; {outcome}", run_id) from None
                 raise
+            failures = _postconditions(plan, control)
+            if failures:
+                message = "postcondition failed: " + "; ".join(failures)
+                history.finish_run(control, schema, run_id, status="failed", statements=records, error=message)
+                current_run.reset(token)
+                raise ApplyError(f"run {run_id} failed: {message}; the steps were committed and stay applied", run_id)
             history.finish_run(control, schema, run_id, status="applied", statements=records)
             log.info("applied")
             current_run.reset(token)
@@ -180,6 +208,18 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
         finally:
             if not executor.closed and executor.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 executor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def _postconditions(plan: Plan, conn: psycopg.Connection[Any]) -> list[str]:
+    failures = []
+    for assertion in (a for a in plan.body.policy.assertions if a.when == "after"):
+        failure = run_assertion(conn, assertion)
+        if failure is not None:
+            if assertion.action == "warn":
+                log.warning("postcondition %s %s", assertion.rule, failure)
+            else:
+                failures.append(f"{assertion.rule} ({assertion.file}:{assertion.line}) {failure}")
+    return failures
 
 
 def _error_text(exc: BaseException) -> str:
@@ -271,8 +311,9 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                         for step in phase:
                             _set_timeouts(conn, step, local=True)
                             _run_step(conn, step, records)
-                        if last:
-                            # Verified before commit: a plan that does not converge leaves nothing behind.
+                        if last and options.verify_before_commit:
+                            # Nothing is left behind by a plan that does not converge, but the phase's
+                            # locks are held while the catalog is read: opt-in per environment.
                             return _verify(plan, conn, options)
                 except BaseException:
                     records[done_before:] = [

@@ -21,11 +21,11 @@ from typing import Any
 
 from . import __version__, history, logs
 from .apply import ApplyOptions, apply_plan, plan_checks
-from .config import Config, Environment, find_config, load_config
+from .config import LOCAL, Config, Environment, find_config, load_config
 from .diff.migra_engine import MigraEngine
 from .dsn import redact
 from .errors import ReconcilerError, RefusedError
-from .pipeline import drift, make_plan, open_servers
+from .pipeline import drift, lint_schema, make_plan, open_servers
 from .plan import ApprovalView, Plan, read_plan, render, write_plan
 from .servers import connect
 from .signing import (
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", type=Path)
     _target_options(p)
     p.add_argument("--offline", action="store_true", help="skip the checks that need the target database")
+
+    p = sub.add_parser("lint", help="check the desired schema against the schema rules (no live database)")
+    p.add_argument("--env", "-e", dest="env", help="evaluate the rules scoped to this environment (default: local)")
+    _schemas_option(p)
 
     p = sub.add_parser("keygen", help="create an Ed25519 key pair in OpenSSH format")
     p.add_argument("--out", type=Path, required=True, help="private key file; the public key goes to FILE.pub")
@@ -183,6 +187,10 @@ def cmd_plan(args: argparse.Namespace, config: Config) -> int:
     if args.out:
         write_plan(plan, args.out)
     sys.stdout.write(render(plan, args.format, _approval_view(config, env, plan, args.out)))
+    if plan.body.policy.denied:
+        for finding in plan.body.policy.denied:
+            print(f"denied: {finding}", file=sys.stderr)
+        return EXIT_REFUSED
     if args.out:
         print(f"\nSaved plan {plan.short_id} to {args.out}", file=sys.stderr)
     elif plan.body.steps:
@@ -237,6 +245,15 @@ def cmd_verify_plan(args: argparse.Namespace, config: Config) -> int:
     return EXIT_REFUSED if failed else EXIT_OK
 
 
+def cmd_lint(args: argparse.Namespace, config: Config) -> int:
+    findings = lint_schema(config, args.env or LOCAL, schemas_dir=args.schemas)
+    for finding in findings:
+        print(finding)
+    denied = [f for f in findings if f.severity == "deny"]
+    print(f"{len(findings)} finding(s), {len(denied)} denied." if findings else "No findings: the schema follows the rules.")
+    return EXIT_REFUSED if denied else EXIT_OK
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     passphrase: bytes | None = None
     if args.encrypt:
@@ -268,6 +285,7 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
         metadata_schema=config.metadata_schema,
         lock_wait_seconds=env.lock_wait_seconds,
         lock_retries=env.lock_retries,
+        verify_before_commit=env.verify_before_commit,
         requirements=req,
         trust=_trust(config, needed=req.require_signed or bool(req.approvals or req.groups)),
     )
@@ -287,6 +305,12 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
             sys.stdout.write(render(plan, "text"))
             sys.stdout.flush()
+            policy = plan.body.policy
+            if plan.body.steps and (policy.approvals or policy.groups):
+                raise RefusedError(f"policy requires approvals for this plan ({policy.approvals}"
+                                   f"{' from ' + ', '.join(policy.groups) if policy.groups else ''}): plan -o, approve, apply")
+            if plan.body.steps and policy.auto_apply_blocked_by:
+                raise RefusedError("the auto-apply gate holds this plan back: " + "; ".join(policy.auto_apply_blocked_by))
             result = apply_plan(plan, servers.target_dsn, options)
     else:
         plan = read_plan(args.plan)
@@ -351,7 +375,7 @@ def _run_json(run: history.Run) -> dict[str, Any]:
 
 _COMMANDS = {
     "plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
-    "approve": cmd_approve, "verify-plan": cmd_verify_plan,
+    "approve": cmd_approve, "verify-plan": cmd_verify_plan, "lint": cmd_lint,
 }
 _NO_CONFIG = {"init": cmd_init, "show": cmd_show, "keygen": cmd_keygen}
 

@@ -37,6 +37,7 @@ class Environment:
     lock_wait: str = "60s"
     approval_groups: tuple[str, ...] = ()
     lock_retries: int = 3
+    verify_before_commit: bool = False
     timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     require_signed_plans: bool = True
     plan_ttl: str = "7d"

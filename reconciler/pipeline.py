@@ -23,8 +23,17 @@ from .diff.migra_engine import MigraEngine
 from .errors import ReconcilerError
 from .lint import lint_steps
 from .plan import Plan, build_plan
+from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
 from .safety import SafetySettings, compile_steps
-from .servers import EmbeddedCluster, Server, bindir_for_shadow, connect, server_for_dsn, throwaway_database
+from .servers import (
+    EmbeddedCluster,
+    Server,
+    bindir_for_shadow,
+    bindir_major,
+    connect,
+    server_for_dsn,
+    throwaway_database,
+)
 from .shadow import load_schema
 from .source import DesiredSchema, load_source
 
@@ -117,8 +126,10 @@ def make_plan(
     engine: DiffEngine | None = None,
 ) -> Comparison:
     engine = engine or MigraEngine()
+    rules = load_policies(config.policies_dir, skip=[config.trust_file])  # a bad policy file fails before any work
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
+    catalog: Catalog | None = None
     with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
         count = load_schema(source, shadow_dsn, progress=_report_progress)
         log.info("loaded %d statements from %d file(s) into the shadow database", count, len(source.files))
@@ -128,6 +139,8 @@ def make_plan(
             facts = inspect.live_facts(conn, exclude_schemas=excluded)
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded)
+            if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
+                catalog = read_catalog(conn, exclude_schemas=excluded)
         changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
     differences = inspect.compare(desired, live)
     if differences and not changes:
@@ -141,6 +154,7 @@ def make_plan(
             steps = add_data_hazards(conn, steps, facts)
     if steps and config.safety.squawk:
         steps = lint_steps(steps, exclude=config.safety.squawk_exclude, pg_version=ident.server_version.split()[0])
+    policy = evaluate(rules, env.name, steps, catalog, base_approvals=env.approvals, base_groups=env.approval_groups)
     plan = build_plan(
         environment=env.name,
         engine=engine.name,
@@ -151,6 +165,7 @@ def make_plan(
         desired=desired,
         steps=steps,
         ttl=timedelta(seconds=env.plan_ttl_seconds),
+        policy=policy,
     )
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
 
@@ -166,3 +181,22 @@ def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) 
     with connect(servers.target_dsn) as conn:
         live = inspect.snapshot(conn, exclude_schemas=excluded)
     return inspect.compare(desired, live)
+
+
+def lint_schema(config: Config, environment: str, *, schemas_dir: Path | None = None) -> list[Finding]:
+    """Schema rules against the desired schema alone: an embedded shadow, no live database."""
+    rules = [r for r in load_policies(config.policies_dir, skip=[config.trust_file])
+             if r.kind == "schema" and r.applies_to(environment)]
+    source = load_source(schemas_dir or config.schemas_dir)
+    with contextlib.ExitStack() as stack:
+        bindir = bindir_for_shadow(None)
+        cluster = EmbeddedCluster(shadow_cache_dir(bindir_major(bindir)), bindir, durable=False)
+        stack.callback(cluster.stop)
+        shadow = cluster.start()
+        with throwaway_database(shadow, "lint") as shadow_dsn:
+            load_schema(source, shadow_dsn, progress=_report_progress)
+            if not rules:
+                return []
+            with connect(shadow_dsn) as conn:
+                catalog = read_catalog(conn, exclude_schemas=(config.metadata_schema,))
+    return list(evaluate(rules, environment, (), catalog).findings)

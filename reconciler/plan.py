@@ -25,10 +25,12 @@ import jsonschema
 from . import __version__
 from .errors import PlanFileError
 from .inspect import SchemaSnapshot, TargetIdentity
+from .policy import Assertion, Finding, PolicyResult, Window
 from .safety import Hazard, LintFinding, Step
 from .source import DesiredSchema
 
 FORMAT = "reconciler.plan/v1"
+NO_POLICY = PolicyResult(findings=(), approvals=0, groups=())
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class PlanBody:
     target: PlanTarget
     desired: PlanDesired
     steps: tuple[Step, ...]
+    policy: PolicyResult = NO_POLICY
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def build_plan(
     steps: Sequence[Step],
     ttl: timedelta = timedelta(days=7),
     now: datetime | None = None,
+    policy: PolicyResult | None = None,
 ) -> Plan:
     created = now or datetime.now(UTC)
     body = PlanBody(
@@ -138,6 +142,7 @@ def build_plan(
             objects=object_digests(desired),
         ),
         steps=tuple(steps),
+        policy=policy or NO_POLICY,
     )
     return Plan(id=content_id(body_to_json(body)), body=body)
 
@@ -185,7 +190,42 @@ def body_to_json(body: PlanBody) -> dict[str, Any]:
             "objects": dict(body.desired.objects),
         },
         "steps": [step_to_json(s) for s in body.steps],
+        "policy": policy_to_json(body.policy),
     }
+
+
+def policy_to_json(p: PolicyResult) -> dict[str, Any]:
+    return {
+        "findings": [
+            {"rule": f.rule, "file": f.file, "line": f.line, "severity": f.severity, "subject": f.subject,
+             "message": f.message, "count": f.count, "groups": list(f.groups)} for f in p.findings
+        ],
+        "approvals": p.approvals,
+        "groups": list(p.groups),
+        "assertions": [
+            {"rule": a.rule, "file": a.file, "line": a.line, "when": a.when, "sql": a.sql, "timeout": a.timeout,
+             "action": a.action} for a in p.assertions
+        ],
+        "windows": [
+            {"rule": w.rule, "file": w.file, "line": w.line, "days": list(w.days), "hours": list(w.hours) if w.hours else None}
+            for w in p.windows
+        ],
+        "auto_apply_blocked_by": list(p.auto_apply_blocked_by),
+    }
+
+
+def policy_from_json(d: Mapping[str, Any]) -> PolicyResult:
+    return PolicyResult(
+        findings=tuple(Finding(f["rule"], f["file"], f["line"], f["severity"], f["subject"], f["message"], f["count"],
+                               tuple(f["groups"])) for f in d["findings"]),
+        approvals=d["approvals"],
+        groups=tuple(d["groups"]),
+        assertions=tuple(Assertion(a["rule"], a["file"], a["line"], a["when"], a["sql"], a["timeout"], a["action"])
+                         for a in d["assertions"]),
+        windows=tuple(Window(w["rule"], w["file"], w["line"], tuple(w["days"]),
+                             (w["hours"][0], w["hours"][1]) if w["hours"] else None) for w in d["windows"]),
+        auto_apply_blocked_by=tuple(d["auto_apply_blocked_by"]),
+    )
 
 
 def step_to_json(s: Step) -> dict[str, Any]:
@@ -247,6 +287,7 @@ def body_from_json(data: Mapping[str, Any]) -> PlanBody:
             objects=dict(d["objects"]),
         ),
         steps=tuple(step_from_json(s) for s in data["steps"]),
+        policy=policy_from_json(data["policy"]),
     )
 
 
@@ -373,6 +414,10 @@ def summary_line(plan: Plan) -> str:
     codes = sorted({h.code for _, h in plan.hazards})
     hazards = f", hazards: {', '.join(codes)}" if codes else ", no hazards"
     count = len({s.phase for s in steps})
+    denied = plan.body.policy.denied
+    if denied:
+        return (f"BLOCKED by policy {', '.join(sorted({f.rule for f in denied}))}: {len(steps)} step(s) "
+                f"for {plan.body.target.database} may not be applied.")
     return (f"{len(steps)} step{'s' if len(steps) != 1 else ''} in {count} phase{'s' if count != 1 else ''} "
             f"to apply to {plan.body.target.database}{hazards}.")
 
@@ -389,6 +434,11 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
         "",
         summary_line(plan),
     ]
+    if b.policy.findings:
+        lines += ["", "Policy findings:"]
+        lines += [f"  {f}" for f in b.policy.findings]
+    if b.policy.windows:
+        lines += ["", "Apply only within: " + "; ".join(w.describe() for w in b.policy.windows)]
     for phase, steps in phases(plan):
         lines += ["", f"  Phase {phase}: {phase_label(steps)}"]
         for step in steps:
@@ -423,6 +473,13 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
         f"Target `{b.target.database}` (PostgreSQL {b.target.server_version}); desired schema at {git}"
         + (" with uncommitted changes" if b.desired.dirty else "") + ".",
     ]
+    if b.policy.findings:
+        out += ["", "| policy | severity | subject | finding |", "|---|---|---|---|"]
+        for f in b.policy.findings:
+            need = f" (needs {f.count}{' from ' + ', '.join(f.groups) if f.groups else ''})" if f.count else ""
+            out.append(f"| `{f.rule}` ({f.file}:{f.line}) | **{f.severity}**{need} | {f.subject} | {f.message} |")
+    if b.policy.windows:
+        out += ["", "Applies only within: " + "; ".join(w.describe() for w in b.policy.windows) + "."]
     if plan.hazards:
         out += ["", "| step | hazard | object | why |", "|---:|---|---|---|"]
         for step, hazard in plan.hazards:

@@ -19,7 +19,7 @@ def schema_validator(name: str) -> jsonschema.protocols.Validator:
     schema = json.loads(resources.files("reconciler.formats").joinpath(name).read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)  # "regex" is checked with re.compile
 
 
 def _node_at(node: yaml.Node | None, path: list[str | int]) -> yaml.Node | None:
@@ -54,9 +54,8 @@ def load_validated(path: Path, schema_name: str) -> Any:
         raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from None
     if data is None:
         data = {}
-    errors = sorted(schema_validator(schema_name).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        err = errors[0]
+    err = jsonschema.exceptions.best_match(schema_validator(schema_name).iter_errors(data))
+    if err is not None:
         node = _node_at(root, list(err.absolute_path))
         where = f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}" if node is not None else str(path)
         field = ".".join(str(p) for p in err.absolute_path) or "(top level)"

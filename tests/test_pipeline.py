@@ -68,21 +68,37 @@ def test_differences_migra_cannot_express_are_refused(tmp_path: Path, database: 
 def test_apply_verifies_before_commit_and_rolls_back_a_plan_that_does_not_converge(
     tmp_path: Path, database: str, pg_server: Server
 ) -> None:
-    """migra creates the table but not its comment: the in-transaction check refuses to commit."""
+    """migra creates the table but not its comment: with verify_before_commit nothing is committed."""
     config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\nCOMMENT ON TABLE t IS 'people';\n"))
     env = Environment(name="test", database=database, shadow=pg_server.dsn)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers).plan
     assert plan.body.steps[0].kind == "create_table"
     with pytest.raises(ApplyError) as err:
-        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", verify_before_commit=True))
     assert "does not match the desired schema" in str(err.value) and "comment table public.t (missing)" in str(err.value)
+    assert "nothing was changed (rolled back)" in str(err.value)
     assert fetch_one(database, "SELECT to_regclass('public.t')") is None
     with connect(database) as conn:
         (run,) = history.list_runs(conn, "reconciler")
         assert run.status == "failed" and "comment table public.t" in (run.error or "")
         assert run.backend_pid is not None and run.finished_at is not None
         assert inspect.snapshot(conn).objects == {("schema", "public"): ""}
+
+
+def test_apply_verifies_after_commit_by_default_and_says_what_stays(
+    tmp_path: Path, database: str, pg_server: Server
+) -> None:
+    """By default the check runs after commit (no lock held while reading the catalog)."""
+    config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\nCOMMENT ON TABLE t IS 'people';\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    with open_servers(config, env) as servers:
+        plan = make_plan(config, env, servers).plan
+    with pytest.raises(ApplyError) as err:
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+    assert "comment table public.t (missing)" in str(err.value) and "stay applied" in str(err.value)
+    assert fetch_one(database, "SELECT to_regclass('public.t') IS NOT NULL") is True
+    assert fetch_one(database, "SELECT status FROM reconciler.runs") == "failed"
 
 
 def test_metadata_schema_is_versioned_and_excluded(tmp_path: Path, database: str, pg_server: Server) -> None:
