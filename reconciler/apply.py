@@ -78,8 +78,9 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
     )
     checks = offline_checks(plan, options.trust, req)
     denied = policy.denied
-    checks.append(Check("policy", not denied, "no deny rule fires" if not denied else
-                        "denied by " + "; ".join(f"{f.rule} ({f.file}:{f.line}) {f.subject}" for f in denied)))
+    # right after integrity: a denied plan is refused for that, whatever else it lacks
+    checks.insert(1, Check("policy", not denied, "no deny rule fires" if not denied else
+                           "denied by " + "; ".join(f"{f.rule} ({f.file}:{f.line}) {f.subject}" for f in denied)))
     if policy.windows:
         closed = closed_windows(policy.windows, options.now)
         checks.append(Check("window", not closed, "inside the change window(s)" if not closed else

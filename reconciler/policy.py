@@ -25,6 +25,8 @@ from .yamlfile import load_validated
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 KINDS = ("change", "schema", "data", "assert", "window", "auto_apply")
+_SINGULAR = {"tables": "table", "columns": "column", "indexes": "index", "constraints": "constraint", "views": "view",
+             "functions": "function", "sequences": "sequence", "types": "type"}
 _SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|kB|KB|MB|GB|TB)$")
 
 
@@ -327,7 +329,7 @@ def _schema_findings(rule: Rule, catalog: Catalog) -> list[Finding]:
                 continue
             short = name.rsplit(".", 1)[-1]
             if not regex.fullmatch(short):
-                out.append(_finding(rule, f"{kind[:-1]} {name}", f"name {short!r} does not match {pattern!r}"))
+                out.append(_finding(rule, f"{_SINGULAR[kind]} {name}", f"name {short!r} does not match {pattern!r}"))
     forbidden = [t.lower() for t in spec.get("forbidden_types") or ()]
     if forbidden:
         for (table, column), typ in sorted(catalog.columns.items()):

@@ -59,5 +59,16 @@ def load_validated(path: Path, schema_name: str) -> Any:
         node = _node_at(root, list(err.absolute_path))
         where = f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}" if node is not None else str(path)
         field = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise ConfigError(f"{where}: {field}: {err.message}")
+        raise ConfigError(f"{where}: {field}: {_message(err)}")
     return data
+
+
+def _message(err: jsonschema.ValidationError) -> str:
+    """jsonschema's words, except for "exactly one of these keys", which it says badly."""
+    options = err.validator_value if err.validator == "oneOf" else None
+    if isinstance(options, list) and all(isinstance(o, dict) and list(o) == ["required"] for o in options):
+        keys = [o["required"][0] for o in options]
+        present = [k for k in keys if isinstance(err.instance, dict) and k in err.instance]
+        said = f"has {', '.join(present)}" if present else "has none"
+        return f"needs exactly one of {', '.join(keys)} ({said})"
+    return err.message
