@@ -165,7 +165,10 @@ def _trust(config: Config, *, needed: bool) -> Trust | None:
 
 
 def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path | None) -> ApprovalView | None:
-    req = _requirements(env)
+    base = _requirements(env)
+    policy = plan.body.policy
+    req = Requirements(approvals=max(base.approvals, policy.approvals),
+                       groups=tuple(dict.fromkeys([*base.groups, *policy.groups])), require_signed=base.require_signed)
     if not req.approvals and not req.groups:
         return None
     status = approval_status(plan, _trust(config, needed=False), req)

@@ -131,7 +131,7 @@ def test_conflicting_rules_deny_wins_and_approvals_merge(prepo: PolicyRepo) -> N
     assert not staging.denied and staging.approvals == 3 and set(staging.groups) == {"dba", "sre"}
 
 
-def test_required_approvals_from_policy_are_enforced_at_apply(prepo: PolicyRepo) -> None:
+def test_required_approvals_from_policy_are_enforced_at_apply(prepo: PolicyRepo, capsys: pytest.CaptureFixture[str]) -> None:
     prepo.policies("""\
 rules:
   - id: drops-need-review
@@ -144,6 +144,11 @@ rules:
     plan = prepo.plan("staging")
     with pytest.raises(RefusedError, match=r"\(approvals\): 0 of 1"):
         apply_plan(plan, prepo.database, ApplyOptions(environment="staging", metadata_schema="reconciler"))
+    out_file = prepo.root / "p.json"
+    assert prepo.cli("plan", "--env", "staging", "-o", str(out_file)) == 2
+    capsys.readouterr()
+    assert prepo.cli("show", str(out_file)) == 0
+    assert "Approvals: 0 of 1 given; 1 more needed" in capsys.readouterr().out
 
 
 def test_data_rule_fires_only_above_the_threshold(prepo: PolicyRepo) -> None:
