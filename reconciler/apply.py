@@ -43,6 +43,7 @@ class ApplyOptions:
     retry_backoff_seconds: float = 1.0
     index_build_retries: int = 2
     verify_before_commit: bool = False
+    allow_unrehearsed: bool = False
     now: datetime | None = None  # the clock for change windows (tests set it)
 
 
@@ -85,6 +86,11 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
         closed = closed_windows(policy.windows, options.now)
         checks.append(Check("window", not closed, "inside the change window(s)" if not closed else
                             "outside the change window " + "; ".join(f"{w.rule}: {w.describe()}" for w in closed)))
+    if plan.body.steps and not options.allow_unrehearsed:
+        rehearsed = plan.body.rehearsal.converged
+        checks.append(Check("rehearsal", rehearsed, plan.body.rehearsal.describe() if rehearsed else
+                            f"the plan was not proven on a copy ({plan.body.rehearsal.describe()}); "
+                            "plan again with rehearsal on, or set allow_unrehearsed"))
     same_env = plan.body.environment == options.environment
     checks.append(Check("environment", same_env, f"made for {plan.body.environment!r}" if same_env else
                         f"made for environment {plan.body.environment!r}, not {options.environment!r}"))

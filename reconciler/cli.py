@@ -289,6 +289,7 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
         lock_wait_seconds=env.lock_wait_seconds,
         lock_retries=env.lock_retries,
         verify_before_commit=env.verify_before_commit,
+        allow_unrehearsed=env.allow_unrehearsed,
         requirements=req,
         trust=_trust(config, needed=req.require_signed or bool(req.approvals or req.groups)),
     )

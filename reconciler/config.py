@@ -38,6 +38,9 @@ class Environment:
     approval_groups: tuple[str, ...] = ()
     lock_retries: int = 3
     verify_before_commit: bool = False
+    rehearse: bool = True
+    allow_unrehearsed: bool = False
+    allow_version_mismatch: bool = False
     timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     require_signed_plans: bool = True
     plan_ttl: str = "7d"

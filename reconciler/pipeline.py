@@ -20,10 +20,11 @@ from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
 from .diff.base import DiffEngine
 from .diff.migra_engine import MigraEngine
-from .errors import ReconcilerError
+from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
 from .plan import Plan, build_plan
 from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
+from .rehearsal import SKIPPED, rehearse
 from .safety import SafetySettings, compile_steps
 from .servers import (
     EmbeddedCluster,
@@ -142,13 +143,25 @@ def make_plan(
             if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                 catalog = read_catalog(conn, exclude_schemas=excluded)
         changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
-    differences = inspect.compare(desired, live)
-    if differences and not changes:
-        names = ", ".join(str(d) for d in differences[:10])
-        raise ReconcilerError(
-            f"the {engine.name} engine found no statements for differences it cannot express: {names}"
-        )
-    steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
+        differences = inspect.compare(desired, live)
+        if differences and not changes:
+            names = ", ".join(str(d) for d in differences[:10])
+            raise ReconcilerError(
+                f"the {engine.name} engine found no statements for differences it cannot express: {names}"
+            )
+        steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
+        rehearsal = SKIPPED
+        if steps and env.rehearse:
+            if servers.shadow.major_version != servers.target_major and not env.allow_version_mismatch:
+                raise RefusedError(
+                    f"the shadow server runs PostgreSQL {servers.shadow.major_version} and the target "
+                    f"{servers.target_major}: install matching server binaries, point `shadow:` at a server like the "
+                    "target, or set allow_version_mismatch for this environment")
+            rehearsal = rehearse(steps, target_dsn=servers.target_dsn, target_major=servers.target_major,
+                                 shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
+                                 exclude_schemas=excluded)
+            if not rehearsal.converged:
+                raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
     if steps and config.safety.data_checks:
         with connect(servers.target_dsn) as conn:
             steps = add_data_hazards(conn, steps, facts)
@@ -166,6 +179,7 @@ def make_plan(
         steps=steps,
         ttl=timedelta(seconds=env.plan_ttl_seconds),
         policy=policy,
+        rehearsal=rehearsal,
     )
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
 

@@ -26,6 +26,7 @@ from . import __version__
 from .errors import PlanFileError
 from .inspect import SchemaSnapshot, TargetIdentity
 from .policy import Assertion, Finding, PolicyResult, Window
+from .rehearsal import SKIPPED, RehearsalResult
 from .safety import Hazard, LintFinding, Step
 from .source import DesiredSchema
 
@@ -64,6 +65,7 @@ class PlanBody:
     desired: PlanDesired
     steps: tuple[Step, ...]
     policy: PolicyResult = NO_POLICY
+    rehearsal: RehearsalResult = SKIPPED
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ def build_plan(
     ttl: timedelta = timedelta(days=7),
     now: datetime | None = None,
     policy: PolicyResult | None = None,
+    rehearsal: RehearsalResult = SKIPPED,
 ) -> Plan:
     created = now or datetime.now(UTC)
     body = PlanBody(
@@ -143,6 +146,7 @@ def build_plan(
         ),
         steps=tuple(steps),
         policy=policy or NO_POLICY,
+        rehearsal=rehearsal,
     )
     return Plan(id=content_id(body_to_json(body)), body=body)
 
@@ -191,6 +195,14 @@ def body_to_json(body: PlanBody) -> dict[str, Any]:
         },
         "steps": [step_to_json(s) for s in body.steps],
         "policy": policy_to_json(body.policy),
+        "rehearsal": {
+            "status": body.rehearsal.status,
+            "differences": list(body.rehearsal.differences),
+            "failed_step": body.rehearsal.failed_step,
+            "error": body.rehearsal.error,
+            "server_version": body.rehearsal.server_version,
+            "duration_ms": round(body.rehearsal.duration_ms, 1),
+        },
     }
 
 
@@ -288,6 +300,11 @@ def body_from_json(data: Mapping[str, Any]) -> PlanBody:
         ),
         steps=tuple(step_from_json(s) for s in data["steps"]),
         policy=policy_from_json(data["policy"]),
+        rehearsal=RehearsalResult(
+            status=data["rehearsal"]["status"], differences=tuple(data["rehearsal"]["differences"]),
+            failed_step=data["rehearsal"]["failed_step"], error=data["rehearsal"]["error"],
+            server_version=data["rehearsal"]["server_version"], duration_ms=data["rehearsal"]["duration_ms"],
+        ),
     )
 
 
@@ -434,6 +451,8 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
         "",
         summary_line(plan),
     ]
+    if b.steps:
+        lines += ["", f"Rehearsal: {b.rehearsal.describe()}"]
     if b.policy.findings:
         lines += ["", "Policy findings:"]
         lines += [f"  {f}" for f in b.policy.findings]
@@ -473,6 +492,8 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
         f"Target `{b.target.database}` (PostgreSQL {b.target.server_version}); desired schema at {git}"
         + (" with uncommitted changes" if b.desired.dirty else "") + ".",
     ]
+    if b.steps:
+        out += ["", f"Rehearsal: {b.rehearsal.describe()}."]
     if b.policy.findings:
         out += ["", "| policy | severity | subject | finding |", "|---|---|---|---|"]
         for f in b.policy.findings:

@@ -11,7 +11,7 @@ import pytest
 from reconciler import history, inspect
 from reconciler.apply import ApplyOptions, apply_plan
 from reconciler.config import Environment, load_config
-from reconciler.errors import ApplyError, ReconcilerError
+from reconciler.errors import ApplyError, ReconcilerError, RefusedError
 from reconciler.pipeline import make_plan, open_servers
 from reconciler.servers import EmbeddedCluster, Server, bindir_for_shadow, connect, find_bindir, wheel_bindir
 from tests.conftest import fetch_one, run_sql
@@ -68,14 +68,16 @@ def test_differences_migra_cannot_express_are_refused(tmp_path: Path, database: 
 def test_apply_verifies_before_commit_and_rolls_back_a_plan_that_does_not_converge(
     tmp_path: Path, database: str, pg_server: Server
 ) -> None:
-    """migra creates the table but not its comment: with verify_before_commit nothing is committed."""
+    """migra creates the table but not its comment: with verify_before_commit nothing is committed.
+    (Rehearsal would refuse this plan at plan time; it is off here to reach apply's own check.)"""
     config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\nCOMMENT ON TABLE t IS 'people';\n"))
-    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    env = Environment(name="test", database=database, shadow=pg_server.dsn, rehearse=False)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers).plan
     assert plan.body.steps[0].kind == "create_table"
     with pytest.raises(ApplyError) as err:
-        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", verify_before_commit=True))
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", verify_before_commit=True,
+                                                allow_unrehearsed=True))
     assert "does not match the desired schema" in str(err.value) and "comment table public.t (missing)" in str(err.value)
     assert "nothing was changed (rolled back)" in str(err.value)
     assert fetch_one(database, "SELECT to_regclass('public.t')") is None
@@ -91,11 +93,11 @@ def test_apply_verifies_after_commit_by_default_and_says_what_stays(
 ) -> None:
     """By default the check runs after commit (no lock held while reading the catalog)."""
     config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\nCOMMENT ON TABLE t IS 'people';\n"))
-    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    env = Environment(name="test", database=database, shadow=pg_server.dsn, rehearse=False)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers).plan
     with pytest.raises(ApplyError) as err:
-        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", allow_unrehearsed=True))
     assert "comment table public.t (missing)" in str(err.value) and "stay applied" in str(err.value)
     assert fetch_one(database, "SELECT to_regclass('public.t') IS NOT NULL") is True
     assert fetch_one(database, "SELECT status FROM reconciler.runs") == "failed"
@@ -111,3 +113,38 @@ def test_metadata_schema_is_versioned_and_excluded(tmp_path: Path, database: str
         again = make_plan(config, env, servers).plan
     assert again.body.steps == ()  # the metadata schema is not ours to diff
     assert not any("reconciler" in key for key in again.body.target.objects)
+
+
+def test_rehearsal_refuses_a_plan_that_relies_on_a_change_migra_skips(
+    tmp_path: Path, database: str, pg_server: Server
+) -> None:
+    """migra ignores a domain's constraint: the rehearsal copy shows it and the plan is refused untouched."""
+    run_sql(database, "CREATE DOMAIN score AS int; CREATE TABLE t (id int PRIMARY KEY, s score)")
+    desired = "CREATE DOMAIN score AS int CHECK (VALUE >= 0);\nCREATE TABLE t (id int PRIMARY KEY, s score, note text);\n"
+    config = load_config(_config(tmp_path, desired))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    with connect(database) as conn:
+        before = inspect.snapshot(conn).fingerprint
+    with open_servers(config, env) as servers, pytest.raises(RefusedError) as err:
+        make_plan(config, env, servers)
+    assert "does not survive its rehearsal" in str(err.value)
+    assert "constraint public.score.score_check (missing)" in str(err.value)
+    with connect(database) as conn:
+        assert inspect.snapshot(conn).fingerprint == before
+
+
+def test_plan_records_its_rehearsal_and_apply_refuses_unrehearsed_plans(
+    tmp_path: Path, database: str, pg_server: Server
+) -> None:
+    config = load_config(_config(tmp_path, "CREATE TABLE t (id int PRIMARY KEY);\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    with open_servers(config, env) as servers:
+        plan = make_plan(config, env, servers).plan
+        unrehearsed = make_plan(config, Environment(name="test", database=database, shadow=pg_server.dsn,
+                                                    rehearse=False), servers).plan
+    assert plan.body.rehearsal.status == "converged" and plan.body.rehearsal.server_version.startswith("18")
+    assert unrehearsed.body.rehearsal.status == "skipped"
+    options = ApplyOptions(environment="test", metadata_schema="reconciler")
+    with pytest.raises(RefusedError, match=r"\(rehearsal\): the plan was not proven on a copy"):
+        apply_plan(unrehearsed, database, options)
+    assert apply_plan(plan, database, options).status == "applied"

