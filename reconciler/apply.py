@@ -12,16 +12,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from . import history, inspect
-from .errors import ApplyError, LockTimeoutError
+from . import backup, history, inspect
+from .errors import ApplyError, LockTimeoutError, RefusedError
 from .history import StepRecord
 from .logs import current_run
-from .plan import Plan, object_digests
+from .plan import Plan, object_digests, parse_time
 from .policy import closed_windows, run_assertion
 from .safety import Step
 from .servers import connect
@@ -44,6 +45,9 @@ class ApplyOptions:
     index_build_retries: int = 2
     verify_before_commit: bool = False
     allow_unrehearsed: bool = False
+    auto_rollback: bool = True
+    backup_scope: str = "none"  # full, touched or none
+    backups_dir: Path | None = None
     now: datetime | None = None  # the clock for change windows (tests set it)
 
 
@@ -168,14 +172,20 @@ def _phases(steps: Sequence[Step]) -> list[list[Step]]:
     return [grouped[k] for k in sorted(grouped)]
 
 
+class Cancelled(Exception):
+    """`reconciler cancel` asked this run to stop."""
+
+
 def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResult:
-    """Run an approved plan against the target; refuses, or records the run as applied or failed."""
+    """Run an approved plan against the target; refuses, or records the run as applied, failed,
+    rolled back or cancelled."""
     schema = options.metadata_schema
     with connect(target_dsn, application_name="reconciler control") as control, \
             connect(target_dsn, application_name="reconciler apply") as executor:
         _acquire_lock(executor, control, options)
         try:
             history.ensure_schema(control, schema)
+            _recover_interrupted(plan, control, executor, options)
             fingerprint = check_plan(plan, control, options)
             if not plan.body.steps:
                 return ApplyResult(run_id=None, status="nothing", steps=(), fingerprint=fingerprint)
@@ -186,35 +196,128 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
                 to_fingerprint=plan.body.desired.schema_fingerprint,
             )
             token = current_run.set(run_id)
-            log.info("applying plan %s (%d steps)", plan.short_id, len(plan.body.steps))
-            records: list[StepRecord] = []
             try:
-                fingerprint = _execute(plan, executor, options, records)
-            except BaseException as exc:
-                status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-                message = _error_text(exc)
-                history.finish_run(control, schema, run_id, status=status, statements=records, error=message)
-                log.info("%s: %s", status, message)
+                return _run(plan, run_id, target_dsn, control, executor, options)
+            finally:
                 current_run.reset(token)
-                if isinstance(exc, ApplyError | psycopg.Error):
-                    kept = [r.index for r in records if r.status == "applied"]
-                    outcome = ("nothing was changed (rolled back)" if not kept else
-                               f"step(s) {', '.join(map(str, kept))} were committed and stay applied")
-                    raise ApplyError(f"run {run_id} failed: {message}; {outcome}", run_id) from None
-                raise
-            failures = _postconditions(plan, control)
-            if failures:
-                message = "postcondition failed: " + "; ".join(failures)
-                history.finish_run(control, schema, run_id, status="failed", statements=records, error=message)
-                current_run.reset(token)
-                raise ApplyError(f"run {run_id} failed: {message}; the steps were committed and stay applied", run_id)
-            history.finish_run(control, schema, run_id, status="applied", statements=records)
-            log.info("applied")
-            current_run.reset(token)
-            return ApplyResult(run_id=run_id, status="applied", steps=tuple(records), fingerprint=fingerprint)
         finally:
             if not executor.closed and executor.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 executor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def _run(plan: Plan, run_id: str, target_dsn: str, control: psycopg.Connection[Any], executor: psycopg.Connection[Any],
+         options: ApplyOptions) -> ApplyResult:
+    schema = options.metadata_schema
+    if options.backup_scope != "none" and options.backups_dir is not None:
+        _take_backup(plan, run_id, target_dsn, control, options)
+    log.info("applying plan %s (%d steps in %d phases)", plan.short_id, len(plan.body.steps), len(_phases(plan.body.steps)))
+    records: list[StepRecord] = []
+    progress = _Progress(control, schema, run_id, records)
+    try:
+        _execute(plan, executor, options, records, progress)
+    except BaseException as exc:
+        cancelled = isinstance(exc, KeyboardInterrupt | Cancelled) or (
+            isinstance(exc.__cause__, psycopg.errors.QueryCanceled) and history.cancel_requested(control, schema, run_id))
+        message = "cancelled" if cancelled and not isinstance(exc, ApplyError) else _error_text(exc)
+        outcome, status = _after_failure(plan, records, control, executor, options, run_id)
+        status = "cancelled" if cancelled else status
+        history.finish_run(control, schema, run_id, status=status, statements=records, error=f"{message}; {outcome}")
+        log.info("%s: %s; %s", status, message, outcome)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise ApplyError(f"run {run_id} {'was cancelled' if cancelled else 'failed'}: {message}; {outcome}", run_id) from None
+    verification = verify(executor, plan, options.metadata_schema)
+    fingerprint = str(verification["fingerprint"])
+    history.record_verification(control, schema, run_id, verification)
+    failures = _postconditions(plan, control) + verification_failures(verification)
+    if failures:
+        message = "; ".join(failures)
+        history.finish_run(control, schema, run_id, status="failed", statements=records, error=message)
+        raise ApplyError(f"run {run_id} failed verification: {message}; the steps were committed and stay applied "
+                         f"(reconciler rollback {run_id} plans the way back)", run_id)
+    history.finish_run(control, schema, run_id, status="applied", statements=records)
+    log.info("applied in %.0f ms of statements", sum(r.duration_ms for r in records))
+    return ApplyResult(run_id=run_id, status="applied", steps=tuple(records), fingerprint=fingerprint)
+
+
+class _Progress:
+    """Writes what has completed and what is running to the history row, for `cancel` and crash recovery."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str, run_id: str, records: list[StepRecord]) -> None:
+        self.conn, self.schema, self.run_id, self.records = conn, schema, run_id, records
+
+    def starting(self, phase: Sequence[Step]) -> None:
+        if history.cancel_requested(self.conn, self.schema, self.run_id):
+            raise Cancelled
+        current = [{"index": s.index, "kind": s.kind, "object": s.object, "transactional": s.transactional} for s in phase]
+        history.record_progress(self.conn, self.schema, self.run_id, statements=self.records, current=current)
+
+    def committed(self) -> None:
+        history.record_progress(self.conn, self.schema, self.run_id, statements=self.records)
+
+
+def _take_backup(plan: Plan, run_id: str, target_dsn: str, control: psycopg.Connection[Any], options: ApplyOptions) -> None:
+    assert options.backups_dir is not None
+    touched = sorted({h.table for s in plan.body.steps for h in s.hazards
+                      if h.table and h.code in ("DATA_LOSS", "TABLE_REWRITE")})
+    tables = [r[0] for r in control.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')").fetchall()]
+    path = options.backups_dir / f"{plan.body.target.database}-{run_id}.dump"
+    result = backup.dump(target_dsn, server_major=int(control.info.server_version) // 10000, path=path,
+                         scope=options.backup_scope, keep_data_of=touched, all_tables=tables)
+    history.record_backup(control, options.metadata_schema, run_id, path=str(result.path), sha256=result.sha256,
+                          size=result.size)
+
+
+def _after_failure(plan: Plan, records: list[StepRecord], control: psycopg.Connection[Any],
+                   executor: psycopg.Connection[Any], options: ApplyOptions, run_id: str) -> tuple[str, str]:
+    """Undo what earlier phases committed, when every one of those steps can be undone by SQL."""
+    committed = [r for r in records if r.status == "applied"]
+    if not committed:
+        return "nothing was changed (rolled back)", "failed"
+    steps = {s.index: s for s in plan.body.steps}
+    irreversible = [r.index for r in committed if not steps[r.index].reversible]
+    restore_hint = f"reconciler restore {run_id}" if options.backup_scope != "none" and options.backups_dir else \
+        f"reconciler rollback {run_id}"
+    if irreversible or not options.auto_rollback:
+        why = f"step(s) {', '.join(map(str, irreversible))} cannot be undone by SQL" if irreversible else "auto_rollback is off"
+        return (f"step(s) {', '.join(str(r.index) for r in committed)} were committed and stay applied ({why}); "
+                f"the way back: {restore_hint}"), "failed"
+    if executor.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        executor.rollback()
+    undone = []
+    try:
+        for record in reversed(committed):
+            undo = steps[record.index].rollback_sql
+            if undo:
+                executor.execute(undo.encode())
+            undone.append(record.index)
+            records[records.index(record)] = StepRecord(record.index, record.kind, record.object, record.sql,
+                                                        "undone", record.duration_ms)
+    except psycopg.Error as exc:
+        left = [r.index for r in committed if r.index not in undone]
+        return (f"undoing step {left[-1]} failed ({_error_text(exc)}); step(s) {', '.join(map(str, left))} stay applied; "
+                f"the way back: {restore_hint}"), "failed"
+    return f"step(s) {', '.join(map(str, sorted(undone)))} were committed, then undone by their rollback SQL", "rolled back"
+
+
+def _recover_interrupted(plan: Plan, control: psycopg.Connection[Any], executor: psycopg.Connection[Any],
+                         options: ApplyOptions) -> None:
+    """Runs still marked running while we hold the lock died with their process: mark them interrupted,
+    drop what a half-done concurrent index build left, and refuse plans made before them."""
+    for run in history.running_runs(control, options.metadata_schema):
+        done = [str(s["index"]) for s in run.statements if s.get("status") == "applied"]
+        cleaned = []
+        for step in run.current_steps:
+            if step.get("kind") == "create_index_concurrently" and _drop_invalid_index(executor, str(step["object"])):
+                cleaned.append(str(step["object"]))
+        message = (f"the applying process died (backend {run.backend_pid} is gone); completed step(s): "
+                   f"{', '.join(done) or 'none'}" + (f"; dropped the INVALID index {', '.join(cleaned)}" if cleaned else ""))
+        history.mark_interrupted(control, options.metadata_schema, run.id, message)
+        log.warning("run %s was interrupted: %s", run.id, message)
+        if parse_time(plan.body.created_at) < run.started_at:
+            raise RefusedError(f"run {run.id} was interrupted ({message}); plan again from the database as it is now")
 
 
 def _postconditions(plan: Plan, conn: psycopg.Connection[Any]) -> list[str]:
@@ -225,7 +328,7 @@ def _postconditions(plan: Plan, conn: psycopg.Connection[Any]) -> list[str]:
             if assertion.action == "warn":
                 log.warning("postcondition %s %s", assertion.rule, failure)
             else:
-                failures.append(f"{assertion.rule} ({assertion.file}:{assertion.line}) {failure}")
+                failures.append(f"postcondition {assertion.rule} ({assertion.file}:{assertion.line}) {failure}")
     return failures
 
 
@@ -264,12 +367,11 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
                               (time.perf_counter() - started) * 1000))
 
 
-def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> str:
+def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> None:
     live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,))
     if live.fingerprint != plan.body.desired.schema_fingerprint:
         changed = describe_differences(dict(plan.body.desired.objects), object_digests(live))
         raise ApplyError(f"after the steps the database does not match the desired schema: {changed}")
-    return live.fingerprint
 
 
 def _is_lock_timeout(exc: BaseException) -> bool:
@@ -294,24 +396,27 @@ def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], str 
     return None
 
 
-def _drop_invalid_index(conn: psycopg.Connection[Any], step: Step) -> None:
+def _drop_invalid_index(conn: psycopg.Connection[Any], index: str) -> bool:
     """A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind: drop it before retrying or failing."""
     row = conn.execute(
         "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid AND n.nspname || '.' || c.relname = %s",
-        (step.object,),
+        (index,),
     ).fetchone()
     if row:
         log.warning("dropping the INVALID index %s left by a failed concurrent build", row[0])
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(*step.object.split("."))))
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(*index.split("."))))
+    return row is not None
 
 
-def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, records: list[StepRecord]) -> str:
+def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, records: list[StepRecord],
+             progress: _Progress) -> None:
     phases = _phases(plan.body.steps)
     for number, phase in enumerate(phases, 1):
         last = number == len(phases)
+        progress.starting(phase)
         if phase[0].transactional:
-            def run_transaction(phase: list[Step] = phase, last: bool = last) -> str | None:
+            def run_transaction(phase: list[Step] = phase, last: bool = last) -> None:
                 done_before = len(records)
                 try:
                     with conn.transaction():
@@ -321,7 +426,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                         if last and options.verify_before_commit:
                             # Nothing is left behind by a plan that does not converge, but the phase's
                             # locks are held while the catalog is read: opt-in per environment.
-                            return _verify(plan, conn, options)
+                            _verify(plan, conn, options)
                 except BaseException:
                     records[done_before:] = [
                         StepRecord(r.index, r.kind, r.object, r.sql, "rolled back" if r.status == "applied" else r.status,
@@ -329,32 +434,53 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                         for r in records[done_before:]
                     ]
                     raise
-                return None
 
-            verified = _retrying(options, f"phase {phase[0].phase}", run_transaction)
-            if verified is not None:
-                return verified
+            _retrying(options, f"phase {phase[0].phase}", run_transaction)
         else:
             step = phase[0]
 
-            def run_alone(step: Step = step) -> str | None:
+            def run_alone(step: Step = step) -> None:
                 _set_timeouts(conn, step, local=False)
                 try:
                     _run_step(conn, step, records)
                 except ApplyError:
                     if step.kind == "create_index_concurrently":
-                        _drop_invalid_index(conn, step)
+                        _drop_invalid_index(conn, step.object)
                     raise
                 finally:
                     conn.execute("RESET lock_timeout")
                     conn.execute("RESET statement_timeout")
-                return None
 
             if step.kind == "create_index_concurrently":
                 _retry_index_build(options, step, run_alone)
             else:
                 _retrying(options, f"step {step.index}", run_alone)
-    return _verify(plan, conn, options)
+        progress.committed()
+
+
+def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str) -> dict[str, Any]:
+    """The checks after an apply, as stored in the history row: live equals desired, no INVALID index,
+    and the NOT VALID constraints (each must be in the desired schema to pass the first check)."""
+    live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,))
+    differences = [] if live.fingerprint == plan.body.desired.schema_fingerprint else \
+        describe_differences(dict(plan.body.desired.objects), object_digests(live), limit=50).split(", ")
+    invalid = [r[0] for r in conn.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid ORDER BY 1").fetchall()]
+    not_valid = [r[0] for r in conn.execute(
+        "SELECT n.nspname || '.' || k.conname FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace "
+        "WHERE NOT k.convalidated AND n.nspname <> %s ORDER BY 1", (metadata_schema,)).fetchall()]
+    return {"converged": not differences, "fingerprint": live.fingerprint, "differences": differences,
+            "invalid_indexes": invalid, "not_valid_constraints": not_valid}
+
+
+def verification_failures(result: dict[str, Any]) -> list[str]:
+    failures = []
+    if result["differences"]:
+        failures.append("the database does not match the desired schema: " + ", ".join(result["differences"][:10]))
+    if result["invalid_indexes"]:
+        failures.append("INVALID index(es) left: " + ", ".join(result["invalid_indexes"]))
+    return failures
 
 
 def _retry_index_build(options: ApplyOptions, step: Step, build: Callable[[], str | None]) -> None:

@@ -13,13 +13,16 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import __version__, history, logs
+from . import __version__, backup, history, logs
+from . import dsn as dsnlib
 from .apply import ApplyOptions, apply_plan, plan_checks
 from .config import LOCAL, Config, Environment, find_config, load_config
 from .diff.migra_engine import MigraEngine
@@ -27,6 +30,7 @@ from .dsn import redact
 from .errors import ReconcilerError, RefusedError
 from .pipeline import drift, lint_schema, make_plan, open_servers
 from .plan import ApprovalView, Plan, read_plan, render, write_plan
+from .policy import evaluate, load_policies, run_assertion
 from .servers import connect
 from .signing import (
     PASSPHRASE_ENV,
@@ -91,6 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", type=Path)
     _target_options(p)
     p.add_argument("--offline", action="store_true", help="skip the checks that need the target database")
+
+    p = sub.add_parser("backup", help="pg_dump the target now")
+    _target_options(p)
+    p.add_argument("--scope", choices=["full", "touched"], default="full")
+    p.add_argument("-o", "--out", type=Path, help="archive path (default: the backups folder)")
+
+    p = sub.add_parser("restore", help="restore the backup taken before a run")
+    p.add_argument("run_id")
+    _target_options(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--into", help="DSN of the database to restore into (e.g. a fresh one)")
+    where.add_argument("--into-target", action="store_true", help="overwrite the target itself (pg_restore --clean)")
+
+    p = sub.add_parser("cancel", help="cancel a running apply from anywhere")
+    p.add_argument("run_id", nargs="?")
+    _target_options(p)
+
+    p = sub.add_parser("verify", help="check the live database now: desired schema, INVALID indexes, NOT VALID constraints")
+    _target_options(p)
+    _schemas_option(p)
+
+    p = sub.add_parser("rollback", help="plan the way back to the schema a run started from (from its backup)")
+    p.add_argument("run_id")
+    _target_options(p)
+    p.add_argument("-o", "--out", type=Path, help="write the plan file here")
 
     p = sub.add_parser("lint", help="check the desired schema against the schema rules (no live database)")
     p.add_argument("--env", "-e", dest="env", help="evaluate the rules scoped to this environment (default: local)")
@@ -257,6 +286,101 @@ def cmd_lint(args: argparse.Namespace, config: Config) -> int:
     return EXIT_REFUSED if denied else EXIT_OK
 
 
+def _run_by_id(conn: Any, config: Config, run_id: str) -> history.Run:
+    run = history.get_run(conn, config.metadata_schema, run_id)
+    if run is None:
+        raise ReconcilerError(f"no run {run_id} in this database's history")
+    return run
+
+
+def cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env, need_shadow=False) as servers:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = args.out or config.backups_dir / f"{dsnlib.database_name(servers.target_dsn) or 'db'}-{stamp}.dump"
+        result = backup.dump(servers.target_dsn, server_major=servers.target_major, path=path, scope=args.scope,
+                             exclude_schemas=())
+    print(f"Backup written to {result.path} ({result.size:,} bytes, sha256 {result.sha256})")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env, need_shadow=False) as servers:
+        with connect(servers.target_dsn) as conn:
+            run = _run_by_id(conn, config, args.run_id)
+        if not run.backup_path:
+            raise ReconcilerError(f"run {run.id} has no backup (backup: none for environment {run.environment!r})")
+        into = servers.target_dsn if args.into_target else args.into
+        backup.restore(Path(run.backup_path), into, server_major=servers.target_major, expected_sha256=run.backup_sha256,
+                       clean=bool(args.into_target))
+    print(f"Restored the backup of run {run.id} ({run.backup_path}) into {dsnlib.describe(into)}.")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
+        if args.run_id:
+            run = _run_by_id(conn, config, args.run_id)
+            if run.status != "running":
+                raise RefusedError(f"run {run.id} is not running (it is {run.status})")
+        else:
+            running = history.running_runs(conn, config.metadata_schema)
+            if not running:
+                print("No apply is running on this database.")
+                return EXIT_OK
+            run = running[-1]
+        history.request_cancel(conn, config.metadata_schema, run.id)
+        row = conn.execute("SELECT pg_cancel_backend(%s)", (run.backend_pid,)).fetchone()
+    sent = bool(row and row[0])
+    print(f"Asked run {run.id} to stop" + (" and cancelled its running statement." if sent else
+                                            " (its backend is between statements; it stops before the next phase)."))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env) as servers:
+        differences = drift(config, servers, schemas_dir=args.schemas)
+        with connect(servers.target_dsn) as conn:
+            invalid = [r[0] for r in conn.execute(
+                "SELECT i.indexrelid::regclass::text FROM pg_index i WHERE NOT i.indisvalid ORDER BY 1").fetchall()]
+            not_valid = [r[0] for r in conn.execute(
+                "SELECT conrelid::regclass::text || '.' || conname FROM pg_constraint WHERE NOT convalidated "
+                "AND conrelid <> 0 ORDER BY 1").fetchall()]
+            rules = load_policies(config.policies_dir, skip=[config.trust_file])
+            post = evaluate(rules, env.name, (), None).assertions
+            failed = [f"{a.rule} ({a.file}:{a.line}) {why}" for a in post if a.when == "after" and a.action != "warn"
+                      for why in [run_assertion(conn, a)] if why]
+    print(f"{'ok  ' if not differences else 'FAIL'}  schema       "
+          + ("matches the desired schema" if not differences else ", ".join(str(d) for d in differences[:10])))
+    print(f"{'ok  ' if not invalid else 'FAIL'}  indexes      " + ("none INVALID" if not invalid else "INVALID: " + ", ".join(invalid)))
+    print("info  constraints  " + ("none NOT VALID" if not not_valid else "NOT VALID: " + ", ".join(not_valid)))
+    print(f"{'ok  ' if not failed else 'FAIL'}  assertions   " + ("postconditions hold" if not failed else "; ".join(failed)))
+    return EXIT_CHANGES if differences or invalid or failed else EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env) as servers:
+        with connect(servers.target_dsn) as conn:
+            run = _run_by_id(conn, config, args.run_id)
+        if not run.backup_path:
+            raise ReconcilerError(f"run {run.id} has no backup to take its starting schema from")
+        with tempfile.TemporaryDirectory(prefix="reconciler-rollback-") as tmp:
+            schemas = Path(tmp) / "schemas"
+            backup.schema_sql(Path(run.backup_path), schemas / "before.sql", server_major=servers.target_major,
+                              expected_sha256=run.backup_sha256)
+            plan = make_plan(config, env, servers, schemas_dir=schemas).plan
+    if args.out:
+        write_plan(plan, args.out)
+    sys.stdout.write(render(plan, "text", _approval_view(config, env, plan, args.out)))
+    if plan.body.steps:
+        print(f"\nThe way back to the schema run {run.id} started from; apply it like any plan.", file=sys.stderr)
+    return EXIT_CHANGES if plan.body.steps else EXIT_OK
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     passphrase: bytes | None = None
     if args.encrypt:
@@ -290,6 +414,9 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
         lock_retries=env.lock_retries,
         verify_before_commit=env.verify_before_commit,
         allow_unrehearsed=env.allow_unrehearsed,
+        auto_rollback=env.auto_rollback,
+        backup_scope=env.backup,
+        backups_dir=config.backups_dir,
         requirements=req,
         trust=_trust(config, needed=req.require_signed or bool(req.approvals or req.groups)),
     )
@@ -379,7 +506,8 @@ def _run_json(run: history.Run) -> dict[str, Any]:
 
 _COMMANDS = {
     "plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
-    "approve": cmd_approve, "verify-plan": cmd_verify_plan, "lint": cmd_lint,
+    "approve": cmd_approve, "verify-plan": cmd_verify_plan, "lint": cmd_lint, "backup": cmd_backup,
+    "restore": cmd_restore, "cancel": cmd_cancel, "verify": cmd_verify, "rollback": cmd_rollback,
 }
 _NO_CONFIG = {"init": cmd_init, "show": cmd_show, "keygen": cmd_keygen}
 

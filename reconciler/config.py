@@ -39,6 +39,8 @@ class Environment:
     lock_retries: int = 3
     verify_before_commit: bool = False
     rehearse: bool = True
+    backup: str = "full"
+    auto_rollback: bool = True
     allow_unrehearsed: bool = False
     allow_version_mismatch: bool = False
     timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -82,6 +84,7 @@ class Config:
     metadata_schema: str
     trust_file: Path
     environments: Mapping[str, Environment]
+    backups_dir: Path = Path(".reconciler/backups")
     safety: SafetyOptions = SafetyOptions()
 
     @property
@@ -141,11 +144,12 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
     data: dict[str, Any] = load_validated(path, "config.schema.json") if path is not None else {}
     root = path.parent if path is not None else cwd
     environments: dict[str, Environment] = {
-        LOCAL: Environment(name=LOCAL, database=EMBEDDED, auto_apply=True, require_signed_plans=False),
+        LOCAL: Environment(name=LOCAL, database=EMBEDDED, auto_apply=True, require_signed_plans=False, backup="none"),
     }
     for name, raw in (data.get("environments") or {}).items():
         fields = dict(raw)
         fields.setdefault("require_signed_plans", name != LOCAL)
+        fields.setdefault("backup", "none" if name == LOCAL else "full")
         fields["approval_groups"] = tuple(fields.get("approval_groups") or ())
         for limits in (fields.get("timeouts") or {}).values():
             for value in limits.values():
@@ -161,6 +165,7 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         schemas_dir=root / data.get("schemas", "schemas"),
         policies_dir=policies_dir,
         trust_file=root / data["trust"] if "trust" in data else policies_dir / "trust.yaml",
+        backups_dir=root / data.get("backups", ".reconciler/backups"),
         safety=SafetyOptions(**{**data.get("safety", {}),
                                 "squawk_exclude": tuple(data.get("safety", {}).get("squawk_exclude", ()))}),
         plans_dir=root / data.get("plans", "plans"),

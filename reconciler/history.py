@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 
 from . import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATION_LOCK = 0x7265636F6E63_01  # "recon" + 1: serialises metadata schema upgrades
 
 _MIGRATIONS: dict[int, str] = {
@@ -47,6 +47,18 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX runs_started_at_idx ON {schema}.runs (started_at DESC);
     CREATE INDEX runs_plan_id_idx ON {schema}.runs (plan_id);
     COMMENT ON TABLE {schema}.runs IS 'pg-reconciler: one row per apply run';
+    """,
+    2: """
+    ALTER TABLE {schema}.runs DROP CONSTRAINT runs_status_check;
+    ALTER TABLE {schema}.runs ADD CONSTRAINT runs_status_check
+        CHECK (status IN ('running', 'applied', 'failed', 'cancelled', 'interrupted', 'rolled back'));
+    ALTER TABLE {schema}.runs
+        ADD COLUMN current_steps jsonb,
+        ADD COLUMN cancel_requested_at timestamptz,
+        ADD COLUMN backup_path text,
+        ADD COLUMN backup_sha256 text,
+        ADD COLUMN backup_bytes bigint,
+        ADD COLUMN verification jsonb;
     """,
 }
 
@@ -82,6 +94,12 @@ class Run:
     to_fingerprint: str
     statements: tuple[dict[str, Any], ...]
     error: str | None
+    current_steps: tuple[dict[str, Any], ...] = ()
+    cancel_requested_at: datetime | None = None
+    backup_path: str | None = None
+    backup_sha256: str | None = None
+    backup_bytes: int | None = None
+    verification: dict[str, Any] | None = None
 
 
 def actor() -> str:
@@ -156,8 +174,8 @@ def finish_run(
     error: str | None = None,
 ) -> None:
     conn.execute(
-        sql.SQL("UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, error = %s "
-                "WHERE id = %s").format(_table(schema)),
+        sql.SQL("UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, error = %s, "
+                "current_steps = NULL WHERE id = %s").format(_table(schema)),
         (status, json.dumps([s.to_json() for s in statements]), error, run_id),
     )
 
@@ -224,4 +242,60 @@ def _run(row: dict[str, Any]) -> Run:
         to_fingerprint=row["to_fingerprint"],
         statements=tuple(row["statements"] or ()),
         error=row["error"],
+        current_steps=tuple(row.get("current_steps") or ()),
+        cancel_requested_at=row.get("cancel_requested_at"),
+        backup_path=row.get("backup_path"),
+        backup_sha256=row.get("backup_sha256"),
+        backup_bytes=row.get("backup_bytes"),
+        verification=row.get("verification"),
+    )
+
+
+def record_progress(
+    conn: psycopg.Connection[Any], schema: str, run_id: str, *, statements: Sequence[StepRecord],
+    current: Sequence[dict[str, Any]] = (),
+) -> None:
+    """What has completed so far and what runs now: all a crash leaves to go by."""
+    conn.execute(
+        sql.SQL("UPDATE {} SET statements = %s::jsonb, current_steps = %s::jsonb WHERE id = %s").format(_table(schema)),
+        (json.dumps([s.to_json() for s in statements]), json.dumps(list(current)) if current else None, run_id),
+    )
+
+
+def record_backup(conn: psycopg.Connection[Any], schema: str, run_id: str, *, path: str, sha256: str, size: int) -> None:
+    conn.execute(
+        sql.SQL("UPDATE {} SET backup_path = %s, backup_sha256 = %s, backup_bytes = %s WHERE id = %s").format(_table(schema)),
+        (path, sha256, size, run_id),
+    )
+
+
+def record_verification(conn: psycopg.Connection[Any], schema: str, run_id: str, result: dict[str, Any]) -> None:
+    conn.execute(sql.SQL("UPDATE {} SET verification = %s::jsonb WHERE id = %s").format(_table(schema)),
+                 (json.dumps(result), run_id))
+
+
+def request_cancel(conn: psycopg.Connection[Any], schema: str, run_id: str) -> None:
+    conn.execute(sql.SQL("UPDATE {} SET cancel_requested_at = clock_timestamp() WHERE id = %s").format(_table(schema)),
+                 (run_id,))
+
+
+def cancel_requested(conn: psycopg.Connection[Any], schema: str, run_id: str) -> bool:
+    row = conn.execute(sql.SQL("SELECT cancel_requested_at IS NOT NULL FROM {} WHERE id = %s").format(_table(schema)),
+                       (run_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def running_runs(conn: psycopg.Connection[Any], schema: str) -> list[Run]:
+    if not _exists(conn, schema):
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {} WHERE status = 'running' ORDER BY started_at").format(_table(schema)))
+        return [_run(r) for r in cur.fetchall()]
+
+
+def mark_interrupted(conn: psycopg.Connection[Any], schema: str, run_id: str, message: str) -> None:
+    conn.execute(
+        sql.SQL("UPDATE {} SET status = 'interrupted', finished_at = clock_timestamp(), error = %s, current_steps = NULL "
+                "WHERE id = %s AND status = 'running'").format(_table(schema)),
+        (message, run_id),
     )
