@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -183,21 +184,33 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
     with connect(target_dsn, application_name="reconciler control") as control, \
             connect(target_dsn, application_name="reconciler apply") as executor:
         _acquire_lock(executor, control, options)
+        if int(executor.info.server_version) >= 140000:
+            # If this process dies mid-statement, the server stops the statement instead of finishing it
+            # for nobody (a concurrent index build would otherwise complete after a kill -9).
+            executor.execute("SET client_connection_check_interval = '1s'")
         try:
             history.ensure_schema(control, schema)
-            _recover_interrupted(plan, control, executor, options)
+            _recover_interrupted(plan, control, options)
             fingerprint = check_plan(plan, control, options)
             if not plan.body.steps:
                 return ApplyResult(run_id=None, status="nothing", steps=(), fingerprint=fingerprint)
-            run_id = history.start_run(
-                control, schema,
+            run_id = str(uuid.uuid4())
+            if options.backup_scope != "none" and options.backups_dir is not None:
+                # before the run is recorded, so a restored backup holds no half-written history row
+                taken = _take_backup(plan, run_id, target_dsn, control, options)
+            else:
+                taken = None
+            history.start_run(
+                control, schema, run_id=run_id,
                 plan_id=plan.id, environment=options.environment, backend_pid=executor.info.backend_pid,
                 git_commit=plan.body.desired.git_commit, from_fingerprint=plan.body.target.fingerprint,
                 to_fingerprint=plan.body.desired.schema_fingerprint,
             )
+            if taken is not None:
+                history.record_backup(control, schema, run_id, path=str(taken.path), sha256=taken.sha256, size=taken.size)
             token = current_run.set(run_id)
             try:
-                return _run(plan, run_id, target_dsn, control, executor, options)
+                return _run(plan, run_id, control, executor, options)
             finally:
                 current_run.reset(token)
         finally:
@@ -205,11 +218,9 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
                 executor.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
 
 
-def _run(plan: Plan, run_id: str, target_dsn: str, control: psycopg.Connection[Any], executor: psycopg.Connection[Any],
+def _run(plan: Plan, run_id: str, control: psycopg.Connection[Any], executor: psycopg.Connection[Any],
          options: ApplyOptions) -> ApplyResult:
     schema = options.metadata_schema
-    if options.backup_scope != "none" and options.backups_dir is not None:
-        _take_backup(plan, run_id, target_dsn, control, options)
     log.info("applying plan %s (%d steps in %d phases)", plan.short_id, len(plan.body.steps), len(_phases(plan.body.steps)))
     records: list[StepRecord] = []
     progress = _Progress(control, schema, run_id, records)
@@ -256,7 +267,8 @@ class _Progress:
         history.record_progress(self.conn, self.schema, self.run_id, statements=self.records)
 
 
-def _take_backup(plan: Plan, run_id: str, target_dsn: str, control: psycopg.Connection[Any], options: ApplyOptions) -> None:
+def _take_backup(plan: Plan, run_id: str, target_dsn: str, control: psycopg.Connection[Any],
+                 options: ApplyOptions) -> backup.Backup:
     assert options.backups_dir is not None
     touched = sorted({h.table for s in plan.body.steps for h in s.hazards
                       if h.table and h.code in ("DATA_LOSS", "TABLE_REWRITE")})
@@ -264,10 +276,8 @@ def _take_backup(plan: Plan, run_id: str, target_dsn: str, control: psycopg.Conn
         "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')").fetchall()]
     path = options.backups_dir / f"{plan.body.target.database}-{run_id}.dump"
-    result = backup.dump(target_dsn, server_major=int(control.info.server_version) // 10000, path=path,
-                         scope=options.backup_scope, keep_data_of=touched, all_tables=tables)
-    history.record_backup(control, options.metadata_schema, run_id, path=str(result.path), sha256=result.sha256,
-                          size=result.size)
+    return backup.dump(target_dsn, server_major=int(control.info.server_version) // 10000, path=path,
+                       scope=options.backup_scope, keep_data_of=touched, all_tables=tables)
 
 
 def _after_failure(plan: Plan, records: list[StepRecord], control: psycopg.Connection[Any],
@@ -302,22 +312,32 @@ def _after_failure(plan: Plan, records: list[StepRecord], control: psycopg.Conne
     return f"step(s) {', '.join(map(str, sorted(undone)))} were committed, then undone by their rollback SQL", "rolled back"
 
 
-def _recover_interrupted(plan: Plan, control: psycopg.Connection[Any], executor: psycopg.Connection[Any],
-                         options: ApplyOptions) -> None:
-    """Runs still marked running while we hold the lock died with their process: mark them interrupted,
-    drop what a half-done concurrent index build left, and refuse plans made before them."""
-    for run in history.running_runs(control, options.metadata_schema):
+def recover_interrupted(control: psycopg.Connection[Any], metadata_schema: str, *,
+                        holding_lock: bool) -> list[history.Run]:
+    """Runs marked running whose process is gone: mark them interrupted, say which steps completed, and
+    drop what a half-done concurrent index build left. Any command may do this, plan included."""
+    recovered = []
+    alive = {int(r[0]) for r in control.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'reconciler apply'").fetchall()}
+    for run in history.running_runs(control, metadata_schema):
+        if not holding_lock and run.backend_pid in alive:
+            continue  # still at work
         done = [str(s["index"]) for s in run.statements if s.get("status") == "applied"]
-        cleaned = []
-        for step in run.current_steps:
-            if step.get("kind") == "create_index_concurrently" and _drop_invalid_index(executor, str(step["object"])):
-                cleaned.append(str(step["object"]))
+        cleaned = [str(step["object"]) for step in run.current_steps
+                   if step.get("kind") == "create_index_concurrently" and _drop_invalid_index(control, str(step["object"]))]
         message = (f"the applying process died (backend {run.backend_pid} is gone); completed step(s): "
                    f"{', '.join(done) or 'none'}" + (f"; dropped the INVALID index {', '.join(cleaned)}" if cleaned else ""))
-        history.mark_interrupted(control, options.metadata_schema, run.id, message)
+        history.mark_interrupted(control, metadata_schema, run.id, message)
         log.warning("run %s was interrupted: %s", run.id, message)
+        recovered.append(run)
+    return recovered
+
+
+def _recover_interrupted(plan: Plan, control: psycopg.Connection[Any], options: ApplyOptions) -> None:
+    """With the lock held every running row is dead; a plan made before such a run started is refused."""
+    for run in recover_interrupted(control, options.metadata_schema, holding_lock=True):
         if parse_time(plan.body.created_at) < run.started_at:
-            raise RefusedError(f"run {run.id} was interrupted ({message}); plan again from the database as it is now")
+            raise RefusedError(f"run {run.id} was interrupted; plan again from the database as it is now")
 
 
 def _postconditions(plan: Plan, conn: psycopg.Connection[Any]) -> list[str]:
@@ -492,7 +512,8 @@ def _retry_index_build(options: ApplyOptions, step: Step, build: Callable[[], st
         except ApplyError as exc:
             cause = exc.__cause__
             permanent = isinstance(cause, psycopg.errors.UniqueViolation | psycopg.errors.SyntaxError
-                                   | psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable)
+                                   | psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable
+                                   | psycopg.errors.QueryCanceled)  # cancelled or statement_timeout: not passing
             if permanent or attempt == options.index_build_retries:
                 raise
             log.warning("concurrent index build of %s failed (%s); retrying", step.object, exc)

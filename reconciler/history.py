@@ -145,6 +145,7 @@ def start_run(
     conn: psycopg.Connection[Any],
     schema: str,
     *,
+    run_id: str | None = None,
     plan_id: str,
     environment: str,
     backend_pid: int,
@@ -152,7 +153,7 @@ def start_run(
     from_fingerprint: str,
     to_fingerprint: str,
 ) -> str:
-    run_id = str(uuid.uuid4())
+    run_id = run_id or str(uuid.uuid4())
     conn.execute(
         sql.SQL(
             "INSERT INTO {} (id, plan_id, environment, status, actor, client_host, tool_version, backend_pid, "

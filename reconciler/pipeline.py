@@ -16,6 +16,7 @@ from pathlib import Path
 from psycopg import sql
 
 from . import inspect
+from .apply import recover_interrupted
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
 from .diff.base import DiffEngine
@@ -135,6 +136,7 @@ def make_plan(
         count = load_schema(source, shadow_dsn, progress=_report_progress)
         log.info("loaded %d statements from %d file(s) into the shadow database", count, len(source.files))
         with connect(servers.target_dsn) as conn:
+            recover_interrupted(conn, config.metadata_schema, holding_lock=False)
             ident = inspect.identity(conn)
             live = inspect.snapshot(conn, exclude_schemas=excluded)
             facts = inspect.live_facts(conn, exclude_schemas=excluded)

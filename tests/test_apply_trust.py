@@ -1,0 +1,278 @@
+"""Apply under fire: kill -9 at several points, cancellation, two appliers, backups and restores,
+undoing committed steps when a later phase fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from reconciler import inspect
+from reconciler.servers import Server, connect, throwaway_database
+from tests.conftest import fetch_one, run_sql
+
+EXE = str(Path(sys.executable).with_name("reconciler"))
+LIVE = """
+CREATE TABLE parents (id bigint PRIMARY KEY, name text);
+CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint, note text, legacy text);
+INSERT INTO parents SELECT g, 'p' || g FROM generate_series(1, 50) g;
+INSERT INTO items SELECT g, 1 + g % 50, 'n', 'l' FROM generate_series(1, 500) g;
+"""
+
+
+class Target:
+    def __init__(self, root: Path, database: str, server: Server, *, lock_timeout: str = "60s") -> None:
+        self.root, self.database, self.server = root, database, server
+        run_sql(database, LIVE)
+        (root / "schemas").mkdir()
+        (root / "reconciler.yaml").write_text(textwrap.dedent(f"""\
+            backups: backups
+            environments:
+              test:
+                database: "{database}"
+                shadow: "{server.dsn}"
+                require_signed_plans: false
+                auto_apply: true
+                lock_timeout: {lock_timeout}
+                lock_wait: 30s
+            """))
+
+    def desired(self, sql: str) -> None:
+        (self.root / "schemas" / "schema.sql").write_text(sql)
+
+    def args(self, *args: str) -> list[str]:
+        return [EXE, "--config", str(self.root / "reconciler.yaml"), *args]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        command = list(args)
+        if command[0] in {"plan", "apply", "cancel", "history", "restore", "rollback", "verify", "backup"}:
+            command += ["--env", "test"]
+        return subprocess.run(self.args(*command), capture_output=True, text=True, timeout=240)
+
+    def plan(self, name: str = "plan.json") -> Path:
+        path = self.root / name
+        result = self.run("plan", "-o", str(path))
+        assert result.returncode == 2, result.stderr
+        return path
+
+    def start_apply(self, plan: Path) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.args("apply", str(plan), "--env", "test"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def fingerprint(self) -> str:
+        with connect(self.database) as conn:
+            return inspect.snapshot(conn).fingerprint
+
+    def runs(self) -> list[dict[str, object]]:
+        result = self.run("history", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    def wait_for(self, query: str, expected: object = True, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while fetch_one(self.database, query) != expected:
+            assert time.monotonic() < deadline, f"timed out waiting for: {query}"
+            time.sleep(0.05)
+
+    def lock_is_free(self) -> bool:
+        return fetch_one(self.database, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+
+
+@pytest.fixture
+def target(tmp_path: Path, database: str, pg_server: Server) -> Target:
+    return Target(tmp_path, database, pg_server)
+
+
+DESIRED = """
+CREATE TABLE parents (id bigint PRIMARY KEY, name text);
+CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint REFERENCES parents (id), note text, legacy text, extra text);
+CREATE INDEX items_note_idx ON items (note);
+"""
+
+
+def _kill_when_waiting(target: Target, proc: subprocess.Popen[str], wait_query: str, *, until_gone: bool = False) -> None:
+    """kill -9 the applying process once it waits; optionally until the server has noticed and ended its session
+    (the executor sets client_connection_check_interval, so a waiting statement is stopped, not finished)."""
+    target.wait_for(wait_query)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    if until_gone:
+        target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'reconciler apply'", 0, seconds=20)
+
+
+def test_kill_9_during_a_transactional_group(target: Target) -> None:
+    target.desired(DESIRED.replace("CREATE INDEX items_note_idx ON items (note);", ""))
+    plan = target.plan()
+    before = target.fingerprint()
+    blocker = connect(target.database, autocommit=False)
+    blocker.execute("LOCK TABLE items IN SHARE MODE")  # the main phase's ALTER TABLE waits on it
+    proc = target.start_apply(plan)
+    try:
+        _kill_when_waiting(target, proc, "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = "
+                                         "'reconciler apply' AND wait_event_type = 'Lock'")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', 'reconciler control')", 0)
+    assert target.fingerprint() == before  # the open transaction died with the process
+    assert target.lock_is_free()
+    again = target.run("apply", str(plan))
+    assert again.returncode == 3 and "was interrupted" in again.stderr and "completed step(s): none" in again.stderr
+    assert "plan again from the database as it is now" in again.stderr
+    (run,) = target.runs()
+    assert run["status"] == "interrupted" and "backend" in str(run["error"])
+    fresh = target.plan("fresh.json")  # re-planned from the real state, it applies
+    assert target.run("apply", str(fresh)).returncode == 0
+
+
+def test_kill_9_during_a_concurrent_index_build_leaves_no_invalid_index(target: Target) -> None:
+    target.desired(DESIRED)
+    plan = target.plan()
+    holder = connect(target.database, autocommit=False)
+    holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    holder.execute("SELECT count(*) FROM parents")  # an old snapshot: CREATE INDEX CONCURRENTLY waits for it
+    proc = target.start_apply(plan)
+    try:
+        _kill_when_waiting(target, proc, "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = "
+                                         "'reconciler apply' AND query LIKE 'CREATE INDEX CONCURRENTLY%'", until_gone=True)
+    finally:
+        holder.rollback()
+        holder.close()
+    target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', 'reconciler control')", 0)
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 1  # the crash's leftover
+    fresh = target.plan("fresh.json")
+    assert target.run("apply", str(fresh)).returncode == 0
+    runs = target.runs()
+    assert [r["status"] for r in runs] == ["applied", "interrupted"]
+    assert "dropped the INVALID index public.items_note_idx" in str(runs[1]["error"])
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 0
+    assert target.lock_is_free()
+
+
+def test_kill_9_between_phases_leaves_exactly_the_recorded_steps(target: Target) -> None:
+    """The main transaction commits, then the build of an index over its new column waits on an old
+    snapshot and the process dies: what stays is exactly the steps the history row lists."""
+    target.desired(DESIRED.replace("CREATE INDEX items_note_idx ON items (note);",
+                                   "CREATE INDEX items_extra_idx ON items (extra);"))
+    plan = target.plan()
+    holder = connect(target.database, autocommit=False)
+    holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    holder.execute("SELECT count(*) FROM parents")
+    proc = target.start_apply(plan)
+    try:
+        _kill_when_waiting(target, proc, "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = "
+                                         "'reconciler apply' AND query LIKE 'CREATE INDEX CONCURRENTLY items_extra_idx%'",
+                          until_gone=True)
+    finally:
+        holder.rollback()
+        holder.close()
+    target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
+                    "'reconciler control')", 0)
+    assert fetch_one(target.database, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'extra'") == 1
+    fresh = target.plan("fresh.json")
+    kinds = [s["kind"] for s in json.loads(fresh.read_text())["body"]["steps"]]
+    assert "add_column" not in kinds and "create_index_concurrently" in kinds  # the rest, and only the rest
+    assert target.run("apply", str(fresh)).returncode == 0
+    interrupted = target.runs()[1]
+    completed = [s["index"] for s in interrupted["statements"] if s["status"] == "applied"]  # type: ignore[union-attr]
+    main_steps = [s["index"] for s in json.loads(plan.read_text())["body"]["steps"] if s["kind"] == "add_column"]
+    assert set(main_steps) <= set(completed)
+    assert f"completed step(s): {', '.join(map(str, completed))}" in str(interrupted["error"])
+    assert "dropped the INVALID index public.items_extra_idx" in str(interrupted["error"])
+    assert target.fingerprint() == target.fingerprint() and target.lock_is_free()
+
+
+def test_two_processes_applying_the_same_plan_exactly_one_applies(target: Target) -> None:
+    target.desired(DESIRED)
+    plan = target.plan()
+    procs = [target.start_apply(plan) for _ in range(2)]
+    codes = sorted(p.wait(120) for p in procs)
+    assert codes == [0, 3], [p.stderr.read() if p.stderr else "" for p in procs]
+    assert [r["status"] for r in target.runs()] == ["applied"]
+    assert target.lock_is_free()
+
+
+def test_cancel_from_another_process_and_by_signal(target: Target) -> None:
+    target.desired(DESIRED)
+    plan = target.plan()
+    before = target.fingerprint()
+    for how in ("command", "signal"):
+        blocker = connect(target.database, autocommit=False)
+        blocker.execute("LOCK TABLE items IN SHARE MODE")
+        proc = target.start_apply(plan)
+        try:
+            target.wait_for("SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'reconciler apply' "
+                            "AND wait_event_type = 'Lock'")
+            if how == "command":
+                cancelled = target.run("cancel")
+                assert cancelled.returncode == 0 and "cancelled its running statement" in cancelled.stdout
+            else:
+                proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert proc.returncode == (1 if how == "command" else 130), err
+        assert target.fingerprint() == before
+        assert target.runs()[0]["status"] == "cancelled"
+        assert target.lock_is_free()
+
+
+def test_backup_then_restore_into_a_fresh_database(target: Target, pg_server: Server) -> None:
+    target.desired(DESIRED.replace(", legacy text", ""))  # drops a column: the backup keeps its data
+    plan = target.plan()
+    assert target.run("apply", str(plan)).returncode == 0
+    (run,) = target.runs()
+    assert run["backup_path"] and Path(str(run["backup_path"])).is_file() and run["backup_bytes"]
+    assert len(str(run["backup_sha256"])) == 64
+    with throwaway_database(pg_server, "restore") as fresh:
+        restored = target.run("restore", str(run["id"]), "--into", fresh)
+        assert restored.returncode == 0, restored.stderr
+        assert fetch_one(fresh, "SELECT count(*) FROM items WHERE legacy = 'l'") == 500
+        assert fetch_one(fresh, "SELECT count(*) FROM parents") == 50
+        assert fetch_one(fresh, "SELECT to_regclass('reconciler.runs') IS NULL OR "
+                                "(SELECT count(*) = 0 FROM reconciler.runs)") is True  # taken before the run was recorded
+    rollback = target.run("rollback", str(run["id"]), "-o", str(target.root / "back.json"))
+    assert rollback.returncode == 2, rollback.stderr
+    assert "add_column public.items.legacy" in rollback.stdout
+
+
+def test_failed_later_phase_undoes_committed_steps_by_their_rollback_sql(target: Target) -> None:
+    run_sql(target.database, "UPDATE items SET parent_id = 9999 WHERE id = 1")  # the foreign key cannot validate
+    before = target.fingerprint()
+    target.desired(DESIRED.replace("CREATE INDEX items_note_idx ON items (note);", ""))
+    plan = target.plan()
+    result = target.run("apply", str(plan))
+    assert result.returncode == 1
+    assert "were committed, then undone by their rollback SQL" in result.stderr
+    assert target.fingerprint() == before
+    (run,) = target.runs()
+    assert run["status"] == "rolled back"
+    assert {s["status"] for s in run["statements"]} >= {"undone", "failed"}  # type: ignore[union-attr]
+
+
+def test_irreversible_committed_steps_are_named_with_the_way_back(target: Target) -> None:
+    run_sql(target.database, "UPDATE items SET parent_id = 9999 WHERE id = 1")
+    target.desired(DESIRED.replace(", legacy text", "").replace("CREATE INDEX items_note_idx ON items (note);", ""))
+    plan = target.plan()
+    result = target.run("apply", str(plan))
+    assert result.returncode == 1
+    run = target.runs()[0]
+    assert "cannot be undone by SQL" in result.stderr and f"reconciler restore {run['id']}" in result.stderr
+    assert run["status"] == "failed"
+
+
+def test_verify_on_demand(target: Target) -> None:
+    target.desired(LIVE.split("INSERT")[0])
+    assert target.run("verify").returncode == 0
+    run_sql(target.database, "CREATE INDEX items_bad ON items (note)")
+    result = target.run("verify")
+    assert result.returncode == 2 and "index public.items_bad" in result.stdout
+    assert os.path.isdir(target.root)
