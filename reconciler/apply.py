@@ -50,6 +50,7 @@ class ApplyOptions:
     backup_scope: str = "none"  # full, touched or none
     backups_dir: Path | None = None
     now: datetime | None = None  # the clock for change windows (tests set it)
+    on_step: Callable[[Step], None] | None = None  # progress display
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
         ok = failure is None or assertion.action == "warn"
         checks.append(Check(f"precondition {assertion.rule}", ok, "holds" if failure is None else
                             f"{failure} ({assertion.file}:{assertion.line})"))
+    checks += preflight_checks(conn, plan, options)
     applied = [r for r in history.runs_for_plan(conn, options.metadata_schema, plan.id) if r.status == "applied"]
     checks.append(Check("replay", not applied, "not applied before" if not applied else
                         f"already applied to this database by run {applied[0].id}: plans are not replayed"))
@@ -124,6 +126,53 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
         changed = "" if fresh else describe_differences(dict(target.objects), object_digests(live))
         checks.append(Check("freshness", fresh, "the live schema is as planned" if fresh else
                             f"stale: the database changed since it was planned ({changed}); plan again"))
+    return checks
+
+
+def preflight_checks(conn: psycopg.Connection[Any], plan: Plan, options: ApplyOptions) -> list[Check]:
+    """Can this role do what the plan asks? Each failure names what is missing."""
+    steps = plan.body.steps
+    if not steps:
+        return []
+    touched = sorted({t for s in steps for t in (*s.tables, s.object) if t.count(".") == 1})
+    not_owned = [r[0] for r in conn.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname || '.' || c.relname = ANY(%s) AND NOT pg_has_role(c.relowner, 'USAGE') ORDER BY 1",
+        (touched,)).fetchall()]
+    created_in = sorted({s.object.split(".")[0] for s in steps
+                         if s.kind.startswith("create_") and s.kind != "create_schema" and "." in s.object})
+    no_create = [r[0] for r in conn.execute(
+        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s) AND NOT has_schema_privilege(oid, 'CREATE') ORDER BY 1",
+        (created_in,)).fetchall()]
+    if any(s.kind == "create_schema" for s in steps):
+        row = conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()
+        if not (row and row[0]):
+            no_create.append("the database (CREATE SCHEMA)")
+    checks = [
+        Check("ownership", not not_owned, "the role owns what the plan alters" if not not_owned else
+              f"the role {conn.info.user!r} does not own (nor belong to the owner of): {', '.join(not_owned)}"),
+        Check("privileges", not no_create, "CREATE where the plan creates" if not no_create else
+              f"the role {conn.info.user!r} lacks CREATE on: {', '.join(no_create)}"),
+    ]
+    if options.backup_scope != "none" and options.backups_dir is not None:
+        unreadable = [r[0] for r in conn.execute(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p', 'S', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg\\_%%' AND NOT has_table_privilege(c.oid, 'SELECT') ORDER BY 1").fetchall()]
+        checks.append(Check("backup", not unreadable, "pg_dump can read every table" if not unreadable else
+                            f"the backup cannot read: {', '.join(unreadable[:10])} (grant SELECT or set backup: none)"))
+    extensions = sorted({s.object for s in steps if s.kind == "create_extension"})
+    if extensions:
+        rows = conn.execute(
+            "SELECT e.name, e.trusted OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) "
+            "FROM pg_available_extension_versions e WHERE e.name = ANY(%s) AND e.version = "
+            "(SELECT default_version FROM pg_available_extensions a WHERE a.name = e.name)", (extensions,)).fetchall()
+        allowed = {name for name, ok in rows if ok}
+        missing = [e for e in extensions if e not in {name for name, _ in rows}]
+        refused = [e for e in extensions if e not in allowed and e not in missing]
+        problems = ([f"not installed on the server: {', '.join(missing)}"] if missing else []) + \
+            ([f"not trusted and the role is not a superuser: {', '.join(refused)}"] if refused else [])
+        checks.append(Check("extensions", not problems, "the role may create them" if not problems else "; ".join(problems)))
     return checks
 
 
@@ -373,7 +422,10 @@ def _set_timeouts(conn: psycopg.Connection[Any], step: Step, *, local: bool) -> 
     )
 
 
-def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord]) -> None:
+def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord],
+              on_step: Callable[[Step], None] | None = None) -> None:
+    if on_step is not None:
+        on_step(step)
     started = time.perf_counter()
     try:
         conn.execute(step.sql.encode(), prepare=False)
@@ -383,8 +435,9 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
         if isinstance(exc, psycopg.Error):
             raise ApplyError(f"step {step.index} ({step.kind} {step.object}) failed: {_error_text(exc)}") from exc
         raise
-    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied",
-                              (time.perf_counter() - started) * 1000))
+    took = (time.perf_counter() - started) * 1000
+    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took))
+    log.info("step %d %s %s: %.1f ms", step.index, step.kind, step.object, took)
 
 
 def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> None:
@@ -442,7 +495,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                     with conn.transaction():
                         for step in phase:
                             _set_timeouts(conn, step, local=True)
-                            _run_step(conn, step, records)
+                            _run_step(conn, step, records, options.on_step)
                         if last and options.verify_before_commit:
                             # Nothing is left behind by a plan that does not converge, but the phase's
                             # locks are held while the catalog is read: opt-in per environment.
@@ -462,7 +515,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
             def run_alone(step: Step = step) -> None:
                 _set_timeouts(conn, step, local=False)
                 try:
-                    _run_step(conn, step, records)
+                    _run_step(conn, step, records, options.on_step)
                 except ApplyError:
                     if step.kind == "create_index_concurrently":
                         _drop_invalid_index(conn, step.object)

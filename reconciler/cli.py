@@ -6,6 +6,7 @@ Exit codes: 0 success or nothing to do; 2 changes planned or drift found; 3 refu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import logging
@@ -15,11 +16,14 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from rich.console import Console
 
 from . import __version__, backup, history, logs
 from . import dsn as dsnlib
@@ -31,6 +35,7 @@ from .errors import ReconcilerError, RefusedError
 from .pipeline import drift, lint_schema, make_plan, open_servers
 from .plan import ApprovalView, Plan, read_plan, render, write_plan
 from .policy import evaluate, load_policies, run_assertion
+from .safety import Step
 from .servers import connect
 from .signing import (
     PASSPHRASE_ENV,
@@ -422,6 +427,19 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
     )
 
 
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, options: ApplyOptions, total: int) -> Iterator[ApplyOptions]:
+    """A live status line on a terminal (rich); nothing when output goes to a file or logs are JSON."""
+    console = Console(stderr=True)
+    if not console.is_terminal or args.log_format == "json" or total == 0:
+        yield options
+        return
+    with console.status(f"applying {total} steps") as status:
+        def show(step: Step) -> None:
+            status.update(f"step {step.index}/{total}: {step.kind} {step.object}")
+        yield replace(options, on_step=show)
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     if args.auto == (args.plan is not None):
         raise ReconcilerError("give either a plan file or --auto")
@@ -442,13 +460,15 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
                                    f"{' from ' + ', '.join(policy.groups) if policy.groups else ''}): plan -o, approve, apply")
             if plan.body.steps and policy.auto_apply_blocked_by:
                 raise RefusedError("the auto-apply gate holds this plan back: " + "; ".join(policy.auto_apply_blocked_by))
-            result = apply_plan(plan, servers.target_dsn, options)
+            with _progress(args, options, len(plan.body.steps)) as shown:
+                result = apply_plan(plan, servers.target_dsn, shown)
     else:
         plan = read_plan(args.plan)
         env = _env_for_plan(config, args, plan)
         options = _apply_options(config, env, plan_file=True)
-        with open_servers(config, env, need_shadow=False) as servers:
-            result = apply_plan(plan, servers.target_dsn, options)
+        with open_servers(config, env, need_shadow=False) as servers, \
+                _progress(args, options, len(plan.body.steps)) as shown:
+            result = apply_plan(plan, servers.target_dsn, shown)
     if result.status == "nothing":
         print(f"Nothing to apply: {plan.body.target.database} already matches plan {plan.short_id}.")
         return EXIT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -12,8 +13,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from reconciler import dsn as dsnlib
 from reconciler import inspect
 from reconciler.servers import Server, connect, throwaway_database
 from tests.conftest import fetch_one, run_sql
@@ -52,7 +55,7 @@ class Target:
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         command = list(args)
-        if command[0] in {"plan", "apply", "cancel", "history", "restore", "rollback", "verify", "backup"}:
+        if command[0] in {"plan", "apply", "cancel", "history", "restore", "rollback", "verify", "backup", "verify-plan"}:
             command += ["--env", "test"]
         return subprocess.run(self.args(*command), capture_output=True, text=True, timeout=240)
 
@@ -276,3 +279,36 @@ def test_verify_on_demand(target: Target) -> None:
     result = target.run("verify")
     assert result.returncode == 2 and "index public.items_bad" in result.stdout
     assert os.path.isdir(target.root)
+
+
+@pytest.mark.skipif(bool(os.environ.get("RECONCILER_TEST_DSN")), reason="needs a server that trusts a new login role")
+def test_preflight_names_what_the_applying_role_lacks(target: Target) -> None:
+    role = f"app_{secrets.token_hex(4)}"
+    dbname = dsnlib.database_name(target.database)
+    run_sql(target.database, f'CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA public TO {role}; '
+                             f'GRANT CREATE ON DATABASE "{dbname}" TO {role}')
+    try:
+        target.desired(DESIRED)
+        plan = target.plan()  # planned by the owner; applied by a role that owns nothing
+        app = psycopg.conninfo.make_conninfo(target.database, user=role)
+        result = target.run("apply", str(plan), "--database", app)
+        assert result.returncode == 3, result.stderr
+        assert f"refused (ownership): the role '{role}' does not own (nor belong to the owner of): public.items, public.parents" \
+            in result.stderr
+        checks = target.run("verify-plan", str(plan), "--database", app)
+        assert "FAIL  privileges" in checks.stdout and "lacks CREATE on: public" in checks.stdout
+        assert "FAIL  backup" in checks.stdout and "cannot read: public.items" in checks.stdout
+    finally:
+        run_sql(target.database, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_touched_backup_keeps_only_the_data_the_plan_can_lose(target: Target, pg_server: Server) -> None:
+    config = target.root / "reconciler.yaml"
+    config.write_text(config.read_text().replace("lock_wait: 30s", "lock_wait: 30s\n    backup: touched"))
+    target.desired(DESIRED.replace(", legacy text", "").replace("CREATE INDEX items_note_idx ON items (note);", ""))
+    assert target.run("apply", str(target.plan())).returncode == 0
+    (run,) = target.runs()
+    with throwaway_database(pg_server, "restore") as fresh:
+        assert target.run("restore", str(run["id"]), "--into", fresh).returncode == 0
+        assert fetch_one(fresh, "SELECT count(*) FROM items") == 500  # dropped a column: its data is kept
+        assert fetch_one(fresh, "SELECT count(*) FROM parents") == 0  # untouched: schema only
