@@ -7,11 +7,13 @@ the record survives the rollback of the steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from . import backup, history, inspect
-from .errors import ApplyError, LockTimeoutError, RefusedError
+from .errors import ApplyError, LockTimeoutError, ReconcilerError, RefusedError
 from .history import StepRecord
 from .logs import current_run
 from .plan import Plan, object_digests, parse_time
@@ -51,6 +53,7 @@ class ApplyOptions:
     backups_dir: Path | None = None
     now: datetime | None = None  # the clock for change windows (tests set it)
     on_step: Callable[[Step], None] | None = None  # progress display
+    monitor_dsn: str | None = None  # set by apply_plan: where the lock-wait monitor connects
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
                 history.record_backup(control, schema, run_id, path=str(taken.path), sha256=taken.sha256, size=taken.size)
             token = current_run.set(run_id)
             try:
-                return _run(plan, run_id, control, executor, options)
+                return _run(plan, run_id, control, executor, replace(options, monitor_dsn=target_dsn))
             finally:
                 current_run.reset(token)
         finally:
@@ -274,7 +277,9 @@ def _run(plan: Plan, run_id: str, control: psycopg.Connection[Any], executor: ps
     records: list[StepRecord] = []
     progress = _Progress(control, schema, run_id, records)
     try:
-        _execute(plan, executor, options, records, progress)
+        with LockWaitMonitor(options.monitor_dsn, executor.info.backend_pid) if options.monitor_dsn else \
+                contextlib.nullcontext() as monitor:
+            _execute(plan, executor, options, records, progress, monitor)
     except BaseException as exc:
         cancelled = isinstance(exc, KeyboardInterrupt | Cancelled) or (
             isinstance(exc.__cause__, psycopg.errors.QueryCanceled) and history.cancel_requested(control, schema, run_id))
@@ -422,22 +427,71 @@ def _set_timeouts(conn: psycopg.Connection[Any], step: Step, *, local: bool) -> 
     )
 
 
+class LockWaitMonitor:
+    """Samples the executor's backend from a connection of its own to measure each step's lock wait
+    (pg_stat_activity says when a backend waits on a heavyweight lock)."""
+
+    INTERVAL = 0.02
+
+    def __init__(self, dsn: str, pid: int) -> None:
+        self.dsn, self.pid = dsn, pid
+        self.waited = 0.0
+        self._active = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconciler-lock-wait", daemon=True)
+
+    def __enter__(self) -> LockWaitMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def begin(self) -> None:
+        self.waited = 0.0
+        self._active.set()
+
+    def end(self) -> float:
+        self._active.clear()
+        return self.waited * 1000
+
+    def _loop(self) -> None:
+        try:
+            with connect(self.dsn, application_name="reconciler monitor") as conn:
+                while not self._stop.is_set():
+                    if self._active.wait(0.1) and not self._stop.is_set():
+                        row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                           (self.pid,)).fetchone()
+                        if row and row[0] == "Lock":
+                            self.waited += self.INTERVAL
+                        time.sleep(self.INTERVAL)
+        except (psycopg.Error, ReconcilerError) as exc:  # measuring is best effort; applying is not affected
+            log.debug("lock-wait monitor stopped: %s", exc)
+
+
+
+
 def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord],
-              on_step: Callable[[Step], None] | None = None) -> None:
+              on_step: Callable[[Step], None] | None = None, monitor: LockWaitMonitor | None = None) -> None:
     if on_step is not None:
         on_step(step)
+    if monitor is not None:
+        monitor.begin()
     started = time.perf_counter()
     try:
         conn.execute(step.sql.encode(), prepare=False)
     except BaseException as exc:
+        waited = monitor.end() if monitor is not None else 0.0
         records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
-                                  (time.perf_counter() - started) * 1000))
+                                  (time.perf_counter() - started) * 1000, waited))
         if isinstance(exc, psycopg.Error):
             raise ApplyError(f"step {step.index} ({step.kind} {step.object}) failed: {_error_text(exc)}") from exc
         raise
     took = (time.perf_counter() - started) * 1000
-    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took))
-    log.info("step %d %s %s: %.1f ms", step.index, step.kind, step.object, took)
+    waited = monitor.end() if monitor is not None else 0.0
+    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, waited))
+    log.info("step %d %s %s: %.1f ms (lock wait %.0f ms)", step.index, step.kind, step.object, took, waited)
 
 
 def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> None:
@@ -483,7 +537,7 @@ def _drop_invalid_index(conn: psycopg.Connection[Any], index: str) -> bool:
 
 
 def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, records: list[StepRecord],
-             progress: _Progress) -> None:
+             progress: _Progress, monitor: LockWaitMonitor | None = None) -> None:
     phases = _phases(plan.body.steps)
     for number, phase in enumerate(phases, 1):
         last = number == len(phases)
@@ -495,7 +549,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                     with conn.transaction():
                         for step in phase:
                             _set_timeouts(conn, step, local=True)
-                            _run_step(conn, step, records, options.on_step)
+                            _run_step(conn, step, records, options.on_step, monitor)
                         if last and options.verify_before_commit:
                             # Nothing is left behind by a plan that does not converge, but the phase's
                             # locks are held while the catalog is read: opt-in per environment.
@@ -515,7 +569,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
             def run_alone(step: Step = step) -> None:
                 _set_timeouts(conn, step, local=False)
                 try:
-                    _run_step(conn, step, records, options.on_step)
+                    _run_step(conn, step, records, options.on_step, monitor)
                 except ApplyError:
                     if step.kind == "create_index_concurrently":
                         _drop_invalid_index(conn, step.object)

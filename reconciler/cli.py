@@ -121,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     _target_options(p)
     _schemas_option(p)
 
-    p = sub.add_parser("rollback", help="plan the way back to the schema a run started from (from its backup)")
+    p = sub.add_parser("rollback", help="plan, and where allowed apply, the way back to the schema a run started from")
     p.add_argument("run_id")
     _target_options(p)
     p.add_argument("-o", "--out", type=Path, help="write the plan file here")
+    p.add_argument("--plan-only", action="store_true", help="only plan, even where the environment may apply on its own")
 
     p = sub.add_parser("lint", help="check the desired schema against the schema rules (no live database)")
     p.add_argument("--env", "-e", dest="env", help="evaluate the rules scoped to this environment (default: local)")
@@ -378,12 +379,21 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
             backup.schema_sql(Path(run.backup_path), schemas / "before.sql", server_major=servers.target_major,
                               expected_sha256=run.backup_sha256)
             plan = make_plan(config, env, servers, schemas_dir=schemas).plan
-    if args.out:
-        write_plan(plan, args.out)
-    sys.stdout.write(render(plan, "text", _approval_view(config, env, plan, args.out)))
-    if plan.body.steps:
-        print(f"\nThe way back to the schema run {run.id} started from; apply it like any plan.", file=sys.stderr)
-    return EXIT_CHANGES if plan.body.steps else EXIT_OK
+        if args.out:
+            write_plan(plan, args.out)
+        sys.stdout.write(render(plan, "text", _approval_view(config, env, plan, args.out)))
+        if not plan.body.steps:
+            return EXIT_OK
+        policy = plan.body.policy
+        gated = (not env.auto_apply or env.approvals or env.approval_groups or policy.approvals or policy.groups
+                 or policy.denied or policy.auto_apply_blocked_by)
+        if args.plan_only or gated:
+            print(f"\nThe way back to the schema run {run.id} started from: approve and apply it like any plan"
+                  + ("" if args.out else " (save it with -o)") + ".", file=sys.stderr)
+            return EXIT_CHANGES
+        result = apply_plan(plan, servers.target_dsn, _apply_options(config, env, plan_file=False))
+    print(f"Rolled back to the schema run {run.id} started from: {len(result.steps)} step(s) (run {result.run_id}).")
+    return EXIT_OK
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -69,12 +69,14 @@ class StepRecord:
     kind: str
     object: str
     sql: str
-    status: str  # applied, failed, rolled back
+    status: str  # applied, failed, rolled back, undone
     duration_ms: float
+    lock_wait_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "kind": self.kind, "object": self.object, "sql": self.sql,
-                "status": self.status, "duration_ms": round(self.duration_ms, 3)}
+                "status": self.status, "duration_ms": round(self.duration_ms, 3),
+                "lock_wait_ms": round(self.lock_wait_ms, 1)}
 
 
 @dataclass(frozen=True)

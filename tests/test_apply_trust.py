@@ -242,9 +242,13 @@ def test_backup_then_restore_into_a_fresh_database(target: Target, pg_server: Se
         assert fetch_one(fresh, "SELECT count(*) FROM parents") == 50
         assert fetch_one(fresh, "SELECT to_regclass('reconciler.runs') IS NULL OR "
                                 "(SELECT count(*) = 0 FROM reconciler.runs)") is True  # taken before the run was recorded
-    rollback = target.run("rollback", str(run["id"]), "-o", str(target.root / "back.json"))
+    rollback = target.run("rollback", str(run["id"]), "--plan-only", "-o", str(target.root / "back.json"))
     assert rollback.returncode == 2, rollback.stderr
     assert "add_column public.items.legacy" in rollback.stdout
+    applied = target.run("rollback", str(run["id"]))  # auto_apply is on for this environment
+    assert applied.returncode == 0 and "Rolled back to the schema run" in applied.stdout, applied.stderr
+    assert fetch_one(target.database, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'legacy'") == 1
+    assert fetch_one(target.database, "SELECT to_regclass('public.items_note_idx')") is None
 
 
 def test_failed_later_phase_undoes_committed_steps_by_their_rollback_sql(target: Target) -> None:

@@ -164,6 +164,10 @@ def test_concurrent_applies_second_waits_then_names_holder(repo: Repo, capsys: p
         first.join(30)
     assert first_result == [0]
     assert fetch_one(repo.database, "SELECT count(*) FROM reconciler.runs WHERE status = 'applied'") == 2
+    # the first apply's ALTER TABLE waited on the blocker's lock for seconds, and the run says so
+    waited = fetch_one(repo.database, "SELECT max((s->>'lock_wait_ms')::float) FROM reconciler.runs, "
+                                      "jsonb_array_elements(statements) s WHERE s->>'kind' = 'add_column'")
+    assert isinstance(waited, float) and waited >= 1000
 
 
 def test_unreachable_database_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
