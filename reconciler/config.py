@@ -85,7 +85,7 @@ class Config:
     trust_file: Path
     environments: Mapping[str, Environment]
     backups_dir: Path = Path(".reconciler/backups")
-    safety: SafetyOptions = SafetyOptions()
+    safety: SafetyOptions = field(default_factory=SafetyOptions)
 
     @property
     def local_dir(self) -> Path:

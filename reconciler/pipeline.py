@@ -96,12 +96,8 @@ def _ensure_database(server: Server, name: str) -> None:
 
 
 def safety_settings(config: Config, env: Environment) -> SafetySettings:
-    o = config.safety
-    return SafetySettings(
-        concurrent_indexes=o.concurrent_indexes, concurrent_index_drops=o.concurrent_index_drops,
-        not_valid_constraints=o.not_valid_constraints, safe_not_null=o.safe_not_null, enum_add_value=o.enum_add_value,
-        lock_timeout=env.lock_timeout, statement_timeout=env.statement_timeout, timeouts=env.timeouts,
-    )
+    return SafetySettings(switches=config.safety, lock_timeout=env.lock_timeout, statement_timeout=env.statement_timeout,
+                          timeouts=env.timeouts)
 
 
 def _report_progress(path: str, done: int, total: int) -> None:

@@ -22,6 +22,7 @@ from pglast.stream import RawStream
 from pglast.visitors import Visitor
 from psycopg import sql
 
+from .config import SafetyOptions
 from .diff.base import Change
 from .diff.classify import classify
 from .errors import ReconcilerError
@@ -68,11 +69,7 @@ class Step:
 
 @dataclass(frozen=True)
 class SafetySettings:
-    concurrent_indexes: bool = True
-    concurrent_index_drops: bool = True
-    not_valid_constraints: bool = True
-    safe_not_null: bool = True
-    enum_add_value: bool = True
+    switches: SafetyOptions = field(default_factory=SafetyOptions)  # which rewrites are on (reconciler.yaml `safety:`)
     lock_timeout: str = "5s"
     statement_timeout: str = "15min"
     timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # kind -> {lock_timeout, statement_timeout}
@@ -244,7 +241,7 @@ class _Compiler:
         the ADD VALUE steps that replace them. Removed or reordered values keep migra's form."""
         skipped: set[int] = set()
         hoisted: list[_Draft] = []
-        if not self.settings.enum_add_value:
+        if not self.settings.switches.enum_add_value:
             return skipped, hoisted
         for i, (_change, node) in enumerate(statements):
             if not (isinstance(node, ast.RenameStmt)
@@ -299,7 +296,7 @@ class _Compiler:
         rollback = _q("DROP INDEX {}", _ident(index)) if index else None
         if not self.existing(table):
             return replace(d, rollback_sql=rollback, reversible=rollback is not None)
-        if node.concurrent or (self.settings.concurrent_indexes and table not in self.facts.partitioned):
+        if node.concurrent or (self.settings.switches.concurrent_indexes and table not in self.facts.partitioned):
             node.concurrent = True
             columns = _index_columns(node)
             early = index not in self.dropped_indexes and not any(
@@ -320,7 +317,7 @@ class _Compiler:
         table = facts[0].table if facts and facts[0] else None
         hazards = (self.hazard("INDEX_DROPPED", "queries that use this index may become slow", table),)
         rollback = "; ".join(f.definition for f in facts if f) if all(facts) else None
-        safe = (self.settings.concurrent_index_drops and len(names) == 1 and facts[0] is not None
+        safe = (self.settings.switches.concurrent_index_drops and len(names) == 1 and facts[0] is not None
                 and not facts[0].backs_constraint and not facts[0].on_partitioned and names[0] not in self.created_indexes)
         if safe and not node.concurrent:
             node.concurrent = True
@@ -337,10 +334,10 @@ class _Compiler:
         if len(cmds) == 1:
             cmd = cmds[0]
             subtype = enums.AlterTableType(int(cmd.subtype or 0))
-            if subtype is enums.AlterTableType.AT_SetNotNull and self.settings.safe_not_null:
+            if subtype is enums.AlterTableType.AT_SetNotNull and self.settings.switches.safe_not_null:
                 return self._safe_not_null(d, table, str(cmd.name))
             if (subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint)
-                    and self.settings.not_valid_constraints):
+                    and self.settings.switches.not_valid_constraints):
                 con = cmd.def_
                 contype = enums.ConstrType(int(con.contype or 0))
                 if contype in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK) and not con.skip_validation:
@@ -356,7 +353,7 @@ class _Compiler:
                         rollback_sql="", reversible=True,
                     )
                     return [add, validate]
-            if subtype is enums.AlterTableType.AT_ValidateConstraint and self.settings.not_valid_constraints:
+            if subtype is enums.AlterTableType.AT_ValidateConstraint and self.settings.switches.not_valid_constraints:
                 return [replace(d, isolated=True, rollback_sql="", reversible=True, stage=POST_VALIDATE)]
         uses_index = next((f"{table.split('.')[0]}.{c.def_.indexname}" for c in cmds
                            if isinstance(c.def_, ast.Constraint) and c.def_.indexname), None)

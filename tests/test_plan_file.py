@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from reconciler.config import SafetyOptions
 from reconciler.diff.base import Change
 from reconciler.dsn import database_name
 from reconciler.errors import PlanFileError
@@ -70,7 +71,7 @@ def built_plan(pg_server: Server, tmp_path_factory: pytest.TempPathFactory) -> I
             desired_source=load_source(schemas),
             desired=desired,
             # plain CREATE INDEX kept (concurrent_indexes off) so the plan has a BLOCKS_WRITES step
-            steps=compile_steps(CHANGES, facts, SafetySettings(concurrent_indexes=False)),
+            steps=compile_steps(CHANGES, facts, SafetySettings(switches=SafetyOptions(concurrent_indexes=False))),
             now=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
         )
         yield built, str(database_name(live_dsn))
