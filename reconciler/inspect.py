@@ -86,6 +86,7 @@ _QUERIES: tuple[str, ...] = (
           AND {_not_extension_member('pg_constraint', 'con.oid')}
           AND (con.conrelid = 0 OR {_not_extension_member('pg_class', 'con.conrelid')})""",
     f"""SELECT 'index', quote_ident(n.nspname) || '.' || quote_ident(ic.relname), pg_get_indexdef(i.indexrelid)
+                 || CASE WHEN i.indisvalid THEN '' ELSE ' INVALID' END
         FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
         WHERE {_managed('n')} AND {_not_extension_member('pg_class', 'i.indrelid')}""",
     f"""SELECT CASE c.relkind WHEN 'v' THEN 'view' ELSE 'materialized view' END, c.oid::regclass::text,

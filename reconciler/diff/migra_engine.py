@@ -43,14 +43,23 @@ class MigraEngine:
                     raise ReconcilerError(
                         f"migra cannot connect to {dsnlib.describe(dsn)}: {dsnlib.redact(str(getattr(exc, 'orig', exc)))}"
                     ) from None
-                inspected = get_inspector(connection)
-                for schema in exclude_schemas:
-                    inspected.exclude_schema(schema)
+                try:
+                    inspected = get_inspector(connection)
+                    for schema in exclude_schemas:
+                        inspected.exclude_schema(schema)
+                except Exception as exc:  # schemainspect's bugs: refuse clearly
+                    raise ReconcilerError(f"schemainspect cannot read {dsnlib.describe(dsn)} "
+                                          f"({type(exc).__name__}: {exc})") from exc
                 inspectors.append(inspected)
-            migration = Migration(inspectors[0], inspectors[1])
-            migration.set_safety(False)
-            migration.add_all_changes()
-            raw = list(migration.statements)
+            try:
+                migration = Migration(inspectors[0], inspectors[1])
+                migration.set_safety(False)
+                migration.add_all_changes()
+                raw = list(migration.statements)
+            except Exception as exc:  # migra's own bugs on shapes it does not handle: a clear refusal, not a crash
+                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                raise ReconcilerError(f"the migra engine cannot diff these schemas ({detail}); "
+                                      "this schema change is not supported yet") from exc
         return [self._change(piece) for statement in raw for piece in _split(statement)]
 
     def _change(self, statement: str) -> Change:
