@@ -21,6 +21,7 @@ from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
 from .diff.base import DiffEngine
 from .diff.migra_engine import MigraEngine
+from .diff.supplements import supplement
 from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
 from .plan import Plan, build_plan
@@ -141,6 +142,9 @@ def make_plan(
             if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                 catalog = read_catalog(conn, exclude_schemas=excluded)
         changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
+        if changes:
+            with connect(shadow_dsn) as conn:
+                changes = supplement(changes, conn)
         differences = inspect.compare(desired, live)
         if differences and not changes:
             names = ", ".join(str(d) for d in differences[:10])

@@ -148,3 +148,20 @@ def test_plan_records_its_rehearsal_and_apply_refuses_unrehearsed_plans(
     with pytest.raises(RefusedError, match=r"\(rehearsal\): the plan was not proven on a copy"):
         apply_plan(unrehearsed, database, options)
     assert apply_plan(plan, database, options).status == "applied"
+
+
+def test_partitioned_index_is_attached_to_every_partition(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """migra builds the parent index ON ONLY and the partitions' indexes but never attaches them."""
+    table = ("CREATE TABLE m (id int, region text) PARTITION BY LIST (region);\n"
+             "CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');\nCREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');\n")
+    run_sql(database, table)
+    config = load_config(_config(tmp_path, table + "CREATE INDEX m_region_idx ON m (region);\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    with open_servers(config, env) as servers:
+        plan = make_plan(config, env, servers).plan
+    attaches = [s.sql for s in plan.body.steps if "ATTACH PARTITION" in s.sql]
+    assert attaches == ['ALTER INDEX "public"."m_region_idx" ATTACH PARTITION "public"."m_eu_region_idx"',
+                        'ALTER INDEX "public"."m_region_idx" ATTACH PARTITION "public"."m_us_region_idx"']
+    assert plan.body.rehearsal.converged
+    assert apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler")).status == "applied"
+    assert fetch_one(database, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'm_region_idx'::regclass") is True
