@@ -407,7 +407,7 @@ class _Compiler:
             elif subtype in (enums.AlterTableType.AT_EnableRowSecurity, enums.AlterTableType.AT_DisableRowSecurity,
                              enums.AlterTableType.AT_ForceRowSecurity, enums.AlterTableType.AT_NoForceRowSecurity):
                 found.append(self.hazard("AUTHZ_CHANGE", "changes who can see which rows", table))
-        if any(enums.AlterTableType(int(c.subtype or 0)) is not enums.AlterTableType.AT_ValidateConstraint for c in cmds):
+        if any(not _lighter_lock(c) for c in cmds):
             found.append(self.hazard("ACCESS_EXCLUSIVE_LOCK", "blocks reads and writes while held, and waits behind running "
                                                               "transactions", table))
         return tuple(found)
@@ -535,6 +535,16 @@ class _Compiler:
         if kind == "set":
             rollback = ""
         return replace(d, hazards=tuple(hazards), rollback_sql=rollback, reversible=rollback is not None)
+
+
+def _lighter_lock(cmd: ast.AlterTableCmd) -> bool:
+    """ALTER TABLE forms that take less than ACCESS EXCLUSIVE: VALIDATE CONSTRAINT (SHARE UPDATE
+    EXCLUSIVE) and adding a foreign key (SHARE ROW EXCLUSIVE: reads go on)."""
+    subtype = enums.AlterTableType(int(cmd.subtype or 0))
+    if subtype is enums.AlterTableType.AT_ValidateConstraint:
+        return True
+    return (subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint)
+            and enums.ConstrType(int(cmd.def_.contype or 0)) is enums.ConstrType.CONSTR_FOREIGN)
 
 
 def _index_columns(node: ast.IndexStmt) -> set[str]:

@@ -177,6 +177,7 @@ def test_foreign_key_and_check_validated_in_their_own_transactions(case: Case) -
     plan = case.plan(desired)
     fk = step(plan, "add_foreign_key", "public.visits.visits_account_id_fkey")
     assert fk.sql.lower().endswith("not valid")
+    assert "ACCESS_EXCLUSIVE_LOCK" not in codes(fk)  # SHARE ROW EXCLUSIVE: reads go on
     validates = [s for s in plan.body.steps if s.kind == "validate_constraint"]
     assert {s.object for s in validates} == {"public.visits.visits_account_id_fkey", "public.accounts.accounts_score_check"}
     for v in validates:
