@@ -9,6 +9,7 @@ server lacks (with the reason); failed = a bug.
 from __future__ import annotations
 
 import csv
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -24,7 +25,7 @@ from reconciler.servers import Server, connect
 from reconciler.shadow import load_schema
 from reconciler.source import load_source
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "pg-schema-diff"
+CORPUS = Path(os.environ.get("RECONCILER_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus") / "pg-schema-diff"
 _MISSING_FEATURE = re.compile(r"extension .* is not available|could not open extension control file|"
                               r"ICU|collation .* for encoding|is not supported by this build", re.IGNORECASE)
 
