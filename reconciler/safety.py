@@ -103,6 +103,11 @@ class _Draft:
     original_sql: str | None = None
 
 
+# objects that live outside schemas, or statements about settings: their names are not schema-qualified
+_UNQUALIFIED_KINDS = frozenset({"set", "create_schema", "drop_schema", "create_extension", "drop_extension",
+                                "alter_extension"})
+
+
 def _deparse(node: ast.Node) -> str:
     return str(RawStream()(node))
 
@@ -277,9 +282,8 @@ class _Compiler:
 
     def _statement(self, change: Change, node: ast.Node) -> list[_Draft]:
         kind, obj = classify(change.sql)
-        obj = qualify(obj) if obj and "(" not in obj and "," not in obj and kind not in {"set", "create_schema",
-                                                                                        "drop_schema", "create_extension",
-                                                                                        "drop_extension", "alter_extension"} else obj
+        if obj and "(" not in obj and "," not in obj and kind not in _UNQUALIFIED_KINDS:
+            obj = qualify(obj)
         tables = _tables_of(node)
         base = _Draft(sql=change.sql, kind=kind, object=obj, tables=tables)
         if isinstance(node, ast.IndexStmt):

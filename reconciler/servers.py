@@ -274,7 +274,10 @@ def _reachable_bindir(bindir: Path, account: Account | None) -> Path:
             shutil.copytree(libs, staging / libs.name, symlinks=True)
         for dirpath, _dirs, _files in os.walk(staging):
             os.chmod(dirpath, 0o755)
-        os.replace(staging, target_site) if not target_site.exists() else shutil.rmtree(staging)
+        if target_site.exists():  # another process copied it meanwhile
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target_site)
     return target_bindir
 
 
