@@ -27,7 +27,6 @@ import math
 import os
 import random
 import secrets
-import shutil
 import sys
 import tempfile
 import threading
@@ -45,7 +44,7 @@ from reconciler.config import load_config
 from reconciler.diff.migra_engine import MigraEngine
 from reconciler.pipeline import make_plan, open_servers
 from reconciler.plan import Plan, render_text
-from reconciler.servers import EmbeddedCluster, Server, connect, drop_database, server_for_dsn, throwaway_database
+from reconciler.servers import Server, connect, drop_database, scratch_server, throwaway_database
 
 BENCH_DSN_ENV = "RECONCILER_BENCH_DSN"
 METADATA_SCHEMA = "reconciler"
@@ -203,17 +202,8 @@ def under_write_load(mode: str, dsn: str, accounts: int, lead: float, tail: floa
 @contextlib.contextmanager
 def benchmark_server() -> Iterator[Server]:
     """RECONCILER_BENCH_DSN (a superuser) or an embedded, non-durable cluster of our own."""
-    dsn = os.environ.get(BENCH_DSN_ENV)
-    if dsn:
-        yield server_for_dsn(dsn)
-        return
-    base = Path(tempfile.mkdtemp(prefix="reconciler-bench-"))
-    cluster = EmbeddedCluster(base / "pg", durable=False)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop(delete=True)
-        shutil.rmtree(base, ignore_errors=True)
+    with scratch_server(os.environ.get(BENCH_DSN_ENV), prefix="reconciler-bench-") as server:
+        yield server
 
 
 @contextlib.contextmanager

@@ -78,6 +78,22 @@ def server_for_dsn(dsn: str) -> Server:
     return Server(dsn=dsn, major_version=major, bindir=bindir)
 
 
+@contextlib.contextmanager
+def scratch_server(dsn: str | None, *, prefix: str = "reconciler-scratch-") -> Iterator[Server]:
+    """The server at ``dsn`` (a superuser DSN) or, without one, an embedded non-durable cluster of our
+    own that is deleted afterwards: what tests and benchmarks run against."""
+    if dsn:
+        yield server_for_dsn(dsn)
+        return
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = EmbeddedCluster(base / "pg", durable=False)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop(delete=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # --- throwaway databases ---------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from reconciler.servers import EmbeddedCluster, Server, connect, server_for_dsn, throwaway_database
+from reconciler.servers import Server, connect, scratch_server, throwaway_database
 from tests.repo import BASE_SCHEMA, Repo
 
 TEST_DSN_ENV = "RECONCILER_TEST_DSN"
@@ -18,16 +17,8 @@ TEST_DSN_ENV = "RECONCILER_TEST_DSN"
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Server]:
     """One server for the session; each test gets its own databases on it."""
-    dsn = os.environ.get(TEST_DSN_ENV)
-    if dsn:
-        yield server_for_dsn(dsn)
-        return
-    base = Path(tempfile.mkdtemp(prefix="reconciler-tests-"))
-    cluster = EmbeddedCluster(base / "pg", durable=False)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop(delete=True)
+    with scratch_server(os.environ.get(TEST_DSN_ENV), prefix="reconciler-tests-") as server:
+        yield server
 
 
 @pytest.fixture
