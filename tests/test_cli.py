@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from reconciler import history, inspect
 from reconciler.cli import main
-from reconciler.servers import Server, connect
+from reconciler.servers import EmbeddedCluster, Server, connect
 from tests.conftest import fetch_one, run_sql
 from tests.repo import BASE_SCHEMA, Repo
 
@@ -265,11 +266,14 @@ def test_diff_prints_sql_only(repo: Repo, capsys: pytest.CaptureFixture[str]) ->
     assert "Plan " not in out
 
 
-def test_console_script_init_and_local_environment(tmp_path: Path) -> None:
+def test_console_script_init_and_local_environment(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The README's main job: init, then plan and apply on the embedded local environment."""
     exe = Path(sys.executable).with_name("reconciler")
     assert exe.exists()
     project = tmp_path / "proj"
+    # as root the cluster may live outside the project (a 0700 tmp dir): remove it wherever it went
+    request.addfinalizer(lambda: shutil.rmtree(EmbeddedCluster(project / ".reconciler" / "local").datadir,
+                                               ignore_errors=True))
     subprocess.run([str(exe), "init", str(project)], check=True, capture_output=True, text=True)
     assert (project / "reconciler.yaml").is_file() and (project / "schemas" / "001_app.sql").is_file()
     plan = subprocess.run([str(exe), "plan", "-o", "p.json"], cwd=project, capture_output=True, text=True, timeout=240)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from reconciler import history, inspect
 from reconciler.apply import ApplyOptions, apply_plan
 from reconciler.config import Environment, load_config
 from reconciler.errors import ApplyError, ReconcilerError, RefusedError
-from reconciler.pipeline import make_plan, open_servers
+from reconciler.pipeline import make_plan, open_servers, shadow_cache_dir
 from reconciler.servers import EmbeddedCluster, Server, bindir_for_shadow, connect, find_bindir, wheel_bindir
 from tests.conftest import fetch_one, run_sql
 
@@ -34,9 +35,11 @@ def test_shadow_falls_back_to_the_wheel_and_says_so(caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.skipif(not (PG15 / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
-def test_embedded_shadow_matches_target_major_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_shadow_matches_target_major_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      request: pytest.FixtureRequest) -> None:
     """A PostgreSQL 15 target gets a PostgreSQL 15 shadow, and the whole plan/apply works on 15."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    request.addfinalizer(lambda: shutil.rmtree(EmbeddedCluster(shadow_cache_dir(15), PG15).datadir, ignore_errors=True))
     assert find_bindir(15) == PG15
     target = EmbeddedCluster(Path(tempfile.mkdtemp()) / "pg15", PG15, durable=False)
     server = target.start()

@@ -4,6 +4,7 @@ change windows and the auto-apply gate."""
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,10 +15,10 @@ from reconciler.apply import ApplyOptions, apply_plan
 from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.errors import ApplyError, ConfigError, RefusedError
-from reconciler.pipeline import make_plan, open_servers
+from reconciler.pipeline import make_plan, open_servers, shadow_cache_dir
 from reconciler.plan import Plan, read_plan
 from reconciler.policy import Catalog, evaluate, load_policies, read_catalog
-from reconciler.servers import Server, connect
+from reconciler.servers import EmbeddedCluster, Server, bindir_for_shadow, bindir_major, connect
 from tests.conftest import fetch_one, run_sql
 
 LIVE = """
@@ -221,8 +222,11 @@ def test_schema_rules_fire_and_do_not_fire(prepo: PolicyRepo, second_database: s
 
 
 def test_lint_checks_the_desired_schema_without_a_database(prepo: PolicyRepo, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           request: pytest.FixtureRequest) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(prepo.root / "cache"))
+    shadow_dir = shadow_cache_dir(bindir_major(bindir_for_shadow(None)))
+    request.addfinalizer(lambda: shutil.rmtree(EmbeddedCluster(shadow_dir).datadir, ignore_errors=True))
     prepo.policies(SCHEMA_RULES)
     prepo.schema("CREATE TABLE good (id int PRIMARY KEY, created_at timestamptz);\nCOMMENT ON TABLE good IS 'g';\n")
     assert prepo.cli("lint") == 0
