@@ -378,9 +378,6 @@ def write_plan(plan: Plan, path: Path) -> None:
         raise
 
 
-def id_matches_body(data: Mapping[str, Any]) -> bool:
-    return bool(data.get("id") == content_id(data["body"]))
-
 
 # --- rendering ---
 

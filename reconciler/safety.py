@@ -28,11 +28,6 @@ from .diff.classify import classify
 from .errors import ReconcilerError
 from .inspect import LiveFacts, TableSize, qualify
 
-HAZARD_CODES = (
-    "DATA_LOSS", "TABLE_REWRITE", "ACCESS_EXCLUSIVE_LOCK", "BLOCKS_WRITES", "FULL_SCAN_UNDER_LOCK",
-    "INDEX_DROPPED", "AUTHZ_CHANGE", "EXTENSION_CHANGE", "CORRECTNESS",
-)
-
 
 @dataclass(frozen=True)
 class Hazard:
