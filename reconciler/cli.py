@@ -29,7 +29,6 @@ from . import __version__, backup, history, logs
 from . import dsn as dsnlib
 from .apply import ApplyOptions, apply_plan, plan_checks
 from .config import LOCAL, Config, Environment, find_config, load_config
-from .diff.migra_engine import MigraEngine
 from .dsn import redact
 from .errors import ReconcilerError, RefusedError
 from .pipeline import drift, lint_schema, make_plan, open_servers
@@ -490,7 +489,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
 def cmd_diff(args: argparse.Namespace, config: Config) -> int:
     env = _env(config, args)
     with open_servers(config, env) as servers:
-        plan = make_plan(config, env, servers, schemas_dir=args.schemas, engine=MigraEngine()).plan
+        plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
     for step in plan.body.steps:
         print(step.sql.rstrip().rstrip(";") + ";\n")
     return EXIT_CHANGES if plan.body.steps else EXIT_OK

@@ -86,6 +86,8 @@ class Config:
     environments: Mapping[str, Environment]
     backups_dir: Path = Path(".reconciler/backups")
     safety: SafetyOptions = field(default_factory=SafetyOptions)
+    manage_privileges: bool = False
+    manage_owners: bool = False
 
     @property
     def local_dir(self) -> Path:
@@ -171,4 +173,6 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         plans_dir=root / data.get("plans", "plans"),
         metadata_schema=data.get("metadata_schema", "reconciler"),
         environments=environments,
+        manage_privileges=bool(data.get("manage_privileges", False)),
+        manage_owners=bool(data.get("manage_owners", False)),
     )

@@ -20,8 +20,8 @@ from .apply import recover_interrupted
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
 from .diff.base import DiffEngine
-from .diff.migra_engine import MigraEngine
-from .diff.supplements import supplement
+from .diff.engine import SupplementedEngine
+from .diff.supplements import Options as SupplementOptions
 from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
 from .plan import Plan, build_plan
@@ -96,6 +96,11 @@ def _ensure_database(server: Server, name: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
+def default_engine(config: Config) -> DiffEngine:
+    return SupplementedEngine(options=SupplementOptions(manage_privileges=config.manage_privileges,
+                                                        manage_owners=config.manage_owners))
+
+
 def safety_settings(config: Config, env: Environment) -> SafetySettings:
     return SafetySettings(switches=config.safety, lock_timeout=env.lock_timeout, statement_timeout=env.statement_timeout,
                           timeouts=env.timeouts)
@@ -124,7 +129,7 @@ def make_plan(
     schemas_dir: Path | None = None,
     engine: DiffEngine | None = None,
 ) -> Comparison:
-    engine = engine or MigraEngine()
+    engine = engine or default_engine(config)
     rules = load_policies(config.policies_dir, skip=[config.trust_file])  # a bad policy file fails before any work
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
@@ -142,9 +147,6 @@ def make_plan(
             if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                 catalog = read_catalog(conn, exclude_schemas=excluded)
         changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
-        if changes:
-            with connect(shadow_dsn) as conn:
-                changes = supplement(changes, conn)
         differences = inspect.compare(desired, live)
         if differences and not changes:
             names = ", ".join(str(d) for d in differences[:10])

@@ -1,0 +1,90 @@
+"""What migra misses or gets wrong, mended: rewriters over its list of changes.
+
+Each rewriter reads the live and the desired database's catalogs, and returns the list of changes
+with statements removed (migra's wrong ones), replaced or added in the place they must run. They run
+in the order of ``REWRITERS``; rehearsal proves the result converges, and the same rewriters run on
+the rehearsal's leftover diff, so a statement migra would wrongly emit again is not counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..base import Change
+
+ENGINE = "supplements"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Opt-in kinds: owners and grants name roles, which differ between environments."""
+
+    manage_privileges: bool = False
+    manage_owners: bool = False
+
+
+@dataclass(frozen=True)
+class Context:
+    live: psycopg.Connection[Any]
+    desired: psycopg.Connection[Any]
+    options: Options
+    exclude_schemas: tuple[str, ...]
+
+    def rows(self, side: str, query: str) -> list[tuple[Any, ...]]:
+        """Run a catalog query on ``live`` or ``desired``; ``%(excluded)s`` is the excluded schemas."""
+        conn = self.live if side == "live" else self.desired
+        return conn.execute(query.encode(), {"excluded": list(self.exclude_schemas)}).fetchall()
+
+    def keyed(self, query: str) -> tuple[dict[Any, tuple[Any, ...]], dict[Any, tuple[Any, ...]]]:
+        """(live, desired): the query's rows keyed by their first column."""
+        live = {r[0]: tuple(r[1:]) for r in self.rows("live", query)}
+        desired = {r[0]: tuple(r[1:]) for r in self.rows("desired", query)}
+        return live, desired
+
+
+Rewriter = Callable[[Context, list[Change]], list[Change]]
+
+MANAGED = ("{n}.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+           "AND {n}.nspname NOT LIKE 'pg\\_temp\\_%%' AND {n}.nspname NOT LIKE 'pg\\_toast\\_temp\\_%%' "
+           "AND {n}.nspname <> ALL(%(excluded)s::text[])")
+
+
+def managed(alias: str) -> str:
+    """SQL condition: the namespace ``alias`` holds user objects we reconcile."""
+    return MANAGED.format(n=alias)
+
+
+def not_extension_member(classid: str, objid: str) -> str:
+    return (f"NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = '{classid}'::regclass "
+            f"AND e.objid = {objid} AND e.deptype = 'e')")
+
+
+def change(statement: sql.Composable | str, kind: str, obj: str) -> Change:
+    text = statement if isinstance(statement, str) else statement.as_string(None)
+    return Change(sql=text, kind=kind, object=obj, engine=ENGINE)
+
+
+def first_index(changes: Sequence[Change], predicate: Callable[[Change], bool], default: int) -> int:
+    return next((i for i, c in enumerate(changes) if predicate(c)), default)
+
+
+def last_index(changes: Sequence[Change], predicate: Callable[[Change], bool], default: int) -> int:
+    return next((i for i in range(len(changes) - 1, -1, -1) if predicate(changes[i])), default)
+
+
+def insert_at(changes: list[Change], index: int, new: Sequence[Change]) -> list[Change]:
+    return [*changes[:index], *new, *changes[index:]]
+
+
+def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
+    from . import partitions
+
+    out = list(changes)
+    for rewrite in (partitions.attach_partition_indexes,):
+        out = rewrite(context, out)
+    return out
