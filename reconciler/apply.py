@@ -124,7 +124,7 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
     checks.append(Check("replay", not applied, "not applied before" if not applied else
                         f"already applied to this database by run {applied[0].id}: plans are not replayed"))
     if same_target:
-        live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,))
+        live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,), **plan.body.snapshot_options)
         fresh = live.fingerprint == target.fingerprint
         changed = "" if fresh else describe_differences(dict(target.objects), object_digests(live))
         checks.append(Check("freshness", fresh, "the live schema is as planned" if fresh else
@@ -495,7 +495,7 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
 
 
 def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> None:
-    live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,))
+    live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,), **plan.body.snapshot_options)
     if live.fingerprint != plan.body.desired.schema_fingerprint:
         changed = describe_differences(dict(plan.body.desired.objects), object_digests(live))
         raise ApplyError(f"after the steps the database does not match the desired schema: {changed}")
@@ -588,7 +588,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
 def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str) -> dict[str, Any]:
     """The checks after an apply, as stored in the history row: live equals desired, no INVALID index,
     and the NOT VALID constraints (each must be in the desired schema to pass the first check)."""
-    live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,))
+    live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,), **plan.body.snapshot_options)
     differences = [] if live.fingerprint == plan.body.desired.schema_fingerprint else \
         describe_differences(dict(plan.body.desired.objects), object_digests(live), limit=50).split(", ")
     invalid = [r[0] for r in conn.execute(

@@ -2,14 +2,17 @@
 
 The snapshot is our own normalised reading of the catalogs, one row per object, independent of
 migra: it decides whether live equals desired after an apply, detects drift and staleness, and
-names the objects that differ. Column order, owners and grants are left out on purpose (migra
-cannot reorder columns; owners and grants depend on the environment's roles).
+names the objects that differ. Column order is left out on purpose (migra cannot reorder columns);
+owners and grants only when asked (manage_owners, manage_privileges: they depend on the environment's
+roles). Owners read as "the applying role" when the connecting role owns the object, so a shadow
+loaded by one role compares equal to a target applied by another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +50,7 @@ _QUERIES: tuple[str, ...] = (
                c.oid::regclass::text,
                concat_ws(' ',
                  'persistence=' || c.relpersistence::text,
-                 'options=' || array_to_string(c.reloptions, ','),
+                 'options=' || array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ','),  -- in any order
                  'partition key=' || pg_get_partkeydef(c.oid),
                  'partition of=' || (SELECT string_agg(i.inhparent::regclass::text, ',' ORDER BY i.inhseqno)
                                      FROM pg_inherits i WHERE i.inhrelid = c.oid),
@@ -90,7 +93,7 @@ _QUERIES: tuple[str, ...] = (
         FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
         WHERE {_managed('n')} AND {_not_extension_member('pg_class', 'i.indrelid')}""",
     f"""SELECT CASE c.relkind WHEN 'v' THEN 'view' ELSE 'materialized view' END, c.oid::regclass::text,
-               pg_get_viewdef(c.oid) || coalesce(' with ' || array_to_string(c.reloptions, ','), '')
+               pg_get_viewdef(c.oid) || coalesce(' with ' || array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ','), '')
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('v', 'm') AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}""",
     f"""SELECT 'sequence', c.oid::regclass::text,
@@ -111,7 +114,9 @@ _QUERIES: tuple[str, ...] = (
                ELSE pg_get_functiondef(p.oid) END
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         LEFT JOIN pg_aggregate ag ON ag.aggfnoid = p.oid
-        WHERE {_managed('n')} AND {_not_extension_member('pg_proc', 'p.oid')}""",
+        WHERE {_managed('n')} AND {_not_extension_member('pg_proc', 'p.oid')}
+          AND NOT EXISTS (SELECT 1 FROM pg_depend i WHERE i.classid = 'pg_proc'::regclass AND i.objid = p.oid
+                          AND i.deptype = 'i')  -- a range type's constructors come and go with it""",
     f"""SELECT 'trigger', c.oid::regclass::text || '.' || quote_ident(t.tgname), pg_get_triggerdef(t.oid)
                  || CASE t.tgenabled WHEN 'O' THEN '' ELSE ' enabled=' || t.tgenabled::text END
         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -207,24 +212,22 @@ def identity(conn: psycopg.Connection[Any]) -> TargetIdentity:
     return TargetIdentity(system_identifier=row[0], database=row[1], server_version=row[2], server_version_num=row[3])
 
 
-def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> SchemaSnapshot:
-    """Read the catalogs in one transaction-consistent pass (works inside an open transaction too)."""
+def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,),
+             owners: bool = False, privileges: bool = False) -> SchemaSnapshot:
+    """Read the catalogs in one transaction-consistent pass (works inside an open transaction too).
+
+    ``owners`` and ``privileges`` add a row per object for its owner and its ACL (and one per default
+    privileges entry): off by default, so snapshots and fingerprints without them stay as they were."""
     objects: dict[tuple[str, str], str] = {}
     params = {"excluded": list(exclude_schemas)}
-    with conn.cursor() as cur:
-        # Names and definitions come out schema-qualified only with an empty search path,
-        # so a role's own search_path cannot change the snapshot.
-        cur.execute("SELECT current_setting('search_path'), set_config('search_path', 'pg_catalog', false)")
-        row = cur.fetchone()
-        assert row is not None
-        try:
-            for query in _QUERIES:
-                cur.execute(query.encode(), params)
-                for kind, name, definition in cur.fetchall():
-                    objects[(kind, name)] = definition or ""
-        finally:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
-                cur.execute("SELECT set_config('search_path', %s, false)", (row[0],))
+    with _catalog_search_path(conn) as cur:
+        for query in _QUERIES:
+            cur.execute(query.encode(), params)
+            for kind, name, definition in cur.fetchall():
+                objects[(kind, name)] = definition or ""
+    if owners or privileges:
+        objects.update(security_rows(security(conn, exclude_schemas=exclude_schemas), owners=owners,
+                                     privileges=privileges))
     return SchemaSnapshot(objects=objects)
 
 
@@ -250,6 +253,205 @@ def table_sizes(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ..
         {"excluded": list(exclude_schemas)},
     ).fetchall()
     return {name: TableSize(table=name, rows=int(r), bytes=int(b)) for name, r, b in rows}
+
+
+# --- owners and privileges (opt-in: they name the environment's roles) ---------------------------
+
+APPLYING_ROLE_SETTING = "reconciler.applying_role"
+PUBLIC = "=public"  # the PUBLIC pseudo-role as a grantee
+OWNER = "=owner"  # the object's owner, whoever that is: owners' own privileges do not depend on who owns
+APPLYING_ROLE = "=applying role"  # the role that runs the plan (current_user, or the database's reconciler.applying_role)
+
+# acldefault()'s and pg_default_acl's letters for the kinds that hold an ACL
+ACL_TYPES = {"table": "r", "view": "r", "materialized view": "r", "foreign table": "r", "sequence": "s",
+             "function": "f", "procedure": "f", "aggregate": "f", "schema": "n", "type": "T", "domain": "T"}
+DEFAULT_ACL_TYPES = {"r": "tables", "S": "sequences", "f": "functions", "T": "types", "n": "schemas"}
+
+
+@dataclass(frozen=True, order=True)
+class Grant:
+    """One (grantee, privilege) of an ACL, from aclexplode(); grantors are not compared."""
+
+    grantee: str  # a role name, PUBLIC or OWNER
+    privilege: str  # SELECT, EXECUTE, USAGE, ...
+    grantable: bool
+
+    def describe(self) -> str:
+        who = {PUBLIC: "PUBLIC", OWNER: "owner"}.get(self.grantee) or quote_role(self.grantee)
+        return f"{who}:{self.privilege}{' with grant option' if self.grantable else ''}"
+
+
+@dataclass(frozen=True)
+class Secured:
+    """An object's owner and ACL (a NULL ACL read as acldefault(), so both spellings compare equal)."""
+
+    kind: str  # table, view, materialized view, foreign table, sequence, schema, function, procedure, aggregate,
+    #            type, domain, statistics, column
+    name: str  # SQL-ready, quoted by PostgreSQL: public.t, public.f(integer); for a column, its table
+    column: str | None  # a column's quoted name
+    schema: str | None  # the quoted schema it lives in (None for a schema)
+    bare: str  # unquoted schema.name[.column], as the diff's change objects name it
+    owner: str | None  # a role name or APPLYING_ROLE; None for columns (they follow their table)
+    grants: frozenset[Grant] | None  # None: the kind has no ACL
+    linked: bool = False  # a sequence owned by a column: its owner follows the table's
+
+    @property
+    def label(self) -> str:
+        return f"column {self.name}.{self.column}" if self.column else f"{self.kind} {self.name}"
+
+
+@dataclass(frozen=True)
+class DefaultAcl:
+    """One pg_default_acl row: what objects a role creates start with (in a schema: on top of the rest)."""
+
+    role: str  # a role name or APPLYING_ROLE
+    schema: str | None  # quoted; None: the role's global entry (it replaces the built-in default)
+    objtype: str  # r, S, f, T, n
+    grants: frozenset[Grant]
+
+    @property
+    def label(self) -> str:
+        role = "the applying role" if self.role == APPLYING_ROLE else quote_role(self.role)
+        where = f" in schema {self.schema}" if self.schema else ""
+        return f"for {role}{where} on {DEFAULT_ACL_TYPES.get(self.objtype, self.objtype)}"
+
+
+@dataclass(frozen=True)
+class Security:
+    objects: Mapping[tuple[str, str, str | None], Secured]  # (kind, name, column)
+    default_acls: Mapping[tuple[str, str | None, str], DefaultAcl]  # (role, schema, objtype)
+    applying_roles: frozenset[str]  # the real names APPLYING_ROLE stands for here
+
+
+def quote_role(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _grants(acl: str, owner: str) -> str:
+    """SQL: the ACL exploded as a JSON array of [grantee, privilege, grantable]."""
+    return (f"(SELECT coalesce(json_agg(json_build_array(CASE WHEN a.grantee = 0 THEN '{PUBLIC}' "
+            f"WHEN a.grantee = {owner} THEN '{OWNER}' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, "
+            f"a.is_grantable)), '[]') FROM aclexplode(CASE WHEN cardinality({acl}) > 0 THEN {acl} END) a)")
+
+
+_RELATION_ACL = "coalesce(c.relacl, acldefault(CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END::\"char\", c.relowner))"
+
+# (kind, name, column, schema, bare, owner, grants, linked)
+_SECURED_QUERY = f"""
+    SELECT CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
+                          WHEN 'f' THEN 'foreign table' ELSE 'table' END,
+           quote_ident(n.nspname) || '.' || quote_ident(c.relname), NULL, quote_ident(n.nspname),
+           n.nspname || '.' || c.relname, pg_get_userbyid(c.relowner),
+           {_grants(_RELATION_ACL, "c.relowner")},
+           c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                       AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass
+                                       AND d.deptype IN ('a', 'i'))
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}
+    UNION ALL
+    SELECT 'column', quote_ident(n.nspname) || '.' || quote_ident(c.relname), quote_ident(a.attname),
+           quote_ident(n.nspname), n.nspname || '.' || c.relname || '.' || a.attname, NULL,
+           {_grants("a.attacl", "c.relowner")}, false
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+      AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}
+    UNION ALL
+    SELECT 'schema', quote_ident(n.nspname), NULL, NULL, n.nspname, pg_get_userbyid(n.nspowner),
+           {_grants("coalesce(n.nspacl, acldefault('n', n.nspowner))", "n.nspowner")}, false
+    FROM pg_namespace n WHERE {_managed('n')} AND {_not_extension_member('pg_namespace', 'n.oid')}
+    UNION ALL
+    SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate' ELSE 'function' END,
+           p.oid::regprocedure::text, NULL, quote_ident(n.nspname), n.nspname || '.' || p.proname,
+           pg_get_userbyid(p.proowner), {_grants("coalesce(p.proacl, acldefault('f', p.proowner))", "p.proowner")}, false
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE {_managed('n')} AND {_not_extension_member('pg_proc', 'p.oid')}
+    UNION ALL
+    SELECT CASE t.typtype WHEN 'd' THEN 'domain' ELSE 'type' END,
+           quote_ident(n.nspname) || '.' || quote_ident(t.typname), NULL, quote_ident(n.nspname),
+           n.nspname || '.' || t.typname, pg_get_userbyid(t.typowner),
+           {_grants("coalesce(t.typacl, acldefault('T', t.typowner))", "t.typowner")}, false
+    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE (t.typtype IN ('e', 'd', 'r')
+           OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
+      AND {_managed('n')} AND {_not_extension_member('pg_type', 't.oid')}
+    UNION ALL
+    SELECT 'statistics', quote_ident(n.nspname) || '.' || quote_ident(s.stxname), NULL, quote_ident(n.nspname),
+           n.nspname || '.' || s.stxname, pg_get_userbyid(s.stxowner), NULL, false
+    FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace
+    WHERE {_managed('n')} AND {_not_extension_member('pg_statistic_ext', 's.oid')}"""
+
+_DEFAULT_ACL_QUERY = f"""
+    SELECT pg_get_userbyid(d.defaclrole), CASE WHEN d.defaclnamespace = 0 THEN NULL ELSE quote_ident(n.nspname) END,
+           d.defaclobjtype::text, {_grants("d.defaclacl", "d.defaclrole")}
+    FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+    WHERE d.defaclnamespace = 0 OR ({_managed('n')})"""
+
+
+def _grant_set(rows: Any) -> frozenset[Grant]:
+    """Grants without their grantors; a privilege held with and without grant option counts once, with."""
+    found = {Grant(str(g), str(p), bool(o)) for g, p, o in rows or ()}
+    return frozenset(g for g in found if g.grantable or Grant(g.grantee, g.privilege, True) not in found)
+
+
+@contextlib.contextmanager
+def _catalog_search_path(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Cursor[Any]]:
+    """Names and definitions come out schema-qualified only with an empty search path, so a role's own
+    search_path cannot change what is read (works inside an open transaction too)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_setting('search_path'), set_config('search_path', 'pg_catalog', false)")
+        row = cur.fetchone()
+        assert row is not None
+        try:
+            yield cur
+        finally:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+                cur.execute("SELECT set_config('search_path', %s, false)", (row[0],))
+
+
+def applying_roles(conn: psycopg.Connection[Any]) -> frozenset[str]:
+    """Who stands for the applying role on this connection: current_user and, on a rehearsal copy, the
+    target's role named by the database setting reconciler.applying_role."""
+    row = conn.execute("SELECT current_user::text, current_setting(%s, true)", (APPLYING_ROLE_SETTING,)).fetchone()
+    assert row is not None
+    return frozenset(r for r in row if r)
+
+
+def security(conn: psycopg.Connection[Any], *,
+             exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> Security:
+    """Owners, ACLs and default privileges of every managed object."""
+    params = {"excluded": list(exclude_schemas)}
+    mine = applying_roles(conn)
+
+    def role(name: str) -> str:
+        return APPLYING_ROLE if name in mine else name
+
+    with _catalog_search_path(conn) as cur:
+        cur.execute(_SECURED_QUERY.encode(), params)
+        objects = {
+            (kind, name, column): Secured(kind, name, column, schema, bare, role(owner) if owner is not None else None,
+                                          _grant_set(grants) if grants is not None else None, bool(linked))
+            for kind, name, column, schema, bare, owner, grants, linked in cur.fetchall()
+        }
+        cur.execute(_DEFAULT_ACL_QUERY.encode(), params)
+        defaults = {}
+        for owner, schema, objtype, grants in cur.fetchall():
+            entry = DefaultAcl(role(owner), schema, objtype, _grant_set(grants))
+            defaults[(entry.role, schema, objtype)] = entry
+    return Security(objects=objects, default_acls=defaults, applying_roles=mine)
+
+
+def security_rows(sec: Security, *, owners: bool, privileges: bool) -> dict[tuple[str, str], str]:
+    """The snapshot's rows for owners and privileges."""
+    rows: dict[tuple[str, str], str] = {}
+    for obj in sec.objects.values():
+        if owners and obj.owner is not None and not obj.linked:
+            rows[("owner", obj.label)] = "the applying role" if obj.owner == APPLYING_ROLE else quote_role(obj.owner)
+        if privileges and obj.grants is not None and (obj.grants or obj.column is None):
+            rows[("privileges", obj.label)] = ", ".join(g.describe() for g in sorted(obj.grants))
+    if privileges:
+        for entry in sec.default_acls.values():
+            rows[("default privileges", entry.label)] = ", ".join(g.describe() for g in sorted(entry.grants))
+    return rows
 
 
 # --- live facts for the safety compiler -----------------------------------------------------------

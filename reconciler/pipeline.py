@@ -15,18 +15,18 @@ from pathlib import Path
 
 from psycopg import sql
 
-from . import inspect
+from . import inspect, renames
 from .apply import recover_interrupted
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
-from .diff.base import DiffEngine
+from .diff.base import Change, DiffEngine
 from .diff.engine import SupplementedEngine
 from .diff.supplements import Options as SupplementOptions
 from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
 from .plan import Plan, build_plan
 from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
-from .rehearsal import SKIPPED, rehearse
+from .rehearsal import SKIPPED, copy_schema, rehearse, stand_in_for_target
 from .safety import SafetySettings, compile_steps
 from .servers import (
     EmbeddedCluster,
@@ -37,7 +37,7 @@ from .servers import (
     server_for_dsn,
     throwaway_database,
 )
-from .shadow import load_schema
+from .shadow import create_roles, load_schema, roles_named, same_cluster
 from .source import DesiredSchema, load_source
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,24 @@ def safety_settings(config: Config, env: Environment) -> SafetySettings:
                           timeouts=env.timeouts)
 
 
+def managed(config: Config) -> dict[str, bool]:
+    """The snapshot's opt-in kinds, as ``inspect.snapshot`` keyword arguments."""
+    return {"owners": config.manage_owners, "privileges": config.manage_privileges}
+
+
+def manages(config: Config) -> tuple[str, ...]:
+    """The opt-in kinds a plan records, so apply verifies the way the plan compared."""
+    return tuple(k for k, on in (("owners", config.manage_owners), ("privileges", config.manage_privileges)) if on)
+
+
+def load_desired(source: DesiredSchema, shadow_dsn: str, servers: Servers) -> int:
+    """Load the desired schema into the shadow database; on a shadow server that is not the target, the roles
+    the schema names are created first (NOLOGIN): roles are cluster-wide, a shadow of our own has none."""
+    if not same_cluster(servers.target_dsn, shadow_dsn):
+        create_roles(shadow_dsn, roles_named(source))
+    return load_schema(source, shadow_dsn, progress=_report_progress)
+
+
 def _report_progress(path: str, done: int, total: int) -> None:
     log.info("loading %s: %d of %d statements", path, done, total)
 
@@ -135,24 +153,26 @@ def make_plan(
     excluded = (config.metadata_schema,)
     catalog: Catalog | None = None
     with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
-        count = load_schema(source, shadow_dsn, progress=_report_progress)
+        count = load_desired(source, shadow_dsn, servers)
         log.info("loaded %d statements from %d file(s) into the shadow database", count, len(source.files))
+        annotated = renames.read_renames(source)
         with connect(servers.target_dsn) as conn:
             recover_interrupted(conn, config.metadata_schema, holding_lock=False)
             ident = inspect.identity(conn)
-            live = inspect.snapshot(conn, exclude_schemas=excluded)
+            live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
             facts = inspect.live_facts(conn, exclude_schemas=excluded)
+            todo = renames.pending(conn, annotated, database=f"database {ident.database}")
         with connect(shadow_dsn) as conn:
-            desired = inspect.snapshot(conn, exclude_schemas=excluded)
+            renames.check_desired(conn, annotated)
+            desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
             if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                 catalog = read_catalog(conn, exclude_schemas=excluded)
-        changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
-        differences = inspect.compare(desired, live)
-        if differences and not changes:
-            names = ", ".join(str(d) for d in differences[:10])
-            raise ReconcilerError(
-                f"the {engine.name} engine found no statements for differences it cannot express: {names}"
-            )
+        if todo:
+            done, changes = _diff_after_renames(engine, servers, shadow_dsn, desired, todo, excluded, managed(config))
+            facts = renames.renamed_facts(facts, done)
+        else:
+            changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
+            _check_expressed(engine.name, desired, live, changes)
         steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
         rehearsal = SKIPPED
         if steps and env.rehearse:
@@ -163,7 +183,7 @@ def make_plan(
                     "target, or set allow_version_mismatch for this environment")
             rehearsal = rehearse(steps, target_dsn=servers.target_dsn, target_major=servers.target_major,
                                  shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
-                                 exclude_schemas=excluded)
+                                 exclude_schemas=excluded, **managed(config))
             if not rehearsal.converged:
                 raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
     if steps and config.safety.data_checks:
@@ -184,8 +204,41 @@ def make_plan(
         ttl=timedelta(seconds=env.plan_ttl_seconds),
         policy=policy,
         rehearsal=rehearsal,
+        manages=manages(config),
     )
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
+
+
+def _check_expressed(engine: str, desired: inspect.SchemaSnapshot, live: inspect.SchemaSnapshot,
+                     changes: list[Change]) -> None:
+    differences = inspect.compare(desired, live)
+    if differences and not changes:
+        names = ", ".join(str(d) for d in differences[:10])
+        raise ReconcilerError(f"the {engine} engine found no statements for differences it cannot express: {names}")
+
+
+def _diff_after_renames(engine: DiffEngine, servers: Servers, desired_dsn: str, desired: inspect.SchemaSnapshot,
+                        todo: tuple[renames.Rename, ...], excluded: tuple[str, ...],
+                        flags: dict[str, bool]) -> tuple[tuple[renames.Rename, ...], list[Change]]:
+    """The renames (those asked for, then the indexes, constraints and sequences named after a renamed table or
+    column), and the engine's diff from a schema-only copy of live with them applied: so the engine sees renamed
+    objects as the same objects, not as one dropped and one added. Returns every rename and all the changes."""
+    log.info("renaming first: %s", "; ".join(r.describe() for r in todo))
+    with throwaway_database(servers.shadow, "renamed") as copy_dsn:
+        if flags["owners"] or flags["privileges"]:  # the copy keeps owners and grants, as rehearsal's does
+            stand_in_for_target(servers.target_dsn, servers.shadow, copy_dsn)
+        copy_schema(servers.target_dsn, copy_dsn, source_major=servers.target_major, exclude_schemas=excluded, **flags)
+        with connect(copy_dsn) as conn, connect(desired_dsn) as desired_conn:
+            for change in renames.changes(todo):
+                conn.execute(change.sql.encode())
+            follow = renames.derived(conn, desired_conn, todo)
+            for change in renames.changes(follow):
+                conn.execute(change.sql.encode())
+            renamed = inspect.snapshot(conn, exclude_schemas=excluded, **flags)
+        rest = engine.diff(copy_dsn, desired_dsn, exclude_schemas=excluded) if renamed != desired else []
+    _check_expressed(engine.name, desired, renamed, rest)
+    done = (*todo, *follow)
+    return done, [*renames.changes(done), *rest]
 
 
 def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) -> list[inspect.ObjectDifference]:
@@ -193,11 +246,11 @@ def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) 
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
     with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
-        load_schema(source, shadow_dsn, progress=_report_progress)
+        load_desired(source, shadow_dsn, servers)
         with connect(shadow_dsn) as conn:
-            desired = inspect.snapshot(conn, exclude_schemas=excluded)
+            desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
     with connect(servers.target_dsn) as conn:
-        live = inspect.snapshot(conn, exclude_schemas=excluded)
+        live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
     return inspect.compare(desired, live)
 
 
@@ -212,6 +265,7 @@ def lint_schema(config: Config, environment: str, *, schemas_dir: Path | None = 
         stack.callback(cluster.stop)
         shadow = cluster.start()
         with throwaway_database(shadow, "lint") as shadow_dsn:
+            create_roles(shadow_dsn, roles_named(source))  # an embedded shadow of its own: no roles but its own
             load_schema(source, shadow_dsn, progress=_report_progress)
             if not rules:
                 return []

@@ -66,6 +66,12 @@ class PlanBody:
     steps: tuple[Step, ...]
     policy: PolicyResult = NO_POLICY
     rehearsal: RehearsalResult = SKIPPED
+    manages: tuple[str, ...] = ()  # opt-in kinds compared: "owners", "privileges" (apply verifies the same way)
+
+    @property
+    def snapshot_options(self) -> dict[str, bool]:
+        """``inspect.snapshot`` keyword arguments that read the target as this plan compared it."""
+        return {"owners": "owners" in self.manages, "privileges": "privileges" in self.manages}
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ def build_plan(
     now: datetime | None = None,
     policy: PolicyResult | None = None,
     rehearsal: RehearsalResult = SKIPPED,
+    manages: Sequence[str] = (),
 ) -> Plan:
     created = now or datetime.now(UTC)
     body = PlanBody(
@@ -147,6 +154,7 @@ def build_plan(
         steps=tuple(steps),
         policy=policy or NO_POLICY,
         rehearsal=rehearsal,
+        manages=tuple(sorted(manages)),
     )
     return Plan(id=content_id(body_to_json(body)), body=body)
 
@@ -171,7 +179,7 @@ def content_id(body_json: Mapping[str, Any]) -> str:
 
 
 def body_to_json(body: PlanBody) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "created_at": body.created_at,
         "expires_at": body.expires_at,
         "tool_version": body.tool_version,
@@ -204,6 +212,9 @@ def body_to_json(body: PlanBody) -> dict[str, Any]:
             "duration_ms": round(body.rehearsal.duration_ms, 1),
         },
     }
+    if body.manages:  # absent when nothing opt-in is managed: such plans keep the ids they always had
+        data["manages"] = list(body.manages)
+    return data
 
 
 def policy_to_json(p: PolicyResult) -> dict[str, Any]:
@@ -305,6 +316,7 @@ def body_from_json(data: Mapping[str, Any]) -> PlanBody:
             failed_step=data["rehearsal"]["failed_step"], error=data["rehearsal"]["error"],
             server_version=data["rehearsal"]["server_version"], duration_ms=data["rehearsal"]["duration_ms"],
         ),
+        manages=tuple(data.get("manages", ())),
     )
 
 
@@ -445,6 +457,7 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
         f"  target       {b.target.database} (PostgreSQL {b.target.server_version}, system {b.target.system_identifier})",
         f"  desired      {len(b.desired.files)} file(s) at {git}{' + uncommitted changes' if b.desired.dirty else ''}",
         f"  created      {b.created_at} by reconciler {b.tool_version} ({b.engine})",
+        *([f"  manages      {', '.join(b.manages)}"] if b.manages else []),
         "",
         summary_line(plan),
     ]

@@ -3,6 +3,10 @@
 The copy is made with pg_dump (a version at least as new as the target) into a scratch database on
 the shadow server. After the steps, the copy must equal the desired schema twice over: by our
 catalog snapshot and by the diff engine, so a change migra silently skips is caught here.
+
+With owners or privileges managed the copy keeps them: the roles live's objects name are created
+(NOLOGIN) on a shadow server that is not the target, and the copy's database records the target's
+role as the applying one (``reconciler.applying_role``) so owners compare as they would on the target.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from . import dsn as dsnlib
 from . import inspect
@@ -23,6 +28,7 @@ from .diff.base import DiffEngine
 from .errors import ReconcilerError
 from .safety import Step
 from .servers import Server, connect, find_bindir, throwaway_database
+from .shadow import create_roles, same_cluster
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +78,14 @@ def client_bindir(server_major: int) -> Path:
     return bindir
 
 
-def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_schemas: Sequence[str]) -> None:
-    """Schema only, no owners or grants (the shadow server may not have the roles)."""
+def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_schemas: Sequence[str],
+                owners: bool = False, privileges: bool = False) -> None:
+    """Schema only; owners and grants only when asked (the shadow server needs the roles they name)."""
     bindir = client_bindir(source_major)
     source, source_env = libpq_env(source_dsn)
     target, target_env = libpq_env(target_dsn)
-    dump_args = [str(bindir / "pg_dump"), "--schema-only", "--no-owner", "--no-privileges", "--no-security-labels",
+    dump_args = [str(bindir / "pg_dump"), "--schema-only", *([] if owners else ["--no-owner"]),
+                 *([] if privileges else ["--no-privileges"]), "--no-security-labels",
                  "--no-publications", "--no-subscriptions", f"--dbname={source}"]
     dump_args += [f"--exclude-schema={s}" for s in exclude_schemas]
     dump = subprocess.run(dump_args, capture_output=True, text=True, env=source_env, timeout=3600, check=False)
@@ -123,10 +131,15 @@ def rehearse(
     desired: inspect.SchemaSnapshot,
     engine: DiffEngine,
     exclude_schemas: tuple[str, ...],
+    owners: bool = False,
+    privileges: bool = False,
 ) -> RehearsalResult:
     started = time.perf_counter()
     with throwaway_database(shadow, "rehearsal") as scratch:
-        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas)
+        if owners or privileges:
+            stand_in_for_target(target_dsn, shadow, scratch)
+        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas,
+                    owners=owners, privileges=privileges)
         with connect(scratch, application_name="reconciler rehearsal") as conn:
             version = conn.info.parameter_status("server_version") or ""
             failure = _run_steps(conn, steps)
@@ -134,7 +147,7 @@ def rehearse(
             if failure is not None:
                 return RehearsalResult("failed", failed_step=failure[0], error=failure[1], server_version=version,
                                        duration_ms=elapsed)
-            after = inspect.snapshot(conn, exclude_schemas=exclude_schemas)
+            after = inspect.snapshot(conn, exclude_schemas=exclude_schemas, owners=owners, privileges=privileges)
         differences = [str(d) for d in inspect.compare(desired, after)]
         leftover = engine.diff(scratch, desired_dsn, exclude_schemas=exclude_schemas)
         differences += [f"{engine.name} still emits: {' '.join(c.sql.split())[:120]}" for c in leftover]
@@ -142,3 +155,32 @@ def rehearse(
     status = "converged" if not differences else "diverged"
     log.info("rehearsal %s in %.0f ms", status, elapsed)
     return RehearsalResult(status, differences=tuple(differences), server_version=version, duration_ms=elapsed)
+
+
+def stand_in_for_target(target_dsn: str, shadow: Server, copy_dsn: str) -> None:
+    """Before a copy of live that keeps owners or grants: the roles they name exist on the shadow server, and
+    the copy's database names the target's role as the applying one (``reconciler.applying_role``)."""
+    applying_role = _prepare_roles(target_dsn, shadow)
+    with connect(copy_dsn, application_name="reconciler rehearsal") as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+            sql.Identifier(conn.info.dbname), sql.Identifier(*inspect.APPLYING_ROLE_SETTING.split(".")),
+            sql.Literal(applying_role)))
+
+
+def _prepare_roles(target_dsn: str, shadow: Server) -> str:
+    """The target's applying role; on a shadow server of its own, every role live's schema names is created
+    (NOLOGIN) so the copy keeps its owners and grants."""
+    with connect(target_dsn, application_name="reconciler rehearsal") as conn:
+        row = conn.execute("SELECT current_user::text").fetchone()
+        assert row is not None
+        if same_cluster(target_dsn, shadow.dsn):
+            return str(row[0])
+        roles = {r[0] for r in conn.execute(
+            """SELECT a.rolname FROM pg_shdepend d JOIN pg_roles a ON a.oid = d.refobjid
+               WHERE d.refclassid = 'pg_authid'::regclass
+                 AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())""").fetchall()}
+        security = inspect.security(conn)
+    roles |= {o.owner for o in security.objects.values() if o.owner and o.owner != inspect.APPLYING_ROLE}
+    roles |= {str(row[0])}
+    create_roles(shadow.dsn, {r for r in roles if not r.startswith("pg_")})
+    return str(row[0])

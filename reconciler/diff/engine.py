@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ..errors import ReconcilerError
 from ..servers import connect
 from .base import Change, DiffEngine
 from .migra_engine import MigraEngine
 from .supplements import Context, Options, supplement
+from .supplements.partitions import refuse_partitioning_changes
 
 
 class SupplementedEngine:
@@ -17,7 +19,15 @@ class SupplementedEngine:
         self.options = options or Options()
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
-        changes = self.base.diff(live_dsn, desired_dsn, exclude_schemas=exclude_schemas)
+        try:
+            changes = self.base.diff(live_dsn, desired_dsn, exclude_schemas=exclude_schemas)
+        except ReconcilerError:  # the base engine's crash: say what it could not do, where a supplement knows
+            with connect(live_dsn, application_name="reconciler inspect") as live, \
+                    connect(desired_dsn, application_name="reconciler inspect") as desired:
+                refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
+            raise
         with connect(live_dsn, application_name="reconciler inspect") as live, \
                 connect(desired_dsn, application_name="reconciler inspect") as desired:
+            for conn in (live, desired):  # catalog functions then name every object with its schema
+                conn.execute("SET search_path = pg_catalog")
             return supplement(Context(live, desired, self.options, exclude_schemas), changes)

@@ -8,6 +8,7 @@ the rehearsal's leftover diff, so a statement migra would wrongly emit again is 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ...errors import ReconcilerError
 from ..base import Change
 
 ENGINE = "supplements"
@@ -64,6 +66,19 @@ def not_extension_member(classid: str, objid: str) -> str:
             f"AND e.objid = {objid} AND e.deptype = 'e')")
 
 
+_PARAMETER = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+
+
+def reloptions(values: Sequence[str]) -> dict[str, str]:
+    """Storage parameters and view options as name -> value; the names are keywords (fillfactor,
+    toast.autovacuum_enabled, check_option), checked here because they are written into SQL as they are."""
+    pairs = dict(v.split("=", 1) for v in values)
+    for name in pairs:
+        if not _PARAMETER.match(name):
+            raise ReconcilerError(f"unexpected storage parameter or option name {name!r}")
+    return pairs
+
+
 def change(statement: sql.Composable | str, kind: str, obj: str) -> Change:
     text = statement if isinstance(statement, str) else statement.as_string(None)
     return Change(sql=text, kind=kind, object=obj, engine=ENGINE)
@@ -82,9 +97,15 @@ def insert_at(changes: list[Change], index: int, new: Sequence[Change]) -> list[
 
 
 def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
-    from . import partitions
+    from . import comments, enums, partitions, privileges, routines, sequences, tables, types, views
 
     out = list(changes)
-    for rewrite in (partitions.attach_partition_indexes,):
+    for rewrite in (enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
+                    routines.cloned_triggers, routines.functions,
+                    partitions.mend_partitions, types.user_types, sequences.sequence_options,
+                    tables.table_properties, tables.column_properties, tables.not_valid_constraints,
+                    tables.default_after_type,
+                    views.view_options, views.statistics, comments.comments,
+                    privileges.reconcile):  # last: owners and grants go after everything else
         out = rewrite(context, out)
     return out

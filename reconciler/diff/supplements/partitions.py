@@ -1,31 +1,382 @@
-"""Partitioned tables: indexes and constraints migra handles as if partitions were plain tables."""
+"""Partitioned tables: indexes and constraints migra handles as if partitions were plain tables.
+
+PostgreSQL propagates what is declared on a partitioned table to its partitions: an index, a primary
+key, a unique, check or foreign key constraint (and row triggers: routines.cloned_triggers). The
+partitions' copies are *derived*: an index that is a partition of the parent's index (``pg_inherits``),
+a constraint with ``conparentid`` set or inherited only (``coninhcount > 0 AND NOT conislocal``); a
+foreign key that references a partitioned table has derived copies too, one for each partition it
+references. migra sees the copies as objects of their own, so it creates and drops them beside the
+parent's statement that already does: "already exists", "does not exist", "cannot drop ... because
+... requires it". ``mend_partitions`` removes those statements, makes primary keys and unique
+constraints of partitioned tables in the one way PostgreSQL accepts, attaches the partitions' indexes
+to their parent's, mends partitions' own NOT NULL, and refuses clearly what cannot change in place
+(partitioned or not, the partition key, a partition's bounds or parent).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 from psycopg import sql
 
+from ...errors import ReconcilerError
 from ..base import Change
-from . import Context, change
+from . import Context, change, managed
+
+_INDEX_CREATES = ("create_index", "create_index_concurrently")
+_INDEX_DROPS = ("drop_index", "drop_index_concurrently")
+_CONSTRAINT_ADDS = ("add_primary_key", "add_unique_constraint", "add_check_constraint", "add_foreign_key",
+                    "add_exclusion_constraint", "add_constraint")
+_UNIQUE_ADDS = ("add_primary_key", "add_unique_constraint")
 
 
-def attach_partition_indexes(context: Context, changes: list[Change]) -> list[Change]:
-    """migra creates a partitioned table's index ON ONLY the parent and each partition's own index, but
-    never attaches them, so the parent index stays INVALID: attach every pair the desired schema has
-    where either side is created by this plan."""
-    created = {c.object for c in changes if c.kind in ("create_index", "create_index_concurrently")}
-    if not created:
+@dataclass(frozen=True)
+class _Side:
+    """One database's derived objects, each mapped to the object it derives from (``schema.table.name``
+    for constraints, ``schema.name`` for indexes), and what backs what."""
+
+    constraint_parent: dict[str, str]
+    constraint_table: dict[str, str]  # every constraint -> its table
+    constraint_type: dict[str, str]
+    constraint_index: dict[str, str]  # constraint -> the index that enforces it
+    index_parent: dict[str, str]
+    index_table: dict[str, str]  # every index -> its table
+    index_constraint: dict[str, str]  # index -> the constraint it enforces
+    table_parent: dict[str, str]  # partition -> partitioned table
+    partitioned: frozenset[str]
+    tables: frozenset[str]
+
+    def ancestors(self, mapping: dict[str, str], key: str) -> list[str]:
+        found: list[str] = []
+        while key in mapping and mapping[key] not in found:
+            key = mapping[key]
+            found.append(key)
+        return found
+
+
+_CONSTRAINTS = """
+SELECT n.nspname || '.' || t.relname || '.' || c.conname, n.nspname || '.' || t.relname, c.contype::text,
+       CASE WHEN c.conparentid <> 0 THEN pn.nspname || '.' || pt.relname || '.' || p.conname
+            WHEN c.coninhcount > 0 AND NOT c.conislocal THEN
+                 (SELECT inn.nspname || '.' || it.relname || '.' || c.conname
+                  FROM pg_inherits i JOIN pg_class it ON it.oid = i.inhparent
+                  JOIN pg_namespace inn ON inn.oid = it.relnamespace
+                  WHERE i.inhrelid = c.conrelid ORDER BY i.inhseqno LIMIT 1) END,
+       CASE WHEN c.conindid <> 0 THEN xn.nspname || '.' || x.relname END
+FROM pg_constraint c
+JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+LEFT JOIN pg_constraint p ON p.oid = c.conparentid
+LEFT JOIN pg_class pt ON pt.oid = p.conrelid LEFT JOIN pg_namespace pn ON pn.oid = pt.relnamespace
+LEFT JOIN pg_class x ON x.oid = c.conindid LEFT JOIN pg_namespace xn ON xn.oid = x.relnamespace
+WHERE c.contype <> 'n' AND """ + managed("n")
+
+_INDEXES = """
+SELECT xn.nspname || '.' || x.relname, n.nspname || '.' || t.relname,
+       (SELECT pn.nspname || '.' || p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+        JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = x.oid LIMIT 1)
+FROM pg_index ix JOIN pg_class x ON x.oid = ix.indexrelid JOIN pg_namespace xn ON xn.oid = x.relnamespace
+JOIN pg_class t ON t.oid = ix.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+WHERE """ + managed("n")
+
+_TABLES = """
+SELECT n.nspname || '.' || c.relname, c.relkind::text,
+       (SELECT pn.nspname || '.' || p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+        JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition LIMIT 1)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND """ + managed("n")
+
+
+def _read(context: Context, side: str) -> _Side:
+    constraint_parent: dict[str, str] = {}
+    constraint_table: dict[str, str] = {}
+    constraint_type: dict[str, str] = {}
+    constraint_index: dict[str, str] = {}
+    index_constraint: dict[str, str] = {}
+    for key, table, contype, parent, index in context.rows(side, _CONSTRAINTS):
+        constraint_table[key] = table
+        constraint_type[key] = contype
+        if parent:
+            constraint_parent[key] = parent
+        if index and contype in ("p", "u", "x"):
+            constraint_index[key] = index
+            index_constraint[index] = key
+    index_parent: dict[str, str] = {}
+    index_table: dict[str, str] = {}
+    for key, table, parent in context.rows(side, _INDEXES):
+        index_table[key] = table
+        if parent:
+            index_parent[key] = parent
+    table_parent: dict[str, str] = {}
+    partitioned: set[str] = set()
+    tables: set[str] = set()
+    for key, relkind, parent in context.rows(side, _TABLES):
+        tables.add(key)
+        if relkind == "p":
+            partitioned.add(key)
+        if parent:
+            table_parent[key] = parent
+    return _Side(
+        constraint_parent=constraint_parent, constraint_table=constraint_table, constraint_type=constraint_type,
+        constraint_index=constraint_index, index_parent=index_parent, index_table=index_table,
+        index_constraint=index_constraint,
+        table_parent=table_parent, partitioned=frozenset(partitioned), tables=frozenset(tables),
+    )
+
+
+def _objects(changes: Iterable[Change], kinds: Iterable[str]) -> set[str]:
+    wanted = set(kinds)
+    return {part for c in changes if c.kind in wanted for part in c.object.split(", ")}
+
+
+def mend_partitions(context: Context, changes: list[Change]) -> list[Change]:
+    """Every partition rewriter, in order."""
+    refuse_partitioning_changes(context)
+    live, desired = _read(context, "live"), _read(context, "desired")
+    if not (live.partitioned or desired.partitioned or live.constraint_parent or desired.constraint_parent):
         return changes
-    pairs = context.desired.execute(
-        """SELECT pn.nspname, p.relname, cn.nspname, c.relname
-           FROM pg_inherits i
-           JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
-           JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
-           WHERE c.relkind IN ('i', 'I') ORDER BY 1, 2, 3, 4"""
-    ).fetchall()
-    out = list(changes)
-    for parent_schema, parent, child_schema, child in pairs:
-        if f"{parent_schema}.{parent}" in created or f"{child_schema}.{child}" in created:
-            statement = sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
-                sql.Identifier(parent_schema, parent), sql.Identifier(child_schema, child))
-            out.append(change(statement, "attach_index_partition", f"{child_schema}.{child}"))
+    out = foreign_keys_dropped_first(live, changes)
+    out = skip_derived_drops(context, live, desired, out)
+    out = skip_derived_creates(live, desired, out)
+    out = attach_partition_indexes(live, desired, out)
+    out = partitioned_unique_constraints(context, live, desired, out)
+    return partition_not_null(context, out)
+
+
+def foreign_keys_dropped_first(live: _Side, changes: list[Change]) -> list[Change]:
+    """A foreign key to a partitioned table depends on its unique constraint or index through every
+    partition: drop foreign keys before the other constraints and indexes migra drops beside them."""
+    fks = [c for c in changes if c.kind == "drop_constraint" and live.constraint_type.get(c.object) == "f"]
+    out: list[Change] = []
+    for c in changes:
+        if c.kind in ("drop_constraint", *_INDEX_DROPS) and fks:
+            out.extend(fks)
+            fks = []
+        if not (c.kind == "drop_constraint" and live.constraint_type.get(c.object) == "f"):
+            out.append(c)
     return out
+
+
+def skip_derived_drops(context: Context, live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+    """A derived object goes with the object it derives from: drop the statements that drop it again
+    (they fail, or stand in the way), and create again the partitions' indexes the desired schema keeps
+    as indexes of their own."""
+    dropped_tables = _objects(changes, ("drop_table",))
+    dropped_constraints = _objects(changes, ("drop_constraint",))
+    dropped_indexes = _objects(changes, _INDEX_DROPS)
+
+    def constraint_goes(key: str) -> bool:
+        return key in dropped_constraints or live.constraint_table.get(key) in dropped_tables
+
+    def index_goes(key: str) -> bool:
+        return (key in dropped_indexes or live.index_table.get(key) in dropped_tables
+                or (key in live.index_constraint and constraint_goes(live.index_constraint[key])))
+
+    def goes_with_parent(mapping: dict[str, str], key: str, goes: Callable[[str], bool]) -> bool:
+        return any(goes(a) for a in live.ancestors(mapping, key))
+
+    def dropped_by(key: str, kinds: tuple[str, ...]) -> Change | None:
+        return next((c for c in changes if c.kind in kinds and key in c.object.split(", ")), None)
+
+    def dropping_statement(index: str) -> Change | None:
+        """The statement that drops a derived index's ancestor (its index, constraint or table)."""
+        for a in live.ancestors(live.index_parent, index):
+            found = (dropped_by(a, _INDEX_DROPS) or dropped_by(live.index_table.get(a, ""), ("drop_table",))
+                     or dropped_by(live.index_constraint.get(a, ""), ("drop_constraint",)))
+            if found is not None:
+                return found
+        return None
+
+    created = _objects(changes, _INDEX_CREATES)
+    after: dict[int, list[Change]] = {}  # id of a dropping statement -> what must follow it
+    out: list[Change] = []
+    for c in changes:
+        if c.kind == "drop_constraint" and goes_with_parent(live.constraint_parent, c.object, constraint_goes):
+            continue
+        if c.kind == "drop_table" and c.object in live.table_parent and any(
+                a in dropped_tables for a in live.ancestors(live.table_parent, c.object)):
+            continue  # dropping the partitioned table drops its partitions
+        if c.kind in _INDEX_DROPS and goes_with_parent(live.index_parent, c.object, index_goes):
+            dropper = dropping_statement(c.object)
+            if c.object in created and dropper is not None:  # so the compiler knows the name is free again
+                after.setdefault(id(dropper), []).append(_drop_if_exists(c.object))
+            continue
+        out.append(c)
+    # a partition's index kept on its own in the desired schema, dropped here with its parent's index
+    for index, parent in sorted(live.index_parent.items()):
+        if (index_goes(parent) and not index_goes(index) and index in desired.index_table
+                and desired.index_table[index] == live.index_table[index]
+                and desired.index_parent.get(index) != parent and index not in desired.index_constraint
+                and index not in created):
+            row = context.desired.execute(
+                "SELECT pg_get_indexdef(x.oid) FROM pg_class x JOIN pg_namespace n ON n.oid = x.relnamespace "
+                "WHERE n.nspname || '.' || x.relname = %s AND x.relkind = 'i'", (index,)).fetchone()
+            dropper = dropping_statement(index)
+            if row is not None and dropper is not None:
+                after.setdefault(id(dropper), []).extend([_drop_if_exists(index), change(str(row[0]), "create_index", index)])
+    if not after:
+        return out
+    return [x for c in out for x in (c, *after.get(id(c), ()))]
+
+
+def _drop_if_exists(index: str) -> Change:
+    return change(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(*index.split("."))), "drop_index", index)
+
+
+def skip_derived_creates(live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+    """A derived object is made by the statement that makes what it derives from, or by creating or
+    attaching the partition: drop migra's statements that make it a second time. A unique index and
+    constraint of a partition that exists in live stay: built on the partition first (concurrently), they
+    are attached by the parent's new constraint, or to the parent's index."""
+    created_indexes = _objects(changes, _INDEX_CREATES)
+    added_constraints = _objects(changes, _CONSTRAINT_ADDS)
+    out: list[Change] = []
+    skipped_indexes: set[str] = set()
+    skipped_constraints: set[str] = set()
+    for c in changes:
+        if c.kind in _CONSTRAINT_ADDS and c.object in desired.constraint_parent:
+            if c.kind in _UNIQUE_ADDS and desired.constraint_table.get(c.object) in live.tables:
+                out.append(c)
+            else:
+                skipped_constraints.add(c.object)
+                if c.object in desired.constraint_index:
+                    skipped_indexes.add(desired.constraint_index[c.object])
+            continue
+        if c.kind in _INDEX_CREATES and c.object in desired.index_parent and (
+                desired.index_constraint.get(c.object) not in added_constraints) and not any(
+                a in created_indexes or a not in live.index_table for a in desired.ancestors(desired.index_parent, c.object)):
+            continue
+        out.append(c)
+    return [c for c in out if not (c.kind in _INDEX_CREATES and c.object in skipped_indexes)
+            and not (c.kind == "validate_constraint" and c.object in skipped_constraints)]
+
+
+def attach_partition_indexes(live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+    """migra creates a partitioned table's index ON ONLY the parent and each partition's own index, but
+    never attaches them, so the parent index stays INVALID; nor does it see a partition's index that
+    the desired schema attaches and live does not. Attach every pair the desired schema has where
+    either side is created by this plan, or both exist in live unattached."""
+    created = _objects(changes, _INDEX_CREATES)
+    after: dict[int, list[Change]] = {}  # position of the later of the two creates -> attaches that follow it
+    for child, parent in sorted(desired.index_parent.items()):
+        if parent in created or child in created or (
+                child in live.index_table and parent in live.index_table and live.index_parent.get(child) != parent):
+            statement = sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                sql.Identifier(*parent.split(".", 1)), sql.Identifier(*child.split(".", 1)))
+            constraint = desired.index_constraint.get(child)  # a constraint's index attaches once it is one
+            position = max((i for i, c in enumerate(changes) if (c.kind in _INDEX_CREATES and c.object in (parent, child))
+                            or (c.kind in _CONSTRAINT_ADDS and c.object == constraint)), default=-1)
+            after.setdefault(position, []).append(change(statement, "attach_index_partition", child))
+    return [*after.get(-1, ()), *(x for i, c in enumerate(changes) for x in (c, *after.get(i, ())))]
+
+
+def partitioned_unique_constraints(context: Context, live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+    """migra adds a primary key or unique constraint by building its index first (ON ONLY, for a
+    partitioned table) and then ADD CONSTRAINT ... USING INDEX, which PostgreSQL refuses on partitioned
+    tables. Instead: ADD CONSTRAINT with the constraint's definition, after the partitions' own
+    constraints, which it attaches (it builds the index of a partition that has none). A plain index of
+    the constraint's name goes first, with its partitions' indexes."""
+    out = list(changes)
+    for c in changes:
+        table = desired.constraint_table.get(c.object)
+        if c.kind not in _UNIQUE_ADDS or table not in desired.partitioned or "using index" not in c.sql.lower():
+            continue
+        schema, name = table.split(".", 1)[0], c.object[len(table) + 1:]
+        row = context.desired.execute(
+            "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+            "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname || '.' || t.relname = %s AND c.conname = %s",
+            (table, name)).fetchone()
+        if row is None:
+            continue
+        index = desired.constraint_index.get(c.object, f"{schema}.{name}")
+        new = [change(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(
+            sql.Identifier(*table.split(".", 1)), sql.Identifier(name)).as_string(None) + str(row[0]), c.kind, c.object)]
+        if live.index_table.get(index) == table and index not in live.index_constraint and not any(
+                x.kind in _INDEX_DROPS and x.object == index for x in out):
+            new.insert(0, _drop_if_exists(index))
+        derived = {k for k in desired.constraint_parent if c.object in desired.ancestors(desired.constraint_parent, k)}
+        position = next(j for j, x in enumerate(out) if x is c)
+        kept = [(j, x) for j, x in enumerate(out) if x is not c and not (x.kind in _INDEX_CREATES and x.object == index)
+                and not (x.kind == "attach_index_partition" and _attaches_to(x, index))]
+        at = max((k + 1 for k, (_j, x) in enumerate(kept) if x.kind in _UNIQUE_ADDS and x.object in derived),
+                 default=sum(1 for j, _x in kept if j < position))
+        out = [x for _j, x in kept]
+        out[at:at] = new
+    return out
+
+
+def _attaches_to(c: Change, parent_index: str) -> bool:
+    schema, name = parent_index.split(".", 1)
+    return sql.SQL("ALTER INDEX {} ATTACH").format(sql.Identifier(schema, name)).as_string(None) in c.sql
+
+
+_PARTITION_COLUMNS = """
+SELECT n.nspname || '.' || c.relname, a.attname, a.attnotnull, pa.attnotnull
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_inherits i ON i.inhrelid = c.oid
+LEFT JOIN pg_attribute pa ON pa.attrelid = i.inhparent AND pa.attname = a.attname AND NOT pa.attisdropped
+WHERE c.relispartition AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped AND """ + managed("n")
+
+
+def partition_not_null(context: Context, changes: list[Change]) -> list[Change]:
+    """migra leaves the columns of partitions alone, but a partition's column may be NOT NULL on its own
+    (its primary key's, or declared): set or drop that where live and desired differ and the parent's
+    column does not decide it, after the statements that drop the constraints needing it."""
+    live = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("live", _PARTITION_COLUMNS)}
+    desired = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("desired", _PARTITION_COLUMNS)}
+    dropped_tables = _objects(changes, ("drop_table",))
+    new: list[Change] = []
+    for (table, column), (want, parent_wants) in sorted(desired.items()):
+        if (table, column) not in live or table in dropped_tables:
+            continue
+        have = live[(table, column)][0]
+        if have == want or (want and parent_wants):  # the parent's SET NOT NULL reaches the partition
+            continue
+        if f"{table}.{column}" in _objects(changes, ("set_not_null", "drop_not_null")):
+            continue
+        verb = sql.SQL("SET NOT NULL" if want else "DROP NOT NULL")
+        statement = sql.SQL("ALTER TABLE {} ALTER COLUMN {} {}").format(
+            sql.Identifier(*table.split(".", 1)), sql.Identifier(column), verb)
+        new.append(change(statement, "set_not_null" if want else "drop_not_null", f"{table}.{column}"))
+    return [*changes, *new]
+
+
+_SHAPES = """
+SELECT n.nspname || '.' || c.relname, c.relkind::text, pg_get_partkeydef(c.oid),
+       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END,
+       (SELECT pn.nspname || '.' || p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+        JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition LIMIT 1)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND """ + managed("n")
+
+
+def refuse_partitioning_changes(context: Context) -> None:
+    """What PostgreSQL cannot change on a table in place: whether it is partitioned, its partition key,
+    a partition's bounds or parent. Refuse clearly, naming the table and what changes, rather than
+    dropping the table and its rows."""
+    live, desired = context.keyed(_SHAPES)
+    problems: list[str] = []
+    for table in sorted(live.keys() & desired.keys()):
+        (kind, key, bound, parent), (kind2, key2, bound2, parent2) = live[table], desired[table]
+        if kind != kind2:
+            was, becomes = ("partitioned", "a plain table") if kind == "p" else ("a plain table", "partitioned")
+            problems.append(f"table {table} is {was} in live and {becomes} in the desired schema (a table cannot be "
+                            "converted in place: create the new table beside it, move the rows, then swap names)")
+        elif key != key2:
+            problems.append(f"partitioned table {table} changes its partition key from {key} to {key2} (a partition "
+                            "key cannot be changed in place: create a new partitioned table and move the rows)")
+        if parent != parent2:
+            if parent and parent2:
+                problems.append(f"partition {table} moves from {parent} to {parent2} (DETACH PARTITION, then ATTACH "
+                                "PARTITION by hand)")
+            elif parent2:
+                problems.append(f"table {table} becomes a partition of {parent2} {bound2} (ATTACH PARTITION by hand: "
+                                "it checks every row under lock)")
+            else:
+                problems.append(f"partition {table} of {parent} becomes a table of its own (DETACH PARTITION "
+                                "[CONCURRENTLY] by hand)")
+        elif bound != bound2:
+            problems.append(f"partition {table} of {parent} changes its bounds from {bound} to {bound2} (DETACH "
+                            "PARTITION, then ATTACH PARTITION with the new bounds by hand: it checks every row)")
+    if problems:
+        raise ReconcilerError("cannot change partitioning in place: " + "; ".join(problems))

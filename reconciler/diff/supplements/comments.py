@@ -1,0 +1,97 @@
+"""Comments on every object kind (migra compares none): set, changed or removed, last of all, once
+the objects exist. An object the plan creates again (migra drops and creates views, for instance)
+loses its comment, so its comment is set again."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from ...errors import ReconcilerError
+from ..base import Change
+from . import Context, change
+
+# pg_identify_object_as_address: names unquoted (types: format_type text), arguments as type names
+_QUERY = """
+SELECT o.type, o.object_names, o.object_args, d.description
+FROM pg_description d
+CROSS JOIN LATERAL pg_identify_object_as_address(d.classoid, d.objoid, d.objsubid) o
+CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
+WHERE d.classoid <> 'pg_database'::regclass
+  AND coalesce(i.schema, CASE WHEN d.classoid = 'pg_namespace'::regclass THEN i.identity END) IS NOT NULL
+  AND coalesce(i.schema, i.identity) NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  AND coalesce(i.schema, i.identity) <> ALL(%(excluded)s::text[])
+  AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classoid AND e.objid = d.objoid AND e.deptype = 'e')
+  AND NOT (d.classoid = 'pg_namespace'::regclass AND i.identity = 'public' AND d.description = 'standard public schema')
+"""
+
+_RELATIONS = {"table": "TABLE", "view": "VIEW", "materialized view": "MATERIALIZED VIEW", "foreign table": "FOREIGN TABLE",
+              "sequence": "SEQUENCE", "index": "INDEX", "statistics object": "STATISTICS", "collation": "COLLATION",
+              "conversion": "CONVERSION", "text search configuration": "TEXT SEARCH CONFIGURATION",
+              "text search dictionary": "TEXT SEARCH DICTIONARY"}
+_ON_TABLE = {"table constraint": "CONSTRAINT", "trigger": "TRIGGER", "policy": "POLICY", "rule": "RULE"}
+_ROUTINES = {"function": "FUNCTION", "procedure": "PROCEDURE", "aggregate": "AGGREGATE"}
+
+Key = tuple[str, tuple[str, ...], tuple[str, ...]]
+
+
+def _target(kind: str, names: tuple[str, ...], args: tuple[str, ...]) -> sql.Composable:
+    """The object part of COMMENT ON; type names come from format_type (quoted by PostgreSQL)."""
+    if kind in _RELATIONS:
+        return sql.SQL("{} {}").format(sql.SQL(_RELATIONS[kind]), sql.Identifier(*names))
+    if kind.endswith(" column"):
+        return sql.SQL("COLUMN {}").format(sql.Identifier(*names))
+    if kind in _ON_TABLE:
+        return sql.SQL("{} {} ON {}").format(sql.SQL(_ON_TABLE[kind]), sql.Identifier(names[-1]), sql.Identifier(*names[:-1]))
+    if kind in _ROUTINES:
+        return sql.SQL("{} {}({})").format(sql.SQL(_ROUTINES[kind]), sql.Identifier(*names),
+                                           sql.SQL(", ").join(sql.SQL(a) for a in args))
+    if kind == "type":
+        return sql.SQL("TYPE {}").format(sql.SQL(names[0]))
+    if kind == "domain constraint":
+        return sql.SQL("CONSTRAINT {} ON DOMAIN {}").format(sql.Identifier(args[0]), sql.SQL(names[0]))
+    if kind in ("schema", "extension"):
+        return sql.SQL("{} {}").format(sql.SQL(kind.upper()), sql.Identifier(names[0]))
+    raise ReconcilerError(f"cannot write a comment on a {kind} ({'.'.join(names)}): not supported yet")
+
+
+def _read(context: Context, side: str) -> dict[Key, str]:
+    return {(kind, tuple(names), tuple(args)): text for kind, names, args, text in context.rows(side, _QUERY)}
+
+
+def _recreated(key: Key, created: set[str]) -> bool:
+    kind, names, _args = key
+    if kind in ("schema", "extension", "type", "domain constraint"):
+        return False
+    owner = ".".join(names[:2])  # the relation (or routine) the comment hangs on
+    return owner in created
+
+
+def comments(context: Context, changes: list[Change]) -> list[Change]:
+    live, desired = _read(context, "live"), _read(context, "desired")
+    created = {c.object.split("(")[0] for c in changes
+               if c.kind.startswith("create") or c.kind in ("replace_view", "replace_function")}
+    tail: list[Change] = []
+    for key in sorted(set(live) | set(desired)):
+        want = desired.get(key)
+        if want == live.get(key) and not (want is not None and _recreated(key, created)):
+            continue
+        if want is None and not _exists_in_desired(context, key):
+            continue
+        label = ".".join(key[1])
+        tail.append(change(sql.SQL("COMMENT ON {} IS {}").format(_target(*key), sql.Literal(want)), "comment", label))
+    return [*changes, *tail]
+
+
+def _exists_in_desired(context: Context, key: Key) -> bool:
+    """A comment that goes because its object goes needs no statement (and could not run one)."""
+    kind, names, args = key
+    try:
+        context.desired.execute("SELECT pg_get_object_address(%s, %s, %s)", (kind, list(names), list(args)))
+    except psycopg.errors.UndefinedObject:
+        return False
+    except psycopg.Error as exc:  # other kinds of "does not exist" (function, schema, column)
+        if exc.sqlstate and exc.sqlstate.startswith("42"):
+            return False
+        raise
+    return True

@@ -1,0 +1,68 @@
+"""Plan, rehearse, apply and verify one schema change on a real server: old SQL loaded as the live
+database, new SQL as the desired schema. Shared by the convergence suite and the supplement tests."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from reconciler.apply import ApplyOptions, ApplyResult, apply_plan
+from reconciler.config import load_config
+from reconciler.pipeline import drift, make_plan, open_servers
+from reconciler.plan import Plan
+from reconciler.servers import Server
+from reconciler.shadow import load_schema
+from reconciler.source import load_source
+
+
+def load_live(tmp_path: Path, database: str, old_sql: str) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "old.sql").write_text(old_sql)
+    load_schema(load_source(old), database)
+
+
+def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "") -> Path:
+    (tmp_path / "schemas").mkdir(exist_ok=True)
+    (tmp_path / "schemas" / "new.sql").write_text(new_sql)
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    config = tmp_path / "reconciler.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        environments:
+          test:
+            database: "{database}"
+            shadow: "{server.dsn}"
+            require_signed_plans: false
+            backup: none
+            lock_timeout: 10s
+        safety:
+          squawk: false
+        """) + extra_config)
+    return config
+
+
+def plan_change(config_path: Path) -> Plan:
+    config = load_config(config_path)
+    env = config.environment("test")
+    with open_servers(config, env) as servers:
+        return make_plan(config, env, servers).plan
+
+
+def apply_and_verify(config_path: Path, plan: Plan, database: str) -> ApplyResult:
+    """Apply, then check with a fresh comparison that live equals desired."""
+    result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+    config = load_config(config_path)
+    with open_servers(config, config.environment("test")) as servers:
+        remaining = drift(config, servers)
+    assert remaining == [], f"still differs after apply: {remaining}"
+    return result
+
+
+def converge(tmp_path: Path, database: str, server: Server, old_sql: str, new_sql: str) -> Plan:
+    """The plan that took ``old_sql`` to ``new_sql`` (asserted converged)."""
+    load_live(tmp_path, database, old_sql)
+    config = write_project(tmp_path, database, server, new_sql)
+    plan = plan_change(config)
+    result = apply_and_verify(config, plan, database)
+    assert result.status in ("applied", "nothing")
+    return plan
