@@ -107,12 +107,13 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
         return checks
     ident = inspect.identity(conn)
     target = plan.body.target
-    same_target = (ident.system_identifier, ident.database) == (target.system_identifier, target.database)
+    same_target = plan.body.is_for(ident.system_identifier, ident.database)
+    intended = (f"database {target.database!r} on system {target.system_identifier}" if not plan.body.fleet else
+                f"{len(plan.body.fleet)} database(s) of a fleet")
     checks.append(Check(
         "target", same_target,
-        f"database {target.database!r} on system {target.system_identifier}" if same_target else
-        f"the plan is for database {target.database!r} on system {target.system_identifier}, "
-        f"not {ident.database!r} on system {ident.system_identifier}",
+        f"database {ident.database!r} on system {ident.system_identifier}" if same_target else
+        f"the plan is for {intended}, not {ident.database!r} on system {ident.system_identifier}",
     ))
     for assertion in (a for a in policy.assertions if a.when == "before"):
         failure = run_assertion(conn, assertion)
@@ -547,8 +548,11 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                 done_before = len(records)
                 try:
                     with conn.transaction():
+                        timeouts: tuple[str, str] | None = None
                         for step in phase:
-                            _set_timeouts(conn, step, local=True)
+                            if (step.lock_timeout, step.statement_timeout) != timeouts:  # once while they stay the same
+                                _set_timeouts(conn, step, local=True)
+                                timeouts = (step.lock_timeout, step.statement_timeout)
                             _run_step(conn, step, records, options.on_step, monitor)
                         if last and options.verify_before_commit:
                             # Nothing is left behind by a plan that does not converge, but the phase's

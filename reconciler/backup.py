@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +61,10 @@ def dump(
     path.parent.mkdir(parents=True, exist_ok=True)
     args = [str(bindir / "pg_dump"), "--format=custom", f"--file={path}", f"--dbname={conninfo}"]
     args += [f"--exclude-schema={_quote(s)}" for s in exclude_schemas]
-    with tempfile.TemporaryDirectory(prefix="reconciler-backup-") as tmp:
-        if scope == "touched":
-            keep = set(keep_data_of)
-            filter_file = Path(tmp) / "filter"
-            filter_file.write_text("".join(f"exclude table_data {_quote(t)}\n" for t in all_tables if t not in keep))
-            args.append(f"--filter={filter_file}")
-        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=24 * 3600, check=False)
+    if scope == "touched":  # --exclude-table-data, not --filter: pg_dump before 17 has no --filter
+        keep = set(keep_data_of)
+        args += [f"--exclude-table-data={_quote(t)}" for t in all_tables if t not in keep]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=24 * 3600, check=False)
     if result.returncode != 0:
         path.unlink(missing_ok=True)
         raise ReconcilerError(f"backup with pg_dump failed: {dsnlib.redact(result.stderr.strip())[:500]}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import getpass
 import json
 import logging
@@ -25,13 +26,13 @@ from typing import Any
 
 from rich.console import Console
 
-from . import __version__, backup, history, logs
+from . import __version__, backup, fleet, history, logs
 from . import dsn as dsnlib
 from .apply import ApplyOptions, apply_plan, plan_checks
-from .config import LOCAL, Config, Environment, find_config, load_config
+from .config import LOCAL, Config, Environment, duration_seconds, find_config, load_config
 from .dsn import redact
-from .errors import ReconcilerError, RefusedError
-from .pipeline import drift, lint_schema, make_plan, open_servers
+from .errors import ConfigError, ReconcilerError, RefusedError
+from .pipeline import auto_apply_blockers, drift, lint_schema, make_plan, open_servers
 from .plan import ApprovalView, Plan, read_plan, render, write_plan
 from .policy import evaluate, load_policies, run_assertion
 from .safety import Step
@@ -39,6 +40,7 @@ from .servers import connect
 from .signing import (
     PASSPHRASE_ENV,
     PLANNER_KEY_ENV,
+    PlannerKey,
     Requirements,
     Trust,
     approval_status,
@@ -49,6 +51,7 @@ from .signing import (
     planner_key,
     sign_as_planner,
 )
+from .watch import DEFAULT_HOST, DEFAULT_PORT, Watcher, WatchOptions, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encrypt", action="store_true", help=f"encrypt with a passphrase (${PASSPHRASE_ENV} or a prompt)")
 
     p = sub.add_parser("apply", help="apply a saved plan, or plan and apply with --auto")
-    p.add_argument("plan", type=Path, nargs="?")
+    p.add_argument("plan", type=Path, nargs="?", help="a plan file (for a fleet: a plan file or a folder of them)")
     p.add_argument("--auto", action="store_true", help="plan and apply in one go where the environment allows it")
+    p.add_argument("--shard", metavar="I/N", help="fleets: only every N-th database, starting at I (0-based)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="fleets: databases applied at once (default: the "
+                                                                   "environment's concurrency, 4)")
     _target_options(p)
     _schemas_option(p)
 
@@ -153,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     _target_options(p)
     _format_option(p, ("text", "json"))
     p.add_argument("--limit", type=int, default=20)
+
+    p = sub.add_parser("watch", help="plan on every change, apply where allowed, check for drift; serve /healthz and /metrics")
+    _target_options(p)
+    _schemas_option(p)
+    p.add_argument("--interval", default="5min", help="check for drift every DURATION (300, 30s, 5min; default 5min)")
+    p.add_argument("--listen", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+                   help="HOST:PORT serving /healthz and /metrics (port 0: any free port; 'off': none)")
+    p.add_argument("--plans-dir", type=Path, help="where plans that may not apply on their own go (default: plans: folder)")
+    p.add_argument("--key", type=Path, help=f"sign the plans it writes as planner with this key (or ${PLANNER_KEY_ENV})")
     return parser
 
 
@@ -215,8 +230,9 @@ def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path
 
 def cmd_plan(args: argparse.Namespace, config: Config) -> int:
     env = _env(config, args)
-    key_path = args.key or (Path(os.environ[PLANNER_KEY_ENV]) if os.environ.get(PLANNER_KEY_ENV) else None)
-    key = planner_key(key_path, load_trust(config.trust_file)) if key_path else None
+    if env.is_fleet:
+        return _plan_fleet(args, config, env)
+    key = _planner_key(args, config)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
     if key is not None:
@@ -383,10 +399,7 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.write(render(plan, "text", _approval_view(config, env, plan, args.out)))
         if not plan.body.steps:
             return EXIT_OK
-        policy = plan.body.policy
-        gated = (not env.auto_apply or env.approvals or env.approval_groups or policy.approvals or policy.groups
-                 or policy.denied or policy.auto_apply_blocked_by)
-        if args.plan_only or gated:
+        if args.plan_only or auto_apply_blockers(env, plan):
             print(f"\nThe way back to the schema run {run.id} started from: approve and apply it like any plan"
                   + ("" if args.out else " (save it with -o)") + ".", file=sys.stderr)
             return EXIT_CHANGES
@@ -449,26 +462,86 @@ def _progress(args: argparse.Namespace, options: ApplyOptions, total: int) -> It
         yield replace(options, on_step=show)
 
 
+def _planner_key(args: argparse.Namespace, config: Config) -> PlannerKey | None:
+    key_path = args.key or (Path(os.environ[PLANNER_KEY_ENV]) if os.environ.get(PLANNER_KEY_ENV) else None)
+    return planner_key(key_path, load_trust(config.trust_file)) if key_path else None
+
+
+def _plan_fleet(args: argparse.Namespace, config: Config, env: Environment) -> int:
+    """One plan file per distinct live state, each naming its databases; unreachable databases reported."""
+    key = _planner_key(args, config)
+    members = fleet.survey(config, env, env.fleet_dsns())
+    plans = fleet.plan_fleet(config, env, members, schemas_dir=args.schemas)
+    folder: Path = args.out or config.plans_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    status = EXIT_OK
+    for group in plans:
+        plan = sign_as_planner(group.plan, key) if key is not None else group.plan
+        path = folder / f"{env.name}-{plan.short_id}.json"
+        write_plan(plan, path)
+        sys.stdout.write(render(plan, args.format, _approval_view(config, env, plan, path)))
+        print(f"\nSaved plan {plan.short_id} for {len(group.members)} database(s) to {path}", file=sys.stderr)
+        if plan.body.policy.denied:
+            status = EXIT_REFUSED
+        elif plan.body.steps and status == EXIT_OK:
+            status = EXIT_CHANGES
+    failed = [m for m in members if m.error is not None]
+    for member in failed:
+        print(f"error: {member.label}: {member.error}", file=sys.stderr)
+    print(f"{len(members)} database(s): {len(plans)} distinct state(s), {len(failed)} unreachable", file=sys.stderr)
+    return EXIT_ERROR if failed else status
+
+
+def _apply_fleet(args: argparse.Namespace, config: Config, env: Environment) -> int:
+    """Plan files (one per state) or --auto (plan and apply where allowed), to every database of the shard."""
+    if args.auto == (args.plan is not None):
+        raise ReconcilerError("give either a plan file (or a folder of them) or --auto")
+    members = fleet.survey(config, env, fleet.select_shard(env.fleet_dsns(), args.shard))
+    if args.auto:
+        blockers = auto_apply_blockers(env)
+        if blockers:
+            raise RefusedError(f"environment {env.name!r} does not apply on its own ({'; '.join(blockers)}): "
+                               "plan, approve, then apply")
+        plans = []
+        for group in fleet.plan_fleet(config, env, members, schemas_dir=args.schemas):
+            blockers = auto_apply_blockers(env, group.plan)
+            if blockers:  # its databases are reported as skipped below, with the plan named
+                print(f"plan {group.plan.short_id} ({len(group.members)} database(s)) needs a human: "
+                      f"{'; '.join(blockers)}", file=sys.stderr)
+                continue
+            plans.append(group.plan)
+    else:
+        paths = sorted(args.plan.glob("*.json")) if args.plan.is_dir() else [args.plan]
+        plans = [p for p in map(read_plan, paths) if p.body.environment == env.name]
+        if not plans:
+            raise ReconcilerError(f"no plan for environment {env.name!r} in {args.plan}")
+    outcomes = fleet.apply_fleet(plans, members, _apply_options(config, env, plan_file=not args.auto),
+                                 args.concurrency or env.concurrency)
+    sys.stdout.write(fleet.summary_table(outcomes))
+    if all(o.ok for o in outcomes):
+        return EXIT_OK
+    return EXIT_REFUSED if all(o.ok or o.status == "refused" for o in outcomes) else EXIT_ERROR
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    fleet_env = _env(config, args) if args.env is not None else None
+    if fleet_env is not None and fleet_env.is_fleet:
+        return _apply_fleet(args, config, fleet_env)
     if args.auto == (args.plan is not None):
         raise ReconcilerError("give either a plan file or --auto")
     if args.auto:
         env = _env(config, args)
-        if not env.auto_apply:
-            raise RefusedError(f"environment {env.name!r} does not allow --auto (auto_apply: false): plan, approve, then apply")
-        if env.approvals or env.approval_groups:
-            raise RefusedError(f"environment {env.name!r} requires approvals: plan, approve, then apply")
+        blockers = auto_apply_blockers(env)
+        if blockers:
+            raise RefusedError(f"environment {env.name!r} does not allow --auto ({'; '.join(blockers)}): plan, approve, then apply")
         options = _apply_options(config, env, plan_file=False)
         with open_servers(config, env) as servers:
             plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
             sys.stdout.write(render(plan, "text"))
             sys.stdout.flush()
-            policy = plan.body.policy
-            if plan.body.steps and (policy.approvals or policy.groups):
-                raise RefusedError(f"policy requires approvals for this plan ({policy.approvals}"
-                                   f"{' from ' + ', '.join(policy.groups) if policy.groups else ''}): plan -o, approve, apply")
-            if plan.body.steps and policy.auto_apply_blocked_by:
-                raise RefusedError("the auto-apply gate holds this plan back: " + "; ".join(policy.auto_apply_blocked_by))
+            blockers = auto_apply_blockers(env, plan)
+            if blockers:
+                raise RefusedError("; ".join(blockers) + ": plan -o, approve, apply")
             with _progress(args, options, len(plan.body.steps)) as shown:
                 result = apply_plan(plan, servers.target_dsn, shown)
     else:
@@ -533,10 +606,27 @@ def _run_json(run: history.Run) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in run.__dict__.items()}
 
 
+def cmd_watch(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    interval = duration_seconds(args.interval)
+    if interval <= 0:
+        raise ConfigError(f"--interval {args.interval!r}: give a duration over 0")
+    host, port = (DEFAULT_HOST, None) if args.listen == "off" else parse_listen(args.listen)
+    key = _planner_key(args, config)
+    options = WatchOptions(plans_dir=args.plans_dir or config.plans_dir, interval_seconds=interval, host=host, port=port,
+                           schemas_dir=args.schemas, sign=None if key is None else functools.partial(sign_as_planner, key=key))
+    reports = logging.getLogger("reconciler.watch")
+    if reports.getEffectiveLevel() > logging.INFO:
+        reports.setLevel(logging.INFO)  # what the watcher reports is its output
+    Watcher(config, env, options, _apply_options(config, env, plan_file=False)).run()
+    return EXIT_OK
+
+
 _COMMANDS = {
     "plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
     "approve": cmd_approve, "verify-plan": cmd_verify_plan, "lint": cmd_lint, "backup": cmd_backup,
     "restore": cmd_restore, "cancel": cmd_cancel, "verify": cmd_verify, "rollback": cmd_rollback,
+    "watch": cmd_watch,
 }
 _NO_CONFIG = {"init": cmd_init, "show": cmd_show, "keygen": cmd_keygen}
 

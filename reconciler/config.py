@@ -28,7 +28,7 @@ _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")
 @dataclass(frozen=True)
 class Environment:
     name: str
-    database: str  # 'embedded' or a DSN, possibly with ${VARS}
+    database: str  # 'embedded' or a DSN, possibly with ${VARS}; empty for a fleet
     shadow: str = EMBEDDED
     approvals: int = 0
     auto_apply: bool = False
@@ -46,6 +46,28 @@ class Environment:
     timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     require_signed_plans: bool = True
     plan_ttl: str = "7d"
+    databases: tuple[str, ...] = ()  # a fleet, with ${VARS}
+    databases_file: Path | None = None  # a fleet: one DSN per line
+    concurrency: int = 4
+
+    @property
+    def is_fleet(self) -> bool:
+        return bool(self.databases) or self.databases_file is not None
+
+    def fleet_dsns(self) -> list[str]:
+        """Every database of a fleet, in order, duplicates removed."""
+        dsns = [interpolate(d, f"environments.{self.name}.databases") for d in self.databases]
+        if self.databases_file is not None:
+            try:
+                lines = self.databases_file.read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"environments.{self.name}.databases_file: cannot read {self.databases_file}: "
+                                  f"{exc.strerror}") from None
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    dsns.append(interpolate(text, f"{self.databases_file}:{number}"))
+        return list(dict.fromkeys(dsns))
 
     @property
     def lock_wait_seconds(self) -> float:
@@ -56,6 +78,9 @@ class Environment:
         return duration_seconds(self.plan_ttl)
 
     def database_dsn(self) -> str:
+        if not self.database:
+            raise ConfigError(f"environment {self.name!r} is a fleet of databases: this command takes one database "
+                              "(--database DSN), or use plan/apply, which handle fleets")
         return interpolate(self.database, f"environments.{self.name}.database")
 
     def shadow_dsn(self) -> str:
@@ -107,7 +132,7 @@ class Config:
             raise ConfigError(f"unknown environment {name!r} (in {where}: {known})")
         env = self.environments[name]
         if override is not None:
-            env = Environment(**{**env.__dict__, "database": override})
+            env = Environment(**{**env.__dict__, "database": override, "databases": (), "databases_file": None})
         return env
 
 
@@ -153,6 +178,13 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         fields.setdefault("require_signed_plans", name != LOCAL)
         fields.setdefault("backup", "none" if name == LOCAL else "full")
         fields["approval_groups"] = tuple(fields.get("approval_groups") or ())
+        if "database" in fields and ("databases" in fields or "databases_file" in fields):
+            raise ConfigError(f"{path}: environments.{name}: give database (one) or databases/databases_file (a fleet), "
+                              "not both")
+        fields.setdefault("database", "")
+        fields["databases"] = tuple(fields.get("databases") or ())
+        if "databases_file" in fields:
+            fields["databases_file"] = root / fields["databases_file"]
         for limits in (fields.get("timeouts") or {}).values():
             for value in limits.values():
                 duration_seconds(value)

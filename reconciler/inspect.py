@@ -67,7 +67,8 @@ _QUERIES: tuple[str, ...] = (
                  CASE WHEN a.attgenerated <> '' THEN 'generated ' || a.attgenerated::text || ' ' || pg_get_expr(d.adbin, d.adrelid)
                       WHEN d.adbin IS NOT NULL THEN 'default ' || pg_get_expr(d.adbin, d.adrelid) END,
                  CASE WHEN a.attidentity <> '' THEN 'identity ' || a.attidentity::text END,
-                 CASE WHEN a.attstattarget >= 0 THEN 'statistics ' || a.attstattarget END)
+                 CASE WHEN a.attstattarget >= 0 THEN 'statistics ' || a.attstattarget END,
+                 CASE WHEN a.attstorage <> t.typstorage THEN 'storage ' || a.attstorage::text END)
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -108,9 +109,17 @@ _QUERIES: tuple[str, ...] = (
     f"""SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate' ELSE 'function' END,
                p.oid::regprocedure::text,
                CASE WHEN p.prokind = 'a' THEN
-                 concat_ws(' ', 'returns', format_type(p.prorettype, NULL), 'sfunc', ag.aggtransfn::text,
-                   'stype', format_type(ag.aggtranstype, NULL), 'final', ag.aggfinalfn::text,
-                   'combine', ag.aggcombinefn::text, 'init', ag.agginitval)
+                 concat_ws(' ', 'kind', ag.aggkind::text, 'returns', format_type(p.prorettype, NULL),
+                   'sfunc', ag.aggtransfn::regprocedure::text, 'stype', format_type(ag.aggtranstype, NULL),
+                   'sspace', ag.aggtransspace, 'init', ag.agginitval,
+                   'final', ag.aggfinalfn::regprocedure::text, 'extra', ag.aggfinalextra, 'modify', ag.aggfinalmodify::text,
+                   'combine', ag.aggcombinefn::regprocedure::text, 'serial', ag.aggserialfn::regprocedure::text,
+                   'deserial', ag.aggdeserialfn::regprocedure::text, 'msfunc', ag.aggmtransfn::regprocedure::text,
+                   'minvfunc', ag.aggminvtransfn::regprocedure::text, 'mstype', format_type(ag.aggmtranstype, NULL),
+                   'msspace', ag.aggmtransspace, 'minit', ag.aggminitval,
+                   'mfinal', ag.aggmfinalfn::regprocedure::text, 'mextra', ag.aggmfinalextra,
+                   'mmodify', ag.aggmfinalmodify::text, 'sortop', ag.aggsortop::regoperator::text,
+                   'parallel', p.proparallel::text)
                ELSE pg_get_functiondef(p.oid) END
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         LEFT JOIN pg_aggregate ag ON ag.aggfnoid = p.oid
@@ -150,6 +159,78 @@ _QUERIES: tuple[str, ...] = (
         WHERE r.rulename <> '_RETURN' AND {_managed('n')}""",
     f"""SELECT 'statistics', quote_ident(n.nspname) || '.' || quote_ident(s.stxname), pg_get_statisticsobjdef(s.oid)
         FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE {_managed('n')}""",
+    # collations, text search objects, operators: version-dependent columns read through to_jsonb
+    f"""SELECT 'collation', quote_ident(n.nspname) || '.' || quote_ident(co.collname),
+               concat_ws(' ', 'provider', co.collprovider::text, 'deterministic', co.collisdeterministic,
+                 'collate', co.collcollate, 'ctype', co.collctype,
+                 'locale', coalesce(to_jsonb(co) ->> 'colllocale', to_jsonb(co) ->> 'colliculocale'),
+                 'rules', to_jsonb(co) ->> 'collicurules')
+        FROM pg_collation co JOIN pg_namespace n ON n.oid = co.collnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_collation', 'co.oid')}""",
+    f"""SELECT 'text search dictionary', quote_ident(n.nspname) || '.' || quote_ident(d.dictname),
+               concat_ws(' ', 'template', quote_ident(tn.nspname) || '.' || quote_ident(t.tmplname), d.dictinitoption)
+        FROM pg_ts_dict d JOIN pg_namespace n ON n.oid = d.dictnamespace
+        JOIN pg_ts_template t ON t.oid = d.dicttemplate JOIN pg_namespace tn ON tn.oid = t.tmplnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_ts_dict', 'd.oid')}""",
+    f"""SELECT 'text search configuration', quote_ident(n.nspname) || '.' || quote_ident(c.cfgname),
+               concat_ws(' ', 'parser', quote_ident(pn.nspname) || '.' || quote_ident(p.prsname),
+                 (SELECT string_agg(tt.alias || ' with ' || m.dicts, '; ' ORDER BY tt.tokid)
+                  FROM ts_token_type(c.cfgparser) tt
+                  JOIN (SELECT cm.maptokentype, string_agg(quote_ident(dn.nspname) || '.' || quote_ident(d.dictname), ', '
+                                                           ORDER BY cm.mapseqno) AS dicts
+                        FROM pg_ts_config_map cm JOIN pg_ts_dict d ON d.oid = cm.mapdict
+                        JOIN pg_namespace dn ON dn.oid = d.dictnamespace
+                        WHERE cm.mapcfg = c.oid GROUP BY cm.maptokentype) m ON m.maptokentype = tt.tokid))
+        FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace
+        JOIN pg_ts_parser p ON p.oid = c.cfgparser JOIN pg_namespace pn ON pn.oid = p.prsnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_ts_config', 'c.oid')}""",
+    f"""SELECT 'text search parser', quote_ident(n.nspname) || '.' || quote_ident(p.prsname),
+               concat_ws(' ', p.prsstart::regprocedure::text, p.prstoken::regprocedure::text, p.prsend::regprocedure::text,
+                 p.prsheadline::regprocedure::text, p.prslextype::regprocedure::text)
+        FROM pg_ts_parser p JOIN pg_namespace n ON n.oid = p.prsnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_ts_parser', 'p.oid')}""",
+    f"""SELECT 'text search template', quote_ident(n.nspname) || '.' || quote_ident(t.tmplname),
+               concat_ws(' ', t.tmplinit::regprocedure::text, t.tmpllexize::regprocedure::text)
+        FROM pg_ts_template t JOIN pg_namespace n ON n.oid = t.tmplnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_ts_template', 't.oid')}""",
+    f"""SELECT 'operator', o.oid::regoperator::text,
+               concat_ws(' ', 'function', o.oprcode::regprocedure::text, 'returns', format_type(o.oprresult, NULL),
+                 'commutator', o.oprcom::regoperator::text, 'negator', o.oprnegate::regoperator::text,
+                 'restrict', o.oprrest::regprocedure::text, 'join', o.oprjoin::regprocedure::text,
+                 'hashes', o.oprcanhash, 'merges', o.oprcanmerge)
+        FROM pg_operator o JOIN pg_namespace n ON n.oid = o.oprnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_operator', 'o.oid')}""",
+    f"""SELECT 'operator class', quote_ident(n.nspname) || '.' || quote_ident(oc.opcname) || ' using ' || quote_ident(am.amname),
+               concat_ws(' ', 'for', format_type(oc.opcintype, NULL), 'default', oc.opcdefault,
+                 'family', quote_ident(fn.nspname) || '.' || quote_ident(f.opfname))
+        FROM pg_opclass oc JOIN pg_namespace n ON n.oid = oc.opcnamespace JOIN pg_am am ON am.oid = oc.opcmethod
+        JOIN pg_opfamily f ON f.oid = oc.opcfamily JOIN pg_namespace fn ON fn.oid = f.opfnamespace
+        WHERE {_managed('n')} AND {_not_extension_member('pg_opclass', 'oc.oid')}""",
+    """SELECT 'cast', '(' || format_type(c.castsource, NULL) || ' AS ' || format_type(c.casttarget, NULL) || ')',
+               concat_ws(' ', 'method', c.castmethod::text, 'function', c.castfunc::regprocedure::text,
+                 'context', c.castcontext::text)
+        FROM pg_cast c
+        WHERE c.oid >= 16384  -- user-defined: FirstNormalObjectId
+          AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_cast'::regclass AND e.objid = c.oid
+                          AND e.deptype = 'e')""",
+    """SELECT 'event trigger', quote_ident(e.evtname),
+               concat_ws(' ', 'on', e.evtevent, 'function', e.evtfoid::regprocedure::text,
+                 'tags', array_to_string(e.evttags, ','), 'enabled', e.evtenabled::text)
+        FROM pg_event_trigger e
+        WHERE NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_event_trigger'::regclass
+                          AND x.objid = e.oid AND x.deptype = 'e')""",
+    """SELECT 'foreign data wrapper', quote_ident(w.fdwname),
+               concat_ws(' ', 'handler', w.fdwhandler::regprocedure::text, 'validator', w.fdwvalidator::regprocedure::text,
+                 'options', array_to_string(ARRAY(SELECT unnest(w.fdwoptions) ORDER BY 1), ','))
+        FROM pg_foreign_data_wrapper w
+        WHERE NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_foreign_data_wrapper'::regclass
+                          AND x.objid = w.oid AND x.deptype = 'e')""",
+    """SELECT 'server', quote_ident(s.srvname),
+               concat_ws(' ', 'wrapper', quote_ident(w.fdwname), 'type', s.srvtype, 'version', s.srvversion,
+                 'options', array_to_string(ARRAY(SELECT unnest(s.srvoptions) ORDER BY 1), ','))
+        FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+        WHERE NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_foreign_server'::regclass
+                          AND x.objid = s.oid AND x.deptype = 'e')""",
     """SELECT 'comment', o.type || ' ' || o.identity, d.description
         FROM pg_description d
         CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) o
@@ -473,6 +554,19 @@ class IndexFact:
 
 
 @dataclass(frozen=True)
+class LockTable:
+    """The server's shared lock table: how many objects all transactions together can hold locks on."""
+
+    max_locks_per_transaction: int
+    max_connections: int
+    max_prepared_transactions: int
+
+    @property
+    def slots(self) -> int:
+        return self.max_locks_per_transaction * (self.max_connections + self.max_prepared_transactions)
+
+
+@dataclass(frozen=True)
 class LiveFacts:
     """What the safety compiler needs to know about the target, read once, before compiling."""
 
@@ -485,6 +579,7 @@ class LiveFacts:
     volatile_functions: frozenset[str]  # bare names of volatile functions (any schema)
     binary_coercible: frozenset[tuple[int, int]]  # (source type oid, target type oid)
     type_oids: Mapping[str, int]  # 'schema.type' and bare builtin names -> oid
+    lock_table: LockTable | None = None  # None: not read (a plan is then never split for it)
 
     def has_table(self, name: str) -> bool:
         return qualify(name) in self.tables
@@ -556,7 +651,11 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
             if builtin:
                 type_oids[name.split(".", 1)[1]] = int(oid)
                 type_oids[formatted] = int(oid)
+        cur.execute("SELECT current_setting('max_locks_per_transaction')::int, current_setting('max_connections')::int, "
+                    "current_setting('max_prepared_transactions')::int")
+        locks = cur.fetchone()
     return LiveFacts(
         tables=tables, partitioned=frozenset(partitioned), columns=columns, indexes=indexes, enums=enums,
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
+        lock_table=LockTable(int(locks[0]), int(locks[1]), int(locks[2])) if locks else None,
     )

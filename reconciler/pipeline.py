@@ -106,6 +106,27 @@ def safety_settings(config: Config, env: Environment) -> SafetySettings:
                           timeouts=env.timeouts)
 
 
+def auto_apply_blockers(env: Environment, plan: Plan | None = None) -> list[str]:
+    """Why a plan may not apply without a human here (empty: it may). Without a plan, the environment's own rules
+    alone, so a command can refuse before planning. apply --auto, rollback and watch all ask this one question."""
+    reasons = []
+    if not env.auto_apply:
+        reasons.append("auto_apply: false")
+    if env.approvals or env.approval_groups:
+        reasons.append(f"environment {env.name!r} requires approvals")
+    if plan is None or not plan.body.steps:
+        return reasons
+    policy = plan.body.policy
+    if policy.denied:
+        reasons.append("denied by " + "; ".join(f"{f.rule} ({f.file}:{f.line}) {f.subject}" for f in policy.denied))
+    if policy.approvals or policy.groups:
+        reasons.append(f"policy requires approvals for this plan ({policy.approvals}"
+                       f"{' from ' + ', '.join(policy.groups) if policy.groups else ''})")
+    if policy.auto_apply_blocked_by:
+        reasons.append("the auto-apply gate holds this plan back: " + "; ".join(policy.auto_apply_blocked_by))
+    return reasons
+
+
 def managed(config: Config) -> dict[str, bool]:
     """The snapshot's opt-in kinds, as ``inspect.snapshot`` keyword arguments."""
     return {"owners": config.manage_owners, "privileges": config.manage_privileges}

@@ -44,6 +44,15 @@ class PlanTarget:
 
 
 @dataclass(frozen=True)
+class FleetTarget:
+    """One database of a fleet this plan is for (all in the state ``target.fingerprint`` describes)."""
+
+    system_identifier: str
+    database: str
+    label: str  # where it is (host, port, database), never a password
+
+
+@dataclass(frozen=True)
 class PlanDesired:
     fingerprint: str
     schema_fingerprint: str
@@ -67,6 +76,13 @@ class PlanBody:
     policy: PolicyResult = NO_POLICY
     rehearsal: RehearsalResult = SKIPPED
     manages: tuple[str, ...] = ()  # opt-in kinds compared: "owners", "privileges" (apply verifies the same way)
+    fleet: tuple[FleetTarget, ...] = ()  # a fleet plan: every database it may be applied to (target is the first)
+
+    def is_for(self, system_identifier: str, database: str) -> bool:
+        """Whether this plan was made for that database (its target, or a member of its fleet)."""
+        pairs = {(self.target.system_identifier, self.target.database)}
+        pairs |= {(m.system_identifier, m.database) for m in self.fleet}
+        return (system_identifier, database) in pairs
 
     @property
     def snapshot_options(self) -> dict[str, bool]:
@@ -214,6 +230,9 @@ def body_to_json(body: PlanBody) -> dict[str, Any]:
     }
     if body.manages:  # absent when nothing opt-in is managed: such plans keep the ids they always had
         data["manages"] = list(body.manages)
+    if body.fleet:
+        data["fleet"] = [{"system_identifier": m.system_identifier, "database": m.database, "label": m.label}
+                         for m in body.fleet]
     return data
 
 
@@ -317,6 +336,7 @@ def body_from_json(data: Mapping[str, Any]) -> PlanBody:
             server_version=data["rehearsal"]["server_version"], duration_ms=data["rehearsal"]["duration_ms"],
         ),
         manages=tuple(data.get("manages", ())),
+        fleet=tuple(FleetTarget(m["system_identifier"], m["database"], m["label"]) for m in data.get("fleet", ())),
     )
 
 
@@ -491,51 +511,141 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKDOWN_SQL_BUDGET = 40_000  # characters of SQL in a comment; GitHub refuses comments over 65,536
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _policy_status(plan: Plan, approvals: ApprovalView | None) -> str:
+    policy = plan.body.policy
+    if policy.denied:
+        return "**blocked** by " + ", ".join(f"`{rule}`" for rule in sorted({f.rule for f in policy.denied}))
+    required = approvals.required if approvals is not None else policy.approvals
+    groups = approvals.missing_groups if approvals is not None else policy.groups
+    given = len(approvals.given) if approvals is not None else 0
+    warnings = sum(1 for f in policy.findings if f.severity == "warn")
+    if approvals is not None and approvals.complete and (required or given):
+        status = f"approved ({given} of {required})"
+    elif required or groups:
+        status = f"needs {_plural(required, 'approval')}" + (f" from {', '.join(groups)}" if groups else "")
+        status += f" ({given} given)" if approvals is not None else ""
+    else:
+        status = "no approvals needed"
+    return status + (f", {_plural(warnings, 'warning')}" if warnings else "")
+
+
+def _rehearsal_status(plan: Plan) -> str:
+    rehearsal = plan.body.rehearsal
+    if rehearsal.status == "converged":
+        return "converged"
+    if rehearsal.status == "failed":
+        return f"**failed** at step {rehearsal.failed_step}"
+    if rehearsal.status == "skipped":
+        return "not rehearsed"
+    return f"**did not converge** ({_plural(len(rehearsal.differences), 'object')} differ)"
+
+
+def markdown_summary(plan: Plan, approvals: ApprovalView | None = None) -> str:
+    """The line a reviewer reads first: size, hazards, what policy requires, whether the rehearsal converged."""
+    b = plan.body
+    if not b.steps:
+        return f"**No changes**: `{b.target.database}` already matches the desired schema."
+    hazards = plan.hazards
+    codes = sorted({h.code for _, h in hazards})
+    return " · ".join([
+        f"**{_plural(len(b.steps), 'step')}** in {_plural(len({s.phase for s in b.steps}), 'phase')}",
+        f"{_plural(len(hazards), 'hazard')} ({', '.join(codes)})" if hazards else "no hazards",
+        "policy: " + _policy_status(plan, approvals),
+        "rehearsal: " + _rehearsal_status(plan),
+    ])
+
+
+def _markdown_steps(plan: Plan) -> list[str]:
+    """The steps' SQL by phase, folded; past the size budget only each step's kind and object (the plan file has all)."""
+    b = plan.body
+    phase_count = len({s.phase for s in b.steps})
+    out = ["<details><summary>" + f"{_plural(len(b.steps), 'step')} in {_plural(phase_count, 'phase')} (SQL)</summary>",
+           "", "```sql"]
+    budget, omitted = MARKDOWN_SQL_BUDGET, 0
+    for phase, steps in phases(plan):
+        out.append(f"-- Phase {phase}: {phase_label(steps)}")
+        for step in steps:
+            out.append(f"-- {step.index}. {step.kind} {step.object}" + ("" if step.reversible else " (irreversible)"))
+            statement = step.sql.rstrip(";") + ";"
+            if len(statement) <= budget:
+                out.append(statement)
+                budget -= len(statement)
+            else:
+                budget, omitted = 0, omitted + 1
+        out.append("")
+    out[-1:] = ["```", ""]  # the fence replaces the blank line after the last phase
+    if omitted:
+        out += [f"The SQL of {_plural(omitted, 'step')} is left out to keep this comment short: "
+                "`reconciler show PLAN` prints it all.", ""]
+    return [*out, "</details>"]
+
+
 def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
+    """A pull-request comment: the summary line, then hazards and policy findings, the steps folded,
+    approvals given and needed, and the command that adds one."""
     b = plan.body
     git = f"`{b.desired.git_commit[:12]}`" if b.desired.git_commit else "not in git"
     out = [
         f"### pg-reconciler plan `{plan.short_id}` for **{b.environment}**",
         "",
-        f"**{summary_line(plan)}**",
+        markdown_summary(plan, approvals),
         "",
         f"Target `{b.target.database}` (PostgreSQL {b.target.server_version}); desired schema at {git}"
         + (" with uncommitted changes" if b.desired.dirty else "") + ".",
     ]
-    if b.steps:
-        out += ["", f"Rehearsal: {b.rehearsal.describe()}."]
+    if len(b.fleet) > 1:
+        out += ["", f"Fleet: {_plural(len(b.fleet), 'database')} in this state: "
+                + ", ".join(f"`{m.label}`" for m in b.fleet[:20]) + (", ..." if len(b.fleet) > 20 else "") + "."]
+    if plan.hazards:
+        out += ["", "#### Hazards", "", "| step | hazard | object | why |", "|---:|---|---|---|"]
+        for step, hazard in plan.hazards:
+            out.append(f"| {step.index} | `{hazard.code}` | `{_cell(step.object)}` | {_cell(hazard.message)} |")
+    if b.policy.findings or b.policy.windows or b.policy.auto_apply_blocked_by:
+        out += ["", "#### Policy"]
     if b.policy.findings:
         out += ["", "| policy | severity | subject | finding |", "|---|---|---|---|"]
         for f in b.policy.findings:
             need = f" (needs {f.count}{' from ' + ', '.join(f.groups) if f.groups else ''})" if f.count else ""
-            out.append(f"| `{f.rule}` ({f.file}:{f.line}) | **{f.severity}**{need} | {f.subject} | {f.message} |")
+            out.append(f"| `{f.rule}` ({f.file}:{f.line}) | **{f.severity}**{need} | {_cell(f.subject)} | {_cell(f.message)} |")
     if b.policy.windows:
         out += ["", "Applies only within: " + "; ".join(w.describe() for w in b.policy.windows) + "."]
-    if plan.hazards:
-        out += ["", "| step | hazard | object | why |", "|---:|---|---|---|"]
-        for step, hazard in plan.hazards:
-            out.append(f"| {step.index} | `{hazard.code}` | `{step.object}` | {hazard.message} |")
+    if b.policy.auto_apply_blocked_by:
+        out += ["", "Never applied without a human: " + "; ".join(b.policy.auto_apply_blocked_by) + "."]
     findings = [(step, f) for step in b.steps for f in step.lint]
     if findings:
-        out += ["", "| step | squawk rule | message |", "|---:|---|---|"]
-        out += [f"| {step.index} | `{f.rule}` | {f.message} |" for step, f in findings]
+        out += ["", "#### Lint", "", "| step | squawk rule | message |", "|---:|---|---|"]
+        out += [f"| {step.index} | `{f.rule}` | {_cell(f.message)} |" for step, f in findings]
     if b.steps:
-        out += ["", f"<details><summary>{len(b.steps)} steps</summary>", "", "```sql"]
-        for phase, steps in phases(plan):
-            out.append(f"-- Phase {phase}: {phase_label(steps)}")
-            for step in steps:
-                out.append(f"-- {step.index}. {step.kind} {step.object}" + ("" if step.reversible else " (irreversible)"))
-                out.append(step.sql.rstrip(";") + ";")
-            out.append("")
-        out += ["```", "", "</details>"]
-    signers = [f"{s.signer} ({s.role}, {s.signed_at})" for s in plan.signatures]
-    if signers:
-        out += ["", "Signed by: " + "; ".join(signers) + "."]
+        out += ["", f"Rehearsal: {b.rehearsal.describe()}.", "", *_markdown_steps(plan)]
+    if plan.signatures or (approvals is not None and b.steps):
+        out += ["", "#### Approvals"]
+    if plan.signatures:
+        counted = set(approvals.given) if approvals is not None else set()
+        out += ["", "| signer | role | signed at |" + (" counts |" if approvals is not None else ""),
+                "|---|---|---|" + ("---|" if approvals is not None else "")]
+        for s in plan.signatures:
+            counts = "" if approvals is None else (" yes |" if s.role == "approver" and s.signer in counted else " no |")
+            out.append(f"| {_cell(s.signer)} | {s.role} | {s.signed_at} |{counts}")
     if approvals is not None and b.steps:
         out += ["", f"**Approvals:** {approvals.describe()}."]
-        if not approvals.complete:
+        if b.policy.denied:
+            out += ["", "Policy blocks this plan: approvals do not change that; change the schema or the policy."]
+        elif not approvals.complete:
             out += ["", "To approve, run:", "", "```sh", approvals.command, "```"]
-    out += ["", f"Plan id: `{plan.id}`", ""]
+    out += ["", f"<sub>Plan id `{plan.id}` · made {b.created_at} by reconciler {b.tool_version} · expires {b.expires_at}</sub>",
+            ""]
     return "\n".join(out)
 
 

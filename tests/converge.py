@@ -17,13 +17,13 @@ from reconciler.source import load_source
 
 def load_live(tmp_path: Path, database: str, old_sql: str) -> None:
     old = tmp_path / "old"
-    old.mkdir()
+    old.mkdir(parents=True)
     (old / "old.sql").write_text(old_sql)
     load_schema(load_source(old), database)
 
 
 def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "") -> Path:
-    (tmp_path / "schemas").mkdir(exist_ok=True)
+    (tmp_path / "schemas").mkdir(parents=True, exist_ok=True)
     (tmp_path / "schemas" / "new.sql").write_text(new_sql)
     (tmp_path / "policies").mkdir(exist_ok=True)
     config = tmp_path / "reconciler.yaml"

@@ -11,19 +11,14 @@ from __future__ import annotations
 import csv
 import os
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
 from psycopg import sql
 
-from reconciler.apply import ApplyOptions, apply_plan
-from reconciler.config import load_config
-from reconciler.errors import ApplyError, ReconcilerError, SchemaLoadError
-from reconciler.pipeline import make_plan, open_servers
+from reconciler.errors import ReconcilerError, SchemaLoadError
 from reconciler.servers import Server, connect
-from reconciler.shadow import load_schema
-from reconciler.source import load_source
+from tests.converge import apply_and_verify, load_live, plan_change, write_project
 
 CORPUS = Path(os.environ.get("RECONCILER_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus") / "pg-schema-diff"
 _MISSING_FEATURE = re.compile(r"extension .* is not available|could not open extension control file|"
@@ -49,42 +44,20 @@ def test_case_converges(case: str, meta: dict[str, str], tmp_path: Path, databas
         with connect(pg_server.dsn) as conn:
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "old.sql").write_text((folder / "old.sql").read_text())
     try:
-        load_schema(load_source(old), database)
+        load_live(tmp_path, database, (folder / "old.sql").read_text())
     except SchemaLoadError as exc:
         if _MISSING_FEATURE.search(str(exc)):
             pytest.skip(f"the old schema needs what this server lacks: {exc.pg_message}")
         raise
-    (tmp_path / "schemas").mkdir()
-    (tmp_path / "schemas" / "new.sql").write_text((folder / "new.sql").read_text())
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "reconciler.yaml").write_text(textwrap.dedent(f"""\
-        environments:
-          test:
-            database: "{database}"
-            shadow: "{pg_server.dsn}"
-            require_signed_plans: false
-            backup: none
-            lock_timeout: 10s
-        safety:
-          squawk: false
-        """))
-    config = load_config(tmp_path / "reconciler.yaml")
-    env = config.environment("test")
+    config = write_project(tmp_path, database, pg_server, (folder / "new.sql").read_text())
     try:
-        with open_servers(config, env) as servers:
-            plan = make_plan(config, env, servers).plan
+        plan = plan_change(config)
     except SchemaLoadError as exc:
         if _MISSING_FEATURE.search(str(exc)):
             pytest.skip(f"the new schema needs what this server lacks: {exc.pg_message}")
         pytest.xfail(f"refused: {exc}")
     except ReconcilerError as exc:
         pytest.xfail(f"refused: {' '.join(str(exc).split())[:300]}")
-    try:
-        result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
-    except ApplyError as exc:
-        pytest.fail(f"rehearsed plan failed on the target: {exc}")
+    result = apply_and_verify(config, plan, database)  # a rehearsed plan that fails here is a bug
     assert result.status in ("applied", "nothing")

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.apply import ApplyOptions, apply_plan
-from reconciler.config import load_config
 from reconciler.errors import ReconcilerError
-from reconciler.pipeline import make_plan, open_servers
 from reconciler.safety import Step
 from reconciler.servers import Server
-from tests.conftest import fetch_one, run_sql
+from tests.conftest import fetch_one
+from tests.converge import converge as converge_plan
 
 PARTITIONED = """
 CREATE TABLE foobar (id int, foo varchar(255), bar int) PARTITION BY LIST (foo);
@@ -28,29 +26,9 @@ CREATE TABLE foobar_2 PARTITION OF foobar FOR VALUES IN ('foo_2');
 
 
 def converge(tmp_path: Path, database: str, server: Server, old: str, new: str) -> tuple[Step, ...]:
-    """Load ``old`` into the database, plan towards ``new`` (rehearsed), apply; the plan's steps."""
-    if old:
-        run_sql(database, old)
-    (tmp_path / "schemas").mkdir(parents=True)
-    (tmp_path / "schemas" / "schema.sql").write_text(new)
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "reconciler.yaml").write_text(textwrap.dedent(f"""\
-        environments:
-          test:
-            database: "{database}"
-            shadow: "{server.dsn}"
-            require_signed_plans: false
-            backup: none
-        safety:
-          squawk: false
-        """))
-    config = load_config(tmp_path / "reconciler.yaml")
-    env = config.environment("test")
-    with open_servers(config, env) as servers:
-        plan = make_plan(config, env, servers).plan
+    """Load ``old``, plan towards ``new`` (rehearsed), apply, verify; the plan's steps."""
+    plan = converge_plan(tmp_path, database, server, old, new)
     assert plan.body.rehearsal.status == "converged"
-    result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
-    assert result.status == "applied"
     return plan.body.steps
 
 
@@ -72,6 +50,25 @@ def test_primary_key_on_a_partitioned_table_is_built_on_each_partition_then_atta
     parent = position(steps, 'ALTER TABLE "public"."foobar" ADD CONSTRAINT "foobar_pkey" PRIMARY KEY (foo, id)')
     assert parent > position(steps, '"public"."foobar_2" add constraint "foobar_2_pkey"')
     assert fetch_one(database, "SELECT conislocal FROM pg_constraint WHERE conname = 'foobar_1_pkey'") is False
+
+
+def test_partitions_in_schemas_that_sort_before_their_parent_s_are_created_after_it(
+        tmp_path: Path, database: str, pg_server: Server) -> None:
+    """migra orders CREATE TABLE by schema: "a" and "archive" come before "public"."""
+    schema = textwrap.dedent("""\
+        CREATE SCHEMA a;
+        CREATE SCHEMA archive;
+        CREATE TABLE events (id bigint, at date, kind text, PRIMARY KEY (id, at, kind)) PARTITION BY RANGE (at);
+        CREATE INDEX events_kind ON events (kind);
+        CREATE TABLE archive.events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+        CREATE TABLE a.events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+        """)
+    steps = converge(tmp_path, database, pg_server, "", schema)
+    parent = position(steps, 'create table "public"."events"')
+    assert parent < position(steps, '"archive"."events_2024" partition of')
+    assert parent < position(steps, '"a"."events_2025" partition of')
+    assert fetch_one(database, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'public.events_kind'::regclass") == 2
+    assert fetch_one(database, "SELECT count(*) FROM pg_constraint WHERE conparentid <> 0 AND contype = 'p'") == 2
 
 
 def test_dropping_a_partitioned_primary_key_leaves_the_partitions_alone(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from reconciler import plan as planlib
 from reconciler.config import SafetyOptions
 from reconciler.diff.base import Change
 from reconciler.dsn import database_name
@@ -19,9 +21,11 @@ from reconciler.errors import PlanFileError
 from reconciler.inspect import identity, live_facts, snapshot
 from reconciler.plan import (
     FORMAT,
+    ApprovalView,
     Plan,
     Signature,
     build_plan,
+    markdown_summary,
     plan_from_json,
     plan_to_json,
     read_plan,
@@ -29,6 +33,8 @@ from reconciler.plan import (
     summary_line,
     write_plan,
 )
+from reconciler.policy import Finding, PolicyResult, Window
+from reconciler.rehearsal import RehearsalResult
 from reconciler.safety import SafetySettings, compile_steps
 from reconciler.servers import Server, connect, throwaway_database
 from reconciler.source import load_source
@@ -214,11 +220,16 @@ def test_render_contains_steps_hazards_and_summary(plan: Plan, fmt: str) -> None
     assert "DATA_LOSS" in out
     assert "ACCESS_EXCLUSIVE_LOCK" in out
     assert plan.id in out
-    if fmt != "json":
+    if fmt == "text":
         assert summary_line(plan) in out
         assert summary_line(plan) == (
             f"4 steps in 2 phases to apply to {plan.body.target.database}, "
             "hazards: ACCESS_EXCLUSIVE_LOCK, BLOCKS_WRITES, DATA_LOSS."
+        )
+    if fmt == "markdown":
+        assert out.splitlines()[2] == markdown_summary(plan) == (
+            "**4 steps** in 2 phases · 3 hazards (ACCESS_EXCLUSIVE_LOCK, BLOCKS_WRITES, DATA_LOSS) · "
+            "policy: no approvals needed · rehearsal: not rehearsed"
         )
 
 
@@ -226,3 +237,73 @@ def test_render_json_parses_back(plan: Plan) -> None:
     data = json.loads(render(plan, "json"))
     assert data == plan_to_json(plan)
     assert plan_from_json(data, "rendered") == plan
+
+
+_WARN = Finding("wide-rows", "rules.yaml", 4, "warn", "public.t", "a | pipe\nand a newline")
+_NEEDS_DBA = Finding("locks-need-a-dba", "rules.yaml", 9, "require_approval", "step 4 (drop_table public.old)",
+                     "Exclusive locks need a DBA", 2, ("dba",))
+_DENY = Finding("no-drops", "rules.yaml", 14, "deny", "step 4 (drop_table public.old)", "Never drop tables")
+
+
+def _reviewed(plan: Plan, *findings: Finding, signatures: tuple[Signature, ...] = ()) -> Plan:
+    """The module's plan as a pull request would show it: policy findings, a converged rehearsal, signatures."""
+    policy = PolicyResult(findings=findings, approvals=max((f.count for f in findings), default=0),
+                          groups=tuple(g for f in findings for g in f.groups),
+                          windows=(Window("weekdays", "rules.yaml", 20, ("mon", "tue"), (8, 16)),))
+    body = dataclasses.replace(plan.body, policy=policy,
+                               rehearsal=RehearsalResult("converged", server_version="18.1", duration_ms=42.0))
+    return Plan(id=plan.id, body=body, signatures=signatures)
+
+
+def test_markdown_is_a_pull_request_comment(plan: Plan) -> None:
+    planner = dataclasses.replace(_SIGNATURE, signer="ci", role="planner")
+    reviewed = _reviewed(plan, _WARN, _NEEDS_DBA, signatures=(planner, _SIGNATURE))
+    view = ApprovalView(given=("alice",), required=2, missing_groups=("dba",),
+                        command="reconciler approve plans/staging.json --key ~/.ssh/id_ed25519")
+    md = render(reviewed, "markdown", view)
+    lines = md.splitlines()
+    assert lines[0] == f"### pg-reconciler plan `{plan.short_id}` for **prod-é**"
+    assert lines[2] == ("**4 steps** in 2 phases · 3 hazards (ACCESS_EXCLUSIVE_LOCK, BLOCKS_WRITES, DATA_LOSS) · "
+                        "policy: needs 2 approvals from dba (1 given), 1 warning · rehearsal: converged")
+    # hazards and policy findings come before the folded steps, approvals after them
+    order = [md.index(marker) for marker in ("#### Hazards", "#### Policy", "<details>", "```sql", "</details>",
+                                              "#### Approvals", "```sh")]
+    assert order == sorted(order)
+    assert "| 4 | `DATA_LOSS` | `public.old` |" in md
+    assert "| `locks-need-a-dba` (rules.yaml:9) | **require_approval** (needs 2 from dba) |" in md
+    assert "| a \\| pipe and a newline |" in md  # a cell stays one cell
+    assert "Applies only within: " in md
+    steps = md[md.index("<details>"):md.index("</details>")]
+    assert "<summary>4 steps in 2 phases (SQL)</summary>" in steps
+    assert all(change.sql in steps for change in CHANGES)
+    assert "| ci | planner | 2026-01-02T03:04:05Z | no |" in md and "| alice | approver | 2026-01-02T03:04:05Z | yes |" in md
+    assert "**Approvals:** 1 of 2 given (alice); 1 more needed; still needed from group(s): dba." in md
+    assert "```sh\nreconciler approve plans/staging.json --key ~/.ssh/id_ed25519\n```" in md
+    assert plan.id in lines[-1]
+
+
+def test_markdown_of_a_blocked_plan_offers_no_approval(plan: Plan) -> None:
+    view = ApprovalView(given=(), required=2, missing_groups=("dba",), command="reconciler approve p.json --key k")
+    md = render(_reviewed(plan, _DENY, _NEEDS_DBA), "markdown", view)
+    assert " · policy: **blocked** by `no-drops` · " in md.splitlines()[2]
+    assert "reconciler approve" not in md and "approvals do not change that" in md
+
+
+def test_markdown_when_approved_and_when_unchanged(plan: Plan) -> None:
+    view = ApprovalView(given=("alice", "bob"), required=2, missing_groups=(), command="reconciler approve p.json --key k")
+    md = render(_reviewed(plan, _NEEDS_DBA), "markdown", view)
+    assert " · policy: approved (2 of 2) · rehearsal: converged" in md.splitlines()[2]
+    assert "reconciler approve" not in md
+    empty = Plan(id=plan.id, body=dataclasses.replace(plan.body, steps=()))
+    md = render(empty, "markdown")
+    assert md.splitlines()[2] == f"**No changes**: `{plan.body.target.database}` already matches the desired schema."
+    assert "<details>" not in md and "#### Hazards" not in md
+
+
+def test_markdown_leaves_out_sql_past_its_budget(plan: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GitHub refuses comments over 65,536 characters: past the budget a step shows its kind and object only."""
+    monkeypatch.setattr(planlib, "MARKDOWN_SQL_BUDGET", len(CHANGES[2].sql) + 1)
+    md = render(plan, "markdown")
+    assert CHANGES[2].sql in md  # step 1 fits
+    assert CHANGES[0].sql not in md and "-- 2. add_column public.t.note" in md
+    assert "The SQL of 3 steps is left out" in md

@@ -291,7 +291,8 @@ def test_show_and_markdown_list_approvals_and_the_command(srepo: SignedRepo, cap
     assert f"reconciler approve {plan_file} --key" in text
     assert main(["--config", str(srepo.config), "show", str(plan_file), "--format", "markdown"]) == 0
     md = capsys.readouterr().out
-    assert "**Approvals:** 1 of 2 given (bob)" in md and "reconciler approve" in md and "Signed by: ci (planner" in md
+    assert "**Approvals:** 1 of 2 given (bob)" in md and "reconciler approve" in md and "| ci | planner | " in md
+    assert "policy: needs 2 approvals from dba (1 given)" in md.splitlines()[2]
 
 
 def test_verify_plan_prints_each_check(srepo: SignedRepo, capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,6 +92,28 @@ CASES = {
         'CREATE TABLE t (id int, name text COLLATE "C", code varchar(10) COLLATE "POSIX");',
         {"create_table", "alter_column_type"},
     ),
+    "column_statistics_target": (
+        "CREATE TABLE t (a int, b int); ALTER TABLE t ALTER COLUMN b SET STATISTICS 50;",
+        "CREATE TABLE t (a int, b int, c int); ALTER TABLE t ALTER COLUMN a SET STATISTICS 1000;\n"
+        "ALTER TABLE t ALTER COLUMN c SET STATISTICS 10;",
+        {"add_column", "alter_table"},
+    ),
+    "extension_composite_types_left_to_the_extension": (
+        "",
+        "CREATE EXTENSION tablefunc; CREATE TABLE t (id int);",
+        {"create_extension", "create_table"},
+    ),
+    "operators_created_changed_and_dropped": (
+        "CREATE FUNCTION int_eq(int, int) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'select $1 = $2';\n"
+        "CREATE OPERATOR === (FUNCTION = int_eq, LEFTARG = int, RIGHTARG = int);\n"
+        "CREATE OPERATOR !!! (FUNCTION = int_eq, LEFTARG = int, RIGHTARG = int);",
+        "CREATE FUNCTION int_eq(int, int) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'select $1 = $2';\n"
+        "CREATE OPERATOR === (FUNCTION = int_eq, LEFTARG = int, RIGHTARG = int, COMMUTATOR = ===, HASHES);\n"
+        "CREATE FUNCTION rev_match(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT textregexeq($2, $1)';\n"
+        "CREATE OPERATOR ~<< (FUNCTION = rev_match, LEFTARG = text, RIGHTARG = text);\n"
+        "CREATE TABLE t (a text CHECK (a ~<< '^x'));",
+        {"create_operator", "drop_operator", "create_table"},
+    ),
     "table_without_columns": (
         "CREATE TABLE t (a int);",
         "CREATE TABLE t ();",

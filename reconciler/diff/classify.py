@@ -73,7 +73,11 @@ def classify(statement: str) -> tuple[str, str]:
         return "unparsed", ""
     if len(parsed) != 1:
         return "multiple", ""
-    node = parsed[0].stmt
+    return classify_node(parsed[0].stmt)
+
+
+def classify_node(node: ast.Node | None) -> tuple[str, str]:
+    """(kind, object) of one statement already parsed (the safety compiler parses each once)."""
     if isinstance(node, ast.CreateStmt):
         return "create_table", _range_var(node.relation)
     if isinstance(node, ast.AlterTableStmt):
@@ -132,6 +136,8 @@ def classify(statement: str) -> tuple[str, str]:
         return "create_domain", _names(node.domainname)
     if isinstance(node, ast.AlterDomainStmt):
         return "alter_domain", _names(node.typeName)
+    if isinstance(node, ast.DefineStmt):  # CREATE OPERATOR, AGGREGATE, COLLATION, TEXT SEARCH ...
+        return f"create_{_object_type(node.kind).name.removeprefix('OBJECT_').lower()}", _names(node.defnames)
     return _snake(type(node).__name__).removesuffix("_stmt"), ""
 
 

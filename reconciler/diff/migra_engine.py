@@ -7,6 +7,7 @@ every plan is checked against our own catalog snapshot. Never vendor their code.
 from __future__ import annotations
 
 import logging
+import traceback
 import warnings
 from contextlib import ExitStack
 from typing import Any
@@ -58,13 +59,23 @@ class MigraEngine:
                 raw = list(migration.statements)
             except Exception as exc:  # migra's own bugs on shapes it does not handle: a clear refusal, not a crash
                 detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                raise ReconcilerError(f"the migra engine cannot diff these schemas ({detail}); "
+                raise ReconcilerError(f"the migra engine cannot diff these schemas ({detail}{_where(exc)}); "
                                       "this schema change is not supported yet") from exc
         return [self._change(piece) for statement in raw for piece in _split(statement)]
 
     def _change(self, statement: str) -> Change:
         kind, obj = classify(statement)
         return Change(sql=statement, kind=kind, object=obj, engine=self.name)
+
+
+def _where(exc: BaseException) -> str:
+    """Where in migra or schemainspect it failed (e.g. 'alter_rls_statement'): names what it cannot do."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/migra/" in f.filename or "/schemainspect/" in f.filename]
+    if not frames:
+        return ""
+    names = [f.name for f in frames[-3:] if not f.name.startswith("_") and f.name != "<module>"]
+    return f" in {' > '.join(names)}" if names else ""
 
 
 def _split(statement: str) -> list[str]:

@@ -97,14 +97,16 @@ def insert_at(changes: list[Change], index: int, new: Sequence[Change]) -> list[
 
 
 def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
-    from . import comments, enums, partitions, privileges, routines, sequences, tables, types, views
+    from . import aggregates, comments, enums, operators, partitions, privileges, routines, sequences, tables, textsearch, types, views
 
     out = list(changes)
     for rewrite in (enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
                     routines.cloned_triggers, routines.functions,
-                    partitions.mend_partitions, types.user_types, sequences.sequence_options,
+                    partitions.mend_partitions, types.user_types, aggregates.aggregates, operators.operators,
+                    sequences.sequence_options,
                     tables.table_properties, tables.column_properties, tables.not_valid_constraints,
                     tables.default_after_type,
+                    textsearch.text_search,  # after the rewriters that place types and columns: before and after them
                     views.view_options, views.statistics, comments.comments,
                     privileges.reconcile):  # last: owners and grants go after everything else
         out = rewrite(context, out)

@@ -135,12 +135,38 @@ def mend_partitions(context: Context, changes: list[Change]) -> list[Change]:
     live, desired = _read(context, "live"), _read(context, "desired")
     if not (live.partitioned or desired.partitioned or live.constraint_parent or desired.constraint_parent):
         return changes
-    out = foreign_keys_dropped_first(live, changes)
+    out = partitions_after_parents(desired, changes)
+    out = foreign_keys_dropped_first(live, out)
     out = skip_derived_drops(context, live, desired, out)
     out = skip_derived_creates(live, desired, out)
     out = attach_partition_indexes(live, desired, out)
     out = partitioned_unique_constraints(context, live, desired, out)
     return partition_not_null(context, out)
+
+
+def partitions_after_parents(desired: _Side, changes: list[Change]) -> list[Change]:
+    """migra orders CREATE TABLE by schema and name, so a partition in another schema (or named before
+    its parent) can come before the partitioned table it is a partition of: move each partition's
+    creation right after its parent's (keeping the partitions' own order; nested partitions follow)."""
+    created = {c.object for c in changes if c.kind == "create_table"}
+    waiting: dict[str, list[Change]] = {}  # parent created later -> its partitions' creates
+    seen: set[str] = set()
+    out: list[Change] = []
+
+    def emit(c: Change) -> None:
+        out.append(c)
+        if c.kind == "create_table":
+            seen.add(c.object)
+            for child in waiting.pop(c.object, ()):
+                emit(child)
+
+    for c in changes:
+        parent = desired.table_parent.get(c.object) if c.kind == "create_table" else None
+        if parent is not None and parent in created and parent not in seen:
+            waiting.setdefault(parent, []).append(c)
+        else:
+            emit(c)
+    return out  # every waiting partition's parent is created later in the list, which emptied ``waiting``
 
 
 def foreign_keys_dropped_first(live: _Side, changes: list[Change]) -> list[Change]:
@@ -257,6 +283,13 @@ def attach_partition_indexes(live: _Side, desired: _Side, changes: list[Change])
     the desired schema attaches and live does not. Attach every pair the desired schema has where
     either side is created by this plan, or both exist in live unattached."""
     created = _objects(changes, _INDEX_CREATES)
+    index_at: dict[str, int] = {}  # index -> position of the last statement that creates it
+    constraint_at: dict[str, int] = {}  # constraint -> position of the last statement that adds it
+    for i, c in enumerate(changes):
+        if c.kind in _INDEX_CREATES:
+            index_at[c.object] = i
+        elif c.kind in _CONSTRAINT_ADDS:
+            constraint_at[c.object] = i
     after: dict[int, list[Change]] = {}  # position of the later of the two creates -> attaches that follow it
     for child, parent in sorted(desired.index_parent.items()):
         if parent in created or child in created or (
@@ -264,8 +297,8 @@ def attach_partition_indexes(live: _Side, desired: _Side, changes: list[Change])
             statement = sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
                 sql.Identifier(*parent.split(".", 1)), sql.Identifier(*child.split(".", 1)))
             constraint = desired.index_constraint.get(child)  # a constraint's index attaches once it is one
-            position = max((i for i, c in enumerate(changes) if (c.kind in _INDEX_CREATES and c.object in (parent, child))
-                            or (c.kind in _CONSTRAINT_ADDS and c.object == constraint)), default=-1)
+            position = max(index_at.get(parent, -1), index_at.get(child, -1),
+                           constraint_at.get(constraint, -1) if constraint is not None else -1)
             after.setdefault(position, []).append(change(statement, "attach_index_partition", child))
     return [*after.get(-1, ()), *(x for i, c in enumerate(changes) for x in (c, *after.get(i, ())))]
 
@@ -276,11 +309,21 @@ def partitioned_unique_constraints(context: Context, live: _Side, desired: _Side
     tables. Instead: ADD CONSTRAINT with the constraint's definition, after the partitions' own
     constraints, which it attaches (it builds the index of a partition that has none). A plain index of
     the constraint's name goes first, with its partitions' indexes."""
-    out = list(changes)
-    for c in changes:
-        table = desired.constraint_table.get(c.object)
-        if c.kind not in _UNIQUE_ADDS or table not in desired.partitioned or "using index" not in c.sql.lower():
-            continue
+    targets = [c for c in changes if c.kind in _UNIQUE_ADDS and desired.constraint_table.get(c.object) in desired.partitioned
+               and "using index" in c.sql.lower()]
+    if not targets:
+        return changes
+    children: dict[str, list[str]] = {}
+    for key, parent in desired.constraint_parent.items():
+        children.setdefault(parent, []).append(key)
+    dropped_indexes = _objects(changes, _INDEX_DROPS)
+    last_unique_add = {c.object: i for i, c in enumerate(changes) if c.kind in _UNIQUE_ADDS}
+    replaced: dict[int, list[Change]] = {}  # id of migra's statement -> what stands in its place ([] when it goes)
+    follows: dict[str, list[Change]] = {}  # constraint -> the new statements placed right after its own
+    attach_heads: dict[str, str] = {}  # "ALTER INDEX <parent index> ATTACH" -> the parent index (attaches that go)
+    gone_indexes: set[str] = set()  # indexes whose ON ONLY creates go
+    for c in targets:
+        table = desired.constraint_table[c.object]
         schema, name = table.split(".", 1)[0], c.object[len(table) + 1:]
         row = context.desired.execute(
             "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
@@ -291,23 +334,42 @@ def partitioned_unique_constraints(context: Context, live: _Side, desired: _Side
         index = desired.constraint_index.get(c.object, f"{schema}.{name}")
         new = [change(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(
             sql.Identifier(*table.split(".", 1)), sql.Identifier(name)).as_string(None) + str(row[0]), c.kind, c.object)]
-        if live.index_table.get(index) == table and index not in live.index_constraint and not any(
-                x.kind in _INDEX_DROPS and x.object == index for x in out):
+        if live.index_table.get(index) == table and index not in live.index_constraint and index not in dropped_indexes:
             new.insert(0, _drop_if_exists(index))
-        derived = {k for k in desired.constraint_parent if c.object in desired.ancestors(desired.constraint_parent, k)}
-        position = next(j for j, x in enumerate(out) if x is c)
-        kept = [(j, x) for j, x in enumerate(out) if x is not c and not (x.kind in _INDEX_CREATES and x.object == index)
-                and not (x.kind == "attach_index_partition" and _attaches_to(x, index))]
-        at = max((k + 1 for k, (_j, x) in enumerate(kept) if x.kind in _UNIQUE_ADDS and x.object in derived),
-                 default=sum(1 for j, _x in kept if j < position))
-        out = [x for _j, x in kept]
-        out[at:at] = new
+        gone_indexes.add(index)
+        attach_heads[_attach_head(index)] = index
+        derived, pending = [], list(children.get(c.object, ()))
+        while pending:
+            key = pending.pop()
+            derived.append(key)
+            pending.extend(children.get(key, ()))
+        anchor = max((last_unique_add[k] for k in derived if k in last_unique_add), default=None)
+        if anchor is None:  # in its own place
+            replaced[id(c)] = new
+        else:  # after the partitions' constraints it attaches
+            replaced[id(c)] = []
+            follows.setdefault(changes[anchor].object, []).extend(new)
+    out: list[Change] = []
+
+    def emit(c: Change) -> None:
+        out.append(c)
+        if c.kind in _UNIQUE_ADDS:
+            for x in follows.pop(c.object, ()):
+                emit(x)
+
+    for c in changes:
+        if id(c) in replaced:
+            for x in replaced[id(c)]:
+                emit(x)
+        elif not ((c.kind in _INDEX_CREATES and c.object in gone_indexes)
+                  or (c.kind == "attach_index_partition" and c.sql[:c.sql.find(" ATTACH ") + 7] in attach_heads)):
+            emit(c)
     return out
 
 
-def _attaches_to(c: Change, parent_index: str) -> bool:
-    schema, name = parent_index.split(".", 1)
-    return sql.SQL("ALTER INDEX {} ATTACH").format(sql.Identifier(schema, name)).as_string(None) in c.sql
+def _attach_head(parent_index: str) -> str:
+    """How the statement that attaches a partition's index to ``parent_index`` begins."""
+    return sql.SQL("ALTER INDEX {} ATTACH").format(sql.Identifier(*parent_index.split(".", 1))).as_string(None)
 
 
 _PARTITION_COLUMNS = """
@@ -325,6 +387,7 @@ def partition_not_null(context: Context, changes: list[Change]) -> list[Change]:
     live = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("live", _PARTITION_COLUMNS)}
     desired = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("desired", _PARTITION_COLUMNS)}
     dropped_tables = _objects(changes, ("drop_table",))
+    planned = _objects(changes, ("set_not_null", "drop_not_null"))
     new: list[Change] = []
     for (table, column), (want, parent_wants) in sorted(desired.items()):
         if (table, column) not in live or table in dropped_tables:
@@ -332,7 +395,7 @@ def partition_not_null(context: Context, changes: list[Change]) -> list[Change]:
         have = live[(table, column)][0]
         if have == want or (want and parent_wants):  # the parent's SET NOT NULL reaches the partition
             continue
-        if f"{table}.{column}" in _objects(changes, ("set_not_null", "drop_not_null")):
+        if f"{table}.{column}" in planned:
             continue
         verb = sql.SQL("SET NOT NULL" if want else "DROP NOT NULL")
         statement = sql.SQL("ALTER TABLE {} ALTER COLUMN {} {}").format(

@@ -24,13 +24,15 @@ _COLUMNS = f"""
 SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
        CASE WHEN a.attcollation <> t.typcollation THEN co.collname END,
        CASE WHEN co.collnamespace <> 'pg_catalog'::regnamespace THEN cn.nspname END,
-       a.attgenerated::text, CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END
+       a.attgenerated::text, CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+       CASE WHEN a.attstattarget >= 0 THEN a.attstattarget::int END
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_collation co ON co.oid = a.attcollation LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')
+  AND a.attislocal  -- a partition's or child's inherited column follows its parent
   AND {managed('n')} AND {not_extension_member('pg_class', 'c.oid')}
 """
 
@@ -109,16 +111,17 @@ class ColumnState:
     collation_schema: str | None
     generated: str
     expression: str | None
+    statistics: int | None  # None: the default target
 
 
 def _columns(context: Context, side: str) -> dict[tuple[str, str, str], ColumnState]:
-    return {(schema, table, column): ColumnState(type_, coll, coll_schema, generated, expr)
-            for schema, table, column, type_, coll, coll_schema, generated, expr in context.rows(side, _COLUMNS)}
+    return {(schema, table, column): ColumnState(type_, coll, coll_schema, generated, expr, stats)
+            for schema, table, column, type_, coll, coll_schema, generated, expr, stats in context.rows(side, _COLUMNS)}
 
 
 def column_properties(context: Context, changes: list[Change]) -> list[Change]:
-    """Collations of columns migra adds (it leaves COLLATE out of CREATE TABLE), and generated-column
-    expressions it does not compare (the column is dropped and added again: its values are derived)."""
+    """Collations of columns migra adds (it leaves COLLATE out of CREATE TABLE), generated-column
+    expressions and statistics targets, which it does not compare."""
     live, desired = _columns(context, "live"), _columns(context, "desired")
     generated = {f"{s}.{t}.{c}" for (s, t, c), col in desired.items() if col.generated}
     changes = [c for c in changes if not (c.kind in ("set_default", "drop_default") and c.object in generated)]
@@ -142,6 +145,9 @@ def column_properties(context: Context, changes: list[Change]) -> list[Change]:
                 statement = sql.SQL("ALTER TABLE {} DROP COLUMN {}, ADD COLUMN {} {} GENERATED ALWAYS AS ({}) STORED").format(
                     target, col, col, sql.SQL(want.type), expression)
             tail.append(change(statement, "alter_generated_expression", label))
+        if want.statistics != (have.statistics if have is not None else None):
+            tail.append(change(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(
+                target, col, sql.Literal(-1 if want.statistics is None else want.statistics)), "set_statistics", label))
     return [*changes, *tail]
 
 

@@ -42,6 +42,12 @@ FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_class c ON 
 WHERE t.typtype = 'c' AND c.relkind = 'c' AND {managed('n')} AND {not_extension_member('pg_type', 't.oid')}
 """
 
+_ALL_COMPOSITES = f"""
+SELECT n.nspname || '.' || t.typname
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_class c ON c.oid = t.typrelid
+WHERE t.typtype = 'c' AND c.relkind = 'c' AND {managed('n')}
+"""
+
 _RANGES = f"""
 SELECT n.nspname, t.typname, t.oid::int, format_type(r.rngsubtype, NULL),
        CASE WHEN r.rngsubdiff <> 0 THEN r.rngsubdiff::regprocedure::text END,
@@ -188,7 +194,8 @@ def user_types(context: Context, changes: list[Change]) -> list[Change]:
     live_domains, desired_domains = _domains(context, "live"), _domains(context, "desired")
     live_composites, desired_composites = _composites(context, "live"), _composites(context, "desired")
     live_ranges, desired_ranges = _ranges(context, "live"), _ranges(context, "desired")
-    composite_names = {f"{s}.{n}" for s, n in (*live_composites, *desired_composites)}
+    # every composite type, an extension's too: migra recreates those, which their extension already made
+    composite_names = {r[0] for side in ("live", "desired") for r in context.rows(side, _ALL_COMPOSITES)}
     out = [c for c in changes
            if not (c.kind in ("create_composite_type", "drop_type") and c.object in composite_names)]
 

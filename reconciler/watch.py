@@ -1,0 +1,418 @@
+"""``reconciler watch``: reconcile one environment continuously.
+
+Every change under the schemas and policies folders (watchfiles, debounced) is planned; the plan is applied where
+the environment and the policy's auto-apply gate allow it (the question ``apply --auto`` asks:
+``pipeline.auto_apply_blockers``) and written to the plans folder otherwise. Every interval the live schema is
+compared with the desired one; drift is reported, and reverted only where the plan may apply on its own.
+
+The servers (an embedded target or shadow) stay up for the loop's lifetime. Several watchers on one database never
+apply at once: apply's advisory lock admits one, and a watcher that waited finds its plan stale (or the lock held)
+and plans again. A bad edit is reported and the loop goes on. SIGTERM or SIGINT stops the loop: a step under way
+is cancelled the way Ctrl-C cancels it (apply records the run ``cancelled`` and rolls back what is open).
+``/healthz`` and ``/metrics`` (Prometheus text format, a registry of the watcher's own) are served from a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psycopg
+import watchfiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from . import history
+from .apply import ApplyOptions, apply_plan
+from .config import Config, Environment
+from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
+from .pipeline import Servers, auto_apply_blockers, drift, make_plan, open_servers
+from .plan import Plan, write_plan
+from .servers import connect
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9187
+PLAN_RESULTS = ("no_changes", "auto_apply", "written", "denied", "error")
+APPLY_RESULTS = ("applied", "failed", "refused", "locked", "cancelled")
+DRIFT_RESULTS = ("none", "found", "error")
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    plans_dir: Path
+    interval_seconds: float = 300.0  # drift checks
+    host: str = DEFAULT_HOST
+    port: int | None = DEFAULT_PORT  # None: no HTTP endpoint; 0: any free port
+    schemas_dir: Path | None = None  # default: the config's
+    debounce_ms: int = 1600
+    sign: Callable[[Plan], Plan] | None = None  # signs written plans as planner
+
+
+@dataclass(frozen=True)
+class Report:
+    """One outcome of the loop, as logged: what set it off, what came of it."""
+
+    trigger: str  # start, change or drift
+    result: str  # no_changes, applied, written, denied, drift, no_drift, error, locked, refused, failed, cancelled
+    message: str
+    at: datetime
+    plan_path: Path | None = None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (host 127.0.0.1); an IPv6 host in brackets: ``[::1]:9187``."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.removeprefix("[").removesuffix("]") or DEFAULT_HOST
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {text!r}: give HOST:PORT, with a port from 0 to 65535")
+    return host, int(port)
+
+
+class Metrics:
+    """The watcher's series, in a registry of its own (never the process-wide default one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.last_run = Gauge("reconciler_last_run_timestamp_seconds",
+                              "When the last plan or drift check finished (Unix time)", registry=r)
+        self.last_success = Gauge("reconciler_last_run_success",
+                                  "1 when the last plan or drift check succeeded, 0 when it failed", registry=r)
+        self.drift = Gauge("reconciler_drift_detected",
+                           "1 when the live schema differed from the desired one at the last look and was not brought "
+                           "back (changed by hand, or a plan waiting for approval)", registry=r)
+        self.plans = Counter("reconciler_plans", "Plans made, by result", ["result"], registry=r)
+        self.applies = Counter("reconciler_applies", "Applies tried, by result", ["result"], registry=r)
+        self.drift_checks = Counter("reconciler_drift_checks", "Drift checks, by result", ["result"], registry=r)
+        self.stage_duration = Histogram("reconciler_stage_duration_seconds", "Time spent planning, applying and "
+                                        "checking drift", ["stage"], registry=r,
+                                        buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
+        self.step_duration = Histogram("reconciler_step_duration_seconds", "Duration of each applied plan step, by "
+                                       "step kind", ["kind"], registry=r,
+                                       buckets=(0.005, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600))
+        for counter, results in ((self.plans, PLAN_RESULTS), (self.applies, APPLY_RESULTS),
+                                 (self.drift_checks, DRIFT_RESULTS)):
+            for result in results:  # every series from the start, at 0, so rate() and alerts see them
+                counter.labels(result)
+        for stage in ("plan", "apply", "drift"):
+            self.stage_duration.labels(stage)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _SourceFilter(watchfiles.DefaultFilter):
+    """Desired-schema and policy files only (editors' swap and backup files are left out by the default filter)."""
+
+    def __call__(self, change: watchfiles.Change, path: str) -> bool:
+        return path.endswith((".sql", ".yaml", ".yml")) and super().__call__(change, path)
+
+
+class Watcher:
+    def __init__(self, config: Config, env: Environment, options: WatchOptions, apply_options: ApplyOptions) -> None:
+        self.config, self.env, self.options, self.apply_options = config, env, options, apply_options
+        self.metrics = Metrics()
+        self.reports: deque[Report] = deque(maxlen=500)  # the recent ones, for /healthz and tests
+        self.address: tuple[str, int] | None = None  # where /metrics is served, once listening
+        self.listening = threading.Event()
+        self.cycles = 0  # plans and drift checks done (start, changes, intervals)
+        self._stop = threading.Event()
+        self._working = False  # a plan, apply or drift check is under way
+        self._interrupting = False
+
+    # --- control ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop after the step under way (from any thread)."""
+        self._stop.set()
+
+    def handle_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT: stop; a step under way is cancelled like Ctrl-C cancels it, once."""
+        self._stop.set()
+        if self._working and not self._interrupting:
+            self._interrupting = True
+            raise KeyboardInterrupt
+
+    def health(self) -> tuple[bool, str]:
+        """Alive while the loop runs; a failing plan or an unreachable database shows in /metrics, not here."""
+        if self._stop.is_set():
+            return False, "stopping\n"
+        last = self.reports[-1] if self.reports else None
+        if last is None:
+            return True, "ok: starting\n"
+        return True, f"ok: last {last.trigger} {last.result} at {last.at:%Y-%m-%dT%H:%M:%SZ}\n"
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Plan once, then on every change and check drift every interval, until stopped."""
+        schemas = self.options.schemas_dir or self.config.schemas_dir
+        if not schemas.is_dir():
+            raise ConfigError(f"the schemas folder {schemas} does not exist")
+        paths = [p for p in (schemas, self.config.policies_dir) if p.is_dir()]
+        tick_ms = max(50, int(min(self.options.interval_seconds, 1.0) * 1000))
+        with self._signals(), open_servers(self.config, self.env) as servers, self._serving():
+            log.info("watching %s for environment %s (drift checks every %gs)",
+                     ", ".join(map(str, paths)), self.env.name, self.options.interval_seconds)
+            self._cycle(servers, "start")
+            next_drift = time.monotonic() + self.options.interval_seconds
+            for changes in watchfiles.watch(*paths, watch_filter=_SourceFilter(), debounce=self.options.debounce_ms,
+                                            stop_event=self._stop, rust_timeout=tick_ms, yield_on_timeout=True):
+                if self._stop.is_set():
+                    break
+                if changes:
+                    self._cycle(servers, "change", self._describe(changes))
+                elif time.monotonic() >= next_drift:
+                    self._cycle(servers, "drift")
+                else:
+                    continue
+                next_drift = time.monotonic() + self.options.interval_seconds
+        log.info("stopped watching environment %s", self.env.name)
+
+    def _cycle(self, servers: Servers, trigger: str, changed: str = "") -> None:
+        if self._stop.is_set():
+            return
+        try:
+            ok = self._check_drift(servers) if trigger == "drift" else self._reconcile(servers, trigger, changed)
+        except KeyboardInterrupt:
+            self._stop.set()
+            self._report(trigger, "cancelled", "stopping: the step under way was cancelled", logging.WARNING)
+            ok = False
+        self.metrics.last_run.set(time.time())
+        self.metrics.last_success.set(1 if ok else 0)
+        self.cycles += 1
+
+    def _reconcile(self, servers: Servers, trigger: str, changed: str) -> bool:
+        """Plan; apply where allowed, else write the plan. A plan that lost the race to another watcher (the lock
+        was held, or the database moved on while it waited) is planned once more."""
+        for attempt in (1, 2):
+            if changed and attempt == 1:
+                log.info("changed: %s", changed)
+            before = self._latest_run(servers)
+            try:
+                with self._work("plan"):
+                    plan = make_plan(self.config, self.env, servers, schemas_dir=self.options.schemas_dir).plan
+            except Exception as exc:  # a bad edit (or a database away) is reported; the loop goes on
+                self.metrics.plans.labels("error").inc()
+                raced = attempt == 1 and self._latest_run(servers) != before
+                self._report(trigger, "error", _describe_error(exc) + ("; another apply ran meanwhile: planning again"
+                                                                      if raced else ""), logging.ERROR)
+                if raced:
+                    continue
+                return False
+            if not plan.body.steps:
+                self.metrics.plans.labels("no_changes").inc()
+                self.metrics.drift.set(0)
+                self._report(trigger, "no_changes", f"no changes: {plan.body.target.database} matches the desired schema")
+                return True
+            self.metrics.drift.set(1)
+            blockers = auto_apply_blockers(self.env, plan)
+            if blockers:
+                return self._write(plan, trigger, blockers)
+            self.metrics.plans.labels("auto_apply").inc()
+            outcome = self._apply(plan, servers, trigger, last_try=attempt == 2)
+            if outcome not in ("locked", "refused"):
+                return outcome == "applied"
+        return False
+
+    def _latest_run(self, servers: Servers) -> tuple[str, str] | None:
+        """The newest run in the target's history (id, status): when it moves while planning, another apply (another
+        watcher) changed the database under the plan, and a failed plan is worth a second try."""
+        try:
+            with connect(servers.target_dsn) as conn:
+                latest = history.list_runs(conn, self.config.metadata_schema, limit=1)
+        except (ReconcilerError, psycopg.Error):
+            return None
+        return (latest[0].id, latest[0].status) if latest else None
+
+    def _write(self, plan: Plan, trigger: str, blockers: list[str]) -> bool:
+        denied = bool(plan.body.policy.denied)
+        self.metrics.plans.labels("denied" if denied else "written").inc()
+        try:
+            if self.options.sign is not None:
+                plan = self.options.sign(plan)
+            self.options.plans_dir.mkdir(parents=True, exist_ok=True)
+            path = self.options.plans_dir / f"{self.env.name}-{plan.short_id}.json"
+            write_plan(plan, path)
+        except (ReconcilerError, OSError) as exc:
+            self._report(trigger, "error", f"plan {plan.short_id} could not be written: {_describe_error(exc)}",
+                         logging.ERROR)
+            return False
+        self._report(trigger, "denied" if denied else "written",
+                     f"plan {plan.short_id} ({len(plan.body.steps)} step(s)) written to {path}, not applied: "
+                     + "; ".join(blockers), logging.WARNING, plan_path=path)
+        return True
+
+    def _apply(self, plan: Plan, servers: Servers, trigger: str, *, last_try: bool) -> str:
+        again = "" if last_try else "; planning again"
+        try:
+            with self._work("apply"):
+                result = apply_plan(plan, servers.target_dsn, self.apply_options)
+        except KeyboardInterrupt:
+            self.metrics.applies.labels("cancelled").inc()
+            raise
+        except LockTimeoutError as exc:  # another watcher (or apply) is at work on this database
+            outcome, message, level = "locked", f"not applied: {exc}{again}", logging.WARNING
+        except RefusedError as exc:  # e.g. stale: another watcher applied while this one waited for the lock
+            outcome, message, level = "refused", f"not applied: {exc}{again}", logging.WARNING
+        except Exception as exc:  # ApplyError: the run is recorded failed (or rolled back) in history
+            outcome, message, level = "failed", f"apply failed: {_describe_error(exc)}", logging.ERROR
+        else:
+            for step in result.steps:
+                self.metrics.step_duration.labels(step.kind).observe(step.duration_ms / 1000)
+            self.metrics.applies.labels("applied").inc()
+            self.metrics.drift.set(0)
+            self._report(trigger, "applied", f"applied plan {plan.short_id}: {len(result.steps)} step(s) "
+                                             f"(run {result.run_id})")
+            return "applied"
+        self.metrics.applies.labels(outcome).inc()
+        self._report(trigger, outcome, message, level)
+        return outcome
+
+    def _check_drift(self, servers: Servers) -> bool:
+        try:
+            with self._work("drift"):
+                differences = drift(self.config, servers, schemas_dir=self.options.schemas_dir)
+        except Exception as exc:
+            self.metrics.drift_checks.labels("error").inc()
+            self._report("drift", "error", _describe_error(exc), logging.ERROR)
+            return False
+        if not differences:
+            self.metrics.drift_checks.labels("none").inc()
+            self.metrics.drift.set(0)
+            self._report("drift", "no_drift", "no drift: the live schema matches the desired schema", logging.DEBUG)
+            return True
+        self.metrics.drift_checks.labels("found").inc()
+        self.metrics.drift.set(1)
+        shown = ", ".join(str(d) for d in differences[:10]) + (f" and {len(differences) - 10} more"
+                                                              if len(differences) > 10 else "")
+        blockers = auto_apply_blockers(self.env)
+        if blockers:
+            self._report("drift", "drift", f"drift: {len(differences)} object(s) differ from the desired schema: "
+                                           f"{shown}; not reverted ({'; '.join(blockers)})", logging.WARNING)
+            return True
+        self._report("drift", "drift", f"drift: {len(differences)} object(s) differ from the desired schema: {shown}; "
+                                       "reverting", logging.WARNING)
+        return self._reconcile(servers, "drift", "")
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _work(self, stage: str) -> Iterator[None]:
+        """Marks a step under way (a signal cancels it) and times it."""
+        started = time.perf_counter()
+        self._working = True
+        try:
+            yield
+        finally:
+            self._working = False
+            self.metrics.stage_duration.labels(stage).observe(time.perf_counter() - started)
+
+    def _report(self, trigger: str, result: str, message: str, level: int = logging.INFO,
+                plan_path: Path | None = None) -> None:
+        self.reports.append(Report(trigger, result, message, datetime.now(UTC), plan_path))
+        log.log(level, "%s: %s", trigger, message)
+
+    def _describe(self, changes: set[tuple[watchfiles.Change, str]]) -> str:
+        names = sorted({f"{_relative(Path(path), self.config.root)} ({change.name})" for change, path in changes})
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """Handle SIGTERM and SIGINT while running in the main thread (signals reach no other)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self.handle_signal)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        if self.options.port is None:
+            yield
+            return
+        try:
+            server = _HttpServer((self.options.host, self.options.port), self)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}") from exc
+        thread = threading.Thread(target=server.serve_forever, name="reconciler-metrics", daemon=True)
+        thread.start()
+        bound, port = server.server_address[:2]
+        host = bound if isinstance(bound, str) else bytes(bound).decode()
+        self.address = (host, int(port))
+        shown = f"[{host}]" if ":" in host else host
+        log.info("serving /healthz and /metrics on http://%s:%d", shown, port)
+        self.listening.set()
+        try:
+            yield
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], watcher: Watcher) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.watcher = watcher
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HttpServer
+
+    def do_GET(self) -> None:
+        path = self.path.partition("?")[0]
+        if path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, self.server.watcher.metrics.text())
+        elif path == "/healthz":
+            healthy, text = self.server.watcher.health()
+            self._send(200 if healthy else 503, "text/plain; charset=utf-8", text.encode())
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found: /healthz and /metrics are served here\n")
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s " + format, self.address_string(), *args)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, ReconcilerError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc}"

@@ -1,0 +1,115 @@
+"""Fleets: one desired schema, several databases; a plan per distinct live state; apply to all, a failure
+in one database reported without stopping the others."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli import main
+from reconciler.servers import Server, throwaway_database
+from tests.conftest import fetch_one, run_sql
+
+DESIRED = "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL, CHECK (balance >= 0));\n"
+OLD = "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL);\n"
+
+
+@pytest.fixture
+def tenants(pg_server: Server) -> Iterator[list[str]]:
+    with ExitStack() as stack:
+        yield [stack.enter_context(throwaway_database(pg_server, "tenant")) for _ in range(3)]
+
+
+def _project(tmp_path: Path, server: Server, fleet_yaml: str) -> Path:
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "app.sql").write_text(DESIRED)
+    (tmp_path / "policies").mkdir()
+    config = tmp_path / "reconciler.yaml"
+    fleet = "".join(f"    {line}\n" for line in fleet_yaml.splitlines())
+    config.write_text("environments:\n  tenants:\n" + fleet + textwrap.dedent(f"""\
+            shadow: "{server.dsn}"
+            require_signed_plans: false
+            backup: none
+            concurrency: 2
+        safety:
+          squawk: false
+        """))
+    return config
+
+
+def test_fleet_plans_once_per_state_and_applies_to_all_reporting_the_one_that_fails(
+        tmp_path: Path, pg_server: Server, tenants: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    first, second, third = tenants
+    run_sql(first, OLD)
+    run_sql(second, OLD)  # same state as the first: shares its plan
+    (tmp_path / "tenants.txt").write_text(f"# one DSN per line\n{second}\n\n{third}\n")
+    config = _project(tmp_path, pg_server, f'databases: ["{first}"]\ndatabases_file: tenants.txt')
+
+    assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
+    err = capsys.readouterr().err
+    assert "3 database(s): 2 distinct state(s), 0 unreachable" in err
+    plans = sorted((tmp_path / "plans").glob("*.json"))
+    fleets = sorted(len(json.loads(p.read_text())["body"]["fleet"]) for p in plans)
+    assert fleets == [1, 2]
+    shared = next(p for p in plans if len(json.loads(p.read_text())["body"]["fleet"]) == 2)
+    assert "password" not in shared.read_text()
+
+    run_sql(second, "INSERT INTO accounts VALUES (1, -5)")  # this tenant's data breaks the new CHECK
+    code = main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants"])
+    out = capsys.readouterr().out
+    assert code == 1
+    lines = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert len(lines) == 3
+    statuses = {db: line.split()[1] for db, line in lines.items()}
+    assert sorted(statuses.values()) == ["applied", "applied", "failed"]
+    failed_line = next(line for line in lines.values() if " failed " in line)
+    assert "accounts_balance_check" in failed_line and "is violated by some row" in failed_line
+    assert "3 database(s): 2 applied, 1 failed" in out
+    for dsn in (first, third):
+        assert fetch_one(dsn, "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 1
+    assert fetch_one(second, "SELECT status FROM reconciler.runs") == "rolled back"  # its NOT VALID step undone
+    assert fetch_one(second, "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 0
+
+
+def test_fleet_apply_takes_only_its_shard(tmp_path: Path, pg_server: Server, tenants: list[str],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    quoted = ", ".join(f'"{t}"' for t in tenants)
+    config = _project(tmp_path, pg_server, f"databases: [{quoted}]")
+    assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
+    capsys.readouterr()
+    assert main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants", "--shard", "1/2"]) == 0
+    out = capsys.readouterr().out
+    assert "1 database(s): 1 applied" in out
+    created = [fetch_one(t, "SELECT to_regclass('public.accounts') IS NOT NULL") for t in tenants]
+    assert created == [False, True, False]
+
+
+def test_a_database_missing_from_the_plan_is_skipped_and_named(tmp_path: Path, pg_server: Server,
+                                                              tenants: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    first, second, _third = tenants
+    config = _project(tmp_path, pg_server, f'databases: ["{first}"]')
+    assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
+    config.write_text(config.read_text().replace(f'databases: ["{first}"]', f'databases: ["{first}", "{second}"]'))
+    capsys.readouterr()
+    assert main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants"]) == 1
+    out = capsys.readouterr().out
+    assert "skipped" in out and "no plan names this database" in out
+    assert fetch_one(first, "SELECT to_regclass('public.accounts') IS NOT NULL") is True
+
+
+def test_fleet_auto_plans_and_applies_each_state(tmp_path: Path, pg_server: Server, tenants: list[str],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run_sql(tenants[0], OLD)
+    quoted = ", ".join(f'"{t}"' for t in tenants)
+    config = _project(tmp_path, pg_server, f"databases: [{quoted}]\nauto_apply: true")
+    assert main(["--config", str(config), "apply", "--auto", "--env", "tenants"]) == 0
+    assert "3 database(s): 3 applied" in capsys.readouterr().out
+    for dsn in tenants:
+        assert fetch_one(dsn, "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 1
+    assert main(["--config", str(config), "apply", "--auto", "--env", "tenants"]) == 0
+    assert "3 database(s): 3 nothing" in capsys.readouterr().out
