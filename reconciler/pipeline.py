@@ -182,14 +182,14 @@ def make_plan(
             ident = inspect.identity(conn)
             live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
             facts = inspect.live_facts(conn, exclude_schemas=excluded)
-            todo = renames.pending(conn, annotated, database=f"database {ident.database}")
+            pending = renames.pending(conn, annotated, database=f"database {ident.database}")
         with connect(shadow_dsn) as conn:
             renames.check_desired(conn, annotated)
             desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
             if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                 catalog = read_catalog(conn, exclude_schemas=excluded)
-        if todo:
-            done, changes = _diff_after_renames(engine, servers, shadow_dsn, desired, todo, excluded, managed(config))
+        if pending:
+            done, changes = _diff_after_renames(engine, servers, shadow_dsn, desired, pending, excluded, managed(config))
             facts = renames.renamed_facts(facts, done)
         else:
             changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
@@ -239,26 +239,26 @@ def _check_expressed(engine: str, desired: inspect.SchemaSnapshot, live: inspect
 
 
 def _diff_after_renames(engine: DiffEngine, servers: Servers, desired_dsn: str, desired: inspect.SchemaSnapshot,
-                        todo: tuple[renames.Rename, ...], excluded: tuple[str, ...],
+                        pending: tuple[renames.Rename, ...], excluded: tuple[str, ...],
                         flags: dict[str, bool]) -> tuple[tuple[renames.Rename, ...], list[Change]]:
     """The renames (those asked for, then the indexes, constraints and sequences named after a renamed table or
     column), and the engine's diff from a schema-only copy of live with them applied: so the engine sees renamed
     objects as the same objects, not as one dropped and one added. Returns every rename and all the changes."""
-    log.info("renaming first: %s", "; ".join(r.describe() for r in todo))
+    log.info("renaming first: %s", "; ".join(r.describe() for r in pending))
     with throwaway_database(servers.shadow, "renamed") as copy_dsn:
         if flags["owners"] or flags["privileges"]:  # the copy keeps owners and grants, as rehearsal's does
             stand_in_for_target(servers.target_dsn, servers.shadow, copy_dsn)
         copy_schema(servers.target_dsn, copy_dsn, source_major=servers.target_major, exclude_schemas=excluded, **flags)
         with connect(copy_dsn) as conn, connect(desired_dsn) as desired_conn:
-            for change in renames.changes(todo):
+            for change in renames.changes(pending):
                 conn.execute(change.sql.encode())
-            follow = renames.derived(conn, desired_conn, todo)
+            follow = renames.derived(conn, desired_conn, pending)
             for change in renames.changes(follow):
                 conn.execute(change.sql.encode())
             renamed = inspect.snapshot(conn, exclude_schemas=excluded, **flags)
         rest = engine.diff(copy_dsn, desired_dsn, exclude_schemas=excluded) if renamed != desired else []
     _check_expressed(engine.name, desired, renamed, rest)
-    done = (*todo, *follow)
+    done = (*pending, *follow)
     return done, [*renames.changes(done), *rest]
 
 

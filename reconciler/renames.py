@@ -239,7 +239,7 @@ def check_desired(conn: psycopg.Connection[Any], renames: Sequence[Rename]) -> N
 
 def pending(conn: psycopg.Connection[Any], renames: Sequence[Rename], *, database: str = "the live database") -> tuple[Rename, ...]:
     """The renames the live database still needs, tables first; errors name the annotation's file:line."""
-    todo: list[Rename] = []
+    to_apply: list[Rename] = []
     renamed_tables: dict[tuple[str, str], str] = {}  # (schema, new) -> live name, for tables renamed here
     for r in (r for r in renames if r.kind == "table"):
         has_old = _table_oid(conn, r.schema, r.old) is not None
@@ -248,7 +248,7 @@ def pending(conn: psycopg.Connection[Any], renames: Sequence[Rename], *, databas
             raise ReconcilerError(f"{r.where}: cannot rename {r.describe()}: {database} has both tables; drop one of "
                                   "them or remove the annotation")
         if has_old:
-            todo.append(r)
+            to_apply.append(r)
             renamed_tables[(r.schema, r.new)] = r.old
         elif not has_new:
             raise ReconcilerError(f"{r.where}: cannot rename {r.describe()}: {database} has no table {r.source} "
@@ -261,12 +261,12 @@ def pending(conn: psycopg.Connection[Any], renames: Sequence[Rename], *, databas
             raise ReconcilerError(f"{r.where}: cannot rename {r.describe()}: {database} has both columns; drop one of "
                                   "them or remove the annotation")
         if has_old:
-            todo.append(r)
+            to_apply.append(r)
         elif not has_new:
             missing = f"no table {r.schema}.{live_table}" if oid is None else f"no column {r.schema}.{live_table}.{r.old}"
             raise ReconcilerError(f"{r.where}: cannot rename {r.describe()}: {database} has {missing}; correct the old "
                                   "name, or remove the annotation if the column is new")
-    return tuple(todo)
+    return tuple(to_apply)
 
 
 def statement(r: Rename) -> str:

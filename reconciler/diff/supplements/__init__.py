@@ -51,6 +51,13 @@ class Context:
 
 Rewriter = Callable[[Context, list[Change]], list[Change]]
 
+# statements nothing in a plan can use a function, aggregate or operator before: schemas, extensions, types
+# (text search objects once that rewriter has placed them); those go right after these
+FOUNDATION_KINDS = frozenset({"create_schema", "create_extension", "alter_extension", "create_collation", "create_enum",
+                              "create_sequence", "set", "create_domain", "create_composite_type", "create_type",
+                              "create_range", "create_range_type", "create_text_search_dictionary",
+                              "create_text_search_configuration", "alter_text_search_configuration"})
+
 MANAGED = ("{n}.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
            "AND {n}.nspname NOT LIKE 'pg\\_temp\\_%%' AND {n}.nspname NOT LIKE 'pg\\_toast\\_temp\\_%%' "
            "AND {n}.nspname <> ALL(%(excluded)s::text[])")

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from ...errors import ReconcilerError
 from ..base import Change
-from . import Context, change, first_index, managed, not_extension_member
+from . import FOUNDATION_KINDS, Context, change, first_index, managed, not_extension_member
 
 
 def _support(column: str) -> str:
@@ -59,11 +59,6 @@ _MODIFY = {"r": "READ_ONLY", "s": "SHAREABLE", "w": "READ_WRITE"}
 _PARALLEL = {"s": "SAFE", "r": "RESTRICTED", "u": "UNSAFE"}
 _VIEW_DROPS = frozenset({"drop_view", "drop_materialized_view"})
 _VIEW_CREATES = frozenset({"create_view", "replace_view", "create_materialized_view"})
-# statements nothing can use an aggregate before (as in the routines supplement)
-_FOUNDATION_KINDS = frozenset({"create_schema", "create_extension", "alter_extension", "create_collation", "create_enum",
-                               "create_sequence", "set", "create_domain", "create_composite_type", "create_type",
-                               "create_range", "create_range_type", "create_text_search_dictionary",
-                               "create_text_search_configuration", "alter_text_search_configuration"})
 
 
 @dataclass(frozen=True)
@@ -231,7 +226,7 @@ def aggregates(context: Context, changes: list[Change]) -> list[Change]:
         drops.append((min([late, *(i for i, c in enumerate(out) if _goes_with(c, used, agg.schema))]), agg.drop()))
 
     # creates: right after the functions they use, never before the foundation (schemas, types)
-    early = first_index(out, lambda c: c.kind not in _FOUNDATION_KINDS, len(out))
+    early = first_index(out, lambda c: c.kind not in FOUNDATION_KINDS, len(out))
     users = _dependents(context, "desired")
     creates: list[tuple[int, Change]] = []
     for key in sorted(k for k in desired if k not in live or k in changed):

@@ -11,11 +11,9 @@ from psycopg import sql
 
 from ...errors import ReconcilerError
 from ..base import Change
-from . import Context, change, first_index, managed, not_extension_member
+from . import FOUNDATION_KINDS, Context, change, first_index, managed, not_extension_member
 
 _SYMBOLS = re.compile(r"^[+\-*/<>=~!@#%^&|`?]{1,63}$")
-_FOUNDATION_KINDS = frozenset({"create_schema", "create_extension", "create_enum", "create_sequence", "set",
-                               "create_domain", "create_composite_type", "create_range", "create_range_type"})
 
 # argument types and functions as PostgreSQL writes them (format_type, regproc: quoted where needed)
 _OPERATORS = f"""
@@ -100,7 +98,7 @@ def operators(context: Context, changes: list[Change]) -> list[Change]:
     if not live and not desired:
         return changes
     out = list(changes)
-    early = first_index(out, lambda c: c.kind not in _FOUNDATION_KINDS, len(out))
+    early = first_index(out, lambda c: c.kind not in FOUNDATION_KINDS, len(out))
     creates: list[tuple[int, Change]] = []
     drops: list[Change] = []
     for key, want in sorted(desired.items()):

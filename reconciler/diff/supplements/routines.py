@@ -19,7 +19,7 @@ from psycopg import sql
 
 from ...errors import ReconcilerError
 from ..base import Change
-from . import Context, change, managed, not_extension_member
+from . import FOUNDATION_KINDS, Context, change, managed, not_extension_member
 from .enums import OLD_SUFFIX, recreated_not_extended
 
 _FUNCTIONS = f"""SELECT p.oid, n.nspname, p.proname, pg_get_function_identity_arguments(p.oid), p.prokind::text,
@@ -61,10 +61,6 @@ _CLONED_TRIGGERS = f"""SELECT n.nspname || '.' || c.relname || '.' || t.tgname
     WHERE t.tgparentid <> 0 AND NOT t.tgisinternal AND {managed('n')}"""
 
 _FUNCTION_KINDS = frozenset({"create_function", "create_procedure", "drop_function", "drop_procedure"})
-# statements before which nothing can use a function: a new function may go right after them
-_FOUNDATION_KINDS = frozenset({"create_schema", "create_extension", "alter_extension", "create_collation", "create_enum",
-                               "create_sequence", "set", "create_domain", "create_composite_type", "create_type",
-                               "create_range"})
 # statements that give an object the shape a function body may rely on
 _SHAPING_KINDS = frozenset({"create_table", "add_column", "alter_column_type", "alter_table", "create_view", "replace_view",
                             "create_materialized_view", "create_enum", "create_domain", "create_composite_type",
@@ -183,7 +179,7 @@ def functions(context: Context, changes: list[Change]) -> list[Change]:
     creates = {k for k in desired if k not in live} | changed | recreate
     drops = {k for k in live if k not in desired} | recreate
 
-    early = next((i for i, c in enumerate(out) if c.kind not in _FOUNDATION_KINDS), len(out))
+    early = next((i for i, c in enumerate(out) if c.kind not in FOUNDATION_KINDS), len(out))
     late = next((i for i, c in enumerate(out) if c.kind == "drop_schema"), len(out))
 
     live_uses = {k: v[0] for k, v in live_deps.items()}
