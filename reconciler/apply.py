@@ -253,17 +253,21 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
                 taken = _take_backup(plan, run_id, target_dsn, control, options)
             else:
                 taken = None
-            history.start_run(
-                control, schema, run_id=run_id,
-                plan_id=plan.id, environment=options.environment, backend_pid=executor.info.backend_pid,
-                git_commit=plan.body.desired.git_commit, from_fingerprint=plan.body.target.fingerprint,
-                to_fingerprint=plan.body.desired.schema_fingerprint,
-            )
-            if taken is not None:
-                history.record_backup(control, schema, run_id, path=str(taken.path), sha256=taken.sha256, size=taken.size)
+
+            def start() -> None:
+                history.start_run(
+                    control, schema, run_id=run_id,
+                    plan_id=plan.id, environment=options.environment, backend_pid=executor.info.backend_pid,
+                    git_commit=plan.body.desired.git_commit, from_fingerprint=plan.body.target.fingerprint,
+                    to_fingerprint=plan.body.desired.schema_fingerprint,
+                )
+                if taken is not None:
+                    history.record_backup(control, schema, run_id, path=str(taken.path), sha256=taken.sha256,
+                                          size=taken.size)
+
             token = current_run.set(run_id)
             try:
-                return _run(plan, run_id, control, executor, replace(options, monitor_dsn=target_dsn))
+                return _run(plan, run_id, control, executor, replace(options, monitor_dsn=target_dsn), start)
             finally:
                 current_run.reset(token)
         finally:
@@ -272,12 +276,16 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
 
 
 def _run(plan: Plan, run_id: str, control: psycopg.Connection[Any], executor: psycopg.Connection[Any],
-         options: ApplyOptions) -> ApplyResult:
+         options: ApplyOptions, start: Callable[[], None]) -> ApplyResult:
+    """`start` records the run inside the guarded block: a Ctrl-C or SIGTERM landing just after the row is
+    written still finishes it as cancelled instead of leaving it running."""
     schema = options.metadata_schema
-    log.info("applying plan %s (%d steps in %d phases)", plan.short_id, len(plan.body.steps), len(_phases(plan.body.steps)))
     records: list[StepRecord] = []
     progress = _Progress(control, schema, run_id, records)
     try:
+        start()
+        log.info("applying plan %s (%d steps in %d phases)", plan.short_id, len(plan.body.steps),
+                 len(_phases(plan.body.steps)))
         with LockWaitMonitor(options.monitor_dsn, executor.info.backend_pid) if options.monitor_dsn else \
                 contextlib.nullcontext() as monitor:
             _execute(plan, executor, options, records, progress, monitor)

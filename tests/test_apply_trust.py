@@ -316,3 +316,26 @@ def test_touched_backup_keeps_only_the_data_the_plan_can_lose(target: Target, pg
         assert target.run("restore", str(run["id"]), "--into", fresh).returncode == 0
         assert fetch_one(fresh, "SELECT count(*) FROM items") == 500  # dropped a column: its data is kept
         assert fetch_one(fresh, "SELECT count(*) FROM parents") == 0  # untouched: schema only
+
+
+def test_an_interrupt_just_after_the_run_is_recorded_finishes_it_as_cancelled(
+        target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM or Ctrl-C can land between writing the run's row and the first step: the row must not stay
+    `running` (the watch test saw this under load)."""
+    from reconciler import apply, history
+    from reconciler.plan import read_plan
+
+    target.desired(DESIRED)
+    plan = read_plan(target.plan())
+    before = target.fingerprint()
+    real_start = history.start_run
+
+    def start_then_interrupted(*args: object, **kwargs: object) -> str:
+        real_start(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(history, "start_run", start_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply.apply_plan(plan, target.database, apply.ApplyOptions(environment="test", metadata_schema="reconciler"))
+    assert [r["status"] for r in target.runs()] == ["cancelled"]
+    assert target.fingerprint() == before and target.lock_is_free()

@@ -244,7 +244,7 @@ def test_sigterm_cancels_an_apply_under_way_and_exits_0(repo: Repo) -> None:
         blocker.rollback()
         blocker.close()
     assert proc.returncode == 0, "".join(lines)
-    assert runs(repo.database, "cancelled") == 1 and runs(repo.database, "running") == 0
+    assert runs(repo.database, "cancelled") == 1 and runs(repo.database, "running") == 0, "".join(lines)
     assert not has_column(repo.database, "customers", "nickname")
 
 
