@@ -315,19 +315,29 @@ def _run(plan: Plan, run_id: str, control: psycopg.Connection[Any], executor: ps
 
 
 class _Progress:
-    """Writes what has completed and what is running to the history row, for `cancel` and crash recovery."""
+    """Writes what has completed and what is running to the history row, for `cancel` and crash recovery.
+
+    Only the records added since the last write are sent: a record, once written, is not changed before the
+    run ends (a failed attempt marks its own records rolled back before the next write; undoing committed
+    steps happens after the last one, and finish_run writes the whole list)."""
 
     def __init__(self, conn: psycopg.Connection[Any], schema: str, run_id: str, records: list[StepRecord]) -> None:
         self.conn, self.schema, self.run_id, self.records = conn, schema, run_id, records
+        self.written = 0
 
     def starting(self, phase: Sequence[Step]) -> None:
         if history.cancel_requested(self.conn, self.schema, self.run_id):
             raise Cancelled
-        current = [{"index": s.index, "kind": s.kind, "object": s.object, "transactional": s.transactional} for s in phase]
-        history.record_progress(self.conn, self.schema, self.run_id, statements=self.records, current=current)
+        self._write([{"index": s.index, "kind": s.kind, "object": s.object, "transactional": s.transactional}
+                     for s in phase])
 
     def committed(self) -> None:
-        history.record_progress(self.conn, self.schema, self.run_id, statements=self.records)
+        self._write([])
+
+    def _write(self, current: list[dict[str, Any]]) -> None:
+        added = self.records[self.written:]
+        history.record_progress(self.conn, self.schema, self.run_id, added=added, position=self.written, current=current)
+        self.written += len(added)
 
 
 def _take_backup(plan: Plan, run_id: str, target_dsn: str, control: psycopg.Connection[Any],
@@ -361,15 +371,17 @@ def _after_failure(plan: Plan, records: list[StepRecord], control: psycopg.Conne
         executor.rollback()
     undone = []
     try:
-        for record in reversed(committed):
+        for position in reversed([p for p, r in enumerate(records) if r.status == "applied"]):
+            record = records[position]
             undo = steps[record.index].rollback_sql
             if undo:
                 executor.execute(undo.encode())
             undone.append(record.index)
-            records[records.index(record)] = StepRecord(record.index, record.kind, record.object, record.sql,
-                                                        "undone", record.duration_ms)
+            records[position] = StepRecord(record.index, record.kind, record.object, record.sql, "undone",
+                                           record.duration_ms)
     except psycopg.Error as exc:
-        left = [r.index for r in committed if r.index not in undone]
+        done = set(undone)
+        left = [r.index for r in committed if r.index not in done]
         return (f"undoing step {left[-1]} failed ({_error_text(exc)}); step(s) {', '.join(map(str, left))} stay applied; "
                 f"the way back: {restore_hint}"), "failed"
     return f"step(s) {', '.join(map(str, sorted(undone)))} were committed, then undone by their rollback SQL", "rolled back"
@@ -505,8 +517,8 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
 
 def _verify(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> None:
     live = inspect.snapshot(conn, exclude_schemas=(options.metadata_schema,), **plan.body.snapshot_options)
-    if live.fingerprint != plan.body.desired.schema_fingerprint:
-        changed = describe_differences(dict(plan.body.desired.objects), object_digests(live))
+    changed = _unlike_desired(plan, live, limit=10)
+    if changed:
         raise ApplyError(f"after the steps the database does not match the desired schema: {changed}")
 
 
@@ -601,8 +613,8 @@ def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str) -> d
     """The checks after an apply, as stored in the history row: live equals desired, no INVALID index,
     and the NOT VALID constraints (each must be in the desired schema to pass the first check)."""
     live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,), **plan.body.snapshot_options)
-    differences = [] if live.fingerprint == plan.body.desired.schema_fingerprint else \
-        describe_differences(dict(plan.body.desired.objects), object_digests(live), limit=50).split(", ")
+    unlike = _unlike_desired(plan, live, limit=50)
+    differences = unlike.split(", ") if unlike else []
     invalid = [r[0] for r in conn.execute(
         "SELECT n.nspname || '.' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid ORDER BY 1").fetchall()]
@@ -611,6 +623,14 @@ def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str) -> d
         "WHERE NOT k.convalidated AND n.nspname <> %s ORDER BY 1", (metadata_schema,)).fetchall()]
     return {"converged": not differences, "fingerprint": live.fingerprint, "differences": differences,
             "invalid_indexes": invalid, "not_valid_constraints": not_valid}
+
+
+def _unlike_desired(plan: Plan, live: inspect.SchemaSnapshot, *, limit: int) -> str:
+    """'' when live is the desired schema (counting the plan's equivalents), else what differs."""
+    if live.fingerprint == plan.body.desired.schema_fingerprint:
+        return ""
+    actual = object_digests(live)
+    return describe_differences(plan.body.desired.unmatched(actual), actual, limit=limit)
 
 
 def verification_failures(result: dict[str, Any]) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from . import __version__, backup, fleet, history, logs
+from . import __version__, backup, fleet, history, logs, shadowcache
 from . import dsn as dsnlib
 from .apply import ApplyOptions, apply_plan, plan_checks
 from .config import LOCAL, Config, Environment, duration_seconds, find_config, load_config
@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     _target_options(p)
     _format_option(p, ("text", "json"))
     p.add_argument("--limit", type=int, default=20)
+
+    p = sub.add_parser("cache", help="list or clear the desired schemas kept as templates on the shadow server")
+    p.add_argument("action", choices=["list", "clear"])
+    _target_options(p)
 
     p = sub.add_parser("watch", help="plan on every change, apply where allowed, check for drift; serve /healthz and /metrics")
     _target_options(p)
@@ -606,6 +610,24 @@ def _run_json(run: history.Run) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in run.__dict__.items()}
 
 
+def cmd_cache(args: argparse.Namespace, config: Config) -> int:
+    env = _env(config, args)
+    with open_servers(config, env) as servers:
+        if args.action == "clear":
+            dropped = shadowcache.clear(servers.shadow)
+            print(f"Dropped {len(dropped)} shadow template(s)" + (f": {', '.join(dropped)}" if dropped else "."))
+            return EXIT_OK
+        templates = shadowcache.list_templates(servers.shadow)
+    if not templates:
+        print("No shadow templates on this shadow server.")
+        return EXIT_OK
+    print(f"{'TEMPLATE':<36}  {'LAST USED (UTC)':<19}  {'SIZE':>9}  {'TOOL':<8}  {'HOLDS':<9}  SCHEMA FINGERPRINT")
+    for t in templates:
+        print(f"{t.name:<36}  {t.last_used:%Y-%m-%d %H:%M:%S}  {t.size_bytes / 1048576:>7.1f}MB  {t.tool:<8}  "
+              f"{t.kind:<9}  {t.fingerprint}")
+    return EXIT_OK
+
+
 def cmd_watch(args: argparse.Namespace, config: Config) -> int:
     env = _env(config, args)
     interval = duration_seconds(args.interval)
@@ -626,7 +648,7 @@ _COMMANDS = {
     "plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
     "approve": cmd_approve, "verify-plan": cmd_verify_plan, "lint": cmd_lint, "backup": cmd_backup,
     "restore": cmd_restore, "cancel": cmd_cancel, "verify": cmd_verify, "rollback": cmd_rollback,
-    "watch": cmd_watch,
+    "watch": cmd_watch, "cache": cmd_cache,
 }
 _NO_CONFIG = {"init": cmd_init, "show": cmd_show, "keygen": cmd_keygen}
 

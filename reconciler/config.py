@@ -21,6 +21,7 @@ LOCAL = "local"
 ADHOC = "adhoc"
 EMBEDDED = "embedded"
 DATABASE_URL_ENV = "RECONCILER_DATABASE_URL"
+DEFAULT_SHADOW_CACHE = 3
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")
 
@@ -113,6 +114,7 @@ class Config:
     safety: SafetyOptions = field(default_factory=SafetyOptions)
     manage_privileges: bool = False
     manage_owners: bool = False
+    shadow_cache: int = DEFAULT_SHADOW_CACHE  # loaded desired schemas kept as templates per shadow server (0: none)
 
     @property
     def local_dir(self) -> Path:
@@ -207,4 +209,5 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         environments=environments,
         manage_privileges=bool(data.get("manage_privileges", False)),
         manage_owners=bool(data.get("manage_owners", False)),
+        shadow_cache=int(data.get("shadow_cache", DEFAULT_SHADOW_CACHE)),
     )

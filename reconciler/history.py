@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 
 from . import __version__
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATION_LOCK = 0x7265636F6E63_01  # "recon" + 1: serialises metadata schema upgrades
 
 _MIGRATIONS: dict[int, str] = {
@@ -59,6 +59,16 @@ _MIGRATIONS: dict[int, str] = {
         ADD COLUMN backup_sha256 text,
         ADD COLUMN backup_bytes bigint,
         ADD COLUMN verification jsonb;
+    """,
+    3: """
+    CREATE TABLE {schema}.run_progress (
+        run_id uuid NOT NULL REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+        position integer NOT NULL,
+        record jsonb NOT NULL,
+        PRIMARY KEY (run_id, position)
+    );
+    COMMENT ON TABLE {schema}.run_progress IS
+        'pg-reconciler: step records of a running run, one row each; moved into runs.statements when it ends';
     """,
 }
 
@@ -119,6 +129,22 @@ def _table(schema: str) -> sql.Composed:
     return sql.SQL("{}.runs").format(sql.Identifier(schema))
 
 
+def _progress(schema: str) -> sql.Composed:
+    return sql.SQL("{}.run_progress").format(sql.Identifier(schema))
+
+
+def _select(schema: str, progress: bool, where: str, tail: str = "") -> sql.Composed:
+    """Runs with the step records so far: a running run's are in run_progress (a run a version-2 tool
+    started keeps its own in ``statements``). Reading does not upgrade the metadata schema: before version 3
+    there is no run_progress (``progress`` False)."""
+    if not progress:
+        return sql.SQL("SELECT r.*, NULL::jsonb AS progress FROM {} r WHERE " + where + tail).format(_table(schema))
+    return sql.SQL(
+        "SELECT r.*, CASE WHEN r.status = 'running' THEN r.statements || (SELECT coalesce(jsonb_agg(p.record "
+        "ORDER BY p.position), '[]') FROM {} p WHERE p.run_id = r.id) END AS progress FROM {} r WHERE " + where + tail
+    ).format(_progress(schema), _table(schema))
+
+
 def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create or upgrade the metadata schema; safe to call on every run."""
     ident = sql.Identifier(schema)
@@ -177,51 +203,60 @@ def finish_run(
     error: str | None = None,
 ) -> None:
     conn.execute(
-        sql.SQL("UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, error = %s, "
-                "current_steps = NULL WHERE id = %s").format(_table(schema)),
-        (status, json.dumps([s.to_json() for s in statements]), error, run_id),
+        sql.SQL("WITH done AS (DELETE FROM {} WHERE run_id = %s) "
+                "UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, error = %s, "
+                "current_steps = NULL WHERE id = %s").format(_progress(schema), _table(schema)),
+        (run_id, status, json.dumps([s.to_json() for s in statements]), error, run_id),
     )
 
 
-def _exists(conn: psycopg.Connection[Any], schema: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema).as_string(conn) + ".runs",)).fetchone()
-    return bool(row and row[0])
+def _exists(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, bool]:
+    """Whether the runs table exists, and run_progress (version 3) with it."""
+    ident = sql.Identifier(schema).as_string(conn)
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+                       (ident + ".runs", ident + ".run_progress")).fetchone()
+    return (bool(row[0]), bool(row[1])) if row else (False, False)
 
 
 def list_runs(conn: psycopg.Connection[Any], schema: str, *, limit: int = 50) -> list[Run]:
     """Newest first; an empty list when the tool never ran against this database."""
-    if not _exists(conn, schema):
+    runs, progress = _exists(conn, schema)
+    if not runs:
         return []
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.SQL("SELECT * FROM {} ORDER BY started_at DESC LIMIT %s").format(_table(schema)), (limit,))
+        cur.execute(_select(schema, progress, "true", " ORDER BY started_at DESC LIMIT %s"), (limit,))
         rows = cur.fetchall()
     return [_run(r) for r in rows]
 
 
 def get_run(conn: psycopg.Connection[Any], schema: str, run_id: str) -> Run | None:
-    if not _exists(conn, schema):
+    runs, progress = _exists(conn, schema)
+    if not runs:
         return None
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.SQL("SELECT * FROM {} WHERE id::text = %s").format(_table(schema)), (run_id,))
+        cur.execute(_select(schema, progress, "id::text = %s"), (run_id,))
         row = cur.fetchone()
     return _run(row) if row else None
 
 
 def runs_for_plan(conn: psycopg.Connection[Any], schema: str, plan_id: str) -> list[Run]:
-    if not _exists(conn, schema):
+    runs, progress = _exists(conn, schema)
+    if not runs:
         return []
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.SQL("SELECT * FROM {} WHERE plan_id = %s ORDER BY started_at").format(_table(schema)), (plan_id,))
+        cur.execute(_select(schema, progress, "plan_id = %s", " ORDER BY started_at"), (plan_id,))
         return [_run(r) for r in cur.fetchall()]
 
 
 def running_with_pid(conn: psycopg.Connection[Any], schema: str, pids: Sequence[int]) -> Run | None:
-    if not pids or not _exists(conn, schema):
+    if not pids:
+        return None
+    runs, progress = _exists(conn, schema)
+    if not runs:
         return None
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            sql.SQL("SELECT * FROM {} WHERE status = 'running' AND backend_pid = ANY(%s) "
-                    "ORDER BY started_at DESC LIMIT 1").format(_table(schema)),
+            _select(schema, progress, "status = 'running' AND backend_pid = ANY(%s)", " ORDER BY started_at DESC LIMIT 1"),
             (list(pids),),
         )
         row = cur.fetchone()
@@ -243,7 +278,7 @@ def _run(row: dict[str, Any]) -> Run:
         git_commit=row["git_commit"],
         from_fingerprint=row["from_fingerprint"],
         to_fingerprint=row["to_fingerprint"],
-        statements=tuple(row["statements"] or ()),
+        statements=tuple((row["statements"] if row["progress"] is None else row["progress"]) or ()),
         error=row["error"],
         current_steps=tuple(row.get("current_steps") or ()),
         cancel_requested_at=row.get("cancel_requested_at"),
@@ -255,13 +290,18 @@ def _run(row: dict[str, Any]) -> Run:
 
 
 def record_progress(
-    conn: psycopg.Connection[Any], schema: str, run_id: str, *, statements: Sequence[StepRecord],
+    conn: psycopg.Connection[Any], schema: str, run_id: str, *, added: Sequence[StepRecord], position: int,
     current: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """What has completed so far and what runs now: all a crash leaves to go by."""
+    """What has completed since the last call (``added``, the run's records from ``position`` on) and what runs
+    now: all a crash leaves to go by. Only the new records are sent and stored, one row each, so a run of
+    thousands of phases writes each record once instead of rewriting the whole list every phase."""
     conn.execute(
-        sql.SQL("UPDATE {} SET statements = %s::jsonb, current_steps = %s::jsonb WHERE id = %s").format(_table(schema)),
-        (json.dumps([s.to_json() for s in statements]), json.dumps(list(current)) if current else None, run_id),
+        sql.SQL("WITH added AS (INSERT INTO {} (run_id, position, record) SELECT %s, %s + e.ordinality - 1, e.value "
+                "FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e) "
+                "UPDATE {} SET current_steps = %s::jsonb WHERE id = %s").format(_progress(schema), _table(schema)),
+        (run_id, position, json.dumps([s.to_json() for s in added]), json.dumps(list(current)) if current else None,
+         run_id),
     )
 
 
@@ -289,16 +329,27 @@ def cancel_requested(conn: psycopg.Connection[Any], schema: str, run_id: str) ->
 
 
 def running_runs(conn: psycopg.Connection[Any], schema: str) -> list[Run]:
-    if not _exists(conn, schema):
+    runs, progress = _exists(conn, schema)
+    if not runs:
         return []
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.SQL("SELECT * FROM {} WHERE status = 'running' ORDER BY started_at").format(_table(schema)))
+        cur.execute(_select(schema, progress, "status = 'running'", " ORDER BY started_at"))
         return [_run(r) for r in cur.fetchall()]
 
 
 def mark_interrupted(conn: psycopg.Connection[Any], schema: str, run_id: str, message: str) -> None:
+    """The run ends as interrupted, its recorded steps moved into ``statements`` like any finished run's."""
+    if not _exists(conn, schema)[1]:  # version 2: the steps are in ``statements`` already
+        conn.execute(
+            sql.SQL("UPDATE {} SET status = 'interrupted', finished_at = clock_timestamp(), error = %s, "
+                    "current_steps = NULL WHERE id = %s AND status = 'running'").format(_table(schema)),
+            (message, run_id),
+        )
+        return
     conn.execute(
-        sql.SQL("UPDATE {} SET status = 'interrupted', finished_at = clock_timestamp(), error = %s, current_steps = NULL "
-                "WHERE id = %s AND status = 'running'").format(_table(schema)),
-        (message, run_id),
+        sql.SQL("WITH done AS (DELETE FROM {} WHERE run_id = %s RETURNING position, record) "
+                "UPDATE {} SET status = 'interrupted', finished_at = clock_timestamp(), error = %s, current_steps = NULL, "
+                "statements = statements || (SELECT coalesce(jsonb_agg(record ORDER BY position), '[]') FROM done) "
+                "WHERE id = %s AND status = 'running'").format(_progress(schema), _table(schema)),
+        (run_id, message, run_id),
     )

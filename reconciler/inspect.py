@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -593,6 +593,21 @@ def qualify(name: str) -> str:
 _SMALL_TABLE_BYTES = 64 * 1024 * 1024
 
 
+_COUNTS_PER_QUERY = 200
+
+
+def _count_rows(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str, int]:
+    """Exact row counts, many tables to a query (a fresh GitLab has 1,401 tables never analysed)."""
+    counts: dict[str, int] = {}
+    for start in range(0, len(tables), _COUNTS_PER_QUERY):
+        chunk = tables[start:start + _COUNTS_PER_QUERY]
+        query = sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+            sql.SQL("(SELECT count(*) FROM {})").format(sql.Identifier(*name.split(".", 1))) for name in chunk))
+        row = conn.execute(query).fetchone()
+        counts.update(zip(chunk, (int(n) for n in row or ()), strict=True))
+    return counts
+
+
 def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> LiveFacts:
     params = {"excluded": list(exclude_schemas)}
     managed = _managed("n")
@@ -601,14 +616,14 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
             f"""SELECT n.nspname || '.' || c.relname, c.relkind, c.reltuples::bigint, pg_total_relation_size(c.oid), c.oid
                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind IN ('r', 'p', 'm') AND {managed}""".encode(), params)
+        found = cur.fetchall()
+        # never analysed: small enough to count
+        counted = _count_rows(conn, [name for name, _kind, reltuples, size, _oid in found
+                                     if int(reltuples) < 0 and size <= _SMALL_TABLE_BYTES])
         tables: dict[str, TableSize] = {}
         partitioned = set()
-        for name, kind, reltuples, size, _oid in cur.fetchall():
-            rows = int(reltuples)
-            if rows < 0 and size <= _SMALL_TABLE_BYTES:  # never analysed: small enough to count
-                query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(*name.split(".", 1)))
-                row = conn.execute(query).fetchone()
-                rows = int(row[0]) if row else 0
+        for name, kind, reltuples, size, _oid in found:
+            rows = counted.get(name, int(reltuples))
             tables[name] = TableSize(table=name, rows=max(rows, 0), bytes=int(size))
             if kind == "p":
                 partitioned.add(name)

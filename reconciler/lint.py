@@ -6,6 +6,7 @@ statement_timeout on every step and retries lock timeouts itself.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import shutil
@@ -56,7 +57,7 @@ def lint_steps(steps: Sequence[Step], *, exclude: Sequence[str] = (), pg_version
     by_step: dict[int, list[LintFinding]] = {}
     for finding in findings:
         line = int(finding.get("line", 0))
-        owner = max((i for i, start in enumerate(starts) if start <= line), default=0)
+        owner = max(bisect.bisect_right(starts, line) - 1, 0)  # the last step starting at or before the line
         message = finding.get("message", "")
         if finding.get("help"):
             message += f" {finding['help']}"

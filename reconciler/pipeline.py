@@ -15,7 +15,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from . import inspect, renames
+from . import inspect, renames, roundtrip
 from .apply import recover_interrupted
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
@@ -26,7 +26,7 @@ from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
 from .plan import Plan, build_plan
 from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
-from .rehearsal import SKIPPED, copy_schema, rehearse, stand_in_for_target
+from .rehearsal import SKIPPED, live_copy, rehearse
 from .safety import SafetySettings, compile_steps
 from .servers import (
     EmbeddedCluster,
@@ -38,6 +38,7 @@ from .servers import (
     throwaway_database,
 )
 from .shadow import create_roles, load_schema, roles_named, same_cluster
+from .shadowcache import desired_database
 from .source import DesiredSchema, load_source
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,9 @@ def make_plan(
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
     catalog: Catalog | None = None
-    with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
-        count = load_desired(source, shadow_dsn, servers)
-        log.info("loaded %d statements from %d file(s) into the shadow database", count, len(source.files))
+    with desired_database(servers.shadow, source, lambda dsn: load_desired(source, dsn, servers),
+                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow_dsn, \
+            _frozen(engine, shadow_dsn):
         annotated = renames.read_renames(source)
         with connect(servers.target_dsn) as conn:
             recover_interrupted(conn, config.metadata_schema, holding_lock=False)
@@ -189,11 +190,12 @@ def make_plan(
             if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                 catalog = read_catalog(conn, exclude_schemas=excluded)
         if pending:
-            done, changes = _diff_after_renames(engine, servers, shadow_dsn, desired, pending, excluded, managed(config))
+            done, changes, equivalents = _diff_after_renames(engine, servers, shadow_dsn, desired, pending, excluded,
+                                                             managed(config), live.fingerprint, config.shadow_cache)
             facts = renames.renamed_facts(facts, done)
         else:
             changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
-            _check_expressed(engine.name, desired, live, changes)
+            equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
         steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
         rehearsal = SKIPPED
         if steps and env.rehearse:
@@ -202,9 +204,11 @@ def make_plan(
                     f"the shadow server runs PostgreSQL {servers.shadow.major_version} and the target "
                     f"{servers.target_major}: install matching server binaries, point `shadow:` at a server like the "
                     "target, or set allow_version_mismatch for this environment")
+            flags = managed(config)
             rehearsal = rehearse(steps, target_dsn=servers.target_dsn, target_major=servers.target_major,
                                  shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
-                                 exclude_schemas=excluded, **managed(config))
+                                 exclude_schemas=excluded, owners=flags["owners"], privileges=flags["privileges"],
+                                 live_fingerprint=live.fingerprint, cache_keep=config.shadow_cache)
             if not rehearsal.converged:
                 raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
     if steps and config.safety.data_checks:
@@ -226,29 +230,43 @@ def make_plan(
         policy=policy,
         rehearsal=rehearsal,
         manages=manages(config),
+        equivalents={**equivalents, **{(k, n): d for k, n, d in rehearsal.equivalent}},
     )
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
 
 
-def _check_expressed(engine: str, desired: inspect.SchemaSnapshot, live: inspect.SchemaSnapshot,
-                     changes: list[Change]) -> None:
+def _frozen(engine: DiffEngine, desired_dsn: str) -> contextlib.AbstractContextManager[None]:
+    """The shadow does not change while a plan uses it: an engine that can, inspects it once."""
+    frozen = getattr(engine, "frozen", None)
+    return frozen(desired_dsn) if frozen is not None else contextlib.nullcontext()
+
+
+def _check_expressed(engine: str, desired_dsn: str, desired: inspect.SchemaSnapshot, live: inspect.SchemaSnapshot,
+                     changes: list[Change]) -> dict[tuple[str, str], str]:
+    """Refuse differences the engine found no statements for; returns live's definitions that are the desired
+    ones as PostgreSQL re-prints them (the plan's verification counts them as desired)."""
     differences = inspect.compare(desired, live)
-    if differences and not changes:
-        names = ", ".join(str(d) for d in differences[:10])
+    if not differences:
+        return {}
+    with connect(desired_dsn) as conn:
+        settled = roundtrip.settle(conn, desired, live, differences)
+    if settled.remaining and not changes:
+        names = ", ".join(str(d) for d in settled.remaining[:10])
         raise ReconcilerError(f"the {engine} engine found no statements for differences it cannot express: {names}")
+    return dict(settled.equivalent)
 
 
 def _diff_after_renames(engine: DiffEngine, servers: Servers, desired_dsn: str, desired: inspect.SchemaSnapshot,
                         pending: tuple[renames.Rename, ...], excluded: tuple[str, ...],
-                        flags: dict[str, bool]) -> tuple[tuple[renames.Rename, ...], list[Change]]:
+                        flags: dict[str, bool], live_fingerprint: str,
+                        cache_keep: int) -> tuple[tuple[renames.Rename, ...], list[Change], dict[tuple[str, str], str]]:
     """The renames (those asked for, then the indexes, constraints and sequences named after a renamed table or
     column), and the engine's diff from a schema-only copy of live with them applied: so the engine sees renamed
     objects as the same objects, not as one dropped and one added. Returns every rename and all the changes."""
     log.info("renaming first: %s", "; ".join(r.describe() for r in pending))
-    with throwaway_database(servers.shadow, "renamed") as copy_dsn:
-        if flags["owners"] or flags["privileges"]:  # the copy keeps owners and grants, as rehearsal's does
-            stand_in_for_target(servers.target_dsn, servers.shadow, copy_dsn)
-        copy_schema(servers.target_dsn, copy_dsn, source_major=servers.target_major, exclude_schemas=excluded, **flags)
+    with live_copy(servers.target_dsn, servers.shadow, target_major=servers.target_major, exclude_schemas=excluded,
+                   owners=flags["owners"], privileges=flags["privileges"], live_fingerprint=live_fingerprint,
+                   cache_keep=cache_keep, purpose="renamed") as copy_dsn:  # owners and grants kept, as rehearsal's
         with connect(copy_dsn) as conn, connect(desired_dsn) as desired_conn:
             for change in renames.changes(pending):
                 conn.execute(change.sql.encode())
@@ -257,22 +275,26 @@ def _diff_after_renames(engine: DiffEngine, servers: Servers, desired_dsn: str, 
                 conn.execute(change.sql.encode())
             renamed = inspect.snapshot(conn, exclude_schemas=excluded, **flags)
         rest = engine.diff(copy_dsn, desired_dsn, exclude_schemas=excluded) if renamed != desired else []
-    _check_expressed(engine.name, desired, renamed, rest)
+    equivalents = _check_expressed(engine.name, desired_dsn, desired, renamed, rest)
     done = (*pending, *follow)
-    return done, [*renames.changes(done), *rest]
+    return done, [*renames.changes(done), *rest], equivalents
 
 
 def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) -> list[inspect.ObjectDifference]:
     """What differs between live and desired, by our catalog snapshot (no diff engine needed)."""
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
-    with throwaway_database(servers.shadow, "shadow") as shadow_dsn:
-        load_desired(source, shadow_dsn, servers)
+    with desired_database(servers.shadow, source, lambda dsn: load_desired(source, dsn, servers),
+                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow_dsn:
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
-    with connect(servers.target_dsn) as conn:
-        live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
-    return inspect.compare(desired, live)
+        with connect(servers.target_dsn) as conn:
+            live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
+        differences = inspect.compare(desired, live)
+        if not differences:
+            return []
+        with connect(shadow_dsn) as conn:  # what differs only as PostgreSQL prints it is no drift
+            return list(roundtrip.settle(conn, desired, live, differences).remaining)
 
 
 def lint_schema(config: Config, environment: str, *, schemas_dir: Path | None = None) -> list[Finding]:

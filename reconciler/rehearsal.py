@@ -1,8 +1,10 @@
 """Prove a plan before it touches the target: run its steps on a schema-only copy of live.
 
 The copy is made with pg_dump (a version at least as new as the target) into a scratch database on
-the shadow server. After the steps, the copy must equal the desired schema twice over: by our
-catalog snapshot and by the diff engine, so a change migra silently skips is caught here.
+the shadow server. After the steps, the copy must equal the desired schema by our catalog snapshot, so
+a change migra silently skips is caught here; and where the snapshots still differ as text (definitions
+PostgreSQL prints differently, see ``roundtrip``), the diff engine must also have nothing left to emit,
+or the next plan would emit it again.
 
 With owners or privileges managed the copy keeps them: the roles live's objects name are created
 (NOLOGIN) on a shadow server that is not the target, and the copy's database records the target's
@@ -11,23 +13,25 @@ role as the applying one (``reconciler.applying_role``) so owners compare as the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from . import dsn as dsnlib
-from . import inspect
+from . import inspect, roundtrip, shadowcache
 from .diff.base import DiffEngine
 from .errors import ReconcilerError
 from .safety import Step
-from .servers import Server, connect, find_bindir, throwaway_database
+from .servers import Server, connect, find_bindir
 from .shadow import create_roles, same_cluster
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,9 @@ class RehearsalResult:
     error: str | None = None
     server_version: str = ""
     duration_ms: float = 0.0
+    # (kind, name, definition) of the copy's objects that equal the desired ones only after a round trip
+    # (reconciler.roundtrip): what the target will read back, for the plan's verification; not kept in the file
+    equivalent: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
 
     @property
     def converged(self) -> bool:
@@ -133,13 +140,24 @@ def rehearse(
     exclude_schemas: tuple[str, ...],
     owners: bool = False,
     privileges: bool = False,
+    live_fingerprint: str | None = None,
+    cache_keep: int = 0,
 ) -> RehearsalResult:
+    """``live_fingerprint`` (live's snapshot as planned) and ``cache_keep`` > 0: the copy of live is kept on the shadow
+    server (see ``shadowcache``), so the next plan against the same live schema need not dump and restore it; and a
+    plan that can run as one transaction is rehearsed in that kept copy, then rolled back (no copy at all)."""
     started = time.perf_counter()
-    with throwaway_database(shadow, "rehearsal") as scratch:
-        if owners or privileges:
-            stand_in_for_target(target_dsn, shadow, scratch)
-        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas,
-                    owners=owners, privileges=privileges)
+    if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges):
+        quick = _rehearse_in_place(steps, target_dsn=target_dsn, target_major=target_major, shadow=shadow,
+                                   desired=desired, exclude_schemas=exclude_schemas,
+                                   live_fingerprint=live_fingerprint, cache_keep=cache_keep)
+        if quick is not None:
+            quick = replace(quick, duration_ms=(time.perf_counter() - started) * 1000)
+            log.info("rehearsal %s in %.0f ms (in a rolled-back transaction)", quick.status, quick.duration_ms)
+            return quick
+    with live_copy(target_dsn, shadow, target_major=target_major, exclude_schemas=exclude_schemas, owners=owners,
+                   privileges=privileges, live_fingerprint=live_fingerprint, cache_keep=cache_keep,
+                   purpose="rehearsal") as scratch:
         with connect(scratch, application_name="reconciler rehearsal") as conn:
             version = conn.info.parameter_status("server_version") or ""
             failure = _run_steps(conn, steps)
@@ -148,13 +166,96 @@ def rehearse(
                 return RehearsalResult("failed", failed_step=failure[0], error=failure[1], server_version=version,
                                        duration_ms=elapsed)
             after = inspect.snapshot(conn, exclude_schemas=exclude_schemas, owners=owners, privileges=privileges)
-        differences = [str(d) for d in inspect.compare(desired, after)]
-        leftover = engine.diff(scratch, desired_dsn, exclude_schemas=exclude_schemas)
+        compared = inspect.compare(desired, after)
+        with connect(desired_dsn, application_name="reconciler rehearsal") as conn:
+            settled = roundtrip.settle(conn, desired, after, compared)
+        differences = [str(d) for d in settled.remaining]
+        # The engine's own check finds what it would still emit. When the snapshots are equal a plan never asks the
+        # engine (make_plan diffs only what differs), so nothing it could say would reach a plan: skipped.
+        leftover = engine.diff(scratch, desired_dsn, exclude_schemas=exclude_schemas) if compared else []
         differences += [f"{engine.name} still emits: {' '.join(c.sql.split())[:120]}" for c in leftover]
     elapsed = (time.perf_counter() - started) * 1000
     status = "converged" if not differences else "diverged"
     log.info("rehearsal %s in %.0f ms", status, elapsed)
-    return RehearsalResult(status, differences=tuple(differences), server_version=version, duration_ms=elapsed)
+    return RehearsalResult(status, differences=tuple(differences), server_version=version, duration_ms=elapsed,
+                           equivalent=tuple((k, n, d) for (k, n), d in sorted(settled.equivalent.items())))
+
+
+IN_PLACE_MAX_STEPS = 500  # beyond this one transaction may not fit the shadow server's lock table
+_CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b\s*", re.IGNORECASE)
+
+
+def _in_one_transaction(step: Step) -> str | None:
+    """The step as it can run inside a transaction (an index built or dropped without CONCURRENTLY ends the same),
+    or None if it cannot (an enum value added is not usable before its transaction commits)."""
+    if step.transactional:
+        return step.sql
+    if step.kind in ("create_index_concurrently", "drop_index_concurrently"):
+        return _CONCURRENTLY.sub("", step.sql, count=1)
+    return None
+
+
+def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: int, shadow: Server,
+                       desired: inspect.SchemaSnapshot, exclude_schemas: tuple[str, ...], live_fingerprint: str,
+                       cache_keep: int) -> RehearsalResult | None:
+    """The steps in the kept copy of live, in one transaction rolled back afterwards. Only a clean result counts
+    (every step ran and the snapshot equals the desired one); anything else returns None and the rehearsal runs
+    again on a copy of its own, phase by phase as apply runs them, to say what went wrong."""
+    statements = [_in_one_transaction(step) for step in steps]
+    if len(steps) > IN_PLACE_MAX_STEPS or any(s is None for s in statements):
+        return None
+    try:
+        key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
+    except Exception as exc:  # the cache is an optimisation: whatever fails, rehearse on a copy
+        log.warning("shadow cache: %s; rehearsing on a copy of live", exc)
+        return None
+    if key is None:
+        return None
+
+    def build(scratch: str) -> None:
+        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas)
+
+    with shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose="rehearsal", shared=True,
+                                     what=f"the copy of live ({live_fingerprint})") as kept, \
+            connect(kept, application_name="reconciler rehearsal") as conn:
+        version = conn.info.parameter_status("server_version") or ""
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("SET TRANSACTION READ WRITE")  # a kept database is read-only by default
+                conn.execute("SET LOCAL lock_timeout = '5s'")  # another plan rehearsing in it: do not queue behind it
+                for statement in statements:
+                    assert statement is not None
+                    conn.execute(statement.encode())
+                after = inspect.snapshot(conn, exclude_schemas=exclude_schemas)
+        except psycopg.Error as exc:
+            log.info("rehearsal in place did not finish (%s); rehearsing on a copy of live",
+                     exc.diag.message_primary or exc)
+            return None
+    if after.objects != desired.objects:
+        return None
+    return RehearsalResult("converged", server_version=version)
+
+
+def live_copy(target_dsn: str, shadow: Server, *, target_major: int, exclude_schemas: tuple[str, ...], owners: bool,
+              privileges: bool, live_fingerprint: str | None, cache_keep: int,
+              purpose: str) -> contextlib.AbstractContextManager[str]:
+    """A schema-only copy of live on the shadow server, for the caller to change, dropped afterwards. Cached as a
+    template when asked and possible: not with owners or privileges (the roles and the database setting they need
+    are made per copy)."""
+    def build(scratch: str) -> None:
+        if owners or privileges:
+            stand_in_for_target(target_dsn, shadow, scratch)
+        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas,
+                    owners=owners, privileges=privileges)
+
+    key = None
+    if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges):
+        try:
+            key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
+        except Exception as exc:  # the cache is an optimisation: whatever fails, copy as without it
+            log.warning("shadow cache: %s; copying live's schema instead", exc)
+    return shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose=purpose, modifies=True,
+                                       what=f"the copy of live ({live_fingerprint})")
 
 
 def stand_in_for_target(target_dsn: str, shadow: Server, copy_dsn: str) -> None:

@@ -1,8 +1,11 @@
 """Load the desired schema into a scratch database, pointing every failure at file:line:column.
 
-Statements run one at a time (split by pglast's scanner, so dollar quotes and comments are
-understood) in autocommit, so a failure names the exact statement and statements that cannot run
-in a transaction block (CREATE INDEX CONCURRENTLY, ALTER TYPE ... ADD VALUE then use) still load.
+Statements are split by pglast's scanner (so dollar quotes and comments are understood) and sent in
+batches: one round trip runs up to a hundred, as one implicit transaction. When a batch fails it has
+left nothing behind, and its statements run again one at a time, so the failure names the exact
+statement. Statements that cannot run in a transaction block, or whose effect a later statement of the
+same transaction cannot use (CREATE INDEX CONCURRENTLY, ALTER TYPE ... ADD VALUE, transaction control),
+run alone in autocommit.
 """
 
 from __future__ import annotations
@@ -89,6 +92,16 @@ def split_file(schema_file: SchemaFile) -> Iterator[Statement]:
             yield Statement(path=schema_file.path, start=piece.start, text=body)
 
 
+BATCH_STATEMENTS = 100
+BATCH_CHARACTERS = 200_000
+# statements that run alone: transaction control and maintenance (by their first word), and those that cannot run
+# in a transaction block or whose effect the same transaction cannot use (anywhere in the text: a false match in a
+# function body only costs a round trip)
+_ALONE_FIRST = re.compile(r"(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|PREPARE|VACUUM|CLUSTER|REINDEX"
+                          r"|CHECKPOINT|LOCK|DISCARD)\b", re.IGNORECASE)
+_ALONE_ANYWHERE = re.compile(r"\b(CONCURRENTLY|ADD\s+VALUE|DATABASE|TABLESPACE|SYSTEM|SUBSCRIPTION)\b", re.IGNORECASE)
+
+
 def load_schema(
     desired: DesiredSchema,
     database_dsn: str,
@@ -101,13 +114,51 @@ def load_schema(
         statements = list(split_file(schema_file))
         with connect(database_dsn, application_name="reconciler shadow") as conn:
             conn.execute("SET synchronous_commit = off")
-            for number, statement in enumerate(statements, 1):
-                _run_statement(conn, schema_file, statement)
-                if progress is not None and number % 500 == 0:
-                    progress(schema_file.path, number, len(statements))
+            done = 0
+            for batch in _batches(statements):
+                _run_batch(conn, schema_file, batch)
+                if progress is not None and (done + len(batch)) // 500 > done // 500:
+                    progress(schema_file.path, done + len(batch), len(statements))
+                done += len(batch)
         total += len(statements)
         log.debug("loaded %s (%d statements)", schema_file.path, len(statements))
     return total
+
+
+def _alone(statement: Statement) -> bool:
+    code = statement.text[_first_code_offset(statement.text):]
+    return bool(_ALONE_FIRST.match(code) or _ALONE_ANYWHERE.search(code))
+
+
+def _batches(statements: list[Statement]) -> Iterator[list[Statement]]:
+    batch: list[Statement] = []
+    size = 0
+    for statement in statements:
+        if _alone(statement):
+            if batch:
+                yield batch
+            yield [statement]
+            batch, size = [], 0
+            continue
+        batch.append(statement)
+        size += len(statement.text)
+        if len(batch) >= BATCH_STATEMENTS or size >= BATCH_CHARACTERS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _run_batch(conn: psycopg.Connection[object], schema_file: SchemaFile, batch: list[Statement]) -> None:
+    if len(batch) == 1:
+        _run_statement(conn, schema_file, batch[0])
+        return
+    try:
+        # one simple query: one implicit transaction; "\n;\n" so a statement's trailing line comment ends first
+        conn.execute("\n;\n".join(s.text for s in batch).encode(), prepare=False)
+    except psycopg.Error:
+        for statement in batch:  # the batch left nothing behind: again one at a time, to name the statement
+            _run_statement(conn, schema_file, statement)
 
 
 def _run_statement(conn: psycopg.Connection[object], schema_file: SchemaFile, statement: Statement) -> None:

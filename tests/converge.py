@@ -58,11 +58,16 @@ def apply_and_verify(config_path: Path, plan: Plan, database: str) -> ApplyResul
     return result
 
 
-def converge(tmp_path: Path, database: str, server: Server, old_sql: str, new_sql: str) -> Plan:
-    """The plan that took ``old_sql`` to ``new_sql`` (asserted converged)."""
+def converge(tmp_path: Path, database: str, server: Server, old_sql: str, new_sql: str, *,
+             replan: bool = False) -> Plan:
+    """The plan that took ``old_sql`` to ``new_sql`` (asserted converged; with ``replan``, a plan made
+    after it must have no steps)."""
     load_live(tmp_path, database, old_sql)
     config = write_project(tmp_path, database, server, new_sql)
     plan = plan_change(config)
     result = apply_and_verify(config, plan, database)
     assert result.status in ("applied", "nothing")
+    if replan:
+        again = plan_change(config).body.steps
+        assert not again, f"a plan after the apply still has steps: {[s.sql for s in again[:5]]}"
     return plan

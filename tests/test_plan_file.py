@@ -211,6 +211,40 @@ def test_write_refuses_invalid_plan(plan: Plan, tmp_path: Path) -> None:
     assert not path.parent.exists()
 
 
+def _nodes(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    yield path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield from _nodes(item, (*path, key))
+
+
+_REPLACEMENTS: tuple[Any, ...] = (None, True, False, 0, -1, 1.0, 2.5, "", "x", "sha256:" + "0" * 64, [], ["x", "x"],
+                                  {}, {"x": 1})
+
+
+def test_quick_check_never_accepts_what_the_schema_refuses(plan: Plan) -> None:
+    """Every node of a signed plan replaced by values of every type, every member deleted, an unknown member added
+    to every object: where jsonschema finds an error, the quick check says no as well."""
+    valid = plan_to_json(Plan(id=plan.id, body=plan.body, signatures=(_SIGNATURE,)))
+    accepts = planlib._accepts()
+    assert accepts(valid)
+    edits: list[Callable[[dict[str, Any]], None]] = []
+    for path, value in _nodes(valid):
+        if isinstance(value, dict):
+            edits.append(_set((*path, "unknown_member"), 1))
+        if path:
+            edits.append(_delete(path))
+            edits.extend(_set(path, r) for r in _REPLACEMENTS if r != value or type(r) is not type(value))
+    refused = 0
+    for edit in edits:
+        data = copy.deepcopy(valid)
+        edit(data)
+        if any(planlib._validator().iter_errors(data)):
+            refused += 1
+            assert not accepts(data), data
+    assert refused > len(edits) // 2
+
+
 @pytest.mark.parametrize("fmt", ["text", "markdown", "json"])
 def test_render_contains_steps_hazards_and_summary(plan: Plan, fmt: str) -> None:
     out = render(plan, fmt)

@@ -76,6 +76,27 @@ def test_error_without_position_points_at_statement(tmp_path: Path, database: st
     assert error.statement.endswith("CREATE TABLE t (id int)")
 
 
+def test_a_failure_deep_in_a_batch_names_its_statement_and_keeps_the_ones_before(tmp_path: Path, database: str) -> None:
+    tables = [f"CREATE TABLE t{i} (id int PRIMARY KEY);  -- table {i}" for i in range(250)]
+    tables[170] = "CREATE TABLE t170 (id int REFERENCES nowhere (id));"
+    text = "\n".join(tables) + "\n"
+    error = load_error(tmp_path, database, {"many.sql": text})
+    assert (error.path, error.line, error.column) == ("many.sql", *position(text, "CREATE TABLE t170"))
+    assert "nowhere" in error.pg_message
+    # as when statements ran one at a time: those before the failure are there, none after it
+    assert fetch_one(database, "SELECT count(*) FROM pg_class WHERE relname ~ '^t[0-9]+$' AND relkind = 'r'") == 170
+
+
+def test_statements_that_need_their_own_transaction_load(tmp_path: Path, database: str) -> None:
+    text = ("CREATE TYPE mood AS ENUM ('sad');\nCREATE TABLE people (id int, m mood);\n"
+            "ALTER TYPE mood ADD VALUE 'happy';\n"
+            "CREATE TABLE defaults (m mood DEFAULT 'happy');\n"  # uses the value: a later transaction
+            "CREATE INDEX CONCURRENTLY people_id ON people (id);\n"
+            "BEGIN;\nCREATE TABLE inside (id int);\nCOMMIT;\n")
+    assert load_schema(source(tmp_path, {"s.sql": text}), database) == 8
+    assert fetch_one(database, "SELECT count(*) FROM pg_class WHERE relname IN ('defaults', 'people_id', 'inside')") == 3
+
+
 def test_psql_meta_command_refused(tmp_path: Path, database: str) -> None:
     text = "CREATE TABLE a (id int);\n\n\\connect other\nCREATE TABLE b (id int);\n"
     error = load_error(tmp_path, database, {"meta.sql": text})

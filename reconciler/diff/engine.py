@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from ..errors import ReconcilerError
 from ..servers import connect
 from .base import Change, DiffEngine
@@ -17,6 +19,11 @@ class SupplementedEngine:
         self.base = base or MigraEngine()
         self.name = self.base.name
         self.options = options or Options()
+
+    def frozen(self, desired_dsn: str) -> contextlib.AbstractContextManager[None]:
+        """The base engine's (see ``MigraEngine.frozen``), when it has one."""
+        frozen = getattr(self.base, "frozen", None)
+        return frozen(desired_dsn) if frozen is not None else contextlib.nullcontext()
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
         try:

@@ -6,9 +6,14 @@ every plan is checked against our own catalog snapshot. Never vendor their code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 import traceback
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
@@ -18,6 +23,7 @@ from .. import dsn as dsnlib
 from ..errors import ReconcilerError
 from .base import Change
 from .classify import classify
+from .inspector import inspector_class
 
 log = logging.getLogger(__name__)
 
@@ -25,33 +31,37 @@ log = logging.getLogger(__name__)
 class MigraEngine:
     name = "migra"
 
+    def __init__(self) -> None:
+        self._frozen: dict[tuple[str, ...], Any] | None = None  # excluded schemas -> the desired inspection
+        self._frozen_dsn = ""
+
+    @contextlib.contextmanager
+    def frozen(self, desired_dsn: str) -> Iterator[None]:
+        """Within the block ``desired_dsn`` does not change (a plan's shadow database): it is inspected once,
+        however many diffs compare with it (the plan's own, then rehearsal's check for leftovers)."""
+        previous, self._frozen = self._frozen, {}
+        self._frozen_dsn = desired_dsn
+        try:
+            yield
+        finally:
+            self._frozen = previous
+
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # schemainspect imports pkg_resources, deprecated
             from migra import Migration
-            from schemainspect import get_inspector
-            from sqlalchemy import create_engine
-            from sqlalchemy.pool import NullPool
-
-        with ExitStack() as stack:
-            inspectors: list[Any] = []
-            for dsn in (live_dsn, desired_dsn):
-                engine = create_engine(dsnlib.sqlalchemy_url(dsn), poolclass=NullPool)
-                stack.callback(engine.dispose)
-                try:
-                    connection = stack.enter_context(engine.connect())
-                except Exception as exc:  # SQLAlchemy wraps the driver's error
-                    raise ReconcilerError(
-                        f"migra cannot connect to {dsnlib.describe(dsn)}: {dsnlib.redact(str(getattr(exc, 'orig', exc)))}"
-                    ) from None
-                try:
-                    inspected = get_inspector(connection)
-                    for schema in exclude_schemas:
-                        inspected.exclude_schema(schema)
-                except Exception as exc:  # schemainspect's bugs: refuse clearly
-                    raise ReconcilerError(f"schemainspect cannot read {dsnlib.describe(dsn)} "
-                                          f"({type(exc).__name__}: {exc})") from exc
-                inspectors.append(inspected)
+        inspector = inspector_class()  # imported here, before the threads: imports are not thread-safe to race
+        kept = self._frozen if self._frozen is not None and desired_dsn == self._frozen_dsn else None
+        with ExitStack() as stack, ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect") as pool:
+            # both databases at once: each waits on its server as much as it computes
+            live = pool.submit(_inspect, stack, inspector, live_dsn, exclude_schemas)
+            if kept is not None and exclude_schemas in kept:
+                desired = kept[exclude_schemas]
+            else:
+                desired = pool.submit(_inspect, stack, inspector, desired_dsn, exclude_schemas).result()
+                if kept is not None:
+                    kept[exclude_schemas] = desired
+            inspectors = [live.result(), desired]
             try:
                 migration = Migration(inspectors[0], inspectors[1])
                 migration.set_safety(False)
@@ -66,6 +76,36 @@ class MigraEngine:
     def _change(self, statement: str) -> Change:
         kind, obj = classify(statement)
         return Change(sql=statement, kind=kind, object=obj, engine=self.name)
+
+
+_stack_lock = threading.Lock()
+
+
+def _inspect(stack: ExitStack, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
+    """schemainspect's reading of one database (our subclass: linear dependency closure, schemas
+    filtered in SQL); the connection stays open on ``stack`` until migra is done."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(dsnlib.sqlalchemy_url(dsn), poolclass=NullPool)
+    with _stack_lock:
+        stack.callback(engine.dispose)
+    try:
+        connection = engine.connect()
+    except Exception as exc:  # SQLAlchemy wraps the driver's error
+        raise ReconcilerError(
+            f"migra cannot connect to {dsnlib.describe(dsn)}: {dsnlib.redact(str(getattr(exc, 'orig', exc)))}"
+        ) from None
+    with _stack_lock:
+        stack.callback(connection.close)
+    started = time.perf_counter()
+    try:
+        inspected = inspector(connection, exclude_schemas=exclude_schemas)
+    except Exception as exc:  # schemainspect's bugs: refuse clearly
+        raise ReconcilerError(f"schemainspect cannot read {dsnlib.describe(dsn)} "
+                              f"({type(exc).__name__}: {exc})") from exc
+    log.debug("inspected %s in %.0f ms", dsnlib.describe(dsn), (time.perf_counter() - started) * 1000)
+    return inspected
 
 
 def _where(exc: BaseException) -> str:

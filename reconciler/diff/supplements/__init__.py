@@ -104,10 +104,25 @@ def insert_at(changes: list[Change], index: int, new: Sequence[Change]) -> list[
 
 
 def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
-    from . import aggregates, comments, enums, operators, partitions, privileges, routines, sequences, tables, textsearch, types, views
+    from . import (
+        aggregates,
+        comments,
+        enums,
+        operators,
+        partitions,
+        privileges,
+        reprints,
+        routines,
+        sequences,
+        tables,
+        textsearch,
+        types,
+        views,
+    )
 
     out = list(changes)
-    for rewrite in (enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
+    for rewrite in (reprints.reprinted,  # first: no other rewriter sees a re-creation that changes nothing
+                    enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
                     routines.cloned_triggers, routines.functions,
                     partitions.mend_partitions, types.user_types, aggregates.aggregates, operators.operators,
                     sequences.sequence_options,

@@ -1,0 +1,93 @@
+"""Our schemainspect inspector: the same dependency closure as schemainspect's (without its exponential walk),
+excluded schemas never fetched, and a frozen desired database inspected once per plan."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from reconciler import dsn as dsnlib
+from reconciler.diff.inspector import closure, inspector_class
+from reconciler.diff.migra_engine import MigraEngine
+from tests.conftest import run_sql
+
+
+def lattice(n: int) -> str:
+    """Views each joining the previous two: the shape that makes schemainspect's walk exponential."""
+    views = ["CREATE VIEW v0 AS SELECT id, a FROM base;", "CREATE VIEW v1 AS SELECT id, a FROM base;"]
+    views += [f"CREATE VIEW v{i} AS SELECT x.id, y.a FROM v{i - 1} x JOIN v{i - 2} y USING (id);" for i in range(2, n)]
+    return "CREATE TABLE base (id int PRIMARY KEY, a int);\n" + "\n".join(views)
+
+
+def inspect_with(cls: type[Any], dsn: str, **kwargs: Any) -> Any:
+    engine = create_engine(dsnlib.sqlalchemy_url(dsn), poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return cls(connection, **kwargs)
+    finally:
+        engine.dispose()
+
+
+def schemainspect_class() -> type[Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from schemainspect.pg.obj import PostgreSQL
+    return PostgreSQL  # type: ignore[no-any-return]
+
+
+def test_closure_reaches_everything_once() -> None:
+    graph = {"a": ["b", "c"], "b": ["d"], "c": ["d"], "d": [], "e": ["a"]}
+    assert closure("e", graph.get) == ["a", "b", "c", "d"]
+    assert closure("d", graph.get) == []
+    assert closure("x", graph.get) == []  # not an object with edges
+    assert closure("a", {"a": ["b"], "b": ["a"]}.get) == ["a", "b"]  # a cycle leads back to the start
+
+
+def test_same_dependencies_as_schemainspect(database: str) -> None:
+    run_sql(database, lattice(12) + "\nCREATE FUNCTION f() RETURNS int LANGUAGE sql RETURN 1;"
+                                    "\nCREATE VIEW uses_f AS SELECT f() AS one, id FROM v11;")
+    ours = inspect_with(inspector_class(), database)
+    theirs = inspect_with(schemainspect_class(), database)
+    assert set(ours.selectables) == set(theirs.selectables)
+    for name, item in theirs.selectables.items():  # theirs lists an object once per path to it
+        assert ours.selectables[name].dependents_all == sorted(set(item.dependents_all)), name
+        assert ours.selectables[name].dependent_on_all == sorted(set(item.dependent_on_all)), name
+    assert len(theirs.selectables['"public"."v0"'].dependents_all) > len(ours.selectables['"public"."v0"'].dependents_all)
+
+
+def test_excluded_schemas_are_not_read(database: str) -> None:
+    run_sql(database, """
+        CREATE SCHEMA app; CREATE TABLE app.t (id int PRIMARY KEY); CREATE VIEW app.v AS SELECT id FROM app.t;
+        CREATE SCHEMA meta; CREATE TABLE meta.runs (id int PRIMARY KEY); CREATE INDEX ON meta.runs (id);
+        CREATE TYPE meta.state AS ENUM ('a'); CREATE FUNCTION meta.f() RETURNS int LANGUAGE sql RETURN 1;
+        CREATE SEQUENCE meta.s;
+    """)
+    ours = inspect_with(inspector_class(), database, exclude_schemas=("meta",))
+    theirs = inspect_with(schemainspect_class(), database)
+    theirs.exclude_schema("meta")  # schemainspect's own filter, in Python after reading everything
+    for prop in ("schemas", "relations", "indexes", "sequences", "constraints", "functions", "enums", "types"):
+        assert set(getattr(ours, prop)) == set(getattr(theirs, prop)), prop
+    assert '"app"."t"' in ours.relations and not any('"meta"' in k for k in ours.relations)
+
+
+def test_a_frozen_desired_database_is_inspected_once(database: str, second_database: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    run_sql(database, "CREATE TABLE t (id int);")
+    run_sql(second_database, "CREATE TABLE t (id int, note text); CREATE TABLE u (id int);")
+    fresh = MigraEngine().diff(database, second_database, exclude_schemas=("reconciler",))
+    engine = MigraEngine()
+    caplog.set_level(logging.DEBUG, logger="reconciler.diff.migra_engine")
+    with engine.frozen(second_database):
+        first = engine.diff(database, second_database, exclude_schemas=("reconciler",))
+        second = engine.diff(database, second_database, exclude_schemas=("reconciler",))
+    after = engine.diff(database, second_database, exclude_schemas=("reconciler",))
+    assert first == second == after == fresh and len(fresh) == 2
+    desired_name = dsnlib.parse(second_database)["dbname"]
+    inspected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inspected")]
+    assert sum(desired_name in m for m in inspected) == 2  # once inside the block, once after it
+    assert len(inspected) == 5

@@ -1,0 +1,399 @@
+"""The shadow cache on real servers: a loaded desired schema kept as a template database and copied by later plans
+with the same key; a new template for changed files; the least recently used evicted past the bound; nothing kept
+from a failed load; off with 0 and on the target's own cluster; plan and drift agreeing; two plans at once; a cache
+failure never failing a plan; ``reconciler cache``; and watch keeping its embedded shadow running between cycles.
+
+The target is a database on the test server; the shadow, unless a test says otherwise, is a second server of the
+tests' own (a ``shadow:`` server that is not the target's cluster, where templates may be kept)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from reconciler import inspect, pipeline, shadowcache
+from reconciler.config import load_config
+from reconciler.errors import ConfigError, ReconcilerError, SchemaLoadError
+from reconciler.pipeline import Comparison, drift, make_plan, open_servers
+from reconciler.servers import Server, bindir_major, connect, scratch_server, wheel_bindir
+from reconciler.shadow import load_schema
+from reconciler.source import load_source
+from tests.conftest import TEST_BINDIR_ENV, fetch_one, run_sql
+from tests.repo import Repo
+from tests.test_watch import watching
+
+EXTRA = {"40_extra.sql": "ALTER TABLE customers ADD COLUMN nickname text;\n"}
+
+
+@pytest.fixture(scope="module")
+def shadow_server() -> Iterator[Server]:
+    bindir = os.environ.get(TEST_BINDIR_ENV)
+    with scratch_server(None, prefix="reconciler-shadow-cache-", bindir=Path(bindir) if bindir else None) as server:
+        yield server
+
+
+@pytest.fixture
+def shadow(shadow_server: Server) -> Iterator[Server]:
+    """The shadow server with an empty cache, emptied again afterwards."""
+    shadowcache.clear(shadow_server)
+    yield shadow_server
+    shadowcache.clear(shadow_server)
+
+
+class Messages(logging.Handler):
+    """What the cache logs, caught on its own logger (the command line turns propagation off)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+
+@pytest.fixture
+def messages() -> Iterator[Messages]:
+    logger = logging.getLogger("reconciler.shadowcache")
+    handler, level = Messages(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every time the plan's loader runs the desired SQL (the real loader, counted)."""
+    calls: list[str] = []
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        calls.append(str(args[1]))
+        return load_schema(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_schema", counted)
+    return calls
+
+
+def configure(repo: Repo, shadow: str, keep: int | None = None) -> Path:
+    """Point the repo's 'test' environment at ``shadow``, with ``shadow_cache: keep`` when given."""
+    repo.config.write_text(textwrap.dedent(f"""\
+        {'' if keep is None else f'shadow_cache: {keep}'}
+        environments:
+          test:
+            database: "{repo.database}"
+            shadow: "{shadow}"
+            auto_apply: true
+            require_signed_plans: false
+            backup: none
+            lock_wait: 2s
+            lock_timeout: 20s
+        safety:
+          squawk: false
+        """))
+    return repo.config
+
+
+def plan(repo: Repo) -> Comparison:
+    config = load_config(repo.config)
+    env = config.environment("test")
+    with open_servers(config, env) as servers:
+        return make_plan(config, env, servers)
+
+
+def drift_of(repo: Repo) -> list[str]:
+    config = load_config(repo.config)
+    with open_servers(config, config.environment("test")) as servers:
+        return sorted(f"{d.kind} {d.name}" for d in drift(config, servers))
+
+
+def fingerprint(repo: Repo) -> str:
+    return load_source(repo.schemas).fingerprint
+
+
+def templates(server: Server) -> dict[str, shadowcache.Template]:
+    """The cached templates by desired-schema fingerprint."""
+    return {t.fingerprint: t for t in shadowcache.list_templates(server) if t.kind == "desired"}
+
+
+def databases(server: Server, prefix: str) -> list[str]:
+    with connect(server.dsn) as conn:
+        return [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                                           (prefix,)).fetchall()]
+
+
+def sql_of(comparison: Comparison) -> list[str]:
+    return [step.sql for step in comparison.plan.body.steps]
+
+
+def test_second_plan_reads_the_kept_database_instead_of_loading(repo: Repo, shadow: Server, messages: Messages,
+                                                            loads: list[str]) -> None:
+    configure(repo, shadow.dsn)
+    first = plan(repo)
+    assert len(loads) == 1
+    kept = templates(shadow)
+    assert list(kept) == [fingerprint(repo)]
+    template = kept[fingerprint(repo)]
+    with connect(shadow.dsn) as conn:
+        row = conn.execute("SELECT datistemplate, datallowconn FROM pg_database WHERE datname = %s",
+                           (template.name,)).fetchone()
+    assert row == (False, True)  # plans read it where it is
+    with connect(shadow.database_dsn(template.name)) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        conn.execute("CREATE TABLE oops (id int)")  # and nothing writes into it by mistake
+
+    second = plan(repo)
+    assert len(loads) == 1, "the second plan ran the desired SQL again"
+    assert messages.count(f"is kept database {template.name}") == 1
+    assert sql_of(second) == sql_of(first) and sql_of(first)
+    assert second.desired == first.desired  # the copy is what loading produces, object for object
+    assert second.plan.body.desired.fingerprint == first.plan.body.desired.fingerprint
+    assert templates(shadow)[fingerprint(repo)].last_used > template.last_used
+    assert databases(shadow, "reconciler_shadow_") == []  # the plans' copies are dropped
+
+
+def test_changed_files_make_a_new_template(repo: Repo, shadow: Server, loads: list[str]) -> None:
+    configure(repo, shadow.dsn)
+    plan(repo)
+    before = fingerprint(repo)
+    repo.write(EXTRA)
+    changed = plan(repo)
+    assert len(loads) == 2
+    assert set(templates(shadow)) == {before, fingerprint(repo)}
+    assert any("nickname" in s for s in sql_of(changed))
+
+
+def test_the_least_recently_used_template_is_evicted(repo: Repo, shadow: Server, loads: list[str]) -> None:
+    configure(repo, shadow.dsn, keep=2)
+    variants = {name: {"50_variant.sql": f"CREATE TABLE {name} (id int);\n"} for name in ("a", "b", "c")}
+    prints = {}
+    for name in ("a", "b", "a", "c"):
+        repo.write(variants[name])
+        plan(repo)
+        prints[name] = fingerprint(repo)
+    assert len(loads) == 3  # a, b, c loaded; a's second plan copied its template
+    # b was made after a but a was used after b: b goes, although a is the oldest
+    assert set(templates(shadow)) == {prints["a"], prints["c"]}
+
+
+def test_a_kept_database_being_read_is_not_evicted(repo: Repo, shadow: Server, loads: list[str]) -> None:
+    configure(repo, shadow.dsn, keep=1)
+    plan(repo)
+    first = templates(shadow)[fingerprint(repo)].name
+    with connect(shadow.database_dsn("postgres")) as reader:  # a plan reading it right now, as plans mark it
+        reader.execute("SELECT pg_advisory_lock_shared(%s, hashtext(%s))", (shadowcache.READER_LOCK_CLASS, first))
+        repo.write(EXTRA)
+        plan(repo)  # keeps a second one: one too many, but the first is in use
+        assert len(templates(shadow)) == 2 and first in {t.name for t in templates(shadow).values()}
+    repo.write({"50_more.sql": "CREATE TABLE more (id int);\n"})
+    plan(repo)  # nobody reads them now: back to one
+    assert list(templates(shadow)) == [fingerprint(repo)] and len(loads) == 3
+
+
+def test_a_failed_load_keeps_no_template(repo: Repo, shadow: Server) -> None:
+    configure(repo, shadow.dsn)
+    repo.write({"40_broken.sql": "ALTER TABLE no_such_table ADD COLUMN x int;\n"})
+    with pytest.raises(SchemaLoadError):
+        plan(repo)
+    assert templates(shadow) == {}
+    assert databases(shadow, "reconciler_shadow_") == []
+
+    (repo.schemas / "40_broken.sql").unlink()
+    plan(repo)
+    assert list(templates(shadow)) == [fingerprint(repo)]
+    assert databases(shadow, "reconciler_shadow_") == []  # the loaded database became the template: no copy left
+
+
+def test_a_refused_plan_still_keeps_what_it_loaded(repo: Repo, shadow: Server, loads: list[str]) -> None:
+    configure(repo, shadow.dsn)
+    repo.write({"40_retype.sql": "ALTER TABLE customers ALTER COLUMN email TYPE int USING length(email);\n"})
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY, email date NOT NULL)")
+    with pytest.raises(ReconcilerError):  # date to int does not cast: the rehearsal refuses the plan
+        plan(repo)
+    assert list(templates(shadow)) == [fingerprint(repo)] and len(loads) == 1
+    with pytest.raises(ReconcilerError):
+        plan(repo)
+    assert len(loads) == 1  # the second attempt copied the template
+
+
+def test_zero_turns_the_cache_off(repo: Repo, shadow: Server, loads: list[str]) -> None:
+    configure(repo, shadow.dsn, keep=0)
+    first, second = plan(repo), plan(repo)
+    assert len(loads) == 2
+    assert templates(shadow) == {}
+    assert sql_of(first) == sql_of(second)
+
+
+@pytest.mark.parametrize("value", ["-1", "yes"])
+def test_shadow_cache_must_be_a_count(repo: Repo, value: str) -> None:
+    configure(repo, "embedded")
+    repo.config.write_text(f"shadow_cache: {value}\n" + repo.config.read_text())
+    with pytest.raises(ConfigError, match="shadow_cache"):
+        load_config(repo.config)
+
+
+def test_no_templates_on_the_targets_own_cluster(repo: Repo, pg_server: Server, loads: list[str],
+                                                 messages: Messages) -> None:
+    configure(repo, pg_server.dsn)  # shadow: the target's server (production, say)
+    plan(repo)
+    plan(repo)
+    assert len(loads) == 2
+    assert shadowcache.list_templates(pg_server) == []
+    assert databases(pg_server, shadowcache.TEMPLATE_PREFIX) == []
+    assert messages.count("the shadow server is the target's cluster") == 2
+
+
+def test_plan_and_drift_agree(repo: Repo, shadow: Server, loads: list[str]) -> None:
+    configure(repo, shadow.dsn)
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY)")
+    planned = plan(repo)  # loads, and keeps the template
+    drifted = drift_of(repo)  # copies it
+    assert len(loads) == 1
+    assert drifted == sorted(f"{d.kind} {d.name}" for d in inspect.compare(planned.desired, planned.live))
+    assert any("public.orders" in d for d in drifted) and any("public.customers." in d for d in drifted)
+
+    assert repo.run("apply", "--auto") == 0
+    assert drift_of(repo) == []
+    assert sql_of(plan(repo)) == []
+    assert len(loads) == 1
+
+
+def test_two_plans_at_once_share_one_template(repo: Repo, shadow: Server) -> None:
+    configure(repo, shadow.dsn)
+    results: list[Comparison] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(plan(repo))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert len(results) == 2 and sql_of(results[0]) == sql_of(results[1])
+    assert list(templates(shadow)) == [fingerprint(repo)]
+    assert databases(shadow, "reconciler_shadow_") == []
+
+
+def test_a_cache_failure_never_fails_the_plan(repo: Repo, shadow: Server, messages: Messages, loads: list[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(repo, shadow.dsn)
+    monkeypatch.setattr(shadowcache, "LOCK_TIMEOUT", "200ms")
+    with connect(shadow.database_dsn("postgres")) as holder:  # another process holding the cache's lock
+        holder.execute("SELECT pg_advisory_lock(%s)", (shadowcache.LOCK_KEY,))
+        first = plan(repo)
+    assert sql_of(first) and len(loads) == 1
+    assert messages.count("building the shadow database") == 1  # the lock wait timed out: a warning
+    assert templates(shadow) == {}
+    plan(repo)  # the lock is free again: this one keeps a template
+    assert list(templates(shadow)) == [fingerprint(repo)]
+
+
+def test_cache_list_and_clear(repo: Repo, shadow: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    configure(repo, shadow.dsn)
+    plan(repo)
+    name = templates(shadow)[fingerprint(repo)].name
+    capsys.readouterr()
+    assert repo.run("cache", "list", "--env", "test") == 0
+    listed = capsys.readouterr().out
+    assert name in listed and fingerprint(repo) in listed
+    assert repo.run("cache", "clear", "--env", "test") == 0
+    assert name in capsys.readouterr().out
+    assert templates(shadow) == {} and databases(shadow, shadowcache.TEMPLATE_PREFIX) == []
+    assert repo.run("cache", "list", "--env", "test") == 0
+    assert "No shadow templates" in capsys.readouterr().out
+
+
+def test_the_copy_of_live_is_kept_and_rehearsed_in_place(repo: Repo, shadow: Server, messages: Messages) -> None:
+    configure(repo, shadow.dsn)
+    repo.write(EXTRA)
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL)")
+    first = plan(repo)
+    assert first.plan.body.rehearsal.converged
+    assert any(s.kind == "create_index_concurrently" for s in first.plan.body.steps)  # rehearsed without CONCURRENTLY
+    live_copies = [t for t in shadowcache.list_templates(shadow) if t.kind == "live copy"]
+    assert [t.fingerprint for t in live_copies] == [first.live.fingerprint]
+    kept = live_copies[0].name
+    # the steps ran in a transaction that was rolled back: the kept copy is still live as it was
+    assert fetch_one(shadow.database_dsn(kept), "SELECT count(*) FROM pg_class WHERE relname = 'orders'") == 0
+    second = plan(repo)  # live has not changed: its copy is not dumped and restored again
+    assert second.plan.body.rehearsal.converged and sql_of(second) == sql_of(first)
+    assert messages.count(f"is kept database {kept}") == 1
+    assert messages.count(f"as {kept}") == 1  # kept once, by the first plan
+    assert databases(shadow, "reconciler_rehearsal_") == []
+    assert repo.run("apply", "--auto") == 0  # live changes: a new key, a new copy
+    run_sql(repo.database, "ALTER TABLE customers ADD COLUMN extra int")
+    plan(repo)
+    assert len([t for t in shadowcache.list_templates(shadow) if t.kind == "live copy"]) == 2
+
+
+def test_steps_that_need_their_own_transaction_rehearse_on_a_copy(repo: Repo, shadow: Server,
+                                                                   messages: Messages) -> None:
+    configure(repo, shadow.dsn)
+    run_sql(repo.database, "CREATE TYPE mood AS ENUM ('sad'); CREATE TABLE people (id int PRIMARY KEY, m mood)")
+    repo.write({"60_mood.sql": "CREATE TYPE mood AS ENUM ('sad', 'happy');\n"
+                               "CREATE TABLE people (id int PRIMARY KEY, m mood DEFAULT 'happy');\n"})
+    plan(repo)  # keeps the copy of live; an enum value added is not usable in the transaction that adds it
+    first = plan(repo)
+    assert first.plan.body.rehearsal.converged
+    assert any(s.kind == "add_enum_value" for s in first.plan.body.steps)
+    kept = next(t.name for t in shadowcache.list_templates(shadow) if t.kind == "live copy")
+    assert messages.count(f"is a copy of kept database {kept}") == 2  # each rehearsal got a copy of its own
+    assert databases(shadow, "reconciler_rehearsal_") == []
+
+
+# --- watch: the embedded shadow stays up between cycles ---------------------------------------------------------
+
+@pytest.fixture
+def cache_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A cache folder of the test's own for the embedded shadow, one the service account can reach when running as
+    root (so the cluster lives here and goes with the folder)."""
+    home = Path(tempfile.mkdtemp(prefix="reconciler-cache-home-"))
+    home.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _postmaster(pidfile: Path) -> list[str]:
+    """pid, data directory and start time of the running postmaster."""
+    assert pidfile.exists(), f"the embedded shadow is not running ({pidfile} is missing)"
+    return pidfile.read_text().splitlines()[:3]
+
+
+def test_watch_keeps_its_embedded_shadow_running_and_reuses_the_template(repo: Repo, pg_server: Server,
+                                                                         cache_home: Path, messages: Messages) -> None:
+    if os.environ.get(TEST_BINDIR_ENV) or wheel_bindir() is None:
+        pytest.skip("the embedded shadow uses the wheel's PostgreSQL")
+    assert bindir_major(wheel_bindir()) == pg_server.major_version  # type: ignore[arg-type]
+    configure(repo, "embedded")
+    pidfile = pipeline.shadow_cache_dir(pg_server.major_version) / "postmaster.pid"
+    with watching(repo, interval=1.0) as w:
+        w.wait(lambda: w.reported("applied", "start"), "the first plan applied")
+        started = len(w.watcher.reports)
+        first = _postmaster(pidfile)  # between cycles: still running
+        w.wait(lambda: w.reported("no_drift", "drift", after=started), "a drift check")
+        w.wait(lambda: w.reported("no_drift", "drift", after=started + 1), "a second drift check")
+        assert _postmaster(pidfile) == first
+    assert messages.count(" statements from ") == 1  # the start's plan loaded; every drift check read what it kept
+    assert messages.count("is kept database") >= 2
+    assert not pidfile.exists()  # stopped with the watcher
+    assert fetch_one(repo.database, "SELECT count(*) FROM reconciler.runs WHERE status = 'applied'") == 1
+
