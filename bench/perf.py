@@ -311,6 +311,23 @@ def _one_line(r: CaseResult) -> str:
 
 # ---- the benchmarks -------------------------------------------------------------------------------------------
 
+def _migra_then_plans(bench: Bench, result: CaseResult, logs: Path, prefix: str, old_sql: str, new_sql: str) -> None:
+    """Live (old) and desired (new) databases; raw migra between them, then our plan cold and warm."""
+    started = time.perf_counter()
+    live, desired = bench.create_database(f"{prefix}_live"), bench.create_database(f"{prefix}_desired")
+    try:
+        bench.run_sql(live, old_sql)
+        bench.run_sql(desired, new_sql)
+        result.prepare_seconds = time.perf_counter() - started
+        say(f"  prepared both databases in {result.prepare_seconds:.1f} s; migra ...")
+        result.figures["migra"] = bench.migra(live, desired, label="migra", logs=logs)
+        config = bench.project(logs / "project", live, new_sql)
+        say("  reconciler plan, cold then warm ...")
+        bench.plans(config, label="plan", logs=logs, expect=(EXIT_CHANGES,), result=result)
+    finally:
+        bench.drop(live, desired)
+
+
 def bench_synthetic(bench: Bench, sizes: Sequence[int], seed: int, record: Record) -> None:
     for tables in sizes:
         schemas = schemagen.synthetic(tables, seed=seed)
@@ -320,19 +337,7 @@ def bench_synthetic(bench: Bench, sizes: Sequence[int], seed: int, record: Recor
             (logs / "old.sql").write_text(schemas.old_sql)
             (logs / "new.sql").write_text(schemas.new_sql)
             (logs / "changes.txt").write_text("\n".join(schemas.changes) + "\n")
-            started = time.perf_counter()
-            live, desired = bench.create_database(f"syn{tables}_live"), bench.create_database(f"syn{tables}_desired")
-            try:
-                bench.run_sql(live, schemas.old_sql)
-                bench.run_sql(desired, schemas.new_sql)
-                result.prepare_seconds = time.perf_counter() - started
-                say(f"  prepared both databases in {result.prepare_seconds:.1f} s; migra ...")
-                result.figures["migra"] = bench.migra(live, desired, label="migra", logs=logs)
-                config = bench.project(logs / "project", live, schemas.new_sql)
-                say("  reconciler plan, cold then warm ...")
-                bench.plans(config, label="plan", logs=logs, expect=(EXIT_CHANGES,), result=result)
-            finally:
-                bench.drop(live, desired)
+            _migra_then_plans(bench, result, logs, f"syn{tables}", schemas.old_sql, schemas.new_sql)
 
 
 def bench_lattice(bench: Bench, sizes: Sequence[int], record: Record) -> None:
@@ -343,19 +348,7 @@ def bench_lattice(bench: Bench, sizes: Sequence[int], record: Record) -> None:
             logs.mkdir(parents=True, exist_ok=True)
             (logs / "old.sql").write_text(schemas.old_sql)
             (logs / "new.sql").write_text(schemas.new_sql)
-            started = time.perf_counter()
-            live, desired = bench.create_database(f"lat{views}_live"), bench.create_database(f"lat{views}_desired")
-            try:
-                bench.run_sql(live, schemas.old_sql)
-                bench.run_sql(desired, schemas.new_sql)
-                result.prepare_seconds = time.perf_counter() - started
-                say("  migra ...")
-                result.figures["migra"] = bench.migra(live, desired, label="migra", logs=logs)
-                config = bench.project(logs / "project", live, schemas.new_sql)
-                say("  reconciler plan, cold then warm ...")
-                bench.plans(config, label="plan", logs=logs, expect=(EXIT_CHANGES,), result=result)
-            finally:
-                bench.drop(live, desired)
+            _migra_then_plans(bench, result, logs, f"lat{views}", schemas.old_sql, schemas.new_sql)
 
 
 def bench_gitlab(bench: Bench, cases: Sequence[str], source: Path, record: Record) -> None:
