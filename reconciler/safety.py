@@ -147,16 +147,16 @@ def _tables_of(node: ast.Node) -> tuple[str, ...]:
     """Every table a statement names (the relation it alters plus referenced ones), in the breadth-first order
     of pglast's Visitor, walked here without the ancestry it keeps for each node (a third of compiling GitLab)."""
     found: dict[str, None] = {}
-    todo: deque[ast.Node | tuple[Any, ...]] = deque([node])
-    while todo:
-        item = todo.popleft()
+    queue: deque[ast.Node | tuple[Any, ...]] = deque([node])
+    while queue:
+        item = queue.popleft()
         for sub in item if isinstance(item, tuple) else (item,):
             if isinstance(sub, ast.Node):
                 if isinstance(sub, ast.RangeVar):
                     found.setdefault(_rv(sub))
-                todo.extend(v for v in (getattr(sub, m) for m in _branches(type(sub))) if isinstance(v, tuple | ast.Node))
+                queue.extend(v for v in (getattr(sub, m) for m in _branches(type(sub))) if isinstance(v, tuple | ast.Node))
             elif isinstance(sub, tuple):
-                todo.extend(v for v in sub if isinstance(v, tuple | ast.Node))
+                queue.extend(v for v in sub if isinstance(v, tuple | ast.Node))
     return tuple(found)
 
 
