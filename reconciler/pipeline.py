@@ -97,9 +97,11 @@ def _ensure_database(server: Server, name: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def default_engine(config: Config) -> DiffEngine:
+def default_engine(config: Config, *, remember: bool = False) -> DiffEngine:
+    """``remember``: for an engine used by plan after plan (watch), which reuses what it read of an unchanged live
+    database."""
     return SupplementedEngine(options=SupplementOptions(manage_privileges=config.manage_privileges,
-                                                        manage_owners=config.manage_owners))
+                                                        manage_owners=config.manage_owners), remember=remember)
 
 
 def safety_settings(config: Config, env: Environment) -> SafetySettings:
@@ -138,12 +140,14 @@ def manages(config: Config) -> tuple[str, ...]:
     return tuple(k for k, on in (("owners", config.manage_owners), ("privileges", config.manage_privileges)) if on)
 
 
-def load_desired(source: DesiredSchema, shadow_dsn: str, servers: Servers) -> int:
-    """Load the desired schema into the shadow database; on a shadow server that is not the target, the roles
-    the schema names are created first (NOLOGIN): roles are cluster-wide, a shadow of our own has none."""
+def load_desired(source: DesiredSchema, shadow_dsn: str, servers: Servers, skip: int = 0,
+                 stop: int | None = None) -> int:
+    """Load the desired schema's statements [skip, stop) into the shadow database (the first ones may be there
+    already); on a shadow server that is not the target, the roles the schema names are created first (NOLOGIN):
+    roles are cluster-wide, a shadow of our own has none."""
     if not same_cluster(servers.target_dsn, shadow_dsn):
         create_roles(shadow_dsn, roles_named(source))
-    return load_schema(source, shadow_dsn, progress=_report_progress)
+    return load_schema(source, shadow_dsn, progress=_report_progress, skip=skip, stop=stop)
 
 
 def _report_progress(path: str, done: int, total: int) -> None:
@@ -174,7 +178,7 @@ def make_plan(
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
     catalog: Catalog | None = None
-    with desired_database(servers.shadow, source, lambda dsn: load_desired(source, dsn, servers),
+    with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
                           target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow_dsn, \
             _frozen(engine, shadow_dsn):
         annotated = renames.read_renames(source)
@@ -194,7 +198,8 @@ def make_plan(
                                                              managed(config), live.fingerprint, config.shadow_cache)
             facts = renames.renamed_facts(facts, done)
         else:
-            changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
+            with _known(engine, servers.target_dsn, live.fingerprint):
+                changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
             equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
         steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
         rehearsal = SKIPPED
@@ -241,6 +246,12 @@ def _frozen(engine: DiffEngine, desired_dsn: str) -> contextlib.AbstractContextM
     return frozen(desired_dsn) if frozen is not None else contextlib.nullcontext()
 
 
+def _known(engine: DiffEngine, dsn: str, fingerprint: str) -> contextlib.AbstractContextManager[None]:
+    """``dsn``'s schema has this fingerprint now: an engine that remembers may reuse its reading of it."""
+    known = getattr(engine, "known", None)
+    return known(dsn, fingerprint) if known is not None else contextlib.nullcontext()
+
+
 def _check_expressed(engine: str, desired_dsn: str, desired: inspect.SchemaSnapshot, live: inspect.SchemaSnapshot,
                      changes: list[Change]) -> dict[tuple[str, str], str]:
     """Refuse differences the engine found no statements for; returns live's definitions that are the desired
@@ -284,7 +295,7 @@ def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) 
     """What differs between live and desired, by our catalog snapshot (no diff engine needed)."""
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
-    with desired_database(servers.shadow, source, lambda dsn: load_desired(source, dsn, servers),
+    with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
                           target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow_dsn:
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))

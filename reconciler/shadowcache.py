@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +40,7 @@ from . import __version__
 from .dsn import database_name
 from .errors import ReconcilerError
 from .servers import Server, connect, drop_database
-from .shadow import same_cluster
+from .shadow import same_cluster, statement_chain
 from .source import DesiredSchema
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,34 @@ LOCK_KEY = 0x7265636F6E636163  # one key for every process using the server's ca
 READER_LOCK_CLASS = 0x7265  # (class, hashtext(name)): a plan reads that kept database (shared), eviction (exclusive)
 LOCK_TIMEOUT = "120s"  # a copy takes seconds; past this the plan loads the schema instead of waiting
 _LOCK_DATABASE = "postgres"  # advisory locks are per database: every process locks in the same one
+# (server, kind, bound) to evict when a deferred_eviction block says so; None: evict at once
+_DEFERRED: ContextVar[list[tuple[Server, str, int]] | None] = ContextVar("reconciler_deferred_eviction", default=None)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Where a kept desired database stands in its schema's statements: a later schema that starts with the same
+    statements (``chain`` is the digest of the first ``count``) can be a copy of it plus the statements after."""
+
+    base: str  # sha256 hex of the key's parts but the schema: tool, server, role, roles created
+    count: int
+    chain: str
+    samples: tuple[tuple[int, str], ...] = ()  # (n, the start of the digest of the first n statements), every few
+
+    def common(self, chain: list[str]) -> int:
+        """How many of its first statements (to the nearest sample) another schema, by its ``chain``, shares."""
+        return max((n for n, digest in self.samples if n < len(chain) and chain[n].startswith(digest)), default=0)
+
+
+SAMPLES = 200  # digests kept per schema: where an edited schema parts from a kept one, to within 1/200 of its length
+CHECKPOINT_MIN = 200  # statements in common worth a checkpoint (a copy of the database: a fraction of a second)
+
+
+def _prefix(base: str, chain: list[str]) -> Prefix:
+    count = len(chain) - 1
+    every = max(1, -(-count // SAMPLES))
+    return Prefix(base=base, count=count, chain=chain[-1],
+                  samples=tuple((n, chain[n][:16]) for n in range(every, count + 1, every)))
 
 
 @dataclass(frozen=True)
@@ -58,6 +87,7 @@ class CacheKey:
     digest: str  # sha256 hex of everything that decides the loaded result
     fingerprint: str  # the desired schema's, for people reading the template's comment
     kind: str = "desired"  # or "live copy": each kind keeps its own most recently used templates
+    prefix: Prefix | None = None  # a desired schema's statements, for schemas that extend it
 
     @property
     def template(self) -> str:
@@ -72,43 +102,69 @@ class Template:
     tool: str
     last_used: datetime
     size_bytes: int
+    prefix: Prefix | None = None
 
 
 @contextlib.contextmanager
 def desired_database(
     server: Server,
     source: DesiredSchema,
-    load: Callable[[str], int],
+    load: Callable[[str, int, int | None], int],
     *,
     target_dsn: str,
     keep: int,
 ) -> Iterator[str]:
-    """A scratch database on ``server`` holding ``source``, dropped afterwards: a copy of the cached template when
-    there is one, else loaded with ``load`` (which returns the number of statements run) and kept as a template."""
+    """A database on ``server`` holding ``source``: the kept one when there is one, else loaded with ``load`` (given
+    the database and the range of the schema's statements to run, [start, stop); it returns how many it ran) and
+    kept. When a kept database holds the schema's first statements (a schema that was extended: statements added at
+    the end, a file added last), the load starts from a copy of it. When a kept schema shares many first statements
+    with this one but goes on differently (an edit in the middle), the load also keeps a checkpoint of where they
+    part: the next edit after that point starts from it (watch: the same table edited again and again)."""
     key: CacheKey | None = None
+    chain: list[str] = []
     if keep > 0:
+        chain = statement_chain(source)  # a file pglast cannot split fails here as its load would, at file:line
         try:
-            key = _key_if_cacheable(server, source, target_dsn)
+            key = _key_if_cacheable(server, source, target_dsn, chain)
         except Exception as exc:  # the cache is an optimisation: whatever fails, load as without it
             log.warning("shadow cache: %s; loading the desired schema instead", _describe(exc))
+    held = checkpoint = 0
+
+    def seed(name: str) -> bool:
+        nonlocal held, checkpoint
+        assert key is not None and key.prefix is not None
+        found, checkpoint = _copy_prefix(server, name, key.prefix, chain)
+        if found is None or found.prefix is None:
+            return False
+        held = found.prefix.count
+        log.info("shadow cache: kept database %s holds the first %d of the desired schema's %d statements; loading "
+                 "the rest into a copy of it", found.name, held, len(chain) - 1)
+        return True
 
     def build(dsn: str) -> None:
-        count = load(dsn)
+        start = held
+        if key is not None and key.prefix is not None and checkpoint > held:
+            load(dsn, held, checkpoint)
+            _checkpoint_quietly(server, dsn, key.prefix, chain[:checkpoint + 1], key.fingerprint, keep)
+            start = checkpoint
+        count = start - held + load(dsn, start, None)
         log.info("loaded %d statements from %d file(s) into the shadow database", count, len(source.files))
 
-    with cached_database(server, key, build, keep=keep, purpose=COPY_PURPOSE, shared=True,
+    with cached_database(server, key, build, keep=keep, purpose=COPY_PURPOSE, shared=True, seed=seed,
                          what=f"the shadow database (desired schema {source.fingerprint})") as dsn:
         yield dsn
 
 
 @contextlib.contextmanager
 def cached_database(server: Server, key: CacheKey | None, build: Callable[[str], None], *, keep: int, purpose: str,
-                    what: str, modifies: bool = False, shared: bool = False) -> Iterator[str]:
+                    what: str, modifies: bool = False, shared: bool = False,
+                    seed: Callable[[str], bool] | None = None) -> Iterator[str]:
     """A scratch database on ``server`` holding what ``build`` puts in it. ``shared`` (the block leaves it as it was):
     the key's kept database itself, read-only by default, given to as many blocks at once as ask for it. Otherwise
     a copy of it. When there is none it is built, and kept under the key afterwards instead of being dropped (when
     the block ends normally or with a refusal); a block that ``modifies`` it gets a copy of what was just kept.
-    Without a key it is built and dropped, as any scratch database."""
+    Without a key it is built and dropped, as any scratch database. ``seed`` may create the database to build in
+    (True) as a copy holding part of what ``build`` adds, instead of an empty one."""
     if shared and key is not None:
         try:
             reader = _open_kept(server, key)
@@ -135,8 +191,9 @@ def cached_database(server: Server, key: CacheKey | None, build: Callable[[str],
             drop_database(server, copy)
         return
     name = f"reconciler_{purpose}_{secrets.token_hex(5)}"
-    with connect(server.dsn) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    if not (key is not None and seed is not None and _seed_quietly(seed, name, what)):
+        with connect(server.dsn) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     kept = False
     try:
         build(server.database_dsn(name))
@@ -156,6 +213,14 @@ def cached_database(server: Server, key: CacheKey | None, build: Callable[[str],
     finally:
         if not kept:
             drop_database(server, name)
+
+
+def _seed_quietly(seed: Callable[[str], bool], name: str, what: str) -> bool:
+    try:
+        return seed(name)
+    except Exception as exc:
+        log.warning("shadow cache: %s; building %s from the start", _describe(exc), what)
+        return False
 
 
 def _keep_quietly(server: Server, name: str, key: CacheKey | None, keep: int, what: str) -> bool:
@@ -185,7 +250,7 @@ def clear(server: Server) -> list[str]:
 
 # --- key and eligibility -------------------------------------------------------------------------
 
-def _key_if_cacheable(server: Server, source: DesiredSchema, target_dsn: str) -> CacheKey | None:
+def _key_if_cacheable(server: Server, source: DesiredSchema, target_dsn: str, chain: list[str]) -> CacheKey | None:
     shared = same_cluster(target_dsn, server.dsn)
     if shared and not server.embedded:
         log.debug("shadow cache: off, the shadow server is the target's cluster (templates are kept on shadow servers "
@@ -195,14 +260,14 @@ def _key_if_cacheable(server: Server, source: DesiredSchema, target_dsn: str) ->
         row = conn.execute("SELECT current_setting('server_version_num'), current_user").fetchone()
     assert row is not None
     parts = {
-        "fingerprint": source.fingerprint,
         "tool": __version__,
         "server_version_num": row[0],
         "role": row[1],
         "creates_roles": not shared,  # pipeline.load_desired creates the schema's roles on a server not the target's
     }
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    return CacheKey(digest=digest, fingerprint=source.fingerprint)
+    base = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps({**parts, "fingerprint": source.fingerprint}, sort_keys=True).encode()).hexdigest()
+    return CacheKey(digest=digest, fingerprint=source.fingerprint, prefix=_prefix(base, chain))
 
 
 def live_copy_key(server: Server, target_dsn: str, live_fingerprint: str,
@@ -247,6 +312,55 @@ def _copy_template(server: Server, key: CacheKey, purpose: str) -> str | None:
     return copy
 
 
+def _copy_prefix(server: Server, name: str, prefix: Prefix, chain: list[str]) -> tuple[Template | None, int]:
+    """Create database ``name`` as a copy of the kept desired database that holds the most of the schema's first
+    statements (``chain``: its digests) under the same ``prefix.base`` (None when no kept database is a start of it
+    or the ones that are are being read), and say where a checkpoint is worth keeping: as far as a kept schema that
+    goes on differently shares this one's statements (0: nowhere)."""
+    with _locked(server) as conn:
+        kept = [t for t in _templates(conn) if t.kind == "desired" and t.prefix is not None
+                and t.prefix.base == prefix.base]
+        starts = [t for t in kept if t.prefix is not None and t.prefix.count < len(chain)
+                  and chain[t.prefix.count] == t.prefix.chain]
+        held = max((t.prefix.count for t in starts if t.prefix is not None), default=0)
+        shared = max((t.prefix.common(chain) for t in kept if t.prefix is not None), default=0)
+        checkpoint = shared if shared - held >= CHECKPOINT_MIN and shared < len(chain) - 1 else 0
+        for template in sorted(starts, key=lambda t: t.prefix.count if t.prefix else 0, reverse=True):
+            if not _exclusive(conn, template.name):
+                continue
+            try:
+                _create_from(conn, name, template.name)
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+                raise
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (READER_LOCK_CLASS, template.name))
+            _touch(conn, template.name)
+            return template, checkpoint if template.prefix and checkpoint > template.prefix.count else 0
+    return None, checkpoint
+
+
+def _checkpoint_quietly(server: Server, dsn: str, prefix: Prefix, chain: list[str], fingerprint: str,
+                        keep: int) -> None:
+    """Keep a copy of the database being loaded, which holds the schema's first ``len(chain) - 1`` statements."""
+    count = len(chain) - 1
+    key = CacheKey(digest=hashlib.sha256(f"{prefix.base} checkpoint {chain[-1]}".encode()).hexdigest(),
+                   fingerprint=f"the first {count} statements of {fingerprint}", prefix=_prefix(prefix.base, chain))
+    name = f"reconciler_{COPY_PURPOSE}_{secrets.token_hex(5)}"
+    try:
+        with _locked(server) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (key.template,)).fetchone():
+                return
+            _create_from(conn, name, _database_of(dsn))
+        if not _keep(server, name, key, keep):
+            drop_database(server, name)
+    except Exception as exc:  # the cache is an optimisation: the load goes on without a checkpoint
+        log.warning("shadow cache: could not keep a checkpoint: %s", _describe(exc))
+        with contextlib.suppress(Exception):
+            drop_database(server, name)
+
+
 def _exclusive(conn: psycopg.Connection[Any], name: str) -> bool:
     """Take the readers' lock of kept database ``name`` exclusively, if no plan reads it."""
     row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (READER_LOCK_CLASS, name)).fetchone()
@@ -288,8 +402,35 @@ def _keep(server: Server, name: str, key: CacheKey, keep: int) -> bool:
         conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(target, sql.Identifier(key.template)))
         conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(key.template)))
         log.info("shadow cache: kept %s %s as %s", key.kind, key.fingerprint, key.template)
-        _evict(conn, [t for t in _templates(conn) if t.kind == key.kind][keep:], keep)
+        pending = _DEFERRED.get()
+        if pending is None:
+            _evict(conn, [t for t in _templates(conn) if t.kind == key.kind][keep:], keep)
+        elif (server, key.kind, keep) not in pending:
+            pending.append((server, key.kind, keep))
     return True
+
+
+@contextlib.contextmanager
+def deferred_eviction() -> Iterator[Callable[[], None]]:
+    """Within the block, keeping a database does not yet drop the least recently used ones beyond the bound; the
+    function it yields does (watch reports its plan first: dropping a big database takes the best part of a second,
+    and nobody waits on it then)."""
+    pending: list[tuple[Server, str, int]] = []
+    token = _DEFERRED.set(pending)
+
+    def evict() -> None:
+        while pending:
+            server, kind, keep = pending.pop(0)
+            try:
+                with _locked(server) as conn:
+                    _evict(conn, [t for t in _templates(conn) if t.kind == kind][keep:], keep)
+            except Exception as exc:  # the cache is an optimisation: the next keep evicts again
+                log.warning("shadow cache: could not evict: %s", _describe(exc))
+
+    try:
+        yield evict
+    finally:
+        _DEFERRED.reset(token)
 
 
 def _evict(conn: psycopg.Connection[Any], stale: list[Template], keep: int) -> None:
@@ -329,9 +470,23 @@ def _comment(conn: psycopg.Connection[Any], name: str, key: CacheKey) -> None:
     """Mark ``name`` as the key's template, used now (by the server's clock, the one every client shares)."""
     row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
     assert row is not None
-    text = json.dumps({"marker": MARKER, "key": key.digest, "fingerprint": key.fingerprint, "kind": key.kind,
-                       "tool": __version__, "last_used": row[0]}, sort_keys=True)
+    data = {"marker": MARKER, "key": key.digest, "fingerprint": key.fingerprint, "kind": key.kind,
+            "tool": __version__, "last_used": row[0]}
+    if key.prefix is not None:
+        data["prefix"] = {"base": key.prefix.base, "count": key.prefix.count, "chain": key.prefix.chain,
+                          "samples": [list(s) for s in key.prefix.samples]}
+    text = json.dumps(data, sort_keys=True)
     conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
+
+
+def _touch(conn: psycopg.Connection[Any], name: str) -> None:
+    """Mark kept database ``name`` used now."""
+    data = _comment_of(conn, name)
+    if data:
+        row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+        assert row is not None
+        text = json.dumps({**data, "last_used": row[0]}, sort_keys=True)
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
 
 
 def _comment_of(conn: psycopg.Connection[Any], name: str) -> dict[str, Any]:
@@ -363,8 +518,20 @@ def _templates(conn: psycopg.Connection[Any], *, droppable: bool = True) -> list
         if data and isinstance(data.get("last_used"), int | float):
             found.append(Template(name=name, fingerprint=str(data.get("fingerprint", "")),
                                   kind=str(data.get("kind", "desired")), tool=str(data.get("tool", "")),
-                                  last_used=datetime.fromtimestamp(data["last_used"], UTC), size_bytes=int(size)))
+                                  last_used=datetime.fromtimestamp(data["last_used"], UTC), size_bytes=int(size),
+                                  prefix=_prefix_of(data.get("prefix"))))
     return sorted(found, key=lambda t: t.last_used, reverse=True)
+
+
+def _prefix_of(data: object) -> Prefix | None:
+    if not isinstance(data, dict):
+        return None
+    base, count, chain, samples = data.get("base"), data.get("count"), data.get("chain"), data.get("samples", [])
+    if not (isinstance(base, str) and isinstance(count, int) and isinstance(chain, str) and isinstance(samples, list)):
+        return None
+    pairs = tuple((n, d) for n, d in (s for s in samples if isinstance(s, list) and len(s) == 2)
+                  if isinstance(n, int) and isinstance(d, str))
+    return Prefix(base=base, count=count, chain=chain, samples=pairs)
 
 
 def _drop(conn: psycopg.Connection[Any], name: str) -> bool:

@@ -33,11 +33,11 @@ import psycopg
 import watchfiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from . import history
+from . import history, shadowcache
 from .apply import ApplyOptions, apply_plan
 from .config import Config, Environment
 from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
-from .pipeline import Servers, auto_apply_blockers, drift, make_plan, open_servers
+from .pipeline import Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
 from .plan import Plan, write_plan
 from .servers import connect
 
@@ -132,6 +132,7 @@ class Watcher:
         self.listening = threading.Event()
         self.cycles = 0  # plans and drift checks done (start, changes, intervals)
         self._stop = threading.Event()
+        self.engine = default_engine(config, remember=True)  # one for every plan: it rereads only what changed
         self._working = False  # a plan, apply or drift check is under way
         self._interrupting = False
 
@@ -188,7 +189,9 @@ class Watcher:
         if self._stop.is_set():
             return
         try:
-            ok = self._check_drift(servers) if trigger == "drift" else self._reconcile(servers, trigger, changed)
+            with shadowcache.deferred_eviction() as evict:  # after the report: nobody waits on it then
+                ok = self._check_drift(servers) if trigger == "drift" else self._reconcile(servers, trigger, changed)
+                evict()
         except KeyboardInterrupt:
             self._stop.set()
             self._report(trigger, "cancelled", "stopping: the step under way was cancelled", logging.WARNING)
@@ -206,7 +209,8 @@ class Watcher:
             before = self._latest_run(servers)
             try:
                 with self._work("plan"):
-                    plan = make_plan(self.config, self.env, servers, schemas_dir=self.options.schemas_dir).plan
+                    plan = make_plan(self.config, self.env, servers, schemas_dir=self.options.schemas_dir,
+                                     engine=self.engine).plan
             except Exception as exc:  # a bad edit (or a database away) is reported; the loop goes on
                 self.metrics.plans.labels("error").inc()
                 raced = attempt == 1 and self._latest_run(servers) != before

@@ -23,10 +23,11 @@ import pytest
 
 from reconciler import inspect, pipeline, shadowcache
 from reconciler.config import load_config
+from reconciler.diff import migra_engine
 from reconciler.errors import ConfigError, ReconcilerError, SchemaLoadError
 from reconciler.pipeline import Comparison, drift, make_plan, open_servers
 from reconciler.servers import Server, bindir_major, connect, scratch_server, wheel_bindir
-from reconciler.shadow import load_schema
+from reconciler.shadow import load_schema, split_file, statement_chain
 from reconciler.source import load_source
 from tests.conftest import TEST_BINDIR_ENV, fetch_one, run_sql
 from tests.repo import Repo
@@ -397,3 +398,120 @@ def test_watch_keeps_its_embedded_shadow_running_and_reuses_the_template(repo: R
     assert not pidfile.exists()  # stopped with the watcher
     assert fetch_one(repo.database, "SELECT count(*) FROM reconciler.runs WHERE status = 'applied'") == 1
 
+
+
+# --- schemas that start like a kept one -------------------------------------------------------------
+
+MORE = {"90_more.sql": "CREATE TABLE more (id int);\nCREATE INDEX more_id ON more (id);\n"}
+
+
+def statements(repo: Repo) -> int:
+    return len(statement_chain(load_source(repo.schemas))) - 1
+
+
+def fresh(repo: Repo, shadow: Server) -> Comparison:
+    """The same plan with the cache off: the desired schema loaded from its first statement."""
+    configure(repo, shadow.dsn, keep=0)
+    try:
+        return plan(repo)
+    finally:
+        configure(repo, shadow.dsn)
+
+
+def test_an_extended_schema_loads_only_what_was_added(repo: Repo, shadow: Server, messages: Messages,
+                                                      loads: list[str]) -> None:
+    configure(repo, shadow.dsn)
+    plan(repo)
+    before = statements(repo)
+    repo.write(MORE)
+    extended = plan(repo)
+    assert len(loads) == 2
+    assert messages.count(f"holds the first {before} of the desired schema's {before + 2} statements") == 1
+    assert messages.count("loaded 2 statements from") == 1
+    whole = fresh(repo, shadow)
+    assert extended.desired == whole.desired  # a copy plus the rest is what loading it all gives
+    assert sql_of(extended) == sql_of(whole) and any("more_id" in s for s in sql_of(extended))
+    assert set(templates(shadow)) >= {fingerprint(repo)}
+
+
+def test_a_failure_in_the_added_statements_names_its_own_line(repo: Repo, shadow: Server) -> None:
+    configure(repo, shadow.dsn)
+    plan(repo)
+    kept = set(templates(shadow))
+    repo.write({"90_more.sql": "CREATE TABLE more (id int);\n\nALTER TABLE no_such_table ADD COLUMN x int;\n"})
+    with pytest.raises(SchemaLoadError) as failed:
+        plan(repo)
+    assert failed.value.path.endswith("90_more.sql") and failed.value.line == 3
+    assert set(templates(shadow)) == kept  # nothing kept from the failed load
+    assert databases(shadow, "reconciler_shadow_") == []
+
+
+def test_an_edit_in_the_middle_keeps_a_checkpoint_the_next_edit_starts_from(
+        repo: Repo, shadow: Server, messages: Messages, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shadowcache, "CHECKPOINT_MIN", 1)  # the example schema is small
+    configure(repo, shadow.dsn)
+    middle = "15_middle.sql"  # between the tables and the views
+    repo.write({middle: "CREATE TABLE edited (id int);\n"})
+    plan(repo)
+    repo.write({middle: "CREATE TABLE edited (id int, note text);\n"})
+    shared = statements_before(repo, middle)
+    plan(repo)  # parts from the kept schema at the edit: loads it all, keeping a checkpoint there
+    assert messages.count(f"kept desired the first {shared} statements of") == 1
+    assert messages.count("holds the first") == 0
+    repo.write({middle: "CREATE TABLE edited (id int, note text, done boolean);\n"})
+    third = plan(repo)
+    total = statements(repo)
+    assert messages.count(f"holds the first {shared} of the desired schema's {total} statements") == 1
+    assert messages.count(f"loaded {total - shared} statements from") == 1
+    whole = fresh(repo, shadow)
+    assert third.desired == whole.desired and sql_of(third) == sql_of(whole)
+    assert any("done" in s for s in sql_of(third))
+
+
+def statements_before(repo: Repo, name: str) -> int:
+    return sum(1 for f in load_source(repo.schemas).files if f.path < name for _ in split_file(f))
+
+
+def test_deferred_eviction_drops_only_when_asked(repo: Repo, shadow: Server) -> None:
+    configure(repo, shadow.dsn, keep=1)
+    plan(repo)
+    first = fingerprint(repo)
+    with shadowcache.deferred_eviction() as evict:
+        repo.write(MORE)
+        plan(repo)
+        assert set(templates(shadow)) == {first, fingerprint(repo)}  # one too many, until asked
+        evict()
+        assert list(templates(shadow)) == [fingerprint(repo)]
+    repo.write(EXTRA)
+    plan(repo)  # outside the block: at once
+    assert list(templates(shadow)) == [fingerprint(repo)]
+
+
+def test_a_remembering_engine_reads_an_unchanged_live_database_once(repo: Repo, shadow: Server,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(repo, shadow.dsn)
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY)")
+    inspected: list[str] = []
+    real = migra_engine._inspect
+
+    def counted(stack: Any, inspector: Any, dsn: str, excluded: tuple[str, ...]) -> Any:
+        inspected.append(dsn)
+        return real(stack, inspector, dsn, excluded)
+
+    monkeypatch.setattr(migra_engine, "_inspect", counted)
+    config = load_config(repo.config)
+    env = config.environment("test")
+    engine = pipeline.default_engine(config, remember=True)
+    with open_servers(config, env) as servers:
+        make_plan(config, env, servers, engine=engine)
+        reads = inspected.count(servers.target_dsn)
+        repo.write(EXTRA)
+        second = make_plan(config, env, servers, engine=engine)
+        assert inspected.count(servers.target_dsn) == reads  # live unchanged: its reading reused
+        assert sql_of(second) == sql_of(make_plan(config, env, servers))  # what a new engine plans
+        run_sql(repo.database, "ALTER TABLE customers ADD COLUMN email text")
+        reads = inspected.count(servers.target_dsn)
+        third = make_plan(config, env, servers, engine=engine)
+        assert inspected.count(servers.target_dsn) == reads + 1  # live changed: read again
+        assert sql_of(third) == sql_of(make_plan(config, env, servers))
+        assert sql_of(third) != sql_of(second)

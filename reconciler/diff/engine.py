@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 from ..errors import ReconcilerError
 from ..servers import connect
@@ -15,15 +17,41 @@ from .supplements.partitions import refuse_partitioning_changes
 class SupplementedEngine:
     """A ``DiffEngine`` whose output is the base engine's, rewritten by every supplement."""
 
-    def __init__(self, base: DiffEngine | None = None, options: Options | None = None) -> None:
-        self.base = base or MigraEngine()
+    def __init__(self, base: DiffEngine | None = None, options: Options | None = None, *,
+                 remember: bool = False) -> None:
+        """``remember``: an engine used by plan after plan (watch's) keeps live's answers to the supplements'
+        catalog queries while live's fingerprint (``known``) stays the same."""
+        self.base = base or MigraEngine(remember=remember)
         self.name = self.base.name
         self.options = options or Options()
+        self._remember = remember
+        self._known: dict[str, str] = {}
+        self._live_rows: tuple[tuple[str, str, tuple[str, ...]], dict[str, list[Any]]] | None = None
 
     def frozen(self, desired_dsn: str) -> contextlib.AbstractContextManager[None]:
         """The base engine's (see ``MigraEngine.frozen``), when it has one."""
         frozen = getattr(self.base, "frozen", None)
         return frozen(desired_dsn) if frozen is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def known(self, dsn: str, fingerprint: str) -> Iterator[None]:
+        """Within the block ``dsn``'s schema has this fingerprint (see ``MigraEngine.known``)."""
+        known = getattr(self.base, "known", None)
+        with known(dsn, fingerprint) if known is not None else contextlib.nullcontext():
+            self._known[dsn] = fingerprint
+            try:
+                yield
+            finally:
+                self._known.pop(dsn, None)
+
+    def _remembered_rows(self, live_dsn: str, exclude_schemas: tuple[str, ...]) -> dict[str, list[Any]] | None:
+        fingerprint = self._known.get(live_dsn)
+        if not self._remember or fingerprint is None:
+            return None
+        key = (live_dsn, fingerprint, exclude_schemas)
+        if self._live_rows is None or self._live_rows[0] != key:
+            self._live_rows = (key, {})  # the last live only: memory is bounded
+        return self._live_rows[1]
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
         try:
@@ -37,4 +65,5 @@ class SupplementedEngine:
                 connect(desired_dsn, application_name="reconciler inspect") as desired:
             for conn in (live, desired):  # catalog functions then name every object with its schema
                 conn.execute("SET search_path = pg_catalog")
-            return supplement(Context(live, desired, self.options, exclude_schemas), changes)
+            return supplement(Context(live, desired, self.options, exclude_schemas,
+                                      self._remembered_rows(live_dsn, exclude_schemas)), changes)

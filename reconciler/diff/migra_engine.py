@@ -31,9 +31,27 @@ log = logging.getLogger(__name__)
 class MigraEngine:
     name = "migra"
 
-    def __init__(self) -> None:
+    def __init__(self, *, remember: bool = False) -> None:
+        """``remember``: an engine that outlives one plan (watch's) keeps its last inspection of each database whose
+        fingerprint a plan vouches for (``known``), and skips inspecting it again while the fingerprint holds."""
         self._frozen: dict[tuple[str, ...], Any] | None = None  # excluded schemas -> the desired inspection
         self._frozen_dsn = ""
+        self._remember = remember
+        self._known: dict[str, str] = {}  # dsn -> its schema's fingerprint, within a ``known`` block
+        self._remembered: dict[tuple[str, tuple[str, ...]], tuple[str, Any]] = {}  # (dsn, excluded) -> (print, it)
+
+    @contextlib.contextmanager
+    def known(self, dsn: str, fingerprint: str) -> Iterator[None]:
+        """Within the block, the schema of ``dsn`` has this catalog-snapshot fingerprint (the caller just read it):
+        a remembering engine reuses its inspection from an earlier plan when the fingerprint is the same."""
+        if not self._remember:
+            yield
+            return
+        self._known[dsn] = fingerprint
+        try:
+            yield
+        finally:
+            self._known.pop(dsn, None)
 
     @contextlib.contextmanager
     def frozen(self, desired_dsn: str) -> Iterator[None]:
@@ -54,14 +72,19 @@ class MigraEngine:
         kept = self._frozen if self._frozen is not None and desired_dsn == self._frozen_dsn else None
         with ExitStack() as stack, ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect") as pool:
             # both databases at once: each waits on its server as much as it computes
-            live = pool.submit(_inspect, stack, inspector, live_dsn, exclude_schemas)
+            remembered = self._recall(live_dsn, exclude_schemas)
+            live = None if remembered is not None else pool.submit(_inspect, stack, inspector, live_dsn,
+                                                                   exclude_schemas)
             if kept is not None and exclude_schemas in kept:
                 desired = kept[exclude_schemas]
             else:
                 desired = pool.submit(_inspect, stack, inspector, desired_dsn, exclude_schemas).result()
                 if kept is not None:
                     kept[exclude_schemas] = desired
-            inspectors = [live.result(), desired]
+            if live is not None:
+                remembered = live.result()
+                self._store(live_dsn, exclude_schemas, remembered)
+            inspectors = [remembered, desired]
             try:
                 migration = Migration(inspectors[0], inspectors[1])
                 migration.set_safety(False)
@@ -72,6 +95,20 @@ class MigraEngine:
                 raise ReconcilerError(f"the migra engine cannot diff these schemas ({detail}{_where(exc)}); "
                                       "this schema change is not supported yet") from exc
         return [self._change(piece) for statement in raw for piece in _split(statement)]
+
+    def _recall(self, dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
+        fingerprint = self._known.get(dsn)
+        found = self._remembered.get((dsn, exclude_schemas))
+        if fingerprint is None or found is None or found[0] != fingerprint:
+            return None
+        log.debug("%s unchanged (%s): its inspection is reused", dsnlib.describe(dsn), fingerprint)
+        return found[1]
+
+    def _store(self, dsn: str, exclude_schemas: tuple[str, ...], inspected: Any) -> None:
+        fingerprint = self._known.get(dsn)
+        if fingerprint is None:
+            return
+        self._remembered = {(dsn, exclude_schemas): (fingerprint, inspected)}  # the last one only: memory is bounded
 
     def _change(self, statement: str) -> Change:
         kind, obj = classify(statement)

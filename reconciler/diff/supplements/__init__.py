@@ -36,11 +36,17 @@ class Context:
     desired: psycopg.Connection[Any]
     options: Options
     exclude_schemas: tuple[str, ...]
+    live_rows: dict[str, list[tuple[Any, ...]]] | None = None  # live's answers from an earlier diff, live unchanged
 
     def rows(self, side: str, query: str) -> list[tuple[Any, ...]]:
         """Run a catalog query on ``live`` or ``desired``; ``%(excluded)s`` is the excluded schemas."""
+        if side == "live" and self.live_rows is not None and query in self.live_rows:
+            return self.live_rows[query]
         conn = self.live if side == "live" else self.desired
-        return conn.execute(query.encode(), {"excluded": list(self.exclude_schemas)}).fetchall()
+        found = conn.execute(query.encode(), {"excluded": list(self.exclude_schemas)}).fetchall()
+        if side == "live" and self.live_rows is not None:
+            self.live_rows[query] = found
+        return found
 
     def keyed(self, query: str) -> tuple[dict[Any, tuple[Any, ...]], dict[Any, tuple[Any, ...]]]:
         """(live, desired): the query's rows keyed by their first column."""
