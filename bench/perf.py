@@ -105,6 +105,7 @@ class WatchResult:
     start_seconds: float  # watch started -> the first plan reported
     detect_seconds: tuple[float, ...]  # file written -> "changed:" logged
     latency_seconds: tuple[float, ...]  # file written -> the new plan reported
+    kinds: tuple[str, ...]  # each edit's: "append" (a table added at the end) or "middle" (a table in the middle)
     peak_mib: float
     results: tuple[str, ...]  # what each report said (first words)
     load_before: float
@@ -410,10 +411,24 @@ def bench_gitlab(bench: Bench, cases: Sequence[str], source: Path, record: Recor
         bench.drop(*reversed(made))
 
 
+def _watch_edits(new_sql: str, edits: int) -> Iterator[tuple[str, str]]:
+    """The desired file's text after each edit, with its kind: ``edits`` saves that each add a table at the end of
+    the file, then ``edits`` saves that each change a table in the middle of it (its column's default)."""
+    appended = ""
+    for i in range(1, edits + 1):
+        appended += f"\nCREATE TABLE watch_edit_{i:03d} (\n    id bigint PRIMARY KEY,\n    note text\n);\n"
+        yield "append", new_sql + appended
+    cut = new_sql.index(";\n", len(new_sql) // 2) + 2  # a statement's end about halfway through
+    for i in range(1, edits + 1):
+        middle = f"\nCREATE TABLE watch_middle (\n    id bigint PRIMARY KEY,\n    note text DEFAULT 'edit {i}'\n);\n"
+        yield "middle", new_sql[:cut] + middle + new_sql[cut:] + appended
+
+
 def bench_watch(bench: Bench, tables: int, edits: int, seed: int, settle: float) -> WatchResult:
-    """``reconciler watch`` on a project of ``tables`` tables (5% changed, so every plan has steps); each edit adds
-    a table to the desired schema file, and the latency is from the write to the watcher's report of the new plan
-    (auto_apply is off: the plan is written for approval, the live database stays as it was)."""
+    """``reconciler watch`` on a project of ``tables`` tables (5% changed, so every plan has steps). ``edits`` saves
+    each add a table at the end of the desired schema file, then ``edits`` saves each change a table in the middle
+    of it; the latency is from the write to the watcher's report of the new plan (auto_apply is off: the plan is
+    written for approval, the live database stays as it was)."""
     schemas = schemagen.synthetic(tables, seed=seed)
     logs = bench.workdir / f"watch-{tables}"
     logs.mkdir(parents=True, exist_ok=True)
@@ -433,11 +448,9 @@ def bench_watch(bench: Bench, tables: int, edits: int, seed: int, settle: float)
         _check_report(first, watcher)
         start_seconds = first.at - watcher.started
         say(f"  first plan reported {start_seconds:.2f} s after starting the watcher")
-        detects, latencies, said = [], [], [first.message.split(" (")[0]]
-        for k in range(1, edits + 1):
+        detects, latencies, kinds, said = [], [], [], [first.message.split(" (")[0]]
+        for k, (kind, text) in enumerate(_watch_edits(schemas.new_sql, edits), 1):
             time.sleep(settle)
-            text = schemas.new_sql + "".join(f"\nCREATE TABLE watch_edit_{i:03d} (\n    id bigint PRIMARY KEY,\n"
-                                             f"    note text\n);\n" for i in range(1, k + 1))
             written = time.perf_counter()
             schema_file.write_text(text)
             changed = watcher.wait_for("changed: ", timeout=bench.timeout, what=f"change {k} noticed")
@@ -445,14 +458,15 @@ def bench_watch(bench: Bench, tables: int, edits: int, seed: int, settle: float)
             _check_report(report, watcher)
             detects.append(changed.at - written)
             latencies.append(report.at - written)
+            kinds.append(kind)
             said.append(report.message.split(" (")[0])
-            say(f"  edit {k}: noticed after {detects[-1]:.2f} s, plan reported after {latencies[-1]:.2f} s")
+            say(f"  edit {k} ({kind}): noticed after {detects[-1]:.2f} s, plan reported after {latencies[-1]:.2f} s")
         code, peak = watcher.stop()
         watcher = None
         if code != EXIT_OK:
             raise BenchError(f"watch exited {code} on SIGTERM (expected 0)\n{measure.tail(logs / 'watch.err')}")
-        return WatchResult(tables, start_seconds, tuple(detects), tuple(latencies), peak, tuple(said), load_before,
-                           _load())
+        return WatchResult(tables, start_seconds, tuple(detects), tuple(latencies), tuple(kinds), peak, tuple(said),
+                           load_before, _load())
     finally:
         if watcher is not None:
             watcher.stop()
@@ -504,10 +518,14 @@ def goals(results: list[CaseResult], watch: WatchResult | None) -> list[Goal]:
         found.append(Goal(text, f"cold {cold.peak_mib:.0f} MiB, warm {warm.peak_mib:.0f} MiB", peak < 300.0))
     else:
         found.append(Goal(text, "not run", None))
-    text = "watch, 1,000 tables: file saved -> new plan reported under 2 s (judged on the median)"
+    text = "watch, 1,000 tables: file saved -> new plan reported under 2 s (judged on the median of every edit)"
     if watch and watch.tables == 1000 and watch.latency_seconds:
         median = statistics.median(watch.latency_seconds)
-        found.append(Goal(text, f"median {median:.2f} s, max {max(watch.latency_seconds):.2f} s", median < 2.0))
+        by_kind = "; ".join(f"{kind} median {statistics.median(s):.2f} s"
+                            for kind in dict.fromkeys(watch.kinds)
+                            for s in [[t for t, k in zip(watch.latency_seconds, watch.kinds, strict=True) if k == kind]])
+        found.append(Goal(text, f"median {median:.2f} s, max {max(watch.latency_seconds):.2f} s ({by_kind})",
+                          median < 2.0))
     else:
         found.append(Goal(text, "not run", None))
     return found
@@ -560,9 +578,10 @@ def print_results(results: list[CaseResult], watch: WatchResult | None, found: l
         table = Table(title=f"watch: {watch.tables} tables, file saved -> new plan reported", title_justify="left")
         for column in ("first plan s", "edit", "noticed s", "plan reported s", "report", "watch peak MiB", "load"):
             table.add_column(column, justify="right")
-        for i, (detect, latency) in enumerate(zip(watch.detect_seconds, watch.latency_seconds, strict=True), 1):
-            table.add_row(f"{watch.start_seconds:.2f}" if i == 1 else "", str(i), f"{detect:.2f}", f"{latency:.2f}",
-                          watch.results[i], f"{watch.peak_mib:.0f}" if i == 1 else "",
+        edits = zip(watch.detect_seconds, watch.latency_seconds, watch.kinds, strict=True)
+        for i, (detect, latency, kind) in enumerate(edits, 1):
+            table.add_row(f"{watch.start_seconds:.2f}" if i == 1 else "", f"{i} {kind}", f"{detect:.2f}",
+                          f"{latency:.2f}", watch.results[i], f"{watch.peak_mib:.0f}" if i == 1 else "",
                           f"{watch.load_before:.1f}/{watch.load_after:.1f}" if i == 1 else "")
         out.print(table)
     table = Table(title="goals", title_justify="left")
@@ -613,7 +632,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="empty (empty -> full), same (full -> full), changed (full -> full with a few changes)")
     parser.add_argument("--gitlab-sql", type=Path, default=GITLAB_SQL, help=f"default {GITLAB_SQL}")
     parser.add_argument("--watch-tables", type=int, default=1000, help="watch: schema size (default 1000)")
-    parser.add_argument("--watch-edits", type=int, default=3, help="watch: edits to time (default 3)")
+    parser.add_argument("--watch-edits", type=int, default=3, help="watch: edits of each kind to time (end, middle; default 3)")
     parser.add_argument("--watch-settle", type=float, default=2.0,
                         help="watch: seconds to wait after a plan before the next edit (default 2)")
     parser.add_argument("--seed", type=int, default=1, help="synthetic schemas' seed (default 1)")

@@ -7,51 +7,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import getpass
 import json
 import logging
 import os
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
-from . import __version__, backup, fleet, history, logs, shadowcache
+from . import __version__, logs
 from . import dsn as dsnlib
-from .apply import ApplyOptions, apply_plan, plan_checks
-from .config import LOCAL, Config, Environment, duration_seconds, find_config, load_config
-from .dsn import redact
+from .config import LOCAL, PASSPHRASE_ENV, PLANNER_KEY_ENV, Config, Environment, duration_seconds, find_config, load_config
 from .errors import ConfigError, ReconcilerError, RefusedError
-from .pipeline import auto_apply_blockers, drift, lint_schema, make_plan, open_servers
-from .plan import ApprovalView, Plan, read_plan, render, write_plan
-from .policy import evaluate, load_policies, run_assertion
-from .safety import Step
-from .servers import connect
-from .signing import (
-    PASSPHRASE_ENV,
-    PLANNER_KEY_ENV,
-    PlannerKey,
-    Requirements,
-    Trust,
-    approval_status,
-    approve_file,
-    generate_keypair,
-    key_fingerprint,
-    load_trust,
-    planner_key,
-    sign_as_planner,
-)
-from .watch import DEFAULT_HOST, DEFAULT_PORT, Watcher, WatchOptions, parse_listen
+
+if TYPE_CHECKING:
+    from . import history
+    from .apply import ApplyOptions
+    from .plan import ApprovalView, Plan
+    from .safety import Step
+    from .signing import PlannerKey, Requirements, Trust
+
+# Start-up time: at module level only the light modules above (`--version`, `--help` and `init` need no more); each
+# command imports the stages it uses inside its function (the pipeline pulls in psycopg, pglast, jsonschema and more).
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _target_options(p)
     _schemas_option(p)
     p.add_argument("--interval", default="5min", help="check for drift every DURATION (300, 30s, 5min; default 5min)")
-    p.add_argument("--listen", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+    p.add_argument("--listen",  # default: the watcher's (cmd_watch fills it in: watch is imported only to watch)
                    help="HOST:PORT serving /healthz and /metrics (port 0: any free port; 'off': none)")
     p.add_argument("--plans-dir", type=Path, help="where plans that may not apply on their own go (default: plans: folder)")
     p.add_argument("--key", type=Path, help=f"sign the plans it writes as planner with this key (or ${PLANNER_KEY_ENV})")
@@ -208,16 +189,23 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _requirements(env: Environment) -> Requirements:
+    from .signing import Requirements
+
     return Requirements(approvals=env.approvals, groups=env.approval_groups, require_signed=env.require_signed_plans)
 
 
 def _trust(config: Config, *, needed: bool) -> Trust | None:
+    from .signing import load_trust
+
     if needed or config.trust_file.is_file():
         return load_trust(config.trust_file)
     return None
 
 
 def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path | None) -> ApprovalView | None:
+    from .plan import ApprovalView
+    from .signing import Requirements, approval_status
+
     base = _requirements(env)
     policy = plan.body.policy
     req = Requirements(approvals=max(base.approvals, policy.approvals),
@@ -233,6 +221,10 @@ def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path
 
 
 def cmd_plan(args: argparse.Namespace, config: Config) -> int:
+    from .pipeline import make_plan, open_servers
+    from .plan import render, write_plan
+    from .signing import sign_as_planner
+
     env = _env(config, args)
     if env.is_fleet:
         return _plan_fleet(args, config, env)
@@ -256,6 +248,8 @@ def cmd_plan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from .plan import read_plan, render
+
     plan = read_plan(args.plan)
     view = None
     config_path = args.config or find_config(Path.cwd())
@@ -268,6 +262,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace, config: Config) -> int:
+    from .signing import approve_file, key_fingerprint, load_trust
+
     trust = load_trust(config.trust_file)
     plan, signature = approve_file(args.plan, args.key, trust)
     print(f"Approved plan {plan.short_id} as {signature.signer} ({key_fingerprint(signature.key)}).")
@@ -286,6 +282,11 @@ def _env_for_plan(config: Config, args: argparse.Namespace, plan: Plan) -> Envir
 
 
 def cmd_verify_plan(args: argparse.Namespace, config: Config) -> int:
+    from .apply import plan_checks
+    from .pipeline import open_servers
+    from .plan import read_plan
+    from .servers import connect
+
     plan = read_plan(args.plan)
     env = _env_for_plan(config, args, plan)
     options = _apply_options(config, env, plan_file=True)
@@ -303,6 +304,8 @@ def cmd_verify_plan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_lint(args: argparse.Namespace, config: Config) -> int:
+    from .pipeline import lint_schema
+
     findings = lint_schema(config, args.env or LOCAL, schemas_dir=args.schemas)
     for finding in findings:
         print(finding)
@@ -312,6 +315,8 @@ def cmd_lint(args: argparse.Namespace, config: Config) -> int:
 
 
 def _run_by_id(conn: Any, config: Config, run_id: str) -> history.Run:
+    from . import history
+
     run = history.get_run(conn, config.metadata_schema, run_id)
     if run is None:
         raise ReconcilerError(f"no run {run_id} in this database's history")
@@ -319,6 +324,11 @@ def _run_by_id(conn: Any, config: Config, run_id: str) -> history.Run:
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    from datetime import UTC, datetime
+
+    from . import backup
+    from .pipeline import open_servers
+
     env = _env(config, args)
     with open_servers(config, env, need_shadow=False) as servers:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -330,6 +340,10 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    from . import backup
+    from .pipeline import open_servers
+    from .servers import connect
+
     env = _env(config, args)
     with open_servers(config, env, need_shadow=False) as servers:
         with connect(servers.target_dsn) as conn:
@@ -344,6 +358,10 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    from . import history
+    from .pipeline import open_servers
+    from .servers import connect
+
     env = _env(config, args)
     with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
         if args.run_id:
@@ -365,6 +383,10 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    from .pipeline import drift, open_servers
+    from .policy import evaluate, load_policies, run_assertion
+    from .servers import connect
+
     env = _env(config, args)
     with open_servers(config, env) as servers:
         differences = drift(config, servers, schemas_dir=args.schemas)
@@ -387,6 +409,14 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
+    import tempfile
+
+    from . import backup
+    from .apply import apply_plan
+    from .pipeline import auto_apply_blockers, make_plan, open_servers
+    from .plan import render, write_plan
+    from .servers import connect
+
     env = _env(config, args)
     with open_servers(config, env) as servers:
         with connect(servers.target_dsn) as conn:
@@ -413,6 +443,10 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .signing import generate_keypair, key_fingerprint
+
     passphrase: bytes | None = None
     if args.encrypt:
         env_value = os.environ.get(PASSPHRASE_ENV)
@@ -435,6 +469,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> ApplyOptions:
     """A plan made in this process (--auto) was never a file, so it needs no planner signature."""
+    from .apply import ApplyOptions
+    from .signing import Requirements
+
     req = _requirements(env)
     if not plan_file:
         req = Requirements(approvals=req.approvals, groups=req.groups, require_signed=False)
@@ -456,6 +493,10 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
 @contextlib.contextmanager
 def _progress(args: argparse.Namespace, options: ApplyOptions, total: int) -> Iterator[ApplyOptions]:
     """A live status line on a terminal (rich); nothing when output goes to a file or logs are JSON."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
     console = Console(stderr=True)
     if not console.is_terminal or args.log_format == "json" or total == 0:
         yield options
@@ -467,12 +508,18 @@ def _progress(args: argparse.Namespace, options: ApplyOptions, total: int) -> It
 
 
 def _planner_key(args: argparse.Namespace, config: Config) -> PlannerKey | None:
+    from .signing import load_trust, planner_key
+
     key_path = args.key or (Path(os.environ[PLANNER_KEY_ENV]) if os.environ.get(PLANNER_KEY_ENV) else None)
     return planner_key(key_path, load_trust(config.trust_file)) if key_path else None
 
 
 def _plan_fleet(args: argparse.Namespace, config: Config, env: Environment) -> int:
     """One plan file per distinct live state, each naming its databases; unreachable databases reported."""
+    from . import fleet
+    from .plan import render, write_plan
+    from .signing import sign_as_planner
+
     key = _planner_key(args, config)
     members = fleet.survey(config, env, env.fleet_dsns())
     plans = fleet.plan_fleet(config, env, members, schemas_dir=args.schemas)
@@ -498,6 +545,10 @@ def _plan_fleet(args: argparse.Namespace, config: Config, env: Environment) -> i
 
 def _apply_fleet(args: argparse.Namespace, config: Config, env: Environment) -> int:
     """Plan files (one per state) or --auto (plan and apply where allowed), to every database of the shard."""
+    from . import fleet
+    from .pipeline import auto_apply_blockers
+    from .plan import read_plan
+
     if args.auto == (args.plan is not None):
         raise ReconcilerError("give either a plan file (or a folder of them) or --auto")
     members = fleet.survey(config, env, fleet.select_shard(env.fleet_dsns(), args.shard))
@@ -528,6 +579,10 @@ def _apply_fleet(args: argparse.Namespace, config: Config, env: Environment) -> 
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    from .apply import apply_plan
+    from .pipeline import auto_apply_blockers, make_plan, open_servers
+    from .plan import read_plan, render
+
     fleet_env = _env(config, args) if args.env is not None else None
     if fleet_env is not None and fleet_env.is_fleet:
         return _apply_fleet(args, config, fleet_env)
@@ -564,6 +619,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_diff(args: argparse.Namespace, config: Config) -> int:
+    from .pipeline import make_plan, open_servers
+
     env = _env(config, args)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
@@ -573,6 +630,8 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_drift(args: argparse.Namespace, config: Config) -> int:
+    from .pipeline import drift, open_servers
+
     env = _env(config, args)
     with open_servers(config, env) as servers:
         differences = drift(config, servers, schemas_dir=args.schemas)
@@ -587,6 +646,10 @@ def cmd_drift(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_history(args: argparse.Namespace, config: Config) -> int:
+    from . import history
+    from .pipeline import open_servers
+    from .servers import connect
+
     env = _env(config, args)
     with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
         runs = history.list_runs(conn, config.metadata_schema, limit=args.limit)
@@ -611,6 +674,9 @@ def _run_json(run: history.Run) -> dict[str, Any]:
 
 
 def cmd_cache(args: argparse.Namespace, config: Config) -> int:
+    from . import shadowcache
+    from .pipeline import open_servers
+
     env = _env(config, args)
     with open_servers(config, env) as servers:
         if args.action == "clear":
@@ -629,11 +695,17 @@ def cmd_cache(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, config: Config) -> int:
+    import functools
+
+    from .signing import sign_as_planner
+    from .watch import DEFAULT_HOST, DEFAULT_PORT, Watcher, WatchOptions, parse_listen
+
     env = _env(config, args)
     interval = duration_seconds(args.interval)
     if interval <= 0:
         raise ConfigError(f"--interval {args.interval!r}: give a duration over 0")
-    host, port = (DEFAULT_HOST, None) if args.listen == "off" else parse_listen(args.listen)
+    listen = args.listen or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+    host, port = (DEFAULT_HOST, None) if listen == "off" else parse_listen(listen)
     key = _planner_key(args, config)
     options = WatchOptions(plans_dir=args.plans_dir or config.plans_dir, interval_seconds=interval, host=host, port=port,
                            schemas_dir=args.schemas, sign=None if key is None else functools.partial(sign_as_planner, key=key))
@@ -670,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReconcilerError as exc:
         if args.debug:
             log.exception("failed")
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        print(f"error: {dsnlib.redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -678,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line unless --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {redact(str(exc))} (run with --debug for the traceback)",
+        print(f"error: unexpected {type(exc).__name__}: {dsnlib.redact(str(exc))} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_ERROR
 

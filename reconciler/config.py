@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .yamlfile import load_validated
 
 CONFIG_FILE = "reconciler.yaml"
 LOCAL = "local"
 ADHOC = "adhoc"
 EMBEDDED = "embedded"
+# Environment variables the tool reads, here (a light module) so the command line's help can name them cheaply.
 DATABASE_URL_ENV = "RECONCILER_DATABASE_URL"
+PASSPHRASE_ENV = "RECONCILER_KEY_PASSPHRASE"
+PLANNER_KEY_ENV = "RECONCILER_PLANNER_KEY"
 DEFAULT_SHADOW_CACHE = 3
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")
@@ -166,6 +168,8 @@ def find_config(start: Path) -> Path | None:
 
 
 def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
+    from .yamlfile import load_validated  # jsonschema and yaml: not needed by `--version` or `--help`
+
     cwd = (cwd or Path.cwd()).resolve()
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")

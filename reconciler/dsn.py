@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from psycopg import conninfo
-
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -18,6 +16,8 @@ _KV_PASSWORD = re.compile(r"(\b(?:password|sslpassword)\s*=\s*)('(?:[^'\\]|\\.)*
 
 def parse(dsn: str) -> dict[str, str]:
     """Parse a libpq DSN or URL; a malformed one is a config error that does not echo the secret."""
+    from psycopg import conninfo  # psycopg takes a tenth of a second to import; redact() (every error line) needs none of it
+
     try:
         return {k: str(v) for k, v in conninfo.conninfo_to_dict(dsn).items() if v is not None}
     except Exception as exc:  # psycopg raises ProgrammingError with the raw text
@@ -26,6 +26,8 @@ def parse(dsn: str) -> dict[str, str]:
 
 def with_database(dsn: str, dbname: str) -> str:
     """The same server and credentials, another database."""
+    from psycopg import conninfo
+
     params = parse(dsn)
     params["dbname"] = dbname
     return conninfo.make_conninfo(**params)

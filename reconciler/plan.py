@@ -364,8 +364,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
 @cache
 def _validator() -> jsonschema.protocols.Validator:
     schema = json.loads(resources.files("reconciler.formats").joinpath("plan.schema.json").read_text())
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
+    cls = jsonschema.validators.validator_for(schema)  # checked against its metaschema by tests/test_formats.py
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 

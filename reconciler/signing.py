@@ -16,23 +16,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
+from .config import PASSPHRASE_ENV
 from .errors import ConfigError, RefusedError
 from .plan import Plan, Signature, body_to_json, canonical_json, content_id, iso_utc, parse_time, read_plan, write_plan
 from .yamlfile import load_validated
 
-PASSPHRASE_ENV = "RECONCILER_KEY_PASSPHRASE"
-PLANNER_KEY_ENV = "RECONCILER_PLANNER_KEY"
+if TYPE_CHECKING:  # cryptography is imported where keys are used: every plan and apply imports this module
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 SIGNATURE_FORMAT = "reconciler.signature/v1"
 
 
 # --- keys ----------------------------------------------------------------------------------------
 
 def public_key_line(key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
@@ -45,6 +46,10 @@ def normalize_public_key(line: str) -> str:
 
 
 def parse_public_key(line: str) -> Ed25519PublicKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_ssh_public_key(normalize_public_key(line).encode())
     except (ValueError, UnsupportedAlgorithm) as exc:
@@ -62,6 +67,9 @@ def key_fingerprint(line: str) -> str:
 
 def generate_keypair(out: Path, *, comment: str, passphrase: bytes | None = None) -> str:
     """Write FILE (private, 0600) and FILE.pub; refuses to overwrite. Returns the public key line."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     pub_path = out.with_name(out.name + ".pub")
     for path in (out, pub_path):
         if path.exists():
@@ -91,6 +99,10 @@ def _ask_passphrase(path: Path) -> bytes | None:
 
 def load_private_key(path: Path, ask: Callable[[Path], bytes | None] = _ask_passphrase) -> Ed25519PrivateKey:
     """An OpenSSH Ed25519 private key; an encrypted one asks for its passphrase (or reads the env)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         data = path.expanduser().read_bytes()
     except OSError as exc:
@@ -176,6 +188,8 @@ def sign(plan_id: str, private_key: Ed25519PrivateKey, *, signer: str, role: str
 
 
 def signature_valid(plan_id: str, sig: Signature) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         public = parse_public_key(sig.key)
         public.verify(base64.b64decode(sig.signature, validate=True), signed_payload(plan_id, sig.signer, sig.role, sig.key, sig.signed_at))

@@ -16,9 +16,10 @@ from .errors import ConfigError
 
 @cache
 def schema_validator(name: str) -> jsonschema.protocols.Validator:
+    """Our bundled schemas are not re-checked against their metaschema here (tens of ms on every run):
+    tests/test_formats.py checks each one once."""
     schema = json.loads(resources.files("reconciler.formats").joinpath(name).read_text())
     cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)  # "regex" is checked with re.compile
 
 
