@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -180,19 +181,17 @@ def make_plan(
     catalog: Catalog | None = None
     with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
                           target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow_dsn, \
-            _frozen(engine, shadow_dsn):
+            _frozen(engine, shadow_dsn, excluded):
         annotated = renames.read_renames(source)
-        with connect(servers.target_dsn) as conn:
-            recover_interrupted(conn, config.metadata_schema, holding_lock=False)
-            ident = inspect.identity(conn)
-            live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
-            facts = inspect.live_facts(conn, exclude_schemas=excluded)
-            pending = renames.pending(conn, annotated, database=f"database {ident.database}")
-        with connect(shadow_dsn) as conn:
-            renames.check_desired(conn, annotated)
-            desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
-            if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
-                catalog = read_catalog(conn, exclude_schemas=excluded)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="live") as pool:
+            # live and desired at once: reading a catalog is mostly waiting on its server
+            reading = pool.submit(_read_live, config, servers.target_dsn, annotated)
+            with connect(shadow_dsn) as conn:
+                renames.check_desired(conn, annotated)
+                desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
+                if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
+                    catalog = read_catalog(conn, exclude_schemas=excluded)
+            ident, live, facts, pending = reading.result()
         if pending:
             done, changes, equivalents = _diff_after_renames(engine, servers, shadow_dsn, desired, pending, excluded,
                                                              managed(config), live.fingerprint, config.shadow_cache)
@@ -240,10 +239,23 @@ def make_plan(
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
 
 
-def _frozen(engine: DiffEngine, desired_dsn: str) -> contextlib.AbstractContextManager[None]:
-    """The shadow does not change while a plan uses it: an engine that can, inspects it once."""
+def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename, ...]
+               ) -> tuple[inspect.TargetIdentity, inspect.SchemaSnapshot, inspect.LiveFacts, tuple[renames.Rename, ...]]:
+    """What a plan reads of live: who it is, its schema, its tables' sizes and the renames still to do."""
+    excluded = (config.metadata_schema,)
+    with connect(target_dsn) as conn:
+        recover_interrupted(conn, config.metadata_schema, holding_lock=False)
+        ident = inspect.identity(conn)
+        live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
+        facts = inspect.live_facts(conn, exclude_schemas=excluded)
+        pending = renames.pending(conn, annotated, database=f"database {ident.database}")
+    return ident, live, facts, pending
+
+
+def _frozen(engine: DiffEngine, desired_dsn: str, excluded: tuple[str, ...]) -> contextlib.AbstractContextManager[None]:
+    """The shadow does not change while a plan uses it: an engine that can, inspects it once (and may start now)."""
     frozen = getattr(engine, "frozen", None)
-    return frozen(desired_dsn) if frozen is not None else contextlib.nullcontext()
+    return frozen(desired_dsn, prefetch=excluded) if frozen is not None else contextlib.nullcontext()
 
 
 def _known(engine: DiffEngine, dsn: str, fingerprint: str) -> contextlib.AbstractContextManager[None]:

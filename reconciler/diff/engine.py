@@ -28,10 +28,11 @@ class SupplementedEngine:
         self._known: dict[str, str] = {}
         self._live_rows: tuple[tuple[str, str, tuple[str, ...]], dict[str, list[Any]]] | None = None
 
-    def frozen(self, desired_dsn: str) -> contextlib.AbstractContextManager[None]:
+    def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None
+               ) -> contextlib.AbstractContextManager[None]:
         """The base engine's (see ``MigraEngine.frozen``), when it has one."""
         frozen = getattr(self.base, "frozen", None)
-        return frozen(desired_dsn) if frozen is not None else contextlib.nullcontext()
+        return frozen(desired_dsn, prefetch=prefetch) if frozen is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def known(self, dsn: str, fingerprint: str) -> Iterator[None]:

@@ -13,7 +13,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
@@ -34,7 +34,7 @@ class MigraEngine:
     def __init__(self, *, remember: bool = False) -> None:
         """``remember``: an engine that outlives one plan (watch's) keeps its last inspection of each database whose
         fingerprint a plan vouches for (``known``), and skips inspecting it again while the fingerprint holds."""
-        self._frozen: dict[tuple[str, ...], Any] | None = None  # excluded schemas -> the desired inspection
+        self._frozen: dict[tuple[str, ...], Future[Any]] | None = None  # excluded schemas -> desired's inspection
         self._frozen_dsn = ""
         self._remember = remember
         self._known: dict[str, str] = {}  # dsn -> its schema's fingerprint, within a ``known`` block
@@ -54,21 +54,26 @@ class MigraEngine:
             self._known.pop(dsn, None)
 
     @contextlib.contextmanager
-    def frozen(self, desired_dsn: str) -> Iterator[None]:
+    def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None) -> Iterator[None]:
         """Within the block ``desired_dsn`` does not change (a plan's shadow database): it is inspected once,
-        however many diffs compare with it (the plan's own, then rehearsal's check for leftovers)."""
+        however many diffs compare with it (the plan's own, then rehearsal's check for leftovers). A remembering
+        engine (watch's: a saved file nearly always changes something) starts reading it at once, without the
+        ``prefetch`` schemas, while the plan reads the rest."""
         previous, self._frozen = self._frozen, {}
         self._frozen_dsn = desired_dsn
         try:
-            yield
+            with ExitStack() as stack, ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+                if self._remember and prefetch is not None:
+                    inspector = _imported()
+                    self._frozen[prefetch] = pool.submit(_inspect, stack, inspector, desired_dsn, prefetch)
+                yield
         finally:
             self._frozen = previous
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # schemainspect imports pkg_resources, deprecated
-            from migra import Migration
-        inspector = inspector_class()  # imported here, before the threads: imports are not thread-safe to race
+        from migra import Migration
+
+        inspector = _imported()
         kept = self._frozen if self._frozen is not None and desired_dsn == self._frozen_dsn else None
         with ExitStack() as stack, ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect") as pool:
             # both databases at once: each waits on its server as much as it computes
@@ -76,11 +81,12 @@ class MigraEngine:
             live = None if remembered is not None else pool.submit(_inspect, stack, inspector, live_dsn,
                                                                    exclude_schemas)
             if kept is not None and exclude_schemas in kept:
-                desired = kept[exclude_schemas]
+                desired = kept[exclude_schemas].result()
             else:
-                desired = pool.submit(_inspect, stack, inspector, desired_dsn, exclude_schemas).result()
+                reading = pool.submit(_inspect, stack, inspector, desired_dsn, exclude_schemas)
+                desired = reading.result()
                 if kept is not None:
-                    kept[exclude_schemas] = desired
+                    kept[exclude_schemas] = reading
             if live is not None:
                 remembered = live.result()
                 self._store(live_dsn, exclude_schemas, remembered)
@@ -116,6 +122,14 @@ class MigraEngine:
 
 
 _stack_lock = threading.Lock()
+
+
+def _imported() -> type[Any]:
+    """migra, and our inspector class: imported before any thread inspects (imports are not thread-safe to race)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # schemainspect imports pkg_resources, deprecated
+        import migra  # noqa: F401
+    return inspector_class()
 
 
 def _inspect(stack: ExitStack, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
