@@ -22,6 +22,8 @@ from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
 from .diff.base import Change, DiffEngine
 from .diff.engine import SupplementedEngine
+from .diff.inspections import InspectionCache
+from .diff.inspections import default_folder as default_inspection_folder
 from .diff.supplements import Options as SupplementOptions
 from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
@@ -99,10 +101,13 @@ def _ensure_database(server: Server, name: str) -> None:
 
 
 def default_engine(config: Config, *, remember: bool = False) -> DiffEngine:
-    """``remember``: for an engine used by plan after plan (watch), which reuses what it read of an unchanged live
+    """Inspections are kept on disk with the shadow cache (``shadow_cache: 0`` turns both off). ``remember``: for
+    an engine used by plan after plan (watch), which also keeps in memory what it read of an unchanged live
     database."""
+    cache = InspectionCache(default_inspection_folder()) if config.shadow_cache > 0 else None
     return SupplementedEngine(options=SupplementOptions(manage_privileges=config.manage_privileges,
-                                                        manage_owners=config.manage_owners), remember=remember)
+                                                        manage_owners=config.manage_owners),
+                              remember=remember, cache=cache)
 
 
 def safety_settings(config: Config, env: Environment) -> SafetySettings:
@@ -180,8 +185,9 @@ def make_plan(
     excluded = (config.metadata_schema,)
     catalog: Catalog | None = None
     with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
-                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow_dsn, \
-            _frozen(engine, shadow_dsn, excluded):
+                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow, \
+            _frozen(engine, shadow.dsn, excluded):
+        shadow_dsn = shadow.dsn
         annotated = renames.read_renames(source)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="live") as pool:
             # live and desired at once: reading a catalog is mostly waiting on its server
@@ -197,7 +203,8 @@ def make_plan(
                                                              managed(config), live.fingerprint, config.shadow_cache)
             facts = renames.renamed_facts(facts, done)
         else:
-            with _known(engine, servers.target_dsn, live.fingerprint):
+            with _known(engine, servers.target_dsn, live.fingerprint), \
+                    _known(engine, shadow_dsn, desired.fingerprint) if shadow.kept else contextlib.nullcontext():
                 changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
             equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
         steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
@@ -308,7 +315,8 @@ def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) 
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
     with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
-                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow_dsn:
+                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow:
+        shadow_dsn = shadow.dsn
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
         with connect(servers.target_dsn) as conn:

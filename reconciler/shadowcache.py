@@ -95,6 +95,12 @@ class CacheKey:
 
 
 @dataclass(frozen=True)
+class DesiredDatabase:
+    dsn: str
+    kept: bool  # a kept database, or one that will be once the block is done: it never changes afterwards
+
+
+@dataclass(frozen=True)
 class Template:
     name: str
     fingerprint: str
@@ -113,7 +119,7 @@ def desired_database(
     *,
     target_dsn: str,
     keep: int,
-) -> Iterator[str]:
+) -> Iterator[DesiredDatabase]:
     """A database on ``server`` holding ``source``: the kept one when there is one, else loaded with ``load`` (given
     the database and the range of the schema's statements to run, [start, stop); it returns how many it ran) and
     kept. When a kept database holds the schema's first statements (a schema that was extended: statements added at
@@ -152,7 +158,7 @@ def desired_database(
 
     with cached_database(server, key, build, keep=keep, purpose=COPY_PURPOSE, shared=True, seed=seed,
                          what=f"the shadow database (desired schema {source.fingerprint})") as dsn:
-        yield dsn
+        yield DesiredDatabase(dsn, kept=key is not None)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import pytest
 
 from reconciler import inspect, pipeline, shadowcache
 from reconciler.config import load_config
-from reconciler.diff import migra_engine
+from reconciler.diff import inspections, migra_engine
 from reconciler.errors import ConfigError, ReconcilerError, SchemaLoadError
 from reconciler.pipeline import Comparison, drift, make_plan, open_servers
 from reconciler.servers import Server, bindir_major, connect, scratch_server, wheel_bindir
@@ -515,3 +515,86 @@ def test_a_remembering_engine_reads_an_unchanged_live_database_once(repo: Repo, 
         assert inspected.count(servers.target_dsn) == reads + 1  # live changed: read again
         assert sql_of(third) == sql_of(make_plan(config, env, servers))
         assert sql_of(third) != sql_of(second)
+
+
+# --- inspections kept on disk -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def inspected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The databases schemainspect reads (the real inspection, counted)."""
+    calls: list[str] = []
+    real = migra_engine._inspect
+
+    def counted(stack: Any, inspector: Any, dsn: str, excluded: tuple[str, ...]) -> Any:
+        calls.append(dsn)
+        return real(stack, inspector, dsn, excluded)
+
+    monkeypatch.setattr(migra_engine, "_inspect", counted)
+    return calls
+
+
+def saved(home: Path) -> list[Path]:
+    return sorted((home / "reconciler" / "inspections").glob("*.pickle"))
+
+
+def test_catalog_token_changes_with_ddl_only(database: str) -> None:
+    def token() -> str:
+        with connect(database) as conn:
+            return inspections.catalog_token(conn)
+
+    first = token()
+    assert token() == first
+    run_sql(database, "CREATE TABLE t (id int)")
+    created = token()
+    assert created != first
+    run_sql(database, "INSERT INTO t SELECT generate_series(1, 1000)")
+    run_sql(database, "ANALYZE t")
+    run_sql(database, "VACUUM t")
+    assert token() == created  # data, statistics and vacuum write no catalog row anew
+    for ddl in ("COMMENT ON TABLE t IS 'kept'", "GRANT SELECT ON t TO PUBLIC", "ALTER TABLE t ALTER id SET NOT NULL",
+                "DROP TABLE t"):
+        before = token()
+        run_sql(database, ddl)
+        assert token() != before, ddl
+
+
+def test_unchanged_databases_are_read_from_disk(repo: Repo, shadow: Server, cache_home: Path,
+                                                inspected: list[str], messages: Messages) -> None:
+    configure(repo, shadow.dsn)
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY)")
+    first = plan(repo)
+    assert len(inspected) == 2 and len(saved(cache_home)) == 2  # live and the desired database, kept from now on
+    second = plan(repo)
+    assert len(inspected) == 2, "an unchanged database was inspected again"
+    assert sql_of(second) == sql_of(first)
+
+    run_sql(repo.database, "ALTER TABLE customers ADD COLUMN email text")
+    third = plan(repo)
+    assert inspected[2:] == [repo.database]  # live changed: read again; the desired database was not
+    assert sql_of(third) == sql_of(fresh(repo, shadow)) != sql_of(first)
+
+    for path in saved(cache_home):
+        path.write_bytes(b"not a pickle")
+    logger = logging.getLogger("reconciler.diff.inspections")
+    logger.addHandler(messages)
+    try:
+        fourth = plan(repo)
+    finally:
+        logger.removeHandler(messages)
+    assert sql_of(fourth) == sql_of(third)
+    assert messages.count("cannot read") == 2
+
+
+def test_throwaway_databases_are_not_saved(repo: Repo, pg_server: Server, cache_home: Path,
+                                           inspected: list[str]) -> None:
+    configure(repo, pg_server.dsn)  # a shadow on the target's cluster: loaded for each plan, then dropped
+    plan(repo)
+    assert len(saved(cache_home)) == 1  # live's
+    plan(repo)
+    assert inspected.count(repo.database) == 1 and len(inspected) == 3
+
+
+def test_no_inspections_saved_with_the_cache_off(repo: Repo, shadow: Server, cache_home: Path) -> None:
+    configure(repo, shadow.dsn, keep=0)
+    plan(repo)
+    assert saved(cache_home) == []

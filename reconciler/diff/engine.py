@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ReconcilerError
 from ..servers import connect
 from .base import Change, DiffEngine
+from .inspections import InspectionCache
 from .migra_engine import MigraEngine
 from .supplements import Context, Options, supplement
 from .supplements.partitions import refuse_partitioning_changes
@@ -18,15 +20,15 @@ class SupplementedEngine:
     """A ``DiffEngine`` whose output is the base engine's, rewritten by every supplement."""
 
     def __init__(self, base: DiffEngine | None = None, options: Options | None = None, *,
-                 remember: bool = False) -> None:
+                 remember: bool = False, cache: InspectionCache | None = None) -> None:
         """``remember``: an engine used by plan after plan (watch's) keeps live's answers to the supplements'
-        catalog queries while live's fingerprint (``known``) stays the same."""
-        self.base = base or MigraEngine(remember=remember)
+        catalog queries while live's catalogs stay the same (see ``MigraEngine``, and its ``cache``)."""
+        self.base = base or MigraEngine(remember=remember, cache=cache)
         self.name = self.base.name
         self.options = options or Options()
         self._remember = remember
-        self._known: dict[str, str] = {}
-        self._live_rows: tuple[tuple[str, str, tuple[str, ...]], dict[str, list[Any]]] | None = None
+        self._cache = cache
+        self._answers: OrderedDict[str, dict[str, list[Any]]] = OrderedDict()  # key -> query -> rows, the last two
 
     def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None
                ) -> contextlib.AbstractContextManager[None]:
@@ -34,25 +36,39 @@ class SupplementedEngine:
         frozen = getattr(self.base, "frozen", None)
         return frozen(desired_dsn, prefetch=prefetch) if frozen is not None else contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def known(self, dsn: str, fingerprint: str) -> Iterator[None]:
-        """Within the block ``dsn``'s schema has this fingerprint (see ``MigraEngine.known``)."""
+    def known(self, dsn: str, fingerprint: str) -> contextlib.AbstractContextManager[None]:
+        """The base engine's (see ``MigraEngine.known``), when it has one."""
         known = getattr(self.base, "known", None)
-        with known(dsn, fingerprint) if known is not None else contextlib.nullcontext():
-            self._known[dsn] = fingerprint
-            try:
-                yield
-            finally:
-                self._known.pop(dsn, None)
+        return known(dsn, fingerprint) if known is not None else contextlib.nullcontext()
 
-    def _remembered_rows(self, live_dsn: str, exclude_schemas: tuple[str, ...]) -> dict[str, list[Any]] | None:
-        fingerprint = self._known.get(live_dsn)
-        if not self._remember or fingerprint is None:
-            return None
-        key = (live_dsn, fingerprint, exclude_schemas)
-        if self._live_rows is None or self._live_rows[0] != key:
-            self._live_rows = (key, {})  # the last live only: memory is bounded
-        return self._live_rows[1]
+    @contextlib.contextmanager
+    def _kept_answers(self, live_dsn: str, desired_dsn: str) -> Iterator[dict[str, dict[str, list[Any]]]]:
+        """Each side's answers to the supplements' queries from an earlier diff, while its catalogs are the same
+        (by the key the base engine used for its inspection); saved again afterwards with what was added."""
+        key_for = getattr(self.base, "key_for", None)
+        keys = {side: key_for(dsn) if key_for is not None else None
+                for side, dsn in (("live", live_dsn), ("desired", desired_dsn))}
+        answers: dict[str, dict[str, list[Any]]] = {}
+        before: dict[str, int] = {}
+        for side, key in keys.items():
+            if key is None:
+                continue
+            dsn = live_dsn if side == "live" else desired_dsn
+            found = self._answers.get(key)
+            if found is None:
+                found = self._cache.load_answers(key, dsn) if self._cache is not None else {}
+            answers[side], before[side] = found, len(found)
+        yield answers
+        for side, key in keys.items():
+            if key is None:
+                continue
+            if self._cache is not None and len(answers[side]) > before[side]:
+                self._cache.store_answers(key, answers[side])
+            if self._remember:
+                self._answers[key] = answers[side]
+                self._answers.move_to_end(key)
+                while len(self._answers) > 2:  # memory is bounded: live's and the last desired's
+                    self._answers.popitem(last=False)
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
         try:
@@ -63,8 +79,8 @@ class SupplementedEngine:
                 refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
             raise
         with connect(live_dsn, application_name="reconciler inspect") as live, \
-                connect(desired_dsn, application_name="reconciler inspect") as desired:
+                connect(desired_dsn, application_name="reconciler inspect") as desired, \
+                self._kept_answers(live_dsn, desired_dsn) as answers:
             for conn in (live, desired):  # catalog functions then name every object with its schema
                 conn.execute("SET search_path = pg_catalog")
-            return supplement(Context(live, desired, self.options, exclude_schemas,
-                                      self._remembered_rows(live_dsn, exclude_schemas)), changes)
+            return supplement(Context(live, desired, self.options, exclude_schemas, answers), changes)

@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -23,6 +24,7 @@ from .. import dsn as dsnlib
 from ..errors import ReconcilerError
 from .base import Change
 from .classify import classify
+from .inspections import InspectionCache, inspection_key
 from .inspector import inspector_class
 
 log = logging.getLogger(__name__)
@@ -31,20 +33,22 @@ log = logging.getLogger(__name__)
 class MigraEngine:
     name = "migra"
 
-    def __init__(self, *, remember: bool = False) -> None:
-        """``remember``: an engine that outlives one plan (watch's) keeps its last inspection of each database whose
-        fingerprint a plan vouches for (``known``), and skips inspecting it again while the fingerprint holds."""
+    def __init__(self, *, remember: bool = False, cache: InspectionCache | None = None) -> None:
+        """Inspections of databases whose fingerprint a plan vouches for (``known``) are used again while their
+        catalogs stay the same: from ``cache`` (on disk), and, ``remember``, from memory (an engine that outlives
+        one plan: watch's)."""
         self._frozen: dict[tuple[str, ...], Future[Any]] | None = None  # excluded schemas -> desired's inspection
         self._frozen_dsn = ""
         self._remember = remember
+        self._cache = cache
         self._known: dict[str, str] = {}  # dsn -> its schema's fingerprint, within a ``known`` block
-        self._remembered: dict[tuple[str, tuple[str, ...]], tuple[str, Any]] = {}  # (dsn, excluded) -> (print, it)
+        self._keys: dict[str, str] = {}  # dsn -> the key its inspection was last found or saved under
+        self._remembered: OrderedDict[str, Any] = OrderedDict()  # key -> inspection, the last two (live, desired)
 
     @contextlib.contextmanager
     def known(self, dsn: str, fingerprint: str) -> Iterator[None]:
-        """Within the block, the schema of ``dsn`` has this catalog-snapshot fingerprint (the caller just read it):
-        a remembering engine reuses its inspection from an earlier plan when the fingerprint is the same."""
-        if not self._remember:
+        """Within the block, the schema of ``dsn`` has this catalog-snapshot fingerprint (the caller just read it)."""
+        if not (self._remember or self._cache):
             yield
             return
         self._known[dsn] = fingerprint
@@ -52,6 +56,10 @@ class MigraEngine:
             yield
         finally:
             self._known.pop(dsn, None)
+
+    def key_for(self, dsn: str) -> str | None:
+        """The key under which ``dsn``'s inspection was last used (None: it was read without one)."""
+        return self._keys.get(dsn)
 
     @contextlib.contextmanager
     def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None) -> Iterator[None]:
@@ -77,20 +85,15 @@ class MigraEngine:
         kept = self._frozen if self._frozen is not None and desired_dsn == self._frozen_dsn else None
         with ExitStack() as stack, ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect") as pool:
             # both databases at once: each waits on its server as much as it computes
-            remembered = self._recall(live_dsn, exclude_schemas)
-            live = None if remembered is not None else pool.submit(_inspect, stack, inspector, live_dsn,
-                                                                   exclude_schemas)
+            live = pool.submit(self._read, stack, inspector, live_dsn, exclude_schemas)
             if kept is not None and exclude_schemas in kept:
                 desired = kept[exclude_schemas].result()
             else:
-                reading = pool.submit(_inspect, stack, inspector, desired_dsn, exclude_schemas)
+                reading = pool.submit(self._read, stack, inspector, desired_dsn, exclude_schemas)
                 desired = reading.result()
                 if kept is not None:
                     kept[exclude_schemas] = reading
-            if live is not None:
-                remembered = live.result()
-                self._store(live_dsn, exclude_schemas, remembered)
-            inspectors = [remembered, desired]
+            inspectors = [live.result(), desired]
             try:
                 migration = Migration(inspectors[0], inspectors[1])
                 migration.set_safety(False)
@@ -102,19 +105,30 @@ class MigraEngine:
                                       "this schema change is not supported yet") from exc
         return [self._change(piece) for statement in raw for piece in _split(statement)]
 
-    def _recall(self, dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
-        fingerprint = self._known.get(dsn)
-        found = self._remembered.get((dsn, exclude_schemas))
-        if fingerprint is None or found is None or found[0] != fingerprint:
-            return None
-        log.debug("%s unchanged (%s): its inspection is reused", dsnlib.describe(dsn), fingerprint)
-        return found[1]
-
-    def _store(self, dsn: str, exclude_schemas: tuple[str, ...], inspected: Any) -> None:
+    def _read(self, stack: ExitStack, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
+        """``dsn``'s inspection: remembered, saved or read now (then saved)."""
         fingerprint = self._known.get(dsn)
         if fingerprint is None:
-            return
-        self._remembered = {(dsn, exclude_schemas): (fingerprint, inspected)}  # the last one only: memory is bounded
+            self._keys.pop(dsn, None)
+            return _inspect(stack, inspector, dsn, exclude_schemas)
+        key = inspection_key(dsn, fingerprint, exclude_schemas)
+        self._keys[dsn] = key
+        found = self._remembered.get(key)
+        if found is not None:
+            log.debug("%s unchanged: its inspection is reused", dsnlib.describe(dsn))
+        elif self._cache is not None:
+            found = self._cache.load(key, inspector, dsn)
+        if found is None:
+            found = _inspect(stack, inspector, dsn, exclude_schemas)
+            if self._cache is not None:
+                self._cache.store(key, found)
+        if self._remember:
+            with _stack_lock:
+                self._remembered[key] = found
+                self._remembered.move_to_end(key)
+                while len(self._remembered) > 2:  # memory is bounded: live's and the last desired's
+                    self._remembered.popitem(last=False)
+        return found
 
     def _change(self, statement: str) -> Change:
         kind, obj = classify(statement)

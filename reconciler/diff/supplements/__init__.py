@@ -36,16 +36,18 @@ class Context:
     desired: psycopg.Connection[Any]
     options: Options
     exclude_schemas: tuple[str, ...]
-    live_rows: dict[str, list[tuple[Any, ...]]] | None = None  # live's answers from an earlier diff, live unchanged
+    # each side's answers to the queries asked so far, kept for the next diff while its catalogs stay the same
+    answers: dict[str, dict[str, list[tuple[Any, ...]]]] | None = None  # "live" / "desired" -> query -> rows
 
     def rows(self, side: str, query: str) -> list[tuple[Any, ...]]:
         """Run a catalog query on ``live`` or ``desired``; ``%(excluded)s`` is the excluded schemas."""
-        if side == "live" and self.live_rows is not None and query in self.live_rows:
-            return self.live_rows[query]
+        kept = self.answers.get(side) if self.answers is not None else None
+        if kept is not None and query in kept:
+            return kept[query]
         conn = self.live if side == "live" else self.desired
         found = conn.execute(query.encode(), {"excluded": list(self.exclude_schemas)}).fetchall()
-        if side == "live" and self.live_rows is not None:
-            self.live_rows[query] = found
+        if kept is not None:
+            kept[query] = found
         return found
 
     def keyed(self, query: str) -> tuple[dict[Any, tuple[Any, ...]], dict[Any, tuple[Any, ...]]]:
