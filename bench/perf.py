@@ -179,6 +179,19 @@ class Bench:
                 except psycopg.Error as exc:
                     raise BenchError(f"preparing database {name}: {exc}") from None
 
+    def touch(self, name: str) -> None:
+        """Write a catalog row of database ``name`` anew without changing its schema: a column's statistics target
+        set to what it is (the default)."""
+        with connect(self.dsn(name)) as conn:
+            row = conn.execute(
+                "SELECT n.nspname, c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND a.attnum > 0 "
+                "AND NOT a.attisdropped AND n.nspname = 'public' ORDER BY c.oid LIMIT 1").fetchone()
+            if row is None:
+                raise BenchError(f"database {name} has no table to touch")
+            conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS -1").format(
+                sql.Identifier(row[0], row[1]), sql.Identifier(row[2])))
+
     def load_file(self, name: str, folder: Path) -> None:
         """Load a schema folder the way a shadow is loaded (statement by statement; errors name file:line)."""
         load_schema(load_source(folder), self.dsn(name))
@@ -245,14 +258,22 @@ class Bench:
                         cwd=config.parent)
         return _plan_figure(m, plan_file, label)
 
-    def plans(self, config: Path, *, label: str, logs: Path, expect: Sequence[int], result: CaseResult) -> None:
-        """A cold plan (shadow cache cleared) and a warm one right after it."""
+    def plans(self, config: Path, *, label: str, logs: Path, expect: Sequence[int], result: CaseResult,
+              live: str | None = None) -> None:
+        """A cold plan (shadow cache cleared) and a warm one right after it; with ``live``, a third (``moved``)
+        after a change to live's catalogs that changes no plan (a column's statistics target set to its default):
+        the shadow is as warm, but nothing read of live before may be used again."""
         dropped = self.clear_shadow_cache()
         if dropped:
             result.notes.append(f"cold: dropped {len(dropped)} database(s) left on the shadow server: "
                                 f"{', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
         result.figures["cold"] = self.plan(config, label=f"{label}-cold", logs=logs, expect=expect)
         result.figures["warm"] = self.plan(config, label=f"{label}-warm", logs=logs, expect=expect)
+        if live is not None:
+            self.touch(live)
+            result.figures["moved"] = self.plan(config, label=f"{label}-moved", logs=logs, expect=expect)
+            result.notes.append(f"warm plan after live's catalogs moved (live read again): "
+                                f"{result.figures['moved'].seconds:.2f} s / {result.figures['moved'].peak_mib:.0f} MiB")
         kept = sorted(self.shadow_databases())
         if kept:
             result.notes.append(f"after the warm plan the shadow server holds {', '.join(kept[:3])}"
@@ -324,7 +345,7 @@ def _migra_then_plans(bench: Bench, result: CaseResult, logs: Path, prefix: str,
         result.figures["migra"] = bench.migra(live, desired, label="migra", logs=logs)
         config = bench.project(logs / "project", live, new_sql)
         say("  reconciler plan, cold then warm ...")
-        bench.plans(config, label="plan", logs=logs, expect=(EXIT_CHANGES,), result=result)
+        bench.plans(config, label="plan", logs=logs, expect=(EXIT_CHANGES,), result=result, live=live)
     finally:
         bench.drop(live, desired)
 
@@ -503,9 +524,11 @@ def goals(results: list[CaseResult], watch: WatchResult | None) -> list[Goal]:
         found.append(Goal("lattice of 28 views: plan under 1 s (judged on the cold plan)", "not run", None))
     warm, migra = figure("synthetic", "1000 tables", "warm"), figure("synthetic", "1000 tables", "migra")
     text = "1,000 tables: warm-shadow plan time <= raw migra's diff time"
+    moved = figure("synthetic", "1000 tables", "moved")
     if warm and migra:
+        also = f"; live moved {moved.seconds:.2f} s ({moved.seconds / migra.seconds:.2f}x)" if moved else ""
         found.append(Goal(text, f"warm {warm.seconds:.2f} s vs migra {migra.seconds:.2f} s "
-                                f"({warm.seconds / migra.seconds:.2f}x)", warm.seconds <= migra.seconds))
+                                f"({warm.seconds / migra.seconds:.2f}x){also}", warm.seconds <= migra.seconds))
     else:
         found.append(Goal(text, "not run", None))
     warm = figure("gitlab", "same", "warm")

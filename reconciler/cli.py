@@ -680,8 +680,12 @@ def cmd_cache(args: argparse.Namespace, config: Config) -> int:
     env = _env(config, args)
     with open_servers(config, env) as servers:
         if args.action == "clear":
+            from .diff.inspections import InspectionCache, default_folder
+
             dropped = shadowcache.clear(servers.shadow)
             print(f"Dropped {len(dropped)} shadow template(s)" + (f": {', '.join(dropped)}" if dropped else "."))
+            removed = InspectionCache(default_folder()).clear()
+            print(f"Removed {removed} saved inspection file(s) from {default_folder()}.")
             return EXIT_OK
         templates = shadowcache.list_templates(servers.shadow)
     if not templates:

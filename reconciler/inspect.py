@@ -277,7 +277,7 @@ class ObjectDifference:
         return f"{self.kind} {self.name} ({self.change})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TableSize:
     table: str
     rows: int
@@ -301,11 +301,12 @@ def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] 
     privileges entry): off by default, so snapshots and fingerprints without them stay as they were."""
     objects: dict[tuple[str, str], str] = {}
     params = {"excluded": list(exclude_schemas)}
+    keep = {"": ""}.setdefault  # each kind and definition once: 90,000 objects of 5,000 tables have 23,000 definitions
     with _catalog_search_path(conn) as cur:
         for query in _QUERIES:
             cur.execute(query.encode(), params)
-            for kind, name, definition in cur.fetchall():
-                objects[(kind, name)] = definition or ""
+            for kind, name, definition in cur:
+                objects[(keep(kind, kind), name)] = keep(definition, definition) if definition else ""
     if owners or privileges:
         objects.update(security_rows(security(conn, exclude_schemas=exclude_schemas), owners=owners,
                                      privileges=privileges))
@@ -314,15 +315,11 @@ def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] 
 
 def compare(desired: SchemaSnapshot, live: SchemaSnapshot) -> list[ObjectDifference]:
     """The objects that differ, in a stable order."""
-    out: list[ObjectDifference] = []
-    for key in sorted(set(desired.objects) | set(live.objects)):
-        if key not in live.objects:
-            out.append(ObjectDifference(key[0], key[1], "missing"))
-        elif key not in desired.objects:
-            out.append(ObjectDifference(key[0], key[1], "unexpected"))
-        elif desired.objects[key] != live.objects[key]:
-            out.append(ObjectDifference(key[0], key[1], "different"))
-    return out
+    want, have = desired.objects, live.objects
+    found = {key: "missing" if key not in have else "different" for key, definition in want.items()
+             if have.get(key) != definition}
+    found.update((key, "unexpected") for key in have if key not in want)
+    return [ObjectDifference(kind, name, found[(kind, name)]) for kind, name in sorted(found)]
 
 
 def table_sizes(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> dict[str, TableSize]:
@@ -537,7 +534,7 @@ def security_rows(sec: Security, *, owners: bool, privileges: bool) -> dict[tupl
 
 # --- live facts for the safety compiler -----------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ColumnFact:
     type: str  # format_type, schema-qualified where needed
     type_oid: int
@@ -545,7 +542,7 @@ class ColumnFact:
     default: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IndexFact:
     table: str
     definition: str
@@ -633,15 +630,20 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                 WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {managed}""".encode(), params)
-        columns = {(t, col): ColumnFact(typ, int(oid), bool(nn), default) for t, col, typ, oid, nn, default in cur.fetchall()}
+        # a table's name, a type, a default, a type's oid: one object each, however many columns repeat it
+        keep = {name: name for name in tables}.setdefault
+        keep_oid: dict[int, int] = {}
+        columns = {(keep(t, t), keep(col, col)): ColumnFact(keep(typ, typ), keep_oid.setdefault(oid, oid), bool(nn),
+                                                            None if default is None else keep(default, default))
+                   for t, col, typ, oid, nn, default in cur}
         cur.execute(
             f"""SELECT n.nspname || '.' || ic.relname, tn.nspname || '.' || tc.relname, pg_get_indexdef(i.indexrelid),
                        EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid), tc.relkind = 'p'
                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
                 JOIN pg_class tc ON tc.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
                 WHERE {managed}""".encode(), params)
-        indexes = {name: IndexFact(table, definition, bool(backs), bool(part))
-                   for name, table, definition, backs, part in cur.fetchall()}
+        indexes = {name: IndexFact(keep(table, table), definition, bool(backs), bool(part))
+                   for name, table, definition, backs, part in cur}
         cur.execute(
             f"""SELECT n.nspname || '.' || t.typname, array_agg(e.enumlabel ORDER BY e.enumsortorder)
                 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_enum e ON e.enumtypid = t.oid

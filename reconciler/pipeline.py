@@ -29,7 +29,7 @@ from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
 from .plan import Plan, build_plan
 from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
-from .rehearsal import SKIPPED, live_copy, rehearse
+from .rehearsal import SKIPPED, live_copy, prepare_live_copy, rehearse
 from .safety import SafetySettings, compile_steps
 from .servers import (
     EmbeddedCluster,
@@ -180,6 +180,9 @@ def make_plan(
     engine: DiffEngine | None = None,
 ) -> Comparison:
     engine = engine or default_engine(config)
+    warm_up = getattr(engine, "warm_up", None)
+    if warm_up is not None:
+        warm_up()  # its imports, while this thread loads and reads
     rules = load_policies(config.policies_dir, skip=[config.trust_file])  # a bad policy file fails before any work
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
@@ -198,24 +201,32 @@ def make_plan(
                 if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                     catalog = read_catalog(conn, exclude_schemas=excluded)
             ident, live, facts, pending = reading.result()
-        if pending:
-            done, changes, equivalents = _diff_after_renames(engine, servers, shadow_dsn, desired, pending, excluded,
-                                                             managed(config), live.fingerprint, config.shadow_cache)
-            facts = renames.renamed_facts(facts, done)
-        else:
-            with _known(engine, servers.target_dsn, live.fingerprint), \
-                    _known(engine, shadow_dsn, desired.fingerprint) if shadow.kept else contextlib.nullcontext():
-                changes = engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded) if live != desired else []
-            equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
-        steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
+            flags = managed(config)
+            if live != desired and env.rehearse and _same_major(servers, env) and not (flags["owners"] or flags["privileges"]):
+                # the rehearsal's copy of live (pg_dump and restore, unless kept) is made while the engine diffs
+                ahead = pool.submit(prepare_live_copy, target_dsn=servers.target_dsn, target_major=servers.target_major,
+                                    shadow=servers.shadow, exclude_schemas=excluded, live_fingerprint=live.fingerprint,
+                                    cache_keep=config.shadow_cache)
+                if pending:
+                    ahead.result()  # renaming starts from a copy of it
+            if pending:
+                done, changes, equivalents = _diff_after_renames(engine, servers, shadow_dsn, desired, pending, excluded,
+                                                                 flags, live.fingerprint, config.shadow_cache)
+                facts = renames.renamed_facts(facts, done)
+            else:
+                with _known(engine, servers.target_dsn, live.fingerprint), \
+                        _known(engine, shadow_dsn, desired.fingerprint) if shadow.kept else contextlib.nullcontext():
+                    changes = (engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded)
+                               if live != desired else [])
+                equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
+            steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
         rehearsal = SKIPPED
         if steps and env.rehearse:
-            if servers.shadow.major_version != servers.target_major and not env.allow_version_mismatch:
+            if not _same_major(servers, env):
                 raise RefusedError(
                     f"the shadow server runs PostgreSQL {servers.shadow.major_version} and the target "
                     f"{servers.target_major}: install matching server binaries, point `shadow:` at a server like the "
                     "target, or set allow_version_mismatch for this environment")
-            flags = managed(config)
             rehearsal = rehearse(steps, target_dsn=servers.target_dsn, target_major=servers.target_major,
                                  shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
                                  exclude_schemas=excluded, owners=flags["owners"], privileges=flags["privileges"],
@@ -244,6 +255,11 @@ def make_plan(
         equivalents={**equivalents, **{(k, n): d for k, n, d in rehearsal.equivalent}},
     )
     return Comparison(source=source, identity=ident, live=live, desired=desired, plan=plan)
+
+
+def _same_major(servers: Servers, env: Environment) -> bool:
+    """May the shadow server rehearse for the target (the same major version, or a mismatch allowed)?"""
+    return servers.shadow.major_version == servers.target_major or env.allow_version_mismatch
 
 
 def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename, ...]

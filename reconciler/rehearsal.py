@@ -204,20 +204,11 @@ def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: 
     statements = [_in_one_transaction(step) for step in steps]
     if len(steps) > IN_PLACE_MAX_STEPS or any(s is None for s in statements):
         return None
-    try:
-        key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
-    except Exception as exc:  # the cache is an optimisation: whatever fails, rehearse on a copy
-        log.warning("shadow cache: %s; rehearsing on a copy of live", exc)
+    kept_copy = _kept_copy(target_dsn=target_dsn, target_major=target_major, shadow=shadow,
+                           exclude_schemas=exclude_schemas, live_fingerprint=live_fingerprint, cache_keep=cache_keep)
+    if kept_copy is None:
         return None
-    if key is None:
-        return None
-
-    def build(scratch: str) -> None:
-        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas)
-
-    with shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose="rehearsal", shared=True,
-                                     what=f"the copy of live ({live_fingerprint})") as kept, \
-            connect(kept, application_name="reconciler rehearsal") as conn:
+    with kept_copy as kept, connect(kept, application_name="reconciler rehearsal") as conn:
         version = conn.info.parameter_status("server_version") or ""
         try:
             with conn.transaction(force_rollback=True):
@@ -234,6 +225,45 @@ def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: 
     if after.objects != desired.objects:
         return None
     return RehearsalResult("converged", server_version=version)
+
+
+def _kept_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_schemas: tuple[str, ...],
+               live_fingerprint: str, cache_keep: int, missing: bool = False
+               ) -> contextlib.AbstractContextManager[str] | None:
+    """The kept schema-only copy of live, read in place (made and kept first when there is none); None when the
+    shadow server keeps none (or, ``missing``, when it is there already)."""
+    try:
+        key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
+        if key is not None and missing and shadowcache.is_kept(shadow, key):
+            return None
+    except Exception as exc:  # the cache is an optimisation: whatever fails, rehearse on a copy
+        log.warning("shadow cache: %s; rehearsing on a copy of live", exc)
+        return None
+    if key is None:
+        return None
+
+    def build(scratch: str) -> None:
+        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas)
+
+    return shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose="rehearsal", shared=True,
+                                       what=f"the copy of live ({live_fingerprint})")
+
+
+def prepare_live_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_schemas: tuple[str, ...],
+                      live_fingerprint: str, cache_keep: int) -> None:
+    """Make the kept copy of live now if there is none (pg_dump and its restore run while the plan diffs), so the
+    rehearsal finds it; whatever fails is logged, and the rehearsal makes its copy as it would have."""
+    if cache_keep <= 0:
+        return
+    try:
+        kept_copy = _kept_copy(target_dsn=target_dsn, target_major=target_major, shadow=shadow,
+                               exclude_schemas=exclude_schemas, live_fingerprint=live_fingerprint,
+                               cache_keep=cache_keep, missing=True)
+        if kept_copy is not None:
+            with kept_copy:
+                pass
+    except Exception as exc:
+        log.warning("could not copy live ahead of the rehearsal: %s", exc)
 
 
 def live_copy(target_dsn: str, shadow: Server, *, target_major: int, exclude_schemas: tuple[str, ...], owners: bool,

@@ -239,6 +239,12 @@ def _keep_quietly(server: Server, name: str, key: CacheKey | None, keep: int, wh
         return False
 
 
+def is_kept(server: Server, key: CacheKey) -> bool:
+    """Is there a kept database under ``key`` on ``server`` now?"""
+    with connect(_lock_dsn(server), application_name="reconciler shadow cache") as conn:
+        return _comment_of(conn, key.template).get("key") == key.digest
+
+
 def list_templates(server: Server) -> list[Template]:
     """The cached templates on ``server``, most recently used first."""
     with connect(_lock_dsn(server), application_name="reconciler shadow cache") as conn:

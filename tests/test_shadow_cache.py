@@ -307,16 +307,21 @@ def test_a_cache_failure_never_fails_the_plan(repo: Repo, shadow: Server, messag
     assert list(templates(shadow)) == [fingerprint(repo)]
 
 
-def test_cache_list_and_clear(repo: Repo, shadow: Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_list_and_clear(repo: Repo, shadow: Server, capsys: pytest.CaptureFixture[str],
+                              cache_home: Path) -> None:
     configure(repo, shadow.dsn)
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY)")
     plan(repo)
     name = templates(shadow)[fingerprint(repo)].name
     capsys.readouterr()
     assert repo.run("cache", "list", "--env", "test") == 0
     listed = capsys.readouterr().out
     assert name in listed and fingerprint(repo) in listed
+    assert len(saved(cache_home)) == 2
     assert repo.run("cache", "clear", "--env", "test") == 0
-    assert name in capsys.readouterr().out
+    cleared = capsys.readouterr().out
+    assert name in cleared and "Removed 4 saved inspection file(s)" in cleared  # two inspections, two answer sets
+    assert saved(cache_home) == []
     assert templates(shadow) == {} and databases(shadow, shadowcache.TEMPLATE_PREFIX) == []
     assert repo.run("cache", "list", "--env", "test") == 0
     assert "No shadow templates" in capsys.readouterr().out
@@ -336,7 +341,7 @@ def test_the_copy_of_live_is_kept_and_rehearsed_in_place(repo: Repo, shadow: Ser
     assert fetch_one(shadow.database_dsn(kept), "SELECT count(*) FROM pg_class WHERE relname = 'orders'") == 0
     second = plan(repo)  # live has not changed: its copy is not dumped and restored again
     assert second.plan.body.rehearsal.converged and sql_of(second) == sql_of(first)
-    assert messages.count(f"is kept database {kept}") == 1
+    assert messages.count(f"is kept database {kept}") == 2  # each rehearsal read it: made ahead by the first plan
     assert messages.count(f"as {kept}") == 1  # kept once, by the first plan
     assert databases(shadow, "reconciler_rehearsal_") == []
     assert repo.run("apply", "--auto") == 0  # live changes: a new key, a new copy

@@ -36,6 +36,12 @@ class SupplementedEngine:
         frozen = getattr(self.base, "frozen", None)
         return frozen(desired_dsn, prefetch=prefetch) if frozen is not None else contextlib.nullcontext()
 
+    def warm_up(self) -> None:
+        """The base engine's (see ``MigraEngine.warm_up``), when it has one."""
+        warm_up = getattr(self.base, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+
     def known(self, dsn: str, fingerprint: str) -> contextlib.AbstractContextManager[None]:
         """The base engine's (see ``MigraEngine.known``), when it has one."""
         known = getattr(self.base, "known", None)

@@ -100,6 +100,15 @@ class InspectionCache:
     def store_answers(self, key: str, answers: dict[str, list[Any]]) -> None:
         self._write(self.folder / "answers" / f"{key}.pickle", answers)
 
+    def clear(self) -> int:
+        """Remove every saved inspection and answer; returns how many files."""
+        removed = 0
+        for path in [*self.folder.glob("*.pickle"), *self.folder.glob("answers/*.pickle")]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        return removed
+
     def _read(self, path: Path, dsn: str) -> object:
         try:
             with path.open("rb") as f:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -38,6 +38,8 @@ class Context:
     exclude_schemas: tuple[str, ...]
     # each side's answers to the queries asked so far, kept for the next diff while its catalogs stay the same
     answers: dict[str, dict[str, list[tuple[Any, ...]]]] | None = None  # "live" / "desired" -> query -> rows
+    # every distinct string the rows hold, once: names and types repeat on every row (a table's, per column)
+    strings: dict[str, str] = field(default_factory=dict, compare=False)
 
     def rows(self, side: str, query: str) -> list[tuple[Any, ...]]:
         """Run a catalog query on ``live`` or ``desired``; ``%(excluded)s`` is the excluded schemas."""
@@ -45,7 +47,10 @@ class Context:
         if kept is not None and query in kept:
             return kept[query]
         conn = self.live if side == "live" else self.desired
-        found = conn.execute(query.encode(), {"excluded": list(self.exclude_schemas)}).fetchall()
+        keep = self.strings.setdefault
+        with conn.cursor() as cur:
+            cur.execute(query.encode(), {"excluded": list(self.exclude_schemas)})
+            found = [tuple([keep(v, v) if type(v) is str else v for v in row]) for row in cur]
         if kept is not None:
             kept[query] = found
         return found
