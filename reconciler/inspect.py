@@ -610,16 +610,18 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
     managed = _managed("n")
     with conn.cursor() as cur:
         cur.execute(
-            f"""SELECT n.nspname || '.' || c.relname, c.relkind, c.reltuples::bigint, pg_total_relation_size(c.oid), c.oid
+            f"""SELECT n.nspname || '.' || c.relname, c.relkind, c.reltuples::bigint, pg_total_relation_size(c.oid),
+                       c.relkind <> 'p' AND pg_relation_size(c.oid) = 0
                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind IN ('r', 'p', 'm') AND {managed}""".encode(), params)
         found = cur.fetchall()
-        # never analysed: small enough to count
-        counted = _count_rows(conn, [name for name, _kind, reltuples, size, _oid in found
-                                     if int(reltuples) < 0 and size <= _SMALL_TABLE_BYTES])
+        # never analysed: small enough to count; a heap of no pages holds no row (a row's page is added to the file
+        # when it is written), nothing to count
+        counted = _count_rows(conn, [name for name, _kind, reltuples, size, empty in found
+                                     if int(reltuples) < 0 and size <= _SMALL_TABLE_BYTES and not empty])
         tables: dict[str, TableSize] = {}
         partitioned = set()
-        for name, kind, reltuples, size, _oid in found:
+        for name, kind, reltuples, size, _empty in found:
             rows = counted.get(name, int(reltuples))
             tables[name] = TableSize(table=name, rows=max(rows, 0), bytes=int(size))
             if kind == "p":

@@ -192,15 +192,18 @@ def make_plan(
             _frozen(engine, shadow.dsn, excluded):
         shadow_dsn = shadow.dsn
         annotated = renames.read_renames(source)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="live") as pool:
-            # live and desired at once: reading a catalog is mostly waiting on its server
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="live") as pool:
+            # live and desired at once, live's schema and its tables' sizes too: reading a catalog is mostly waiting
+            # on its server
+            sizes = pool.submit(_read_facts, servers.target_dsn, excluded)
             reading = pool.submit(_read_live, config, servers.target_dsn, annotated)
             with connect(shadow_dsn) as conn:
                 renames.check_desired(conn, annotated)
                 desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
                 if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                     catalog = read_catalog(conn, exclude_schemas=excluded)
-            ident, live, facts, pending = reading.result()
+            ident, live, pending = reading.result()
+            facts = sizes.result()
             flags = managed(config)
             if live != desired and env.rehearse and _same_major(servers, env) and not (flags["owners"] or flags["privileges"]):
                 # the rehearsal's copy of live (pg_dump and restore, unless kept) is made while the engine diffs
@@ -263,16 +266,21 @@ def _same_major(servers: Servers, env: Environment) -> bool:
 
 
 def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename, ...]
-               ) -> tuple[inspect.TargetIdentity, inspect.SchemaSnapshot, inspect.LiveFacts, tuple[renames.Rename, ...]]:
-    """What a plan reads of live: who it is, its schema, its tables' sizes and the renames still to do."""
+               ) -> tuple[inspect.TargetIdentity, inspect.SchemaSnapshot, tuple[renames.Rename, ...]]:
+    """What a plan reads of live's schema: who it is, its objects and the renames still to do."""
     excluded = (config.metadata_schema,)
     with connect(target_dsn) as conn:
         recover_interrupted(conn, config.metadata_schema, holding_lock=False)
         ident = inspect.identity(conn)
         live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
-        facts = inspect.live_facts(conn, exclude_schemas=excluded)
         pending = renames.pending(conn, annotated, database=f"database {ident.database}")
-    return ident, live, facts, pending
+    return ident, live, pending
+
+
+def _read_facts(target_dsn: str, excluded: tuple[str, ...]) -> inspect.LiveFacts:
+    """Live's tables' sizes and what the safety compiler asks of its catalog."""
+    with connect(target_dsn) as conn:
+        return inspect.live_facts(conn, exclude_schemas=excluded)
 
 
 def _frozen(engine: DiffEngine, desired_dsn: str, excluded: tuple[str, ...]) -> contextlib.AbstractContextManager[None]:

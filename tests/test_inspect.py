@@ -9,7 +9,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from reconciler import dsn as dsnlib
-from reconciler.inspect import ObjectDifference, SchemaSnapshot, compare, identity, snapshot, table_sizes
+from reconciler.inspect import ObjectDifference, SchemaSnapshot, compare, identity, live_facts, snapshot, table_sizes
 from reconciler.servers import Server, connect
 from tests.conftest import run_sql
 
@@ -136,3 +136,21 @@ def test_snapshot_as_non_superuser(pg_server: Server, database: str) -> None:
     finally:
         with connect(pg_server.dsn) as conn:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_live_facts_count_never_analysed_tables_and_skip_empty_ones(database: str) -> None:
+    run_sql(database, "CREATE TABLE filled (id int); INSERT INTO filled SELECT generate_series(1, 37);"
+                      "CREATE TABLE emptied (id int); INSERT INTO emptied VALUES (1); DELETE FROM emptied;"
+                      "CREATE TABLE never (id int);"
+                      "CREATE TABLE parted (id int) PARTITION BY RANGE (id);"
+                      "CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);"
+                      "INSERT INTO parted SELECT generate_series(1, 9)")
+    with connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE reltuples >= 0 AND relname IN "
+                            "('filled', 'emptied', 'never', 'parted', 'parted_1')").fetchone() == (0,)  # none analysed
+        tables = live_facts(conn).tables
+    assert tables["public.filled"].rows == 37  # counted
+    assert tables["public.emptied"].rows == 0  # a page, no live row: counted
+    assert tables["public.never"].rows == 0 and tables["public.never"].bytes == 0  # no page: nothing to count
+    assert tables["public.parted"].rows == 9  # a partitioned table holds no page of its own: its rows are counted
+    assert tables["public.parted_1"].rows == 9
