@@ -62,7 +62,9 @@ class MigraEngine:
 
     def warm_up(self) -> None:
         """Import migra in the background (a third of a second) while the plan loads and reads the databases."""
-        threading.Thread(target=_imported, name="import migra", daemon=True).start()
+        # not a daemon: a process that ends sooner (a plan refused at once) waits for the import rather than
+        # cutting it short at interpreter shutdown
+        threading.Thread(target=_imported, name="import migra").start()
 
     def key_for(self, dsn: str) -> str | None:
         """The key under which ``dsn``'s inspection was last used (None: it was read without one)."""
