@@ -36,7 +36,7 @@ def closure(start: str, edges: Callable[[str], list[str] | None]) -> list[str]:
 @functools.cache
 def _row_type(fields: tuple[str, ...]) -> Any:
     """A row with the query's columns as attributes, as schemainspect reads them (one type per query)."""
-    return namedtuple("Row", fields)  # type: ignore[misc]  # noqa: PYI024
+    return namedtuple("Row", fields)
 
 
 def shared_rows(rows: Iterable[Any], fields: tuple[str, ...], shared: dict[str, str]) -> Iterator[Any]:
@@ -95,7 +95,7 @@ def inspector_class() -> type[Any]:
 
         def load_deps(self) -> None:
             super().load_deps()
-            self.deps = []  # the raw rows, read once above: migra never looks at them
+            self.deps: list[Any] = []  # the raw rows, read once above: migra never looks at them
 
         def load_deps_all(self) -> None:
             tables: tuple[Mapping[str, Any], ...] = (self.selectables, self.enums, self.triggers)
