@@ -310,18 +310,25 @@ def _copy_template(server: Server, key: CacheKey, purpose: str) -> str | None:
     (``CREATE DATABASE ... TEMPLATE`` needs it to have no connection; new readers wait for the lock held here)."""
     copy = f"reconciler_{purpose}_{secrets.token_hex(5)}"
     with _locked(server) as conn:
-        if _comment_of(conn, key.template).get("key") != key.digest or not _exclusive(conn, key.template):
+        if _comment_of(conn, key.template).get("key") != key.digest or not _copy_unread(conn, copy, key.template):
             return None
-        try:
-            _create_from(conn, copy, key.template)
-        except BaseException:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(copy)))
-            raise
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (READER_LOCK_CLASS, key.template))
         _comment(conn, key.template, key)
     return copy
+
+
+def _copy_unread(conn: psycopg.Connection[Any], name: str, template: str) -> bool:
+    """Create database ``name`` as a copy of kept database ``template`` unless a plan is reading it (False)."""
+    if not _exclusive(conn, template):
+        return False
+    try:
+        _create_from(conn, name, template)
+    except BaseException:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        raise
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (READER_LOCK_CLASS, template))
+    return True
 
 
 def _copy_prefix(server: Server, name: str, prefix: Prefix, chain: list[str]) -> tuple[Template | None, int]:
@@ -338,18 +345,9 @@ def _copy_prefix(server: Server, name: str, prefix: Prefix, chain: list[str]) ->
         shared = max((t.prefix.common(chain) for t in kept if t.prefix is not None), default=0)
         checkpoint = shared if shared - held >= CHECKPOINT_MIN and shared < len(chain) - 1 else 0
         for template in sorted(starts, key=lambda t: t.prefix.count if t.prefix else 0, reverse=True):
-            if not _exclusive(conn, template.name):
-                continue
-            try:
-                _create_from(conn, name, template.name)
-            except BaseException:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-                raise
-            finally:
-                conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (READER_LOCK_CLASS, template.name))
-            _touch(conn, template.name)
-            return template, checkpoint if template.prefix and checkpoint > template.prefix.count else 0
+            if _copy_unread(conn, name, template.name):
+                _touch(conn, template.name)
+                return template, checkpoint if template.prefix and checkpoint > template.prefix.count else 0
     return None, checkpoint
 
 
