@@ -24,6 +24,7 @@ import pytest
 from reconciler import inspect, pipeline, shadowcache
 from reconciler.config import load_config
 from reconciler.diff import inspections, migra_engine
+from reconciler.diff.engine import SupplementedEngine
 from reconciler.errors import ConfigError, ReconcilerError, SchemaLoadError
 from reconciler.pipeline import Comparison, drift, make_plan, open_servers
 from reconciler.servers import Server, bindir_major, connect, scratch_server, wheel_bindir
@@ -492,21 +493,27 @@ def test_deferred_eviction_drops_only_when_asked(repo: Repo, shadow: Server) -> 
     assert list(templates(shadow)) == [fingerprint(repo)]
 
 
-def test_a_remembering_engine_reads_an_unchanged_live_database_once(repo: Repo, shadow: Server,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    configure(repo, shadow.dsn)
-    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY)")
-    inspected: list[str] = []
+@pytest.fixture
+def inspected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The databases schemainspect reads (the real inspection, counted)."""
+    calls: list[str] = []
     real = migra_engine._inspect
 
     def counted(stack: Any, inspector: Any, dsn: str, excluded: tuple[str, ...]) -> Any:
-        inspected.append(dsn)
+        calls.append(dsn)
         return real(stack, inspector, dsn, excluded)
 
     monkeypatch.setattr(migra_engine, "_inspect", counted)
+    return calls
+
+
+def test_a_remembering_engine_reads_an_unchanged_live_database_once(repo: Repo, shadow: Server,
+                                                                     inspected: list[str]) -> None:
+    configure(repo, shadow.dsn)
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY)")
     config = load_config(repo.config)
     env = config.environment("test")
-    engine = pipeline.default_engine(config, remember=True)
+    engine = SupplementedEngine(remember=True)  # in memory only: nothing saved on disk
     with open_servers(config, env) as servers:
         make_plan(config, env, servers, engine=engine)
         reads = inspected.count(servers.target_dsn)
@@ -523,20 +530,6 @@ def test_a_remembering_engine_reads_an_unchanged_live_database_once(repo: Repo, 
 
 
 # --- inspections kept on disk -----------------------------------------------------------------------------------
-
-@pytest.fixture
-def inspected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The databases schemainspect reads (the real inspection, counted)."""
-    calls: list[str] = []
-    real = migra_engine._inspect
-
-    def counted(stack: Any, inspector: Any, dsn: str, excluded: tuple[str, ...]) -> Any:
-        calls.append(dsn)
-        return real(stack, inspector, dsn, excluded)
-
-    monkeypatch.setattr(migra_engine, "_inspect", counted)
-    return calls
-
 
 def saved(home: Path) -> list[Path]:
     return sorted((home / "reconciler" / "inspections").glob("*.pickle"))
