@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import pytest
@@ -9,7 +10,16 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from reconciler import dsn as dsnlib
-from reconciler.inspect import ObjectDifference, SchemaSnapshot, compare, identity, live_facts, snapshot, table_sizes
+from reconciler.inspect import (
+    ObjectDifference,
+    Objects,
+    SchemaSnapshot,
+    compare,
+    identity,
+    live_facts,
+    snapshot,
+    table_sizes,
+)
 from reconciler.servers import Server, connect
 from tests.conftest import run_sql
 
@@ -154,3 +164,32 @@ def test_live_facts_count_never_analysed_tables_and_skip_empty_ones(database: st
     assert tables["public.never"].rows == 0 and tables["public.never"].bytes == 0  # no page: nothing to count
     assert tables["public.parted"].rows == 9  # a partitioned table holds no page of its own: its rows are counted
     assert tables["public.parted_1"].rows == 9
+
+
+def test_snapshot_objects_are_held_per_kind_and_behave_as_the_plain_mapping(database: str) -> None:
+    run_sql(database, BASE + "CREATE TABLE u (id int PRIMARY KEY, b int DEFAULT 1);")
+    taken = snap(database)
+    plain = dict(taken.objects.items())
+    assert isinstance(taken.objects, Objects)
+    assert taken.objects == plain and plain == taken.objects and len(taken.objects) == len(plain)
+    assert SchemaSnapshot(objects=plain) == taken  # a snapshot made from a plain dict is the same value
+    assert list(taken.objects.sorted_items()) == sorted(plain.items())
+    # the fingerprint as it always was: sorted lines of kind, name and definition
+    lines = "".join(f"{kind}\t{name}\t{definition}\n" for (kind, name), definition in sorted(plain.items()))
+    assert taken.fingerprint == "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+    assert ("column", "public.u.b") in taken.objects and ("column", "public.nope") not in taken.objects
+    assert "table public.t" not in taken.objects  # not a (kind, name) key: simply absent
+    assert taken.objects.get(("table", "public.nope")) is None
+    assert taken.objects != {**plain, ("table", "public.nope"): ""}
+    # each distinct definition held once: the two tables' identical columns share one string
+    assert taken.objects[("column", "public.u.b")] is taken.objects[("column", "public.t.b")]
+
+
+def test_live_facts_share_repeated_strings(database: str) -> None:
+    run_sql(database, "CREATE TABLE a (x numeric(10,2) DEFAULT 0, y numeric(10,2) DEFAULT 0);")
+    with connect(database) as conn:
+        columns = live_facts(conn).columns
+    x, y = columns[("public.a", "x")], columns[("public.a", "y")]
+    assert (x.type, x.default) == ("numeric(10,2)", "0")
+    assert x.type is y.type and x.default is y.default
+    assert next(t for t, c in columns if c == "x") is next(t for t, c in columns if c == "y")  # the table's name

@@ -1,9 +1,11 @@
 """Our schemainspect inspector: the same dependency closure as schemainspect's (without its exponential walk),
-excluded schemas never fetched, and a frozen desired database inspected once per plan."""
+excluded schemas never fetched, a frozen desired database inspected once per plan, and the same answers from
+rows whose strings are shared (and columns pickled as their values)."""
 
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from typing import Any
 
@@ -91,3 +93,47 @@ def test_a_frozen_desired_database_is_inspected_once(database: str, second_datab
     inspected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inspected")]
     assert sum(desired_name in m for m in inspected) == 2  # once inside the block, once after it
     assert len(inspected) == 5
+
+
+SHAPES = """
+CREATE TYPE mood AS ENUM ('sad', 'happy');
+CREATE TABLE a (id bigint PRIMARY KEY, note text DEFAULT '' NOT NULL, m mood, at timestamptz DEFAULT now());
+CREATE TABLE b (id bigint PRIMARY KEY, a_id bigint REFERENCES a (id), note text DEFAULT '' NOT NULL,
+                amount numeric(10,2) CHECK (amount >= 0));
+CREATE INDEX b_a_id_idx ON b (a_id) INCLUDE (note) WHERE amount > 0;
+CREATE VIEW v AS SELECT b.id, a.note FROM b JOIN a ON a.id = b.a_id;
+CREATE FUNCTION f(x int, OUT y int) LANGUAGE sql AS 'select x';
+CREATE SEQUENCE s;
+"""
+
+
+def migra_sql(source: Any, target: Any) -> str:
+    from migra import Migration
+
+    migration = Migration(source, target)
+    migration.set_safety(False)
+    migration.add_all_changes()
+    return str(migration.sql)
+
+
+def test_migra_says_the_same_from_our_rows_as_from_schemainspects(database: str, second_database: str) -> None:
+    run_sql(second_database, SHAPES)
+    ours = [inspect_with(inspector_class(), dsn) for dsn in (database, second_database)]
+    theirs = [inspect_with(schemainspect_class(), dsn) for dsn in (database, second_database)]
+    assert migra_sql(*ours) == migra_sql(*theirs) and "create table" in migra_sql(*ours)
+    assert migra_sql(*reversed(ours)) == migra_sql(*reversed(theirs)) and "drop table" in migra_sql(*reversed(ours))
+
+
+def test_strings_read_once_and_columns_pickled_as_values(database: str, second_database: str) -> None:
+    run_sql(second_database, SHAPES)
+    empty, ours = (inspect_with(inspector_class(), dsn) for dsn in (database, second_database))
+    a, b = ours.tables['"public"."a"'], ours.tables['"public"."b"']
+    assert a.columns["note"].default is b.columns["note"].default and a.schema is b.schema  # one string each
+    assert ours.deps == []  # schemainspect's raw dependency rows: read once, never used by migra
+    saved = pickle.dumps({k: v for k, v in vars(ours).items() if k not in ("c", "engine", "dialect")})
+    assert b"_column" in saved  # columns as their values, not as a dict each
+    back = object.__new__(inspector_class())
+    back.__dict__.update(pickle.loads(saved))
+    assert back.tables == ours.tables and back.views == ours.views
+    assert vars(back.tables['"public"."a"'].columns["m"]) == vars(a.columns["m"])
+    assert migra_sql(empty, back) == migra_sql(empty, ours)

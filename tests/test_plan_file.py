@@ -341,3 +341,14 @@ def test_markdown_leaves_out_sql_past_its_budget(plan: Plan, monkeypatch: pytest
     assert CHANGES[2].sql in md  # step 1 fits
     assert CHANGES[0].sql not in md and "-- 2. add_column public.t.note" in md
     assert "The SQL of 3 steps is left out" in md
+
+
+def test_id_hashed_piece_by_piece_is_the_id_of_the_whole_body(plan: Plan) -> None:
+    body = planlib.body_to_json(plan.body)
+    big = {f"column public.t{i:05d}.c": hashlib.sha256(str(i).encode()).hexdigest()[:16] for i in range(4999, -1, -1)}
+    body = {**body, "target": {**body["target"], "objects": big}, "ünïcode": {"\u2028": None, "b": [1, {"z": 2, "a": ""}]}}
+    whole = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    pieces = list(planlib._canonical_pieces(body))
+    assert len(pieces) > 3 and max(map(len, pieces)) < len(whole) // 2  # never the whole text at once
+    assert b"".join(pieces) == whole
+    assert planlib.content_id(body) == "sha256:" + hashlib.sha256(whole).hexdigest() == canonical_id(body)

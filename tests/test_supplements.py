@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.diff.supplements import Context, Options
 from reconciler.errors import ReconcilerError
-from reconciler.servers import Server
-from tests.conftest import fetch_one
+from reconciler.servers import Server, connect
+from tests.conftest import fetch_one, run_sql
 from tests.converge import converge, load_live, plan_change, write_project
 
 CASES = {
@@ -182,3 +183,19 @@ def test_domain_base_type_change_is_refused(tmp_path: Path, database: str, pg_se
     config = write_project(tmp_path, database, pg_server, "CREATE DOMAIN code AS integer; CREATE TABLE t (c code);")
     with pytest.raises(ReconcilerError, match=r"domain public\.code: its base type changes from text to integer"):
         plan_change(config)
+
+
+def test_catalog_answers_hold_each_string_once(database: str, second_database: str) -> None:
+    run_sql(database, "CREATE TABLE a (x text, y text); CREATE TABLE b (x text);")
+    run_sql(second_database, "CREATE TABLE a (x text);")
+    query = ("SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+             "JOIN pg_class c ON c.oid = a.attrelid WHERE c.relname IN ('a', 'b') AND a.attnum > 0 "
+             "AND c.relnamespace::regnamespace::text <> ALL(%(excluded)s::text[]) ORDER BY 1, 2")
+    with connect(database) as live, connect(second_database) as desired:
+        context = Context(live, desired, Options(), ("reconciler",), {"live": {}, "desired": {}})
+        live_rows, desired_rows = context.rows("live", query), context.rows("desired", query)
+    assert live_rows == [("a", "x", "text"), ("a", "y", "text"), ("b", "x", "text")]
+    assert desired_rows == [("a", "x", "text")]
+    assert live_rows[0][0] is live_rows[1][0]  # the table's name, once
+    assert live_rows[0][2] is live_rows[2][2] is desired_rows[0][2]  # the type, once for both sides
+    assert context.answers is not None and context.answers["live"][query] is live_rows  # kept for the next diff

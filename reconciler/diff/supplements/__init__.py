@@ -48,9 +48,9 @@ class Context:
             return kept[query]
         conn = self.live if side == "live" else self.desired
         keep = self.strings.setdefault
-        with conn.cursor() as cur:
-            cur.execute(query.encode(), {"excluded": list(self.exclude_schemas)})
-            found = [tuple([keep(v, v) if type(v) is str else v for v in row]) for row in cur]
+        with conn.cursor() as cur:  # a thousand rows at a time: one per column of every table, for some queries
+            found = [tuple([keep(v, v) if type(v) is str else v for v in row])
+                     for row in cur.stream(query.encode(), {"excluded": list(self.exclude_schemas)}, size=1000)]
         if kept is not None:
             kept[query] = found
         return found
