@@ -10,6 +10,7 @@ run alone in autocommit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -69,6 +70,17 @@ def _first_code_offset(statement: str) -> int:
 
 def split_file(schema_file: SchemaFile) -> Iterator[Statement]:
     """The statements of a file with their offsets; psql meta-commands other than \\restrict are refused."""
+    return iter(_split(schema_file))
+
+
+@functools.lru_cache(maxsize=64)
+def _split(schema_file: SchemaFile) -> tuple[Statement, ...]:
+    """Split once per file's content: a plan asks three times (the cache key's statement chain, the roles the
+    schema names, the load itself)."""
+    return tuple(_statements(schema_file))
+
+
+def _statements(schema_file: SchemaFile) -> Iterator[Statement]:
     text = _HARMLESS_META.sub(lambda m: " " * len(m.group(0)), schema_file.text)
     meta = _META_LINE.search(text)
     if meta is not None:
