@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 from reconciler import dsn as dsnlib
 from reconciler.diff.inspector import closure, inspector_class
 from reconciler.diff.migra_engine import MigraEngine
+from reconciler.servers import connect
 from tests.conftest import run_sql
 
 
@@ -27,6 +28,10 @@ def lattice(n: int) -> str:
 
 
 def inspect_with(cls: type[Any], dsn: str, **kwargs: Any) -> Any:
+    """``cls``'s reading of ``dsn``: ours over psycopg, schemainspect's own over SQLAlchemy (its usual way)."""
+    if cls is inspector_class():
+        with connect(dsn) as conn:
+            return cls(conn, **kwargs)
     engine = create_engine(dsnlib.sqlalchemy_url(dsn), poolclass=NullPool)
     try:
         with engine.connect() as connection:
@@ -122,6 +127,53 @@ def test_migra_says_the_same_from_our_rows_as_from_schemainspects(database: str,
     theirs = [inspect_with(schemainspect_class(), dsn) for dsn in (database, second_database)]
     assert migra_sql(*ours) == migra_sql(*theirs) and "create table" in migra_sql(*ours)
     assert migra_sql(*reversed(ours)) == migra_sql(*reversed(theirs)) and "drop table" in migra_sql(*reversed(ours))
+
+
+VARIED = SHAPES + """
+CREATE SCHEMA app;
+CREATE TYPE app.pair AS (left_part text, right_part int);
+CREATE DOMAIN app.positive AS int CHECK (VALUE > 0);
+CREATE TABLE app.items (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, qty app.positive, p app.pair,
+                        tags text[] DEFAULT '{}', label text COLLATE "C", total int GENERATED ALWAYS AS (qty * 2) STORED,
+                        UNIQUE (label) DEFERRABLE INITIALLY DEFERRED);
+CREATE TABLE app.parted (id int, at date NOT NULL) PARTITION BY RANGE (at);
+CREATE TABLE app.parted_2026 PARTITION OF app.parted FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE FUNCTION app.touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+CREATE TRIGGER items_touch BEFORE UPDATE ON app.items FOR EACH ROW EXECUTE FUNCTION app.touch();
+ALTER TABLE app.items ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON app.items USING (qty > 1);
+CREATE MATERIALIZED VIEW app.mv AS SELECT id, qty FROM app.items;
+CREATE INDEX mv_qty ON app.mv (qty);
+GRANT SELECT ON app.items TO PUBLIC;
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+COMMENT ON TABLE app.items IS 'items: with a comment';
+"""
+
+
+def _state(value: Any) -> Any:
+    """Everything an inspected object holds, as plain values with their types (schemainspect's column types
+    from SQLAlchemy, ``pytype``, aside: migra never reads them)."""
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return {k: _state(v) for k, v in vars(value).items() if k != "pytype"}
+    if isinstance(value, dict):
+        return {k: _state(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_state(v) for v in value]
+    return type(value).__name__, value
+
+
+def test_our_reading_over_psycopg_holds_what_schemainspect_reads_over_sqlalchemy(database: str) -> None:
+    run_sql(database, VARIED)
+    ours, theirs = inspect_with(inspector_class(), database), inspect_with(schemainspect_class(), database)
+    compared = 0
+    for name, value in vars(theirs).items():
+        if name in ("c", "engine", "dialect", "is_raw_psyco_connection", "deps") or name.endswith("_QUERY"):
+            continue  # the connection, the queries (ours filter schemas in SQL), the raw dependency rows
+        assert _state(getattr(ours, name)) == _state(value), name
+        compared += len(value) if isinstance(value, dict) else 1
+    assert ours.c is None and theirs.tables['"app"."items"'].columns["qty"].pytype is not None
+    assert {"rlspolicies", "triggers", "domains", "types", "extensions", "privileges"} <= set(vars(ours))
+    assert compared >= 40
 
 
 def test_strings_read_once_and_columns_pickled_as_values(database: str, second_database: str) -> None:

@@ -499,9 +499,9 @@ def inspected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = migra_engine._inspect
 
-    def counted(stack: Any, inspector: Any, dsn: str, excluded: tuple[str, ...]) -> Any:
+    def counted(inspector: Any, dsn: str, excluded: tuple[str, ...]) -> Any:
         calls.append(dsn)
-        return real(stack, inspector, dsn, excluded)
+        return real(inspector, dsn, excluded)
 
     monkeypatch.setattr(migra_engine, "_inspect", counted)
     return calls

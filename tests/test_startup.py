@@ -55,3 +55,60 @@ def test_show_loads_the_plan_stage_but_not_watch_fleet_or_migra(tmp_path: Path) 
     assert code == 1
     assert "reconciler.plan" in modules
     assert not {"reconciler.watch", "reconciler.fleet", "reconciler.pipeline", "migra", "cryptography"} & modules
+
+
+_MIGRA_IMPORT = """
+import json, sys
+from reconciler.diff.migra_engine import _imported
+_imported()
+from schemainspect.pg import obj
+loaded = {"sqlalchemy": "sqlalchemy" in sys.modules, "pkg_resources": "pkg_resources" in sys.modules}
+import pkg_resources  # the real one, now that migra is imported
+print(json.dumps({"loaded": loaded, "query": obj.INDEXES_QUERY, "file": obj.__file__,
+                  "real": hasattr(pkg_resources, "working_set")}))
+"""
+
+
+def test_migra_imports_without_sqlalchemy_or_pkg_resources(tmp_path: Path) -> None:
+    """schemainspect reads over psycopg (no SQLAlchemy), and reads its SQL files through a stand-in for
+    pkg_resources that is gone after the import: the same queries, and the real pkg_resources for later imports."""
+    out = subprocess.run([sys.executable, "-c", _MIGRA_IMPORT], cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == {"sqlalchemy": False, "pkg_resources": False}
+    assert result["query"] == (Path(result["file"]).parent / "sql" / "indexes.sql").read_text()
+    assert result["real"]
+
+
+_EXIT_PROBE = """
+import atexit, sys, threading, time
+from reconciler import cli
+
+class Noisy:  # says so when the interpreter frees the module that holds it
+    def __del__(self):
+        sys.__stderr__.write("freed at teardown\\n")
+
+keep = Noisy()
+atexit.register(lambda: sys.__stderr__.write("exit handler ran\\n"))
+if sys.argv[1] == "busy":  # a thread still working when the command returns
+    threading.Thread(target=lambda: (time.sleep(0.3), sys.__stderr__.write("thread finished\\n"))).start()
+sys.argv = ["reconciler", "init", sys.argv[2]]
+print("x" * 200_000, end="")  # buffered output a pipe must still receive in full
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("case", ["done", "busy"])
+def test_the_command_exits_without_interpreter_teardown(case: str, tmp_path: Path) -> None:
+    """Once the command is done and nothing else runs, the process ends without freeing every module (a tenth of
+    a second after a plan), but only after exit handlers and with every byte of output flushed; with a thread
+    still working it exits as usual, after the thread."""
+    out = subprocess.run([sys.executable, "-c", _EXIT_PROBE, case, str(tmp_path / "repo")], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("x" * 200_000) and "repo" in out.stdout[200_000:]
+    assert "exit handler ran" in out.stderr
+    if case == "done":
+        assert "freed at teardown" not in out.stderr
+    else:
+        assert "thread finished" in out.stderr and "freed at teardown" in out.stderr

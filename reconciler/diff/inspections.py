@@ -35,13 +35,14 @@ from ..servers import connect
 log = logging.getLogger(__name__)
 
 KEEP = 8  # inspections kept on disk: a few targets and their shadows
+FORMAT = 2  # what a saved inspection holds; 2: read over psycopg (no SQLAlchemy type objects in its columns)
 # every catalog schemainspect (or a supplement) reads: any DDL writes rows in some of them
 _CATALOGS = ("pg_namespace", "pg_class", "pg_attribute", "pg_attrdef", "pg_constraint", "pg_index", "pg_type",
              "pg_enum", "pg_range", "pg_proc", "pg_aggregate", "pg_operator", "pg_cast", "pg_depend", "pg_rewrite",
              "pg_trigger", "pg_event_trigger", "pg_policy", "pg_sequence", "pg_extension", "pg_collation",
              "pg_description", "pg_inherits", "pg_default_acl", "pg_statistic_ext", "pg_ts_config", "pg_ts_dict",
              "pg_foreign_table", "pg_partitioned_table", "pg_publication_rel")
-_UNSAVED = ("c", "engine", "dialect")  # the connection and SQLAlchemy's objects: not data, not picklable
+_UNSAVED = ("c", "engine", "dialect")  # schemainspect's connection attributes: not data
 
 
 def default_folder() -> Path:
@@ -68,7 +69,7 @@ def inspection_key(dsn: str, fingerprint: str, exclude_schemas: tuple[str, ...])
                            " FROM pg_auth_members)").fetchone()
         token = catalog_token(conn)
     parts = {"cluster": list(row or ()), "token": token, "fingerprint": fingerprint,
-             "excluded": sorted(exclude_schemas), "tool": __version__, "migra": _version("migra"),
+             "excluded": sorted(exclude_schemas), "format": FORMAT, "tool": __version__, "migra": _version("migra"),
              "schemainspect": _version("schemainspect")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

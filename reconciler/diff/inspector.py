@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copyreg
 import functools
+import itertools
 import warnings
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -65,7 +66,34 @@ def shared_rows(rows: Iterable[Any], fields: tuple[str, ...], shared: dict[Any, 
         yield make([one(v) for v in row])
 
 
-_STREAMED = {"stream_results": True, "max_row_buffer": 1000}  # SQLAlchemy: a server-side cursor, rows in batches
+_BATCH = 1000  # rows per message from the server while a query streams
+
+
+def streamed_rows(conn: Any, query: Any, shared: dict[Any, Any]) -> Iterator[Any]:
+    """``query``'s rows, as schemainspect reads them (attributes named after the columns, strings shared), coming
+    from the server ``_BATCH`` at a time (a row at a time with a libpq older than 17)."""
+    import psycopg
+    from psycopg.rows import tuple_row
+
+    size = _BATCH if psycopg.pq.version() >= 170000 else 1
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        rows = cursor.stream(query, size=size)
+        first = next(rows, None)
+        fields = tuple(column.name for column in cursor.description or ())
+        if first is not None:
+            yield from shared_rows(itertools.chain((first,), rows), fields, shared)
+
+
+class _RawConnection:
+    """What schemainspect asks of a connection it did not get from SQLAlchemy (its psycopg2 path): the server's
+    version. Our ``execute`` does the reading, with psycopg 3: schemainspect needs no SQLAlchemy engine, whose
+    import and connection set-up cost a plan a tenth of a second, twice."""
+
+    def __init__(self, server_version: int) -> None:
+        self.connection = self
+        self.server_version = server_version
+
+
 _layouts: dict[tuple[str, ...], tuple[str, ...]] = {}  # attribute names, one tuple per layout (pickled once)
 
 
@@ -99,40 +127,41 @@ def inspector_class() -> type[Any]:
         from schemainspect.inspected import ColumnInfo
         from schemainspect.pg.obj import PostgreSQL
 
-    from sqlalchemy import bindparam, text
+    from psycopg import sql
 
     copyreg.pickle(ColumnInfo, _pickled_column)
 
     class Inspector(PostgreSQL):  # type: ignore[misc]
-        _shared: dict[Any, Any] | None = None  # while loading: each distinct string (and list) read so far
+        """Reads over a psycopg connection (``conn``), which it does not keep."""
 
-        def __init__(self, c: Any, *, exclude_schemas: tuple[str, ...] = ()) -> None:
+        def __init__(self, conn: Any, *, exclude_schemas: tuple[str, ...] = ()) -> None:
             self.excluded_schemas = list(exclude_schemas)
-            super().__init__(c)
+            self._conn = conn
+            self._shared: dict[Any, Any] = {}  # while loading: each distinct string (and list) read so far
+            try:
+                super().__init__(_RawConnection(conn.info.server_version))
+            finally:
+                del self._conn, self._shared  # neither is part of the inspection (nor of its saved copy)
+            self.c = None
 
-        def execute(self, *args: Any, **kwargs: Any) -> Any:
-            if self._shared is None:
-                return super().execute(*args, **kwargs)
-            result = super().execute(*args, execution_options=_STREAMED, **kwargs)
-            return shared_rows(result, tuple(result.keys()), self._shared)
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            if args or kwargs:
+                raise TypeError("schemainspect's queries take no parameters here")
+            return streamed_rows(self._conn, query, self._shared)
 
         def load_all(self) -> None:
             # every query has a schema column: the excluded schemas' rows are never fetched, and schemainspect's
             # own filter (in Python, after loading everything) has nothing left to do
             if self.excluded_schemas:
+                excluded = sql.Literal(self.excluded_schemas)
                 for name in _QUERIES:
                     query = getattr(self, name, None)
                     if query is not None:
-                        body = query.text.rstrip().rstrip(";")
-                        setattr(self, name, text(
-                            f"SELECT * FROM (\n{body}\n) AS reconciler_q "
-                            "WHERE reconciler_q.schema <> ALL(:reconciler_excluded)"
-                        ).bindparams(bindparam("reconciler_excluded", self.excluded_schemas)))
-            self._shared = {}
-            try:
-                super().load_all()
-            finally:
-                del self._shared  # not part of the inspection (nor of its saved copy)
+                        body = query.rstrip().rstrip(";")
+                        setattr(self, name, sql.SQL(
+                            "SELECT * FROM (\n{}\n) AS reconciler_q WHERE reconciler_q.schema <> ALL({}::text[])"
+                        ).format(sql.SQL(body), excluded))
+            super().load_all()
 
         def load_deps(self) -> None:
             super().load_deps()

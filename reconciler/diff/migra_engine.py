@@ -1,4 +1,4 @@
-"""migra as a ``DiffEngine``: psycopg 3 driver, no connection pool, unsafe statements allowed.
+"""migra as a ``DiffEngine``: schemainspect reads over psycopg 3 (no SQLAlchemy engine), unsafe statements allowed.
 
 migra and schemainspect are unmaintained (last release 2022): they stay behind this module and
 every plan is checked against our own catalog snapshot. Never vendor their code.
@@ -14,17 +14,18 @@ import sys
 import threading
 import time
 import traceback
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
-from typing import Any
+from typing import Any, BinaryIO
 
 import pglast
 
 from .. import dsn as dsnlib
 from ..errors import ReconcilerError
+from ..servers import connect
 from .base import Change
 from .classify import classify
 from .inspections import InspectionCache, inspection_key
@@ -79,10 +80,10 @@ class MigraEngine:
         previous, self._frozen = self._frozen, {}
         self._frozen_dsn = desired_dsn
         try:
-            with ExitStack() as stack, ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
                 if self._remember and prefetch is not None:
                     inspector = _imported()
-                    self._frozen[prefetch] = pool.submit(_inspect, stack, inspector, desired_dsn, prefetch)
+                    self._frozen[prefetch] = pool.submit(_inspect, inspector, desired_dsn, prefetch)
                 yield
         finally:
             self._frozen = previous
@@ -92,13 +93,13 @@ class MigraEngine:
 
         inspector = _imported()
         kept = self._frozen if self._frozen is not None and desired_dsn == self._frozen_dsn else None
-        with ExitStack() as stack, ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect") as pool:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect") as pool:
             # both databases at once: each waits on its server as much as it computes
-            live = pool.submit(self._read, stack, inspector, live_dsn, exclude_schemas)
+            live = pool.submit(self._read, inspector, live_dsn, exclude_schemas)
             if kept is not None and exclude_schemas in kept:
                 desired = kept[exclude_schemas].result()
             else:
-                reading = pool.submit(self._read, stack, inspector, desired_dsn, exclude_schemas)
+                reading = pool.submit(self._read, inspector, desired_dsn, exclude_schemas)
                 desired = reading.result()
                 if kept is not None:
                     kept[exclude_schemas] = reading
@@ -114,12 +115,12 @@ class MigraEngine:
                                       "this schema change is not supported yet") from exc
         return [self._change(piece) for statement in raw for piece in _split(statement)]
 
-    def _read(self, stack: ExitStack, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
+    def _read(self, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
         """``dsn``'s inspection: remembered, saved or read now (then saved)."""
         fingerprint = self._known.get(dsn)
         if fingerprint is None:
             self._keys.pop(dsn, None)
-            return _inspect(stack, inspector, dsn, exclude_schemas)
+            return _inspect(inspector, dsn, exclude_schemas)
         key = inspection_key(dsn, fingerprint, exclude_schemas)
         self._keys[dsn] = key
         found = self._remembered.get(key)
@@ -128,11 +129,11 @@ class MigraEngine:
         elif self._cache is not None:
             found = self._cache.load(key, inspector, dsn)
         if found is None:
-            found = _inspect(stack, inspector, dsn, exclude_schemas)
+            found = _inspect(inspector, dsn, exclude_schemas)
             if self._cache is not None:
                 self._cache.store(key, found)
         if self._remember:
-            with _stack_lock:
+            with _remembered_lock:
                 self._remembered[key] = found
                 self._remembered.move_to_end(key)
                 while len(self._remembered) > 2:  # memory is bounded: live's and the last desired's
@@ -144,7 +145,7 @@ class MigraEngine:
         return Change(sql=statement, kind=kind, object=obj, engine=self.name)
 
 
-_stack_lock = threading.Lock()
+_remembered_lock = threading.Lock()
 
 
 # schemainspect imports pkg_resources, which newer setuptools deprecate with a warning; said once, for all threads
@@ -156,9 +157,38 @@ def _imported() -> type[Any]:
     """migra, and our inspector class: imported before any thread inspects."""
     if "migra" not in sys.modules:
         _place_import_frames()
-    import migra  # noqa: F401
+        with _resources_without_pkg_resources():
+            import migra  # noqa: F401
 
     return inspector_class()
+
+
+@contextlib.contextmanager
+def _resources_without_pkg_resources() -> Iterator[None]:
+    """schemainspect reads its SQL files with ``pkg_resources.resource_stream``, and only that, while it is
+    imported. Importing ``pkg_resources`` (deprecated by setuptools) scans every installed distribution: half of
+    migra's import. For the duration of the import that name is a module with that one function, reading the file
+    beside the named module as pkg_resources would; then it is gone, and a later ``import pkg_resources`` gets the
+    real one. Nothing else imports it meanwhile (the import lock serialises migra's import)."""
+    if "pkg_resources" in sys.modules:  # already paid for
+        yield
+        return
+    stand_in = types.ModuleType("pkg_resources", "stand-in while migra is imported: resource_stream only")
+    stand_in.resource_stream = _resource_stream  # type: ignore[attr-defined]
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("pkg_resources") is stand_in:
+            del sys.modules["pkg_resources"]
+
+
+def _resource_stream(module_name: str, resource: str) -> BinaryIO:
+    """``pkg_resources.resource_stream`` for a module's name: the file ``resource`` in that module's folder."""
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not path:
+        raise FileNotFoundError(f"{resource} (module {module_name} has no folder)")
+    return open(os.path.join(os.path.dirname(path), resource), "rb")  # the caller closes it
 
 
 def _place_import_frames() -> None:
@@ -173,26 +203,15 @@ def _place_import_frames() -> None:
         known.setdefault(os.path.normcase(os.path.abspath(f"<frozen {name}>")), name)
 
 
-def _inspect(stack: ExitStack, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
+def _inspect(inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
     """schemainspect's reading of one database (our subclass: linear dependency closure, schemas
-    filtered in SQL); the connection stays open on ``stack`` until migra is done."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import NullPool
-
-    engine = create_engine(dsnlib.sqlalchemy_url(dsn), poolclass=NullPool)
-    with _stack_lock:
-        stack.callback(engine.dispose)
-    try:
-        connection = engine.connect()
-    except Exception as exc:  # SQLAlchemy wraps the driver's error
-        raise ReconcilerError(
-            f"migra cannot connect to {dsnlib.describe(dsn)}: {dsnlib.redact(str(getattr(exc, 'orig', exc)))}"
-        ) from None
-    with _stack_lock:
-        stack.callback(connection.close)
+    filtered in SQL, read over psycopg)."""
     started = time.perf_counter()
     try:
-        inspected = inspector(connection, exclude_schemas=exclude_schemas)
+        with connect(dsn, application_name="reconciler inspect") as connection:  # its errors name the database
+            inspected = inspector(connection, exclude_schemas=exclude_schemas)
+    except ReconcilerError:
+        raise
     except Exception as exc:  # schemainspect's bugs: refuse clearly
         raise ReconcilerError(f"schemainspect cannot read {dsnlib.describe(dsn)} "
                               f"({type(exc).__name__}: {exc})") from exc
