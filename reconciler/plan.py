@@ -426,9 +426,16 @@ def _accepts() -> Callable[[Any], bool]:
     return accepts
 
 
+QUICK_CHECK_STEPS = 10  # plans with more steps than this are checked by fastjsonschema first
+
+
 def validate(data: Any, source: str) -> None:
-    """Refuse a plan document that does not match the schema, naming the field that is wrong."""
-    errors = [] if _accepts()(data) else sorted(
+    """Refuse a plan document that does not match the schema, naming the field that is wrong. jsonschema takes
+    about 3 ms a step; fastjsonschema 40 ms to compile the schema (once per process), then next to nothing: a
+    small plan is checked by jsonschema alone."""
+    steps = data.get("body", {}).get("steps") if isinstance(data, dict) and isinstance(data.get("body"), dict) else None
+    quick = isinstance(steps, list) and len(steps) > QUICK_CHECK_STEPS
+    errors = [] if quick and _accepts()(data) else sorted(
         _validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
         # jsonschema checks "date-time" only with an optional package; check it here instead.

@@ -352,3 +352,21 @@ def test_id_hashed_piece_by_piece_is_the_id_of_the_whole_body(plan: Plan) -> Non
     assert len(pieces) > 3 and max(map(len, pieces)) < len(whole) // 2  # never the whole text at once
     assert b"".join(pieces) == whole
     assert planlib.content_id(body) == "sha256:" + hashlib.sha256(whole).hexdigest() == canonical_id(body)
+
+
+def test_small_plans_are_checked_without_compiling_the_quick_check(plan: Plan) -> None:
+    """Compiling fastjsonschema's check costs a process 40 ms: a plan of a few steps is checked by jsonschema
+    alone (errors worded the same), a big one by the compiled check first."""
+    valid = plan_to_json(Plan(id=plan.id, body=plan.body, signatures=(_SIGNATURE,)))
+    assert 0 < len(valid["body"]["steps"]) <= planlib.QUICK_CHECK_STEPS
+    planlib._accepts.cache_clear()
+    planlib.validate(valid, "small.json")
+    assert planlib._accepts.cache_info().currsize == 0
+    broken = copy.deepcopy(valid)
+    broken["body"]["steps"][0]["phase"] = "first"
+    with pytest.raises(PlanFileError, match=r"small\.json: invalid plan file at body/steps/0/phase"):
+        planlib.validate(broken, "small.json")
+    big = copy.deepcopy(valid)
+    big["body"]["steps"] = [valid["body"]["steps"][0]] * (planlib.QUICK_CHECK_STEPS + 1)
+    planlib.validate(big, "big.json")
+    assert planlib._accepts.cache_info().currsize == 1
