@@ -6,14 +6,18 @@ The command line calls these and only formats their results; watch and tests cal
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from . import inspect, renames, roundtrip
@@ -22,7 +26,7 @@ from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
 from .diff.base import Change, DiffEngine
 from .diff.engine import SupplementedEngine
-from .diff.inspections import InspectionCache
+from .diff.inspections import InspectionCache, catalog_state
 from .diff.inspections import default_folder as default_inspection_folder
 from .diff.supplements import Options as SupplementOptions
 from .errors import ReconcilerError, RefusedError
@@ -178,6 +182,7 @@ def make_plan(
     *,
     schemas_dir: Path | None = None,
     engine: DiffEngine | None = None,
+    live_memo: LiveMemo | None = None,
 ) -> Comparison:
     engine = engine or default_engine(config)
     warm_up = getattr(engine, "warm_up", None)
@@ -196,7 +201,7 @@ def make_plan(
             # live and desired at once, live's schema and its tables' sizes too: reading a catalog is mostly waiting
             # on its server
             sizes = pool.submit(_read_facts, servers.target_dsn, excluded)
-            reading = pool.submit(_read_live, config, servers.target_dsn, annotated)
+            reading = pool.submit(_read_live, config, servers.target_dsn, annotated, live_memo)
             with connect(shadow_dsn) as conn:
                 renames.check_desired(conn, annotated)
                 desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
@@ -265,14 +270,41 @@ def _same_major(servers: Servers, env: Environment) -> bool:
     return servers.shadow.major_version == servers.target_major or env.allow_version_mismatch
 
 
-def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename, ...]
+class LiveMemo:
+    """Live's last snapshot, for a process that plans again and again (watch): read again only when live's catalogs,
+    roles or the plan's settings have changed since (the key of saved inspections, without the fingerprint)."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._snapshot: inspect.SchemaSnapshot | None = None
+        self._lock = threading.Lock()
+
+    def snapshot(self, conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...], owners: bool,
+                 privileges: bool) -> inspect.SchemaSnapshot:
+        # the key is read first: a change made while the snapshot is read moves it, and the next plan reads again
+        state = catalog_state(conn)
+        key = json.dumps([state, sorted(exclude_schemas), owners, privileges], sort_keys=True)
+        with self._lock:
+            if key == self._key and self._snapshot is not None:
+                log.debug("live's catalogs have not changed: its snapshot is reused")
+                return self._snapshot
+        found = inspect.snapshot(conn, exclude_schemas=exclude_schemas, owners=owners, privileges=privileges)
+        with self._lock:
+            self._key, self._snapshot = key, found
+        return found
+
+
+def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename, ...], memo: LiveMemo | None = None,
                ) -> tuple[inspect.TargetIdentity, inspect.SchemaSnapshot, tuple[renames.Rename, ...]]:
     """What a plan reads of live's schema: who it is, its objects and the renames still to do."""
     excluded = (config.metadata_schema,)
     with connect(target_dsn) as conn:
         recover_interrupted(conn, config.metadata_schema, holding_lock=False)
         ident = inspect.identity(conn)
-        live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
+        if memo is not None:
+            live = memo.snapshot(conn, exclude_schemas=excluded, **managed(config))
+        else:
+            live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
         pending = renames.pending(conn, annotated, database=f"database {ident.database}")
     return ident, live, pending
 

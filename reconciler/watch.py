@@ -37,7 +37,7 @@ from . import history, shadowcache
 from .apply import ApplyOptions, apply_plan
 from .config import Config, Environment
 from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
-from .pipeline import Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
+from .pipeline import LiveMemo, Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
 from .plan import Plan, write_plan
 from .servers import connect
 
@@ -133,6 +133,7 @@ class Watcher:
         self.cycles = 0  # plans and drift checks done (start, changes, intervals)
         self._stop = threading.Event()
         self.engine = default_engine(config, remember=True)  # one for every plan: it rereads only what changed
+        self.live_memo = LiveMemo()  # live's snapshot too
         self._working = False  # a plan, apply or drift check is under way
         self._interrupting = False
 
@@ -210,7 +211,7 @@ class Watcher:
             try:
                 with self._work("plan"):
                     plan = make_plan(self.config, self.env, servers, schemas_dir=self.options.schemas_dir,
-                                     engine=self.engine).plan
+                                     engine=self.engine, live_memo=self.live_memo).plan
             except Exception as exc:  # a bad edit (or a database away) is reported; the loop goes on
                 self.metrics.plans.labels("error").inc()
                 raced = attempt == 1 and self._latest_run(servers) != before

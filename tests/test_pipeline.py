@@ -172,3 +172,32 @@ def test_partitioned_index_is_attached_to_every_partition(tmp_path: Path, databa
     assert plan.body.rehearsal.converged
     assert apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler")).status == "applied"
     assert fetch_one(database, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'm_region_idx'::regclass") is True
+
+
+def test_live_memo_reads_live_again_only_after_a_catalog_change(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """watch's memo of live's snapshot: the same snapshot while live's catalogs stay as they were (statistics
+    aside), a new reading after DDL, and a separate reading per setting of what the snapshot includes."""
+    from reconciler import pipeline
+
+    run_sql(database, "CREATE TABLE t (id int PRIMARY KEY, note text);")
+    reads: list[tuple[bool, bool]] = []
+    real = inspect.snapshot
+
+    def counted(conn: object, **kwargs: object) -> inspect.SchemaSnapshot:
+        reads.append((bool(kwargs.get("owners")), bool(kwargs.get("privileges"))))
+        return real(conn, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inspect, "snapshot", counted)
+    memo = pipeline.LiveMemo()
+    excluded = ("reconciler",)
+    with connect(database) as conn:
+        first = memo.snapshot(conn, exclude_schemas=excluded, owners=False, privileges=False)
+        run_sql(database, "INSERT INTO t VALUES (1, 'x'); ANALYZE t;")  # data and statistics: no catalog change
+        again = memo.snapshot(conn, exclude_schemas=excluded, owners=False, privileges=False)
+        assert again is first and len(reads) == 1
+        with_owners = memo.snapshot(conn, exclude_schemas=excluded, owners=True, privileges=False)
+        assert reads[-1] == (True, False) and with_owners != first
+        run_sql(database, "ALTER TABLE t ADD COLUMN at timestamptz;")
+        after = memo.snapshot(conn, exclude_schemas=excluded, owners=True, privileges=False)
+        assert after == real(conn, exclude_schemas=excluded, owners=True)
+    assert len(reads) == 3 and after != with_owners

@@ -58,17 +58,24 @@ def catalog_token(conn: Any) -> str:
     return hashlib.sha256(json.dumps(sorted([list(map(str, r)) for r in rows])).encode()).hexdigest()
 
 
+def catalog_state(conn: Any) -> dict[str, Any]:
+    """What every reading of a database's schema depends on, now: the cluster, the roles (shared catalogs: their
+    names in grants and owners, and memberships) and the catalog change token."""
+    row = conn.execute("SELECT (SELECT system_identifier::text FROM pg_control_system()), "
+                       "current_setting('server_version_num'), current_user, current_database(), "
+                       "(SELECT md5(string_agg(oid::text || ' ' || rolname, ',' ORDER BY oid)) FROM pg_roles), "
+                       "(SELECT md5(string_agg(roleid::text || ' ' || member::text, ',' ORDER BY roleid, member)) "
+                       " FROM pg_auth_members)").fetchone()
+    cluster = list(row or ())
+    del cluster[3]  # the database's name: a template's copy has the same catalogs, and the same inspection
+    return {"cluster": cluster, "database": (row or (None,) * 4)[3], "token": catalog_token(conn)}
+
+
 def inspection_key(dsn: str, fingerprint: str, exclude_schemas: tuple[str, ...]) -> str:
     """What the inspection of ``dsn`` (whose snapshot has ``fingerprint``) depends on, now."""
     with connect(dsn, application_name="reconciler inspect") as conn:
-        # roles live in shared catalogs: their names (grants, owners) and memberships are read here
-        row = conn.execute("SELECT (SELECT system_identifier::text FROM pg_control_system()), "
-                           "current_setting('server_version_num'), current_user, "
-                           "(SELECT md5(string_agg(oid::text || ' ' || rolname, ',' ORDER BY oid)) FROM pg_roles), "
-                           "(SELECT md5(string_agg(roleid::text || ' ' || member::text, ',' ORDER BY roleid, member)) "
-                           " FROM pg_auth_members)").fetchone()
-        token = catalog_token(conn)
-    parts = {"cluster": list(row or ()), "token": token, "fingerprint": fingerprint,
+        state = catalog_state(conn)
+    parts = {"cluster": state["cluster"], "token": state["token"], "fingerprint": fingerprint,
              "excluded": sorted(exclude_schemas), "format": FORMAT, "tool": __version__, "migra": _version("migra"),
              "schemainspect": _version("schemainspect")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
