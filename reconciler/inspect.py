@@ -11,6 +11,7 @@ loaded by one role compares equal to a target applied by another.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
@@ -697,7 +698,10 @@ def _count_rows(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[st
     return counts
 
 
-def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,)) -> LiveFacts:
+def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,),
+               known: LiveFacts | None = None) -> LiveFacts:
+    """``known``: facts read before from catalogs that have not changed since (watch's memo of live): only the
+    tables' sizes and the server's settings are read again."""
     params = {"excluded": list(exclude_schemas)}
     managed = _managed("n")
     with conn.cursor() as cur:
@@ -718,6 +722,12 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
             tables[name] = TableSize(table=name, rows=max(rows, 0), bytes=int(size))
             if kind == "p":
                 partitioned.add(name)
+        cur.execute("SELECT current_setting('max_locks_per_transaction')::int, current_setting('max_connections')::int, "
+                    "current_setting('max_prepared_transactions')::int")
+        locks = cur.fetchone()
+        lock_table = LockTable(int(locks[0]), int(locks[1]), int(locks[2])) if locks else None
+        if known is not None:
+            return dataclasses.replace(known, tables=tables, partitioned=frozenset(partitioned), lock_table=lock_table)
         # a table's name, a type, a default, a type's oid: one object each, however many columns repeat it
         keep = {name: name for name in tables}.setdefault
         keep_oid: dict[int, int] = {}
@@ -764,11 +774,8 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
             if builtin:
                 type_oids[name.split(".", 1)[1]] = int(oid)
                 type_oids[formatted] = int(oid)
-        cur.execute("SELECT current_setting('max_locks_per_transaction')::int, current_setting('max_connections')::int, "
-                    "current_setting('max_prepared_transactions')::int")
-        locks = cur.fetchone()
     return LiveFacts(
         tables=tables, partitioned=frozenset(partitioned), columns=columns, indexes=indexes, enums=enums,
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
-        lock_table=LockTable(int(locks[0]), int(locks[1]), int(locks[2])) if locks else None,
+        lock_table=lock_table,
     )

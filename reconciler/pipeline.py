@@ -200,7 +200,7 @@ def make_plan(
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="live") as pool:
             # live and desired at once, live's schema and its tables' sizes too: reading a catalog is mostly waiting
             # on its server
-            sizes = pool.submit(_read_facts, servers.target_dsn, excluded)
+            sizes = pool.submit(_read_facts, servers.target_dsn, excluded, live_memo)
             reading = pool.submit(_read_live, config, servers.target_dsn, annotated, live_memo)
             with connect(shadow_dsn) as conn:
                 renames.check_desired(conn, annotated)
@@ -271,27 +271,42 @@ def _same_major(servers: Servers, env: Environment) -> bool:
 
 
 class LiveMemo:
-    """Live's last snapshot, for a process that plans again and again (watch): read again only when live's catalogs,
-    roles or the plan's settings have changed since (the key of saved inspections, without the fingerprint)."""
+    """What a plan reads of live's catalogs, for a process that plans again and again (watch): its snapshot and
+    the catalog part of its facts, read again only when live's catalogs, roles or the plan's settings have changed
+    since (the key of saved inspections, without the fingerprint). Tables' sizes are read every time."""
 
     def __init__(self) -> None:
-        self._key: str | None = None
-        self._snapshot: inspect.SchemaSnapshot | None = None
+        self._kept: dict[str, tuple[str, Any]] = {}  # what -> (key, value)
         self._lock = threading.Lock()
 
     def snapshot(self, conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...], owners: bool,
                  privileges: bool) -> inspect.SchemaSnapshot:
-        # the key is read first: a change made while the snapshot is read moves it, and the next plan reads again
-        state = catalog_state(conn)
-        key = json.dumps([state, sorted(exclude_schemas), owners, privileges], sort_keys=True)
-        with self._lock:
-            if key == self._key and self._snapshot is not None:
-                log.debug("live's catalogs have not changed: its snapshot is reused")
-                return self._snapshot
-        found = inspect.snapshot(conn, exclude_schemas=exclude_schemas, owners=owners, privileges=privileges)
-        with self._lock:
-            self._key, self._snapshot = key, found
+        key, found = self._recall(conn, "snapshot", exclude_schemas, owners, privileges)
+        if not isinstance(found, inspect.SchemaSnapshot):
+            found = inspect.snapshot(conn, exclude_schemas=exclude_schemas, owners=owners, privileges=privileges)
+            self._keep("snapshot", key, found)
         return found
+
+    def facts(self, conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...]) -> inspect.LiveFacts:
+        key, known = self._recall(conn, "facts", exclude_schemas)
+        found = inspect.live_facts(conn, exclude_schemas=exclude_schemas,
+                                   known=known if isinstance(known, inspect.LiveFacts) else None)
+        self._keep("facts", key, found)
+        return found
+
+    def _recall(self, conn: psycopg.Connection[Any], what: str, *settings: object) -> tuple[str, object]:
+        # the key is read first: a change made while the catalogs are read moves it, and the next plan reads again
+        key = json.dumps([catalog_state(conn), settings], sort_keys=True)
+        with self._lock:
+            kept = self._kept.get(what)
+        if kept is not None and kept[0] == key:
+            log.debug("live's catalogs have not changed: its %s is reused", what)
+            return key, kept[1]
+        return key, None
+
+    def _keep(self, what: str, key: str, value: object) -> None:
+        with self._lock:
+            self._kept[what] = (key, value)
 
 
 def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename, ...], memo: LiveMemo | None = None,
@@ -309,9 +324,11 @@ def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename,
     return ident, live, pending
 
 
-def _read_facts(target_dsn: str, excluded: tuple[str, ...]) -> inspect.LiveFacts:
+def _read_facts(target_dsn: str, excluded: tuple[str, ...], memo: LiveMemo | None = None) -> inspect.LiveFacts:
     """Live's tables' sizes and what the safety compiler asks of its catalog."""
     with connect(target_dsn) as conn:
+        if memo is not None:
+            return memo.facts(conn, exclude_schemas=excluded)
         return inspect.live_facts(conn, exclude_schemas=excluded)
 
 

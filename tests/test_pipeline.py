@@ -201,3 +201,22 @@ def test_live_memo_reads_live_again_only_after_a_catalog_change(database: str, m
         after = memo.snapshot(conn, exclude_schemas=excluded, owners=True, privileges=False)
         assert after == real(conn, exclude_schemas=excluded, owners=True)
     assert len(reads) == 3 and after != with_owners
+
+
+def test_live_memo_reads_sizes_every_time_and_catalog_facts_after_a_change(database: str) -> None:
+    from reconciler import pipeline
+
+    run_sql(database, "CREATE TABLE t (id int PRIMARY KEY, note text);")
+    memo = pipeline.LiveMemo()
+    excluded = ("reconciler",)
+    with connect(database) as conn:
+        first = memo.facts(conn, exclude_schemas=excluded)
+        run_sql(database, "INSERT INTO t SELECT g, 'x' FROM generate_series(1, 500) g; ANALYZE t;")
+        again = memo.facts(conn, exclude_schemas=excluded)
+        assert first.tables["public.t"].rows == 0 and again.tables["public.t"].rows == 500  # sizes: read again
+        assert again.columns is first.columns and again.indexes is first.indexes  # the catalogs': kept
+        run_sql(database, "ALTER TABLE t ADD COLUMN at timestamptz; CREATE INDEX t_note ON t (note);")
+        after = memo.facts(conn, exclude_schemas=excluded)
+        fresh = inspect.live_facts(conn, exclude_schemas=excluded)
+    assert ("public.t", "at") in after.columns and "public.t_note" in after.indexes
+    assert after == fresh
