@@ -169,7 +169,7 @@ def _resources_without_pkg_resources() -> Iterator[None]:
     imported. Importing ``pkg_resources`` (deprecated by setuptools) scans every installed distribution: half of
     migra's import. For the duration of the import that name is a module with that one function, reading the file
     beside the named module as pkg_resources would; then it is gone, and a later ``import pkg_resources`` gets the
-    real one. Nothing else imports it meanwhile (the import lock serialises migra's import)."""
+    real one. None of our modules imports pkg_resources, so no other thread asks for it meanwhile."""
     if "pkg_resources" in sys.modules:  # already paid for
         yield
         return
