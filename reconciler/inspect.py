@@ -21,6 +21,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from .servers import stream
+
 DEFAULT_METADATA_SCHEMA = "reconciler"
 
 _SYSTEM_SCHEMA_FILTER = (
@@ -380,9 +382,6 @@ def identity(conn: psycopg.Connection[Any]) -> TargetIdentity:
     return TargetIdentity(system_identifier=row[0], database=row[1], server_version=row[2], server_version_num=row[3])
 
 
-_BATCH = 1000  # rows the server sends at a time (libpq holding all 50,000 columns of 5,000 tables at once: 8 MiB)
-
-
 def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (DEFAULT_METADATA_SCHEMA,),
              owners: bool = False, privileges: bool = False) -> SchemaSnapshot:
     """Read the catalogs in one transaction-consistent pass (works inside an open transaction too).
@@ -394,7 +393,7 @@ def snapshot(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] 
     keep = {"": ""}.setdefault  # each definition once: 90,000 objects of 5,000 tables have 23,000 definitions
     with _catalog_search_path(conn) as cur:
         for query in _QUERIES:
-            for kind, name, definition in cur.stream(query.encode(), params, size=_BATCH):
+            for kind, name, definition in stream(cur, query.encode(), params):
                 names = kinds.get(kind)
                 if names is None:
                     names = kinds[kind] = {}
@@ -731,22 +730,21 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         # a table's name, a type, a default, a type's oid: one object each, however many columns repeat it
         keep = {name: name for name in tables}.setdefault
         keep_oid: dict[int, int] = {}
-        answer = cur.stream(
+        answer = stream(cur,
             f"""SELECT n.nspname || '.' || c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int,
                        a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {managed}""".encode(), params,
-            size=_BATCH)
+                WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {managed}""".encode(), params)
         columns = {(keep(t, t), keep(col, col)): ColumnFact(keep(typ, typ), keep_oid.setdefault(oid, oid), bool(nn),
                                                             None if default is None else keep(default, default))
                    for t, col, typ, oid, nn, default in answer}
-        answer = cur.stream(
+        answer = stream(cur,
             f"""SELECT n.nspname || '.' || ic.relname, tn.nspname || '.' || tc.relname, pg_get_indexdef(i.indexrelid),
                        EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid), tc.relkind = 'p'
                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
                 JOIN pg_class tc ON tc.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
-                WHERE {managed}""".encode(), params, size=_BATCH)
+                WHERE {managed}""".encode(), params)
         indexes = {name: IndexFact(keep(table, table), definition, bool(backs), bool(part))
                    for name, table, definition, backs, part in answer}
         cur.execute(
@@ -763,11 +761,10 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         volatile = frozenset(r[0] for r in cur.fetchall())
         cur.execute("SELECT castsource::int, casttarget::int FROM pg_cast WHERE castmethod = 'b'")
         coercible = frozenset((int(a), int(b)) for a, b in cur.fetchall())
-        answer = cur.stream(
+        answer = stream(cur,
             """SELECT n.nspname || '.' || t.typname, t.oid::int, n.nspname = 'pg_catalog', format_type(t.oid, NULL)
                FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-               WHERE t.typtype IN ('b', 'e', 'd', 'r', 'c') AND n.nspname NOT IN ('information_schema', 'pg_toast')""",
-            size=_BATCH)
+               WHERE t.typtype IN ('b', 'e', 'd', 'r', 'c') AND n.nspname NOT IN ('information_schema', 'pg_toast')""")
         type_oids: dict[str, int] = {}
         for name, oid, builtin, formatted in answer:
             type_oids[name] = int(oid)

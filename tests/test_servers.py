@@ -77,3 +77,27 @@ def test_connect_failure_is_secret_free() -> None:
     message = str(info.value)
     assert "hunter2" not in message
     assert message.startswith("cannot connect to u@127.0.0.1:1/x")
+
+
+@pytest.mark.parametrize(("libpq", "size"), [(180000, 1000), (160000, 1)])
+def test_catalog_queries_stream_in_chunks_where_libpq_can(database: str, monkeypatch: pytest.MonkeyPatch,
+                                                          libpq: int, size: int) -> None:
+    """Chunks of rows need libpq 17: with an older one, rows come one at a time rather than failing."""
+    import psycopg
+
+    from reconciler import servers
+
+    if size > 1 and psycopg.pq.version() < 170000:
+        pytest.skip("this libpq has no chunked mode")
+    sizes: list[int] = []
+    real = psycopg.Cursor.stream
+
+    def spied(self: psycopg.Cursor[object], query: object, params: object = None, **kwargs: int) -> object:
+        sizes.append(kwargs["size"])
+        return real(self, query, params, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psycopg.pq, "version", lambda: libpq)
+    monkeypatch.setattr(psycopg.Cursor, "stream", spied)
+    with connect(database) as conn, conn.cursor() as cur:
+        rows = list(servers.stream(cur, "SELECT g FROM generate_series(1, %s) g", (2500,)))
+    assert sizes == [size] and [r[0] for r in rows] == list(range(1, 2501))

@@ -66,18 +66,15 @@ def shared_rows(rows: Iterable[Any], fields: tuple[str, ...], shared: dict[Any, 
         yield make([one(v) for v in row])
 
 
-_BATCH = 1000  # rows per message from the server while a query streams
-
-
 def streamed_rows(conn: Any, query: Any, shared: dict[Any, Any]) -> Iterator[Any]:
-    """``query``'s rows, as schemainspect reads them (attributes named after the columns, strings shared), coming
-    from the server ``_BATCH`` at a time (a row at a time with a libpq older than 17)."""
-    import psycopg
+    """``query``'s rows, as schemainspect reads them (attributes named after the columns, strings shared), streamed
+    from the server."""
     from psycopg.rows import tuple_row
 
-    size = _BATCH if psycopg.pq.version() >= 170000 else 1
+    from ..servers import stream
+
     with conn.cursor(row_factory=tuple_row) as cursor:
-        rows = cursor.stream(query, size=size)
+        rows = stream(cursor, query)
         first = next(rows, None)
         fields = tuple(column.name for column in cursor.description or ())
         if first is not None:

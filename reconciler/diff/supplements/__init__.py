@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from ...errors import ReconcilerError
+from ...servers import stream
 from ..base import Change
 
 ENGINE = "supplements"
@@ -48,9 +49,9 @@ class Context:
             return kept[query]
         conn = self.live if side == "live" else self.desired
         keep = self.strings.setdefault
-        with conn.cursor() as cur:  # a thousand rows at a time: one per column of every table, for some queries
+        with conn.cursor() as cur:  # streamed: some queries answer a row per column of every table
             found = [tuple([keep(v, v) if type(v) is str else v for v in row])
-                     for row in cur.stream(query.encode(), {"excluded": list(self.exclude_schemas)}, size=1000)]
+                     for row in stream(cur, query.encode(), {"excluded": list(self.exclude_schemas)})]
         if kept is not None:
             kept[query] = found
         return found
