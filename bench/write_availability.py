@@ -202,7 +202,7 @@ def under_write_load(mode: str, dsn: str, accounts: int, lead: float, tail: floa
 @contextlib.contextmanager
 def benchmark_server() -> Iterator[Server]:
     """RECONCILER_BENCH_DSN (a superuser) or an embedded, non-durable cluster of our own."""
-    with scratch_server(os.environ.get(BENCH_DSN_ENV), prefix="reconciler-bench-") as server:
+    with scratch_server(os.environ.get(BENCH_DSN_ENV), prefix="reconciler-bench-", in_memory=False) as server:
         yield server
 
 

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 SERVICE_USER_ENV = "RECONCILER_SERVICE_USER"
 DEFAULT_SERVICE_USER = "reconciler"
 ROOT_STATE_DIR = Path(os.environ.get("RECONCILER_ROOT_STATE_DIR", "/var/lib/reconciler"))
+MEMORY_DIR_ENV = "RECONCILER_MEMORY_DIR"  # a folder on a memory filesystem for caches' clusters, or "off"
+DEFAULT_MEMORY_ROOT = Path("/dev/shm")
+MEMORY_MIN_FREE = 2 * 1024**3  # below this much room the memory filesystem is left to others
 CONNECT_TIMEOUT = 10
 
 
@@ -90,18 +93,20 @@ def server_for_dsn(dsn: str) -> Server:
 
 @contextlib.contextmanager
 def scratch_server(
-    dsn: str | None, *, prefix: str = "reconciler-scratch-", bindir: Path | None = None
+    dsn: str | None, *, prefix: str = "reconciler-scratch-", bindir: Path | None = None, in_memory: bool = True
 ) -> Iterator[Server]:
     """The server at ``dsn`` (a superuser DSN) or, without one, an embedded non-durable cluster of our
     own that is deleted afterwards: what tests and benchmarks run against. ``bindir`` picks the server
-    binaries of that cluster (default: the wheel's), so the same tests run on another major version."""
+    binaries of that cluster (default: the wheel's), so the same tests run on another major version.
+    ``in_memory``: its files on a memory filesystem where there is one with room (see ``memory_dir``); a
+    benchmark's stand-in for a production target keeps them on disk."""
     if dsn:
         if bindir is not None:
             raise ServerError("give a server DSN or server binaries to start one, not both")
         yield server_for_dsn(dsn)
         return
     base = Path(tempfile.mkdtemp(prefix=prefix))
-    cluster = EmbeddedCluster(base / "pg", bindir, durable=False)
+    cluster = EmbeddedCluster(base / "pg", bindir, durable=False, in_memory=in_memory)
     try:
         yield cluster.start()
     finally:
@@ -281,6 +286,47 @@ def _traversable(path: Path, account: Account) -> bool:
     return True
 
 
+def memory_dir(account: Account | None) -> Path | None:
+    """A private folder on a memory filesystem for the files of clusters that are caches or throwaways (shadow
+    servers, test servers), owned by whoever runs the servers (``account`` when we are root); None when there is
+    none with ``MEMORY_MIN_FREE`` bytes free, or ``RECONCILER_MEMORY_DIR=off``.
+
+    Loading a schema creates a file per table, index and sequence, and copying a kept database copies them all:
+    on this project's virtual machines creating a file costs 250 µs on the disk's ext4 and 12 µs on tmpfs, most
+    of the time a 1,000-table shadow takes to load or copy. A memory filesystem's contents go at reboot, which a
+    cache can afford (the next plan starts the cluster anew)."""
+    setting = os.environ.get(MEMORY_DIR_ENV, "").strip()
+    if setting.lower() in ("off", "0", "no", "false"):
+        return None
+    root = Path(setting) if setting else DEFAULT_MEMORY_ROOT
+    try:
+        free = os.statvfs(root)
+    except OSError:
+        return None
+    if free.f_bavail * free.f_frsize < MEMORY_MIN_FREE:
+        log.debug("%s has less than %d MiB free: caches' clusters stay on disk", root, MEMORY_MIN_FREE >> 20)
+        return None
+    owner = account.uid if account is not None else os.geteuid()
+    folder = root / f"reconciler-{owner}"
+    try:
+        folder.mkdir(mode=0o700)
+        if account is not None:
+            os.chown(folder, account.uid, account.gid)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.warning("cannot use %s for caches' clusters (%s); they stay on disk", folder, exc)
+        return None
+    st = folder.lstat()  # a shared folder (/dev/shm is anyone's): only a real folder of the owner's own, private
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or stat.S_IMODE(st.st_mode) & 0o077:
+        log.warning("%s is not a private folder of uid %d; caches' clusters stay on disk", folder, owner)
+        return None
+    if account is not None and not _traversable(folder, account):
+        log.warning("the account %s cannot reach %s; caches' clusters stay on disk", account.name, folder)
+        return None
+    return folder
+
+
 def _root_state_dir() -> Path:
     ROOT_STATE_DIR.mkdir(parents=True, exist_ok=True)
     ROOT_STATE_DIR.chmod(0o755)  # our own directory: the service account must traverse it
@@ -330,7 +376,11 @@ class EmbeddedCluster:
     Several processes may share one cluster (a file lock counts them): the last one out stops it.
     """
 
-    def __init__(self, datadir: Path, bindir: Path | None = None, *, durable: bool = True) -> None:
+    def __init__(self, datadir: Path, bindir: Path | None = None, *, durable: bool = True,
+                 in_memory: bool | None = None) -> None:
+        """``durable``: fsync and full page writes on (a user's local database); a cluster that is not holds
+        caches or throwaways, and its files go to a memory filesystem when there is one with room (``in_memory``,
+        default: not ``durable``; see ``memory_dir``)."""
         self.requested_datadir = datadir.resolve()
         self.account = service_account()
         chosen = bindir or wheel_bindir()
@@ -339,14 +389,18 @@ class EmbeddedCluster:
         self.bindir = _reachable_bindir(chosen, self.account)
         self.major_version = bindir_major(self.bindir)
         self.durable = durable
+        self.in_memory = not durable if in_memory is None else in_memory
         self.datadir = self._placed_datadir(self.requested_datadir)
         self._lock_fd: int | None = None
         self._server: Server | None = None
 
     def _placed_datadir(self, requested: Path) -> Path:
+        digest = hashlib.sha256(str(requested).encode()).hexdigest()[:16]
+        memory = memory_dir(self.account) if self.in_memory else None
+        if memory is not None:
+            return memory / f"{requested.name}-{digest}"
         if self.account is None or _traversable(requested.parent, self.account):
             return requested
-        digest = hashlib.sha256(str(requested).encode()).hexdigest()[:16]
         placed = _root_state_dir() / "clusters" / f"{requested.name}-{digest}"
         placed.parent.mkdir(exist_ok=True)
         placed.parent.chmod(0o755)
@@ -373,8 +427,7 @@ class EmbeddedCluster:
         if self._server is not None:
             return self._server
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.datadir.parent / f".{self.datadir.name}.lock"
-        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             if not (self.datadir / "PG_VERSION").exists():
@@ -416,8 +469,13 @@ class EmbeddedCluster:
                     shutil.rmtree(info[0], ignore_errors=True)
             if delete:
                 shutil.rmtree(self.datadir, ignore_errors=True)
+                self._lock_path.unlink(missing_ok=True)  # we hold it exclusively: nobody else uses the cluster
         finally:
             self._release_lock()
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.datadir.parent / f".{self.datadir.name}.lock"
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -39,7 +39,8 @@ def test_embedded_shadow_matches_target_major_version(tmp_path: Path, monkeypatc
                                                       request: pytest.FixtureRequest) -> None:
     """A PostgreSQL 15 target gets a PostgreSQL 15 shadow, and the whole plan/apply works on 15."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    request.addfinalizer(lambda: shutil.rmtree(EmbeddedCluster(shadow_cache_dir(15), PG15).datadir, ignore_errors=True))
+    request.addfinalizer(lambda: shutil.rmtree(EmbeddedCluster(shadow_cache_dir(15), PG15, durable=False).datadir,
+                                                ignore_errors=True))
     assert find_bindir(15) == PG15
     target = EmbeddedCluster(Path(tempfile.mkdtemp()) / "pg15", PG15, durable=False)
     server = target.start()

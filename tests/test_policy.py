@@ -226,7 +226,7 @@ def test_lint_checks_the_desired_schema_without_a_database(prepo: PolicyRepo, ca
                                                            request: pytest.FixtureRequest) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(prepo.root / "cache"))
     shadow_dir = shadow_cache_dir(bindir_major(bindir_for_shadow(None)))
-    request.addfinalizer(lambda: shutil.rmtree(EmbeddedCluster(shadow_dir).datadir, ignore_errors=True))
+    request.addfinalizer(lambda: shutil.rmtree(EmbeddedCluster(shadow_dir, durable=False).datadir, ignore_errors=True))
     prepo.policies(SCHEMA_RULES)
     prepo.schema("CREATE TABLE good (id int PRIMARY KEY, created_at timestamptz);\nCOMMENT ON TABLE good IS 'g';\n")
     assert prepo.cli("lint") == 0

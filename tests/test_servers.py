@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from reconciler import servers
 from reconciler.dsn import database_name
 from reconciler.errors import ServerError
-from reconciler.servers import EmbeddedCluster, Server, connect, throwaway_database
+from reconciler.servers import (
+    MEMORY_DIR_ENV,
+    EmbeddedCluster,
+    Server,
+    connect,
+    memory_dir,
+    service_account,
+    throwaway_database,
+)
 from tests.conftest import fetch_one
 
 
@@ -101,3 +113,65 @@ def test_catalog_queries_stream_in_chunks_where_libpq_can(database: str, monkeyp
     with connect(database) as conn, conn.cursor() as cur:
         rows = list(servers.stream(cur, "SELECT g FROM generate_series(1, %s) g", (2500,)))
     assert sizes == [size] and [r[0] for r in rows] == list(range(1, 2501))
+
+
+# --- caches' clusters on a memory filesystem -----------------------------------------------------
+
+@pytest.fixture
+def memory_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder standing for /dev/shm (anyone may traverse it, as /dev/shm), named by RECONCILER_MEMORY_DIR."""
+    root = Path(tempfile.mkdtemp(prefix="reconciler-memory-test-"))
+    root.chmod(0o755)
+    monkeypatch.setenv(MEMORY_DIR_ENV, str(root))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _owner() -> int:
+    account = service_account()
+    return account.uid if account is not None else os.geteuid()
+
+
+def test_memory_dir_is_a_private_folder_of_whoever_runs_the_servers(memory_root: Path) -> None:
+    folder = memory_dir(service_account())
+    assert folder == memory_root / f"reconciler-{_owner()}"
+    st = folder.lstat()
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == _owner() and stat.S_IMODE(st.st_mode) == 0o700
+    assert memory_dir(service_account()) == folder  # found again as it is
+
+
+def test_memory_dir_refuses_a_folder_it_cannot_trust(memory_root: Path) -> None:
+    other = memory_root / "elsewhere"
+    other.mkdir()
+    (memory_root / f"reconciler-{_owner()}").symlink_to(other)  # planted by someone else on a shared filesystem
+    assert memory_dir(service_account()) is None
+    (memory_root / f"reconciler-{_owner()}").unlink()
+    (memory_root / f"reconciler-{_owner()}").mkdir(mode=0o777)
+    (memory_root / f"reconciler-{_owner()}").chmod(0o777)  # anyone could write into it
+    assert memory_dir(service_account()) is None
+
+
+def test_memory_dir_off_or_full(memory_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(servers, "MEMORY_MIN_FREE", 1 << 62)  # more than any filesystem has free
+    assert memory_dir(service_account()) is None
+    monkeypatch.undo()
+    monkeypatch.setenv(MEMORY_DIR_ENV, "off")
+    assert memory_dir(service_account()) is None
+    monkeypatch.setenv(MEMORY_DIR_ENV, str(memory_root / "missing"))
+    assert memory_dir(service_account()) is None
+
+
+def test_non_durable_clusters_live_in_memory_and_leave_nothing_behind(memory_root: Path, tmp_path: Path) -> None:
+    folder = memory_root / f"reconciler-{_owner()}"
+    durable = EmbeddedCluster(tmp_path / "local")
+    assert folder not in durable.datadir.parents  # a user's local database stays on disk
+    assert folder not in EmbeddedCluster(tmp_path / "bench-target", durable=False, in_memory=False).datadir.parents
+    cluster = EmbeddedCluster(tmp_path / "shadow", durable=False)
+    assert cluster.datadir.parent == folder
+    assert EmbeddedCluster(tmp_path / "shadow", durable=False).datadir == cluster.datadir  # shared by its path
+    try:
+        server = cluster.start()
+        assert fetch_one(server.dsn, "SELECT current_setting('data_directory')") == str(cluster.datadir)
+    finally:
+        cluster.stop(delete=True)
+    assert list(folder.iterdir()) == []  # the data and the lock file both gone
