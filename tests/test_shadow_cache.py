@@ -27,7 +27,7 @@ from reconciler.diff import inspections, migra_engine
 from reconciler.diff.engine import SupplementedEngine
 from reconciler.errors import ConfigError, ReconcilerError, SchemaLoadError
 from reconciler.pipeline import Comparison, drift, make_plan, open_servers
-from reconciler.servers import Server, bindir_major, connect, scratch_server, wheel_bindir
+from reconciler.servers import EmbeddedCluster, Server, bindir_major, connect, scratch_server, wheel_bindir
 from reconciler.shadow import load_schema, split_file, statement_chain
 from reconciler.source import load_source
 from tests.conftest import TEST_BINDIR_ENV, fetch_one, run_sql
@@ -109,11 +109,11 @@ def configure(repo: Repo, shadow: str, keep: int | None = None) -> Path:
     return repo.config
 
 
-def plan(repo: Repo) -> Comparison:
+def plan(repo: Repo, *, consume: bool = False) -> Comparison:
     config = load_config(repo.config)
     env = config.environment("test")
     with open_servers(config, env) as servers:
-        return make_plan(config, env, servers)
+        return make_plan(config, env, servers, consume_kept=consume)
 
 
 def drift_of(repo: Repo) -> list[str]:
@@ -371,11 +371,15 @@ def test_steps_that_need_their_own_transaction_rehearse_on_a_copy(repo: Repo, sh
 @pytest.fixture
 def cache_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A cache folder of the test's own for the embedded shadow, one the service account can reach when running as
-    root (so the cluster lives here and goes with the folder)."""
+    root; the shadow cluster's files, wherever it placed them (a memory filesystem), go with it."""
     home = Path(tempfile.mkdtemp(prefix="reconciler-cache-home-"))
     home.chmod(0o755)
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     yield home
+    bindir = wheel_bindir()
+    if bindir is not None:
+        placed = EmbeddedCluster(pipeline.shadow_cache_dir(bindir_major(bindir)), durable=False).datadir
+        shutil.rmtree(placed, ignore_errors=True)
     shutil.rmtree(home, ignore_errors=True)
 
 
@@ -391,7 +395,8 @@ def test_watch_keeps_its_embedded_shadow_running_and_reuses_the_template(repo: R
         pytest.skip("the embedded shadow uses the wheel's PostgreSQL")
     assert bindir_major(wheel_bindir()) == pg_server.major_version  # type: ignore[arg-type]
     configure(repo, "embedded")
-    pidfile = pipeline.shadow_cache_dir(pg_server.major_version) / "postmaster.pid"
+    shadow_cluster = EmbeddedCluster(pipeline.shadow_cache_dir(pg_server.major_version), durable=False)
+    pidfile = shadow_cluster.datadir / "postmaster.pid"  # on a memory filesystem where there is one
     with watching(repo, interval=1.0) as w:
         w.wait(lambda: w.reported("applied", "start"), "the first plan applied")
         started = len(w.watcher.reports)
@@ -438,6 +443,42 @@ def test_an_extended_schema_loads_only_what_was_added(repo: Repo, shadow: Server
     assert extended.desired == whole.desired  # a copy plus the rest is what loading it all gives
     assert sql_of(extended) == sql_of(whole) and any("more_id" in s for s in sql_of(extended))
     assert set(templates(shadow)) >= {fingerprint(repo)}
+
+
+def test_watch_extends_the_kept_database_in_place(repo: Repo, shadow: Server, messages: Messages,
+                                                 loads: list[str]) -> None:
+    """consume (watch's plans): the kept database the schema extends becomes the new one; nothing is copied."""
+    configure(repo, shadow.dsn)
+    plan(repo)
+    before, base = statements(repo), fingerprint(repo)
+    kept = templates(shadow)[base].name
+    repo.write(MORE)
+    extended = plan(repo, consume=True)
+    assert len(loads) == 2
+    assert messages.count(f"holds the first {before} of the desired schema's {before + 2} statements; loading the "
+                          "rest into it (taken from the cache)") == 1
+    assert messages.count("loaded 2 statements from") == 1
+    assert set(templates(shadow)) == {fingerprint(repo)}  # the base was taken, not copied
+    assert kept not in databases(shadow, "reconciler_")
+    whole = fresh(repo, shadow)
+    assert extended.desired == whole.desired and sql_of(extended) == sql_of(whole)
+    with connect(shadow.database_dsn(templates(shadow)[fingerprint(repo)].name)) as conn:  # read-only as kept
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+
+
+def test_watch_copies_checkpoints(repo: Repo, shadow: Server, messages: Messages,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint is where the next edit in the middle starts from: consume never takes it."""
+    monkeypatch.setattr(shadowcache, "CHECKPOINT_MIN", 1)
+    configure(repo, shadow.dsn)
+    middle = "15_middle.sql"
+    for columns in ("id int", "id int, note text", "id int, note text, done boolean"):
+        repo.write({middle: f"CREATE TABLE edited ({columns});\n"})
+        plan(repo, consume=True)
+    shared = statements_before(repo, middle)
+    assert messages.count(f"holds the first {shared} of the desired schema's {statements(repo)} statements; loading "
+                          "the rest into a copy of it") == 1
+    assert [t for t in shadowcache.list_templates(shadow) if t.checkpoint and t.prefix and t.prefix.count == shared]
 
 
 def test_a_failure_in_the_added_statements_names_its_own_line(repo: Repo, shadow: Server) -> None:
