@@ -213,6 +213,7 @@ def make_plan(
             ident, live, pending = reading.result()
             facts = sizes.result()
             flags = managed(config)
+            ahead = None
             if live != desired and env.rehearse and _same_major(servers, env) and not (flags["owners"] or flags["privileges"]):
                 # the rehearsal's copy of live (pg_dump and restore, unless kept) is made while the engine diffs
                 ahead = pool.submit(prepare_live_copy, target_dsn=servers.target_dsn, target_major=servers.target_major,
@@ -241,7 +242,8 @@ def make_plan(
             rehearsal = rehearse(steps, target_dsn=servers.target_dsn, target_major=servers.target_major,
                                  shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
                                  exclude_schemas=excluded, owners=flags["owners"], privileges=flags["privileges"],
-                                 live_fingerprint=live.fingerprint, cache_keep=config.shadow_cache)
+                                 live_fingerprint=live.fingerprint, cache_keep=config.shadow_cache,
+                                 copy_key=ahead.result() if ahead is not None else None)
             if not rehearsal.converged:
                 raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
     if steps and config.safety.data_checks:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -476,6 +477,26 @@ def read_plan(path: Path) -> Plan:
     return plan_from_json(data, str(path))
 
 
+def _plan_text(data: dict[str, Any]) -> str:
+    """The plan indented for people, but each snapshot's objects (a digest per object: a megabyte at 1,000 tables)
+    on one line: json's indenting encoder is Python, its compact one C (70 ms against 20 ms for such a plan)."""
+    body = data.get("body")
+    if not isinstance(body, dict):
+        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+    marks: dict[str, str] = {}
+    outline = dict(body)
+    for side in ("target", "desired"):
+        part = body.get(side)
+        if isinstance(part, dict) and isinstance(part.get("objects"), dict):
+            mark = f"reconciler-objects-{side}-{secrets.token_hex(16)}"
+            marks[json.dumps(mark)] = json.dumps(part["objects"], sort_keys=True, ensure_ascii=False)
+            outline[side] = {**part, "objects": mark}
+    text = json.dumps({**data, "body": outline}, indent=2, sort_keys=True, ensure_ascii=False)
+    for mark, objects in marks.items():
+        text = text.replace(mark, objects, 1)
+    return text
+
+
 def write_plan(plan: Plan, path: Path) -> None:
     """Validate, then replace the file atomically so a reader never sees half a plan."""
     data = plan_to_json(plan)
@@ -484,7 +505,7 @@ def write_plan(plan: Plan, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
+            fh.write(_plan_text(data))
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -142,15 +142,17 @@ def rehearse(
     privileges: bool = False,
     live_fingerprint: str | None = None,
     cache_keep: int = 0,
+    copy_key: shadowcache.CacheKey | None = None,
 ) -> RehearsalResult:
     """``live_fingerprint`` (live's snapshot as planned) and ``cache_keep`` > 0: the copy of live is kept on the shadow
     server (see ``shadowcache``), so the next plan against the same live schema need not dump and restore it; and a
-    plan that can run as one transaction is rehearsed in that kept copy, then rolled back (no copy at all)."""
+    plan that can run as one transaction is rehearsed in that kept copy, then rolled back (no copy at all).
+    ``copy_key``: the kept copy's key, when the plan has it already (``prepare_live_copy``)."""
     started = time.perf_counter()
     if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges):
         quick = _rehearse_in_place(steps, target_dsn=target_dsn, target_major=target_major, shadow=shadow,
                                    desired=desired, exclude_schemas=exclude_schemas,
-                                   live_fingerprint=live_fingerprint, cache_keep=cache_keep)
+                                   live_fingerprint=live_fingerprint, cache_keep=cache_keep, copy_key=copy_key)
         if quick is not None:
             quick = replace(quick, duration_ms=(time.perf_counter() - started) * 1000)
             log.info("rehearsal %s in %.0f ms (in a rolled-back transaction)", quick.status, quick.duration_ms)
@@ -197,7 +199,7 @@ def _in_one_transaction(step: Step) -> str | None:
 
 def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: int, shadow: Server,
                        desired: inspect.SchemaSnapshot, exclude_schemas: tuple[str, ...], live_fingerprint: str,
-                       cache_keep: int) -> RehearsalResult | None:
+                       cache_keep: int, copy_key: shadowcache.CacheKey | None = None) -> RehearsalResult | None:
     """The steps in the kept copy of live, in one transaction rolled back afterwards. Only a clean result counts
     (every step ran and the snapshot equals the desired one); anything else returns None and the rehearsal runs
     again on a copy of its own, phase by phase as apply runs them, to say what went wrong."""
@@ -205,7 +207,8 @@ def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: 
     if len(steps) > IN_PLACE_MAX_STEPS or any(s is None for s in statements):
         return None
     kept_copy = _kept_copy(target_dsn=target_dsn, target_major=target_major, shadow=shadow,
-                           exclude_schemas=exclude_schemas, live_fingerprint=live_fingerprint, cache_keep=cache_keep)
+                           exclude_schemas=exclude_schemas, live_fingerprint=live_fingerprint, cache_keep=cache_keep,
+                           key=copy_key)
     if kept_copy is None:
         return None
     with kept_copy as kept, connect(kept, application_name="reconciler rehearsal") as conn:
@@ -228,12 +231,12 @@ def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: 
 
 
 def _kept_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_schemas: tuple[str, ...],
-               live_fingerprint: str, cache_keep: int, missing: bool = False
+               live_fingerprint: str, cache_keep: int, missing: bool = False, key: shadowcache.CacheKey | None = None
                ) -> contextlib.AbstractContextManager[str] | None:
     """The kept schema-only copy of live, read in place (made and kept first when there is none); None when the
-    shadow server keeps none (or, ``missing``, when it is there already)."""
+    shadow server keeps none (or, ``missing``, when it is there already). ``key``: its key, when known."""
     try:
-        key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
+        key = key or shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
         if key is not None and missing and shadowcache.is_kept(shadow, key):
             return None
     except Exception as exc:  # the cache is an optimisation: whatever fails, rehearse on a copy
@@ -250,20 +253,24 @@ def _kept_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_sc
 
 
 def prepare_live_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_schemas: tuple[str, ...],
-                      live_fingerprint: str, cache_keep: int) -> None:
+                      live_fingerprint: str, cache_keep: int) -> shadowcache.CacheKey | None:
     """Make the kept copy of live now if there is none (pg_dump and its restore run while the plan diffs), so the
-    rehearsal finds it; whatever fails is logged, and the rehearsal makes its copy as it would have."""
+    rehearsal finds it; returns its key for the rehearsal (None: no kept copy). Whatever fails is logged, and the
+    rehearsal makes its copy as it would have."""
     if cache_keep <= 0:
-        return
+        return None
     try:
+        key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
         kept_copy = _kept_copy(target_dsn=target_dsn, target_major=target_major, shadow=shadow,
                                exclude_schemas=exclude_schemas, live_fingerprint=live_fingerprint,
-                               cache_keep=cache_keep, missing=True)
+                               cache_keep=cache_keep, missing=True, key=key)
         if kept_copy is not None:
             with kept_copy:
                 pass
+        return key
     except Exception as exc:
         log.warning("could not copy live ahead of the rehearsal: %s", exc)
+        return None
 
 
 def live_copy(target_dsn: str, shadow: Server, *, target_major: int, exclude_schemas: tuple[str, ...], owners: bool,

@@ -133,6 +133,26 @@ def test_write_read_round_trip(plan: Plan, tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary files left
 
 
+def test_plan_file_is_indented_but_each_snapshot_on_one_line(plan: Plan, tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    write_plan(plan, path)
+    text = path.read_text()
+    assert json.loads(text) == planlib.plan_to_json(plan)  # the same JSON as before, laid out differently
+    for side in ("target", "desired"):
+        objects = plan_to_json_objects(plan, side)
+        assert objects, f"the example plan's {side} has objects"
+        line = next(line for line in text.splitlines() if line.lstrip().startswith('"objects": '))
+        assert line.strip().endswith(("},", "}"))  # the whole map on its line
+        assert json.dumps(objects, sort_keys=True, ensure_ascii=False) in text
+    assert text.startswith('{\n  "body": {\n')
+
+
+def plan_to_json_objects(plan: Plan, side: str) -> dict[str, str]:
+    found = planlib.plan_to_json(plan)["body"][side]["objects"]
+    assert isinstance(found, dict)
+    return found
+
+
 def _set(path: tuple[str | int, ...], value: Any) -> Callable[[dict[str, Any]], None]:
     def edit(data: dict[str, Any]) -> None:
         node: Any = data

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import ReconcilerError
-from ..servers import connect
+from ..servers import connect, stream
 from .base import Change, DiffEngine
 from .inspections import InspectionCache
 from .migra_engine import MigraEngine
@@ -29,6 +30,7 @@ class SupplementedEngine:
         self._remember = remember
         self._cache = cache
         self._answers: OrderedDict[str, dict[str, list[Any]]] = OrderedDict()  # key -> query -> rows, the last two
+        self._asked: tuple[str, ...] = ()  # the queries the last diff asked of its desired database
 
     def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None
                ) -> contextlib.AbstractContextManager[None]:
@@ -77,16 +79,50 @@ class SupplementedEngine:
                     self._answers.popitem(last=False)
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
-        try:
-            changes = self.base.diff(live_dsn, desired_dsn, exclude_schemas=exclude_schemas)
-        except ReconcilerError:  # the base engine's crash: say what it could not do, where a supplement knows
-            with connect(live_dsn, application_name="reconciler inspect") as live, \
-                    connect(desired_dsn, application_name="reconciler inspect") as desired:
-                refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
-            raise
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="supplements") as pool:
+            # a remembering engine asks the new desired database the supplements' questions while the base engine
+            # diffs (migra's diff is Python, the answers are the server's work): the ones the last diff asked
+            ahead = pool.submit(_ask, desired_dsn, self._asked, exclude_schemas) if self._asked else None
+            try:
+                changes = self.base.diff(live_dsn, desired_dsn, exclude_schemas=exclude_schemas)
+            except ReconcilerError:  # the base engine's crash: say what it could not do, where a supplement knows
+                with connect(live_dsn, application_name="reconciler inspect") as live, \
+                        connect(desired_dsn, application_name="reconciler inspect") as desired:
+                    refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
+                raise
+            asked_ahead = ahead.result() if ahead is not None else {}
         with connect(live_dsn, application_name="reconciler inspect") as live, \
                 connect(desired_dsn, application_name="reconciler inspect") as desired, \
                 self._kept_answers(live_dsn, desired_dsn) as answers:
-            for conn in (live, desired):  # catalog functions then name every object with its schema
-                conn.execute("SET search_path = pg_catalog")
-            return supplement(Context(live, desired, self.options, exclude_schemas, answers), changes)
+            for conn in (live, desired):
+                _catalog_names(conn)
+            desired_answers = answers.setdefault("desired", {})
+            for query, rows in asked_ahead.items():
+                desired_answers.setdefault(query, rows)
+            result = supplement(Context(live, desired, self.options, exclude_schemas, answers), changes)
+            if self._remember:
+                self._asked = tuple(desired_answers)
+            return result
+
+
+def _catalog_names(conn: Any) -> None:
+    """Catalog functions then name every object with its schema (the supplements' queries rely on it)."""
+    conn.execute("SET search_path = pg_catalog")
+
+
+def _ask(dsn: str, queries: tuple[str, ...], exclude_schemas: tuple[str, ...]) -> dict[str, list[Any]]:
+    """The rows of ``queries`` on ``dsn``, as ``Context.rows`` reads them (a failure: nothing asked ahead; each
+    question is asked again as the supplements come to it)."""
+    found: dict[str, list[Any]] = {}
+    strings: dict[str, str] = {}
+    keep = strings.setdefault
+    try:
+        with connect(dsn, application_name="reconciler inspect") as conn:
+            _catalog_names(conn)
+            with conn.cursor() as cur:
+                for query in queries:
+                    found[query] = [tuple([keep(v, v) if type(v) is str else v for v in row])
+                                    for row in stream(cur, query.encode(), {"excluded": list(exclude_schemas)})]
+    except Exception:
+        return {}
+    return found
