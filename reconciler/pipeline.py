@@ -195,16 +195,17 @@ def make_plan(
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
     catalog: Catalog | None = None
-    with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
-                          target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept) as shadow, \
-            _frozen(engine, shadow.dsn, excluded):
-        shadow_dsn = shadow.dsn
-        annotated = renames.read_renames(source)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="live") as pool:
-            # live and desired at once, live's schema and its tables' sizes too: reading a catalog is mostly waiting
-            # on its server
-            sizes = pool.submit(_read_facts, servers.target_dsn, excluded, live_memo)
-            reading = pool.submit(_read_live, config, servers.target_dsn, annotated, live_memo)
+    annotated = renames.read_renames(source)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="live")
+    try:
+        # live's schema and its tables' sizes are read while the desired schema loads, and then beside the reading
+        # of it: reading a catalog is mostly waiting on its server
+        sizes = pool.submit(_read_facts, servers.target_dsn, excluded, live_memo)
+        reading = pool.submit(_read_live, config, servers.target_dsn, annotated, live_memo)
+        with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
+                              target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept) as shadow, \
+                _frozen(engine, shadow.dsn, excluded):
+            shadow_dsn = shadow.dsn
             with connect(shadow_dsn) as conn:
                 renames.check_desired(conn, annotated)
                 desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
@@ -232,20 +233,22 @@ def make_plan(
                                if live != desired else [])
                 equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
             steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
-        rehearsal = SKIPPED
-        if steps and env.rehearse:
-            if not _same_major(servers, env):
-                raise RefusedError(
-                    f"the shadow server runs PostgreSQL {servers.shadow.major_version} and the target "
-                    f"{servers.target_major}: install matching server binaries, point `shadow:` at a server like the "
-                    "target, or set allow_version_mismatch for this environment")
-            rehearsal = rehearse(steps, target_dsn=servers.target_dsn, target_major=servers.target_major,
-                                 shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
-                                 exclude_schemas=excluded, owners=flags["owners"], privileges=flags["privileges"],
-                                 live_fingerprint=live.fingerprint, cache_keep=config.shadow_cache,
-                                 copy_key=ahead.result() if ahead is not None else None)
-            if not rehearsal.converged:
-                raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
+            rehearsal = SKIPPED
+            if steps and env.rehearse:
+                if not _same_major(servers, env):
+                    raise RefusedError(
+                        f"the shadow server runs PostgreSQL {servers.shadow.major_version} and the target "
+                        f"{servers.target_major}: install matching server binaries, point `shadow:` at a server like the "
+                        "target, or set allow_version_mismatch for this environment")
+                rehearsal = rehearse(steps, target_dsn=servers.target_dsn, target_major=servers.target_major,
+                                     shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
+                                     exclude_schemas=excluded, owners=flags["owners"], privileges=flags["privileges"],
+                                     live_fingerprint=live.fingerprint, cache_keep=config.shadow_cache,
+                                     copy_key=ahead.result() if ahead is not None else None)
+                if not rehearsal.converged:
+                    raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
+    finally:
+        pool.shutdown(wait=True)
     if steps and config.safety.data_checks:
         with connect(servers.target_dsn) as conn:
             steps = add_data_hazards(conn, steps, facts)
