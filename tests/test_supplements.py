@@ -5,10 +5,14 @@ plan is refused ("no statements for differences it cannot express" or a failed r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from reconciler.diff.supplements import Context, Options
+from reconciler.diff import engine as engine_module
+from reconciler.diff import supplements
+from reconciler.diff.engine import SupplementedEngine
+from reconciler.diff.supplements import Context, Options, common_questions
 from reconciler.errors import ReconcilerError
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
@@ -199,3 +203,55 @@ def test_catalog_answers_hold_each_string_once(database: str, second_database: s
     assert live_rows[0][0] is live_rows[1][0]  # the table's name, once
     assert live_rows[0][2] is live_rows[2][2] is desired_rows[0][2]  # the type, once for both sides
     assert context.answers is not None and context.answers["live"][query] is live_rows  # kept for the next diff
+
+
+def _two_schemas(live: str, desired: str) -> None:
+    run_sql(live, "CREATE TABLE accounts (id bigint PRIMARY KEY)")
+    run_sql(desired, "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL DEFAULT '')")
+
+
+def test_every_plan_asks_the_common_questions(database: str, second_database: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The questions asked ahead are ones the rewriters ask anyway: none is asked for nothing."""
+    _two_schemas(database, second_database)
+    asked: list[tuple[str, str]] = []
+    rows = Context.rows
+
+    def recording(self: Context, side: str, query: str) -> list[tuple[object, ...]]:
+        asked.append((side, query))
+        return rows(self, side, query)
+
+    monkeypatch.setattr(Context, "rows", recording)
+    SupplementedEngine().diff(database, second_database, exclude_schemas=("reconciler",))
+    assert set(common_questions()) <= {query for side, query in asked if side == "desired"}
+
+
+def test_the_desired_databases_answers_are_found_ahead(database: str, second_database: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the base engine diffs, the desired database is asked the common questions; the rewriters then find
+    every answer they need from it ready."""
+    _two_schemas(database, second_database)
+    desired_name = fetch_one(second_database, "SELECT current_database()")
+    streamed: list[str] = []
+    stream = supplements.stream
+
+    def counting(cursor: Any, query: Any, params: Any = None) -> Any:
+        streamed.append(cursor.connection.info.dbname)
+        return stream(cursor, query, params)
+
+    monkeypatch.setattr(supplements, "stream", counting)
+    ahead: list[int] = []
+    ask = engine_module._ask
+
+    def asking(dsn: str, queries: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, list[Any]]:
+        found = ask(dsn, queries, exclude)
+        ahead.append(len(found))
+        return found
+
+    monkeypatch.setattr(engine_module, "_ask", asking)
+    engine = SupplementedEngine(remember=True)
+    changes = engine.diff(database, second_database, exclude_schemas=("reconciler",))
+    assert any("name" in c.sql for c in changes)
+    assert ahead == [len(common_questions())]
+    assert desired_name not in streamed  # the rewriters asked the desired database nothing themselves
+    assert streamed  # ... but live, not asked ahead, they did

@@ -13,7 +13,7 @@ from ..servers import connect, stream
 from .base import Change, DiffEngine
 from .inspections import InspectionCache
 from .migra_engine import MigraEngine
-from .supplements import Context, Options, supplement
+from .supplements import Context, Options, common_questions, supplement
 from .supplements.partitions import refuse_partitioning_changes
 
 
@@ -78,11 +78,24 @@ class SupplementedEngine:
                 while len(self._answers) > 2:  # memory is bounded: live's and the last desired's
                     self._answers.popitem(last=False)
 
+    def _answers_ahead(self, desired_dsn: str, exclude_schemas: tuple[str, ...]) -> dict[str, list[Any]]:
+        """The desired database's answers: kept from an earlier diff (in memory or saved) when its catalogs are the
+        same, else asked now: the questions the last diff asked of its desired database, or those every plan asks."""
+        key_now = getattr(self.base, "key_now", None)
+        key = key_now(desired_dsn, exclude_schemas) if key_now is not None else None
+        if key is not None:
+            kept = self._answers.get(key)
+            if kept is None and self._cache is not None:
+                kept = self._cache.load_answers(key, desired_dsn)
+            if kept:
+                return dict(kept)
+        return _ask(desired_dsn, self._asked or common_questions(), exclude_schemas)
+
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="supplements") as pool:
-            # a remembering engine asks the new desired database the supplements' questions while the base engine
-            # diffs (migra's diff is Python, the answers are the server's work): the ones the last diff asked
-            ahead = pool.submit(_ask, desired_dsn, self._asked, exclude_schemas) if self._asked else None
+            # the desired database's answers to the supplements' questions are found while the base engine diffs
+            # (migra's diff is Python, the answers the server's work)
+            ahead = pool.submit(self._answers_ahead, desired_dsn, exclude_schemas)
             try:
                 changes = self.base.diff(live_dsn, desired_dsn, exclude_schemas=exclude_schemas)
             except ReconcilerError:  # the base engine's crash: say what it could not do, where a supplement knows
@@ -90,7 +103,7 @@ class SupplementedEngine:
                         connect(desired_dsn, application_name="reconciler inspect") as desired:
                     refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
                 raise
-            asked_ahead = ahead.result() if ahead is not None else {}
+            asked_ahead = ahead.result()
         with connect(live_dsn, application_name="reconciler inspect") as live, \
                 connect(desired_dsn, application_name="reconciler inspect") as desired, \
                 self._kept_answers(live_dsn, desired_dsn) as answers:

@@ -67,6 +67,14 @@ class MigraEngine:
         # cutting it short at interpreter shutdown
         threading.Thread(target=_imported, name="import migra").start()
 
+    def key_now(self, dsn: str, exclude_schemas: tuple[str, ...]) -> str | None:
+        """The key ``dsn``'s inspection is found under now, when a plan vouches for its fingerprint (``known``) and
+        inspections are kept; None otherwise."""
+        fingerprint = self._known.get(dsn)
+        if fingerprint is None or not (self._remember or self._cache):
+            return None
+        return inspection_key(dsn, fingerprint, exclude_schemas)
+
     def key_for(self, dsn: str) -> str | None:
         """The key under which ``dsn``'s inspection was last used (None: it was read without one)."""
         return self._keys.get(dsn)

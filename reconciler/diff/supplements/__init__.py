@@ -117,6 +117,32 @@ def insert_at(changes: list[Change], index: int, new: Sequence[Change]) -> list[
     return [*changes[:index], *new, *changes[index:]]
 
 
+def common_questions() -> tuple[str, ...]:
+    """The catalog queries the rewriters ask of every plan's desired database, whatever changed: a plan asks them
+    ahead, beside the base engine's diff (``SupplementedEngine``). Those asked only for some changes are asked when
+    the rewriter comes to them; a test checks that the rewriters still ask each of these."""
+    from . import (
+        aggregates,
+        comments,
+        enums,
+        operators,
+        partitions,
+        routines,
+        sequences,
+        tables,
+        textsearch,
+        types,
+        views,
+    )
+
+    return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, enums._ENUM_COLUMNS, enums._POLICIES,
+            operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, partitions._SHAPES, partitions._TABLES,
+            routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
+            tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,
+            textsearch._DICTIONARIES, types._ALL_COMPOSITES, types._COMPOSITES, types._DOMAINS, types._RANGES,
+            views._STATISTICS, views._VIEWS)
+
+
 def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
     from . import (
         aggregates,
