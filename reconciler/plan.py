@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -430,13 +431,34 @@ def _accepts() -> Callable[[Any], bool]:
 QUICK_CHECK_STEPS = 10  # plans with more steps than this are checked by fastjsonschema first
 
 
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+_OBJECT_MAPS = (("target", "objects"), ("desired", "objects"), ("desired", "equivalents"))
+
+
+def _accepts_quickly(data: dict[str, Any]) -> bool:
+    """The compiled check, with the snapshots' digest maps (30,000 entries at 1,000 tables: most of a big plan)
+    checked by one compiled pattern instead of entry by entry (25 ms against 5 ms). Their schema: string values
+    of 16 hex digits."""
+    body = dict(data["body"])
+    for side, name in _OBJECT_MAPS:
+        part = body.get(side)
+        if not isinstance(part, dict) or name not in part:
+            continue
+        digests = part[name]
+        if not isinstance(digests, dict) or not all(
+                type(v) is str and _DIGEST.fullmatch(v) for v in digests.values()):
+            return False
+        body[side] = {**part, name: {}}
+    return _accepts()({**data, "body": body})
+
+
 def validate(data: Any, source: str) -> None:
     """Refuse a plan document that does not match the schema, naming the field that is wrong. jsonschema takes
     about 3 ms a step; fastjsonschema 40 ms to compile the schema (once per process), then next to nothing: a
     small plan is checked by jsonschema alone."""
     steps = data.get("body", {}).get("steps") if isinstance(data, dict) and isinstance(data.get("body"), dict) else None
     quick = isinstance(steps, list) and len(steps) > QUICK_CHECK_STEPS
-    errors = [] if quick and _accepts()(data) else sorted(
+    errors = [] if quick and _accepts_quickly(data) else sorted(
         _validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
         # jsonschema checks "date-time" only with an optional package; check it here instead.

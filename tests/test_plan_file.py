@@ -390,3 +390,9 @@ def test_small_plans_are_checked_without_compiling_the_quick_check(plan: Plan) -
     big["body"]["steps"] = [valid["body"]["steps"][0]] * (planlib.QUICK_CHECK_STEPS + 1)
     planlib.validate(big, "big.json")
     assert planlib._accepts.cache_info().currsize == 1
+    for side, field in (("target", "objects"), ("desired", "objects")):  # the digests, checked apart, still checked
+        wrong = copy.deepcopy(big)
+        name = next(iter(wrong["body"][side][field]))
+        wrong["body"][side][field][name] = "not-a-digest"
+        with pytest.raises(PlanFileError, match=rf"big\.json: invalid plan file at body/{side}/{field}/.*does not match"):
+            planlib.validate(wrong, "big.json")
