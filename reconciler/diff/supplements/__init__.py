@@ -121,19 +121,7 @@ def common_questions() -> tuple[str, ...]:
     """The catalog queries the rewriters ask of every plan's desired database, whatever changed: a plan asks them
     ahead, beside the base engine's diff (``SupplementedEngine``). Those asked only for some changes are asked when
     the rewriter comes to them; a test checks that the rewriters still ask each of these."""
-    from . import (
-        aggregates,
-        comments,
-        enums,
-        operators,
-        partitions,
-        routines,
-        sequences,
-        tables,
-        textsearch,
-        types,
-        views,
-    )
+    from . import aggregates, comments, enums, operators, partitions, routines, sequences, tables, textsearch, types, views
 
     return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, enums._ENUM_COLUMNS, enums._POLICIES,
             operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, partitions._SHAPES, partitions._TABLES,
