@@ -371,14 +371,7 @@ def _take_unread(conn: psycopg.Connection[Any], name: str, template: str) -> boo
     if not _exclusive(conn, template):
         return False
     try:
-        kept = sql.Identifier(template)
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(kept))
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                     "AND pid <> pg_backend_pid()", (template,))  # a reader's connection still closing
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(kept))
-        conn.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(kept))
-        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(kept, sql.Identifier(name)))
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+        _rename(conn, template, name, kept=None)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (READER_LOCK_CLASS, template))
     return True
@@ -436,15 +429,7 @@ def _keep(server: Server, name: str, key: CacheKey, keep: int) -> bool:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (key.template,)).fetchone()
         if exists:
             return False
-        target = sql.Identifier(name)
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(target))
-        # the plan closed its connections; a straggler (a connection still closing) would block the rename
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                     "AND pid <> pg_backend_pid()", (name,))
-        _comment(conn, name, key)
-        conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(target))
-        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(target, sql.Identifier(key.template)))
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(key.template)))
+        _rename(conn, name, key.template, kept=key)
         log.info("shadow cache: kept %s %s as %s", key.kind, key.fingerprint, key.template)
         pending = _DEFERRED.get()
         if pending is None:
@@ -452,6 +437,24 @@ def _keep(server: Server, name: str, key: CacheKey, keep: int) -> bool:
         elif (server, key.kind, keep) not in pending:
             pending.append((server, key.kind, keep))
     return True
+
+
+def _rename(conn: psycopg.Connection[Any], old: str, new: str, *, kept: CacheKey | None) -> None:
+    """Rename database ``old`` once closed to other connections, as the key's kept database (marked, read-only by
+    default) or, ``kept`` None, as a scratch database (unmarked, writable)."""
+    closing = sql.Identifier(old)
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(closing))
+    # its users closed their connections; a straggler (a connection still closing) would block the rename
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                 "AND pid <> pg_backend_pid()", (old,))
+    if kept is not None:
+        _comment(conn, old, kept)
+        conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(closing))
+    else:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(closing))
+        conn.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(closing))
+    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(closing, sql.Identifier(new)))
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(new)))
 
 
 @contextlib.contextmanager
