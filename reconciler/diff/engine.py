@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import ReconcilerError
-from ..servers import connect, stream
+from ..servers import connect
 from .base import Change, DiffEngine
 from .inspections import InspectionCache
 from .migra_engine import MigraEngine
-from .supplements import Context, Options, common_questions, supplement
+from .supplements import Context, Options, common_questions, read_rows, supplement
 from .supplements.partitions import refuse_partitioning_changes
 
 
@@ -50,9 +50,11 @@ class SupplementedEngine:
         return known(dsn, fingerprint) if known is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _kept_answers(self, live_dsn: str, desired_dsn: str) -> Iterator[dict[str, dict[str, list[Any]]]]:
+    def _kept_answers(self, live_dsn: str, desired_dsn: str,
+                      ahead: tuple[str | None, dict[str, list[Any]]]) -> Iterator[dict[str, dict[str, list[Any]]]]:
         """Each side's answers to the supplements' queries from an earlier diff, while its catalogs are the same
-        (by the key the base engine used for its inspection); saved again afterwards with what was added."""
+        (by the key the base engine used for its inspection); saved again afterwards with what was added. ``ahead``:
+        what ``_answers_ahead`` found (the key its answers were kept under, if they were)."""
         key_for = getattr(self.base, "key_for", None)
         keys = {side: key_for(dsn) if key_for is not None else None
                 for side, dsn in (("live", live_dsn), ("desired", desired_dsn))}
@@ -62,7 +64,7 @@ class SupplementedEngine:
             if key is None:
                 continue
             dsn = live_dsn if side == "live" else desired_dsn
-            found = self._answers.get(key)
+            found = ahead[1] if side == "desired" and key == ahead[0] else self._answers.get(key)
             if found is None:
                 found = self._cache.load_answers(key, dsn) if self._cache is not None else {}
             answers[side], before[side] = found, len(found)
@@ -78,9 +80,11 @@ class SupplementedEngine:
                 while len(self._answers) > 2:  # memory is bounded: live's and the last desired's
                     self._answers.popitem(last=False)
 
-    def _answers_ahead(self, desired_dsn: str, exclude_schemas: tuple[str, ...]) -> dict[str, list[Any]]:
+    def _answers_ahead(self, desired_dsn: str, exclude_schemas: tuple[str, ...]
+                       ) -> tuple[str | None, dict[str, list[Any]]]:
         """The desired database's answers: kept from an earlier diff (in memory or saved) when its catalogs are the
-        same, else asked now: the questions the last diff asked of its desired database, or those every plan asks."""
+        same (with the key they were kept under), else asked now (key None): the questions the last diff asked of
+        its desired database, or those every plan asks."""
         key_now = getattr(self.base, "key_now", None)
         key = key_now(desired_dsn, exclude_schemas) if key_now is not None else None
         if key is not None:
@@ -88,8 +92,8 @@ class SupplementedEngine:
             if kept is None and self._cache is not None:
                 kept = self._cache.load_answers(key, desired_dsn)
             if kept:
-                return dict(kept)
-        return _ask(desired_dsn, self._asked or common_questions(), exclude_schemas)
+                return key, kept
+        return None, _ask(desired_dsn, self._asked or common_questions(), exclude_schemas)
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="supplements") as pool:
@@ -103,14 +107,14 @@ class SupplementedEngine:
                         connect(desired_dsn, application_name="reconciler inspect") as desired:
                     refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
                 raise
-            asked_ahead = ahead.result()
+            found_ahead = ahead.result()
         with connect(live_dsn, application_name="reconciler inspect") as live, \
                 connect(desired_dsn, application_name="reconciler inspect") as desired, \
-                self._kept_answers(live_dsn, desired_dsn) as answers:
+                self._kept_answers(live_dsn, desired_dsn, found_ahead) as answers:
             for conn in (live, desired):
                 _catalog_names(conn)
             desired_answers = answers.setdefault("desired", {})
-            for query, rows in asked_ahead.items():
+            for query, rows in found_ahead[1].items():  # nothing new when they were the kept ones
                 desired_answers.setdefault(query, rows)
             result = supplement(Context(live, desired, self.options, exclude_schemas, answers), changes)
             if self._remember:
@@ -128,14 +132,11 @@ def _ask(dsn: str, queries: tuple[str, ...], exclude_schemas: tuple[str, ...]) -
     question is asked again as the supplements come to it)."""
     found: dict[str, list[Any]] = {}
     strings: dict[str, str] = {}
-    keep = strings.setdefault
     try:
         with connect(dsn, application_name="reconciler inspect") as conn:
             _catalog_names(conn)
-            with conn.cursor() as cur:
-                for query in queries:
-                    found[query] = [tuple([keep(v, v) if type(v) is str else v for v in row])
-                                    for row in stream(cur, query.encode(), {"excluded": list(exclude_schemas)})]
+            for query in queries:
+                found[query] = read_rows(conn, query, exclude_schemas, strings)
     except Exception:
         return {}
     return found

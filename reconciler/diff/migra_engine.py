@@ -48,6 +48,7 @@ class MigraEngine:
         self._known: dict[str, str] = {}  # dsn -> its schema's fingerprint, within a ``known`` block
         self._keys: dict[str, str] = {}  # dsn -> the key its inspection was last found or saved under
         self._remembered: OrderedDict[str, Any] = OrderedDict()  # key -> inspection, the last two (live, desired)
+        self._keys_now: dict[tuple[str, tuple[str, ...]], str] = {}  # within a ``known`` block: its key, read once
 
     @contextlib.contextmanager
     def known(self, dsn: str, fingerprint: str) -> Iterator[None]:
@@ -60,6 +61,8 @@ class MigraEngine:
             yield
         finally:
             self._known.pop(dsn, None)
+            for found in [k for k in self._keys_now if k[0] == dsn]:
+                self._keys_now.pop(found, None)
 
     def warm_up(self) -> None:
         """Import migra in the background (a third of a second) while the plan loads and reads the databases."""
@@ -73,7 +76,10 @@ class MigraEngine:
         fingerprint = self._known.get(dsn)
         if fingerprint is None or not (self._remember or self._cache):
             return None
-        return inspection_key(dsn, fingerprint, exclude_schemas)
+        key = self._keys_now.get((dsn, exclude_schemas))
+        if key is None:  # the database does not change within the block: its key is read once (supplements, _read)
+            key = self._keys_now[(dsn, exclude_schemas)] = inspection_key(dsn, fingerprint, exclude_schemas)
+        return key
 
     def key_for(self, dsn: str) -> str | None:
         """The key under which ``dsn``'s inspection was last used (None: it was read without one)."""
@@ -129,7 +135,8 @@ class MigraEngine:
         if fingerprint is None:
             self._keys.pop(dsn, None)
             return _inspect(inspector, dsn, exclude_schemas)
-        key = inspection_key(dsn, fingerprint, exclude_schemas)
+        key = self.key_now(dsn, exclude_schemas)
+        assert key is not None  # known, and inspections are kept (``known`` records nothing otherwise)
         self._keys[dsn] = key
         found = self._remembered.get(key)
         if found is not None:

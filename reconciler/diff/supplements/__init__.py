@@ -47,11 +47,7 @@ class Context:
         kept = self.answers.get(side) if self.answers is not None else None
         if kept is not None and query in kept:
             return kept[query]
-        conn = self.live if side == "live" else self.desired
-        keep = self.strings.setdefault
-        with conn.cursor() as cur:  # streamed: some queries answer a row per column of every table
-            found = [tuple([keep(v, v) if type(v) is str else v for v in row])
-                     for row in stream(cur, query.encode(), {"excluded": list(self.exclude_schemas)})]
+        found = read_rows(self.live if side == "live" else self.desired, query, self.exclude_schemas, self.strings)
         if kept is not None:
             kept[query] = found
         return found
@@ -61,6 +57,16 @@ class Context:
         live = {r[0]: tuple(r[1:]) for r in self.rows("live", query)}
         desired = {r[0]: tuple(r[1:]) for r in self.rows("desired", query)}
         return live, desired
+
+
+def read_rows(conn: psycopg.Connection[Any], query: str, exclude_schemas: tuple[str, ...],
+              strings: dict[str, str]) -> list[tuple[Any, ...]]:
+    """A supplement's catalog query on ``conn`` (``%(excluded)s``: the excluded schemas), streamed (some answer a row
+    per column of every table), each string held once through ``strings``."""
+    keep = strings.setdefault
+    with conn.cursor() as cur:
+        return [tuple([keep(v, v) if type(v) is str else v for v in row])
+                for row in stream(cur, query.encode(), {"excluded": list(exclude_schemas)})]
 
 
 Rewriter = Callable[[Context, list[Change]], list[Change]]
