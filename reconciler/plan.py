@@ -500,19 +500,19 @@ def read_plan(path: Path) -> Plan:
 
 
 def _plan_text(data: dict[str, Any]) -> str:
-    """The plan indented for people, but each snapshot's objects (a digest per object: a megabyte at 1,000 tables)
-    on one line: json's indenting encoder is Python, its compact one C (70 ms against 20 ms for such a plan)."""
+    """The plan indented for people, but each digest map (``_OBJECT_MAPS``: a digest per object, a megabyte at 1,000
+    tables) on one line: json's indenting encoder is Python, its compact one C (70 ms against 20 ms for such a plan)."""
     body = data.get("body")
     if not isinstance(body, dict):
         return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
     marks: dict[str, str] = {}
     outline = dict(body)
-    for side in ("target", "desired"):
-        part = body.get(side)
-        if isinstance(part, dict) and isinstance(part.get("objects"), dict):
-            mark = f"reconciler-objects-{side}-{secrets.token_hex(16)}"
-            marks[json.dumps(mark)] = json.dumps(part["objects"], sort_keys=True, ensure_ascii=False)
-            outline[side] = {**part, "objects": mark}
+    for side, name in _OBJECT_MAPS:
+        part = outline.get(side)
+        if isinstance(part, dict) and isinstance(part.get(name), dict):
+            mark = f"reconciler-{side}-{name}-{secrets.token_hex(16)}"
+            marks[json.dumps(mark)] = json.dumps(part[name], sort_keys=True, ensure_ascii=False)
+            outline[side] = {**part, name: mark}
     text = json.dumps({**data, "body": outline}, indent=2, sort_keys=True, ensure_ascii=False)
     for mark, objects in marks.items():
         text = text.replace(mark, objects, 1)
