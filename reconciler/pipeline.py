@@ -184,9 +184,11 @@ def make_plan(
     engine: DiffEngine | None = None,
     live_memo: LiveMemo | None = None,
     consume_kept: bool = False,
+    previous: DesiredSchema | None = None,
 ) -> Comparison:
-    """``consume_kept``: a kept desired database this schema extends is extended in place rather than copied (see
-    ``shadowcache.desired_database``): for watch, whose next schema nearly always extends this one."""
+    """``consume_kept``: a kept desired database this schema extends is extended in place rather than copied, and
+    one of ``previous`` (the last plan's schema) is edited in place when it can be (see
+    ``shadowcache.desired_database``): for watch, whose next schema nearly always extends or edits this one."""
     engine = engine or default_engine(config)
     warm_up = getattr(engine, "warm_up", None)
     if warm_up is not None:
@@ -203,7 +205,8 @@ def make_plan(
         sizes = pool.submit(_read_facts, servers.target_dsn, excluded, live_memo)
         reading = pool.submit(_read_live, config, servers.target_dsn, annotated, live_memo)
         with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
-                              target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept) as shadow, \
+                              target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept,
+                              previous=previous if consume_kept else None) as shadow, \
                 _frozen(engine, shadow.dsn, excluded):
             shadow_dsn = shadow.dsn
             with connect(shadow_dsn) as conn:

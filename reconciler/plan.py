@@ -431,25 +431,31 @@ def _accepts() -> Callable[[Any], bool]:
 QUICK_CHECK_STEPS = 10  # plans with more steps than this are checked by fastjsonschema first
 
 
-_DIGEST = re.compile(r"[0-9a-f]{16}")
+_DIGESTS = re.compile(r"(?:[0-9a-f]{16}\n)*")  # digests, each on a line of its own
 _OBJECT_MAPS = (("target", "objects"), ("desired", "objects"), ("desired", "equivalents"))
 
 
 def _accepts_quickly(data: dict[str, Any]) -> bool:
     """The compiled check, with the snapshots' digest maps (30,000 entries at 1,000 tables: most of a big plan)
-    checked by one compiled pattern instead of entry by entry (25 ms against 5 ms). Their schema: string values
-    of 16 hex digits."""
+    checked by one compiled pattern over their values a line each instead of entry by entry (30 ms against 3 ms at
+    1,000 tables). Their schema: string values of 16 hex digits (a line per value, so no value spans two)."""
     body = dict(data["body"])
     for side, name in _OBJECT_MAPS:
         part = body.get(side)
         if not isinstance(part, dict) or name not in part:
             continue
         digests = part[name]
-        if not isinstance(digests, dict) or not all(
-                type(v) is str and _DIGEST.fullmatch(v) for v in digests.values()):
+        if not isinstance(digests, dict) or not _all_digests(list(digests.values())):
             return False
         body[side] = {**part, name: {}}
     return _accepts()({**data, "body": body})
+
+
+def _all_digests(values: list[Any]) -> bool:
+    if not all(isinstance(v, str) for v in values):
+        return False
+    lines = "\n".join(values) + "\n" if values else ""
+    return len(lines) == 17 * len(values) and _DIGESTS.fullmatch(lines) is not None
 
 
 def validate(data: Any, source: str) -> None:

@@ -42,6 +42,7 @@ from .errors import ReconcilerError
 from .servers import Server, connect, drop_database
 from .shadow import same_cluster, statement_chain
 from .source import DesiredSchema
+from .splice import Splice, find_splice
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def desired_database(
     target_dsn: str,
     keep: int,
     consume: bool = False,
+    previous: DesiredSchema | None = None,
 ) -> Iterator[DesiredDatabase]:
     """A database on ``server`` holding ``source``: the kept one when there is one, else loaded with ``load`` (given
     the database and the range of the schema's statements to run, [start, stop); it returns how many it ran) and
@@ -133,18 +135,40 @@ def desired_database(
     ``consume`` (watch, whose next plan nearly always extends this one's schema): a kept schema this one extends
     is taken out of the cache and extended in place, not copied (a copy is a checkpoint of the server and a copy
     of every file: 0.15 s for 1,000 tables on a memory filesystem, seconds on a busy disk); the database this
-    plan builds is kept in its place. Checkpoints are always copied: the next edit needs them as they are."""
+    plan builds is kept in its place. Checkpoints are always copied: the next edit needs them as they are.
+
+    ``previous`` (watch: the schema of its last plan, whose database it kept): when this schema is that one with an
+    edit in the middle that ``splice.find_splice`` shows can be made in place, its kept database is taken, what the
+    edit replaced is dropped and the edited statements are run; the statements after the edit are not run again.
+    Should that fail, the schema is loaded as usual (and reports its own errors)."""
     key: CacheKey | None = None
     chain: list[str] = []
+    splice: Splice | None = None
+    previous_key: CacheKey | None = None
     if keep > 0:
         chain = statement_chain(source)  # a file pglast cannot split fails here as its load would, at file:line
         try:
-            key = _key_if_cacheable(server, source, target_dsn, chain)
+            parts = _key_parts(server, target_dsn)
+            key = _desired_key(parts, source.fingerprint, chain) if parts is not None else None
+            if parts is not None and consume and previous is not None and previous.fingerprint != source.fingerprint:
+                splice = find_splice(previous, source)
+                previous_key = _desired_key(parts, previous.fingerprint) if splice is not None else None
         except Exception as exc:  # the cache is an optimisation: whatever fails, load as without it
             log.warning("shadow cache: %s; loading the desired schema instead", _describe(exc))
     held = checkpoint = 0
+    spliced = False
 
     def seed(name: str) -> bool:
+        nonlocal spliced
+        if splice is not None and previous_key is not None and _take_kept(server, name, previous_key):
+            spliced = True
+            log.info("shadow cache: kept database %s holds the previous desired schema; editing it in place: %d of "
+                     "its statements from number %d replaced by %d, the %d after them kept", previous_key.template,
+                     splice.old_stop - splice.start, splice.start + 1, splice.new_stop - splice.start, splice.reused)
+            return True
+        return seed_prefix(name)
+
+    def seed_prefix(name: str) -> bool:
         nonlocal held, checkpoint
         assert key is not None and key.prefix is not None
         found, checkpoint, taken = _copy_prefix(server, name, key.prefix, chain, consume=consume)
@@ -157,6 +181,18 @@ def desired_database(
         return True
 
     def build(dsn: str) -> None:
+        nonlocal spliced
+        if spliced and splice is not None:
+            try:
+                count = _apply_splice(dsn, splice, load)
+                log.info("loaded %d statements from %d file(s) into the shadow database (the %d after them were "
+                         "kept)", count, len(source.files), splice.reused)
+                return
+            except Exception as exc:
+                log.info("shadow cache: editing the previous schema's database in place failed (%s); loading the "
+                         "desired schema instead", _describe(exc))
+                spliced = False
+                _start_over(server, _database_of(dsn), seed_prefix)
         start = held
         if key is not None and key.prefix is not None and checkpoint > held:
             load(dsn, held, checkpoint)
@@ -230,6 +266,24 @@ def cached_database(server: Server, key: CacheKey | None, build: Callable[[str],
             drop_database(server, name)
 
 
+def _apply_splice(dsn: str, splice: Splice, load: Callable[[str, int, int | None], int]) -> int:
+    """Drop what the replaced statements created (one transaction), then run the edited ones."""
+    if splice.drops:
+        with connect(dsn, application_name="reconciler shadow") as conn, conn.transaction():
+            for drop in splice.drops:
+                name = sql.Identifier(drop.schema, drop.name) if drop.schema else sql.Identifier(drop.name)
+                conn.execute(sql.SQL("DROP {} IF EXISTS {}").format(sql.SQL(drop.kind), name))
+    return load(dsn, splice.start, splice.new_stop) if splice.new_stop > splice.start else 0
+
+
+def _start_over(server: Server, name: str, seed: Callable[[str], bool]) -> None:
+    """Make database ``name`` anew: seeded, or empty."""
+    drop_database(server, name)
+    if not _seed_quietly(seed, name, "the shadow database"):
+        with connect(server.dsn) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+
+
 def _seed_quietly(seed: Callable[[str], bool], name: str, what: str) -> bool:
     try:
         return seed(name)
@@ -271,7 +325,8 @@ def clear(server: Server) -> list[str]:
 
 # --- key and eligibility -------------------------------------------------------------------------
 
-def _key_if_cacheable(server: Server, source: DesiredSchema, target_dsn: str, chain: list[str]) -> CacheKey | None:
+def _key_parts(server: Server, target_dsn: str) -> dict[str, Any] | None:
+    """What decides a loaded result besides the schema, or None when this shadow server keeps no databases."""
     shared = same_cluster(target_dsn, server.dsn)
     if shared and not server.embedded:
         log.debug("shadow cache: off, the shadow server is the target's cluster (templates are kept on shadow servers "
@@ -280,15 +335,19 @@ def _key_if_cacheable(server: Server, source: DesiredSchema, target_dsn: str, ch
     with connect(_lock_dsn(server), application_name="reconciler shadow cache") as conn:
         row = conn.execute("SELECT current_setting('server_version_num'), current_user").fetchone()
     assert row is not None
-    parts = {
+    return {
         "tool": __version__,
         "server_version_num": row[0],
         "role": row[1],
         "creates_roles": not shared,  # pipeline.load_desired creates the schema's roles on a server not the target's
     }
+
+
+def _desired_key(parts: dict[str, Any], fingerprint: str, chain: list[str] | None = None) -> CacheKey:
+    """The key of a loaded desired schema; ``chain`` (its statement chain) for the prefix later schemas match."""
     base = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    digest = hashlib.sha256(json.dumps({**parts, "fingerprint": source.fingerprint}, sort_keys=True).encode()).hexdigest()
-    return CacheKey(digest=digest, fingerprint=source.fingerprint, prefix=_prefix(base, chain))
+    digest = hashlib.sha256(json.dumps({**parts, "fingerprint": fingerprint}, sort_keys=True).encode()).hexdigest()
+    return CacheKey(digest=digest, fingerprint=fingerprint, prefix=_prefix(base, chain) if chain else None)
 
 
 def live_copy_key(server: Server, target_dsn: str, live_fingerprint: str,
@@ -363,6 +422,12 @@ def _copy_prefix(server: Server, name: str, prefix: Prefix, chain: list[str], *,
                 _touch(conn, template.name)
                 return template, at, False
     return None, checkpoint, False
+
+
+def _take_kept(server: Server, name: str, key: CacheKey) -> bool:
+    """Make the key's kept database the scratch database ``name``, if there is one and no plan is reading it."""
+    with _locked(server) as conn:
+        return _comment_of(conn, key.template).get("key") == key.digest and _take_unread(conn, name, key.template)
 
 
 def _take_unread(conn: psycopg.Connection[Any], name: str, template: str) -> bool:

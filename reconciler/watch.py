@@ -40,6 +40,7 @@ from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
 from .pipeline import LiveMemo, Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
 from .plan import Plan, write_plan
 from .servers import connect
+from .source import DesiredSchema
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,26 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _files(paths: list[Path]) -> dict[str, tuple[int, int]]:
+    """The watched files' modification times and sizes."""
+    wanted = _SourceFilter()
+    found = {}
+    for root in paths:
+        for path in root.rglob("*"):
+            with contextlib.suppress(OSError):
+                if wanted(watchfiles.Change.modified, str(path)) and path.is_file():
+                    stat = path.stat()
+                    found[str(path)] = (stat.st_mtime_ns, stat.st_size)
+    return found
+
+
+def _changed(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> set[tuple[watchfiles.Change, str]]:
+    """The changes between two looks at the watched files."""
+    return ({(watchfiles.Change.added, p) for p in after.keys() - before.keys()}
+            | {(watchfiles.Change.deleted, p) for p in before.keys() - after.keys()}
+            | {(watchfiles.Change.modified, p) for p in after.keys() & before.keys() if after[p] != before[p]})
+
+
 class _SourceFilter(watchfiles.DefaultFilter):
     """Desired-schema and policy files only (editors' swap and backup files are left out by the default filter)."""
 
@@ -134,6 +155,7 @@ class Watcher:
         self._stop = threading.Event()
         self.engine = default_engine(config, remember=True)  # one for every plan: it rereads only what changed
         self.live_memo = LiveMemo()  # live's snapshot too
+        self.planned: DesiredSchema | None = None  # the last plan's schema: its kept database may be edited in place
         self._working = False  # a plan, apply or drift check is under way
         self._interrupting = False
 
@@ -171,12 +193,15 @@ class Watcher:
         with self._signals(), open_servers(self.config, self.env) as servers, self._serving():
             log.info("watching %s for environment %s (drift checks every %gs)",
                      ", ".join(map(str, paths)), self.env.name, self.options.interval_seconds)
+            before: dict[str, tuple[int, int]] | None = _files(paths)
             self._cycle(servers, "start")
             next_drift = time.monotonic() + self.options.interval_seconds
             for changes in watchfiles.watch(*paths, watch_filter=_SourceFilter(), debounce=self.options.debounce_ms,
                                             stop_event=self._stop, rust_timeout=tick_ms, yield_on_timeout=True):
                 if self._stop.is_set():
                     break
+                if before is not None:  # watching now: what changed before it did (during the first plan) counts
+                    changes, before = changes | _changed(before, _files(paths)), None
                 if changes:
                     self._cycle(servers, "change", self._describe(changes))
                 elif time.monotonic() >= next_drift:
@@ -210,9 +235,10 @@ class Watcher:
             before = self._latest_run(servers)
             try:
                 with self._work("plan"):
-                    plan = make_plan(self.config, self.env, servers, schemas_dir=self.options.schemas_dir,
-                                     engine=self.engine, live_memo=self.live_memo,
-                                     consume_kept=True).plan
+                    comparison = make_plan(self.config, self.env, servers, schemas_dir=self.options.schemas_dir,
+                                           engine=self.engine, live_memo=self.live_memo, consume_kept=True,
+                                           previous=self.planned)
+                    plan, self.planned = comparison.plan, comparison.source
             except Exception as exc:  # a bad edit (or a database away) is reported; the loop goes on
                 self.metrics.plans.labels("error").inc()
                 raced = attempt == 1 and self._latest_run(servers) != before

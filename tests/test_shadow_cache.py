@@ -29,7 +29,7 @@ from reconciler.errors import ConfigError, ReconcilerError, SchemaLoadError
 from reconciler.pipeline import Comparison, drift, make_plan, open_servers
 from reconciler.servers import EmbeddedCluster, Server, bindir_major, connect, scratch_server, wheel_bindir
 from reconciler.shadow import load_schema, split_file, statement_chain
-from reconciler.source import load_source
+from reconciler.source import DesiredSchema, load_source
 from tests.conftest import TEST_BINDIR_ENV, fetch_one, run_sql
 from tests.repo import Repo
 from tests.test_watch import watching
@@ -109,11 +109,11 @@ def configure(repo: Repo, shadow: str, keep: int | None = None) -> Path:
     return repo.config
 
 
-def plan(repo: Repo, *, consume: bool = False) -> Comparison:
+def plan(repo: Repo, *, consume: bool = False, previous: DesiredSchema | None = None) -> Comparison:
     config = load_config(repo.config)
     env = config.environment("test")
     with open_servers(config, env) as servers:
-        return make_plan(config, env, servers, consume_kept=consume)
+        return make_plan(config, env, servers, consume_kept=consume, previous=previous)
 
 
 def drift_of(repo: Repo) -> list[str]:
@@ -519,6 +519,76 @@ def statements_before(repo: Repo, name: str) -> int:
     return sum(1 for f in load_source(repo.schemas).files if f.path < name for _ in split_file(f))
 
 
+SPLICED = {  # an edit in 15_middle.sql; what follows it (17_after.sql, the view) may stay as it is
+    "17_after.sql": textwrap.dedent("""\
+        CREATE TABLE invoices (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers (id), note text);
+        CREATE INDEX invoices_customer ON invoices (customer_id);
+        COMMENT ON TABLE invoices IS 'billed';
+        """),
+    "30_functions.sql": "",  # a function after the edit would make the schema load as usual
+}
+MIDDLE = [
+    "CREATE TABLE edited (id int);\n",
+    "CREATE TABLE edited (id int, note text DEFAULT 'x', customer_id bigint REFERENCES customers (id));\n"
+    "CREATE INDEX edited_note ON edited (note);\nCOMMENT ON COLUMN edited.note IS 'said';\n",
+    "CREATE TABLE edited (id int PRIMARY KEY, note text DEFAULT 'y');\nCREATE VIEW edited_notes AS SELECT note FROM edited;\n",
+    "",  # removed
+    "CREATE SEQUENCE edited_seq;\nCREATE TABLE edited (id bigint DEFAULT nextval('edited_seq'), status status);\n",
+]
+
+
+def test_watch_edits_the_previous_schemas_database_in_place(repo: Repo, shadow: Server, messages: Messages,
+                                                            loads: list[str]) -> None:
+    """Each edit in the middle drops what the edited statements made in the kept database of the schema before it
+    and runs them as they are now, keeping the statements after them: the result is what loading in order gives."""
+    configure(repo, shadow.dsn)
+    repo.write(SPLICED)
+    repo.write({"15_middle.sql": MIDDLE[0]})
+    previous = plan(repo, consume=True).source
+    after = statements(repo) - statements_before(repo, "16")
+    for k, text in enumerate(MIDDLE[1:], 1):
+        repo.write({"15_middle.sql": text})
+        before = len(loads)
+        edited = plan(repo, consume=True, previous=previous)
+        assert messages.count("holds the previous desired schema; editing it in place") == k, text
+        assert messages.count(f"the {after} after them kept") == k
+        assert len(loads) == before + (1 if text else 0)  # only the edited statements ran
+        whole = fresh(repo, shadow)
+        assert edited.desired == whole.desired, text  # as loading it all in order
+        assert sql_of(edited) == sql_of(whole)
+        previous = edited.source
+    assert set(templates(shadow)) == {fingerprint(repo)}  # each previous database was taken, not copied
+
+
+def test_an_edit_that_fails_in_place_loads_as_usual_and_names_its_line(repo: Repo, shadow: Server,
+                                                                      messages: Messages) -> None:
+    configure(repo, shadow.dsn)
+    repo.write(SPLICED)
+    repo.write({"15_middle.sql": MIDDLE[0]})
+    previous = plan(repo, consume=True).source
+    repo.write({"15_middle.sql": "CREATE TABLE edited (id int);\n\nCREATE INDEX edited_x ON edited (x);\n"})
+    with pytest.raises(SchemaLoadError) as failed:
+        plan(repo, consume=True, previous=previous)
+    assert failed.value.path.endswith("15_middle.sql") and failed.value.line == 3
+    assert messages.count("editing it in place:") == 1 and messages.count("failed") == 1
+    assert databases(shadow, "reconciler_shadow_") == []  # nothing left behind
+    repo.write({"15_middle.sql": MIDDLE[2]})
+    fixed = plan(repo, consume=True, previous=previous)  # the previous database was used up: loads as usual
+    assert fixed.desired == fresh(repo, shadow).desired
+
+
+def test_an_edit_the_statements_after_it_mention_loads_as_usual(repo: Repo, shadow: Server, messages: Messages,
+                                                                loads: list[str]) -> None:
+    configure(repo, shadow.dsn)
+    repo.write(SPLICED)
+    repo.write({"15_middle.sql": MIDDLE[0], "18_refers.sql": "CREATE VIEW edited_ids AS SELECT id FROM edited;\n"})
+    previous = plan(repo, consume=True).source
+    repo.write({"15_middle.sql": "CREATE TABLE edited (id bigint, note text);\n"})
+    edited = plan(repo, consume=True, previous=previous)
+    assert messages.count("editing it in place") == 0
+    assert edited.desired == fresh(repo, shadow).desired
+
+
 def test_deferred_eviction_drops_only_when_asked(repo: Repo, shadow: Server) -> None:
     configure(repo, shadow.dsn, keep=1)
     plan(repo)
@@ -637,3 +707,30 @@ def test_no_inspections_saved_with_the_cache_off(repo: Repo, shadow: Server, cac
     configure(repo, shadow.dsn, keep=0)
     plan(repo)
     assert saved(cache_home) == []
+
+
+def test_an_edited_index_on_an_earlier_table_is_dropped_and_made_again(repo: Repo, shadow: Server,
+                                                                      messages: Messages) -> None:
+    configure(repo, shadow.dsn)
+    repo.write({"15_middle.sql": "CREATE INDEX orders_total ON orders (total);\n",
+                "17_after.sql": "CREATE TABLE notes (id int, body text);\n", "20_views.sql": "", "30_functions.sql": ""})
+    previous = plan(repo, consume=True).source
+    repo.write({"15_middle.sql": "CREATE INDEX orders_total ON orders (total DESC) WHERE total > 0;\n"})
+    edited = plan(repo, consume=True, previous=previous)
+    assert messages.count("editing it in place: 1 of its statements") == 1
+    assert edited.desired == fresh(repo, shadow).desired
+    assert any("orders_total" in s and "DESC" in s for s in sql_of(edited))
+
+
+def test_watch_edits_its_last_plans_database_in_place(repo: Repo, shadow: Server, messages: Messages) -> None:
+    configure(repo, shadow.dsn)
+    repo.write(SPLICED)
+    repo.write({"15_middle.sql": MIDDLE[0]})
+    with watching(repo) as w:
+        w.wait(lambda: w.reported("applied", "start"), "the first plan applied")
+        started = len(w.watcher.reports)
+        repo.write({"15_middle.sql": MIDDLE[1]})
+        w.wait(lambda: w.reported("applied", "change", after=started), "the edit applied")
+    assert messages.count("holds the previous desired schema; editing it in place") == 1
+    assert fetch_one(repo.database, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'edited' "
+                                    "AND column_name = 'note'") == 1

@@ -122,6 +122,21 @@ def test_file_change_is_applied_and_metrics_say_so(repo: Repo) -> None:
         assert w.get("/nothing")[0] == 404
 
 
+def test_a_file_saved_while_the_first_plan_runs_is_planned_next(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file watcher starts after the first plan: what was saved meanwhile is found by comparing the files."""
+    cycle = Watcher._cycle
+
+    def saving_during_start(self: Watcher, servers: object, trigger: str, changed: str = "") -> None:
+        cycle(self, servers, trigger, changed)  # type: ignore[arg-type]
+        if trigger == "start":
+            repo.write({"40_extra.sql": "ALTER TABLE customers ADD COLUMN nickname text;\n"})
+
+    monkeypatch.setattr(Watcher, "_cycle", saving_during_start)
+    with watching(repo) as w:
+        w.wait(lambda: w.reported("applied", "change"), "the file saved during the first plan applied")
+        assert has_column(repo.database, "customers", "nickname") and runs(repo.database, "applied") == 2
+
+
 def test_syntax_error_is_reported_and_the_loop_goes_on(repo: Repo) -> None:
     with watching(repo) as w:
         w.wait(lambda: w.reported("applied", "start"), "the first plan applied")
