@@ -132,7 +132,8 @@ def _splice(old: DesiredSchema, new: DesiredSchema) -> Splice | str:
     touched = {_unescape(n).lower().lstrip("_") for n in _TOUCHED.findall(following.replace(*_REFERRED))}
     used = {n.lstrip("_") for group in (replaced, edited) for node in group
             for n in _values(node, (*_NAME_KEYS, "sval")) if n.strip("_")}
-    clash = next(((u, t) for u in used for t in touched if u.startswith(t) or t.startswith(u)), None)
+    ordered = sorted(touched)  # the first clash in name order: the same message every time
+    clash = next(((u, t) for u in sorted(used) for t in ordered if u.startswith(t) or t.startswith(u)), None)
     if clash is not None:
         return (f"the edit's name {clash[0]!r} and the name {clash[1]!r} after it could be confused")
     return Splice(start=start, old_stop=old_stop, new_stop=new_stop, reused=reused, drops=tuple(reversed(drops)))

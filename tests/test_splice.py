@@ -1,17 +1,24 @@
 """splice.find_splice: which edits in the middle of a schema may be made to the previous schema's loaded database in
-place (the statements after the edit kept), and which must load as usual. Parse trees only, no database; the
-databases it gives are compared with loading in order in test_shadow_cache."""
+place (the statements after the edit kept), and which must load as usual: from parse trees, then on a real server
+(random edits of a random schema: every database made in place is the one loading in order makes). The plans of
+watch's edits in place are compared with plans that load everything in test_shadow_cache."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from pathlib import Path
 
 import pytest
 
+from reconciler import inspect, shadowcache
+from reconciler.errors import SchemaLoadError
+from reconciler.servers import Server, connect, throwaway_database
+from reconciler.shadow import load_schema
 from reconciler.source import DesiredSchema, SchemaFile
 from reconciler.splice import Drop, find_splice
+from tests.conftest import run_sql
 
 BEFORE = ["CREATE TABLE users (id bigint PRIMARY KEY, email text);"]
 EDITED = ["CREATE TABLE edited (id int);"]
@@ -96,6 +103,8 @@ EDIT = "CREATE TABLE edited (id int, x int);"
                  "AlterTableStmt on an object they do not create", id="edit-alters-earlier"),
     pytest.param(OLD, schema(*BEFORE, "CREATE TABLE orders_archive (id int);", *AFTER),
                  "'orders_archive' and the name 'orders'", id="name-prefix"),
+    pytest.param(OLD, schema(*BEFORE, "CREATE TABLE edited (id int, o bigint REFERENCES orders (id));", *AFTER),
+                 "'orders' and the name 'orders'", id="refers-to-a-later-table"),
     pytest.param(OLD, schema(*BEFORE, "CREATE TEMP TABLE edited (id int);", *AFTER), "changes the session",
                  id="temporary"),
     pytest.param(OLD, schema(*BEFORE, *EDITED, *AFTER, path="a.sql"), "no statement in common",
@@ -123,3 +132,82 @@ def test_an_index_added_to_an_earlier_table_is_dropped_by_its_name() -> None:
     assert find_splice(unnamed, schema(*BEFORE, *after)) is None  # its name is PostgreSQL's choice: not dropped
     # a foreign key after it to the indexed table: which unique index it uses may depend on the order
     assert find_splice(schema(*BEFORE, *AFTER), schema(*BEFORE, "CREATE UNIQUE INDEX u ON users (id);", *AFTER)) is None
+
+
+# --- on a real server: whatever it accepts gives what loading in order gives -----------------------------------
+
+def _table(rng: random.Random, name: str, earlier: list[str]) -> list[str]:
+    """A table's statements, at random: foreign keys only to earlier tables, named and unnamed indexes, comments,
+    a view over it, a sequence of its own."""
+    columns = ["id bigint PRIMARY KEY", f"note text DEFAULT '{rng.choice(['a', 'b', 'c'])}'"]
+    if earlier and rng.random() < 0.5:
+        columns.append(f"ref bigint REFERENCES {rng.choice(earlier)} (id)")
+    if rng.random() < 0.5:
+        columns.append(f"n int CHECK (n > {rng.randint(0, 3)})")
+    if rng.random() < 0.3:
+        columns.append("UNIQUE (note)")
+    statements = []
+    if rng.random() < 0.3:
+        statements.append(f"CREATE SEQUENCE {name}_seq;")
+        columns.append(f"counter bigint DEFAULT nextval('{name}_seq')")
+    statements.append(f"CREATE TABLE {name} ({', '.join(columns)});")
+    if rng.random() < 0.4:
+        statements.append(f"CREATE INDEX {name}_note ON {name} (note);")
+    if rng.random() < 0.3:
+        statements.append(f"CREATE INDEX ON {name} (id, note);")
+    if rng.random() < 0.3:
+        statements.append(f"COMMENT ON TABLE {name} IS 'table {name}';")
+    if rng.random() < 0.2:
+        statements.append(f"CREATE VIEW {name}_view AS SELECT * FROM {name};")
+    if earlier and rng.random() < 0.1:
+        statements.append(f"CREATE INDEX {name}_on_{earlier[0]} ON {earlier[0]} (note);")
+    return statements
+
+
+def _text(blocks: list[tuple[str, list[str]]]) -> str:
+    return "\n".join(s for _, block in blocks for s in block)
+
+
+SEED = 20261202
+
+
+def test_random_edits_in_place_give_what_loading_in_order_gives(pg_server: Server) -> None:
+    rng = random.Random(SEED)
+    prefixes = ["item", "items", "order", "order_line", "user", "user_account", "log"]
+    blocks: list[tuple[str, list[str]]] = []
+    for i in range(24):
+        name = f"{rng.choice(prefixes)}_{i}"
+        blocks.append((name, _table(rng, name, [n for n, _ in blocks])))
+    spliced = 0
+    with throwaway_database(pg_server, "test") as kept_dsn:
+        old = schema(_text(blocks))
+        load_schema(old, kept_dsn)
+        for k in range(30):
+            edited = list(blocks)
+            at = rng.randrange(len(edited))
+            move = rng.choice(["change", "insert", "remove"])
+            name = f"{rng.choice(prefixes)}_{100 + k}" if move == "insert" else edited[at][0]
+            earlier = [n for n, _ in edited[:at]]
+            if move == "remove":
+                del edited[at]
+            else:
+                edited[at:at + (move == "change")] = [(name, _table(rng, name, earlier))]
+            new = schema(_text(edited))
+            found = find_splice(old, new)
+            with throwaway_database(pg_server, "test") as whole_dsn:
+                try:
+                    load_schema(new, whole_dsn)
+                except SchemaLoadError:  # removed a table a later one refers to: not a schema, not made in place
+                    assert found is None
+                    continue
+                if found is not None:
+                    shadowcache._apply_splice(kept_dsn, found, lambda dsn, start, stop, new=new: load_schema(
+                        new, dsn, skip=start, stop=stop))
+                    spliced += 1
+                else:
+                    run_sql(kept_dsn, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+                    load_schema(new, kept_dsn)
+                with connect(kept_dsn) as a, connect(whole_dsn) as b:
+                    assert inspect.snapshot(a) == inspect.snapshot(b), (move, name, found)
+            blocks, old = edited, new
+    assert spliced >= 10  # the edits made in place were many, not a lucky few
