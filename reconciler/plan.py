@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -134,9 +135,31 @@ class Plan:
         return [(step, hazard) for step in self.body.steps for hazard in step.hazards]
 
 
+_DIGESTED: dict[int, tuple[SchemaSnapshot, dict[str, str]]] = {}  # by id, the snapshot held: watch's live one
+_DIGESTED_LOCK = threading.Lock()
+
+
 def object_digests(snap: SchemaSnapshot | Mapping[tuple[str, str], str]) -> dict[str, str]:
-    """Per-object digests: enough to name what differs later without carrying whole definitions."""
-    objects = Objects.of(snap.objects if isinstance(snap, SchemaSnapshot) else snap)
+    """Per-object digests: enough to name what differs later without carrying whole definitions. A snapshot's are
+    remembered for the next call (watch plans against the same snapshot of live again and again: 20 ms each at
+    1,000 tables)."""
+    if isinstance(snap, SchemaSnapshot):
+        with _DIGESTED_LOCK:
+            found = _DIGESTED.pop(id(snap), None)
+            if found is not None and found[0] is snap:
+                _DIGESTED[id(snap)] = found  # the most recently used last
+                return dict(found[1])
+        digests = _digests(snap.objects)
+        with _DIGESTED_LOCK:
+            if len(_DIGESTED) >= 2:
+                _DIGESTED.pop(next(iter(_DIGESTED)))
+            _DIGESTED[id(snap)] = (snap, digests)
+        return dict(digests)
+    return _digests(snap)
+
+
+def _digests(snap: Mapping[tuple[str, str], str]) -> dict[str, str]:
+    objects = Objects.of(snap)
     digests: dict[str, str] = {}  # by definition: many objects share one (each computed and held once)
     out: dict[str, str] = {}
     for (kind, name), definition in objects.sorted_items():

@@ -5,6 +5,7 @@ that has no columns (schemainspect cannot see it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from psycopg import sql
 
@@ -104,8 +105,9 @@ def _phantom_create(c: Change, live: dict[tuple[str, str], TableState]) -> bool:
     return (schema, name) in live and not c.sql.split("(", 1)[-1].strip(" \n)")
 
 
-@dataclass(frozen=True)
-class ColumnState:
+class ColumnState(NamedTuple):
+    """A tuple, not a frozen dataclass: 25,000 of them a side at 1,000 tables, made in a third of the time."""
+
     type: str
     collation: str | None
     collation_schema: str | None
@@ -115,8 +117,8 @@ class ColumnState:
 
 
 def _columns(context: Context, side: str) -> dict[tuple[str, str, str], ColumnState]:
-    return {(schema, table, column): ColumnState(type_, coll, coll_schema, generated, expr, stats)
-            for schema, table, column, type_, coll, coll_schema, generated, expr, stats in context.rows(side, _COLUMNS)}
+    make = ColumnState._make
+    return {(row[0], row[1], row[2]): make(row[3:]) for row in context.rows(side, _COLUMNS)}
 
 
 def column_properties(context: Context, changes: list[Change]) -> list[Change]:
@@ -126,8 +128,10 @@ def column_properties(context: Context, changes: list[Change]) -> list[Change]:
     generated = {f"{s}.{t}.{c}" for (s, t, c), col in desired.items() if col.generated}
     changes = [c for c in changes if not (c.kind in ("set_default", "drop_default") and c.object in generated)]
     tail: list[Change] = []
-    for (schema, table, column), want in sorted(desired.items()):
-        have = live.get((schema, table, column))
+    for key in sorted(k for k, want in desired.items() if want != live.get(k) and (
+            live.get(k) is not None or want.collation is not None or want.statistics is not None)):
+        want, have = desired[key], live.get(key)
+        schema, table, column = key
         label = f"{schema}.{table}.{column}"
         target = sql.Identifier(schema, table)
         col = sql.Identifier(column)
