@@ -151,15 +151,19 @@ def desired_database(
             parts = _key_parts(server, target_dsn)
             key = _desired_key(parts, source.fingerprint, chain) if parts is not None else None
             if parts is not None and consume and previous is not None and previous.fingerprint != source.fingerprint:
-                splice = find_splice(previous, source)
-                previous_key = _desired_key(parts, previous.fingerprint) if splice is not None else None
+                previous_key = _desired_key(parts, previous.fingerprint)
         except Exception as exc:  # the cache is an optimisation: whatever fails, load as without it
             log.warning("shadow cache: %s; loading the desired schema instead", _describe(exc))
     held = checkpoint = 0
     spliced = False
 
     def seed(name: str) -> bool:
-        nonlocal spliced
+        nonlocal spliced, splice
+        if previous is not None and previous_key is not None:
+            try:
+                splice = find_splice(previous, source)
+            except Exception as exc:  # the cache is an optimisation: load as without it
+                log.warning("shadow cache: %s; loading the desired schema instead", _describe(exc))
         if splice is not None and previous_key is not None and _take_kept(server, name, previous_key):
             spliced = True
             log.info("shadow cache: kept database %s holds the previous desired schema; editing it in place: %d of "

@@ -98,44 +98,44 @@ def _splice(old: DesiredSchema, new: DesiredSchema) -> Splice | str:
         reused += 1
     old_stop, new_stop = len(before) - reused, len(after) - reused
     if old_stop == start and reused == 0:
-        return ("statements were only added at the end (a copy of the kept database gets them)")
+        return "statements were only added at the end (a copy of the kept database gets them)"
     if old_stop == start and new_stop == start:
-        return ("the statements are the same")
+        return "the statements are the same"
     if start == 0 and reused == 0:
-        return ("the schemas have no statement in common at either end")
+        return "the schemas have no statement in common at either end"
     if old_stop - start > MAX_EDITED or new_stop - start > MAX_EDITED:
-        return (f"{max(old_stop, new_stop) - start} statements changed")
+        return f"{max(old_stop, new_stop) - start} statements changed"
     if any(_changes_session(f.text.lower()) for f in new.files):
-        return ("a statement changes the session (SET, set_config, search_path or a temporary object)")
+        return "a statement changes the session (SET, set_config, search_path or a temporary object)"
     try:
         replaced = _parse(before[start:old_stop])
         edited = _parse(after[start:new_stop])
         following = _tree(after[new_stop:])
     except ValueError as exc:
-        return (str(exc))
+        return str(exc)
     drops: list[Drop] = []
     for label, group in (("replaced", replaced), ("edited", edited)):
         reason = _edit_problem(group, drops if label == "replaced" else [], undo=label == "replaced")
         if reason:
-            return (f"the {label} statements {reason}")
+            return f"the {label} statements {reason}"
     kinds = _KINDS.findall(following)
     if len(kinds) != len(after) - new_stop:
-        return ("the statements after the edit parse to a different number of statements")
+        return "the statements after the edit parse to a different number of statements"
     odd = next((k for k in kinds if k not in _AFTER), None) or next((f for f in _FLAGS if f in following), None)
     if odd:
-        return (f"a statement after the edit ({odd}) may reach beyond the objects it names")
+        return f"a statement after the edit ({odd}) may reach beyond the objects it names"
     created = {n for group in (replaced, edited) for node in group for n in _creates(node)}
     text = "\n".join(t for _, t in after[new_stop:]).lower()
     seen = next((n for n in created if n in text), None)
     if seen is not None:
-        return (f"a statement after the edit mentions {seen!r}")
+        return f"a statement after the edit mentions {seen!r}"
     touched = {_unescape(n).lower().lstrip("_") for n in _TOUCHED.findall(following.replace(*_REFERRED))}
     used = {n.lstrip("_") for group in (replaced, edited) for node in group
             for n in _values(node, (*_NAME_KEYS, "sval")) if n.strip("_")}
     ordered = sorted(touched)  # the first clash in name order: the same message every time
     clash = next(((u, t) for u in sorted(used) for t in ordered if u.startswith(t) or t.startswith(u)), None)
     if clash is not None:
-        return (f"the edit's name {clash[0]!r} and the name {clash[1]!r} after it could be confused")
+        return f"the edit's name {clash[0]!r} and the name {clash[1]!r} after it could be confused"
     return Splice(start=start, old_stop=old_stop, new_stop=new_stop, reused=reused, drops=tuple(reversed(drops)))
 
 

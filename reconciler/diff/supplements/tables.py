@@ -106,8 +106,6 @@ def _phantom_create(c: Change, live: dict[tuple[str, str], TableState]) -> bool:
 
 
 class ColumnState(NamedTuple):
-    """A tuple, not a frozen dataclass: 25,000 of them a side at 1,000 tables, made in a third of the time."""
-
     type: str
     collation: str | None
     collation_schema: str | None
@@ -116,22 +114,20 @@ class ColumnState(NamedTuple):
     statistics: int | None  # None: the default target
 
 
-def _columns(context: Context, side: str) -> dict[tuple[str, str, str], ColumnState]:
-    make = ColumnState._make
-    return {(row[0], row[1], row[2]): make(row[3:]) for row in context.rows(side, _COLUMNS)}
-
-
 def column_properties(context: Context, changes: list[Change]) -> list[Change]:
     """Collations of columns migra adds (it leaves COLLATE out of CREATE TABLE), generated-column
-    expressions and statistics targets, which it does not compare."""
-    live, desired = _columns(context, "live"), _columns(context, "desired")
-    generated = {f"{s}.{t}.{c}" for (s, t, c), col in desired.items() if col.generated}
+    expressions and statistics targets, which it does not compare. The rows are compared as read: a state is
+    made only for a column that differs (125,000 columns a side at 5,000 tables)."""
+    live = {row[:3]: row[3:] for row in context.rows("live", _COLUMNS)}
+    desired = context.rows("desired", _COLUMNS)
+    generated = {f"{r[0]}.{r[1]}.{r[2]}" for r in desired if r[6]}
     changes = [c for c in changes if not (c.kind in ("set_default", "drop_default") and c.object in generated)]
     tail: list[Change] = []
-    for key in sorted(k for k, want in desired.items() if want != live.get(k) and (
-            live.get(k) is not None or want.collation is not None or want.statistics is not None)):
-        want, have = desired[key], live.get(key)
-        schema, table, column = key
+    for row in sorted((r for r in desired if r[3:] != live.get(r[:3]) and (
+            r[:3] in live or r[4] is not None or r[8] is not None)), key=lambda r: r[:3]):
+        want, found = ColumnState._make(row[3:]), live.get(row[:3])
+        have = ColumnState._make(found) if found is not None else None
+        schema, table, column = row[:3]
         label = f"{schema}.{table}.{column}"
         target = sql.Identifier(schema, table)
         col = sql.Identifier(column)
