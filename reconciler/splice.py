@@ -16,8 +16,8 @@ trees; otherwise the schema is loaded as usual:
 - no name the statements after the edit create or touch is the start of a name the edit uses, or the other way
   round (PostgreSQL names implicit indexes, constraints, sequences and types after their table and avoids names in
   use: this keeps both orders choosing the same names);
-- no statement changes the session (SET, set_config, search_path, temporary objects), since the edit runs in a
-  session of its own.
+- no statement changes the session (SET, set_config, search_path, temporary objects) or the settings sessions
+  start with (ALTER DATABASE or ROLE), since the edit runs in a session of its own.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ _AFTER = set(_CREATES) | _ON_CREATED | {"AlterSeqStmt", "CreateTrigStmt", "Creat
 _NAME_KEYS = ("relname", "idxname", "conname", "trigname", "policy_name")
 _SET_LINE = re.compile(r"^[ \t]*(?:set|reset)\b", re.MULTILINE)
 _TEMP = re.compile(r"\btemp(?:orary)?\b")
+_SESSION_WORDS = ("set_config", "search_path", "alter database", "alter role", "alter user")
 # in the JSON text of parse trees: each statement's kind; what may act beyond the named objects; the names given or
 # acted on (a foreign key's table is only referred to)
 _KINDS = re.compile(r'\{"stmt":\{"(\w+)"')
@@ -105,8 +106,8 @@ def _splice(old: DesiredSchema, new: DesiredSchema) -> Splice | str:
         return "the schemas have no statement in common at either end"
     if old_stop - start > MAX_EDITED or new_stop - start > MAX_EDITED:
         return f"{max(old_stop, new_stop) - start} statements changed"
-    if any(_changes_session(f.text.lower()) for f in new.files):
-        return "a statement changes the session (SET, set_config, search_path or a temporary object)"
+    if any(_changes_session(f.text.lower()) for f in (*old.files, *new.files)):  # either: the old one was loaded
+        return "a statement changes the session (SET, set_config, search_path, ALTER DATABASE or ROLE, or a temporary object)"
     try:
         replaced = _parse(before[start:old_stop])
         edited = _parse(after[start:new_stop])
@@ -144,8 +145,9 @@ def _statements(desired: DesiredSchema) -> list[tuple[str, str]]:
 
 
 def _changes_session(text: str) -> bool:
-    """Might this (lower-cased) file change its session's state? Plain substring tests first: they are fast."""
-    return ("set_config" in text or "search_path" in text or ("temp" in text and _TEMP.search(text) is not None)
+    """Might this (lower-cased) file change its session's state, or the settings later sessions start with (ALTER
+    DATABASE or ROLE ... SET)? Plain substring tests first: they are fast."""
+    return (any(word in text for word in _SESSION_WORDS) or ("temp" in text and _TEMP.search(text) is not None)
             or _SET_LINE.search(text) is not None)
 
 
