@@ -206,7 +206,7 @@ def make_plan(
         reading = pool.submit(_read_live, config, servers.target_dsn, annotated, live_memo)
         with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
                               target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept,
-                              previous=previous if consume_kept else None) as shadow, \
+                              previous=previous) as shadow, \
                 _frozen(engine, shadow.dsn, excluded):
             shadow_dsn = shadow.dsn
             with connect(shadow_dsn) as conn:

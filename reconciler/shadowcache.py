@@ -155,20 +155,20 @@ def desired_database(
         except Exception as exc:  # the cache is an optimisation: whatever fails, load as without it
             log.warning("shadow cache: %s; loading the desired schema instead", _describe(exc))
     held = checkpoint = 0
-    spliced = False
 
     def seed(name: str) -> bool:
-        nonlocal spliced, splice
+        nonlocal splice  # set once the previous schema's database is taken to be edited in place
+        found: Splice | None = None
         if previous is not None and previous_key is not None:
             try:
-                splice = find_splice(previous, source)
+                found = find_splice(previous, source)
             except Exception as exc:  # the cache is an optimisation: load as without it
                 log.warning("shadow cache: %s; loading the desired schema instead", _describe(exc))
-        if splice is not None and previous_key is not None and _take_kept(server, name, previous_key):
-            spliced = True
+        if found is not None and previous_key is not None and _take_kept(server, name, previous_key):
+            splice = found
             log.info("shadow cache: kept database %s holds the previous desired schema; editing it in place: %d of "
                      "its statements from number %d replaced by %d, the %d after them kept", previous_key.template,
-                     splice.old_stop - splice.start, splice.start + 1, splice.new_stop - splice.start, splice.reused)
+                     found.old_stop - found.start, found.start + 1, found.new_stop - found.start, found.reused)
             return True
         return seed_prefix(name)
 
@@ -185,8 +185,7 @@ def desired_database(
         return True
 
     def build(dsn: str) -> None:
-        nonlocal spliced
-        if spliced and splice is not None:
+        if splice is not None:
             try:
                 count = _apply_splice(dsn, splice, load)
                 log.info("loaded %d statements from %d file(s) into the shadow database (the %d after them were "
@@ -195,7 +194,6 @@ def desired_database(
             except Exception as exc:
                 log.info("shadow cache: editing the previous schema's database in place failed (%s); loading the "
                          "desired schema instead", _describe(exc))
-                spliced = False
                 _start_over(server, _database_of(dsn), seed_prefix)
         start = held
         if key is not None and key.prefix is not None and checkpoint > held:
@@ -247,8 +245,7 @@ def cached_database(server: Server, key: CacheKey | None, build: Callable[[str],
         return
     name = f"reconciler_{purpose}_{secrets.token_hex(5)}"
     if not (key is not None and seed is not None and _seed_quietly(seed, name, what)):
-        with connect(server.dsn) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        _create_empty(server, name)
     kept = False
     try:
         build(server.database_dsn(name))
@@ -284,8 +281,12 @@ def _start_over(server: Server, name: str, seed: Callable[[str], bool]) -> None:
     """Make database ``name`` anew: seeded, or empty."""
     drop_database(server, name)
     if not _seed_quietly(seed, name, "the shadow database"):
-        with connect(server.dsn) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        _create_empty(server, name)
+
+
+def _create_empty(server: Server, name: str) -> None:
+    with connect(server.dsn) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
 
 
 def _seed_quietly(seed: Callable[[str], bool], name: str, what: str) -> bool:
