@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel a running apply from anywhere")
     p.add_argument("run_id", nargs="?")
+    p.add_argument("--wait", default="60s", help="wait up to DURATION for the run to end and say how (0: do not wait)")
     _target_options(p)
 
     p = sub.add_parser("verify", help="check the live database now: desired schema, INVALID indexes, NOT VALID constraints")
@@ -359,27 +360,41 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
-    from . import history
+    import time
+
+    from . import history, runlock
+    from .apply import settle
     from .pipeline import open_servers
     from .servers import connect
 
     env = _env(config, args)
+    schema = config.metadata_schema
     with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
+        settle(conn, schema)
         if args.run_id:
             run = _run_by_id(conn, config, args.run_id)
-            if run.status != "running":
-                raise RefusedError(f"run {run.id} is not running (it is {run.status})")
+            if run.shown_status != "running":
+                raise RefusedError(f"run {run.id} is not running (it is {run.shown_status})")
         else:
-            running = history.running_runs(conn, config.metadata_schema)
+            running = [r for r in history.running_runs(conn, schema) if r.alive]
             if not running:
                 print("No apply is running on this database.")
                 return EXIT_OK
             run = running[-1]
-        history.request_cancel(conn, config.metadata_schema, run.id)
-        row = conn.execute("SELECT pg_cancel_backend(%s)", (run.backend_pid,)).fetchone()
-    sent = bool(row and row[0])
-    print(f"Asked run {run.id} to stop" + (" and cancelled its running statement." if sent else
-                                            " (its backend is between statements; it stops before the next phase)."))
+        history.request_cancel(conn, schema, run.id)
+        sent = run.backend_pid is not None and runlock.cancel(conn, run.backend_pid, run.backend_start)
+        print(f"Asked run {run.id} to stop" + (" and cancelled its running statement." if sent else
+                                                " (it stops before its next step)."))
+        deadline = time.monotonic() + duration_seconds(args.wait)
+        ended = history.get_run(conn, schema, run.id)
+        while ended is not None and ended.shown_status == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ended = history.get_run(conn, schema, run.id)
+    if ended is None or ended.shown_status == "running":
+        if duration_seconds(args.wait) > 0:
+            print(f"Run {run.id} is still running after {args.wait}; `reconciler history` shows how it ends.")
+        return EXIT_OK
+    print(f"Run {run.id} ended {ended.shown_status}" + (f": {ended.error}" if ended.error else "."))
     return EXIT_OK
 
 
@@ -410,6 +425,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
+    import dataclasses
     import tempfile
 
     from . import backup
@@ -438,7 +454,8 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
             print(f"\nThe way back to the schema run {run.id} started from: approve and apply it like any plan"
                   + ("" if args.out else " (save it with -o)") + ".", file=sys.stderr)
             return EXIT_CHANGES
-        result = apply_plan(plan, servers.target_dsn, _apply_options(config, env, plan_file=False))
+        options = dataclasses.replace(_apply_options(config, env, plan_file=False), on_backup=_announce_backup)
+        result = apply_plan(plan, servers.target_dsn, options)
     print(f"Rolled back to the schema run {run.id} started from: {len(result.steps)} step(s) (run {result.run_id}).")
     return EXIT_OK
 
@@ -489,6 +506,10 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
         requirements=req,
         trust=_trust(config, needed=req.require_signed or bool(req.approvals or req.groups)),
     )
+
+
+def _announce_backup(taken: Any) -> None:
+    print(f"Backup written to {taken.describe()}, private to its owner", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -580,6 +601,8 @@ def _apply_fleet(args: argparse.Namespace, config: Config, env: Environment) -> 
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    from dataclasses import replace
+
     from .apply import apply_plan
     from .pipeline import auto_apply_blockers, make_plan, open_servers
     from .plan import read_plan, render
@@ -587,6 +610,10 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     fleet_env = _env(config, args) if args.env is not None else None
     if fleet_env is not None and fleet_env.is_fleet:
         return _apply_fleet(args, config, fleet_env)
+    for flag, value in (("--shard", args.shard), ("--concurrency", args.concurrency)):
+        if value is not None:
+            raise ConfigError(f"{flag} is for fleets (an environment with `databases:`); "
+                              + (f"environment {args.env!r} has one database" if args.env else "give --env FLEET"))
     if args.auto == (args.plan is not None):
         raise ReconcilerError("give either a plan file or --auto")
     if args.auto:
@@ -594,7 +621,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         blockers = auto_apply_blockers(env)
         if blockers:
             raise RefusedError(f"environment {env.name!r} does not allow --auto ({'; '.join(blockers)}): plan, approve, then apply")
-        options = _apply_options(config, env, plan_file=False)
+        options = replace(_apply_options(config, env, plan_file=False), on_backup=_announce_backup)
         with open_servers(config, env) as servers:
             plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
             sys.stdout.write(render(plan, "text"))
@@ -607,7 +634,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     else:
         plan = read_plan(args.plan)
         env = _env_for_plan(config, args, plan)
-        options = _apply_options(config, env, plan_file=True)
+        options = replace(_apply_options(config, env, plan_file=True), on_backup=_announce_backup)
         with open_servers(config, env, need_shadow=False) as servers, \
                 _progress(args, options, len(plan.body.steps)) as shown:
             result = apply_plan(plan, servers.target_dsn, shown)
@@ -648,11 +675,13 @@ def cmd_drift(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_history(args: argparse.Namespace, config: Config) -> int:
     from . import history
+    from .apply import settle
     from .pipeline import open_servers
     from .servers import connect
 
     env = _env(config, args)
     with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
+        settle(conn, config.metadata_schema)
         runs = history.list_runs(conn, config.metadata_schema, limit=args.limit)
     if args.format == "json":
         print(json.dumps([_run_json(r) for r in runs], indent=2, default=str))
@@ -660,18 +689,28 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     if not runs:
         print("No runs recorded in this database yet.")
         return EXIT_OK
-    print(f"{'RUN':<36}  {'STATUS':<9}  {'STARTED (UTC)':<19}  {'TOOK':>7}  {'STEPS':>5}  {'PLAN':<12}  BY")
+    print(f"{'RUN':<36}  {'STATUS':<11}  {'STARTED (UTC)':<19}  {'TOOK':>7}  {'STEPS':>5}  {'PLAN':<12}  BY")
     for r in runs:
         took = f"{(r.finished_at - r.started_at).total_seconds():.1f}s" if r.finished_at else "-"
-        print(f"{r.id:<36}  {r.status:<9}  {r.started_at:%Y-%m-%d %H:%M:%S}  {took:>7}  {len(r.statements):>5}  "
+        print(f"{r.id:<36}  {r.shown_status:<11}  {r.started_at:%Y-%m-%d %H:%M:%S}  {took:>7}  {len(r.statements):>5}  "
               f"{r.plan_id.removeprefix('sha256:')[:12]:<12}  {r.actor}@{r.client_host}")
         if r.error:
-            print(f"{'':<38}error: {r.error.splitlines()[0][:200]}")
+            print(f"{'':<38}error: {r.error.splitlines()[0][:300]}")
+        elif r.shown_status != r.status:
+            print(f"{'':<38}its applying session is gone (not yet recorded: this role may not write the history)")
+        pending = [str(e["object"]) for e in r.cleanup if e.get("status") == "pending"]
+        if pending:
+            print(f"{'':<38}left to remove (by the next command that can): {', '.join(pending)}")
+        if r.backup_path:
+            print(f"{'':<38}backup: {r.backup_path} ({r.backup_bytes or 0:,} bytes)")
     return EXIT_OK
 
 
 def _run_json(run: history.Run) -> dict[str, Any]:
-    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in run.__dict__.items()}
+    """The row as recorded, with ``status`` the truth (see Run.shown_status) and the recorded one beside it."""
+    found = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in run.__dict__.items()}
+    found["recorded_status"], found["status"] = run.status, run.shown_status
+    return found
 
 
 def cmd_cache(args: argparse.Namespace, config: Config) -> int:

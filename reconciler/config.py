@@ -40,7 +40,7 @@ class Environment:
     lock_wait: str = "60s"
     approval_groups: tuple[str, ...] = ()
     lock_retries: int = 3
-    verify_before_commit: bool = False
+    verify_before_commit: bool = True
     rehearse: bool = True
     backup: str = "full"
     auto_rollback: bool = True

@@ -1,7 +1,8 @@
 """Run history in the target database itself: the only place a run's state lives.
 
 The metadata schema is created on first use and versioned; each version is applied once, under
-a transaction-level advisory lock so two first runs cannot race.
+a transaction-level advisory lock so two first runs cannot race. Reading never creates or upgrades it:
+a command that only looks (plan, history, cancel) writes nothing a newer or older tool would trip on.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from . import __version__
+from . import __version__, runlock
+from .errors import ReconcilerError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 0x7265636F6E63_01  # "recon" + 1: serialises metadata schema upgrades
 
 _MIGRATIONS: dict[int, str] = {
@@ -70,6 +72,17 @@ _MIGRATIONS: dict[int, str] = {
     COMMENT ON TABLE {schema}.run_progress IS
         'pg-reconciler: step records of a running run, one row each; moved into runs.statements when it ends';
     """,
+    4: """
+    ALTER TABLE {schema}.runs
+        ADD COLUMN backend_start timestamptz,
+        ADD COLUMN cleanup jsonb NOT NULL DEFAULT '[]',
+        ADD COLUMN temporaries jsonb NOT NULL DEFAULT '[]';
+    COMMENT ON COLUMN {schema}.runs.backend_start IS
+        'pg-reconciler: with backend_pid, the applying session: the run is alive while that session holds the apply lock';
+    COMMENT ON COLUMN {schema}.runs.cleanup IS
+        'pg-reconciler: what a stopped run left that is neither planned nor live before (an INVALID index, a helper '
+        'constraint), each pending until a command holding the apply lock removes it';
+    """,
 }
 
 
@@ -82,11 +95,15 @@ class StepRecord:
     status: str  # applied, failed, rolled back, undone
     duration_ms: float
     lock_wait_ms: float = 0.0
+    note: str | None = None  # how the status was learned, when not by running the step (e.g. after a crash)
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "kind": self.kind, "object": self.object, "sql": self.sql,
-                "status": self.status, "duration_ms": round(self.duration_ms, 3),
-                "lock_wait_ms": round(self.lock_wait_ms, 1)}
+        found = {"index": self.index, "kind": self.kind, "object": self.object, "sql": self.sql,
+                 "status": self.status, "duration_ms": round(self.duration_ms, 3),
+                 "lock_wait_ms": round(self.lock_wait_ms, 1)}
+        if self.note:
+            found["note"] = self.note
+        return found
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,7 @@ class Run:
     id: str
     plan_id: str
     environment: str
-    status: str
+    status: str  # as recorded; see ``shown_status``
     actor: str
     client_host: str
     tool_version: str
@@ -112,6 +129,20 @@ class Run:
     backup_sha256: str | None = None
     backup_bytes: int | None = None
     verification: dict[str, Any] | None = None
+    backend_start: datetime | None = None
+    cleanup: tuple[dict[str, Any], ...] = ()
+    temporaries: tuple[dict[str, Any], ...] = ()
+    alive: bool | None = None  # for a running row, read with it: does its applying session still hold the lock?
+
+    @property
+    def shown_status(self) -> str:
+        """The truth when the row could not be corrected (a reader without write rights): a running row whose
+        applier is gone is interrupted."""
+        return "interrupted" if self.status == "running" and self.alive is False else self.status
+
+    @property
+    def completed(self) -> list[int]:
+        return [int(s["index"]) for s in self.statements if s.get("status") == "applied"]
 
 
 def actor() -> str:
@@ -133,24 +164,63 @@ def _progress(schema: str) -> sql.Composed:
     return sql.SQL("{}.run_progress").format(sql.Identifier(schema))
 
 
-def _select(schema: str, progress: bool, where: str, tail: str = "") -> sql.Composed:
-    """Runs with the step records so far: a running run's are in run_progress (a run a version-2 tool
-    started keeps its own in ``statements``). Reading does not upgrade the metadata schema: before version 3
-    there is no run_progress (``progress`` False)."""
-    if not progress:
-        return sql.SQL("SELECT r.*, NULL::jsonb AS progress FROM {} r WHERE " + where + tail).format(_table(schema))
+@dataclass(frozen=True)
+class Layout:
+    """What the metadata schema holds now: readers adapt to an older one instead of upgrading it."""
+
+    version: int  # 0: no metadata schema (the tool never applied here)
+
+    @property
+    def runs(self) -> bool:
+        return self.version >= 1
+
+    @property
+    def progress(self) -> bool:  # version 3: run_progress
+        return self.version >= 3
+
+    @property
+    def sessions(self) -> bool:  # version 4: backend_start, cleanup, temporaries
+        return self.version >= 4
+
+
+def layout(conn: psycopg.Connection[Any], schema: str) -> Layout:
+    ident = sql.Identifier(schema).as_string(conn)
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+                       (ident + ".schema_version", ident + ".runs")).fetchone()
+    if not row or not row[1]:
+        return Layout(0)
+    if not row[0]:
+        return Layout(1)
+    found = conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version").format(
+        sql.Identifier(schema))).fetchone()
+    return Layout(int(found[0]) if found else 0)
+
+
+def _select(schema: str, found: Layout, where: str, tail: str = "") -> sql.Composed:
+    """Runs with the step records so far (a running run's are in run_progress; a run a version-2 tool started keeps
+    its own in ``statements``) and, for a running row, whether its applier is alive."""
+    alive = runlock.alive_predicate("r", with_start=found.sessions)
+    if not found.progress:
+        return sql.SQL("SELECT r.*, NULL::jsonb AS progress, CASE WHEN r.status = 'running' THEN " + alive
+                       + " END AS alive FROM {} r WHERE " + where + tail).format(_table(schema))
     return sql.SQL(
         "SELECT r.*, CASE WHEN r.status = 'running' THEN r.statements || (SELECT coalesce(jsonb_agg(p.record "
-        "ORDER BY p.position), '[]') FROM {} p WHERE p.run_id = r.id) END AS progress FROM {} r WHERE " + where + tail
+        "ORDER BY p.position), '[]') FROM {} p WHERE p.run_id = r.id) END AS progress, "
+        "CASE WHEN r.status = 'running' THEN " + alive + " END AS alive FROM {} r WHERE " + where + tail
     ).format(_progress(schema), _table(schema))
 
 
 def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
-    """Create or upgrade the metadata schema; safe to call on every run."""
+    """Create or upgrade the metadata schema when it is not current; writes nothing when it is (so a role without
+    CREATE on the database can apply once the schema exists)."""
+    if layout(conn, schema).version == SCHEMA_VERSION:
+        return
     ident = sql.Identifier(schema)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        exists = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+        if not (exists and exists[0]):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {}.schema_version (version integer PRIMARY KEY, "
                     "applied_at timestamptz NOT NULL DEFAULT now())").format(ident)
@@ -158,8 +228,6 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
         row = conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version").format(ident)).fetchone()
         current = int(row[0]) if row else 0
         if current > SCHEMA_VERSION:
-            from .errors import ReconcilerError
-
             raise ReconcilerError(
                 f"the metadata schema {schema!r} is at version {current}, newer than this reconciler "
                 f"({__version__}) knows ({SCHEMA_VERSION}): upgrade reconciler"
@@ -167,6 +235,40 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
         for version in range(current + 1, SCHEMA_VERSION + 1):
             conn.execute(sql.SQL(_MIGRATIONS[version]).format(schema=ident))
             conn.execute(sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(ident), (version,))
+
+
+def writable(conn: psycopg.Connection[Any], schema: str) -> str | None:
+    """Why this role cannot record a run here (None: it can), read without writing anything."""
+    found = layout(conn, schema)
+    if found.version > SCHEMA_VERSION:
+        return (f"the metadata schema {schema!r} is at version {found.version}, newer than this reconciler "
+                f"({__version__}) knows ({SCHEMA_VERSION}): upgrade reconciler")
+    if found.version < SCHEMA_VERSION:
+        row = conn.execute(
+            "SELECT n.oid IS NULL, CASE WHEN n.oid IS NULL THEN has_database_privilege(current_database(), 'CREATE') "
+            "ELSE pg_has_role(n.nspowner, 'USAGE') END FROM (SELECT 1) one LEFT JOIN pg_namespace n ON n.nspname = %s",
+            (schema,)).fetchone()
+        missing, allowed = (bool(row[0]), bool(row[1])) if row else (True, False)
+        if allowed:
+            return None
+        if missing:
+            return (f"the role {conn.info.user!r} may not create the metadata schema {schema!r}: it needs CREATE on "
+                    f"database {conn.info.dbname!r} (once; or create the schema for it)")
+        return (f"the metadata schema {schema!r} needs an upgrade to version {SCHEMA_VERSION}, which only its owner "
+                f"can make; the role {conn.info.user!r} does not own it")
+    lacking = [f"{privilege} on {schema}.{table}" for table, privilege in (
+        ("runs", "INSERT"), ("runs", "UPDATE"), ("runs", "SELECT"), ("run_progress", "INSERT"), ("run_progress", "DELETE"))
+        if not _has_table_privilege(conn, schema, table, privilege)]
+    if lacking:
+        return f"the role {conn.info.user!r} cannot record runs: it lacks {', '.join(lacking)}"
+    return None
+
+
+def _has_table_privilege(conn: psycopg.Connection[Any], schema: str, table: str, privilege: str) -> bool:
+    name = sql.Identifier(schema, table).as_string(conn)
+    row = conn.execute("SELECT has_schema_privilege(%s, 'USAGE') AND has_table_privilege(%s, %s)",
+                       (schema, name, privilege)).fetchone()
+    return bool(row and row[0])
 
 
 def start_run(
@@ -177,18 +279,21 @@ def start_run(
     plan_id: str,
     environment: str,
     backend_pid: int,
+    backend_start: datetime | None = None,
     git_commit: str | None,
     from_fingerprint: str,
     to_fingerprint: str,
+    temporaries: Sequence[dict[str, Any]] = (),
 ) -> str:
     run_id = run_id or str(uuid.uuid4())
     conn.execute(
         sql.SQL(
             "INSERT INTO {} (id, plan_id, environment, status, actor, client_host, tool_version, backend_pid, "
-            "git_commit, from_fingerprint, to_fingerprint) VALUES (%s, %s, %s, 'running', %s, %s, %s, %s, %s, %s, %s)"
+            "backend_start, git_commit, from_fingerprint, to_fingerprint, temporaries) "
+            "VALUES (%s, %s, %s, 'running', %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
         ).format(_table(schema)),
-        (run_id, plan_id, environment, actor(), socket.gethostname(), __version__, backend_pid, git_commit,
-         from_fingerprint, to_fingerprint),
+        (run_id, plan_id, environment, actor(), socket.gethostname(), __version__, backend_pid, backend_start, git_commit,
+         from_fingerprint, to_fingerprint, json.dumps(list(temporaries))),
     )
     return run_id
 
@@ -201,66 +306,70 @@ def finish_run(
     status: str,
     statements: Sequence[StepRecord],
     error: str | None = None,
-) -> None:
-    conn.execute(
-        sql.SQL("WITH done AS (DELETE FROM {} WHERE run_id = %s) "
-                "UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, error = %s, "
-                "current_steps = NULL WHERE id = %s").format(_progress(schema), _table(schema)),
-        (run_id, status, json.dumps([s.to_json() for s in statements]), error, run_id),
-    )
-
-
-def _exists(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, bool]:
-    """Whether the runs table exists, and run_progress (version 3) with it."""
-    ident = sql.Identifier(schema).as_string(conn)
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
-                       (ident + ".runs", ident + ".run_progress")).fetchone()
-    return (bool(row[0]), bool(row[1])) if row else (False, False)
+    cleanup: Sequence[dict[str, Any]] | None = None,
+) -> bool:
+    """The run's end, written only while the row still says running: False when another command had already
+    settled it (its applier looked dead to it), which then stands."""
+    row = conn.execute(
+        sql.SQL("WITH done AS (DELETE FROM {} WHERE run_id = %s AND EXISTS (SELECT 1 FROM {} WHERE id = %s AND "
+                "status = 'running')) UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, "
+                "error = %s, current_steps = NULL, cleanup = coalesce(%s::jsonb, cleanup) "
+                "WHERE id = %s AND status = 'running' RETURNING id").format(_progress(schema), _table(schema), _table(schema)),
+        (run_id, run_id, status, json.dumps([s.to_json() for s in statements]), error,
+         None if cleanup is None else json.dumps(list(cleanup)), run_id),
+    ).fetchone()
+    return row is not None
 
 
 def list_runs(conn: psycopg.Connection[Any], schema: str, *, limit: int = 50) -> list[Run]:
     """Newest first; an empty list when the tool never ran against this database."""
-    runs, progress = _exists(conn, schema)
-    if not runs:
+    found = layout(conn, schema)
+    if not found.runs:
         return []
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_select(schema, progress, "true", " ORDER BY started_at DESC LIMIT %s"), (limit,))
+        cur.execute(_select(schema, found, "true", " ORDER BY started_at DESC LIMIT %s"), (limit,))
         rows = cur.fetchall()
     return [_run(r) for r in rows]
 
 
 def get_run(conn: psycopg.Connection[Any], schema: str, run_id: str) -> Run | None:
-    runs, progress = _exists(conn, schema)
-    if not runs:
+    found = layout(conn, schema)
+    if not found.runs:
         return None
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_select(schema, progress, "id::text = %s"), (run_id,))
+        cur.execute(_select(schema, found, "id::text = %s"), (run_id,))
         row = cur.fetchone()
     return _run(row) if row else None
 
 
 def runs_for_plan(conn: psycopg.Connection[Any], schema: str, plan_id: str) -> list[Run]:
-    runs, progress = _exists(conn, schema)
-    if not runs:
+    found = layout(conn, schema)
+    if not found.runs:
         return []
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_select(schema, progress, "plan_id = %s", " ORDER BY started_at"), (plan_id,))
+        cur.execute(_select(schema, found, "plan_id = %s", " ORDER BY started_at"), (plan_id,))
         return [_run(r) for r in cur.fetchall()]
 
 
-def running_with_pid(conn: psycopg.Connection[Any], schema: str, pids: Sequence[int]) -> Run | None:
-    if not pids:
-        return None
-    runs, progress = _exists(conn, schema)
-    if not runs:
-        return None
+def running_runs(conn: psycopg.Connection[Any], schema: str) -> list[Run]:
+    """Rows that say running, oldest first, each with whether its applier is alive."""
+    found = layout(conn, schema)
+    if not found.runs:
+        return []
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            _select(schema, progress, "status = 'running' AND backend_pid = ANY(%s)", " ORDER BY started_at DESC LIMIT 1"),
-            (list(pids),),
-        )
-        row = cur.fetchone()
-    return _run(row) if row else None
+        cur.execute(_select(schema, found, "status = 'running'", " ORDER BY started_at"))
+        return [_run(r) for r in cur.fetchall()]
+
+
+def with_cleanup(conn: psycopg.Connection[Any], schema: str) -> list[Run]:
+    """Finished runs that left something to remove."""
+    found = layout(conn, schema)
+    if not found.sessions:
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_select(schema, found, "status <> 'running' AND cleanup @> '[{{\"status\": \"pending\"}}]'",
+                            " ORDER BY started_at"))
+        return [_run(r) for r in cur.fetchall()]
 
 
 def _run(row: dict[str, Any]) -> Run:
@@ -286,6 +395,10 @@ def _run(row: dict[str, Any]) -> Run:
         backup_sha256=row.get("backup_sha256"),
         backup_bytes=row.get("backup_bytes"),
         verification=row.get("verification"),
+        backend_start=row.get("backend_start"),
+        cleanup=tuple(row.get("cleanup") or ()),
+        temporaries=tuple(row.get("temporaries") or ()),
+        alive=row.get("alive"),
     )
 
 
@@ -305,6 +418,17 @@ def record_progress(
     )
 
 
+def insert_records(conn: psycopg.Connection[Any], schema: str, run_id: str, *, added: Sequence[StepRecord],
+                   position: int) -> None:
+    """Step records alone, no write to the run's row: what a transactional phase writes inside its own transaction,
+    so its steps and their record commit together (the row stays free for ``cancel`` meanwhile)."""
+    conn.execute(
+        sql.SQL("INSERT INTO {} (run_id, position, record) SELECT %s, %s + e.ordinality - 1, e.value "
+                "FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e").format(_progress(schema)),
+        (run_id, position, json.dumps([s.to_json() for s in added])),
+    )
+
+
 def record_backup(conn: psycopg.Connection[Any], schema: str, run_id: str, *, path: str, sha256: str, size: int) -> None:
     conn.execute(
         sql.SQL("UPDATE {} SET backup_path = %s, backup_sha256 = %s, backup_bytes = %s WHERE id = %s").format(_table(schema)),
@@ -315,6 +439,22 @@ def record_backup(conn: psycopg.Connection[Any], schema: str, run_id: str, *, pa
 def record_verification(conn: psycopg.Connection[Any], schema: str, run_id: str, result: dict[str, Any]) -> None:
     conn.execute(sql.SQL("UPDATE {} SET verification = %s::jsonb WHERE id = %s").format(_table(schema)),
                  (json.dumps(result), run_id))
+
+
+def record_cleanup(conn: psycopg.Connection[Any], schema: str, run_id: str, entries: Sequence[dict[str, Any]], *,
+                   note: str = "") -> None:
+    """The run's list of what it left and whether each is removed yet (the whole list: a few entries); ``note``, what
+    was removed now, is added to the run's error, where history shows it."""
+    conn.execute(sql.SQL("UPDATE {} SET cleanup = %s::jsonb, error = CASE WHEN %s = '' THEN error "
+                         "ELSE coalesce(error || '; ', '') || %s END WHERE id = %s").format(_table(schema)),
+                 (json.dumps(list(entries)), note, note, run_id))
+
+
+def move_applier(conn: psycopg.Connection[Any], schema: str, run_id: str, pid: int, started: datetime) -> bool:
+    """The run goes on in a new session (its first was lost): False when the row was settled meanwhile."""
+    row = conn.execute(sql.SQL("UPDATE {} SET backend_pid = %s, backend_start = %s WHERE id = %s AND status = 'running' "
+                               "RETURNING id").format(_table(schema)), (pid, started, run_id)).fetchone()
+    return row is not None
 
 
 def request_cancel(conn: psycopg.Connection[Any], schema: str, run_id: str) -> None:
@@ -328,28 +468,30 @@ def cancel_requested(conn: psycopg.Connection[Any], schema: str, run_id: str) ->
     return bool(row and row[0])
 
 
-def running_runs(conn: psycopg.Connection[Any], schema: str) -> list[Run]:
-    runs, progress = _exists(conn, schema)
-    if not runs:
-        return []
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_select(schema, progress, "status = 'running'", " ORDER BY started_at"))
-        return [_run(r) for r in cur.fetchall()]
-
-
-def mark_interrupted(conn: psycopg.Connection[Any], schema: str, run_id: str, message: str) -> None:
-    """The run ends as interrupted, its recorded steps moved into ``statements`` like any finished run's."""
-    if not _exists(conn, schema)[1]:  # version 2: the steps are in ``statements`` already
-        conn.execute(
-            sql.SQL("UPDATE {} SET status = 'interrupted', finished_at = clock_timestamp(), error = %s, "
-                    "current_steps = NULL WHERE id = %s AND status = 'running'").format(_table(schema)),
-            (message, run_id),
-        )
-        return
-    conn.execute(
-        sql.SQL("WITH done AS (DELETE FROM {} WHERE run_id = %s RETURNING position, record) "
+def mark_interrupted(conn: psycopg.Connection[Any], schema: str, run_id: str, message: str, *,
+                     added: Sequence[StepRecord] = (), cleanup: Sequence[dict[str, Any]] = ()) -> bool:
+    """The run ends as interrupted, its recorded steps (and ``added``: in-flight steps found completed) moved into
+    ``statements`` like any finished run's; only while it still says running and its applier is not alive, so a
+    living run is never marked, whatever the caller believed. False: not marked."""
+    found = layout(conn, schema)
+    alive = runlock.alive_predicate("r", with_start=found.sessions)
+    extra = json.dumps([s.to_json() for s in added])
+    if not found.progress:  # version 2: the steps are in ``statements`` already
+        row = conn.execute(
+            sql.SQL("UPDATE {} r SET status = 'interrupted', finished_at = clock_timestamp(), error = %s, "
+                    "current_steps = NULL, statements = statements || %s::jsonb WHERE id = %s AND status = 'running' "
+                    "AND NOT " + alive + " RETURNING id").format(_table(schema)),
+            (message, extra, run_id),
+        ).fetchone()
+        return row is not None
+    set_cleanup = ", cleanup = %s::jsonb" if found.sessions else ""
+    row = conn.execute(
+        sql.SQL("WITH claimed AS (SELECT id FROM {} r WHERE id = %s AND status = 'running' AND NOT " + alive + " FOR UPDATE), "
+                "done AS (DELETE FROM {} WHERE run_id IN (SELECT id FROM claimed) RETURNING position, record) "
                 "UPDATE {} SET status = 'interrupted', finished_at = clock_timestamp(), error = %s, current_steps = NULL, "
                 "statements = statements || (SELECT coalesce(jsonb_agg(record ORDER BY position), '[]') FROM done) "
-                "WHERE id = %s AND status = 'running'").format(_progress(schema), _table(schema)),
-        (run_id, message, run_id),
-    )
+                "|| %s::jsonb" + set_cleanup + " WHERE id IN (SELECT id FROM claimed) RETURNING id"
+                ).format(_table(schema), _progress(schema), _table(schema)),
+        (run_id, message, extra, *([json.dumps(list(cleanup))] if found.sessions else [])),
+    ).fetchone()
+    return row is not None

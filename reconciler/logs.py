@@ -23,7 +23,10 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         run = getattr(record, "run_id", None)
         prefix = f"[run {run[:8]}] " if run else ""
-        return redact(f"{record.levelname.lower()}: {prefix}{record.getMessage()}")
+        text = f"{record.levelname.lower()}: {prefix}{record.getMessage()}"
+        if record.exc_info:  # --debug logs the traceback of an expected error this way
+            text += "\n" + self.formatException(record.exc_info)
+        return redact(text)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -35,6 +38,8 @@ class _JsonFormatter(logging.Formatter):
             "run_id": getattr(record, "run_id", None),
             "message": redact(record.getMessage()),
         }
+        if record.exc_info:
+            entry["traceback"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry)
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import inspect, renames, roundtrip
-from .apply import recover_interrupted
+from . import history, inspect, renames, roundtrip
+from .apply import settle
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
 from .diff.base import Change, DiffEngine
@@ -325,7 +325,10 @@ def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename,
     """What a plan reads of live's schema: who it is, its objects and the renames still to do."""
     excluded = (config.metadata_schema,)
     with connect(target_dsn) as conn:
-        recover_interrupted(conn, config.metadata_schema, holding_lock=False)
+        settle(conn, config.metadata_schema)  # runs whose applier is gone, and what they left
+        for run in (r for r in history.running_runs(conn, config.metadata_schema) if r.alive):
+            log.warning("run %s is applying plan %s to this database right now (since %s): this plan sees it part-way",
+                        run.id, run.plan_id.removeprefix("sha256:")[:12], f"{run.started_at:%H:%M:%S %Z}")
         ident = inspect.identity(conn)
         if memo is not None:
             live = memo.snapshot(conn, exclude_schemas=excluded, **managed(config))
@@ -404,6 +407,7 @@ def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) 
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
         with connect(servers.target_dsn) as conn:
+            settle(conn, config.metadata_schema)  # a dead run's INVALID index is debris, not drift
             live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
         differences = inspect.compare(desired, live)
         if not differences:

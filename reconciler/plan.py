@@ -367,6 +367,7 @@ def step_to_json(s: Step) -> dict[str, Any]:
         "statement_timeout": s.statement_timeout,
         "lint": [{"rule": f.rule, "message": f.message} for f in s.lint],
         "original_sql": s.original_sql,
+        "identity": list(s.identity),
     }
 
 
@@ -386,6 +387,7 @@ def step_from_json(s: Mapping[str, Any]) -> Step:
         statement_timeout=s["statement_timeout"],
         lint=tuple(LintFinding(f["rule"], f["message"]) for f in s["lint"]),
         original_sql=s["original_sql"],
+        identity=tuple(s.get("identity", ())),
     )
 
 

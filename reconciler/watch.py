@@ -49,6 +49,7 @@ DEFAULT_PORT = 9187
 PLAN_RESULTS = ("no_changes", "auto_apply", "written", "denied", "error")
 APPLY_RESULTS = ("applied", "failed", "refused", "locked", "cancelled")
 DRIFT_RESULTS = ("none", "found", "error")
+RUN_STATUSES = ("running", "applied", "failed", "cancelled", "interrupted", "rolled back")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class Metrics:
         self.plans = Counter("reconciler_plans", "Plans made, by result", ["result"], registry=r)
         self.applies = Counter("reconciler_applies", "Applies tried, by result", ["result"], registry=r)
         self.drift_checks = Counter("reconciler_drift_checks", "Drift checks, by result", ["result"], registry=r)
+        self.target_run = Gauge("reconciler_target_last_run", "1 for the status of the newest run in the target's history "
+                                "(by anyone), as it truly is: a run whose applier is gone is interrupted", ["status"],
+                                registry=r)
+        self.left_behind = Gauge("reconciler_target_cleanup_pending", "What stopped runs left in the target (an INVALID "
+                                 "index, a helper constraint) and no command could remove yet", registry=r)
         self.stage_duration = Histogram("reconciler_stage_duration_seconds", "Time spent planning, applying and "
                                         "checking drift", ["stage"], registry=r,
                                         buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
@@ -112,6 +118,8 @@ class Metrics:
                 counter.labels(result)
         for stage in ("plan", "apply", "drift"):
             self.stage_duration.labels(stage)
+        for status in RUN_STATUSES:
+            self.target_run.labels(status)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -224,6 +232,7 @@ class Watcher:
             ok = False
         self.metrics.last_run.set(time.time())
         self.metrics.last_success.set(1 if ok else 0)
+        self._observe_history(servers)
         self.cycles += 1
 
     def _reconcile(self, servers: Servers, trigger: str, changed: str) -> bool:
@@ -261,6 +270,20 @@ class Watcher:
             if outcome not in ("locked", "refused"):
                 return outcome == "applied"
         return False
+
+    def _observe_history(self, servers: Servers) -> None:
+        """The target's newest run and what stopped runs left, as they are (each cycle settled them first)."""
+        try:
+            with connect(servers.target_dsn) as conn:
+                latest = history.list_runs(conn, self.config.metadata_schema, limit=1)
+                pending = sum(1 for r in history.with_cleanup(conn, self.config.metadata_schema) for e in r.cleanup
+                              if e.get("status") == "pending")
+        except (ReconcilerError, psycopg.Error) as exc:
+            log.debug("could not read the target's history: %s", exc)
+            return
+        for status in RUN_STATUSES:
+            self.metrics.target_run.labels(status).set(1 if latest and latest[0].shown_status == status else 0)
+        self.metrics.left_behind.set(pending)
 
     def _latest_run(self, servers: Servers) -> tuple[str, str] | None:
         """The newest run in the target's history (id, status): when it moves while planning, another apply (another

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,6 +21,9 @@ from reconciler.servers import (
     wheel_bindir,
 )
 from tests.repo import BASE_SCHEMA, Repo
+
+if TYPE_CHECKING:
+    from tests.target import Target
 
 TEST_DSN_ENV = "RECONCILER_TEST_DSN"
 TEST_BINDIR_ENV = "RECONCILER_TEST_PG_BINDIR"
@@ -108,3 +112,11 @@ def repo(tmp_path: Path, database: str, pg_server: Server) -> Repo:
     return r
 
 
+
+
+@pytest.fixture
+def target(tmp_path: Path, database: str, pg_server: Server) -> Target:
+    """A target database driven through the real command line (tests/target.py)."""
+    from tests.target import Target
+
+    return Target(tmp_path, database, pg_server)

@@ -3,13 +3,14 @@ it, and a run started by a tool that kept its progress in ``statements`` itself.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
 from psycopg import sql
 
 from reconciler import history
-from reconciler.apply import ApplyOptions, apply_plan, recover_interrupted
+from reconciler.apply import ApplyOptions, apply_plan, settle
 from reconciler.config import Environment, load_config
 from reconciler.history import StepRecord
 from reconciler.pipeline import make_plan, open_servers
@@ -89,7 +90,7 @@ def test_recovery_moves_the_recorded_steps_of_a_dead_run_into_its_row(database: 
                                                                            (3, "rolled back"), (3, "applied")]
         assert running.statements[0] == _record(1).to_json()
         assert running.current_steps == ()
-        (recovered,) = recover_interrupted(conn, "reconciler", holding_lock=False)
+        (recovered,) = settle(conn, "reconciler").interrupted
         assert recovered.id == run_id
         after = history.get_run(conn, "reconciler", run_id)
     assert after is not None and after.status == "interrupted"
@@ -107,10 +108,11 @@ def _version_2_run(conn: Any) -> str:
     for version in (1, 2):
         conn.execute(sql.SQL(history._MIGRATIONS[version]).format(schema=sql.Identifier("reconciler")))
         conn.execute("INSERT INTO reconciler.schema_version (version) VALUES (%s)", (version,))
-    run_id = history.start_run(conn, "reconciler", plan_id="sha256:" + "0" * 64, environment="test", backend_pid=-1,
-                               git_commit=None, from_fingerprint="a", to_fingerprint="b")
-    conn.execute("UPDATE reconciler.runs SET statements = %s::jsonb WHERE id = %s",
-                 ('[{"index": 1, "status": "applied"}, {"index": 2, "status": "applied"}]', run_id))
+    run_id = str(uuid.uuid4())  # the row as that tool wrote it: its columns only
+    conn.execute("INSERT INTO reconciler.runs (id, plan_id, environment, status, actor, client_host, tool_version, "
+                 "backend_pid, from_fingerprint, to_fingerprint, statements) VALUES (%s, %s, 'test', 'running', 'a', "
+                 "'h', '0.1.0', -1, 'a', 'b', %s::jsonb)",
+                 (run_id, "sha256:" + "0" * 64, '[{"index": 1, "status": "applied"}, {"index": 2, "status": "applied"}]'))
     return run_id
 
 
@@ -120,7 +122,7 @@ def test_a_version_2_metadata_schema_is_read_and_recovered_without_upgrading_it(
         run_id = _version_2_run(conn)
         (running,) = history.running_runs(conn, "reconciler")
         assert [s["index"] for s in running.statements] == [1, 2]
-        recover_interrupted(conn, "reconciler", holding_lock=False)
+        settle(conn, "reconciler")
         (after,) = history.list_runs(conn, "reconciler")
     assert after.id == run_id and after.status == "interrupted" and "completed step(s): 1, 2" in (after.error or "")
     assert [s["index"] for s in after.statements] == [1, 2]
@@ -134,7 +136,7 @@ def test_a_run_a_version_2_reconciler_started_keeps_its_statements_after_the_upg
         history.record_progress(conn, "reconciler", run_id, added=[_record(3)], position=0)
         running = history.get_run(conn, "reconciler", run_id)
         assert running is not None and [s["index"] for s in running.statements] == [1, 2, 3]
-        recover_interrupted(conn, "reconciler", holding_lock=True)
+        settle(conn, "reconciler", holding_lock=True)
         after = history.get_run(conn, "reconciler", run_id)
     assert after is not None and after.status == "interrupted" and "completed step(s): 1, 2, 3" in (after.error or "")
     assert [s["index"] for s in after.statements] == [1, 2, 3]

@@ -95,19 +95,40 @@ def test_apply_verifies_before_commit_and_rolls_back_a_plan_that_does_not_conver
         assert inspect.snapshot(conn).objects == {("schema", "public"): ""}
 
 
-def test_apply_verifies_after_commit_by_default_and_says_what_stays(
-    tmp_path: Path, database: str, pg_server: Server
-) -> None:
-    """By default the check runs after commit (no lock held while reading the catalog)."""
+def test_apply_verifies_before_commit_by_default(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """README's promise, the default: a plan ending with a transaction is checked inside it, before COMMIT."""
     config = load_config(_config(tmp_path, STORAGE_EXTERNAL))
     env = Environment(name="test", database=database, shadow=pg_server.dsn, rehearse=False)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers).plan
     with pytest.raises(ApplyError) as err:
         apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", allow_unrehearsed=True))
-    assert "column public.t.body (different)" in str(err.value) and "stay applied" in str(err.value)
-    assert fetch_one(database, "SELECT to_regclass('public.t') IS NOT NULL") is True
+    assert "column public.t.body (different)" in str(err.value) and "nothing was changed (rolled back)" in str(err.value)
+    assert fetch_one(database, "SELECT to_regclass('public.t')") is None
     assert fetch_one(database, "SELECT status FROM reconciler.runs") == "failed"
+
+
+@pytest.mark.parametrize("ends_with", ["transaction", "concurrent drop"])
+def test_a_result_short_of_desired_found_after_commit_is_undone(tmp_path: Path, database: str, pg_server: Server,
+                                                               ends_with: str) -> None:
+    """Checked after the last step (the check inside the transaction off, or a plan ending with a concurrent index
+    drop): what was committed is undone by each step's rollback SQL, and the run is recorded rolled back."""
+    run_sql(database, "CREATE TABLE u (id int PRIMARY KEY, note text)")
+    if ends_with == "concurrent drop":
+        run_sql(database, "CREATE INDEX u_note_idx ON u (note)")
+    config = load_config(_config(tmp_path, STORAGE_EXTERNAL + "CREATE TABLE u (id int PRIMARY KEY, note text);\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn, rehearse=False)
+    with open_servers(config, env) as servers:
+        plan = make_plan(config, env, servers).plan
+    assert plan.body.steps[-1].transactional == (ends_with == "transaction")
+    with pytest.raises(ApplyError) as err:
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", allow_unrehearsed=True,
+                                                verify_before_commit=ends_with == "concurrent drop"))
+    assert "column public.t.body (different)" in str(err.value) and "undone by their rollback SQL" in str(err.value)
+    assert fetch_one(database, "SELECT to_regclass('public.t')") is None
+    if ends_with == "concurrent drop":  # dropped, then made again by its rollback SQL
+        assert fetch_one(database, "SELECT to_regclass('public.u_note_idx') IS NOT NULL") is True
+    assert fetch_one(database, "SELECT status FROM reconciler.runs") == "rolled back"
 
 
 def test_metadata_schema_is_versioned_and_excluded(tmp_path: Path, database: str, pg_server: Server) -> None:

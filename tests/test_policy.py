@@ -285,7 +285,7 @@ rules:
     assert: {when: after, sql: "SELECT count(*) = 1 FROM information_schema.columns WHERE column_name = 'memo'"}
 """)
     plan = prepo.plan("staging")
-    with pytest.raises(ApplyError, match=r"failed verification: postcondition memo-kept \(rules.yaml:2\) returned False"):
+    with pytest.raises(ApplyError, match=r"failed: after the steps: postcondition memo-kept \(rules.yaml:2\) returned False"):
         apply_plan(plan, prepo.database, options)
     assert fetch_one(prepo.database, "SELECT status FROM reconciler.runs") == "failed"
     assert "memo-kept" in str(fetch_one(prepo.database, "SELECT error FROM reconciler.runs"))

@@ -153,6 +153,23 @@ def test_syntax_error_is_reported_and_the_loop_goes_on(repo: Repo) -> None:
         assert 'reconciler_plans_total{result="error"} 1.0' in w.watcher.metrics.text().decode()
 
 
+def test_metrics_show_a_dead_run_as_interrupted(repo: Repo) -> None:
+    """A run left `running` by an applier that died is what watch's metrics show as the target's last run: interrupted
+    (the watcher's first look records it so)."""
+    assert repo.run("apply", "--auto") == 0
+    with connect(repo.database) as conn:
+        conn.execute("INSERT INTO reconciler.runs (id, plan_id, environment, status, actor, client_host, tool_version, "
+                     "backend_pid, backend_start, from_fingerprint, to_fingerprint) VALUES (gen_random_uuid(), %s, 'test', "
+                     "'running', 'a', 'h', '0', pg_backend_pid(), now(), 'a', 'b')", ("sha256:" + "0" * 64,))
+    with watching(repo) as w:
+        w.wait(lambda: w.reported("no_changes", "start"), "the first plan")
+    metrics = w.watcher.metrics.text().decode()  # the watcher has stopped: its first cycle is complete
+    assert 'reconciler_target_last_run{status="interrupted"} 1.0' in metrics
+    assert 'reconciler_target_last_run{status="running"} 0.0' in metrics
+    assert "reconciler_target_cleanup_pending 0.0" in metrics
+    assert runs(repo.database, "interrupted") == 1
+
+
 def test_drift_is_reported_and_not_reverted_without_auto_apply(repo: Repo) -> None:
     assert repo.run("apply", "--auto") == 0
     repo.config.write_text(repo.config.read_text().replace("auto_apply: true", "auto_apply: false"))

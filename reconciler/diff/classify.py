@@ -161,3 +161,54 @@ def _alter_table(node: ast.AlterTableStmt) -> tuple[str, str]:
     if cmd.name and kind != "alter_table":
         return kind, f"{table}.{cmd.name}"
     return kind, table
+
+
+def _parts(items: Any) -> tuple[str, ...]:
+    return tuple(str(p) for p in (getattr(i, "sval", None) for i in items or ()) if p)
+
+
+def _qualified(parts: tuple[str, ...]) -> tuple[str, ...]:
+    return ("public", *parts) if len(parts) == 1 else parts
+
+
+def _relation_parts(rv: ast.RangeVar | None) -> tuple[str, ...]:
+    if rv is None or not rv.relname:
+        return ()
+    return (str(rv.schemaname or "public"), str(rv.relname))
+
+
+def identity_of(node: ast.Node | None) -> tuple[str, ...]:
+    """The object a statement acts on as its name's parts (schema first; ``public`` where the statement names none,
+    as migra's statements always do): the catalog is searched part by part, so a name holding a dot is still one
+    name. Empty where the statement names no single object."""
+    if isinstance(node, ast.IndexStmt):
+        table = _relation_parts(node.relation)
+        return (table[0], str(node.idxname)) if table and node.idxname else ()
+    if isinstance(node, ast.DropStmt):
+        objects = list(node.objects or ())
+        if len(objects) != 1 or not isinstance(objects[0], tuple):
+            return ()
+        return _qualified(_parts(objects[0]))
+    if isinstance(node, ast.AlterTableStmt):
+        table = _relation_parts(node.relation)
+        cmds = [c for c in node.cmds or () if isinstance(c, ast.AlterTableCmd)]
+        if not table or len(cmds) != 1:
+            return table
+        cmd = cmds[0]
+        if isinstance(cmd.def_, ast.Constraint) and cmd.def_.conname:
+            return (*table, str(cmd.def_.conname))
+        if isinstance(cmd.def_, ast.ColumnDef) and cmd.def_.colname:
+            return (*table, str(cmd.def_.colname))
+        return (*table, str(cmd.name)) if cmd.name else table
+    if isinstance(node, ast.CreateStmt):
+        return _relation_parts(node.relation)
+    if isinstance(node, ast.ViewStmt):
+        return _relation_parts(node.view)
+    if isinstance(node, ast.CreateSeqStmt | ast.AlterSeqStmt):
+        return _relation_parts(node.sequence)
+    if isinstance(node, ast.CreateEnumStmt | ast.AlterEnumStmt):
+        return _qualified(_parts(node.typeName))
+    if isinstance(node, ast.RenameStmt) and node.relation is not None:
+        table = _relation_parts(node.relation)
+        return (*table, str(node.subname)) if node.subname else table
+    return ()

@@ -9,8 +9,10 @@ the role that reads and the roles' names (shared catalogs), the excluded schemas
 and schemainspect. Not the database's name: a copy made with ``CREATE DATABASE ... TEMPLATE`` has the same catalogs,
 and the same inspection (a desired database loaded under a scratch name, then kept under its own).
 
-The files are pickles of schemainspect's objects, in the user's own cache folder (created private to the user); a
-file that cannot be read is a miss. The most recently used few are kept.
+The files are pickles of schemainspect's objects, in the user's own cache folder (created private to the user). Unpickling
+runs code, so a file is read only when it and every folder of the cache down to it are the user's own and private (as
+the memory folder is checked, ``servers.memory_dir``); anything else is refused with a warning and the database read
+again. A file that cannot be read is a miss. The most recently used few are kept.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import pickle
+import stat
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -117,10 +120,31 @@ class InspectionCache:
                 removed += 1
         return removed
 
+    def untrusted(self, path: Path) -> str | None:
+        """Why ``path`` must not be unpickled (None: it may): it, and each folder from the cache's own down to it,
+        must be a real folder or file (no symbolic link) of this user's, which no one else can read or write."""
+        owner = os.geteuid()
+        places = [self.folder, *reversed(path.relative_to(self.folder).parents[:-1]), path]
+        for place in (self.folder / p if not p.is_absolute() else p for p in places):
+            st = os.lstat(place)
+            kind_ok = stat.S_ISREG(st.st_mode) if place == path else stat.S_ISDIR(st.st_mode)
+            if not kind_ok:
+                return f"{place} is not a {'file' if place == path else 'folder'} (a link?)"
+            if st.st_uid != owner:
+                return f"{place} belongs to uid {st.st_uid}, not {owner}"
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                return f"{place} is open to others (mode {stat.S_IMODE(st.st_mode):o})"
+        return None
+
     def _read(self, path: Path, dsn: str) -> object:
         try:
-            with path.open("rb") as f:
-                found = pickle.load(f)  # our own file, in the user's private cache folder
+            refused = self.untrusted(path)
+            if refused is not None:
+                log.warning("inspection cache: not reading %s: %s; reading %s again", path, refused, dsnlib.describe(dsn))
+                return None
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                found = pickle.load(f)  # checked above: the user's own file, in the user's own private folders
             os.utime(path)
         except FileNotFoundError:
             return None
@@ -134,6 +158,8 @@ class InspectionCache:
         written = ""
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for folder in {self.folder, path.parent}:
+                folder.chmod(0o700)  # the tool's own cache folders (made above; an older tool made them with the umask)
             with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as f:
                 written = f.name
                 pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)

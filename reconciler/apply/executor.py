@@ -1,0 +1,540 @@
+"""The executor: check, lock, record, back up, run the steps phase by phase, verify, record; and when a run stops
+short (a failure, a cancel, a signal, a lost session), settle what it leaves before it reports.
+
+Two connections: the executor runs the steps and holds the session advisory lock (so the lock goes with it if the
+process dies); a second, autocommit connection (control) writes the history row, so the record survives the
+rollback of the steps. A transactional phase's step records are written by the executor inside that phase's own
+transaction: they commit with its steps or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, NoReturn
+
+import psycopg
+
+from .. import backup, history, runlock
+from ..diff.inspections import catalog_token
+from ..errors import ApplyError, LockTimeoutError, ReconcilerError, RefusedError
+from ..history import StepRecord
+from ..logs import current_run
+from ..plan import Plan
+from ..safety import Step
+from ..servers import connect
+from ..signing import enforce
+from . import recovery
+from .checks import freshness, plan_checks, refuse_unless_target
+from .monitor import LockWaitMonitor
+from .options import ApplyOptions, ApplyResult
+from .verification import NotConverged, check_converged, postcondition_failures, verification_failures, verify
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """`reconciler cancel` asked this run to stop."""
+
+
+def check_plan(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> str:
+    """Refuse a plan that was altered, unapproved, expired, for another database, stale or replayed."""
+    enforce(plan_checks(plan, options, conn), plan)
+    return plan.body.target.fingerprint
+
+
+def _holder(control: psycopg.Connection[Any], schema: str) -> str:
+    """Who holds the apply lock, for the message of one who waits."""
+    running = [r for r in history.running_runs(control, schema) if r.alive]
+    if running:
+        r = running[-1]
+        return (f"run {r.id} (plan {r.plan_id.removeprefix('sha256:')[:12]}, {r.actor}@{r.client_host}, "
+                f"since {r.started_at:%Y-%m-%d %H:%M:%S %Z})")
+    pids = [h.pid if isinstance(h, runlock.Session) else h for h in runlock.holders(control)]
+    return f"backend pid {', '.join(map(str, pids)) or 'unknown'}"
+
+
+def _acquire_lock(executor: psycopg.Connection[Any], control: psycopg.Connection[Any], options: ApplyOptions) -> None:
+    deadline = time.monotonic() + options.lock_wait_seconds
+    announced = False
+    while not runlock.try_lock(executor):
+        who = _holder(control, options.metadata_schema)
+        if time.monotonic() >= deadline:
+            raise LockTimeoutError(
+                f"another apply holds the lock on {executor.info.dbname}: {who}; gave up after {options.lock_wait_seconds:g}s"
+            )
+        if not announced:
+            log.info("waiting up to %gs for the apply lock held by %s", options.lock_wait_seconds, who)
+            announced = True
+        time.sleep(0.2)
+
+
+def _phases(steps: Sequence[Step]) -> list[list[Step]]:
+    """The compiler's phases: one transaction each, or one statement that cannot run in one."""
+    grouped: dict[int, list[Step]] = {}
+    for step in steps:
+        grouped.setdefault(step.phase, []).append(step)
+    return [grouped[k] for k in sorted(grouped)]
+
+
+def _usable(conn: psycopg.Connection[Any]) -> bool:
+    return not conn.closed and not conn.broken
+
+
+class _Sessions:
+    """The run's two connections, and a new executing session when the first is lost (terminated, say): the
+    leftovers of its step and the undoing of its committed steps need the lock, and the run's row must name the
+    session that holds it."""
+
+    def __init__(self, dsn: str, control: psycopg.Connection[Any], options: ApplyOptions) -> None:
+        self.dsn, self.control, self.options = dsn, control, options
+        self.executor = connect(dsn, application_name="reconciler apply")
+
+    def start(self) -> None:
+        _acquire_lock(self.executor, self.control, self.options)
+        if int(self.executor.info.server_version) >= 140000:
+            # If this process dies mid-statement, the server stops the statement instead of finishing it
+            # for nobody (a concurrent index build would otherwise complete after a kill -9).
+            self.executor.execute("SET client_connection_check_interval = '1s'")
+
+    def regain(self, run_id: str) -> bool:
+        """After losing the executing session: a new one, holding the lock, named in the run's row."""
+        try:
+            fresh = connect(self.dsn, application_name="reconciler apply")
+        except ReconcilerError as exc:
+            log.warning("cannot reconnect to settle the run: %s", exc)
+            return False
+        try:
+            if runlock.lock_within(fresh, self.options.reconnect_seconds):
+                session = runlock.this_session(fresh)
+                if history.move_applier(self.control, self.options.metadata_schema, run_id, session.pid, session.started):
+                    with contextlib.suppress(psycopg.Error):
+                        self.executor.close()
+                    self.executor = fresh
+                    return True
+                runlock.unlock(fresh)
+        except psycopg.Error as exc:
+            log.warning("cannot take the apply lock again to settle the run: %s", exc)
+        fresh.close()
+        return False
+
+    def close(self) -> None:
+        executor = self.executor
+        if _usable(executor) and executor.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                runlock.unlock(executor)
+        with contextlib.suppress(psycopg.Error):
+            executor.close()
+
+
+def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResult:
+    """Run an approved plan against the target; refuses, or records the run as applied, failed, rolled back or
+    cancelled. Nothing is written to a target that refuses the plan."""
+    schema = options.metadata_schema
+    with connect(target_dsn, application_name="reconciler control") as control:
+        refuse_unless_target(plan, control)
+        sessions = _Sessions(target_dsn, control, options)
+        try:
+            sessions.start()
+            recovery.settle(control, schema, holding_lock=True, lock_timeout=options.cleanup_lock_timeout)
+            token = catalog_token(control)
+            fingerprint = check_plan(plan, control, options)
+            if not plan.body.steps:
+                return ApplyResult(run_id=None, status="nothing", steps=(), fingerprint=fingerprint)
+            history.ensure_schema(control, schema)
+            run_id = str(uuid.uuid4())
+            context = current_run.set(run_id)
+            try:
+                return _Run(plan, run_id, sessions, replace(options, monitor_dsn=target_dsn), token).run()
+            finally:
+                current_run.reset(context)
+        finally:
+            sessions.close()
+
+
+class _Run:
+    """One run, from its row to its end."""
+
+    def __init__(self, plan: Plan, run_id: str, sessions: _Sessions, options: ApplyOptions, token: str) -> None:
+        self.plan, self.run_id, self.sessions, self.options, self.token = plan, run_id, sessions, options, token
+        self.schema = options.metadata_schema
+        self.records: list[StepRecord] = []
+        self.progress = _Progress(sessions.control, self.schema, run_id, self.records)
+        self.steps = {s.index: s for s in plan.body.steps}
+        self.backup: backup.Backup | None = None
+
+    @property
+    def control(self) -> psycopg.Connection[Any]:
+        return self.sessions.control
+
+    def run(self) -> ApplyResult:
+        try:
+            self._record_start()
+            self._take_backup()
+            self._still_fresh()
+            log.info("applying plan %s (%d steps in %d phases)", self.plan.short_id, len(self.plan.body.steps),
+                     len(_phases(self.plan.body.steps)))
+            with LockWaitMonitor(self.options.monitor_dsn, self.sessions.executor.info.backend_pid) \
+                    if self.options.monitor_dsn else contextlib.nullcontext() as monitor:
+                _execute(self.plan, self.sessions.executor, self.options, self.records, self.progress, monitor)
+            if history.cancel_requested(self.control, self.schema, self.run_id):
+                raise Cancelled
+            verification = verify(self.sessions.executor, self.plan, self.schema)
+            history.record_verification(self.control, self.schema, self.run_id, verification)
+            failures = postcondition_failures(self.plan, self.control) + verification_failures(verification)
+            if failures:
+                raise NotConverged("after the steps: " + "; ".join(failures))
+        except BaseException as exc:
+            self._stopped(exc)
+        if not history.finish_run(self.control, self.schema, self.run_id, status="applied", statements=self.records):
+            raise ApplyError(f"run {self.run_id}: every step applied and verified, but another command had already "
+                             "recorded the run as ended (its session looked gone)", self.run_id)
+        log.info("applied in %.0f ms of statements", sum(r.duration_ms for r in self.records))
+        return ApplyResult(run_id=self.run_id, status="applied", steps=tuple(self.records),
+                           fingerprint=str(verification["fingerprint"]), backup=self.backup)
+
+    def _record_start(self) -> None:
+        """Inside the guarded block: a Ctrl-C or SIGTERM landing just after the row is written still finishes it as
+        cancelled instead of leaving it running."""
+        session = runlock.this_session(self.sessions.executor)
+        history.start_run(
+            self.control, self.schema, run_id=self.run_id, plan_id=self.plan.id, environment=self.options.environment,
+            backend_pid=session.pid, backend_start=session.started, git_commit=self.plan.body.desired.git_commit,
+            from_fingerprint=self.plan.body.target.fingerprint, to_fingerprint=self.plan.body.desired.schema_fingerprint,
+            temporaries=recovery.temporaries(self.plan.body.steps),
+        )
+
+    def _take_backup(self) -> None:
+        """Under the run, so `history` shows it and `cancel` stops it; the metadata schema is left out of it, so a
+        restored backup brings back no history row."""
+        if self.options.backup_scope == "none" or self.options.backups_dir is None:
+            return
+        touched = sorted({h.table for s in self.plan.body.steps for h in s.hazards
+                          if h.table and h.code in ("DATA_LOSS", "TABLE_REWRITE")})
+        tables = [(str(r[0]), str(r[1])) for r in self.control.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')").fetchall()]
+        path = self.options.backups_dir / f"{self.plan.body.target.database}-{self.run_id}.dump"
+        last_look = [time.monotonic()]
+
+        def stop() -> bool:  # a cancel request, looked for once a second
+            if time.monotonic() - last_look[0] < 1.0:
+                return False
+            last_look[0] = time.monotonic()
+            return history.cancel_requested(self.control, self.schema, self.run_id)
+
+        taken = backup.dump(self.sessions.dsn, server_major=int(self.control.info.server_version) // 10000, path=path,
+                            scope=self.options.backup_scope, keep_data_of=touched, all_tables=tables,
+                            exclude_schemas=(self.schema,), stop=stop)
+        history.record_backup(self.control, self.schema, self.run_id, path=str(taken.path), sha256=taken.sha256,
+                              size=taken.size)
+        self.backup = taken
+        if self.options.on_backup is not None:
+            self.options.on_backup(taken)
+
+    def _still_fresh(self) -> None:
+        """The plan was checked against live before the backup, which may take hours: checked again, under the
+        lock, right before the first step (the catalogs' change token first: a full look only when it moved)."""
+        if catalog_token(self.control) == self.token:
+            return
+        check = freshness(self.control, self.plan, self.options)
+        if not check.ok:
+            raise RefusedError(f"plan {self.plan.short_id} refused (freshness): {check.message}")
+
+    def _stopped(self, exc: BaseException) -> NoReturn:
+        """Settle what the run leaves, record it, and raise: what the step under way did (read from the catalog),
+        committed steps undone where each can be, debris removed, or named for the next command to remove."""
+        cancelled = isinstance(exc, KeyboardInterrupt | Cancelled | backup.Stopped) or (
+            isinstance(exc.__cause__, psycopg.errors.QueryCanceled) and _usable(self.control)
+            and history.cancel_requested(self.control, self.schema, self.run_id))
+        message = "cancelled" if cancelled and not isinstance(exc, ApplyError) else _error_text(exc)
+        if not _usable(self.control):
+            raise ApplyError(
+                f"run {self.run_id}: the connection to the target was lost ({message}); its history row says "
+                "running until the next command (plan, history, apply...) finds its session gone and marks it "
+                "interrupted, removing what its step under way left", self.run_id) from None
+        lost = not _usable(self.sessions.executor)
+        if lost and not self.sessions.regain(self.run_id):
+            self._record_lost(message)
+        held = self.sessions.executor
+        outcome, status = self._step_under_way(held), "failed"
+        try:
+            undo, status = _after_failure(self.plan, self.records, held, self.options, self.run_id)
+        except BaseException as again:  # a second Ctrl-C while undoing: the rest is recorded as it stands
+            undo = f"undoing was stopped ({_error_text(again)}); what was committed stays: see the steps"
+        completed = {r.index for r in self.records if r.status == "applied"}
+        cleanup = [*outcome.cleanup, *recovery.leftover_temporaries(recovery.temporaries(self.plan.body.steps), completed)]
+        notes = list(outcome.notes)
+        try:
+            cleanup, removed = recovery.remove(held, cleanup, lock_timeout=self.options.cleanup_lock_timeout)
+            notes += removed
+        except BaseException as again:
+            notes.append(f"removing what the step left was stopped ({_error_text(again)}): the next command removes it")
+        pending = [str(e["object"]) for e in cleanup if e.get("status") == "pending"]
+        if pending:
+            notes.append(f"left for the next command to remove: {', '.join(pending)}")
+        outcome_text = "; ".join([undo, *notes])
+        status = "cancelled" if cancelled else status
+        recorded = history.finish_run(self.control, self.schema, self.run_id, status=status, statements=self.records,
+                                      error=f"{message}; {outcome_text}", cleanup=cleanup)
+        log.info("%s: %s; %s", status, message, outcome_text)
+        if not recorded:
+            found = history.get_run(self.control, self.schema, self.run_id)
+            if found is not None:  # else it stopped before its row was written: nothing to say of it
+                outcome_text += f"; another command had already recorded the run as {found.status} (its session was gone)"
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        if isinstance(exc, RefusedError):
+            raise RefusedError(f"{exc}; nothing was changed (run {self.run_id} recorded as failed)") from None
+        raise ApplyError(f"run {self.run_id} {'was cancelled' if cancelled else 'failed'}: {message}; {outcome_text}",
+                         self.run_id) from None
+
+    def _record_lost(self, message: str) -> NoReturn:
+        """The executing session is gone and no new one could take the lock: the row says so now, and whatever the
+        step left is removed by the next command that holds the lock."""
+        failing = self._failing_step()
+        found = recovery.outcome_of(self.control, [recovery.step_entry(failing)] if failing else [], set(),
+                                    "after its session was lost") if failing else recovery.Outcome()
+        self.records += found.records
+        completed = {r.index for r in self.records if r.status == "applied"}
+        cleanup = [*found.cleanup, *recovery.leftover_temporaries(recovery.temporaries(self.plan.body.steps), completed)]
+        committed = [str(i) for i in sorted(completed)]
+        text = (f"{message}; the session was lost and could not be taken up again; step(s) "
+                f"{', '.join(committed) or 'none'} stay applied" + "".join(f"; {n}" for n in found.notes)
+                + (f"; left for the next command to remove: {', '.join(str(e['object']) for e in cleanup)}" if cleanup else ""))
+        history.finish_run(self.control, self.schema, self.run_id, status="failed", statements=self.records, error=text,
+                           cleanup=cleanup)
+        raise ApplyError(f"run {self.run_id} failed: {text}", self.run_id) from None
+
+    def _failing_step(self) -> Step | None:
+        last = self.records[-1] if self.records else None
+        step = self.steps.get(last.index) if last is not None and last.status == "failed" else None
+        return step if step is not None and not step.transactional else None
+
+    def _step_under_way(self, conn: psycopg.Connection[Any]) -> recovery.Outcome:
+        """A non-transactional step stopped mid-way may have finished (the cancel came late) or left an INVALID index."""
+        failing = self._failing_step()
+        if failing is None:
+            return recovery.Outcome()
+        found = recovery.outcome_of(conn, [recovery.step_entry(failing)], set(), "though the run was stopped")
+        self.records += found.records
+        return found
+
+
+class _Progress:
+    """Writes what has completed and what is running to the history row, for `cancel` and crash recovery.
+
+    Only the records added since the last write are sent: a record, once written, is not changed before the
+    run ends (a failed attempt marks its own records rolled back before the next write; undoing committed
+    steps happens after the last one, and finish_run writes the whole list). A transactional phase writes its
+    records itself, inside its transaction (``in_transaction``)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str, run_id: str, records: list[StepRecord]) -> None:
+        self.conn, self.schema, self.run_id, self.records = conn, schema, run_id, records
+        self.written = 0
+
+    def starting(self, phase: Sequence[Step]) -> None:
+        if history.cancel_requested(self.conn, self.schema, self.run_id):
+            raise Cancelled
+        self._write([recovery.step_entry(s) for s in phase])
+
+    def in_transaction(self, executor: psycopg.Connection[Any]) -> int:
+        """The phase's records, written by its own transaction just before it commits; returns how many, to count as
+        written once it has committed."""
+        added = self.records[self.written:]
+        history.insert_records(executor, self.schema, self.run_id, added=added, position=self.written)
+        return len(added)
+
+    def committed(self, written_in_transaction: int = 0) -> None:
+        self.written += written_in_transaction
+        self._write([])
+
+    def _write(self, current: list[dict[str, Any]]) -> None:
+        added = self.records[self.written:]
+        history.record_progress(self.conn, self.schema, self.run_id, added=added, position=self.written, current=current)
+        self.written += len(added)
+
+
+def _after_failure(plan: Plan, records: list[StepRecord], executor: psycopg.Connection[Any], options: ApplyOptions,
+                   run_id: str) -> tuple[str, str]:
+    """Undo what earlier phases committed, when every one of those steps can be undone by SQL."""
+    committed = [r for r in records if r.status == "applied"]
+    if not committed:
+        return "nothing was changed (rolled back)", "failed"
+    steps = {s.index: s for s in plan.body.steps}
+    irreversible = [r.index for r in committed if not steps[r.index].reversible]
+    restore_hint = f"reconciler restore {run_id}" if options.backup_scope != "none" and options.backups_dir else \
+        f"reconciler rollback {run_id}"
+    if irreversible or not options.auto_rollback or not _usable(executor):
+        why = (f"step(s) {', '.join(map(str, irreversible))} cannot be undone by SQL" if irreversible else
+               "auto_rollback is off" if options.auto_rollback is False else "the session to undo them with was lost")
+        return (f"step(s) {', '.join(str(r.index) for r in committed)} were committed and stay applied ({why}); "
+                f"the way back: {restore_hint}"), "failed"
+    if executor.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        executor.rollback()
+    undone = []
+    try:
+        for position in reversed([p for p, r in enumerate(records) if r.status == "applied"]):
+            record = records[position]
+            undo = steps[record.index].rollback_sql
+            if undo:
+                _set_timeouts(executor, steps[record.index], local=False)
+                try:
+                    executor.execute(undo.encode())
+                finally:
+                    if _usable(executor):
+                        executor.execute("RESET lock_timeout")
+                        executor.execute("RESET statement_timeout")
+            undone.append(record.index)
+            records[position] = replace(record, status="undone")
+    except psycopg.Error as exc:
+        done = set(undone)
+        left = [r.index for r in committed if r.index not in done]
+        return (f"undoing step {left[-1]} failed ({_error_text(exc)}); step(s) {', '.join(map(str, left))} stay applied; "
+                f"the way back: {restore_hint}"), "failed"
+    return f"step(s) {', '.join(map(str, sorted(undone)))} were committed, then undone by their rollback SQL", "rolled back"
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error):
+        diag = exc.diag
+        text = diag.message_primary or str(exc).strip()
+        if diag.sqlstate:
+            text += f" [SQLSTATE {diag.sqlstate}]"
+        if diag.message_detail:
+            text += f" DETAIL: {diag.message_detail}"
+        return text
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, Cancelled):
+        return "cancelled"
+    return str(exc)
+
+
+def _set_timeouts(conn: psycopg.Connection[Any], step: Step, *, local: bool) -> None:
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, %s), set_config('statement_timeout', %s, %s)",
+        (step.lock_timeout, local, step.statement_timeout, local),
+    )
+
+
+def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord],
+              on_step: Callable[[Step], None] | None = None, monitor: LockWaitMonitor | None = None) -> None:
+    if on_step is not None:
+        on_step(step)
+    if monitor is not None:
+        monitor.begin()
+    started = time.perf_counter()
+    try:
+        conn.execute(step.sql.encode(), prepare=False)
+    except BaseException as exc:
+        waited = monitor.end() if monitor is not None else 0.0
+        records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
+                                  (time.perf_counter() - started) * 1000, waited))
+        if isinstance(exc, psycopg.Error):
+            raise ApplyError(f"step {step.index} ({step.kind} {step.object}) failed: {_error_text(exc)}") from exc
+        raise
+    took = (time.perf_counter() - started) * 1000
+    waited = monitor.end() if monitor is not None else 0.0
+    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, waited))
+    log.info("step %d %s %s: %.1f ms (lock wait %.0f ms)", step.index, step.kind, step.object, took, waited)
+
+
+def _is_lock_timeout(exc: BaseException) -> bool:
+    cause = exc.__cause__ if isinstance(exc, ApplyError) else exc
+    return isinstance(cause, psycopg.errors.LockNotAvailable)
+
+
+def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None]) -> None:
+    """Run a phase; a lock timeout is retried with exponential backoff, a bounded number of times."""
+    for attempt in range(options.lock_retries + 1):
+        try:
+            attempt_phase()
+            return
+        except ApplyError as exc:
+            if not _is_lock_timeout(exc) or attempt == options.lock_retries:
+                if _is_lock_timeout(exc):
+                    raise ApplyError(f"{exc} (gave up after {attempt + 1} attempts)") from exc.__cause__
+                raise
+            delay = min(options.retry_backoff_seconds * 2**attempt, 30.0)
+            log.warning("%s hit lock_timeout; retrying in %.1fs (attempt %d of %d)", what, delay, attempt + 2,
+                        options.lock_retries + 1)
+            time.sleep(delay)
+
+
+def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, records: list[StepRecord],
+             progress: _Progress, monitor: LockWaitMonitor | None = None) -> None:
+    phases = _phases(plan.body.steps)
+    for number, phase in enumerate(phases, 1):
+        last = number == len(phases)
+        progress.starting(phase)
+        if phase[0].transactional:
+            written = [0]
+
+            def run_transaction(phase: list[Step] = phase, last: bool = last, written: list[int] = written) -> None:
+                done_before = len(records)
+                try:
+                    with conn.transaction():
+                        timeouts: tuple[str, str] | None = None
+                        for step in phase:
+                            if (step.lock_timeout, step.statement_timeout) != timeouts:  # once while they stay the same
+                                _set_timeouts(conn, step, local=True)
+                                timeouts = (step.lock_timeout, step.statement_timeout)
+                            _run_step(conn, step, records, options.on_step, monitor)
+                        if last and options.verify_before_commit:
+                            # what would be committed is checked before it is: the phase's locks are held meanwhile
+                            check_converged(plan, conn, options.metadata_schema)
+                        written[0] = progress.in_transaction(conn)
+                except BaseException:
+                    records[done_before:] = [r if r.status != "applied" else replace(r, status="rolled back")
+                                             for r in records[done_before:]]
+                    raise
+
+            _retrying(options, f"phase {phase[0].phase}", run_transaction)
+            progress.committed(written[0])
+        else:
+            step = phase[0]
+
+            def run_alone(step: Step = step) -> None:
+                _set_timeouts(conn, step, local=False)
+                try:
+                    _run_step(conn, step, records, options.on_step, monitor)
+                except ApplyError:
+                    if step.kind == "create_index_concurrently" and _usable(conn):
+                        # before a retry: the failed build's INVALID index must go (what is left when this
+                        # cannot run is found by the run's settling, from the catalog)
+                        recovery.remove(conn, recovery.outcome_of(conn, [recovery.step_entry(step)], set(), "").cleanup,
+                                        lock_timeout=options.cleanup_lock_timeout)
+                    raise
+                finally:
+                    if _usable(conn):
+                        conn.execute("RESET lock_timeout")
+                        conn.execute("RESET statement_timeout")
+
+            if step.kind == "create_index_concurrently":
+                _retry_index_build(options, step, conn, run_alone)
+            else:
+                _retrying(options, f"step {step.index}", run_alone)
+            progress.committed()
+
+
+def _retry_index_build(options: ApplyOptions, step: Step, conn: psycopg.Connection[Any],
+                       build: Callable[[], None]) -> None:
+    """A concurrent build can fail for passing reasons (deadlock, lock timeout): retry it a bounded number of times."""
+    for attempt in range(options.index_build_retries + 1):
+        try:
+            _retrying(options, f"step {step.index}", build)
+            return
+        except ApplyError as exc:
+            cause = exc.__cause__
+            permanent = not _usable(conn) or isinstance(
+                cause, psycopg.errors.UniqueViolation | psycopg.errors.SyntaxError | psycopg.errors.UndefinedColumn
+                | psycopg.errors.UndefinedTable | psycopg.errors.QueryCanceled)  # cancelled or statement_timeout
+            if permanent or attempt == options.index_build_retries:
+                raise
+            log.warning("concurrent index build of %s failed (%s); retrying", step.object, exc)
+            time.sleep(options.retry_backoff_seconds)

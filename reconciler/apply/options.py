@@ -1,0 +1,45 @@
+"""What an apply is told (per environment) and what it reports back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from ..backup import Backup
+from ..history import StepRecord
+from ..safety import Step
+from ..signing import NO_REQUIREMENTS, Requirements, Trust
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    environment: str
+    metadata_schema: str
+    lock_wait_seconds: float = 60.0
+    requirements: Requirements = NO_REQUIREMENTS
+    trust: Trust | None = None
+    lock_retries: int = 3
+    retry_backoff_seconds: float = 1.0
+    index_build_retries: int = 2
+    verify_before_commit: bool = True  # the check inside the last transaction, when the plan ends with one
+    allow_unrehearsed: bool = False
+    auto_rollback: bool = True
+    backup_scope: str = "none"  # full, touched or none
+    backups_dir: Path | None = None
+    now: datetime | None = None  # the clock for change windows (tests set it)
+    on_step: Callable[[Step], None] | None = None  # progress display
+    on_backup: Callable[[Backup], None] | None = None  # says where the backup went, as soon as it is written
+    monitor_dsn: str | None = None  # set by apply_plan: where the lock-wait monitor connects
+    reconnect_seconds: float = 10.0  # after losing its session: how long to try for a new one to clean up with
+    cleanup_lock_timeout: str = "5s"  # removing what a stopped step left (an INVALID index) waits no longer
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    run_id: str | None
+    status: str  # applied, or nothing (no steps)
+    steps: tuple[StepRecord, ...]
+    fingerprint: str
+    backup: Backup | None = None

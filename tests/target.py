@@ -1,0 +1,92 @@
+"""A target database for apply tests driven through the real command line: the tables below, a reconciler.yaml
+whose 'test' environment points at it (the test server as shadow, backups on), and the commands run as
+subprocesses, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from reconciler import inspect
+from reconciler.servers import Server, connect
+from tests.conftest import fetch_one, run_sql
+
+EXE = str(Path(sys.executable).with_name("reconciler"))
+LIVE = """
+CREATE TABLE parents (id bigint PRIMARY KEY, name text);
+CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint, note text, legacy text);
+INSERT INTO parents SELECT g, 'p' || g FROM generate_series(1, 50) g;
+INSERT INTO items SELECT g, 1 + g % 50, 'n', 'l' FROM generate_series(1, 500) g;
+"""
+
+
+class Target:
+    def __init__(self, root: Path, database: str, server: Server, *, lock_timeout: str = "60s") -> None:
+        self.root, self.database, self.server = root, database, server
+        run_sql(database, LIVE)
+        (root / "schemas").mkdir()
+        (root / "reconciler.yaml").write_text(textwrap.dedent(f"""\
+            backups: backups
+            environments:
+              test:
+                database: "{database}"
+                shadow: "{server.dsn}"
+                require_signed_plans: false
+                auto_apply: true
+                lock_timeout: {lock_timeout}
+                lock_wait: 30s
+            """))
+
+    def desired(self, sql: str) -> None:
+        (self.root / "schemas" / "schema.sql").write_text(sql)
+
+    def args(self, *args: str) -> list[str]:
+        return [EXE, "--config", str(self.root / "reconciler.yaml"), *args]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        command = list(args)
+        if command[0] in {"plan", "apply", "cancel", "history", "restore", "rollback", "verify", "backup", "verify-plan",
+                          "drift", "diff"}:
+            command += ["--env", "test"]
+        return subprocess.run(self.args(*command), capture_output=True, text=True, timeout=240)
+
+    def plan(self, name: str = "plan.json") -> Path:
+        path = self.root / name
+        result = self.run("plan", "-o", str(path))
+        assert result.returncode == 2, result.stderr
+        return path
+
+    def start_apply(self, plan: Path) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.args("apply", str(plan), "--env", "test"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def fingerprint(self) -> str:
+        with connect(self.database) as conn:
+            return inspect.snapshot(conn).fingerprint
+
+    def runs(self) -> list[dict[str, object]]:
+        result = self.run("history", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    def wait_for(self, query: str, expected: object = True, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while fetch_one(self.database, query) != expected:
+            assert time.monotonic() < deadline, f"timed out waiting for: {query}"
+            time.sleep(0.05)
+
+    def lock_is_free(self) -> bool:
+        return fetch_one(self.database, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+
+
+
+
+DESIRED = """
+CREATE TABLE parents (id bigint PRIMARY KEY, name text);
+CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint REFERENCES parents (id), note text, legacy text, extra text);
+CREATE INDEX items_note_idx ON items (note);
+"""
