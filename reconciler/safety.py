@@ -13,6 +13,7 @@ those objects yet, and CONCURRENTLY cannot run in the transaction that creates t
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -105,6 +106,7 @@ class _Draft:
 
 
 _UNIQUE_ADDS = frozenset({"add_primary_key", "add_unique_constraint"})
+_CREATE_INDEX = re.compile(r"^CREATE (?:UNIQUE )?INDEX ")  # how pg_get_indexdef starts
 
 # objects that live outside schemas, or statements about settings: their names are not schema-qualified
 _UNQUALIFIED_KINDS = frozenset({"set", "create_schema", "drop_schema", "create_extension", "drop_extension",
@@ -408,8 +410,10 @@ class _Compiler:
                 and not facts[0].backs_constraint and not facts[0].on_partitioned and names[0] not in self.created_indexes)
         if safe and not node.concurrent:
             node.concurrent = True
+            # undone the way it was done: built again without blocking writes
+            online = _CREATE_INDEX.sub(r"\g<0>CONCURRENTLY ", rollback, count=1) if rollback else None
             return replace(d, sql=_deparse(node), kind="drop_index_concurrently", transactional=False, hazards=hazards,
-                           rollback_sql=rollback, reversible=rollback is not None, original_sql=d.sql, stage=POST_DROP)
+                           rollback_sql=online, reversible=online is not None, original_sql=d.sql, stage=POST_DROP)
         return replace(d, hazards=hazards, rollback_sql=rollback, reversible=rollback is not None,
                        transactional=not node.concurrent)
 
