@@ -91,10 +91,12 @@ def dump(
     all_tables: Sequence[tuple[str, str]] = (),
     exclude_schemas: Sequence[str] = (),
     stop: Callable[[], bool] | None = None,
+    lock_wait_seconds: float | None = None,
 ) -> Backup:
     """``full``: the whole database. ``touched``: the whole schema plus the data of ``keep_data_of`` (the tables the
     plan drops or rewrites, as ``schema.table``), of ``all_tables`` (schema, table). ``stop`` is asked twice a second
-    while pg_dump runs: True ends the dump (``Stopped``)."""
+    while pg_dump runs: True ends the dump (``Stopped``). ``lock_wait_seconds`` bounds pg_dump's wait for each table's
+    lock."""
     if scope not in ("full", "touched"):
         raise ReconcilerError(f"unknown backup scope {scope!r}: use full, touched or none")
     bindir = client_bindir(server_major)
@@ -106,6 +108,8 @@ def dump(
     except OSError as exc:
         raise ReconcilerError(f"cannot write the backup {partial}: {exc.strerror or exc}") from None
     args = [str(bindir / "pg_dump"), "--format=custom", f"--file={partial}", f"--dbname={conninfo}"]
+    if lock_wait_seconds is not None:  # a table locked elsewhere fails the dump after this wait, naming the table
+        args.append(f"--lock-wait-timeout={max(1, int(lock_wait_seconds * 1000))}")
     args += [f"--exclude-schema={_quote([s])}" for s in exclude_schemas]
     if scope == "touched":  # --exclude-table-data, not --filter: pg_dump before 17 has no --filter
         keep = set(keep_data_of)

@@ -381,7 +381,10 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
                 print("No apply is running on this database.")
                 return EXIT_OK
             run = running[-1]
-        history.request_cancel(conn, schema, run.id)
+        if not history.request_cancel(conn, schema, run.id):
+            ended = history.get_run(conn, schema, run.id)
+            print(f"Run {run.id} had already ended ({ended.shown_status if ended else 'gone'}); nothing to stop.")
+            return EXIT_OK
         sent = run.backend_pid is not None and runlock.cancel(conn, run.backend_pid, run.backend_start)
         print(f"Asked run {run.id} to stop" + (" and cancelled its running statement." if sent else
                                                 " (it stops before its next step)."))
@@ -797,8 +800,14 @@ def run() -> NoReturn:
     one by one before the process ends: a tenth of a second after a plan (600 modules), longer after a big one.
     So when the command is done, no other thread is working, exit handlers have run and the output is flushed,
     the process ends at once. Anything else (an exception, a thread still working, a failed flush) exits as usual."""
+    if threading.current_thread() is threading.main_thread():  # first: a SIGTERM from now on is a clean cancel
+        signal.signal(signal.SIGTERM, _on_sigterm)
     fewer_malloc_arenas()
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before main's own handling began (parsing the arguments): nothing was done yet
+        print("interrupted", file=sys.stderr)
+        code = 130
     if threading.active_count() > 1:
         sys.exit(code)
     atexit._run_exitfuncs()  # logging's shutdown (flushes log files), finalizers registered to run at exit

@@ -307,14 +307,18 @@ def finish_run(
     statements: Sequence[StepRecord],
     error: str | None = None,
     cleanup: Sequence[dict[str, Any]] | None = None,
+    unless_cancelled: bool = False,
 ) -> bool:
-    """The run's end, written only while the row still says running: False when another command had already
-    settled it (its applier looked dead to it), which then stands."""
+    """The run's end, written only while the row still says running (and, ``unless_cancelled``, nobody has asked it
+    to stop): False when another command had already settled it (its applier looked dead to it), which then
+    stands, or when a cancel came first."""
+    guard = " AND cancel_requested_at IS NULL" if unless_cancelled else ""
     row = conn.execute(
         sql.SQL("WITH done AS (DELETE FROM {} WHERE run_id = %s AND EXISTS (SELECT 1 FROM {} WHERE id = %s AND "
-                "status = 'running')) UPDATE {} SET status = %s, finished_at = clock_timestamp(), statements = %s::jsonb, "
-                "error = %s, current_steps = NULL, cleanup = coalesce(%s::jsonb, cleanup) "
-                "WHERE id = %s AND status = 'running' RETURNING id").format(_progress(schema), _table(schema), _table(schema)),
+                "status = 'running'" + guard + ")) UPDATE {} SET status = %s, finished_at = clock_timestamp(), "
+                "statements = %s::jsonb, error = %s, current_steps = NULL, cleanup = coalesce(%s::jsonb, cleanup) "
+                "WHERE id = %s AND status = 'running'" + guard + " RETURNING id").format(
+                    _progress(schema), _table(schema), _table(schema)),
         (run_id, run_id, status, json.dumps([s.to_json() for s in statements]), error,
          None if cleanup is None else json.dumps(list(cleanup)), run_id),
     ).fetchone()
@@ -457,9 +461,12 @@ def move_applier(conn: psycopg.Connection[Any], schema: str, run_id: str, pid: i
     return row is not None
 
 
-def request_cancel(conn: psycopg.Connection[Any], schema: str, run_id: str) -> None:
-    conn.execute(sql.SQL("UPDATE {} SET cancel_requested_at = clock_timestamp() WHERE id = %s").format(_table(schema)),
-                 (run_id,))
+def request_cancel(conn: psycopg.Connection[Any], schema: str, run_id: str) -> bool:
+    """Ask a running run to stop; False when it had ended. With ``finish_run(unless_cancelled=True)`` exactly one of
+    the two wins: a run asked to stop before it recorded its end ends cancelled, never applied."""
+    row = conn.execute(sql.SQL("UPDATE {} SET cancel_requested_at = clock_timestamp() WHERE id = %s AND status = 'running' "
+                               "RETURNING id").format(_table(schema)), (run_id,)).fetchone()
+    return row is not None
 
 
 def cancel_requested(conn: psycopg.Connection[Any], schema: str, run_id: str) -> bool:

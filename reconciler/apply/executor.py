@@ -136,6 +136,9 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
     cancelled. Nothing is written to a target that refuses the plan."""
     schema = options.metadata_schema
     with connect(target_dsn, application_name="reconciler control") as control:
+        # what it reads of the catalog waits for a table's lock no longer than for the apply lock: a DDL held for
+        # hours elsewhere is an error naming the wait, not a hang
+        control.execute("SELECT set_config('lock_timeout', %s, false)", (f"{max(1, int(options.lock_wait_seconds * 1000))}ms",))
         refuse_unless_target(plan, control)
         sessions = _Sessions(target_dsn, control, options)
         try:
@@ -188,9 +191,13 @@ class _Run:
             failures = postcondition_failures(self.plan, self.control) + verification_failures(verification)
             if failures:
                 raise NotConverged("after the steps: " + "; ".join(failures))
+            ended = history.finish_run(self.control, self.schema, self.run_id, status="applied", statements=self.records,
+                                       unless_cancelled=True)
+            if not ended and history.cancel_requested(self.control, self.schema, self.run_id):
+                raise Cancelled  # asked to stop before its end was recorded: it stops, and undoes what it can
         except BaseException as exc:
             self._stopped(exc)
-        if not history.finish_run(self.control, self.schema, self.run_id, status="applied", statements=self.records):
+        if not ended:
             raise ApplyError(f"run {self.run_id}: every step applied and verified, but another command had already "
                              "recorded the run as ended (its session looked gone)", self.run_id)
         log.info("applied in %.0f ms of statements", sum(r.duration_ms for r in self.records))
@@ -229,7 +236,7 @@ class _Run:
 
         taken = backup.dump(self.sessions.dsn, server_major=int(self.control.info.server_version) // 10000, path=path,
                             scope=self.options.backup_scope, keep_data_of=touched, all_tables=tables,
-                            exclude_schemas=(self.schema,), stop=stop)
+                            exclude_schemas=(self.schema,), stop=stop, lock_wait_seconds=self.options.lock_wait_seconds)
         history.record_backup(self.control, self.schema, self.run_id, path=str(taken.path), sha256=taken.sha256,
                               size=taken.size)
         self.backup = taken

@@ -244,13 +244,15 @@ def remove(conn: psycopg.Connection[Any], entries: Sequence[Mapping[str, Any]], 
             entry["status"] = "gone"
             continue
         try:
+            saved = conn.execute("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')").fetchone()
             conn.execute("SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', '10min', false)",
                          (lock_timeout,))
             try:
                 conn.execute(str(entry["sql"]).encode())
             finally:
-                conn.execute("RESET lock_timeout")
-                conn.execute("RESET statement_timeout")
+                if saved is not None and not conn.broken:  # the caller's own settings, as they were
+                    conn.execute("SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+                                 saved)
         except psycopg.Error as exc:
             if conn.broken:
                 raise
