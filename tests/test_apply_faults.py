@@ -4,12 +4,14 @@ untouched, a cancel that hits only its run. Every test here failed on the tool b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import stat
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -39,6 +41,18 @@ def _release(conn: psycopg.Connection[object]) -> None:
     conn.close()
 
 
+@contextlib.contextmanager
+def _mid_build(target: Target, plan: Path) -> Iterator[subprocess.Popen[str]]:
+    """An apply of ``plan`` caught in its concurrent index build (an old snapshot holds the build), let go after."""
+    holder = _old_snapshot(target)
+    proc = target.start_apply(plan)
+    try:
+        target.wait_for(BUILDING)
+        yield proc
+    finally:
+        _release(holder)
+
+
 def _no_applier(target: Target) -> None:
     """Wait until the killed applier's sessions are gone (the server notices the closed socket)."""
     target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
@@ -58,17 +72,12 @@ def test_a_running_apply_whose_dsn_names_its_session_is_not_declared_dead(target
     _named(target, "myapp")
     target.desired(WITH_INDEX)
     plan = target.plan()
-    holder = _old_snapshot(target)
-    proc = target.start_apply(plan)
-    try:
-        target.wait_for(BUILDING)
+    with _mid_build(target, plan) as proc:
         looked = target.run("plan")  # another command looks at the target meanwhile
         assert "is applying plan" in looked.stderr and "this plan sees it part-way" in looked.stderr, looked.stderr
         (run,) = target.runs()
         assert run["status"] == "running" and run["recorded_status"] == "running", run
         assert fetch_one(target.database, BUILDING) is True  # its build goes on
-    finally:
-        _release(holder)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert [r["status"] for r in target.runs()] == ["applied"]
@@ -78,15 +87,10 @@ def test_a_running_apply_whose_dsn_names_its_session_is_not_declared_dead(target
 def test_history_shows_a_crashed_run_as_interrupted_and_removes_its_invalid_index(target: Target) -> None:
     target.desired(WITH_INDEX)
     plan = target.plan()
-    holder = _old_snapshot(target)
-    proc = target.start_apply(plan)
-    try:
-        target.wait_for(BUILDING)
+    with _mid_build(target, plan) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         target.wait_for(BUILDING, False)  # the server stopped the build for the dead client
-    finally:
-        _release(holder)
     _no_applier(target)
     assert fetch_one(target.database, INVALID) == 1  # what the crash left
     (run,) = target.runs()  # `history` is the first command to look
@@ -97,27 +101,26 @@ def test_history_shows_a_crashed_run_as_interrupted_and_removes_its_invalid_inde
     assert target.lock_is_free()
 
 
-@pytest.mark.parametrize("how", ["sigint", "terminate"])
+@pytest.mark.parametrize("how", ["sigint", "command", "terminate"])
 def test_a_build_stopped_mid_way_leaves_no_invalid_index(target: Target, how: str) -> None:
-    """Ctrl-C, or the applier's backend terminated by an operator: the run removes the half-built index before it
-    reports (after a terminate it takes a new session and the lock again to do so)."""
+    """Ctrl-C, `reconciler cancel`, or the applier's backend terminated by an operator: the run removes the half-built
+    index before it reports (after a terminate it takes a new session and the lock again to do so)."""
     target.desired(WITH_INDEX)
     plan = target.plan()
-    holder = _old_snapshot(target)
-    proc = target.start_apply(plan)
-    try:
-        target.wait_for(BUILDING)
+    with _mid_build(target, plan) as proc:
         if how == "sigint":
             proc.send_signal(signal.SIGINT)
+        elif how == "command":
+            cancelled = target.run("cancel")
+            assert "cancelled its running statement" in cancelled.stdout and "ended cancelled" in cancelled.stdout, \
+                cancelled.stdout + cancelled.stderr
         else:
             run_sql(target.database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                      "WHERE query LIKE 'CREATE INDEX CONCURRENTLY%'")
         _, err = proc.communicate(timeout=120)
-    finally:
-        _release(holder)
     assert proc.returncode == (130 if how == "sigint" else 1), err
     (run,) = target.runs()
-    assert run["status"] == ("cancelled" if how == "sigint" else "failed"), run
+    assert run["status"] == ("failed" if how == "terminate" else "cancelled"), run
     assert fetch_one(target.database, INVALID) == 0, run
     assert target.lock_is_free()
     fresh = target.plan("fresh.json")
@@ -294,18 +297,63 @@ def test_names_holding_a_dot_are_never_split(target: Target) -> None:
     steps = plan_steps(plan)
     build = next(s for s in steps if s["kind"] == "create_index_concurrently")
     assert build["identity"] == ["public", "items.note"]
-    holder = _old_snapshot(target)
-    proc = target.start_apply(plan)
-    try:
-        target.wait_for(BUILDING)
+    with _mid_build(target, plan) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         target.wait_for(BUILDING, False)
-    finally:
-        _release(holder)
     _no_applier(target)
     assert fetch_one(target.database, INVALID) == 1
     (run,) = target.runs()
     assert 'dropped the INVALID index public.items.note' in str(run["error"]), run["error"]
     assert fetch_one(target.database, INVALID) == 0
     assert fetch_one(target.database, "SELECT to_regclass('public.\"my.items\"') IS NOT NULL") is True
+
+
+def test_a_cancel_that_lands_after_the_last_step_still_ends_the_run_cancelled(target: Target) -> None:
+    """The last step is done and the check after it reads the catalog (held up here by a lock on items) when
+    `cancel` arrives: the run ends cancelled, committed steps undone by their rollback SQL, never failed or applied."""
+    from reconciler.apply import ApplyOptions, apply_plan
+    from reconciler.errors import ApplyError
+    from reconciler.plan import read_plan
+
+    target.desired(WITH_INDEX)
+    plan = read_plan(target.plan())
+    last = plan.body.steps[-1].index
+    locker = connect(target.database, autocommit=False)
+
+    def lock_once_done() -> None:
+        target.wait_for(f"SELECT count(*) >= {len(plan.body.steps)} FROM reconciler.run_progress")
+        locker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+
+    threads: list[threading.Thread] = []
+
+    def on_step(step: object) -> None:
+        if getattr(step, "index", None) == last:
+            threads.append(threading.Thread(target=lock_once_done, daemon=True))
+            threads[-1].start()
+
+    outcome: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            apply_plan(plan, target.database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                           verify_before_commit=False, on_step=on_step))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    applying = threading.Thread(target=apply)
+    applying.start()
+    try:
+        target.wait_for("SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'reconciler apply' "
+                        "AND wait_event_type = 'Lock'")
+        cancelled = target.run("cancel", "--wait", "0")
+        assert "Asked run" in cancelled.stdout, cancelled.stdout + cancelled.stderr
+    finally:
+        locker.rollback()  # undoing needs items too
+        locker.close()
+    applying.join(120)
+    assert outcome and isinstance(outcome[0], ApplyError) and "was cancelled" in str(outcome[0]), outcome
+    (run,) = target.runs()
+    assert run["status"] == "cancelled", run
+    assert "undone by their rollback SQL" in str(run["error"])
+    assert fetch_one(target.database, "SELECT to_regclass('public.items_note_idx')") is None

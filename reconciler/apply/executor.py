@@ -255,9 +255,9 @@ class _Run:
     def _stopped(self, exc: BaseException) -> NoReturn:
         """Settle what the run leaves, record it, and raise: what the step under way did (read from the catalog),
         committed steps undone where each can be, debris removed, or named for the next command to remove."""
+        stopped_statement = isinstance(exc, psycopg.errors.QueryCanceled) or isinstance(exc.__cause__, psycopg.errors.QueryCanceled)
         cancelled = isinstance(exc, KeyboardInterrupt | Cancelled | backup.Stopped) or (
-            isinstance(exc.__cause__, psycopg.errors.QueryCanceled) and _usable(self.control)
-            and history.cancel_requested(self.control, self.schema, self.run_id))
+            stopped_statement and _usable(self.control) and history.cancel_requested(self.control, self.schema, self.run_id))
         message = "cancelled" if cancelled and not isinstance(exc, ApplyError) else _error_text(exc)
         if not _usable(self.control):
             raise ApplyError(
