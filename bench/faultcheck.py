@@ -29,6 +29,7 @@ CONCURRENT = ("plan", "drift", "watch", "apply2")
 # -15 likewise: a SIGTERM before the interpreter ran the command's handler (no run can exist then: checked below)
 SIGNALS = {"sigkill": {-9}, "sigterm": {130, -15}, "sigint": {130, -2}}
 EARLY = ("before-run", "backup")  # phases in which the run had no row yet, or none of its steps had started
+APPLY_LOCK = 0x7265636F6E63_00  # the apply's session advisory lock (reconciler.runlock.LOCK_KEY, written out: see above)
 HELPER_SUFFIX = "notnull_check"  # the compiler's CHECK (col IS NOT NULL) NOT VALID on the way to SET NOT NULL
 
 

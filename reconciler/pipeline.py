@@ -33,7 +33,7 @@ from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
 from .plan import Plan, build_plan
 from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
-from .rehearsal import SKIPPED, live_copy, prepare_live_copy, rehearse
+from .rehearsal import SKIPPED, LiveMoved, live_copy, prepare_live_copy, rehearse
 from .safety import SafetySettings, compile_steps
 from .servers import (
     EmbeddedCluster,
@@ -175,6 +175,10 @@ class Comparison:
     plan: Plan
 
 
+_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedObject,
+         psycopg.errors.UndefinedFunction)
+
+
 def make_plan(
     config: Config,
     env: Environment,
@@ -188,7 +192,39 @@ def make_plan(
 ) -> Comparison:
     """``consume_kept``: a kept desired database this schema extends is extended in place rather than copied, and
     one of ``previous`` (the last plan's schema) is edited in place when it can be (see
-    ``shadowcache.desired_database``): for watch, whose next schema nearly always extends or edits this one."""
+    ``shadowcache.desired_database``): for watch, whose next schema nearly always extends or edits this one.
+
+    A plan reads live several times (its schema, its tables' sizes, its rows for the data checks, its copy): when an
+    object it read is gone by a later read and live is no longer the schema it read, live moved under the plan (an
+    apply running): that is said as such, not as an error of the tool."""
+    read: list[str] = []
+    try:
+        return _make_plan(config, env, servers, schemas_dir=schemas_dir, engine=engine, live_memo=live_memo,
+                          consume_kept=consume_kept, previous=previous, read=read)
+    except _GONE as exc:
+        if read and _live_fingerprint(config, servers.target_dsn) != read[0]:
+            raise LiveMoved(f"the live schema changed while it was being planned ({exc.diag.message_primary or exc}); "
+                            "is an apply running on it? `reconciler history` says: plan again") from None
+        raise
+
+
+def _live_fingerprint(config: Config, target_dsn: str) -> str:
+    with connect(target_dsn) as conn:
+        return inspect.snapshot(conn, exclude_schemas=(config.metadata_schema,), **managed(config)).fingerprint
+
+
+def _make_plan(
+    config: Config,
+    env: Environment,
+    servers: Servers,
+    *,
+    schemas_dir: Path | None,
+    engine: DiffEngine | None,
+    live_memo: LiveMemo | None,
+    consume_kept: bool,
+    previous: DesiredSchema | None,
+    read: list[str],
+) -> Comparison:
     engine = engine or default_engine(config)
     warm_up = getattr(engine, "warm_up", None)
     if warm_up is not None:
@@ -215,6 +251,7 @@ def make_plan(
                 if any(r.kind == "schema" and r.applies_to(env.name) for r in rules):
                     catalog = read_catalog(conn, exclude_schemas=excluded)
             ident, live, pending = reading.result()
+            read.append(live.fingerprint)
             facts = sizes.result()
             flags = managed(config)
             ahead = None

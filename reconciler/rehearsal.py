@@ -66,17 +66,35 @@ class RehearsalResult:
 SKIPPED = RehearsalResult(status="skipped")
 
 
+class LiveMoved(ReconcilerError):
+    """Live's schema changed after the plan read it: a copy made now would not be the schema the plan was made for."""
+
+
 def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_schemas: Sequence[str],
-                owners: bool = False, privileges: bool = False) -> None:
-    """Schema only; owners and grants only when asked (the shadow server needs the roles they name)."""
+                owners: bool = False, privileges: bool = False, expected_fingerprint: str | None = None) -> None:
+    """Schema only; owners and grants only when asked (the shadow server needs the roles they name).
+
+    pg_dump reads the snapshot of a transaction held open here, in which live's fingerprint is checked against
+    ``expected_fingerprint`` (what the plan read): a copy of a schema that moved meanwhile (an apply under way) is
+    refused, so it is never rehearsed on, nor kept under the fingerprint it does not have."""
     bindir = client_bindir(source_major)
     source, source_env = libpq_env(source_dsn)
     target, target_env = libpq_env(target_dsn)
     dump_args = [str(bindir / "pg_dump"), "--schema-only", *([] if owners else ["--no-owner"]),
                  *([] if privileges else ["--no-privileges"]), "--no-security-labels",
                  "--no-publications", "--no-subscriptions", f"--dbname={source}"]
-    dump_args += [f"--exclude-schema={s}" for s in exclude_schemas]
-    dump = subprocess.run(dump_args, capture_output=True, text=True, env=source_env, timeout=3600, check=False)
+    dump_args += ['--exclude-schema="' + s.replace('"', '""') + '"' for s in exclude_schemas]
+    with connect(source_dsn, application_name="reconciler rehearsal") as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        exported = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert exported is not None
+        if expected_fingerprint is not None:
+            now = inspect.snapshot(conn, exclude_schemas=tuple(exclude_schemas), owners=owners, privileges=privileges)
+            if now.fingerprint != expected_fingerprint:
+                raise LiveMoved(f"the live schema of {dsnlib.describe(source_dsn)} changed while it was being planned "
+                                "(is an apply running on it? `reconciler history` says): plan again")
+        dump = subprocess.run([*dump_args, f"--snapshot={exported[0]}"], capture_output=True, text=True, env=source_env,
+                              timeout=3600, check=False)
     if dump.returncode != 0:
         raise ReconcilerError(f"pg_dump of {dsnlib.describe(source_dsn)} failed: {dsnlib.redact(dump.stderr.strip())}")
     restore = subprocess.run(
@@ -227,7 +245,8 @@ def _kept_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_sc
         return None
 
     def build(scratch: str) -> None:
-        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas)
+        copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas,
+                    expected_fingerprint=live_fingerprint)
 
     return shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose="rehearsal", shared=True,
                                        what=f"the copy of live ({live_fingerprint})")
@@ -264,7 +283,7 @@ def live_copy(target_dsn: str, shadow: Server, *, target_major: int, exclude_sch
         if owners or privileges:
             stand_in_for_target(target_dsn, shadow, scratch)
         copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas,
-                    owners=owners, privileges=privileges)
+                    owners=owners, privileges=privileges, expected_fingerprint=live_fingerprint)
 
     key = None
     if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges):

@@ -242,3 +242,32 @@ def test_live_memo_reads_sizes_every_time_and_catalog_facts_after_a_change(datab
         fresh = inspect.live_facts(conn, exclude_schemas=excluded)
     assert ("public.t", "at") in after.columns and "public.t_note" in after.indexes
     assert after == fresh
+
+
+def test_a_plan_whose_live_schema_moves_under_it_says_so(tmp_path: Path, database: str, pg_server: Server,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An apply renames a table after the plan read live and before live's copy is dumped (found by
+    bench/faults.py: a plan beside an apply): the plan says live changed while it was planned, and keeps no copy of
+    the renamed schema under the fingerprint it read (every later plan of that schema would have failed on it with an
+    unexpected "relation does not exist")."""
+    from reconciler import pipeline, shadowcache
+    from reconciler.rehearsal import LiveMoved
+
+    run_sql(database, "CREATE TABLE audit_log_v1 (id int PRIMARY KEY, note text)")
+    config = load_config(_config(tmp_path, "-- reconciler: renamed from audit_log_v1\n"
+                                           "CREATE TABLE audit_log (id int PRIMARY KEY, note text);\n"))
+    env = Environment(name="test", database=database, shadow=pg_server.dsn)
+    copy_ahead = pipeline.prepare_live_copy
+
+    def renamed_meanwhile(**kwargs: object) -> object:
+        run_sql(database, "ALTER TABLE audit_log_v1 RENAME TO audit_log")  # what a concurrent apply does, now
+        return copy_ahead(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "prepare_live_copy", renamed_meanwhile)
+    with open_servers(config, env) as servers:
+        with pytest.raises(LiveMoved, match="changed while it was being planned"):
+            make_plan(config, env, servers)
+        kept = [t.fingerprint for t in shadowcache.list_templates(servers.shadow) if t.kind == "live copy"]
+        monkeypatch.setattr(pipeline, "prepare_live_copy", copy_ahead)
+        assert make_plan(config, env, servers).plan.body.rehearsal.converged  # planned again from live as it is
+    assert kept == []

@@ -351,6 +351,27 @@ def test_the_copy_of_live_is_kept_and_rehearsed_in_place(repo: Repo, shadow: Ser
     assert len([t for t in shadowcache.list_templates(shadow) if t.kind == "live copy"]) == 2
 
 
+def test_a_copy_of_live_that_moved_since_the_plan_read_it_is_neither_used_nor_kept(repo: Repo, shadow: Server) -> None:
+    """An apply changes live between the plan's read and the copy's pg_dump: the copy would be another schema under
+    the fingerprint the plan read (every later plan of that schema would rehearse on it). It is refused, and none kept."""
+    from reconciler import rehearsal
+
+    configure(repo, shadow.dsn)
+    run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL)")
+    with connect(repo.database) as conn:
+        read = inspect.snapshot(conn, exclude_schemas=("reconciler",)).fingerprint
+    run_sql(repo.database, "ALTER TABLE customers RENAME TO clients")  # an apply, meanwhile
+    major = int(str(fetch_one(repo.database, "SHOW server_version_num"))) // 10000
+    assert rehearsal.prepare_live_copy(target_dsn=repo.database, target_major=major, shadow=shadow,
+                                       exclude_schemas=("reconciler",), live_fingerprint=read, cache_keep=3) is None
+    assert [t for t in shadowcache.list_templates(shadow) if t.kind == "live copy"] == []
+    with pytest.raises(rehearsal.LiveMoved, match="changed while it was being planned"), \
+            rehearsal.live_copy(repo.database, shadow, target_major=major, exclude_schemas=("reconciler",), owners=False,
+                                privileges=False, live_fingerprint=read, cache_keep=3, purpose="rehearsal"):
+        pass
+    assert [t for t in shadowcache.list_templates(shadow) if t.kind == "live copy"] == []
+
+
 def test_steps_that_need_their_own_transaction_rehearse_on_a_copy(repo: Repo, shadow: Server,
                                                                    messages: Messages) -> None:
     configure(repo, shadow.dsn)
