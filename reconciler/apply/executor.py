@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from types import FrameType
 from typing import Any, NoReturn
 
 import psycopg
@@ -39,6 +42,48 @@ log = logging.getLogger(__name__)
 
 class Cancelled(Exception):
     """`reconciler cancel` asked this run to stop."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM asked this run to stop (see ``_Signals``)."""
+
+
+class _Signals:
+    """While an apply runs in the main thread, SIGINT and SIGTERM ask it to stop instead of raising wherever the
+    interpreter happens to be: a KeyboardInterrupt raised between psycopg's sending a statement and its reading the
+    answer leaves the connection busy, and the run could then neither clean up nor record its end. The statement
+    under way is cancelled at the server instead (the connection stays usable) and the run stops at its next check.
+    A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, sessions: _Sessions) -> None:
+        self.sessions = sessions
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt  # asked twice: now
+        self.received = signum
+        log.warning("%s: stopping the run (the statement under way is cancelled; again to stop at once)",
+                    signal.Signals(signum).name)
+        with contextlib.suppress(Exception):
+            self.sessions.executor.cancel()
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise Interrupted
 
 
 def check_plan(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions) -> str:
@@ -166,7 +211,8 @@ class _Run:
         self.plan, self.run_id, self.sessions, self.options, self.token = plan, run_id, sessions, options, token
         self.schema = options.metadata_schema
         self.records: list[StepRecord] = []
-        self.progress = _Progress(sessions.control, self.schema, run_id, self.records)
+        self.signals = _Signals(sessions)
+        self.progress = _Progress(sessions.control, self.schema, run_id, self.records, lambda: self.signals.check())
         self.steps = {s.index: s for s in plan.body.steps}
         self.backup: backup.Backup | None = None
 
@@ -175,6 +221,10 @@ class _Run:
         return self.sessions.control
 
     def run(self) -> ApplyResult:
+        with _Signals(self.sessions) as self.signals:
+            return self._run()
+
+    def _run(self) -> ApplyResult:
         try:
             self._record_start()
             self._take_backup()
@@ -184,6 +234,7 @@ class _Run:
             with LockWaitMonitor(self.options.monitor_dsn, self.sessions.executor.info.backend_pid) \
                     if self.options.monitor_dsn else contextlib.nullcontext() as monitor:
                 _execute(self.plan, self.sessions.executor, self.options, self.records, self.progress, monitor)
+            self.signals.check()
             if history.cancel_requested(self.control, self.schema, self.run_id):
                 raise Cancelled
             verification = verify(self.sessions.executor, self.plan, self.schema)
@@ -228,7 +279,9 @@ class _Run:
         path = self.options.backups_dir / f"{self.plan.body.target.database}-{self.run_id}.dump"
         last_look = [time.monotonic()]
 
-        def stop() -> bool:  # a cancel request, looked for once a second
+        def stop() -> bool:  # a signal, or a cancel request looked for once a second
+            if self.signals.received is not None:
+                return True
             if time.monotonic() - last_look[0] < 1.0:
                 return False
             last_look[0] = time.monotonic()
@@ -256,7 +309,8 @@ class _Run:
         """Settle what the run leaves, record it, and raise: what the step under way did (read from the catalog),
         committed steps undone where each can be, debris removed, or named for the next command to remove."""
         stopped_statement = isinstance(exc, psycopg.errors.QueryCanceled) or isinstance(exc.__cause__, psycopg.errors.QueryCanceled)
-        cancelled = isinstance(exc, KeyboardInterrupt | Cancelled | backup.Stopped) or (
+        signalled = self.signals.received is not None or isinstance(exc, KeyboardInterrupt | Interrupted)
+        cancelled = signalled or isinstance(exc, Cancelled | backup.Stopped) or (
             stopped_statement and _usable(self.control) and history.cancel_requested(self.control, self.schema, self.run_id))
         message = "cancelled" if cancelled and not isinstance(exc, ApplyError) else _error_text(exc)
         if not _usable(self.control):
@@ -293,8 +347,8 @@ class _Run:
             found = history.get_run(self.control, self.schema, self.run_id)
             if found is not None:  # else it stopped before its row was written: nothing to say of it
                 outcome_text += f"; another command had already recorded the run as {found.status} (its session was gone)"
-        if isinstance(exc, KeyboardInterrupt):
-            raise exc
+        if signalled:  # the command ends as an interrupted one does (exit 130), watch stops as it does on a signal
+            raise KeyboardInterrupt from None
         if isinstance(exc, RefusedError):
             raise RefusedError(f"{exc}; nothing was changed (run {self.run_id} recorded as failed)") from None
         raise ApplyError(f"run {self.run_id} {'was cancelled' if cancelled else 'failed'}: {message}; {outcome_text}",
@@ -340,11 +394,14 @@ class _Progress:
     steps happens after the last one, and finish_run writes the whole list). A transactional phase writes its
     records itself, inside its transaction (``in_transaction``)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], schema: str, run_id: str, records: list[StepRecord]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], schema: str, run_id: str, records: list[StepRecord],
+                 check: Callable[[], None] = lambda: None) -> None:
         self.conn, self.schema, self.run_id, self.records = conn, schema, run_id, records
+        self.check = check  # raises when the run was asked to stop by a signal
         self.written = 0
 
     def starting(self, phase: Sequence[Step]) -> None:
+        self.check()
         if history.cancel_requested(self.conn, self.schema, self.run_id):
             raise Cancelled
         self._write([recovery.step_entry(s) for s in phase])
@@ -430,7 +487,9 @@ def _set_timeouts(conn: psycopg.Connection[Any], step: Step, *, local: bool) -> 
 
 
 def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord],
-              on_step: Callable[[Step], None] | None = None, monitor: LockWaitMonitor | None = None) -> None:
+              on_step: Callable[[Step], None] | None = None, monitor: LockWaitMonitor | None = None,
+              check: Callable[[], None] = lambda: None) -> None:
+    check()
     if on_step is not None:
         on_step(step)
     if monitor is not None:
@@ -491,7 +550,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                             if (step.lock_timeout, step.statement_timeout) != timeouts:  # once while they stay the same
                                 _set_timeouts(conn, step, local=True)
                                 timeouts = (step.lock_timeout, step.statement_timeout)
-                            _run_step(conn, step, records, options.on_step, monitor)
+                            _run_step(conn, step, records, options.on_step, monitor, progress.check)
                         if last and options.verify_before_commit:
                             # what would be committed is checked before it is: the phase's locks are held meanwhile
                             check_converged(plan, conn, options.metadata_schema)
@@ -509,7 +568,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
             def run_alone(step: Step = step) -> None:
                 _set_timeouts(conn, step, local=False)
                 try:
-                    _run_step(conn, step, records, options.on_step, monitor)
+                    _run_step(conn, step, records, options.on_step, monitor, progress.check)
                 except ApplyError:
                     if step.kind == "create_index_concurrently" and _usable(conn):
                         # before a retry: the failed build's INVALID index must go (what is left when this
