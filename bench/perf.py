@@ -194,7 +194,7 @@ class Bench:
 
     def load_file(self, name: str, folder: Path) -> None:
         """Load a schema folder the way a shadow is loaded (statement by statement; errors name file:line)."""
-        load_schema(load_source(folder), self.dsn(name))
+        load_schema(load_source(folder), self.dsn(name), sandbox=None)
 
     def clear_shadow_cache(self) -> list[str]:
         """Make the next plan cold: clear the shadow cache the way it documents (``reconciler.shadowcache.clear``,

@@ -103,6 +103,16 @@ class SafetyOptions:
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How desired SQL is loaded (``load:``): the longest a statement may run, the temporary file space a session may
+    use, and the untrusted extensions the tool creates for the schema."""
+
+    statement_timeout: float = 60.0  # seconds
+    temp_file_limit: str = "1GB"
+    extensions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     path: Path | None  # None when running without a reconciler.yaml
@@ -117,6 +127,7 @@ class Config:
     manage_privileges: bool = False
     manage_owners: bool = False
     shadow_cache: int = DEFAULT_SHADOW_CACHE  # loaded desired schemas kept as templates per shadow server (0: none)
+    load: LoadOptions = field(default_factory=LoadOptions)
 
     @property
     def local_dir(self) -> Path:
@@ -214,4 +225,13 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         manage_privileges=bool(data.get("manage_privileges", False)),
         manage_owners=bool(data.get("manage_owners", False)),
         shadow_cache=int(data.get("shadow_cache", DEFAULT_SHADOW_CACHE)),
+        load=_load_options(data.get("load") or {}),
+    )
+
+
+def _load_options(data: dict[str, Any]) -> LoadOptions:
+    return LoadOptions(
+        statement_timeout=duration_seconds(data.get("statement_timeout", "60s")),
+        temp_file_limit=data.get("temp_file_limit", "1GB"),
+        extensions=tuple(data.get("extensions") or ()),
     )

@@ -35,6 +35,8 @@ from .plan import Plan, build_plan
 from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
 from .rehearsal import SKIPPED, LiveMoved, live_copy, prepare_live_copy, rehearse
 from .safety import SafetySettings, compile_steps
+from .sandbox import LoadLimits, Sandbox
+from .sandbox import prepare as prepare_sandbox
 from .servers import (
     EmbeddedCluster,
     Server,
@@ -58,6 +60,18 @@ class Servers:
     target_dsn: str
     target_major: int
     shadow: Server
+    sandbox: Sandbox | None = None  # the load role on the shadow server (None: no shadow wanted)
+
+    @property
+    def loader(self) -> Sandbox:
+        if self.sandbox is None:
+            raise ReconcilerError("no shadow server was prepared for desired SQL")
+        return self.sandbox
+
+
+def load_limits(config: Config) -> LoadLimits:
+    return LoadLimits(statement_timeout=config.load.statement_timeout, temp_file_limit=config.load.temp_file_limit,
+                      extensions=frozenset(config.load.extensions))
 
 
 def shadow_cache_dir(major: int) -> Path:
@@ -94,7 +108,11 @@ def open_servers(config: Config, env: Environment, *, need_shadow: bool = True) 
             )
             stack.callback(shadow_cluster.stop)
             shadow = shadow_cluster.start()
-        yield Servers(target_dsn=target_dsn, target_major=target_major, shadow=shadow)
+        loader = None
+        if need_shadow:  # desired SQL never runs as the shadow's own role (README: threat model)
+            loader = prepare_sandbox(shadow, load_limits(config),
+                                     stand_ins=shadow.embedded or not same_cluster(target_dsn, shadow.dsn))
+        yield Servers(target_dsn=target_dsn, target_major=target_major, shadow=shadow, sandbox=loader)
 
 
 def _ensure_database(server: Server, name: str) -> None:
@@ -150,14 +168,20 @@ def manages(config: Config) -> tuple[str, ...]:
     return tuple(k for k, on in (("owners", config.manage_owners), ("privileges", config.manage_privileges)) if on)
 
 
-def load_desired(source: DesiredSchema, shadow_dsn: str, servers: Servers, skip: int = 0,
+def load_desired(config: Config, source: DesiredSchema, shadow_dsn: str, servers: Servers, skip: int = 0,
                  stop: int | None = None) -> int:
     """Load the desired schema's statements [skip, stop) into the shadow database (the first ones may be there
-    already); on a shadow server that is not the target, the roles the schema names are created first (NOLOGIN):
-    roles are cluster-wide, a shadow of our own has none."""
+    already), as the load role, which owns it; on a shadow server that is not the target, the roles the schema names
+    are created first (NOLOGIN stand-ins, which the load role may act as): roles are cluster-wide, a shadow of our
+    own has none."""
+    sandbox = servers.loader
+    sandbox.own(shadow_dsn)
+    named = roles_named(source)
     if not same_cluster(servers.target_dsn, shadow_dsn):
-        create_roles(shadow_dsn, roles_named(source))
-    return load_schema(source, shadow_dsn, progress=_report_progress, skip=skip, stop=stop)
+        create_roles(shadow_dsn, named)
+    sandbox.join(named)
+    return load_schema(source, shadow_dsn, sandbox=sandbox, owners=config.manage_owners, progress=_report_progress,
+                       skip=skip, stop=stop)
 
 
 def _report_progress(path: str, done: int, total: int) -> None:
@@ -240,11 +264,11 @@ def _make_plan(
         # of it: reading a catalog is mostly waiting on its server
         sizes = pool.submit(_read_facts, servers.target_dsn, excluded, live_memo)
         reading = pool.submit(_read_live, config, servers.target_dsn, annotated, live_memo)
-        with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
+        with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(config, source, dsn, servers, skip, stop),
                               target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept,
-                              previous=previous) as shadow, \
-                _frozen(engine, shadow.dsn, excluded):
-            shadow_dsn = shadow.dsn
+                              previous=previous, sandbox=servers.loader) as shadow, \
+                _frozen(engine, servers.loader.login(shadow.dsn), excluded):
+            shadow_dsn = servers.loader.login(shadow.dsn)  # read as the load role too: the schema's code is its own
             with connect(shadow_dsn) as conn:
                 renames.check_desired(conn, annotated)
                 desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
@@ -259,7 +283,7 @@ def _make_plan(
                 # the rehearsal's copy of live (pg_dump and restore, unless kept) is made while the engine diffs
                 ahead = pool.submit(prepare_live_copy, target_dsn=servers.target_dsn, target_major=servers.target_major,
                                     shadow=servers.shadow, exclude_schemas=excluded, live_fingerprint=live.fingerprint,
-                                    cache_keep=config.shadow_cache)
+                                    cache_keep=config.shadow_cache, sandbox=servers.loader)
                 if pending:
                     ahead.result()  # renaming starts from a copy of it
             if pending:
@@ -284,7 +308,7 @@ def _make_plan(
                                      shadow=servers.shadow, desired_dsn=shadow_dsn, desired=desired, engine=engine,
                                      exclude_schemas=excluded, owners=flags["owners"], privileges=flags["privileges"],
                                      live_fingerprint=live.fingerprint, cache_keep=config.shadow_cache,
-                                     copy_key=ahead.result() if ahead is not None else None)
+                                     copy_key=ahead.result() if ahead is not None else None, sandbox=servers.loader)
                 if not rehearsal.converged:
                     raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
     finally:
@@ -420,7 +444,8 @@ def _diff_after_renames(engine: DiffEngine, servers: Servers, desired_dsn: str, 
     log.info("renaming first: %s", "; ".join(r.describe() for r in pending))
     with live_copy(servers.target_dsn, servers.shadow, target_major=servers.target_major, exclude_schemas=excluded,
                    owners=flags["owners"], privileges=flags["privileges"], live_fingerprint=live_fingerprint,
-                   cache_keep=cache_keep, purpose="renamed") as copy_dsn:  # owners and grants kept, as rehearsal's
+                   cache_keep=cache_keep, purpose="renamed", sandbox=servers.loader) as copy:  # owners and grants kept, as rehearsal's
+        copy_dsn = servers.loader.login(copy)  # the load role's copy: it is the applying role there
         with connect(copy_dsn) as conn, connect(desired_dsn) as desired_conn:
             for change in renames.changes(pending):
                 conn.execute(change.sql.encode())
@@ -438,9 +463,9 @@ def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) 
     """What differs between live and desired, by our catalog snapshot (no diff engine needed)."""
     source = load_source(schemas_dir or config.schemas_dir)
     excluded = (config.metadata_schema,)
-    with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(source, dsn, servers, skip, stop),
-                          target_dsn=servers.target_dsn, keep=config.shadow_cache) as shadow:
-        shadow_dsn = shadow.dsn
+    with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(config, source, dsn, servers, skip, stop),
+                          target_dsn=servers.target_dsn, keep=config.shadow_cache, sandbox=servers.loader) as shadow:
+        shadow_dsn = servers.loader.login(shadow.dsn)
         with connect(shadow_dsn) as conn:
             desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
         with connect(servers.target_dsn) as conn:
@@ -463,11 +488,15 @@ def lint_schema(config: Config, environment: str, *, schemas_dir: Path | None = 
         cluster = EmbeddedCluster(shadow_cache_dir(bindir_major(bindir)), bindir, durable=False)
         stack.callback(cluster.stop)
         shadow = cluster.start()
+        sandbox = prepare_sandbox(shadow, load_limits(config), stand_ins=True)
         with throwaway_database(shadow, "lint") as shadow_dsn:
-            create_roles(shadow_dsn, roles_named(source))  # an embedded shadow of its own: no roles but its own
-            load_schema(source, shadow_dsn, progress=_report_progress)
+            sandbox.own(shadow_dsn)
+            named = roles_named(source)
+            create_roles(shadow_dsn, named)  # an embedded shadow of its own: no roles but its own
+            sandbox.join(named)
+            load_schema(source, shadow_dsn, sandbox=sandbox, owners=config.manage_owners, progress=_report_progress)
             if not rules:
                 return []
-            with connect(shadow_dsn) as conn:
+            with sandbox.connect(shadow_dsn) as conn:
                 catalog = read_catalog(conn, exclude_schemas=(config.metadata_schema,))
     return list(evaluate(rules, environment, (), catalog).findings)

@@ -18,7 +18,7 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import psycopg
@@ -28,7 +28,9 @@ from . import dsn as dsnlib
 from . import inspect, roundtrip, shadowcache
 from .diff.base import DiffEngine
 from .errors import ReconcilerError
+from .privileged import ChangeOwner, CreateExtension, hand_over, recognise
 from .safety import Step
+from .sandbox import Sandbox
 from .servers import Server, client_bindir, connect, libpq_env
 from .shadow import create_roles, same_cluster
 
@@ -71,8 +73,11 @@ class LiveMoved(ReconcilerError):
 
 
 def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_schemas: Sequence[str],
-                owners: bool = False, privileges: bool = False, expected_fingerprint: str | None = None) -> None:
-    """Schema only; owners and grants only when asked (the shadow server needs the roles they name).
+                owners: bool = False, privileges: bool = False, expected_fingerprint: str | None = None,
+                sandbox: Sandbox | None = None) -> None:
+    """Schema only; owners and grants only when asked (the shadow server needs the roles they name). ``sandbox``: the
+    copy is the load role's (what it does not give to other roles), so the plan's steps, which come from the
+    desired schema, run in it as the load role.
 
     pg_dump reads the snapshot of a transaction held open here, in which live's fingerprint is checked against
     ``expected_fingerprint`` (what the plan read): a copy of a schema that moved meanwhile (an apply under way) is
@@ -86,7 +91,7 @@ def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_
     dump_args += ['--exclude-schema="' + s.replace('"', '""') + '"' for s in exclude_schemas]
     with connect(source_dsn, application_name="reconciler rehearsal") as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        exported = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        exported = conn.execute("SELECT pg_export_snapshot(), quote_ident(current_user)").fetchone()
         assert exported is not None
         if expected_fingerprint is not None:
             now = inspect.snapshot(conn, exclude_schemas=tuple(exclude_schemas), owners=owners, privileges=privileges)
@@ -97,14 +102,55 @@ def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_
                               timeout=3600, check=False)
     if dump.returncode != 0:
         raise ReconcilerError(f"pg_dump of {dsnlib.describe(source_dsn)} failed: {dsnlib.redact(dump.stderr.strip())}")
+    script = dump.stdout
+    if sandbox is not None:  # the applying role's part in live is the load role's in the copy (see _as_restorer)
+        script = sandbox.restoring + (_as_loader(script, str(exported[1]), sandbox.role) if owners or privileges
+                                      else script)
     restore = subprocess.run(
         [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", f"--dbname={target}"],
-        input=dump.stdout, capture_output=True, text=True, env=target_env, timeout=3600, check=False,
+        input=script, capture_output=True, text=True,
+        env=target_env, timeout=3600, check=False,
     )
     if restore.returncode != 0:
         raise ReconcilerError(
             f"the live schema does not load on the shadow server: {dsnlib.redact(restore.stderr.strip())[:500]} "
             "(a missing extension? point `shadow:` at a server like the target)")
+    if sandbox is not None:
+        sandbox.adopt(target_dsn)
+
+
+_ROLE_LINE = r"^((?:ALTER|GRANT|REVOKE) [^\n]* (?:TO|FROM|FOR ROLE) ){role}((?: [^\n]*)?;)$"
+
+
+def _as_loader(script: str, applying_role: str, loader: str) -> str:
+    """pg_dump's ownership, grant and default privilege lines naming the target's applying role (as pg_dump quotes
+    it) name the load role instead: the load role runs the steps in the copy, so it is the applying role there, and
+    what the applying role owns in live it owns in the copy. pg_dump writes each such statement on a line of its
+    own."""
+    pattern = re.compile(_ROLE_LINE.format(role=re.escape(applying_role)), re.MULTILINE)
+    quoted = sql.Identifier(loader).as_string(None)
+    return pattern.sub(lambda m: f"{m.group(1)}{quoted}{m.group(2)}", script)
+
+
+def _superuser_extensions(desired_dsn: str) -> list[tuple[str, str, str]]:
+    """The desired schema's extensions that only a superuser may create, as (name, schema, version), in the order
+    they were made."""
+    with connect(desired_dsn, application_name="reconciler rehearsal") as conn:
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in conn.execute(
+            """SELECT e.extname, n.nspname, e.extversion FROM pg_extension e
+               JOIN pg_namespace n ON n.oid = e.extnamespace
+               JOIN pg_available_extension_versions v ON v.name = e.extname AND v.version = e.extversion
+               WHERE v.superuser AND NOT v.trusted ORDER BY e.oid""").fetchall()]
+
+
+def _execute(conn: psycopg.Connection[object], statement: str) -> None:
+    """A step, as the load role: one that hands objects to another role as ``privileged.hand_over`` makes it (the
+    target applies it as its own role, which may create where the load role may not)."""
+    what = recognise(statement.lstrip())
+    if isinstance(what, ChangeOwner) and what.owner != conn.info.user:
+        hand_over(conn, what.owner, statement)
+    else:
+        conn.execute(statement.encode())
 
 
 def _run_steps(conn: psycopg.Connection[object], steps: Sequence[Step]) -> tuple[int, str] | None:
@@ -119,9 +165,9 @@ def _run_steps(conn: psycopg.Connection[object], steps: Sequence[Step]) -> tuple
             if current.transactional:
                 with conn.transaction():
                     for current in group:
-                        conn.execute(current.sql.encode())
+                        _execute(conn, current.sql)
             else:
-                conn.execute(current.sql.encode())
+                _execute(conn, current.sql)
         except psycopg.Error as exc:
             return current.index, exc.diag.message_primary or str(exc)
     return None
@@ -142,23 +188,31 @@ def rehearse(
     live_fingerprint: str | None = None,
     cache_keep: int = 0,
     copy_key: shadowcache.CacheKey | None = None,
+    sandbox: Sandbox,
 ) -> RehearsalResult:
     """``live_fingerprint`` (live's snapshot as planned) and ``cache_keep`` > 0: the copy of live is kept on the shadow
     server (see ``shadowcache``), so the next plan against the same live schema need not dump and restore it; and a
     plan that can run as one transaction is rehearsed in that kept copy, then rolled back (no copy at all).
-    ``copy_key``: the kept copy's key, when the plan has it already (``prepare_live_copy``)."""
+    ``copy_key``: the kept copy's key, when the plan has it already (``prepare_live_copy``). The steps come from
+    the desired schema: they run, and the copy is read, as the load role (``sandbox``)."""
     started = time.perf_counter()
-    if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges):
+    extensions = _superuser_extensions(desired_dsn)
+    creates = {w.name for w in (recognise(s.sql.lstrip()) for s in steps) if isinstance(w, CreateExtension)}
+    if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges) \
+            and not creates & {e[0] for e in extensions}:  # those are made before the steps, in a copy of its own
         quick = _rehearse_in_place(steps, target_dsn=target_dsn, target_major=target_major, shadow=shadow,
                                    desired=desired, exclude_schemas=exclude_schemas,
-                                   live_fingerprint=live_fingerprint, cache_keep=cache_keep, copy_key=copy_key)
+                                   live_fingerprint=live_fingerprint, cache_keep=cache_keep, copy_key=copy_key,
+                                   sandbox=sandbox)
         if quick is not None:
             quick = replace(quick, duration_ms=(time.perf_counter() - started) * 1000)
             log.info("rehearsal %s in %.0f ms (in a rolled-back transaction)", quick.status, quick.duration_ms)
             return quick
     with live_copy(target_dsn, shadow, target_major=target_major, exclude_schemas=exclude_schemas, owners=owners,
                    privileges=privileges, live_fingerprint=live_fingerprint, cache_keep=cache_keep,
-                   purpose="rehearsal") as scratch:
+                   purpose="rehearsal", sandbox=sandbox) as copy:
+        sandbox.provide(copy, [e for e in extensions if e[0] in creates])
+        scratch = sandbox.login(copy)
         with connect(scratch, application_name="reconciler rehearsal") as conn:
             version = conn.info.parameter_status("server_version") or ""
             failure = _run_steps(conn, steps)
@@ -198,7 +252,8 @@ def _in_one_transaction(step: Step) -> str | None:
 
 def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: int, shadow: Server,
                        desired: inspect.SchemaSnapshot, exclude_schemas: tuple[str, ...], live_fingerprint: str,
-                       cache_keep: int, copy_key: shadowcache.CacheKey | None = None) -> RehearsalResult | None:
+                       cache_keep: int, sandbox: Sandbox,
+                       copy_key: shadowcache.CacheKey | None = None) -> RehearsalResult | None:
     """The steps in the kept copy of live, in one transaction rolled back afterwards. Only a clean result counts
     (every step ran and the snapshot equals the desired one); anything else returns None and the rehearsal runs
     again on a copy of its own, phase by phase as apply runs them, to say what went wrong."""
@@ -207,10 +262,10 @@ def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: 
         return None
     kept_copy = _kept_copy(target_dsn=target_dsn, target_major=target_major, shadow=shadow,
                            exclude_schemas=exclude_schemas, live_fingerprint=live_fingerprint, cache_keep=cache_keep,
-                           key=copy_key)
+                           key=copy_key, sandbox=sandbox)
     if kept_copy is None:
         return None
-    with kept_copy as kept, connect(kept, application_name="reconciler rehearsal") as conn:
+    with kept_copy as kept, sandbox.connect(kept, application_name="reconciler rehearsal") as conn:
         version = conn.info.parameter_status("server_version") or ""
         try:
             with conn.transaction(force_rollback=True):
@@ -218,7 +273,7 @@ def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: 
                 conn.execute("SET LOCAL lock_timeout = '5s'")  # another plan rehearsing in it: do not queue behind it
                 for statement in statements:
                     assert statement is not None
-                    conn.execute(statement.encode())
+                    _execute(conn, statement)
                 after = inspect.snapshot(conn, exclude_schemas=exclude_schemas)
         except psycopg.Error as exc:
             log.info("rehearsal in place did not finish (%s); rehearsing on a copy of live",
@@ -230,8 +285,8 @@ def _rehearse_in_place(steps: Sequence[Step], *, target_dsn: str, target_major: 
 
 
 def _kept_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_schemas: tuple[str, ...],
-               live_fingerprint: str, cache_keep: int, missing: bool = False, key: shadowcache.CacheKey | None = None
-               ) -> contextlib.AbstractContextManager[str] | None:
+               live_fingerprint: str, cache_keep: int, sandbox: Sandbox, missing: bool = False,
+               key: shadowcache.CacheKey | None = None) -> contextlib.AbstractContextManager[str] | None:
     """The kept schema-only copy of live, read in place (made and kept first when there is none); None when the
     shadow server keeps none (or, ``missing``, when it is there already). ``key``: its key, when known."""
     try:
@@ -246,14 +301,14 @@ def _kept_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_sc
 
     def build(scratch: str) -> None:
         copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas,
-                    expected_fingerprint=live_fingerprint)
+                    expected_fingerprint=live_fingerprint, sandbox=sandbox)
 
     return shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose="rehearsal", shared=True,
                                        what=f"the copy of live ({live_fingerprint})")
 
 
 def prepare_live_copy(*, target_dsn: str, target_major: int, shadow: Server, exclude_schemas: tuple[str, ...],
-                      live_fingerprint: str, cache_keep: int) -> shadowcache.CacheKey | None:
+                      live_fingerprint: str, cache_keep: int, sandbox: Sandbox) -> shadowcache.CacheKey | None:
     """Make the kept copy of live now if there is none (pg_dump and its restore run while the plan diffs), so the
     rehearsal finds it; returns its key for the rehearsal (None: no kept copy). Whatever fails is logged, and the
     rehearsal makes its copy as it would have."""
@@ -263,7 +318,7 @@ def prepare_live_copy(*, target_dsn: str, target_major: int, shadow: Server, exc
         key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
         kept_copy = _kept_copy(target_dsn=target_dsn, target_major=target_major, shadow=shadow,
                                exclude_schemas=exclude_schemas, live_fingerprint=live_fingerprint,
-                               cache_keep=cache_keep, missing=True, key=key)
+                               cache_keep=cache_keep, missing=True, key=key, sandbox=sandbox)
         if kept_copy is not None:
             with kept_copy:
                 pass
@@ -274,16 +329,21 @@ def prepare_live_copy(*, target_dsn: str, target_major: int, shadow: Server, exc
 
 
 def live_copy(target_dsn: str, shadow: Server, *, target_major: int, exclude_schemas: tuple[str, ...], owners: bool,
-              privileges: bool, live_fingerprint: str | None, cache_keep: int,
-              purpose: str) -> contextlib.AbstractContextManager[str]:
-    """A schema-only copy of live on the shadow server, for the caller to change, dropped afterwards. Cached as a
-    template when asked and possible: not with owners or privileges (the roles and the database setting they need
-    are made per copy)."""
+              privileges: bool, live_fingerprint: str | None, cache_keep: int, purpose: str,
+              sandbox: Sandbox) -> contextlib.AbstractContextManager[str]:
+    """A schema-only copy of live on the shadow server, for the caller to change, dropped afterwards: the load
+    role's, which may act as the roles owning what it does not own (those that can do nothing more than it). Cached
+    as a template when asked and possible: not with owners or privileges (the roles and the database setting they
+    need are made per copy)."""
     def build(scratch: str) -> None:
+        roles: tuple[str, set[str]] | None = None
         if owners or privileges:
-            stand_in_for_target(target_dsn, shadow, scratch)
+            roles = _prepare_roles(target_dsn, shadow)
         copy_schema(target_dsn, scratch, source_major=target_major, exclude_schemas=exclude_schemas,
-                    owners=owners, privileges=privileges, expected_fingerprint=live_fingerprint)
+                    owners=owners, privileges=privileges, expected_fingerprint=live_fingerprint, sandbox=sandbox)
+        if roles is not None:
+            _name_applying_role(scratch, roles[0])
+            sandbox.join(roles[1])
 
     key = None
     if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges):
@@ -291,28 +351,39 @@ def live_copy(target_dsn: str, shadow: Server, *, target_major: int, exclude_sch
             key = shadowcache.live_copy_key(shadow, target_dsn, live_fingerprint, exclude_schemas)
         except Exception as exc:  # the cache is an optimisation: whatever fails, copy as without it
             log.warning("shadow cache: %s; copying live's schema instead", exc)
-    return shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose=purpose, modifies=True,
-                                       what=f"the copy of live ({live_fingerprint})")
+    return _owned(shadowcache.cached_database(shadow, key, build, keep=cache_keep, purpose=purpose, modifies=True,
+                                              what=f"the copy of live ({live_fingerprint})"), sandbox)
 
 
-def stand_in_for_target(target_dsn: str, shadow: Server, copy_dsn: str) -> None:
-    """Before a copy of live that keeps owners or grants: the roles they name exist on the shadow server, and
-    the copy's database names the target's role as the applying one (``reconciler.applying_role``)."""
-    applying_role = _prepare_roles(target_dsn, shadow)
+@contextlib.contextmanager
+def _owned(copy: contextlib.AbstractContextManager[str], sandbox: Sandbox) -> Iterator[str]:
+    """A copy of a kept copy is the configured role's database (``CREATE DATABASE ... TEMPLATE``): the load role,
+    which owns what is in it, owns it too (in 15 and later, its ``public`` schema is the database owner's)."""
+    with copy as dsn:
+        sandbox.own(dsn)
+        yield dsn
+
+
+def _name_applying_role(copy_dsn: str, applying_role: str) -> None:
+    """The copy's database names the target's role as the applying one (``reconciler.applying_role``)."""
     with connect(copy_dsn, application_name="reconciler rehearsal") as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
             sql.Identifier(conn.info.dbname), sql.Identifier(*inspect.APPLYING_ROLE_SETTING.split(".")),
             sql.Literal(applying_role)))
 
 
-def _prepare_roles(target_dsn: str, shadow: Server) -> str:
-    """The target's applying role; on a shadow server of its own, every role live's schema names is created
-    (NOLOGIN) so the copy keeps its owners and grants."""
+def _prepare_roles(target_dsn: str, shadow: Server) -> tuple[str, set[str]]:
+    """Before a copy of live that keeps owners or grants: the target's applying role, and the roles live's objects
+    name; on a shadow server of its own, those are created (NOLOGIN) so the copy keeps its owners and grants."""
     with connect(target_dsn, application_name="reconciler rehearsal") as conn:
         row = conn.execute("SELECT current_user::text").fetchone()
         assert row is not None
+        named = {r[0] for r in conn.execute(
+            """SELECT DISTINCT a.rolname FROM pg_shdepend d JOIN pg_roles a ON a.oid = d.refobjid
+               WHERE d.refclassid = 'pg_authid'::regclass
+                 AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())""").fetchall()}
         if same_cluster(target_dsn, shadow.dsn):
-            return str(row[0])
+            return str(row[0]), named
         roles = {r[0] for r in conn.execute(
             """SELECT a.rolname FROM pg_shdepend d JOIN pg_roles a ON a.oid = d.refobjid
                WHERE d.refclassid = 'pg_authid'::regclass
@@ -321,4 +392,4 @@ def _prepare_roles(target_dsn: str, shadow: Server) -> str:
     roles |= {o.owner for o in security.objects.values() if o.owner and o.owner != inspect.APPLYING_ROLE}
     roles |= {str(row[0])}
     create_roles(shadow.dsn, {r for r in roles if not r.startswith("pg_")})
-    return str(row[0])
+    return str(row[0]), roles | named

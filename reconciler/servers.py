@@ -390,6 +390,28 @@ _SETTINGS = {
     "logging_collector": "off",
 }
 _THROWAWAY_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+# the environment an embedded server gets: these of the caller's when set, and a fixed PATH and locale; nothing else
+# (a schema file's code that escaped would find no secret of the planning process there)
+SERVER_ENVIRONMENT_PASSED = ("TZ", "TMPDIR", "LD_LIBRARY_PATH")
+SERVER_ENVIRONMENT_FIXED = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+# what pg_ctl, the shell it starts the server with, and the server itself add
+SERVER_ENVIRONMENT_ADDED = ("PGDATA", "PGSYSCONFDIR", "PG_GRANDPARENT_PID", "PWD", "SHLVL", "_")
+
+
+def server_environment() -> dict[str, str]:
+    """What initdb, pg_ctl and the server they start see of the environment."""
+    env = {name: os.environ[name] for name in SERVER_ENVIRONMENT_PASSED if name in os.environ}
+    env.update(SERVER_ENVIRONMENT_FIXED)
+    return env
+
+
+def _environment_of(pid: int) -> set[str] | None:
+    """The names in a running process's environment, or None where that cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return {item.split(b"=", 1)[0].decode(errors="replace") for item in raw.split(b"\0") if item}
 
 
 class EmbeddedCluster:
@@ -435,9 +457,8 @@ class EmbeddedCluster:
         kwargs: dict[str, Any] = {}
         if self.account is not None:
             kwargs.update(user=self.account.uid, group=self.account.gid, extra_groups=[], cwd="/")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C.UTF-8"
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, check=False, **kwargs)
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=server_environment(),
+                              check=False, **kwargs)
 
     def _own(self, path: Path) -> None:
         if self.account is not None:
@@ -455,6 +476,11 @@ class EmbeddedCluster:
             if not (self.datadir / "PG_VERSION").exists():
                 self._initdb()
             info = self._postmaster_info()
+            if info is not None and self._started_with_more():
+                log.warning("the embedded server in %s was started with more of the environment than it needs (by an "
+                            "older version of the tool); restarting it", self.datadir)
+                self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"])
+                info = None
             if info is None:
                 info = self._start_postmaster()
         except BaseException:
@@ -529,6 +555,16 @@ class EmbeddedCluster:
             fh.write("\n# written by reconciler\n")
             for key, value in settings.items():
                 fh.write(f"{key} = {value}\n")
+
+    def _started_with_more(self) -> bool:
+        """Does the running postmaster hold variables beyond ``server_environment``? (We hold the cluster alone.)"""
+        try:
+            pid = int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        names = _environment_of(pid)
+        allowed = {*SERVER_ENVIRONMENT_PASSED, *SERVER_ENVIRONMENT_FIXED, *SERVER_ENVIRONMENT_ADDED}
+        return names is not None and bool(names - allowed)
 
     def _postmaster_info(self) -> tuple[str, int] | None:
         """Socket directory and port of the running postmaster, or None when it is not running."""

@@ -25,6 +25,8 @@ from pglast.visitors import Visitor
 from psycopg import sql
 
 from .errors import ReconcilerError, SchemaLoadError
+from .privileged import Privileged, Refused, carry_out, recognise
+from .sandbox import Sandbox, deadline
 from .servers import connect
 from .source import DesiredSchema, SchemaFile
 
@@ -133,13 +135,20 @@ def load_schema(
     desired: DesiredSchema,
     database_dsn: str,
     *,
+    sandbox: Sandbox | None,
+    owners: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     skip: int = 0,
     stop: int | None = None,
 ) -> int:
     """Run every file into ``database_dsn``: its statements from number ``skip`` (a database that holds the first
-    ones already) up to ``stop`` (not included; None: to the end). Returns the number of statements run."""
-    total = 0
+    ones already) up to ``stop`` (not included; None: to the end). Returns the number of statements run.
+
+    ``sandbox``: desired SQL, run as the load role, each statement within the load's time limit, and the statements
+    that need more done by the tool (``privileged``); ``owners``: whether owners are compared (a hand-over the load
+    role may not make is then refused rather than skipped). None: SQL the caller trusts (a test's live schema), run
+    as the DSN's role."""
+    files: list[tuple[SchemaFile, list[Statement]]] = []
     seen = 0  # statements of the files before this one
     for schema_file in desired.files:
         if stop is not None and seen >= stop:
@@ -147,32 +156,42 @@ def load_schema(
         every = list(split_file(schema_file))
         first, last = max(0, skip - seen), len(every) if stop is None else min(len(every), stop - seen)
         seen += len(every)
-        statements = every[first:last]
-        if not statements:
-            continue
-        with connect(database_dsn, application_name="reconciler shadow") as conn:
-            conn.execute("SET synchronous_commit = off")
+        if every[first:last]:
+            files.append((schema_file, every[first:last]))
+    if not files:
+        return 0
+    total = 0
+    with (sandbox.connect(database_dsn) if sandbox is not None
+          else connect(database_dsn, application_name="reconciler shadow")) as conn:
+        conn.execute("SET synchronous_commit = off")
+        runner = _Runner(conn, database_dsn, sandbox, owners)
+        for schema_file, statements in files:
             done = 0
-            for batch in _batches(statements):
-                _run_batch(conn, schema_file, batch)
+            for batch in _batches(statements, privileged=sandbox is not None):
+                runner.batch(schema_file, batch)
                 if progress is not None and (done + len(batch)) // 500 > done // 500:
                     progress(schema_file.path, done + len(batch), len(statements))
                 done += len(batch)
-        total += len(statements)
-        log.debug("loaded %s (%d statements)", schema_file.path, len(statements))
+            total += len(statements)
+            log.debug("loaded %s (%d statements)", schema_file.path, len(statements))
     return total
 
 
+def _code(statement: Statement) -> str:
+    return statement.text[_first_code_offset(statement.text):]
+
+
 def _alone(statement: Statement) -> bool:
-    code = statement.text[_first_code_offset(statement.text):]
+    code = _code(statement)
     return bool(_ALONE_FIRST.match(code) or _ALONE_ANYWHERE.search(code))
 
 
-def _batches(statements: list[Statement]) -> Iterator[list[Statement]]:
+def _batches(statements: list[Statement], *, privileged: bool) -> Iterator[list[Statement]]:
+    """Batches of statements; one alone when it must be, or when the tool may do it (``privileged``)."""
     batch: list[Statement] = []
     size = 0
     for statement in statements:
-        if _alone(statement):
+        if _alone(statement) or (privileged and recognise(_code(statement)) is not None):
             if batch:
                 yield batch
             yield [statement]
@@ -187,41 +206,80 @@ def _batches(statements: list[Statement]) -> Iterator[list[Statement]]:
         yield batch
 
 
-def _run_batch(conn: psycopg.Connection[object], schema_file: SchemaFile, batch: list[Statement]) -> None:
-    if len(batch) == 1:
-        _run_statement(conn, schema_file, batch[0])
-        return
-    try:
-        # one simple query: one implicit transaction; "\n;\n" so a statement's trailing line comment ends first
-        conn.execute("\n;\n".join(s.text for s in batch).encode(), prepare=False)
-    except psycopg.Error:
-        for statement in batch:  # the batch left nothing behind: again one at a time, to name the statement
-            _run_statement(conn, schema_file, statement)
+class _Runner:
+    """Runs batches on one connection; with a sandbox, within the time limit and with the tool's part done."""
+
+    def __init__(self, conn: psycopg.Connection[object], database_dsn: str, sandbox: Sandbox | None,
+                 owners: bool) -> None:
+        self.conn, self.database_dsn, self.sandbox, self.owners = conn, database_dsn, sandbox, owners
+
+    def batch(self, schema_file: SchemaFile, batch: list[Statement]) -> None:
+        if len(batch) == 1:
+            self.statement(schema_file, batch[0])
+            return
+        try:
+            # one simple query: one implicit transaction; "\n;\n" so a statement's trailing line comment ends first
+            self._execute("\n;\n".join(s.text for s in batch))
+        except psycopg.Error:
+            for statement in batch:  # the batch left nothing behind: again one at a time, to name the statement
+                self.statement(schema_file, statement)
+
+    def statement(self, schema_file: SchemaFile, statement: Statement) -> None:
+        if self.sandbox is not None:
+            what = recognise(_code(statement))
+            if what is not None and self._carry_out(schema_file, statement, what):
+                return
+        try:
+            self._execute(statement.text)
+        except psycopg.Error as exc:
+            raise _load_error(schema_file, statement, exc, self.sandbox) from None
+
+    def _execute(self, text: str) -> None:
+        if self.sandbox is None:
+            self.conn.execute(text.encode(), prepare=False)
+            return
+        with deadline(self.conn, self.sandbox.limits.statement_timeout):
+            self.conn.execute(text.encode(), prepare=False)
+
+    def _carry_out(self, schema_file: SchemaFile, statement: Statement, what: Privileged) -> bool:
+        assert self.sandbox is not None
+        offset = statement.start + _first_code_offset(statement.text)
+        try:
+            return carry_out(what, self.sandbox, self.database_dsn, loader=self.conn, owners=self.owners,
+                             statement=statement.text)
+        except Refused as refused:
+            line, column = line_column(schema_file.text, offset)
+            raise SchemaLoadError(schema_file.path, line, column, f"refused: {refused.message}", hint=refused.hint,
+                                  statement=statement.text.strip()) from None
+        except psycopg.Error as exc:
+            raise _load_error(schema_file, statement, exc, self.sandbox, position=False) from None
 
 
-def _run_statement(conn: psycopg.Connection[object], schema_file: SchemaFile, statement: Statement) -> None:
-    try:
-        conn.execute(statement.text.encode(), prepare=False)
-    except psycopg.Error as exc:
-        diag = exc.diag
-        position = diag.statement_position
-        if position:
-            # statement_position counts characters from 1 within the statement we sent.
-            offset = statement.start + int(position) - 1
-        else:
-            offset = statement.start + _first_code_offset(statement.text)
-        line, column = line_column(schema_file.text, offset)
-        message = diag.message_primary or str(exc).strip()
-        if diag.sqlstate:
-            message = f"{message} [SQLSTATE {diag.sqlstate}]"
-        context = diag.context
-        detail = diag.message_detail
-        if context and not detail:
-            detail = context.strip().splitlines()[0]
-        raise SchemaLoadError(
-            schema_file.path, line, column, message,
-            hint=diag.message_hint, detail=detail, statement=statement.text.strip(),
-        ) from None
+def _load_error(schema_file: SchemaFile, statement: Statement, exc: psycopg.Error, sandbox: Sandbox | None, *,
+                position: bool = True) -> SchemaLoadError:
+    diag = exc.diag
+    if position and diag.statement_position:
+        # statement_position counts characters from 1 within the statement we sent.
+        offset = statement.start + int(diag.statement_position) - 1
+    else:
+        offset = statement.start + _first_code_offset(statement.text)
+    line, column = line_column(schema_file.text, offset)
+    message = diag.message_primary or str(exc).strip()
+    if isinstance(exc, psycopg.errors.QueryCanceled) and sandbox is not None:
+        message = (f"statement ran past the load's time limit ({sandbox.limits.statement_timeout:g} s, "
+                   "load.statement_timeout in reconciler.yaml)")
+    if diag.sqlstate:
+        message = f"{message} [SQLSTATE {diag.sqlstate}]"
+    context = diag.context
+    detail = diag.message_detail
+    if context and not detail:
+        detail = context.strip().splitlines()[0]
+    hint = diag.message_hint
+    if sandbox is not None and diag.sqlstate == "42501":  # insufficient_privilege
+        hint = hint or (f"desired SQL runs as {sandbox.role}, a role that owns its scratch database and nothing more: "
+                        "what needs a superuser is done by the tool only in the forms it knows (README: threat model)")
+    return SchemaLoadError(schema_file.path, line, column, message, hint=hint, detail=detail,
+                           statement=statement.text.strip())
 
 
 # --- roles: cluster-wide, so a shadow server of our own needs the ones the schema names ----------

@@ -39,6 +39,7 @@ from psycopg import sql
 from . import __version__
 from .dsn import database_name
 from .errors import ReconcilerError
+from .sandbox import LOAD_ROLE, Sandbox
 from .servers import Server, connect, drop_database
 from .shadow import same_cluster, statement_chain
 from .source import DesiredSchema
@@ -124,6 +125,7 @@ def desired_database(
     keep: int,
     consume: bool = False,
     previous: DesiredSchema | None = None,
+    sandbox: Sandbox | None = None,
 ) -> Iterator[DesiredDatabase]:
     """A database on ``server`` holding ``source``: the kept one when there is one, else loaded with ``load`` (given
     the database and the range of the schema's statements to run, [start, stop); it returns how many it ran) and
@@ -140,7 +142,8 @@ def desired_database(
     ``previous`` (watch: the schema of its last plan, whose database it kept): when this schema is that one with an
     edit in the middle that ``splice.find_splice`` shows can be made in place, its kept database is taken, what the
     edit replaced is dropped and the edited statements are run; the statements after the edit are not run again.
-    Should that fail, the schema is loaded as usual (and reports its own errors)."""
+    Should that fail, the schema is loaded as usual (and reports its own errors). ``sandbox``: the load role, which
+    drops what the edit replaced (its own objects) as ``load`` runs the schema's SQL."""
     key: CacheKey | None = None
     chain: list[str] = []
     splice: Splice | None = None
@@ -187,7 +190,7 @@ def desired_database(
     def build(dsn: str) -> None:
         if splice is not None:
             try:
-                count = _apply_splice(dsn, splice, load)
+                count = _apply_splice(dsn, splice, load, sandbox)
                 log.info("loaded %d statements from %d file(s) into the shadow database (the %d after them were "
                          "kept)", count, len(source.files), splice.reused)
                 return
@@ -267,10 +270,13 @@ def cached_database(server: Server, key: CacheKey | None, build: Callable[[str],
             drop_database(server, name)
 
 
-def _apply_splice(dsn: str, splice: Splice, load: Callable[[str, int, int | None], int]) -> int:
-    """Drop what the replaced statements created (one transaction), then run the edited ones."""
+def _apply_splice(dsn: str, splice: Splice, load: Callable[[str, int, int | None], int],
+                  sandbox: Sandbox | None) -> int:
+    """Drop what the replaced statements created (one transaction, as the load role when there is one), then run the
+    edited ones."""
     if splice.drops:
-        with connect(dsn, application_name="reconciler shadow") as conn, conn.transaction():
+        with (sandbox.connect(dsn) if sandbox is not None else connect(dsn, application_name="reconciler shadow")) \
+                as conn, conn.transaction():
             for drop in splice.drops:
                 name = sql.Identifier(drop.schema, drop.name) if drop.schema else sql.Identifier(drop.name)
                 conn.execute(sql.SQL("DROP {} IF EXISTS {}").format(sql.SQL(drop.kind), name))
@@ -344,6 +350,7 @@ def _key_parts(server: Server, target_dsn: str) -> dict[str, Any] | None:
         "tool": __version__,
         "server_version_num": row[0],
         "role": row[1],
+        "loaded_by": LOAD_ROLE,  # desired SQL runs as the load role (and a database loaded otherwise is never reused)
         "creates_roles": not shared,  # pipeline.load_desired creates the schema's roles on a server not the target's
     }
 
@@ -371,7 +378,7 @@ def live_copy_key(server: Server, target_dsn: str, live_fingerprint: str,
         shadow = conn.execute("SELECT current_setting('server_version_num'), current_user").fetchone()
     assert target is not None and shadow is not None
     parts = {"kind": "live copy", "live": live_fingerprint, "target": list(target), "shadow": list(shadow),
-             "excluded": sorted(exclude_schemas), "tool": __version__}
+             "excluded": sorted(exclude_schemas), "tool": __version__, "owned_by": LOAD_ROLE}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return CacheKey(digest=digest, fingerprint=live_fingerprint, kind="live copy")
 

@@ -19,7 +19,7 @@ def load_live(tmp_path: Path, database: str, old_sql: str) -> None:
     old = tmp_path / "old"
     old.mkdir(parents=True)
     (old / "old.sql").write_text(old_sql)
-    load_schema(load_source(old), database)
+    load_schema(load_source(old), database, sandbox=None)  # live: trusted
 
 
 def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "") -> Path:
@@ -37,6 +37,8 @@ def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, e
             lock_timeout: 10s
         safety:
           squawk: false
+        load:
+          extensions: [amcheck, pgstattuple]  # the corpus's extensions that are not trusted
         """) + extra_config)
     return config
 

@@ -22,7 +22,7 @@ def source(tmp_path: Path, files: dict[str, str]) -> DesiredSchema:
 
 def load_error(tmp_path: Path, database: str, files: dict[str, str]) -> SchemaLoadError:
     with pytest.raises(SchemaLoadError) as info:
-        load_schema(source(tmp_path, files), database)
+        load_schema(source(tmp_path, files), database, sandbox=None)
     return info.value
 
 
@@ -44,7 +44,7 @@ def test_multi_file_with_dollar_quoted_functions(tmp_path: Path, database: str) 
             "CREATE FUNCTION label() RETURNS text LANGUAGE sql AS $body$ SELECT 'a;b' || $x$;$x$ $body$;\n"
         ),
     })
-    assert load_schema(desired, database) == 4
+    assert load_schema(desired, database, sandbox=None) == 4
     assert fetch_one(database, "SELECT total()") == 30
     assert fetch_one(database, "SELECT label()") == "a;b;"
 
@@ -93,7 +93,7 @@ def test_statements_that_need_their_own_transaction_load(tmp_path: Path, databas
             "CREATE TABLE defaults (m mood DEFAULT 'happy');\n"  # uses the value: a later transaction
             "CREATE INDEX CONCURRENTLY people_id ON people (id);\n"
             "BEGIN;\nCREATE TABLE inside (id int);\nCOMMIT;\n")
-    assert load_schema(source(tmp_path, {"s.sql": text}), database) == 8
+    assert load_schema(source(tmp_path, {"s.sql": text}), database, sandbox=None) == 8
     assert fetch_one(database, "SELECT count(*) FROM pg_class WHERE relname IN ('defaults', 'people_id', 'inside')") == 3
 
 
@@ -118,7 +118,7 @@ def test_pg_dump_restrict_lines_ignored(tmp_path: Path, database: str) -> None:
         "\\restrict abc123XYZ\n\nSET client_encoding = 'UTF8';\n"
         "CREATE TABLE public.t (id integer);\n\n\\unrestrict abc123XYZ\n"
     )
-    assert load_schema(source(tmp_path, {"dump.sql": dump}), database) == 2
+    assert load_schema(source(tmp_path, {"dump.sql": dump}), database, sandbox=None) == 2
     assert fetch_one(database, "SELECT to_regclass('public.t') IS NOT NULL") is True
 
 

@@ -354,7 +354,7 @@ def test_the_copy_of_live_is_kept_and_rehearsed_in_place(repo: Repo, shadow: Ser
 def test_a_copy_of_live_that_moved_since_the_plan_read_it_is_neither_used_nor_kept(repo: Repo, shadow: Server) -> None:
     """An apply changes live between the plan's read and the copy's pg_dump: the copy would be another schema under
     the fingerprint the plan read (every later plan of that schema would rehearse on it). It is refused, and none kept."""
-    from reconciler import rehearsal
+    from reconciler import rehearsal, sandbox
 
     configure(repo, shadow.dsn)
     run_sql(repo.database, "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL)")
@@ -362,12 +362,15 @@ def test_a_copy_of_live_that_moved_since_the_plan_read_it_is_neither_used_nor_ke
         read = inspect.snapshot(conn, exclude_schemas=("reconciler",)).fingerprint
     run_sql(repo.database, "ALTER TABLE customers RENAME TO clients")  # an apply, meanwhile
     major = int(str(fetch_one(repo.database, "SHOW server_version_num"))) // 10000
+    loader = sandbox.prepare(shadow, sandbox.LoadLimits(), stand_ins=True)
     assert rehearsal.prepare_live_copy(target_dsn=repo.database, target_major=major, shadow=shadow,
-                                       exclude_schemas=("reconciler",), live_fingerprint=read, cache_keep=3) is None
+                                       exclude_schemas=("reconciler",), live_fingerprint=read, cache_keep=3,
+                                       sandbox=loader) is None
     assert [t for t in shadowcache.list_templates(shadow) if t.kind == "live copy"] == []
     with pytest.raises(rehearsal.LiveMoved, match="changed while it was being planned"), \
             rehearsal.live_copy(repo.database, shadow, target_major=major, exclude_schemas=("reconciler",), owners=False,
-                                privileges=False, live_fingerprint=read, cache_keep=3, purpose="rehearsal"):
+                                privileges=False, live_fingerprint=read, cache_keep=3, purpose="rehearsal",
+                                sandbox=loader):
         pass
     assert [t for t in shadowcache.list_templates(shadow) if t.kind == "live copy"] == []
 

@@ -186,7 +186,7 @@ def test_random_edits_in_place_give_what_loading_in_order_gives(pg_server: Serve
     spliced = 0
     with throwaway_database(pg_server, "test") as kept_dsn:
         old = schema(_text(blocks))
-        load_schema(old, kept_dsn)
+        load_schema(old, kept_dsn, sandbox=None)
         for k in range(30):
             edited = list(blocks)
             at = rng.randrange(len(edited))
@@ -201,17 +201,17 @@ def test_random_edits_in_place_give_what_loading_in_order_gives(pg_server: Serve
             found = find_splice(old, new)
             with throwaway_database(pg_server, "test") as whole_dsn:
                 try:
-                    load_schema(new, whole_dsn)
+                    load_schema(new, whole_dsn, sandbox=None)
                 except SchemaLoadError:  # removed a table a later one refers to: not a schema, not made in place
                     assert found is None
                     continue
                 if found is not None:
                     shadowcache._apply_splice(kept_dsn, found, lambda dsn, start, stop, new=new: load_schema(
-                        new, dsn, skip=start, stop=stop))
+                        new, dsn, sandbox=None, skip=start, stop=stop), None)
                     spliced += 1
                 else:
                     run_sql(kept_dsn, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-                    load_schema(new, kept_dsn)
+                    load_schema(new, kept_dsn, sandbox=None)
                 with connect(kept_dsn) as a, connect(whole_dsn) as b:
                     assert inspect.snapshot(a) == inspect.snapshot(b), (move, name, found)
             blocks, old = edited, new
