@@ -18,7 +18,7 @@ from typing import Any
 import pglast
 import psycopg
 from pglast import ast
-from pglast.enums import AlterTableType, RoleSpecType
+from pglast.enums import AlterTableType, ObjectType, RoleSpecType
 from psycopg import sql
 
 from .sandbox import Sandbox, harmless_roles
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # the statements worth parsing: those whose parse tree may be one of the kinds below (a false match costs a parse)
 _MAY_NEED_MORE = re.compile(
     r"(?:CREATE|ALTER)\s+(?:OR\s+REPLACE\s+)?(?:ROLE|USER|GROUP|EXTENSION|EVENT\s+TRIGGER"
-    r"|(?:TRUSTED\s+)?(?:PROCEDURAL\s+)?LANGUAGE)\b|(?:GRANT|REVOKE)\b|ALTER\b.*\bOWNER\s+TO\b",
+    r"|(?:TRUSTED\s+)?(?:PROCEDURAL\s+)?LANGUAGE)\b|(?:GRANT|REVOKE)\b|ALTER\b.*\bOWNER\s+TO\b"
+    r"|COMMENT\s+ON\s+EXTENSION\b|DROP\s+(?:ROLE|USER|GROUP)\b",
     re.IGNORECASE | re.DOTALL)
 
 _ROLE_ATTRIBUTES = {"superuser": "SUPERUSER", "createdb": "CREATEDB", "createrole": "CREATEROLE",
@@ -73,12 +74,26 @@ class CreateEventTrigger:
     function: tuple[str, ...]  # its qualified name's parts
 
 
-Privileged = CreateExtension | CreateRole | GrantRoles | ChangeOwner | CreateEventTrigger
+@dataclass(frozen=True)
+class DropRoles:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CommentOnExtension:
+    name: str
+    comment: str | None
+
+
+Privileged = CreateExtension | CreateRole | GrantRoles | ChangeOwner | CreateEventTrigger | CommentOnExtension | DropRoles
+
+
+_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
 
 
 def recognise(code: str) -> Privileged | None:
-    """What ``code`` (one statement, from its first word) is, when it is one of the kinds the tool does itself."""
-    if not _MAY_NEED_MORE.match(code):
+    """What ``code`` (one statement) is, when it is one of the kinds the tool does itself."""
+    if not _MAY_NEED_MORE.match(code, _LEADING.match(code).end()):  # type: ignore[union-attr]
         return None
     try:
         parsed = pglast.parse_sql(code)
@@ -115,6 +130,12 @@ def _kind(node: ast.Node | None) -> Privileged | None:
         names = {_owner_name(spec) for spec in _owner_specs(node)}
         name = names.pop() if len(names) == 1 else None
         return ChangeOwner(owner=name) if name is not None else None
+    if isinstance(node, ast.CommentStmt) and node.objtype == ObjectType.OBJECT_EXTENSION \
+            and isinstance(node.object, ast.String):
+        return CommentOnExtension(name=str(node.object.sval),
+                                  comment=None if node.comment is None else str(node.comment))
+    if isinstance(node, ast.DropRoleStmt):
+        return DropRoles(names=tuple(_role_names(node.roles)))
     if isinstance(node, ast.CreateEventTrigStmt):
         tags: tuple[str, ...] = ()
         for clause in node.whenclause or ():
@@ -176,6 +197,12 @@ def carry_out(what: Privileged, sandbox: Sandbox, database_dsn: str, *, loader: 
         return _grant(what, sandbox)
     if isinstance(what, ChangeOwner):
         return _hand_over(what, sandbox, owners, loader, statement)
+    if isinstance(what, DropRoles):
+        log.info("kept role(s) %s on the shadow server: roles are cluster-wide and stand in for the target's there",
+                 ", ".join(what.names))
+        return True
+    if isinstance(what, CommentOnExtension):
+        return _comment_on_extension(what, sandbox, database_dsn)
     return _event_trigger(what, sandbox, database_dsn, loader)
 
 
@@ -202,7 +229,7 @@ WHERE o.oprnamespace = (SELECT oid FROM pg_namespace WHERE nspname = %(schema)s)
 
 def _extension(what: CreateExtension, sandbox: Sandbox, database_dsn: str, loader: psycopg.Connection[Any]) -> bool:
     with sandbox.admin(database_dsn) as conn:
-        if conn.execute("SELECT FROM pg_extension WHERE extname = %s", (what.name,)).fetchone():
+        if conn.execute("SELECT 1 FROM pg_extension WHERE extname = %s", (what.name,)).fetchone():
             return False  # IF NOT EXISTS: nothing to do; otherwise PostgreSQL says it exists
         row = conn.execute(_EXTENSION, {"name": what.name, "version": what.version}).fetchone()
         if row is None:
@@ -216,7 +243,7 @@ def _extension(what: CreateExtension, sandbox: Sandbox, database_dsn: str, loade
                           hint="the tool creates an extension listed there for the schema: list it if you trust its "
                                "install script to run as a superuser")
         for required in requires if what.cascade else ():
-            if conn.execute("SELECT FROM pg_extension WHERE extname = %s", (required,)).fetchone():
+            if conn.execute("SELECT 1 FROM pg_extension WHERE extname = %s", (required,)).fetchone():
                 continue
             needed = conn.execute(_EXTENSION, {"name": required, "version": None}).fetchone()
             if needed is not None and needed[1] and not needed[0] and required not in sandbox.limits.extensions:
@@ -252,7 +279,7 @@ def _role(what: CreateRole, sandbox: Sandbox) -> bool:
                       hint="a shadow stands roles in as NOLOGIN roles with no attributes; grant the target's roles "
                            "their powers outside the schema")
     with connect(sandbox.server_dsn, application_name="reconciler shadow") as conn:
-        if not conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (what.name,)).fetchone():
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (what.name,)).fetchone():
             if not sandbox.stand_ins:
                 raise Refused(f"role {what.name} does not exist, and the shadow server is the target's cluster: a "
                               "schema file may not create roles there (roles are cluster-wide)",
@@ -267,6 +294,12 @@ def _role(what: CreateRole, sandbox: Sandbox) -> bool:
 
 def _grant(what: GrantRoles, sandbox: Sandbox) -> bool:
     verb = "GRANT" if what.grant else "REVOKE"
+    with connect(sandbox.server_dsn, application_name="reconciler shadow") as conn:
+        held = conn.execute(
+            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member "
+            "WHERE g.rolname = ANY(%s) AND r.rolname = ANY(%s)", (list(what.roles), list(what.grantees))).fetchone()
+    if held is not None and held[0] == (len(what.roles) * len(what.grantees) if what.grant else 0):
+        return True  # the server is as the statement would make it
     if not sandbox.stand_ins:
         raise Refused(f"{verb} of role membership on the target's cluster: a schema file may not change its roles",
                       hint="give the environment a shadow server of its own (shadow: embedded)")
@@ -336,6 +369,19 @@ def hand_over(conn: psycopg.Connection[Any], role: str, statement: str) -> None:
             if still:
                 conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA {} FROM {}").format(
                     sql.SQL(", ").join(map(sql.Identifier, still)), grantee))
+
+
+def _comment_on_extension(what: CommentOnExtension, sandbox: Sandbox, database_dsn: str) -> bool:
+    """pg_dump writes ``COMMENT ON EXTENSION`` after each extension; one the tool made (or plpgsql, made with the
+    database) is not the load role's to comment on: the tool sets the comment, nothing else."""
+    with sandbox.admin(database_dsn) as conn:
+        row = conn.execute("SELECT extowner = (SELECT oid FROM pg_roles WHERE rolname = %s) FROM pg_extension "
+                           "WHERE extname = %s", (sandbox.role, what.name)).fetchone()
+        if row is None or row[0]:
+            return False  # none (PostgreSQL says so), or its own
+        conn.execute(sql.SQL("COMMENT ON EXTENSION {} IS {}").format(
+            sql.Identifier(what.name), sql.Literal(what.comment) if what.comment is not None else sql.SQL("NULL")))
+    return True
 
 
 def _event_trigger(what: CreateEventTrigger, sandbox: Sandbox, database_dsn: str,

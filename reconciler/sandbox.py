@@ -120,7 +120,7 @@ class Sandbox:
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
                     sql.Identifier(schema), sql.Identifier(self.role)))
                 conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(RESTORE_ROLE)))
-                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {} VERSION {}").format(
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {} VERSION {} CASCADE").format(
                     sql.Identifier(name), sql.Identifier(schema), sql.Literal(version)))
                 conn.execute("RESET ROLE")
         self.adopt(database_dsn)

@@ -242,8 +242,16 @@ class _Runner:
             self.conn.execute(text.encode(), prepare=False)
 
     def _carry_out(self, schema_file: SchemaFile, statement: Statement, what: Privileged) -> bool:
+        """The tool's part of a statement, in a session of its own: inside a transaction the file opened (``BEGIN``),
+        what the file made so far is committed first, or that session would not see it, and a transaction opened
+        again afterwards for the file's ``COMMIT``."""
         assert self.sandbox is not None
         offset = statement.start + _first_code_offset(statement.text)
+        reopen = self.conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        if reopen:
+            log.info("%s:%d: committed the file's transaction before the tool's part of this statement",
+                     schema_file.path, line_column(schema_file.text, offset)[0])
+            self.conn.execute("COMMIT")
         try:
             return carry_out(what, self.sandbox, self.database_dsn, loader=self.conn, owners=self.owners,
                              statement=statement.text)
@@ -253,6 +261,9 @@ class _Runner:
                                   statement=statement.text.strip()) from None
         except psycopg.Error as exc:
             raise _load_error(schema_file, statement, exc, self.sandbox, position=False) from None
+        finally:
+            if reopen and self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                self.conn.execute("BEGIN")
 
 
 def _load_error(schema_file: SchemaFile, statement: Statement, exc: psycopg.Error, sandbox: Sandbox | None, *,

@@ -38,7 +38,7 @@ def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, e
         safety:
           squawk: false
         load:
-          extensions: [amcheck, pgstattuple]  # the corpus's extensions that are not trusted
+          extensions: [amcheck, pgstattuple, earthdistance, pg_partman, postgis]  # the corpus's untrusted ones
         """) + extra_config)
     return config
 

@@ -15,9 +15,10 @@ import pytest
 from psycopg import sql
 
 from reconciler.errors import RefusedError, SchemaLoadError
+from reconciler.privileged import CreateRole, recognise
 from reconciler.servers import Server, connect, throwaway_database
-from reconciler.shadow import create_roles, load_schema, roles_named
-from reconciler.source import load_source
+from reconciler.shadow import create_roles, load_schema, roles_named, split_file
+from reconciler.source import DesiredSchema, load_source
 from tests.converge import converge
 
 SCHEMAS = Path(os.environ.get("RECONCILER_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus") / "schemas"
@@ -32,6 +33,11 @@ _PSQL_PGUSER = re.compile(r':"PGUSER"')
 KNOWN_GAPS: dict[str, tuple[tuple[str, str], ...]] = {}
 
 FILES = sorted(SCHEMAS.glob("*.sql")) if SCHEMAS.is_dir() else []
+
+
+def _roles_created(source: DesiredSchema) -> set[str]:
+    return {what.name for f in source.files for statement in split_file(f)
+            if isinstance(what := recognise(statement.text.lstrip()), CreateRole)}
 
 
 def _as_run_by_psql(text: str, user: str) -> str:
@@ -50,8 +56,9 @@ def test_empty_database_converges_to_whole_schema(path: Path, tmp_path: Path, da
     alone.mkdir()
     (alone / path.name).write_text(schema)
     source = load_source(alone)
-    # Roles are cluster-wide: the target (this server) is expected to have the ones the schema names.
-    create_roles(pg_server.dsn, roles_named(source))
+    # Roles are cluster-wide: the target (this server, also the shadow) is expected to have the ones the schema names
+    # and creates (on the target's cluster a schema file may not create roles).
+    create_roles(pg_server.dsn, roles_named(source) | _roles_created(source))
     with throwaway_database(pg_server, "corpus") as scratch:
         try:
             load_schema(source, scratch, sandbox=None)

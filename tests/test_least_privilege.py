@@ -133,13 +133,18 @@ def _wrapped(how: str, statements: str) -> tuple[str, str]:
 
 
 def _traces(project: Project, shadow: str, marker: Path, role: str) -> list[str]:
+    with contextlib.contextmanager(project.shadow_dsn)(shadow) as dsn:
+        return _traces_on(dsn, marker, role)
+
+
+def _traces_on(dsn: str, marker: Path, role: str) -> list[str]:
     found = []
     if marker.exists():
         found.append(f"{marker} was written")
-    with contextlib.contextmanager(project.shadow_dsn)(shadow) as dsn, connect(dsn) as conn:
-        if conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+    with connect(dsn) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
             found.append(f"role {role} exists")
-        if conn.execute("SELECT FROM pg_file_settings WHERE name = 'work_mem' AND setting = '7777kB'").fetchone():
+        if conn.execute("SELECT 1 FROM pg_file_settings WHERE name = 'work_mem' AND setting = '7777kB'").fetchone():
             found.append("ALTER SYSTEM changed work_mem")
         if conn.execute("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = %s", (LOAD_ROLE,)).fetchone() \
                 not in (None, (False,)):
@@ -148,10 +153,19 @@ def _traces(project: Project, shadow: str, marker: Path, role: str) -> list[str]
 
 
 def test_the_traces_are_real(pg_server: Server, marker: Path) -> None:
-    """What the escapes below try does work for a superuser on this server: a missing trace there means refused."""
+    """What the escapes below try does work for a superuser on this server, and leaves the traces looked for: a
+    missing trace there means refused."""
+    role = f"escaped_{secrets.token_hex(4)}"
     with connect(pg_server.dsn) as conn:
         conn.execute(sql.SQL("COPY (SELECT 1) TO PROGRAM {}").format(sql.Literal(f"touch {marker}")))
-    assert marker.exists()
+        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER").format(sql.Identifier(role)))
+        conn.execute("ALTER SYSTEM SET work_mem = '7777kB'")
+        try:
+            assert _traces_on(pg_server.dsn, marker, role) == [
+                f"{marker} was written", f"role {role} exists", "ALTER SYSTEM changed work_mem"]
+        finally:
+            conn.execute("ALTER SYSTEM RESET work_mem")
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 @pytest.mark.parametrize("shadow", SHADOWS)
@@ -231,7 +245,7 @@ def test_roles_the_schema_creates_are_stand_ins_on_a_shadow_of_its_own(project: 
     error = project.refused("dsn", schema)
     assert error.line == 1 and "target's cluster" in str(error)
     with connect(pg_server.dsn) as conn:
-        assert conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None
+        assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None
 
 
 def test_objects_are_never_handed_to_a_superuser(project: Project, pg_server: Server) -> None:
@@ -341,3 +355,30 @@ def test_the_schemas_event_triggers_never_fire_in_the_tools_sessions(tmp_path: P
         with pytest.raises(ReconcilerError, match=r"event trigger watcher \(missing\)"):  # loaded, then refused
             project.plan(shadow, schema)
         assert not marker.exists()
+
+
+def test_what_dumps_and_scripts_hold_still_loads(tmp_path: Path, database: str, pg_server: Server,
+                                                 cache_home: Path) -> None:
+    """pg_dump's and hand-written scripts' habits: an explicit transaction around extensions the tool makes (one
+    needing another the file made in that transaction), comments on extensions the load role does not own, roles
+    dropped and made again, and a membership among them."""
+    project = Project(tmp_path, database, pg_server, load="load:\n  extensions: [earthdistance]\n")
+    stand_in = f"web_{secrets.token_hex(4)}"
+    schema = textwrap.dedent(f"""\
+        BEGIN;
+        CREATE EXTENSION IF NOT EXISTS cube WITH SCHEMA public;
+        CREATE EXTENSION IF NOT EXISTS earthdistance WITH SCHEMA public;
+        COMMIT;
+        COMMENT ON EXTENSION earthdistance IS 'distances on the surface of the Earth';
+        COMMENT ON EXTENSION plpgsql IS 'PL/pgSQL procedural language';
+        CREATE TABLE places (id int PRIMARY KEY, at earth);
+        DROP ROLE IF EXISTS {stand_in};
+        CREATE ROLE {stand_in};
+        CREATE ROLE {stand_in}_reader;
+        GRANT {stand_in}_reader TO {stand_in};
+        GRANT SELECT ON places TO {stand_in}_reader;
+        """)
+    project.plan("embedded", schema)
+    project.plan("embedded", schema)  # again: the roles are there now, kept
+    with contextlib.contextmanager(project.shadow_dsn)("embedded") as dsn, connect(dsn) as conn:
+        assert conn.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (stand_in, f"{stand_in}_reader")).fetchone() == (True,)
