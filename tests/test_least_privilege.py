@@ -18,7 +18,7 @@ from psycopg import sql
 from reconciler import servers as servers_module
 from reconciler.config import load_config
 from reconciler.errors import ReconcilerError, SchemaLoadError
-from reconciler.pipeline import make_plan, open_servers
+from reconciler.pipeline import lint_schema, make_plan, open_servers
 from reconciler.sandbox import LOAD_ROLE
 from reconciler.servers import (
     SERVER_ENVIRONMENT_ADDED,
@@ -382,3 +382,12 @@ def test_what_dumps_and_scripts_hold_still_loads(tmp_path: Path, database: str, 
     project.plan("embedded", schema)  # again: the roles are there now, kept
     with contextlib.contextmanager(project.shadow_dsn)("embedded") as dsn, connect(dsn) as conn:
         assert conn.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (stand_in, f"{stand_in}_reader")).fetchone() == (True,)
+
+
+def test_lint_loads_as_the_load_role(project: Project, marker: Path) -> None:
+    """`reconciler lint` loads the schema into an embedded shadow of its own: as the load role too."""
+    (project.root / "schemas" / "schema.sql").write_text(f"CREATE TABLE t (id int);\n"
+                                                         f"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n")
+    with pytest.raises(SchemaLoadError) as caught:
+        lint_schema(load_config(project.root / "reconciler.yaml"), "embedded")
+    assert caught.value.line == 2 and not marker.exists()
