@@ -185,18 +185,18 @@ class Refused(Exception):
 
 
 def carry_out(what: Privileged, sandbox: Sandbox, database_dsn: str, *, loader: psycopg.Connection[Any],
-              owners: bool, statement: str) -> bool:
+              owners: bool, statement: str, strangers: set[str]) -> bool:
     """Do ``what`` (``statement``, as the file has it) for the schema loading into ``database_dsn`` (True), or leave
     it to the load role on ``loader`` (False: it needs nothing more, or PostgreSQL will say what it lacks). Raises
-    ``Refused``."""
+    ``Refused``. ``strangers``: roles found, in this load, to be ones the load role may not act as (pg_dump's
+    ``OWNER TO postgres`` comes once per object), added to here."""
     if isinstance(what, CreateExtension):
         return _extension(what, sandbox, database_dsn, loader)
-    if isinstance(what, CreateRole):
-        return _role(what, sandbox)
-    if isinstance(what, GrantRoles):
-        return _grant(what, sandbox)
+    if isinstance(what, (CreateRole, GrantRoles)):
+        strangers.clear()  # what the load role may act as may change
+        return _role(what, sandbox) if isinstance(what, CreateRole) else _grant(what, sandbox)
     if isinstance(what, ChangeOwner):
-        return _hand_over(what, sandbox, owners, loader, statement)
+        return _hand_over(what, sandbox, owners, loader, statement, strangers)
     if isinstance(what, DropRoles):
         log.info("kept role(s) %s on the shadow server: roles are cluster-wide and stand in for the target's there",
                  ", ".join(what.names))
@@ -317,7 +317,7 @@ def _grant(what: GrantRoles, sandbox: Sandbox) -> bool:
 
 
 def _hand_over(what: ChangeOwner, sandbox: Sandbox, owners: bool, loader: psycopg.Connection[Any],
-               statement: str) -> bool:
+               statement: str, strangers: set[str]) -> bool:
     """``ALTER ... OWNER TO role``. A role that can do nothing the load role cannot (``harmless_roles``: stand-ins,
     or on the target's cluster its NOLOGIN owner roles) gets what the load role owns: the load role joins it and
     makes the statement itself (``hand_over``), so PostgreSQL checks that it owns what it gives. A role that can do
@@ -325,10 +325,13 @@ def _hand_over(what: ChangeOwner, sandbox: Sandbox, owners: bool, loader: psycop
     compared, else refused."""
     if what.owner == sandbox.role:
         return False
-    sandbox.join({what.owner})
-    if sandbox.may_act_as(what.owner):
-        hand_over(loader, what.owner, statement)
-        return True
+    if what.owner not in strangers:
+        if not _acts_as(loader, what.owner):
+            sandbox.join({what.owner})
+        if _acts_as(loader, what.owner):
+            hand_over(loader, what.owner, statement)
+            return True
+        strangers.add(what.owner)
     if not owners:
         log.debug("skipped a hand-over to role %s: the load role may not act as it, and owners are not compared",
                   what.owner)
@@ -338,6 +341,12 @@ def _hand_over(what: ChangeOwner, sandbox: Sandbox, owners: bool, loader: psycop
                   "manage_owners compares owners",
                   hint="name an owner role that logs in to nothing and holds nothing (NOLOGIN, no attributes), or "
                        "leave owners out of the schema")
+
+
+def _acts_as(loader: psycopg.Connection[Any], role: str) -> bool:
+    row = loader.execute("SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = %s",
+                         (role,)).fetchone()
+    return bool(row and row[0])
 
 
 _SCHEMAS_TO_LEND = """

@@ -148,10 +148,6 @@ class Sandbox:
             for name in sorted(harmless):
                 conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(name), sql.Identifier(self.role)))
 
-    def may_act_as(self, role: str) -> bool:
-        with connect(self.server_dsn, application_name="reconciler shadow") as conn:
-            row = conn.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (self.role, role)).fetchone()
-        return bool(row and row[0])
 
 
 # roles that may do nothing beyond what the load role may: no attributes, no login, no part in anything shared (owner

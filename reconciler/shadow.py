@@ -212,6 +212,7 @@ class _Runner:
     def __init__(self, conn: psycopg.Connection[object], database_dsn: str, sandbox: Sandbox | None,
                  owners: bool) -> None:
         self.conn, self.database_dsn, self.sandbox, self.owners = conn, database_dsn, sandbox, owners
+        self.strangers: set[str] = set()  # roles the load role may not act as (see ``privileged.carry_out``)
 
     def batch(self, schema_file: SchemaFile, batch: list[Statement]) -> None:
         if len(batch) == 1:
@@ -254,7 +255,7 @@ class _Runner:
             self.conn.execute("COMMIT")
         try:
             return carry_out(what, self.sandbox, self.database_dsn, loader=self.conn, owners=self.owners,
-                             statement=statement.text)
+                             statement=statement.text, strangers=self.strangers)
         except Refused as refused:
             line, column = line_column(schema_file.text, offset)
             raise SchemaLoadError(schema_file.path, line, column, f"refused: {refused.message}", hint=refused.hint,

@@ -315,20 +315,18 @@ def _environment(cluster: EmbeddedCluster) -> tuple[set[str], list[bytes]]:
     return {i.split(b"=", 1)[0].decode() for i in items}, items
 
 
+def _as_superuser(marker: Path) -> str:
+    """PL/pgSQL that writes ``marker`` when, and only when, it runs as a superuser."""
+    return ("IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN\n"
+            f"    EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {marker}''';\nEND IF;\n")
+
+
 @pytest.mark.parametrize("shadow", SHADOWS)
 def test_the_rehearsal_runs_the_steps_as_the_load_role(project: Project, marker: Path, shadow: str) -> None:
     """Code that behaves only when it runs as a superuser loads quietly as the load role; the plan's steps then run
     it again (a materialized view is filled when created) on the rehearsal's copy of live, as the load role too."""
-    schema = textwrap.dedent(f"""\
-        CREATE FUNCTION public.patient() RETURNS int LANGUAGE plpgsql AS $$
-        BEGIN
-            IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-                EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {marker}''';
-            END IF;
-            RETURN 1;
-        END $$;
-        CREATE MATERIALIZED VIEW public.filled AS SELECT public.patient() AS one;
-        """)
+    schema = ("CREATE FUNCTION public.patient() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n" + _as_superuser(marker)
+              + "RETURN 1;\nEND $$;\nCREATE MATERIALIZED VIEW public.filled AS SELECT public.patient() AS one;\n")
     project.plan(shadow, schema)
     assert not marker.exists()
 
@@ -339,13 +337,8 @@ def test_the_schemas_event_triggers_never_fire_in_the_tools_sessions(tmp_path: P
     """The tool makes an event trigger for the schema (only a superuser may); its function would run as whoever runs
     DDL there, and the tool itself does (the extension it makes later): its sessions run with event triggers off."""
     project = Project(tmp_path, database, pg_server, load="load:\n  extensions: [amcheck]\n")
-    schema = textwrap.dedent(f"""\
-        CREATE FUNCTION public.watcher() RETURNS event_trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-                EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {marker}''';
-            END IF;
-        END $$;
+    schema = ("CREATE FUNCTION public.watcher() RETURNS event_trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
+              + _as_superuser(marker) + "END $$;\n") + textwrap.dedent("""\
         CREATE EVENT TRIGGER watcher ON ddl_command_start EXECUTE FUNCTION watcher();
         CREATE TABLE t (id int);
         CREATE SCHEMA checks;
