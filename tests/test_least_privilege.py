@@ -17,9 +17,10 @@ from psycopg import sql
 
 from reconciler import servers as servers_module
 from reconciler.config import load_config
-from reconciler.errors import ReconcilerError, SchemaLoadError
+from reconciler.errors import ReconcilerError, SchemaLoadError, ServerError
 from reconciler.pipeline import lint_schema, make_plan, open_servers
-from reconciler.sandbox import LOAD_ROLE
+from reconciler.sandbox import LOAD_ROLE, LoadLimits
+from reconciler.sandbox import prepare as prepare_sandbox
 from reconciler.servers import (
     SERVER_ENVIRONMENT_ADDED,
     SERVER_ENVIRONMENT_FIXED,
@@ -384,3 +385,34 @@ def test_lint_loads_as_the_load_role(project: Project, marker: Path) -> None:
     with pytest.raises(SchemaLoadError) as caught:
         lint_schema(load_config(project.root / "reconciler.yaml"), "embedded")
     assert caught.value.line == 2 and not marker.exists()
+
+
+def test_a_shadow_server_that_asks_for_passwords(tmp_path: Path) -> None:
+    """A shadow server given by DSN with a password (scram, as most are): the load role logs in with a password
+    derived from that one (every process with the DSN derives the same), set hashed by the client; without it the
+    load role cannot log in."""
+    cluster = EmbeddedCluster(tmp_path / "pg", durable=False)
+    try:
+        server = cluster.start()
+        secret = f"pw-{secrets.token_hex(8)}"
+        with connect(server.dsn) as conn:
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(secret)))
+        (cluster.datadir / "pg_hba.conf").write_text("local all all scram-sha-256\n")
+        with connect(server.dsn) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        with_password = Server(dsn=f"{server.dsn} password={secret}", major_version=server.major_version,
+                               bindir=server.bindir, embedded=False)
+        loader = prepare_sandbox(with_password, LoadLimits(), stand_ins=True)
+        assert loader.password and loader.password != secret
+        with loader.connect(with_password.database_dsn("postgres")) as conn:
+            assert conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+                                ).fetchone() == (LOAD_ROLE, False)
+        again = prepare_sandbox(with_password, LoadLimits(), stand_ins=True)
+        assert again.password == loader.password  # no reset: another process's sessions keep working
+        with pytest.raises(ServerError, match="password"):
+            connect(f"{server.database_dsn('postgres')} user={LOAD_ROLE}").close()
+        with connect(with_password.dsn) as conn:
+            hashed = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (LOAD_ROLE,)).fetchone()
+        assert hashed is not None and str(hashed[0]).startswith("SCRAM-SHA-256$")
+    finally:
+        cluster.stop(delete=True)
