@@ -143,9 +143,11 @@ class Sandbox:
         scratch database from there."""
         if not roles:
             return
-        with connect(self.server_dsn, application_name="reconciler shadow") as conn:
-            harmless = harmless_roles(conn, sorted(roles))
-            for name in sorted(harmless):
+        with connect(self.server_dsn, application_name="reconciler shadow") as conn, _roles_locked(conn):
+            member = {r[0] for r in conn.execute(
+                "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+                "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %s", (self.role,)).fetchall()}
+            for name in sorted(harmless_roles(conn, sorted(roles - member))):
                 conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(name), sql.Identifier(self.role)))
 
 
@@ -185,13 +187,27 @@ def prepare(server: Server, limits: LoadLimits, *, stand_ins: bool) -> Sandbox:
                 f"role the tool makes and keeps unprivileged there ({LOAD_ROLE}), and what schemas need a superuser for "
                 "(extensions, the copy of live) the tool does itself; use a server of the tool's own (shadow: embedded) "
                 "or a superuser's DSN")
-        _ensure_role(conn, limits=limits)
-        _ensure_restore_role(conn)
+        with _roles_locked(conn):
+            _ensure_role(conn, limits=limits)
+            _ensure_restore_role(conn)
         password = None if server.embedded else _password(server.dsn)
     sandbox = Sandbox(server_dsn=server.dsn, role=LOAD_ROLE, password=password, limits=limits, stand_ins=stand_ins)
     if password is not None:
         _check_login(sandbox, server)
     return sandbox
+
+
+ROLES_LOCK = 0x726C6F6164  # one process at a time changes the tool's roles on a server (concurrent ALTER ROLE fails)
+
+
+@contextlib.contextmanager
+def _roles_locked(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    conn.execute("SELECT pg_advisory_lock(%s)", (ROLES_LOCK,))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("SELECT pg_advisory_unlock(%s)", (ROLES_LOCK,))
 
 
 def _ensure_restore_role(conn: psycopg.Connection[Any]) -> None:
