@@ -357,3 +357,29 @@ def test_a_cancel_that_lands_after_the_last_step_still_ends_the_run_cancelled(ta
     assert run["status"] == "cancelled", run
     assert "undone by their rollback SQL" in str(run["error"])
     assert fetch_one(target.database, "SELECT to_regclass('public.items_note_idx')") is None
+
+
+def test_a_signal_while_the_result_is_verified_ends_the_run_cancelled(target: Target,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGTERM to the applying process lands after the last step, between the verification's statements
+    (nothing of the run's is under way at the server to cancel): the run still stops there, cancelled, its
+    committed steps undone, never recorded applied (found by the fault campaign)."""
+    from reconciler.apply import ApplyOptions, apply_plan, executor
+    from reconciler.plan import read_plan
+
+    target.desired(WITH_INDEX)
+    plan = read_plan(target.plan())
+    real_verify = executor.verify
+
+    def verify_then_signalled(*args: object, **kwargs: object) -> object:
+        found = real_verify(*args, **kwargs)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGTERM)
+        return found
+
+    monkeypatch.setattr(executor, "verify", verify_then_signalled)
+    with pytest.raises(KeyboardInterrupt):  # as a signalled command ends (exit 130), once the run is recorded
+        apply_plan(plan, target.database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                       verify_before_commit=False))
+    (run,) = target.runs()
+    assert run["status"] == "cancelled", run
+    assert fetch_one(target.database, "SELECT to_regclass('public.items_note_idx')") is None

@@ -242,6 +242,7 @@ class _Run:
             failures = postcondition_failures(self.plan, self.control) + verification_failures(verification)
             if failures:
                 raise NotConverged("after the steps: " + "; ".join(failures))
+            self.signals.check()  # one that landed while verifying between its statements: the run stops, as a cancel
             ended = history.finish_run(self.control, self.schema, self.run_id, status="applied", statements=self.records,
                                        unless_cancelled=True)
             if not ended and history.cancel_requested(self.control, self.schema, self.run_id):
