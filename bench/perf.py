@@ -4,6 +4,7 @@ on the same two databases, in the same run, with the ratio printed. See bench/RE
     .venv/bin/python bench/perf.py all
     .venv/bin/python bench/perf.py synthetic --tables 200,1000
     .venv/bin/python bench/perf.py lattice --views 20,24,28
+    .venv/bin/python bench/perf.py fanout --fanout-views 50
     .venv/bin/python bench/perf.py gitlab
     .venv/bin/python bench/perf.py watch --watch-tables 1000
 
@@ -56,7 +57,7 @@ MIGRA = BIN / "migra"
 GITLAB_SQL = REPO.parent / "shared" / "corpus" / "schemas" / "gitlab.sql"
 ENVIRONMENT = "bench"
 METADATA_SCHEMA = "reconciler"
-BENCHMARKS = ("synthetic", "lattice", "gitlab", "watch")
+BENCHMARKS = ("synthetic", "lattice", "fanout", "gitlab", "watch")
 GITLAB_CASES = ("empty", "same", "changed")
 EXIT_OK, EXIT_CHANGES = 0, 2
 SYSTEM_DATABASES = frozenset({"postgres", "template0", "template1"})
@@ -373,6 +374,24 @@ def bench_lattice(bench: Bench, sizes: Sequence[int], record: Record) -> None:
             _migra_then_plans(bench, result, logs, f"lat{views}", schemas.old_sql, schemas.new_sql)
 
 
+def bench_fanout(bench: Bench, sizes: Sequence[int], record: Record) -> None:
+    """Views re-created by a change none of them needs: migra's statements and ours, counted."""
+    for views in sizes:
+        schemas = schemagen.fanout(views)
+        with case("fanout", f"{views} views", f"{views} views over one table; {schemas.change}", record) as result:
+            logs = bench.workdir / f"fanout-{views}"
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / "old.sql").write_text(schemas.old_sql)
+            (logs / "new.sql").write_text(schemas.new_sql)
+            _migra_then_plans(bench, result, logs, f"fan{views}", schemas.old_sql, schemas.new_sql)
+            body = json.loads((logs / "plan-warm.plan.json").read_text())["body"]
+            recreated = sum(1 for s in body["steps"] if s["kind"] in ("drop_view", "drop_matview"))
+            migra_sql = (logs / "migra.out").read_text(errors="replace")
+            migra_drops = len(re.findall(r"^drop (?:materialized )?view", migra_sql, re.IGNORECASE | re.MULTILINE))
+            result.notes.append(f"views and materialized views re-created: {recreated} by the plan "
+                                f"({len(body['steps'])} steps), {migra_drops} by raw migra")
+
+
 def bench_gitlab(bench: Bench, cases: Sequence[str], source: Path, record: Record) -> None:
     if not source.is_file():
         raise BenchError(f"GitLab's schema is not at {source} (give --gitlab-sql)")
@@ -652,6 +671,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("benchmarks", nargs="+", choices=[*BENCHMARKS, "all"], help="which benchmarks to run")
     parser.add_argument("--tables", type=_sizes, default=[200, 1000, 5000], help="synthetic sizes (default 200,1000,5000)")
     parser.add_argument("--views", type=_sizes, default=[20, 24, 28], help="lattice sizes (default 20,24,28)")
+    parser.add_argument("--fanout-views", type=_sizes, default=[50], help="fanout sizes (default 50)")
     parser.add_argument("--gitlab-cases", default=",".join(GITLAB_CASES),
                         help="empty (empty -> full), same (full -> full), changed (full -> full with a few changes)")
     parser.add_argument("--gitlab-sql", type=Path, default=GITLAB_SQL, help=f"default {GITLAB_SQL}")
@@ -715,6 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bench_synthetic(bench, args.tables, args.seed, record)
                 elif name == "lattice":
                     bench_lattice(bench, args.views, record)
+                elif name == "fanout":
+                    bench_fanout(bench, args.fanout_views, record)
                 elif name == "gitlab":
                     bench_gitlab(bench, args.gitlab_cases, args.gitlab_sql, record)
                 else:

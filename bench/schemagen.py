@@ -254,6 +254,41 @@ def lattice(views: int) -> LatticeSchemas:
                           change=f"lattice_v{views:02d} gains a column; table lattice_note added")
 
 
+@dataclass(frozen=True)
+class FanoutSchemas:
+    old_sql: str
+    new_sql: str
+    views: int
+    change: str
+
+
+def fanout(views: int) -> FanoutSchemas:
+    """``views`` views over one table (column lists, joins, GROUP BY its key, one in five a materialized view with an
+    index, one in ten over another view); the change: a column added in the middle of the table, which no view reads.
+    PostgreSQL re-creates none of them; migra drops and creates them all."""
+    table = ("CREATE TABLE fanout_base (\n    id bigint PRIMARY KEY,\n    a integer NOT NULL,\n{extra}"
+             "    b text,\n    c timestamptz\n);\nCREATE TABLE fanout_other (id bigint PRIMARY KEY, note text);\n")
+    parts = []
+    for n in range(1, views + 1):
+        name = f"fanout_v{n:02d}"
+        if n % 10 == 0:
+            body = f"SELECT id FROM fanout_v{n - 1:02d} WHERE id > {n}"
+        elif n % 3 == 0:
+            body = "SELECT t.id, t.b, count(*) AS n FROM fanout_base t GROUP BY t.id"
+        elif n % 3 == 1:
+            body = f"SELECT t.id, t.a + {n} AS a, o.note FROM fanout_base t JOIN fanout_other o ON o.id = t.id"
+        else:
+            body = f"SELECT id, a, b, c FROM fanout_base WHERE a > {n}"
+        if n % 5 == 0 and n % 10 != 0:
+            parts.append(f"CREATE MATERIALIZED VIEW {name} AS {body};\nCREATE INDEX {name}_id ON {name} (id);\n")
+        else:
+            parts.append(f"CREATE VIEW {name} AS {body};\n")
+    old = table.format(extra="") + "".join(parts)
+    new = table.format(extra="    added numeric,\n") + "".join(parts)
+    return FanoutSchemas(old_sql=old, new_sql=new, views=views,
+                         change="a column added in the middle of the table every view reads")
+
+
 # ---- a few changes to a real schema ----------------------------------------------------------------------
 
 # One change of each synthetic kind (and a second added column), on regular (not partitioned) GitLab tables.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +50,11 @@ def _schemas_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schemas", type=Path, help="folder of desired-schema .sql files (default: from reconciler.yaml)")
 
 
+def _drops_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-mass-drops", action="store_true",
+                   help="plan even when the plan drops every table of a schema, or most of the target's tables")
+
+
 def _format_option(p: argparse.ArgumentParser, choices: Sequence[str] = ("text", "markdown", "json")) -> None:
     p.add_argument("--format", "-f", choices=list(choices), default="text")
 
@@ -68,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="compare desired and live, write a plan")
     _target_options(p)
     _schemas_option(p)
+    _drops_option(p)
     p.add_argument("-o", "--out", type=Path, help="write the plan file here")
     p.add_argument("--key", type=Path, help=f"sign the plan as planner with this key (or ${PLANNER_KEY_ENV})")
     _format_option(p)
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _target_options(p)
     p.add_argument("-o", "--out", type=Path, help="write the plan file here")
     p.add_argument("--plan-only", action="store_true", help="only plan, even where the environment may apply on its own")
+    _drops_option(p)
 
     p = sub.add_parser("lint", help="check the desired schema against the schema rules (no live database)")
     p.add_argument("--env", "-e", dest="env", help="evaluate the rules scoped to this environment (default: local)")
@@ -129,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "environment's concurrency, 4)")
     _target_options(p)
     _schemas_option(p)
+    _drops_option(p)
 
     p = sub.add_parser("diff", help="print the SQL that would make live equal desired")
     _target_options(p)
     _schemas_option(p)
+    _drops_option(p)
 
     p = sub.add_parser("drift", help="is the live schema equal to the desired one?")
     _target_options(p)
@@ -150,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="plan on every change, apply where allowed, check for drift; serve /healthz and /metrics")
     _target_options(p)
     _schemas_option(p)
+    _drops_option(p)
     p.add_argument("--interval", default="5min", help="check for drift every DURATION (300, 30s, 5min; default 5min)")
     p.add_argument("--listen",  # default: the watcher's (cmd_watch fills it in: watch is imported only to watch)
                    help="HOST:PORT serving /healthz and /metrics (port 0: any free port; 'off': none)")
@@ -161,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands ----------------------------------------------------------------------------------
 
 def _env(config: Config, args: argparse.Namespace) -> Environment:
-    return config.environment(args.env, args.database)
+    env = config.environment(args.env, args.database)
+    if getattr(args, "allow_mass_drops", False):
+        env = dataclasses.replace(env, allow_mass_drops=True)
+    return env
 
 
 def cmd_init(args: argparse.Namespace) -> int:

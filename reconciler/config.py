@@ -46,6 +46,7 @@ class Environment:
     auto_rollback: bool = True
     allow_unrehearsed: bool = False
     allow_version_mismatch: bool = False
+    allow_mass_drops: bool = False  # plans may drop every table of a schema, or most tables (see massdrops)
     timeouts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     require_signed_plans: bool = True
     plan_ttl: str = "7d"

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import history, inspect, renames, roundtrip
+from . import history, inspect, massdrops, renames, roundtrip
 from .apply import settle
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
@@ -297,6 +297,9 @@ def _make_plan(
                                if live != desired else [])
                 equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
             steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
+            if steps and not env.allow_mass_drops:
+                with connect(servers.target_dsn) as conn:
+                    massdrops.check(conn, steps, excluded, env.name)
             rehearsal = SKIPPED
             if steps and env.rehearse:
                 if not _same_major(servers, env):

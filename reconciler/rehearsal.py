@@ -153,6 +153,15 @@ def _execute(conn: psycopg.Connection[object], statement: str) -> None:
         conn.execute(statement.encode())
 
 
+def _gives_back(step: Step, *, owners: bool, privileges: bool) -> bool:
+    """An owner or grant step where the copy holds none of live's owners or grants (not managed): such a step only
+    gives a re-created object back what live had (``supplements.kept``), which the copy never had; apply checks on
+    the target that every surviving object keeps its owner and grants."""
+    if isinstance(recognise(step.sql.lstrip()), ChangeOwner):
+        return not owners
+    return step.kind in ("grant", "revoke") and not privileges
+
+
 def _run_steps(conn: psycopg.Connection[object], steps: Sequence[Step]) -> tuple[int, str] | None:
     """Run the steps phase by phase, as apply does; the first failure as (step index, message)."""
     phases: dict[int, list[Step]] = {}
@@ -196,6 +205,7 @@ def rehearse(
     ``copy_key``: the kept copy's key, when the plan has it already (``prepare_live_copy``). The steps come from
     the desired schema: they run, and the copy is read, as the load role (``sandbox``)."""
     started = time.perf_counter()
+    steps = [s for s in steps if not _gives_back(s, owners=owners, privileges=privileges)]
     extensions = _superuser_extensions(desired_dsn)
     creates = {w.name for w in (recognise(s.sql.lstrip()) for s in steps) if isinstance(w, CreateExtension)}
     if cache_keep > 0 and live_fingerprint is not None and not (owners or privileges) \

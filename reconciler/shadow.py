@@ -29,6 +29,7 @@ from .privileged import Privileged, Refused, carry_out, recognise
 from .sandbox import Sandbox, deadline
 from .servers import connect
 from .source import DesiredSchema, SchemaFile
+from .sqltext import statement_slices
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _statements(schema_file: SchemaFile) -> Iterator[Statement]:
             hint="schema files are plain SQL run statement by statement; remove psql commands such as \\connect or \\i",
         )
     try:
-        slices = pglast.split(text, with_parser=False, only_slices=True)
+        slices = statement_slices(text)
     except pglast.parser.ParseError as exc:
         location = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else 0
         line, column = line_column(text, location)

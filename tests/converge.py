@@ -35,6 +35,7 @@ def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, e
             require_signed_plans: false
             backup: none
             lock_timeout: 10s
+            allow_mass_drops: true  # the cases drop whole schemas' tables on purpose
         safety:
           squawk: false
         load:

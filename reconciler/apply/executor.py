@@ -35,7 +35,15 @@ from . import recovery
 from .checks import freshness, plan_checks, refuse_unless_target
 from .monitor import LockWaitMonitor
 from .options import ApplyOptions, ApplyResult
-from .verification import NotConverged, check_converged, postcondition_failures, verification_failures, verify
+from .verification import (
+    Held,
+    NotConverged,
+    check_converged,
+    held,
+    postcondition_failures,
+    verification_failures,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -231,13 +239,15 @@ class _Run:
             self._still_fresh()
             log.info("applying plan %s (%d steps in %d phases)", self.plan.short_id, len(self.plan.body.steps),
                      len(_phases(self.plan.body.steps)))
+            before = held(self.plan, self.sessions.executor, self.schema)
             with LockWaitMonitor(self.options.monitor_dsn, self.sessions.executor.info.backend_pid) \
                     if self.options.monitor_dsn else contextlib.nullcontext() as monitor:
-                _execute(self.plan, self.sessions.executor, self.options, self.records, self.progress, monitor)
+                _execute(self.plan, self.sessions.executor, self.options, self.records, self.progress, monitor,
+                         before)
             self.signals.check()
             if history.cancel_requested(self.control, self.schema, self.run_id):
                 raise Cancelled
-            verification = verify(self.sessions.executor, self.plan, self.schema)
+            verification = verify(self.sessions.executor, self.plan, self.schema, before)
             history.record_verification(self.control, self.schema, self.run_id, verification)
             failures = postcondition_failures(self.plan, self.control) + verification_failures(verification)
             if failures:
@@ -534,7 +544,8 @@ def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None
 
 
 def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, records: list[StepRecord],
-             progress: _Progress, monitor: LockWaitMonitor | None = None) -> None:
+             progress: _Progress, monitor: LockWaitMonitor | None = None, before: Held | None = None) -> None:
+    """``before``: what the objects held before the first step that the plan does not manage (``held``)."""
     phases = _phases(plan.body.steps)
     for number, phase in enumerate(phases, 1):
         last = number == len(phases)
@@ -554,7 +565,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                             _run_step(conn, step, records, options.on_step, monitor, progress.check)
                         if last and options.verify_before_commit:
                             # what would be committed is checked before it is: the phase's locks are held meanwhile
-                            check_converged(plan, conn, options.metadata_schema)
+                            check_converged(plan, conn, options.metadata_schema, before)
                         written[0] = progress.in_transaction(conn)
                 except BaseException:
                     records[done_before:] = [r if r.status != "applied" else replace(r, status="rolled back")

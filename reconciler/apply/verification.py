@@ -29,20 +29,64 @@ def unlike_desired(plan: Plan, live: inspect.SchemaSnapshot, *, limit: int) -> s
     return describe_differences(plan.body.desired.unmatched(actual), actual, limit=limit)
 
 
-def check_converged(plan: Plan, conn: psycopg.Connection[Any], metadata_schema: str) -> None:
-    """Inside the last transaction, before COMMIT: what it sees is what would be committed."""
+Held = dict[tuple[str, str, str | None], tuple[str | None, frozenset[inspect.Grant] | None]]
+
+
+def held(plan: Plan, conn: psycopg.Connection[Any], metadata_schema: str) -> Held:
+    """The owner and grants of every object, where the plan does not manage them (they are not in the desired
+    snapshot, so only a comparison with the target before the steps can tell they were kept)."""
+    manages = plan.body.snapshot_options
+    if manages["owners"] and manages["privileges"]:
+        return {}
+    security = inspect.security(conn, exclude_schemas=(metadata_schema,))
+    return {key: (None if manages["owners"] else obj.owner, None if manages["privileges"] else obj.grants)
+            for key, obj in security.objects.items()}
+
+
+def lost(before: Held, after: Held, *, limit: int) -> str:
+    """'' when every object there before and after kept its owner and grants, else what changed: a plan that does not
+    manage them never changes them, and one that re-creates an object gives it back what it had."""
+    changed = []
+    for key in sorted(set(before) & set(after), key=lambda k: (k[1], k[2] or "", k[0])):
+        (owner, grants), (owner_now, grants_now) = before[key], after[key]
+        label = f"{key[0]} {key[1]}{'.' + key[2] if key[2] else ''}"
+        if owner != owner_now:
+            changed.append(f"{label} owner {_who(owner)} -> {_who(owner_now)}")
+        if grants != grants_now and grants is not None and grants_now is not None:
+            gone = ", ".join(g.describe() for g in sorted(grants - grants_now))
+            added = ", ".join(g.describe() for g in sorted(grants_now - grants))
+            changed.append(f"{label} privileges{' lost ' + gone if gone else ''}{' gained ' + added if added else ''}")
+    shown = changed[:limit]
+    return ", ".join(shown) + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def _who(owner: str | None) -> str:
+    return "the applying role" if owner == inspect.APPLYING_ROLE else str(owner)
+
+
+def check_converged(plan: Plan, conn: psycopg.Connection[Any], metadata_schema: str,
+                    before: Held | None = None) -> None:
+    """Inside the last transaction, before COMMIT: what it sees is what would be committed. ``before``: ``held``
+    before the first step."""
     live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,), **plan.body.snapshot_options)
     changed = unlike_desired(plan, live, limit=10)
     if changed:
         raise NotConverged(f"after the steps the database does not match the desired schema: {changed}")
+    gone = lost(before, held(plan, conn, metadata_schema), limit=10) if before else ""
+    if gone:
+        raise NotConverged(f"after the steps objects have lost what the plan does not manage: {gone}")
 
 
-def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str) -> dict[str, Any]:
+def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str, before: Held | None = None
+           ) -> dict[str, Any]:
     """The checks after an apply, as stored in the history row: live equals desired, no INVALID index,
-    and the NOT VALID constraints (each must be in the desired schema to pass the first check)."""
+    and the NOT VALID constraints (each must be in the desired schema to pass the first check); with ``before``
+    (``held`` before the first step), no object lost its owner or grants."""
     live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,), **plan.body.snapshot_options)
     unlike = unlike_desired(plan, live, limit=50)
     differences = unlike.split(", ") if unlike else []
+    gone = lost(before, held(plan, conn, metadata_schema), limit=50) if before else ""
+    differences += [f"not kept: {d}" for d in gone.split(", ")] if gone else []
     invalid = [r[0] for r in conn.execute(
         "SELECT n.nspname || '.' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid ORDER BY 1").fetchall()]

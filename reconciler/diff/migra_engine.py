@@ -26,6 +26,7 @@ import pglast
 from .. import dsn as dsnlib
 from ..errors import ReconcilerError
 from ..servers import connect
+from ..sqltext import statement_slices
 from .base import Change
 from .classify import classify
 from .inspections import InspectionCache, inspection_key
@@ -250,7 +251,7 @@ def _split(statement: str) -> list[str]:
     if not text:
         return []
     try:
-        pieces = [text[s].strip() for s in pglast.split(text, with_parser=False, only_slices=True)]
+        pieces = [text[s].strip() for s in statement_slices(text)]
     except pglast.parser.ParseError:
         return [text.rstrip(";").strip()]
     return [p for p in pieces if p]

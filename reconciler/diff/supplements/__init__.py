@@ -141,7 +141,9 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
     from . import (
         aggregates,
         comments,
+        dependents,
         enums,
+        kept,
         operators,
         partitions,
         privileges,
@@ -155,7 +157,8 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
     )
 
     out = list(changes)
-    for rewrite in (reprints.reprinted,  # first: no other rewriter sees a re-creation that changes nothing
+    for rewrite in (dependents.needless_recreations,  # first: no other rewriter sees a re-creation not needed
+                    reprints.reprinted,  # no other rewriter sees a re-creation that changes nothing
                     enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
                     routines.cloned_triggers, routines.functions,
                     partitions.mend_partitions, types.user_types, aggregates.aggregates, operators.operators,
@@ -163,7 +166,10 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     tables.table_properties, tables.column_properties, tables.not_valid_constraints,
                     tables.default_after_type,
                     textsearch.text_search,  # after the rewriters that place types and columns: before and after them
-                    views.view_options, views.statistics, comments.comments,
-                    privileges.reconcile):  # last: owners and grants go after everything else
+                    views.view_options, views.statistics,
+                    dependents.reattached,  # after the rewriters that move or add view re-creations
+                    comments.comments,
+                    privileges.reconcile,  # last: owners and grants go after everything else
+                    kept.kept):  # and what re-created objects had, that the desired schema does not manage
         out = rewrite(context, out)
     return out

@@ -23,7 +23,7 @@ from . import FOUNDATION_KINDS, Context, change, first_index, managed, not_exten
 def _support(column: str) -> str:
     """SQL: (support function as CREATE AGGREGATE names it, its key as the routines supplement names it)."""
     return (f"CASE WHEN ag.{column} <> 0 THEN ag.{column}::regproc::text END, "
-            f"(SELECT fn.nspname || '.' || f.proname || '(' || pg_get_function_identity_arguments(f.oid) || ')' "
+            f"(SELECT fn.nspname || '.' || f.proname || '(' || oidvectortypes(f.proargtypes) || ')' "
             f"FROM pg_proc f JOIN pg_namespace fn ON fn.oid = f.pronamespace WHERE f.oid = ag.{column})")
 
 

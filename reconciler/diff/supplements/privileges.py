@@ -57,7 +57,7 @@ def reconcile(context: Context, changes: list[Change]) -> list[Change]:
         return out
     live = inspect.security(context.live, exclude_schemas=context.exclude_schemas)
     desired = inspect.security(context.desired, exclude_schemas=context.exclude_schemas)
-    planner = _Planner(live, desired, _default_grants(context.live), _dropped(changes), options.manage_owners)
+    planner = Planner(live, desired, default_grants(context.live), recreated_names(changes), options.manage_owners)
     added: list[Change] = []
     if options.manage_owners:
         added += planner.owners()
@@ -68,7 +68,7 @@ def reconcile(context: Context, changes: list[Change]) -> list[Change]:
     return out + added
 
 
-def _default_grants(conn: psycopg.Connection[Any]) -> dict[str, Acl]:
+def default_grants(conn: psycopg.Connection[Any]) -> dict[str, Acl]:
     """acldefault() per ACL type letter, the owner's privileges as OWNER."""
     rows = conn.execute(
         """SELECT t, (SELECT coalesce(json_agg(json_build_array(
@@ -79,11 +79,18 @@ def _default_grants(conn: psycopg.Connection[Any]) -> dict[str, Acl]:
     return {letter: frozenset(Grant(str(g), str(p), bool(o)) for g, p, o in grants) for letter, grants in rows}
 
 
-def _dropped(changes: Sequence[Change]) -> frozenset[str]:
-    """Unquoted names of what the changes drop: an object the plan drops and creates again starts afresh."""
+# creations that replace what is there in place, keeping its owner and grants
+_REPLACING = frozenset({"replace_view", "create_function", "create_procedure"})
+
+
+def recreated_names(changes: Sequence[Change]) -> frozenset[str]:
+    """Unquoted names of what the changes drop or create: an object the plan drops, or renames away (an enum migra
+    rebuilds), and creates again starts afresh. CREATE OR REPLACE keeps what the object had."""
     names: set[str] = set()
     for c in changes:
-        if c.kind.startswith("drop_"):  # drop_column's object is table.column
+        if c.kind.startswith("drop_") or (c.kind.startswith("create_") and c.kind not in _REPLACING
+                                          and not c.kind.startswith("create_index")):
+            # drop_column's object is table.column; drop_function's carries its arguments
             names.update(part.split("(")[0].strip() for part in c.object.split(", ") if part.strip())
     return frozenset(names)
 
@@ -96,7 +103,7 @@ def _role(name: str) -> sql.Composable:
     return sql.Identifier(name)
 
 
-class _Planner:
+class Planner:
     def __init__(self, live: Security, desired: Security, defaults: dict[str, Acl], dropped: frozenset[str],
                  manage_owners: bool) -> None:
         self.live, self.desired, self.defaults, self.dropped = live, desired, defaults, dropped

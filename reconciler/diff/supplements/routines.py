@@ -24,7 +24,7 @@ from .enums import OLD_SUFFIX, recreated_not_extended
 
 _FUNCTIONS = f"""SELECT p.oid, n.nspname, p.proname, pg_get_function_identity_arguments(p.oid), p.prokind::text,
            pg_get_functiondef(p.oid), pg_get_function_result(p.oid), coalesce(p.proargnames, '{{}}')::text[],
-           p.pronargdefaults, coalesce(p.proargmodes::text[], '{{}}')::text[]
+           p.pronargdefaults, coalesce(p.proargmodes::text[], '{{}}')::text[], oidvectortypes(p.proargtypes)
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE p.prokind IN ('f', 'p', 'w') AND {managed('n')} AND {not_extension_member('pg_proc', 'p.oid')}
       AND NOT EXISTS (SELECT 1 FROM pg_depend i WHERE i.classid = 'pg_proc'::regclass AND i.objid = p.oid
@@ -79,10 +79,11 @@ class Function:
     argument_names: tuple[str, ...]
     defaults: int
     argument_modes: tuple[str, ...]
+    signature: str  # the types it is called with: what makes it this function, whatever its parameters are named
 
     @property
     def key(self) -> str:
-        return f"{self.schema}.{self.name}({self.arguments})"
+        return f"{self.schema}.{self.name}({self.signature})"
 
     def replaceable_by(self, new: Function) -> bool:
         """CREATE OR REPLACE can turn self into ``new``: same kind, result, parameter names and modes,
@@ -100,8 +101,9 @@ class Function:
 
 
 def read_functions(context: Context, side: str) -> dict[str, Function]:
-    functions = (Function(oid, s, n, args, kind, definition, result, tuple(names), defaults, tuple(modes))
-                 for oid, s, n, args, kind, definition, result, names, defaults, modes in context.rows(side, _FUNCTIONS))
+    functions = (Function(oid, s, n, args, kind, definition, result, tuple(names), defaults, tuple(modes), signature)
+                 for oid, s, n, args, kind, definition, result, names, defaults, modes, signature
+                 in context.rows(side, _FUNCTIONS))
     return {f.key: f for f in functions}
 
 

@@ -1,0 +1,201 @@
+"""Exact plans: a plan re-creates only what PostgreSQL requires, and what it re-creates comes back with everything it
+had (grants, owner, comment, options, indexes, triggers); apply refuses to commit a loss the plan did not foresee."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.apply import ApplyOptions, apply_plan
+from reconciler.errors import ApplyError
+from reconciler.servers import Server, connect
+from tests.conftest import fetch_one, run_sql
+from tests.converge import apply_and_verify, converge, load_live, plan_change, write_project
+
+
+def _roles(server: Server, *names: str) -> None:
+    with connect(server.dsn) as conn:
+        for name in names:
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
+                conn.execute(f'CREATE ROLE "{name}"'.encode())
+
+
+def _acl(database: str, relation: str) -> str:
+    return str(fetch_one(database, f"SELECT array_to_string(relacl, ',') FROM pg_class WHERE oid = '{relation}'::regclass"))
+
+
+BASE = """
+CREATE TABLE projects (id bigint PRIMARY KEY, name text, done int, archived boolean NOT NULL DEFAULT false);
+CREATE VIEW names AS SELECT id, name FROM projects;
+CREATE VIEW progress AS SELECT p.id, p.name, count(*) AS n FROM projects p GROUP BY p.id;
+CREATE VIEW everything AS SELECT * FROM projects;
+CREATE VIEW on_names AS SELECT name FROM names;
+CREATE MATERIALIZED VIEW done AS SELECT id, done FROM projects;
+CREATE INDEX done_id ON done (id);
+"""
+
+
+def test_adding_a_column_in_the_middle_recreates_no_view(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """migra re-creates every view over a table whose columns no longer start alike; PostgreSQL needs none of it.
+    Only the view whose ``SELECT *`` now reads the new column changes (its columns move: dropped and created)."""
+    _roles(pg_server, "reporting")
+    new = BASE.replace("done int,", "done int, budget numeric,")
+    load_live(tmp_path, database, BASE + "GRANT SELECT ON names, done, everything TO reporting;")
+    config = write_project(tmp_path, database, pg_server, new)
+    plan = plan_change(config)
+    assert [(s.kind, s.object) for s in plan.body.steps if not s.kind.startswith("grant")] == [
+        ("drop_view", "public.everything"), ("add_column", "public.projects.budget"),
+        ("replace_view", "public.everything")]
+    apply_and_verify(config, plan, database)
+    for relation in ("names", "done", "everything"):
+        assert "reporting=r/" in _acl(database, relation)
+
+
+def test_a_view_recreated_because_a_column_changes_type_keeps_what_it_had(tmp_path: Path, database: str,
+                                                                          pg_server: Server) -> None:
+    """Only the views over the retyped column (and those over them) are re-created, and each comes back with its
+    owner, table and column grants, comment, options, indexes and triggers; the others are not touched."""
+    _roles(pg_server, "reporting", "view_owner")
+    attached = """
+    COMMENT ON VIEW names IS 'project names';
+    ALTER VIEW names SET (security_barrier = true);
+    CREATE FUNCTION names_insert() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+    CREATE TRIGGER names_insert INSTEAD OF INSERT ON names FOR EACH ROW EXECUTE FUNCTION names_insert();
+    COMMENT ON MATERIALIZED VIEW done IS 'finished';
+    """
+    old = BASE.replace("CREATE MATERIALIZED VIEW done AS SELECT id, done", "CREATE MATERIALIZED VIEW done AS SELECT id, name")
+    load_live(tmp_path, database, old + attached + """
+        GRANT SELECT ON names, on_names, done, progress TO reporting;
+        GRANT UPDATE (name) ON names TO reporting;
+        ALTER VIEW on_names OWNER TO view_owner;
+        REVOKE ALL ON progress FROM reporting;
+        GRANT SELECT ON everything TO reporting WITH GRANT OPTION;
+    """)
+    new = old.replace("name text,", "name varchar(200),") + attached
+    config = write_project(tmp_path, database, pg_server, new)
+    plan = plan_change(config)
+    recreated = sorted(s.object for s in plan.body.steps if s.kind in ("drop_view", "drop_matview"))
+    # names, on_names (over names), done (uses name), everything (uses name); progress uses name too
+    assert recreated == ["public.done", "public.everything", "public.names", "public.on_names", "public.progress"]
+    apply_and_verify(config, plan, database)
+    assert "reporting=r/" in _acl(database, "names") and "reporting=r/" in _acl(database, "done")
+    assert "reporting=r*/" in _acl(database, "everything")
+    assert "reporting" not in _acl(database, "progress")
+    assert fetch_one(database, "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'on_names'::regclass") \
+        == "view_owner"
+    assert "reporting=r/view_owner" in _acl(database, "on_names")
+    assert fetch_one(database, "SELECT array_to_string(attacl, ',') FROM pg_attribute "
+                               "WHERE attrelid = 'names'::regclass AND attname = 'name'").startswith("reporting=w/")
+    assert fetch_one(database, "SELECT obj_description('names'::regclass)") == "project names"
+    assert fetch_one(database, "SELECT obj_description('done'::regclass)") == "finished"
+    assert fetch_one(database, "SELECT reloptions::text FROM pg_class WHERE oid = 'names'::regclass") \
+        == "{security_barrier=true}"
+    assert fetch_one(database, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'names'::regclass") == 1
+    assert fetch_one(database, "SELECT count(*) FROM pg_index WHERE indrelid = 'done'::regclass") == 1
+
+
+def test_routines_and_types_recreated_keep_their_grants(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """A function whose result type changes, a procedure whose parameter is renamed, are dropped and created again;
+    an enum that loses a value is rebuilt:
+    both come back with EXECUTE / USAGE as live had them, PUBLIC's revoked default included."""
+    _roles(pg_server, "reporting")
+    grants = """
+    REVOKE ALL ON FUNCTION total(int) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION total(int) TO reporting;
+    REVOKE ALL ON PROCEDURE tidy(int) FROM PUBLIC;
+    GRANT EXECUTE ON PROCEDURE tidy(int) TO reporting;
+    REVOKE ALL ON TYPE mood FROM PUBLIC;
+    GRANT USAGE ON TYPE mood TO reporting;
+    """
+    old = """
+    CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+    CREATE FUNCTION total(a int) RETURNS int LANGUAGE sql AS 'SELECT a';
+    CREATE PROCEDURE tidy(x int) LANGUAGE sql AS 'SELECT 1';
+    """
+    new = """
+    CREATE TYPE mood AS ENUM ('sad', 'happy');
+    CREATE FUNCTION total(a int) RETURNS bigint LANGUAGE sql AS 'SELECT a::bigint';
+    CREATE PROCEDURE tidy(y int) LANGUAGE sql AS 'SELECT 1';
+    """
+    load_live(tmp_path, database, old + grants)
+    config = write_project(tmp_path, database, pg_server, new)
+    plan = plan_change(config)
+    assert {"drop_function", "drop_procedure"} <= {s.kind for s in plan.body.steps}
+    apply_and_verify(config, plan, database)
+    assert "reporting=X/" in str(fetch_one(database, "SELECT array_to_string(proacl, ',') FROM pg_proc "
+                                                     "WHERE proname = 'total'"))
+    assert not fetch_one(database, "SELECT has_function_privilege('public', 'total(int)', 'EXECUTE')")
+    assert "reporting=X/" in str(fetch_one(database, "SELECT array_to_string(proacl, ',') FROM pg_proc "
+                                                     "WHERE proname = 'tidy'"))
+    assert not fetch_one(database, "SELECT has_function_privilege('public', 'tidy(int)', 'EXECUTE')")
+    assert "reporting=U/" in str(fetch_one(database, "SELECT array_to_string(typacl, ',') FROM pg_type "
+                                                     "WHERE typname = 'mood'"))
+    assert not fetch_one(database, "SELECT has_type_privilege('public', 'mood', 'USAGE')")
+
+
+def test_apply_refuses_to_commit_a_grant_lost_that_the_plan_did_not_foresee(tmp_path: Path, database: str,
+                                                                            pg_server: Server) -> None:
+    """A grant given after the plan was made (privileges are not managed, so the plan is still fresh) would be lost
+    when the plan re-creates its view: apply checks what every object held before the steps, and undoes."""
+    _roles(pg_server, "reporting")
+    old = "CREATE TABLE t (id bigint, a text); CREATE VIEW v AS SELECT id, a FROM t;"
+    load_live(tmp_path, database, old)
+    config = write_project(tmp_path, database, pg_server, old.replace("a text", "a varchar(10)"))
+    plan = plan_change(config)
+    assert "drop_view" in {s.kind for s in plan.body.steps}
+    run_sql(database, "GRANT SELECT ON v TO reporting")
+    with pytest.raises(ApplyError, match=r"view public\.v privileges lost \"?reporting\"?:SELECT"):
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+    assert "reporting=r/" in _acl(database, "v")
+    assert fetch_one(database, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                               "WHERE attrelid = 't'::regclass AND attname = 'a'") == "text"
+
+
+def test_sql_standard_bodies_load_and_converge(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """BEGIN ATOMIC ... END holds semicolons that do not end the statement (PostgreSQL 14+)."""
+    new = """
+    CREATE TABLE counts (n int);
+    CREATE FUNCTION bump(x int) RETURNS int LANGUAGE sql
+    BEGIN ATOMIC
+        SELECT x + 1;
+        SELECT x + 2;
+    END;
+    CREATE PROCEDURE add_one() LANGUAGE sql BEGIN ATOMIC INSERT INTO counts VALUES (1); INSERT INTO counts VALUES (2); END;
+    CREATE VIEW after_bump AS SELECT bump(n) FROM counts;
+    """
+    converge(tmp_path, database, pg_server, "", new, replan=True)
+    assert fetch_one(database, "SELECT bump(1)") == 3
+    run_sql(database, "CALL add_one()")
+    assert fetch_one(database, "SELECT count(*) FROM counts") == 2
+
+
+def test_a_plan_that_drops_every_table_is_refused_unless_asked_for(tmp_path: Path, database: str,
+                                                                   pg_server: Server) -> None:
+    """An empty (comments only) desired schema reads as "drop everything": refused, exit 3, naming the count and
+    the way to allow it; the flag, or the environment's setting, lets it plan. Every table of one schema counts
+    too; dropping one of several does not."""
+    from tests.target import Target
+
+    target = Target(tmp_path, database, pg_server)  # live: parents, items
+    run_sql(database, "CREATE SCHEMA audit; CREATE TABLE audit.log (id int); CREATE TABLE c (id int);")
+    kept = ("CREATE TABLE parents (id bigint PRIMARY KEY, name text);"
+            "CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint, note text, legacy text);")
+    target.desired("-- everything moved elsewhere\n")
+    result = target.run("plan")
+    assert result.returncode == 3, result.stderr
+    assert "drops 4 of the target's 4 table(s)" in result.stderr and "--allow-mass-drops" in result.stderr
+    assert "allow_mass_drops: true for environment 'test'" in result.stderr
+    assert target.run("apply", "--auto").returncode == 3
+    assert fetch_one(database, "SELECT count(*) FROM pg_tables WHERE tablename IN ('parents', 'items', 'c', 'log')") == 4
+    assert target.run("plan", "--allow-mass-drops").returncode == 2
+
+    target.desired(kept + "CREATE TABLE c (id int);")  # audit.log goes: every table of schema audit
+    result = target.run("plan")
+    assert result.returncode == 3 and "every table of schema audit" in result.stderr, result.stderr
+    target.desired(kept + "CREATE SCHEMA audit; CREATE TABLE audit.log (id int);")  # c goes: one of four
+    assert target.run("plan").returncode == 2, target.run("plan").stderr
+    config = tmp_path / "reconciler.yaml"
+    config.write_text(config.read_text() + "    allow_mass_drops: true\n")
+    target.desired("")
+    assert target.run("plan").returncode == 2
