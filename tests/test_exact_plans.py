@@ -199,3 +199,49 @@ def test_a_plan_that_drops_every_table_is_refused_unless_asked_for(tmp_path: Pat
     config.write_text(config.read_text() + "    allow_mass_drops: true\n")
     target.desired("")
     assert target.run("plan").returncode == 2
+
+
+ROW_TYPES = """
+CREATE TABLE t (id bigint PRIMARY KEY, n int);
+CREATE FUNCTION first_t() RETURNS t LANGUAGE sql AS 'SELECT * FROM t LIMIT 1';
+CREATE DOMAIN t_dom AS t;
+CREATE TABLE holder (id int, item t);
+CREATE TYPE pair AS (a t, b t);
+CREATE FUNCTION is_even(x int) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT x % 2 = 0';
+CREATE DOMAIN even_int AS int CHECK (is_even(VALUE));
+CREATE TABLE t2 (id bigint PRIMARY KEY, n even_int DEFAULT 2, m int CHECK (is_even(m)));
+CREATE FUNCTION cnt() RETURNS bigint LANGUAGE sql BEGIN ATOMIC SELECT count(*) FROM t2; END;
+CREATE VIEW counted AS SELECT cnt();
+"""
+
+
+def test_objects_are_made_and_dropped_in_the_order_they_need_each_other(tmp_path: Path, database: str,
+                                                                         pg_server: Server) -> None:
+    """A domain whose CHECK calls a function, a domain, composite type and function over a table's row type, a
+    table with a column of such a domain, a SQL-standard body over a table: made after what they need (the desired
+    database's pg_depend), and dropped before what they need (live's)."""
+    converge(tmp_path / "make", database, pg_server, "", ROW_TYPES, replan=True)
+    assert fetch_one(database, "SELECT (first_t()).id IS NULL")
+    plan = converge(tmp_path / "drop", database, pg_server, "", "CREATE TABLE other (id int);", replan=True)
+    assert {s.kind for s in plan.body.steps} >= {"drop_domain", "drop_type", "drop_table", "drop_function"}
+
+
+def test_a_unique_constraint_replaced_by_a_primary_key_that_foreign_keys_use(tmp_path: Path, database: str,
+                                                                              pg_server: Server) -> None:
+    """The foreign key leans on the UNIQUE constraint's index, which cannot go while it does: the key is dropped
+    first and added again (NOT VALID, then validated) once the primary key is there."""
+    old = """
+    CREATE TABLE a (id bigint NOT NULL, CONSTRAINT a_id_key UNIQUE (id));
+    CREATE TABLE b (id bigint, a_id bigint REFERENCES a (id));
+    INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (1, 1), (2, 2);
+    """
+    new = """
+    CREATE TABLE a (id bigint NOT NULL, CONSTRAINT a_pkey PRIMARY KEY (id));
+    CREATE TABLE b (id bigint, a_id bigint REFERENCES a (id));
+    """
+    plan = converge(tmp_path, database, pg_server, old, new, replan=True)
+    kinds = [(s.kind, s.object) for s in plan.body.steps]
+    assert kinds.index(("drop_constraint", "public.b.b_a_id_fkey")) < kinds.index(("drop_constraint", "public.a.a_id_key"))
+    assert fetch_one(database, "SELECT conindid::regclass::text FROM pg_constraint WHERE conname = 'b_a_id_fkey'") \
+        == "a_pkey"
+    assert fetch_one(database, "SELECT convalidated FROM pg_constraint WHERE conname = 'b_a_id_fkey'") is True

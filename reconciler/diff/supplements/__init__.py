@@ -145,6 +145,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         enums,
         kept,
         operators,
+        order,
         partitions,
         privileges,
         reprints,
@@ -168,6 +169,8 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     textsearch.text_search,  # after the rewriters that place types and columns: before and after them
                     views.view_options, views.statistics,
                     dependents.reattached,  # after the rewriters that move or add view re-creations
+                    dependents.foreign_keys_moved,
+                    order.ordered,  # after every rewriter that places statements: only ever moves one later
                     comments.comments,
                     privileges.reconcile,  # last: owners and grants go after everything else
                     kept.kept):  # and what re-created objects had, that the desired schema does not manage

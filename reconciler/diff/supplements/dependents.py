@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from psycopg import sql
+
 from ...roundtrip import RoundTrip
 from ..base import Change
 from . import Context, change, managed
@@ -158,3 +160,51 @@ def reattached(context: Context, changes: list[Change]) -> list[Change]:
         if c.kind in _CREATES and c.object in by_relation:
             out.extend(by_relation.pop(c.object))
     return out
+
+
+# foreign keys and the unique index they lean on (conindid), by that index and by its constraint
+_KEYS_USED = f"""
+SELECT n.nspname || '.' || c.relname || '.' || k.conname, xn.nspname || '.' || x.relname,
+       rn.nspname || '.' || r.relname || '.' || coalesce(kc.conname, '')
+FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class x ON x.oid = k.conindid JOIN pg_namespace xn ON xn.oid = x.relnamespace
+JOIN pg_class r ON r.oid = k.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
+LEFT JOIN pg_constraint kc ON kc.conindid = k.conindid AND kc.conrelid = k.confrelid AND kc.contype IN ('p', 'u')
+WHERE k.contype = 'f' AND {managed('n')}
+"""
+
+_FOREIGN_KEYS = f"""
+SELECT n.nspname || '.' || c.relname || '.' || k.conname, n.nspname, c.relname, k.conname, pg_get_constraintdef(k.oid)
+FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE k.contype = 'f' AND {managed('n')}
+"""
+
+
+def foreign_keys_moved(context: Context, changes: list[Change]) -> list[Change]:
+    """A foreign key leans on the referenced table's unique index: replacing that index or its constraint (a UNIQUE
+    constraint becoming the PRIMARY KEY) cannot drop it while the key uses it. Such a key, unchanged in the desired
+    schema, is dropped before its index goes and added again afterwards, where it then leans on the new one."""
+    gone = {c.object for c in changes if c.kind in ("drop_index", "drop_index_concurrently", "drop_constraint")}
+    if not gone:
+        return changes
+    dropped = {c.object for c in changes if c.kind == "drop_constraint"}
+    moved = sorted({fk for fk, index, key in context.rows("live", _KEYS_USED)
+                    if (index in gone or key in gone) and fk not in dropped})
+    if not moved:
+        return changes
+    desired = {r[0]: r[1:] for r in context.rows("desired", _FOREIGN_KEYS)}
+    moved = [fk for fk in moved if fk in desired]
+    if not moved:
+        return changes
+    first = next(i for i, c in enumerate(changes)
+                 if c.kind in ("drop_index", "drop_index_concurrently", "drop_constraint") and c.object in gone
+                 and any(c.object in (index, key) for fk, index, key in context.rows("live", _KEYS_USED) if fk in moved))
+    drops, adds = [], []
+    for fk in moved:
+        schema, table, name, definition = desired[fk]
+        target = sql.Identifier(schema, table)
+        drops.append(change(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(target, sql.Identifier(name)),
+                            "drop_constraint", fk))
+        adds.append(change(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+            target, sql.Identifier(name), sql.SQL(definition)), "add_foreign_key", fk))
+    return [*changes[:first], *drops, *changes[first:], *adds]
