@@ -119,6 +119,8 @@ class MigraEngine:
                 if kept is not None:
                     kept[exclude_schemas] = reading
             inspectors = [live.result(), desired]
+            for inspected in inspectors:
+                _rls_of_partitions_left_out(inspected)
             try:
                 migration = Migration(inspectors[0], inspectors[1])
                 migration.set_safety(False)
@@ -233,6 +235,14 @@ def _inspect(inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -
                               f"({type(exc).__name__}: {exc})") from exc
     log.debug("inspected %s in %.0f ms", dsnlib.describe(dsn), (time.perf_counter() - started) * 1000)
     return inspected
+
+
+def _rls_of_partitions_left_out(inspected: Any) -> None:
+    """migra cannot write row level security for a partition (schemainspect raises NotImplementedError for any
+    ALTER TABLE of one): it is left to the tables supplement, which compares every table's flags itself."""
+    for table in inspected.tables.values():
+        if table.rowsecurity and table.is_table and not table.is_alterable:
+            table.rowsecurity = False
 
 
 def _where(exc: BaseException) -> str:

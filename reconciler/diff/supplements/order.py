@@ -81,10 +81,12 @@ WHERE what = ANY(%(made)s) AND who IS NOT NULL AND who <> what
 """
 
 _MAKING = ("create_", "add_", "replace_")
+# changes that finish making an object another change began: a new column's collation (migra leaves it out)
+_FINISHING = frozenset({"alter_column_collation"})
 
 
 def _made(c: Change) -> bool:
-    return c.kind.startswith(_MAKING)
+    return c.kind.startswith(_MAKING) or c.kind in _FINISHING
 
 
 def _dropped(c: Change) -> bool:

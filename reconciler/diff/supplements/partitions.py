@@ -382,17 +382,19 @@ WHERE c.relispartition AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.at
 
 def partition_not_null(context: Context, changes: list[Change]) -> list[Change]:
     """migra leaves the columns of partitions alone, but a partition's column may be NOT NULL on its own
-    (its primary key's, or declared): set or drop that where live and desired differ and the parent's
-    column does not decide it, after the statements that drop the constraints needing it."""
+    (its primary key's, or declared): set or drop that where live (or, for a partition the plan creates, its
+    parent) and desired differ and the parent's column does not decide it, after the statements that drop the
+    constraints needing it."""
     live = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("live", _PARTITION_COLUMNS)}
     desired = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("desired", _PARTITION_COLUMNS)}
     dropped_tables = _objects(changes, ("drop_table",))
     planned = _objects(changes, ("set_not_null", "drop_not_null"))
     new: list[Change] = []
     for (table, column), (want, parent_wants) in sorted(desired.items()):
-        if (table, column) not in live or table in dropped_tables:
+        if table in dropped_tables:
             continue
-        have = live[(table, column)][0]
+        # a partition the plan creates (PARTITION OF) starts with its parent's NOT NULLs
+        have = live[(table, column)][0] if (table, column) in live else bool(parent_wants)
         if have == want or (want and parent_wants):  # the parent's SET NOT NULL reaches the partition
             continue
         if f"{table}.{column}" in planned:
