@@ -4,10 +4,13 @@ Every statement is parsed with pglast (never grepped) and knowing the live table
 - names its hazards, with the live size of the table they concern;
 - rewrites it into an online-safe form where one exists (CONCURRENTLY, NOT VALID + VALIDATE,
   SET NOT NULL through a validated CHECK, ALTER TYPE ... ADD VALUE), each switchable off;
-- derives the SQL that undoes it, or marks it irreversible;
+- derives the SQL that undoes it (a created object's DROP), or marks it irreversible;
 - groups steps into phases: one transaction each, or a single statement that cannot run in one.
-Statements that touch only objects created by the same plan keep their plain form: nobody uses
-those objects yet, and CONCURRENTLY cannot run in the transaction that creates the table.
+Statements that touch only objects created by the same plan keep their plain form, in the main
+transaction: nobody uses those objects yet, a new table is empty (validating a constraint on it
+is instant, so NOT VALID + VALIDATE becomes one validated ADD), and CONCURRENTLY cannot run in the
+transaction that creates the table. What such a step does to an existing table (a foreign key's
+lock on the table it references) keeps its hazard.
 """
 
 from __future__ import annotations
@@ -197,6 +200,7 @@ class _Compiler:
         self.engine = engine
         self.created_tables: set[str] = set()
         self.created_partitioned: set[str] = set()
+        self.folded: set[tuple[str, str]] = set()  # (new table, constraint) added validated: its VALIDATE is dropped
 
     # -- helpers
 
@@ -424,6 +428,9 @@ class _Compiler:
         if partitioned_fk is not None:
             return [partitioned_fk]
         if not self.existing(table):
+            fresh = self._fresh_constraint(d, node, table, cmds)
+            if fresh is not None:
+                return fresh
             if (len(cmds) == 1 and enums.AlterTableType(int(cmds[0].subtype or 0)) is enums.AlterTableType.AT_ValidateConstraint
                     and self.settings.switches.not_valid_constraints):
                 # after its ADD, which may wait for an index built concurrently (POST_DEPENDENT); a new table is
@@ -465,6 +472,36 @@ class _Compiler:
                                          if isinstance(c.def_, ast.ReplicaIdentityStmt) and c.def_.name), None)
         return [self._alter_rollback(replace(d, hazards=self._alter_hazards(table, cmds), uses_index=uses_index), table, cmds)]
 
+    def _fresh_constraint(self, d: _Draft, node: ast.AlterTableStmt, table: str,
+                          cmds: list[ast.AlterTableCmd]) -> list[_Draft] | None:
+        """A foreign key or CHECK the plan adds NOT VALID to a table it creates, then validates: added validated
+        instead (the table is empty), and its VALIDATE dropped. A foreign key to an existing table keeps the hazard
+        of its lock there. None for any other statement."""
+        if len(cmds) != 1 or table not in self.created_tables:
+            return None
+        cmd, subtype = cmds[0], enums.AlterTableType(int(cmds[0].subtype or 0))
+        if subtype is enums.AlterTableType.AT_ValidateConstraint:
+            return [] if (table, str(cmd.name)) in self.folded else None
+        con = cmd.def_
+        if not (subtype is enums.AlterTableType.AT_AddConstraint and isinstance(con, ast.Constraint)
+                and enums.ConstrType(int(con.contype or 0)) in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK)):
+            return None
+        original = None
+        if con.skip_validation and (table, str(con.conname)) in self.validated:
+            con.skip_validation, con.initially_valid, original = False, True, d.sql
+            self.folded.add((table, str(con.conname)))
+        return [self._alter_rollback(replace(d, sql=_deparse(node) if original else d.sql, original_sql=original,
+                                             hazards=self._referenced_lock(table, con)), table, cmds)]
+
+    def _referenced_lock(self, table: str, con: ast.Constraint) -> tuple[Hazard, ...]:
+        """Adding a foreign key locks the table it references in SHARE ROW EXCLUSIVE mode until the transaction
+        commits: writes to that table wait, however new the referencing table is."""
+        referenced = _rv(con.pktable) if enums.ConstrType(int(con.contype or 0)) is enums.ConstrType.CONSTR_FOREIGN else ""
+        if not referenced or referenced == table or not self.existing(referenced):
+            return ()
+        return (self.hazard("BLOCKS_WRITES", f"the foreign key locks {referenced} in SHARE ROW EXCLUSIVE mode until the "
+                            "transaction commits: writes to it wait, and queue behind running transactions", referenced),)
+
     def _partitioned_foreign_key(self, d: _Draft, node: ast.AlterTableStmt, table: str,
                                  cmds: list[ast.AlterTableCmd]) -> _Draft | None:
         """A foreign key on or to a partitioned table, added validated: before PostgreSQL 18 it cannot be
@@ -481,7 +518,9 @@ class _Compiler:
         original = None
         if con.skip_validation:
             con.skip_validation, con.initially_valid, original = False, True, d.sql
-        hazards = self._alter_hazards(table, cmds) if self.existing(table) else ()
+            if table in self.created_tables:
+                self.folded.add((table, str(con.conname)))
+        hazards = self._alter_hazards(table, cmds) if self.existing(table) else self._referenced_lock(table, con)
         return self._alter_rollback(replace(d, sql=_deparse(node), original_sql=original, hazards=hazards), table, cmds)
 
     def _safe_not_null(self, d: _Draft, table: str, column: str) -> list[_Draft]:
@@ -537,6 +576,7 @@ class _Compiler:
                 elif contype in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK,
                                  enums.ConstrType.CONSTR_EXCLUSION) and not con.skip_validation:
                     found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "validates every row while holding the lock", table))
+                found.extend(self._referenced_lock(table, con))
             elif subtype in (enums.AlterTableType.AT_EnableRowSecurity, enums.AlterTableType.AT_DisableRowSecurity,
                              enums.AlterTableType.AT_ForceRowSecurity, enums.AlterTableType.AT_NoForceRowSecurity):
                 found.append(self.hazard("AUTHZ_CHANGE", "changes who can see which rows", table))
