@@ -1,5 +1,5 @@
-"""New objects are not busy objects: what a plan creates gets plain DDL in the main transaction and no online-safety
-lint; what it does to existing tables keeps its online form and hazards."""
+"""New objects are not busy objects: what a plan creates gets plain DDL in the main transaction, no online-safety
+lint, and a DROP to undo it; what it does to existing tables keeps its online form and hazards."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from reconciler import inspect
+from reconciler.errors import ApplyError
 from reconciler.lint import ABOUT_ALL_TABLES, ABOUT_OWN_TABLE, squawk_binary
-from reconciler.plan import render_text
+from reconciler.plan import Plan, render_text
 from reconciler.safety import Step
-from reconciler.servers import Server
-from tests.conftest import fetch_one
+from reconciler.servers import Server, connect
+from tests.conftest import fetch_one, run_sql
 from tests.test_safety import BASE, Case, codes, step
 
 NEW = """
@@ -118,3 +120,60 @@ def test_existing_tables_keep_their_online_forms(case: Case) -> None:
     assert validates == {"public.visits.visits_account_id_fkey", "public.accounts.accounts_score_check"}
     assert case.apply(plan).status == "applied"
     assert case.converged(desired)
+
+
+def expected_rollbacks(database: str) -> dict[tuple[str, str], str]:
+    """Each created object's DROP, routines with their identity arguments read from the server."""
+    def identity(name: str) -> str:
+        found = fetch_one(database, f"SELECT pg_get_function_identity_arguments('shop.{name}'::regproc)")
+        assert isinstance(found, str)
+        return found
+
+    return {
+        ("create_schema", "shop"): 'DROP SCHEMA "shop"',
+        ("create_enum", "shop.state"): 'DROP TYPE "shop"."state"',
+        ("create_domain", "shop.amount"): 'DROP DOMAIN "shop"."amount"',
+        ("create_sequence", "shop.order_no"): 'DROP SEQUENCE IF EXISTS "shop"."order_no"',
+        ("create_table", "shop.orders"): 'DROP TABLE "shop"."orders"',
+        ("create_table", "shop.lines"): 'DROP TABLE "shop"."lines"',
+        ("create_index", "shop.orders_account_idx"): 'DROP INDEX IF EXISTS "shop"."orders_account_idx"',
+        ("create_trigger", "shop.orders.orders_touch"): 'DROP TRIGGER IF EXISTS "orders_touch" ON "shop"."orders"',
+        ("create_policy", "shop.orders.orders_read"): 'DROP POLICY IF EXISTS "orders_read" ON "shop"."orders"',
+        ("create_function", "shop.touch"): 'DROP FUNCTION "shop"."touch"()',
+        ("create_function", "shop.price"): f'DROP FUNCTION "shop"."price"({identity("price")})',
+        ("create_function", "shop.by_code"): f'DROP FUNCTION "shop"."by_code"({identity("by_code")})',
+        ("create_procedure", "shop.settle"): f'DROP PROCEDURE "shop"."settle"({identity("settle")})',
+    }
+
+
+def test_created_objects_are_undone_by_their_drop(case: Case) -> None:
+    plan = case.plan(BASE + NEW)
+    assert all(s.reversible for s in plan.body.steps), [(s.kind, s.object) for s in plan.body.steps if not s.reversible]
+    assert case.apply(plan).status == "applied"
+    expected = expected_rollbacks(case.database)
+    assert expected[("create_function", "shop.price")] == \
+        'DROP FUNCTION "shop"."price"(a integer, b character varying, OUT p numeric, VARIADIC c integer[])'  # no typmod, default
+    by_object = {(s.kind, s.object): s.rollback_sql for s in plan.body.steps}
+    for key, drop in expected.items():
+        assert by_object.get(key) == drop, key
+    view = step(plan, "replace_view", "shop.big_orders")
+    assert view.rollback_sql == 'DROP VIEW IF EXISTS "shop"."big_orders"'
+
+
+def test_a_failed_run_undoes_the_created_objects_in_reverse(case: Case) -> None:
+    """The main transaction creates everything and commits; a later phase fails (a CHECK that rows of the
+    existing table violate, validated on its own): apply undoes the committed steps by their rollback SQL, last
+    first, and the database is as before."""
+    run_sql(case.database, "UPDATE accounts SET score = -1 WHERE id = 7")
+    with connect(case.database) as conn:
+        before = inspect.snapshot(conn).fingerprint
+    plan: Plan = case.plan(BASE.replace("score int", "score int CHECK (score >= 0)") + NEW)
+    validate = step(plan, "validate_constraint", "public.accounts.accounts_score_check")
+    assert validate.phase > step(plan, "create_table", "shop.orders").phase
+    with pytest.raises(ApplyError) as err:
+        case.apply(plan)
+    assert "undone by their rollback SQL" in str(err.value), err.value
+    assert fetch_one(case.database, "SELECT status FROM reconciler.runs") == "rolled back"
+    assert fetch_one(case.database, "SELECT to_regnamespace('shop')") is None
+    with connect(case.database) as conn:
+        assert inspect.snapshot(conn).fingerprint == before
