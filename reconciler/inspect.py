@@ -669,6 +669,7 @@ class LiveFacts:
     binary_coercible: frozenset[tuple[int, int]]  # (source type oid, target type oid)
     type_oids: Mapping[str, int]  # 'schema.type' and bare builtin names -> oid
     lock_table: LockTable | None = None  # None: not read (a plan is then never split for it)
+    routines: frozenset[str] = frozenset()  # 'schema.name' of every function and procedure: a CREATE of another is new
 
     def has_table(self, name: str) -> bool:
         return qualify(name) in self.tables
@@ -759,6 +760,9 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         views = {name: definition for name, definition in cur.fetchall()}
         cur.execute("SELECT DISTINCT proname FROM pg_proc WHERE provolatile = 'v'")
         volatile = frozenset(r[0] for r in cur.fetchall())
+        cur.execute("""SELECT DISTINCT n.nspname || '.' || p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                       WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')""")
+        routines = frozenset(r[0] for r in cur.fetchall())
         cur.execute("SELECT castsource::int, casttarget::int FROM pg_cast WHERE castmethod = 'b'")
         coercible = frozenset((int(a), int(b)) for a, b in cur.fetchall())
         answer = stream(cur,
@@ -774,5 +778,5 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
     return LiveFacts(
         tables=tables, partitioned=frozenset(partitioned), columns=columns, indexes=indexes, enums=enums,
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
-        lock_table=lock_table,
+        lock_table=lock_table, routines=routines,
     )

@@ -4,10 +4,13 @@ Every statement is parsed with pglast (never grepped) and knowing the live table
 - names its hazards, with the live size of the table they concern;
 - rewrites it into an online-safe form where one exists (CONCURRENTLY, NOT VALID + VALIDATE,
   SET NOT NULL through a validated CHECK, ALTER TYPE ... ADD VALUE), each switchable off;
-- derives the SQL that undoes it, or marks it irreversible;
+- derives the SQL that undoes it (a created object's DROP), or marks it irreversible;
 - groups steps into phases: one transaction each, or a single statement that cannot run in one.
-Statements that touch only objects created by the same plan keep their plain form: nobody uses
-those objects yet, and CONCURRENTLY cannot run in the transaction that creates the table.
+Statements that touch only objects created by the same plan keep their plain form, in the main
+transaction: nobody uses those objects yet, a new table is empty (validating a constraint on it
+is instant, so NOT VALID + VALIDATE becomes one validated ADD), and CONCURRENTLY cannot run in the
+transaction that creates the table. What such a step does to an existing table (a foreign key's
+lock on the table it references) keeps its hazard.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import pglast
 from pglast import ast, enums
-from pglast.stream import RawStream
+from pglast.stream import RawStream, maybe_double_quote_name
 from pglast.visitors import Visitor
 from psycopg import sql
 
@@ -106,6 +109,8 @@ class _Draft:
 
 
 _UNIQUE_ADDS = frozenset({"add_primary_key", "add_unique_constraint"})
+_RELATION_TYPES = frozenset({enums.ObjectType.OBJECT_TABLE, enums.ObjectType.OBJECT_SEQUENCE, enums.ObjectType.OBJECT_VIEW,
+                             enums.ObjectType.OBJECT_MATVIEW, enums.ObjectType.OBJECT_INDEX})
 _CREATE_INDEX = re.compile(r"^CREATE (?:UNIQUE )?INDEX ")  # how pg_get_indexdef starts
 
 # objects that live outside schemas, or statements about settings: their names are not schema-qualified
@@ -197,6 +202,7 @@ class _Compiler:
         self.engine = engine
         self.created_tables: set[str] = set()
         self.created_partitioned: set[str] = set()
+        self.folded: set[tuple[str, str]] = set()  # (new table, constraint) added validated: its VALIDATE is dropped
 
     # -- helpers
 
@@ -229,14 +235,35 @@ class _Compiler:
         for i, (change, node) in enumerate(statements):
             if i in skipped:
                 continue
-            out.extend(self._statement(change, node))
+            out.extend(self._undone_by_drop(d, node) for d in self._statement(change, node))
         return self._dependents(out)
+
+    def _undone_by_drop(self, d: _Draft, node: ast.Node) -> _Draft:
+        """A change to relations this plan creates (ALTER, OWNED BY, COMMENT, GRANT) needs no undo of its own: undone
+        last first, the plan's DROP of each of them comes after and takes the change with it."""
+        if d.reversible or isinstance(node, ast.DropStmt):
+            return d
+        if isinstance(node, ast.AlterTableStmt | ast.AlterSeqStmt) or (
+                isinstance(node, ast.GrantStmt) and enums.ObjectType(int(node.objtype or 0)) in _RELATION_TYPES
+                and enums.GrantTargetType(int(node.targtype or 0)) is enums.GrantTargetType.ACL_TARGET_OBJECT):
+            touched = set(d.tables)
+        elif isinstance(node, ast.CommentStmt) and enums.ObjectType(int(node.objtype or 0)) in _RELATION_TYPES | {
+                enums.ObjectType.OBJECT_COLUMN} and isinstance(node.object, tuple):
+            parts = _names(node.object[:-1] if enums.ObjectType(int(node.objtype or 0)) is enums.ObjectType.OBJECT_COLUMN
+                           else node.object)
+            touched = {qualify(parts)} if parts else set()
+        else:
+            return d
+        if not touched or not touched <= self.created_relations:
+            return d
+        return replace(d, rollback_sql="", reversible=True)
 
     def _plan_wide_facts(self, statements: list[tuple[Change, ast.Node]]) -> None:
         """What the whole plan does that decides where a step may move: dropped and created index
-        names, columns added or retyped."""
+        names, columns added or retyped; the relations it creates."""
         self.dropped_indexes: set[str] = set()
         self.created_indexes: set[str] = set()
+        self.created_relations: set[str] = set(self.created_tables)
         self.new_or_retyped_columns: set[tuple[str, str]] = set()
         self.validated: set[tuple[str, str]] = set()  # (table, constraint) a VALIDATE CONSTRAINT step names
         for _change, node in statements:
@@ -244,6 +271,11 @@ class _Compiler:
                 self.dropped_indexes.update(qualify(_names(o)) for o in node.objects or ())
             elif isinstance(node, ast.IndexStmt) and node.idxname:
                 self.created_indexes.add(f"{_rv(node.relation).split('.')[0]}.{node.idxname}")
+                self.created_relations.add(f"{_rv(node.relation).split('.')[0]}.{node.idxname}")
+            elif isinstance(node, ast.CreateSeqStmt):
+                self.created_relations.add(_rv(node.sequence))
+            elif isinstance(node, ast.ViewStmt) and _rv(node.view) not in self.facts.views:
+                self.created_relations.add(_rv(node.view))
             elif isinstance(node, ast.AlterTableStmt):
                 table = _rv(node.relation)
                 for cmd in node.cmds or ():
@@ -424,6 +456,9 @@ class _Compiler:
         if partitioned_fk is not None:
             return [partitioned_fk]
         if not self.existing(table):
+            fresh = self._fresh_constraint(d, node, table, cmds)
+            if fresh is not None:
+                return fresh
             if (len(cmds) == 1 and enums.AlterTableType(int(cmds[0].subtype or 0)) is enums.AlterTableType.AT_ValidateConstraint
                     and self.settings.switches.not_valid_constraints):
                 # after its ADD, which may wait for an index built concurrently (POST_DEPENDENT); a new table is
@@ -465,6 +500,36 @@ class _Compiler:
                                          if isinstance(c.def_, ast.ReplicaIdentityStmt) and c.def_.name), None)
         return [self._alter_rollback(replace(d, hazards=self._alter_hazards(table, cmds), uses_index=uses_index), table, cmds)]
 
+    def _fresh_constraint(self, d: _Draft, node: ast.AlterTableStmt, table: str,
+                          cmds: list[ast.AlterTableCmd]) -> list[_Draft] | None:
+        """A foreign key or CHECK the plan adds NOT VALID to a table it creates, then validates: added validated
+        instead (the table is empty), and its VALIDATE dropped. A foreign key to an existing table keeps the hazard
+        of its lock there. None for any other statement."""
+        if len(cmds) != 1 or table not in self.created_tables:
+            return None
+        cmd, subtype = cmds[0], enums.AlterTableType(int(cmds[0].subtype or 0))
+        if subtype is enums.AlterTableType.AT_ValidateConstraint:
+            return [] if (table, str(cmd.name)) in self.folded else None
+        con = cmd.def_
+        if not (subtype is enums.AlterTableType.AT_AddConstraint and isinstance(con, ast.Constraint)
+                and enums.ConstrType(int(con.contype or 0)) in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK)):
+            return None
+        original = None
+        if con.skip_validation and (table, str(con.conname)) in self.validated:
+            con.skip_validation, con.initially_valid, original = False, True, d.sql
+            self.folded.add((table, str(con.conname)))
+        return [self._alter_rollback(replace(d, sql=_deparse(node) if original else d.sql, original_sql=original,
+                                             hazards=self._referenced_lock(table, con)), table, cmds)]
+
+    def _referenced_lock(self, table: str, con: ast.Constraint) -> tuple[Hazard, ...]:
+        """Adding a foreign key locks the table it references in SHARE ROW EXCLUSIVE mode until the transaction
+        commits: writes to that table wait, however new the referencing table is."""
+        referenced = _rv(con.pktable) if enums.ConstrType(int(con.contype or 0)) is enums.ConstrType.CONSTR_FOREIGN else ""
+        if not referenced or referenced == table or not self.existing(referenced):
+            return ()
+        return (self.hazard("BLOCKS_WRITES", f"the foreign key locks {referenced} in SHARE ROW EXCLUSIVE mode until the "
+                            "transaction commits: writes to it wait, and queue behind running transactions", referenced),)
+
     def _partitioned_foreign_key(self, d: _Draft, node: ast.AlterTableStmt, table: str,
                                  cmds: list[ast.AlterTableCmd]) -> _Draft | None:
         """A foreign key on or to a partitioned table, added validated: before PostgreSQL 18 it cannot be
@@ -481,7 +546,9 @@ class _Compiler:
         original = None
         if con.skip_validation:
             con.skip_validation, con.initially_valid, original = False, True, d.sql
-        hazards = self._alter_hazards(table, cmds) if self.existing(table) else ()
+            if table in self.created_tables:
+                self.folded.add((table, str(con.conname)))
+        hazards = self._alter_hazards(table, cmds) if self.existing(table) else self._referenced_lock(table, con)
         return self._alter_rollback(replace(d, sql=_deparse(node), original_sql=original, hazards=hazards), table, cmds)
 
     def _safe_not_null(self, d: _Draft, table: str, column: str) -> list[_Draft]:
@@ -537,6 +604,7 @@ class _Compiler:
                 elif contype in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK,
                                  enums.ConstrType.CONSTR_EXCLUSION) and not con.skip_validation:
                     found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "validates every row while holding the lock", table))
+                found.extend(self._referenced_lock(table, con))
             elif subtype in (enums.AlterTableType.AT_EnableRowSecurity, enums.AlterTableType.AT_DisableRowSecurity,
                              enums.AlterTableType.AT_ForceRowSecurity, enums.AlterTableType.AT_NoForceRowSecurity):
                 found.append(self.hazard("AUTHZ_CHANGE", "changes who can see which rows", table))
@@ -654,20 +722,67 @@ class _Compiler:
                                                         "cannot convert"))
         simple = {
             "create_table": "DROP TABLE {}", "create_view": "DROP VIEW {}", "create_materialized_view": "DROP MATERIALIZED VIEW {}",
-            "create_enum": "DROP TYPE {}", "create_sequence": "DROP SEQUENCE {}", "create_schema": "DROP SCHEMA {}",
+            # IF EXISTS: a sequence OWNED BY a column of a table this plan creates goes with that table's DROP
+            "create_enum": "DROP TYPE {}", "create_sequence": "DROP SEQUENCE IF EXISTS {}", "create_schema": "DROP SCHEMA {}",
             "create_domain": "DROP DOMAIN {}", "create_composite_type": "DROP TYPE {}",
         }
         if kind in simple and obj and "," not in obj and not (kind == "create_enum" and qualify(obj) in self.facts.enums):
-            rollback = _q(simple[kind], _ident(obj))
+            rollback = _q(simple[kind], sql.Identifier(*d.identity) if d.identity else _ident(obj))
         if kind == "replace_view" and qualify(obj) in self.facts.views:
             rollback = _q("CREATE OR REPLACE VIEW {} AS ", _ident(qualify(obj))) + self.facts.views[qualify(obj)]
         elif kind == "replace_view":
             rollback = _q("DROP VIEW IF EXISTS {}", _ident(qualify(obj)))
+        if isinstance(node, ast.CreateFunctionStmt) and qualify(obj) not in self.facts.routines:
+            rollback = _drop_routine(node)
+        if kind == "create_policy" and isinstance(node, ast.CreatePolicyStmt) and node.table is not None:
+            rollback = _q("DROP POLICY IF EXISTS {} ON {}", sql.Identifier(str(node.policy_name)),
+                          sql.Identifier(*_relation_parts(node.table)))
         if kind == "create_trigger" and isinstance(node, ast.CreateTrigStmt):
             rollback = _q("DROP TRIGGER IF EXISTS {} ON {}", sql.Identifier(str(node.trigname)), _ident(_rv(node.relation)))
         if kind == "set":
             rollback = ""
         return replace(d, hazards=tuple(hazards), rollback_sql=rollback, reversible=rollback is not None)
+
+
+def _relation_parts(rv: ast.RangeVar) -> tuple[str, str]:
+    return str(rv.schemaname or "public"), str(rv.relname)
+
+
+def _drop_routine(node: ast.CreateFunctionStmt) -> str:
+    """DROP FUNCTION/PROCEDURE with the routine's identity arguments spelled as pg_get_function_identity_arguments
+    spells them: modes, names and types without typmods or defaults, OUT arguments too (DROP FUNCTION ignores them,
+    DROP PROCEDURE needs them), not RETURNS TABLE's columns. Other types are spelled as in the CREATE, so they resolve
+    the same way."""
+    kept = []
+    for param in node.parameters or ():
+        if not isinstance(param, ast.FunctionParameter) or param.mode == enums.FunctionParameterMode.FUNC_PARAM_TABLE:
+            continue
+        prefix = _MODE_WORDS.get(str(param.mode), "IN " if node.is_procedure else "")  # a procedure's marks them all
+        named = f"{maybe_double_quote_name(str(param.name))} " if param.name else ""
+        kept.append(prefix + named + (_identity_type(param.argType) if param.argType is not None else ""))
+    parts = [str(getattr(n, "sval", "")) for n in node.funcname or ()]
+    name = sql.Identifier(*(["public", *parts] if len(parts) == 1 else parts))
+    return _q("DROP {} {}(", sql.SQL("PROCEDURE" if node.is_procedure else "FUNCTION"), name) + ", ".join(kept) + ")"
+
+
+_MODE_WORDS = {"o": "OUT ", "b": "INOUT ", "v": "VARIADIC "}
+# format_type's names for the built-in types the SQL grammar spells otherwise
+_FORMAT_TYPE = {
+    "int2": "smallint", "int4": "integer", "int8": "bigint", "float4": "real", "float8": "double precision",
+    "bool": "boolean", "bpchar": "character", "varchar": "character varying", "varbit": "bit varying",
+    "numeric": "numeric", "bit": "bit", "interval": "interval", "time": "time without time zone",
+    "timetz": "time with time zone", "timestamp": "timestamp without time zone", "timestamptz": "timestamp with time zone",
+}
+
+
+def _identity_type(type_name: ast.TypeName) -> str:
+    """An argument's type without its typmod (a signature has none), as format_type prints it."""
+    names = [str(getattr(n, "sval", "")) for n in type_name.names or ()]
+    arrays = "[]" * len(type_name.arrayBounds or ())
+    if len(names) == 2 and names[0] == "pg_catalog" and names[1] in _FORMAT_TYPE and not type_name.pct_type:
+        return ("SETOF " if type_name.setof else "") + _FORMAT_TYPE[names[1]] + arrays
+    return _deparse(ast.TypeName(names=type_name.names, setof=type_name.setof, pct_type=type_name.pct_type,
+                                 arrayBounds=type_name.arrayBounds))
 
 
 def _attached_index(node: ast.AlterTableStmt) -> str:
