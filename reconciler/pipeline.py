@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import history, inspect, massdrops, renames, roundtrip
+from . import history, inspect, massdrops, renames, roundtrip, sourcetext
 from .apply import settle
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
@@ -296,6 +296,9 @@ def _make_plan(
                     changes = (engine.diff(servers.target_dsn, shadow_dsn, exclude_schemas=excluded)
                                if live != desired else [])
                 equivalents = _check_expressed(engine.name, shadow_dsn, desired, live, changes)
+            if sourcetext.concerns(changes):
+                with connect(shadow_dsn) as conn:  # the load role's: the trials run the desired files' text
+                    changes = sourcetext.as_written(changes, source, conn)
             steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
             if steps and not env.allow_mass_drops:
                 with connect(servers.target_dsn) as conn:

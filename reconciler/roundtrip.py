@@ -79,19 +79,22 @@ class RoundTrip:
         first, second = self.check(table, a), self.check(table, b)
         return first is not None and first == second
 
-    def view(self, query: str) -> str | None:
-        """The query as PostgreSQL prints it once created again; None if it does not create here."""
-        if query not in self._views:
-            self._views[query] = self._trial(
+    def view(self, query: str, *, written: bool = False) -> str | None:
+        """The query as PostgreSQL prints it once created again; None if it does not create here. ``written``: the
+        query as the desired files wrote it, whose names resolve by the session's own search path."""
+        key = ("written " if written else "") + query
+        if key not in self._views:
+            self._views[key] = self._trial(
                 [sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(
                     sql.Identifier(_TRIAL), sql.SQL(query.rstrip().removesuffix(";")))],
                 "SELECT pg_get_viewdef(c.oid) FROM pg_class c "
-                "WHERE c.relname = %s AND c.relnamespace = pg_my_temp_schema()")
-        return self._views[query]
+                "WHERE c.relname = %s AND c.relnamespace = pg_my_temp_schema()", written=written)
+        return self._views[key]
 
-    def check(self, table: tuple[str, str], definition: str) -> str | None:
-        """The CHECK as PostgreSQL prints it once added again to a copy of the table's columns."""
-        key = (*table, definition)
+    def check(self, table: tuple[str, str], definition: str, *, written: bool = False) -> str | None:
+        """The CHECK as PostgreSQL prints it once added again to a copy of the table's columns (``written``: as in
+        ``view``)."""
+        key = (*table, ("written " if written else "") + definition)
         if key not in self._checks:
             expression = definition.removesuffix(_NOT_VALID)
             printed = self._trial(
@@ -99,7 +102,7 @@ class RoundTrip:
                  sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(
                      sql.Identifier(_TRIAL), sql.Identifier(_TRIAL), sql.SQL(expression))],
                 "SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k "  # the copy's NOT NULLs are constraints too on 18
-                "WHERE k.conname = %s AND k.connamespace = pg_my_temp_schema()")
+                "WHERE k.conname = %s AND k.connamespace = pg_my_temp_schema()", written=written)
             if printed is not None:
                 printed = printed.removesuffix(_NOT_VALID) + (_NOT_VALID if definition.endswith(_NOT_VALID) else "")
             self._checks[key] = printed
@@ -113,16 +116,18 @@ class RoundTrip:
                 self._tables = {r[0]: (r[1], r[2]) for r in self.conn.execute(_CHECKS).fetchall()}
         return self._tables.get(constraint)
 
-    def _trial(self, statements: Sequence[sql.Composed], read: str) -> str | None:
-        """Run ``statements`` and ``read`` (taking the trial object's name) under the snapshot's search
-        path, then roll everything back."""
+    def _trial(self, statements: Sequence[sql.Composed], read: str, *, written: bool = False) -> str | None:
+        """Run ``statements`` (under the session's own search path when ``written``) and ``read`` (taking the
+        trial object's name) under the snapshot's search path, then roll everything back."""
         try:
             with self.conn.transaction(force_rollback=True):
                 # a kept shadow database is read-only by default (shadowcache); temporary objects are allowed
                 self.conn.execute("SET TRANSACTION READ WRITE")
-                self.conn.execute("SET LOCAL search_path = pg_catalog")
+                self.conn.execute("SET LOCAL search_path TO DEFAULT" if written else "SET LOCAL search_path = pg_catalog")
                 for statement in statements:
                     self.conn.execute(statement)
+                if written:
+                    self.conn.execute("SET LOCAL search_path = pg_catalog")
                 row = self.conn.execute(read, (_TRIAL,)).fetchone()
         except psycopg.Error as exc:
             log.debug("round trip did not run here: %s", exc.diag.message_primary or exc)

@@ -245,3 +245,27 @@ def test_a_unique_constraint_replaced_by_a_primary_key_that_foreign_keys_use(tmp
     assert fetch_one(database, "SELECT conindid::regclass::text FROM pg_constraint WHERE conname = 'b_a_id_fkey'") \
         == "a_pkey"
     assert fetch_one(database, "SELECT convalidated FROM pg_constraint WHERE conname = 'b_a_id_fkey'") is True
+
+
+def test_views_and_checks_end_identical_to_a_database_loaded_from_the_files(tmp_path: Path, database: str,
+                                                                           pg_server: Server) -> None:
+    """PostgreSQL's printed text of these reads back with its casts moved: created from the files' own text, the
+    target's catalog is the one a database loaded from the files has, not an equivalent one."""
+    from reconciler.servers import throwaway_database
+
+    new = """
+    CREATE TABLE a (id bigint PRIMARY KEY, status varchar(10), kind varchar(5),
+                    CONSTRAINT status_ok CHECK (status IN ('a', 'b')));
+    ALTER TABLE a ADD CONSTRAINT kind_ok CHECK (kind IN ('x', 'y')) NOT VALID;
+    CREATE VIEW w AS SELECT id FROM a WHERE status IN ('a', 'b') WITH CHECK OPTION;
+    CREATE MATERIALIZED VIEW m AS SELECT id, kind FROM a WHERE kind IN ('x') WITH NO DATA;
+    """
+    read = ("SELECT string_agg(x, ' | ' ORDER BY x) FROM ("
+            "SELECT conname || ': ' || pg_get_constraintdef(oid) AS x FROM pg_constraint WHERE contype = 'c' "
+            "AND connamespace = 'public'::regnamespace "
+            "UNION ALL SELECT relname || ': ' || pg_get_viewdef(oid) FROM pg_class WHERE relname IN ('w', 'm')) d")
+    plan = converge(tmp_path, database, pg_server, "CREATE TABLE a (id bigint PRIMARY KEY);", new, replan=True)
+    assert any("status IN ('a', 'b')" in s.sql for s in plan.body.steps)
+    with throwaway_database(pg_server, "reference") as reference:
+        run_sql(reference, new)
+        assert fetch_one(database, read) == fetch_one(reference, read)
