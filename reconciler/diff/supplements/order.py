@@ -59,26 +59,47 @@ _NAME = """CASE {c}
      WHERE y.oid = {o})
 END"""
 
-# (what needs, what it needs), what it needs among the names given; each side also as its whole object (a column
-# as its table; a table's CHECK constraint and column default as the table, whose CREATE TABLE holds them). Not the
-# dependency of a sequence on the column that owns it: the column's default needs the sequence first.
-_NEEDS = f"""
-WITH edges AS (
-  SELECT {_NAME.format(c='d.classid', o='d.objid', s='d.objsubid', whole='false')} AS part,
-         {_NAME.format(c='d.classid', o='d.objid', s='0', whole='true')} AS whole,
-         {_NAME.format(c='d.refclassid', o='d.refobjid', s='d.refobjsubid', whole='false')} AS needs_part,
-         {_NAME.format(c='d.refclassid', o='d.refobjid', s='0', whole='true')} AS needs_whole
-  FROM pg_depend d
-  WHERE d.deptype IN ('n', 'a') AND d.refobjid >= 16384
-    AND d.refclassid IN ('pg_class'::regclass, 'pg_type'::regclass, 'pg_proc'::regclass, 'pg_constraint'::regclass)
-    AND NOT (d.deptype = 'a' AND d.classid = 'pg_class'::regclass
-             AND (SELECT relkind FROM pg_class WHERE oid = d.objid) = 'S')
-)
-SELECT DISTINCT who, what FROM edges
-CROSS JOIN LATERAL (VALUES (part), (whole)) w(who)
-CROSS JOIN LATERAL (VALUES (needs_part), (needs_whole)) n(what)
-WHERE what = ANY(%(made)s) AND who IS NOT NULL AND who <> what
+# the objects the names given stand for, as (class, oid, sub-id or 0 for the whole object, name); a table's name also
+# stands for its row type and that type's array, a type's for its array
+_NAMED = """
+SELECT 'pg_class'::regclass, c.oid, 0, n.nspname || '.' || c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname || '.' || c.relname = ANY(%(names)s)
+UNION ALL
+SELECT 'pg_class'::regclass, c.oid, a.attnum, n.nspname || '.' || c.relname || '.' || a.attname
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attnum > 0 AND n.nspname || '.' || c.relname || '.' || a.attname = ANY(%(names)s)
+UNION ALL
+SELECT 'pg_type'::regclass, t.oid, 0, coalesce(rn.nspname || '.' || r.relname, n.nspname || '.' || b.typname)
+FROM pg_type t JOIN pg_type b ON b.oid = CASE WHEN t.typcategory = 'A' AND t.typelem <> 0 THEN t.typelem ELSE t.oid END
+JOIN pg_namespace n ON n.oid = b.typnamespace
+LEFT JOIN pg_class r ON r.oid = b.typrelid LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace
+WHERE coalesce(rn.nspname || '.' || r.relname, n.nspname || '.' || b.typname) = ANY(%(names)s)
+UNION ALL
+SELECT 'pg_proc'::regclass, p.oid, 0, n.nspname || '.' || p.proname || '(' || oidvectortypes(p.proargtypes) || ')'
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname || '.' || p.proname || '(' || oidvectortypes(p.proargtypes) || ')' = ANY(%(names)s)
+UNION ALL
+SELECT 'pg_constraint'::regclass, k.oid, 0, n.nspname || '.' || c.relname || '.' || k.conname
+FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname || '.' || c.relname || '.' || k.conname = ANY(%(names)s)
 """
+
+# (what needs, what it needs) for what the names given stand for: the dependent as itself and as its whole object
+# (a column as its table; a table's CHECK constraint and column default as the table, whose CREATE TABLE holds
+# them). Not the dependency of a sequence on the column that owns it: the column's default needs the sequence first.
+_NEEDS = f"""
+WITH named (classid, objid, objsubid, name) AS ({_NAMED})
+SELECT DISTINCT who, named.name
+FROM pg_depend d
+JOIN named ON d.refclassid = named.classid AND d.refobjid = named.objid
+          AND (named.objsubid = 0 OR d.refobjsubid = named.objsubid)
+CROSS JOIN LATERAL (VALUES ({_NAME.format(c='d.classid', o='d.objid', s='d.objsubid', whole='false')}),
+                           ({_NAME.format(c='d.classid', o='d.objid', s='0', whole='true')})) w(who)
+WHERE d.deptype IN ('n', 'a') AND who IS NOT NULL AND who <> named.name
+  AND NOT (d.deptype = 'a' AND d.classid = 'pg_class'::regclass
+           AND (SELECT relkind FROM pg_class WHERE oid = d.objid) = 'S')
+"""
+
 
 _MAKING = ("create_", "add_", "replace_")
 # changes that finish making an object another change began: a new column's collation (migra leaves it out)
@@ -114,7 +135,7 @@ def ordered(context: Context, changes: list[Change]) -> list[Change]:
 
 def _edges(conn: psycopg.Connection[Any], names: list[str]) -> list[tuple[str, str]]:
     with conn.cursor() as cur:
-        cur.execute(_NEEDS.encode(), {"made": names})
+        cur.execute(_NEEDS.encode(), {"names": names})
         return [(str(who), str(what)) for who, what in cur.fetchall()]
 
 
