@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import psycopg
 
 from .. import backup, history, runlock
+from ..diff.classify import recreated
 from ..diff.inspections import catalog_token
 from ..errors import ApplyError, LockTimeoutError, ReconcilerError, RefusedError
 from ..history import StepRecord
@@ -239,7 +240,9 @@ class _Run:
             self._still_fresh()
             log.info("applying plan %s (%d steps in %d phases)", self.plan.short_id, len(self.plan.body.steps),
                      len(_phases(self.plan.body.steps)))
-            before = held(self.plan, self.sessions.executor, self.schema)
+            # what the objects hold that the plan does not manage, when it re-creates any (nothing else can lose it)
+            before = held(self.plan, self.sessions.executor, self.schema) \
+                if recreated((s.kind, s.object) for s in self.plan.body.steps) else {}
             with LockWaitMonitor(self.options.monitor_dsn, self.sessions.executor.info.backend_pid) \
                     if self.options.monitor_dsn else contextlib.nullcontext() as monitor:
                 _execute(self.plan, self.sessions.executor, self.options, self.records, self.progress, monitor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import pglast
@@ -212,3 +213,17 @@ def identity_of(node: ast.Node | None) -> tuple[str, ...]:
         table = _relation_parts(node.relation)
         return (*table, str(node.subname)) if node.subname else table
     return ()
+
+
+def recreated(changes: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The objects (unquoted schema.name, a column's schema.table.column; a routine's without its arguments) that a
+    list of (kind, object) drops, or renames away (an enum migra rebuilds), and makes again: they come back without
+    what live had on them (grants, owner, comment). CREATE OR REPLACE keeps those, so it alone re-creates nothing."""
+    pairs = list(changes)
+    gone = {_bare(o) for k, o in pairs if k.startswith("drop_") or k in ("rename_type", "rename_enum")}
+    made = {_bare(o) for k, o in pairs if k.startswith(("create_", "add_column", "replace_"))}
+    return frozenset(gone & made)
+
+
+def _bare(name: str) -> str:
+    return name.split("(", 1)[0].strip()
