@@ -43,6 +43,13 @@ def _not_extension_member(classid: str, objid: str) -> str:
     )
 
 
+# The schema (unquoted) a commented object is in, over pg_description ``d`` and its pg_identify_object_as_address
+# ``o``: a schema's own name; a trigger's, policy's or rule's table's (pg_identify_object gives those none, and a
+# condition on it would leave their comments out); else pg_identify_object's. NULL: no schema (casts, servers...).
+COMMENTED_SCHEMA = ("CASE WHEN d.classoid IN ('pg_namespace'::regclass, 'pg_trigger'::regclass, 'pg_policy'::regclass, "
+                    "'pg_rewrite'::regclass) THEN o.object_names[1] "
+                    "ELSE (pg_identify_object(d.classoid, d.objoid, d.objsubid)).schema END")
+
 # Each query yields (kind, name, definition). Names are schema-qualified and quoted as PostgreSQL would.
 _QUERIES: tuple[str, ...] = (
     f"""SELECT 'schema', quote_ident(n.nspname), ''
@@ -235,16 +242,17 @@ _QUERIES: tuple[str, ...] = (
         FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
         WHERE NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_foreign_server'::regclass
                           AND x.objid = s.oid AND x.deptype = 'e')""",
-    """SELECT 'comment', o.type || ' ' || o.identity, d.description
+    f"""SELECT 'comment', i.type || ' ' || i.identity, d.description
         FROM pg_description d
-        CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) o
-        WHERE d.classoid <> 'pg_database'::regclass
-          AND coalesce(o.schema, CASE WHEN d.classoid = 'pg_namespace'::regclass THEN o.identity END) IS NOT NULL
-          AND coalesce(o.schema, o.identity) NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
-          AND coalesce(o.schema, o.identity) <> ALL(%(excluded)s::text[])
+        CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
+        CROSS JOIN LATERAL pg_identify_object_as_address(d.classoid, d.objoid, d.objsubid) o
+        CROSS JOIN LATERAL (SELECT {COMMENTED_SCHEMA} AS schema) s
+        WHERE d.classoid <> 'pg_database'::regclass AND s.schema IS NOT NULL
+          AND s.schema NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+          AND s.schema <> ALL(%(excluded)s::text[])
           AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classoid AND e.objid = d.objoid
                           AND e.deptype = 'e')
-          AND NOT (d.classoid = 'pg_namespace'::regclass AND o.identity = 'public'
+          AND NOT (d.classoid = 'pg_namespace'::regclass AND s.schema = 'public'
                    AND d.description = 'standard public schema')""",
 )
 
