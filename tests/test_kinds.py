@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from reconciler.config import load_config
@@ -13,7 +14,7 @@ from reconciler.inspect import ObjectDifference
 from reconciler.pipeline import drift, open_servers
 from reconciler.servers import Server
 from tests.conftest import fetch_one
-from tests.converge import converge, load_live, write_project
+from tests.converge import apply_and_verify, converge, load_live, plan_change, write_project
 
 
 def _drift(config_path: Path) -> list[ObjectDifference]:
@@ -87,3 +88,53 @@ def test_drift_sees_a_missing_comment_on_a_table_s_object(kind: str, tmp_path: P
     config = write_project(tmp_path, database, pg_server, _TABLE + objects)
     name = {"trigger": "trg", "policy": "pol", "rule": "r"}[kind]
     assert _drift(config) == [ObjectDifference("comment", f"{kind} {name} on public.t", "missing")]
+
+
+# --- domains whose CHECK holds a long regular expression with quotes and backslashes ------------------
+
+# longer than 63 bytes as pg_get_constraintdef prints it (array[name, text] is a name[]: it was cut there)
+_EMAIL = r"""CREATE DOMAIN email AS text CONSTRAINT email_check CHECK (VALUE ~ '^[^@''\\ ]+@[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{2,}$');"""
+_EMAIL_STRICTER = r"""CREATE DOMAIN email AS text CONSTRAINT email_check CHECK (VALUE ~ '^[^@''\\ ]+@[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{3,}$')
+  CONSTRAINT "no 'quotes'" CHECK (VALUE !~ E'[\'\\\\]');"""
+_PEOPLE = "CREATE TABLE people (id int, address email);\n"
+
+
+def test_domain_with_a_quoted_regex_created(tmp_path: Path, database: str, pg_server: Server) -> None:
+    plan = converge(tmp_path, database, pg_server, "", _EMAIL + _PEOPLE, replan=True)
+    assert any(s.kind == "create_domain" for s in plan.body.steps)
+    assert fetch_one(database, "SELECT 'ann.lee@mail.example.org'::email::text") == "ann.lee@mail.example.org"
+    for bad in ("o''neil@example.org", "a\\b@example.org", "ann@example"):  # a quote, a backslash, no top level
+        with pytest.raises(psycopg.errors.CheckViolation):
+            fetch_one(database, f"SELECT '{bad}'::email")
+
+
+def test_domain_with_a_quoted_regex_changed(tmp_path: Path, database: str, pg_server: Server) -> None:
+    old = _EMAIL + _PEOPLE + "INSERT INTO people VALUES (1, 'ann@example.org');\n"
+    plan = converge(tmp_path, database, pg_server, old, _EMAIL_STRICTER + _PEOPLE, replan=True)
+    assert [s.kind for s in plan.body.steps].count("alter_domain") == 3  # drop, add, add
+    assert fetch_one(database, "SELECT address::text FROM people") == "ann@example.org"
+    with pytest.raises(psycopg.errors.CheckViolation):
+        fetch_one(database, "SELECT 'ann@example.io'::email")
+
+
+def test_long_composite_attribute_type(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """A composite type's attribute types were read through the same name[]: a long one was cut."""
+    new = ('CREATE SCHEMA "a rather long schema name for types";\n'
+           'CREATE TYPE "a rather long schema name for types"."an enum type with a long name" AS ENUM (\'x\');\n'
+           'CREATE TYPE pair AS (label text, kind "a rather long schema name for types"."an enum type with a long name");')
+    converge(tmp_path, database, pg_server, "", new, replan=True)
+    assert fetch_one(database, "SELECT (('a', 'x')::pair).kind::text") == "x"
+
+
+def test_domain_constraint_not_valid(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """CREATE DOMAIN takes no NOT VALID: a domain whose constraint is not validated is created, then the constraint
+    added NOT VALID; validated later in place."""
+    not_valid = "CREATE DOMAIN code AS text; ALTER DOMAIN code ADD CONSTRAINT code_check CHECK (VALUE <> '') NOT VALID;"
+    valid = "CREATE DOMAIN code AS text CONSTRAINT code_check CHECK (VALUE <> '');"
+    converge(tmp_path, database, pg_server, "", not_valid, replan=True)
+    assert fetch_one(database, "SELECT convalidated FROM pg_constraint WHERE conname = 'code_check'") is False
+    config = write_project(tmp_path / "again", database, pg_server, valid)
+    plan = plan_change(config)
+    apply_and_verify(config, plan, database)
+    assert [s.sql for s in plan.body.steps] == ['ALTER DOMAIN "public"."code" VALIDATE CONSTRAINT "code_check"']
+    assert fetch_one(database, "SELECT convalidated FROM pg_constraint WHERE conname = 'code_check'") is True
