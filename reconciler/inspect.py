@@ -54,7 +54,7 @@ COMMENTED_SCHEMA = ("CASE WHEN d.classoid IN ('pg_namespace'::regclass, 'pg_trig
 _QUERIES: tuple[str, ...] = (
     f"""SELECT 'schema', quote_ident(n.nspname), ''
         FROM pg_namespace n WHERE {_managed('n')} AND {_not_extension_member('pg_namespace', 'n.oid')}""",
-    f"""SELECT 'extension', quote_ident(x.extname), 'schema ' || quote_ident(n.nspname)
+    f"""SELECT 'extension', quote_ident(x.extname), 'schema ' || quote_ident(n.nspname) || ' version ' || x.extversion
         FROM pg_extension x JOIN pg_namespace n ON n.oid = x.extnamespace
         WHERE x.extname <> 'plpgsql' AND {_managed('n')}""",
     f"""SELECT CASE c.relkind WHEN 'p' THEN 'partitioned table' WHEN 'f' THEN 'foreign table' ELSE 'table' END,

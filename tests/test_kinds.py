@@ -4,16 +4,18 @@ planned, rehearsed, applied and verified (live == desired afterwards), and drift
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from reconciler.config import load_config
+from reconciler.errors import RefusedError
 from reconciler.inspect import ObjectDifference
 from reconciler.pipeline import drift, open_servers
-from reconciler.servers import Server
-from tests.conftest import fetch_one
+from reconciler.servers import EmbeddedCluster, Server, connect
+from tests.conftest import fetch_one, run_sql
 from tests.converge import apply_and_verify, converge, load_live, plan_change, write_project
 
 
@@ -138,3 +140,65 @@ def test_domain_constraint_not_valid(tmp_path: Path, database: str, pg_server: S
     apply_and_verify(config, plan, database)
     assert [s.sql for s in plan.body.steps] == ['ALTER DOMAIN "public"."code" VALIDATE CONSTRAINT "code_check"']
     assert fetch_one(database, "SELECT convalidated FROM pg_constraint WHERE conname = 'code_check'") is True
+
+
+# --- extension versions ------------------------------------------------------------------------------
+
+_HSTORE = "CREATE EXTENSION hstore VERSION '{}';\nCREATE TABLE t (h hstore);\n"
+
+
+def test_extension_updated_to_the_desired_version(tmp_path: Path, database: str, pg_server: Server) -> None:
+    old = _HSTORE.format("1.7") + "INSERT INTO t VALUES ('a=>1');\n"
+    plan = converge(tmp_path, database, pg_server, old, _HSTORE.format("1.8"), replan=True)
+    [step] = plan.body.steps
+    assert step.sql == """ALTER EXTENSION "hstore" UPDATE TO '1.8'"""
+    assert [h.code for h in step.hazards] == ["EXTENSION_CHANGE"]
+    assert "update script" in step.hazards[0].message
+    assert fetch_one(database, "SELECT extversion FROM pg_extension WHERE extname = 'hstore'") == "1.8"
+    assert fetch_one(database, "SELECT h -> 'a' FROM t") == "1"
+
+
+def test_drift_sees_an_extension_version(tmp_path: Path, database: str, pg_server: Server) -> None:
+    load_live(tmp_path, database, _HSTORE.format("1.7"))
+    config = write_project(tmp_path, database, pg_server, _HSTORE.format("1.8"))
+    assert _drift(config) == [ObjectDifference("extension", "hstore", "different")]
+
+
+def test_extension_downgrade_without_a_path_is_refused(tmp_path: Path, database: str, pg_server: Server) -> None:
+    load_live(tmp_path, database, _HSTORE.format("1.8"))
+    config = write_project(tmp_path, database, pg_server, _HSTORE.format("1.7"))
+    with pytest.raises(RefusedError, match=r"extension hstore: the target's server has no update from version 1\.8 "
+                                           r"to 1\.7") as refused:
+        plan_change(config)
+    assert refused.value.exit_code == 3
+
+
+PG15 = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.mark.skipif(not (PG15 / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
+def test_extension_version_the_target_server_lacks_is_refused(tmp_path: Path, pg_server: Server) -> None:
+    """A PostgreSQL 15 target has citext 1.6 at most; the desired schema, loaded on the test server, asks for a
+    version only that server ships."""
+    shadow_versions = {r[0] for r in _rows(pg_server.dsn, "SELECT version FROM pg_available_extension_versions "
+                                                          "WHERE name = 'citext'")}
+    target = EmbeddedCluster(Path(tempfile.mkdtemp()) / "pg15", PG15, durable=False)
+    server = target.start()
+    try:
+        lacking = sorted(shadow_versions - {r[0] for r in _rows(server.dsn, "SELECT version FROM "
+                                                                "pg_available_extension_versions WHERE name = 'citext'")})
+        if not lacking:
+            pytest.skip("the test server ships no citext version PostgreSQL 15 lacks")
+        run_sql(server.dsn, "CREATE EXTENSION citext")
+        config = write_project(tmp_path, server.dsn, pg_server, f"CREATE EXTENSION citext VERSION '{lacking[-1]}';",
+                               environment_extra="    allow_version_mismatch: true\n")
+        with pytest.raises(RefusedError, match=rf"extension citext: the desired schema has version {lacking[-1]}, "
+                                               r"which the target's server does not have \(versions there: .*1\.6"):
+            plan_change(config)
+    finally:
+        target.stop(delete=True)
+
+
+def _rows(dsn: str, query: str) -> list[tuple[object, ...]]:
+    with connect(dsn) as conn:
+        return conn.execute(query.encode()).fetchall()

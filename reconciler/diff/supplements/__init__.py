@@ -127,9 +127,22 @@ def common_questions() -> tuple[str, ...]:
     """The catalog queries the rewriters ask of every plan's desired database, whatever changed: a plan asks them
     ahead, beside the base engine's diff (``SupplementedEngine``). Those asked only for some changes are asked when
     the rewriter comes to them; a test checks that the rewriters still ask each of these."""
-    from . import aggregates, comments, enums, operators, partitions, routines, sequences, tables, textsearch, types, views
+    from . import (
+        aggregates,
+        comments,
+        enums,
+        extensions,
+        operators,
+        partitions,
+        routines,
+        sequences,
+        tables,
+        textsearch,
+        types,
+        views,
+    )
 
-    return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, enums._ENUM_COLUMNS, enums._POLICIES,
+    return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, extensions._EXTENSIONS, enums._ENUM_COLUMNS, enums._POLICIES,
             operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, partitions._SHAPES, partitions._TABLES,
             routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
             tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,
@@ -142,6 +155,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         aggregates,
         comments,
         enums,
+        extensions,
         operators,
         partitions,
         privileges,
@@ -164,6 +178,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     tables.default_after_type,
                     textsearch.text_search,  # after the rewriters that place types and columns: before and after them
                     views.view_options, views.statistics, comments.comments,
+                    extensions.extension_versions,  # after those that put what they make first: goes before them
                     privileges.reconcile):  # last: owners and grants go after everything else
         out = rewrite(context, out)
     return out
