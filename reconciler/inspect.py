@@ -63,8 +63,9 @@ _QUERIES: tuple[str, ...] = (
                  'persistence=' || c.relpersistence::text,
                  'options=' || array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ','),  -- in any order
                  'partition key=' || pg_get_partkeydef(c.oid),
-                 'partition of=' || (SELECT string_agg(i.inhparent::regclass::text, ',' ORDER BY i.inhseqno)
-                                     FROM pg_inherits i WHERE i.inhrelid = c.oid),
+                 CASE WHEN c.relispartition THEN 'partition of=' ELSE 'inherits=' END  -- parents, in their order
+                   || (SELECT string_agg(i.inhparent::regclass::text, ',' ORDER BY i.inhseqno)
+                       FROM pg_inherits i WHERE i.inhrelid = c.oid),
                  'bound=' || pg_get_expr(c.relpartbound, c.oid),
                  'rls=' || c.relrowsecurity, 'force rls=' || c.relforcerowsecurity,
                  'replica identity=' || c.relreplident::text)
@@ -79,7 +80,10 @@ _QUERIES: tuple[str, ...] = (
                       WHEN d.adbin IS NOT NULL THEN 'default ' || pg_get_expr(d.adbin, d.adrelid) END,
                  CASE WHEN a.attidentity <> '' THEN 'identity ' || a.attidentity::text END,
                  CASE WHEN a.attstattarget >= 0 THEN 'statistics ' || a.attstattarget END,
-                 CASE WHEN a.attstorage <> t.typstorage THEN 'storage ' || a.attstorage::text END)
+                 CASE WHEN a.attstorage <> t.typstorage THEN 'storage ' || a.attstorage::text END,
+                 -- a child's (not a partition's: those follow their parent) columns: inherited, and local too or not
+                 CASE WHEN a.attinhcount > 0 AND NOT c.relispartition
+                      THEN 'inherited ' || a.attinhcount || CASE WHEN a.attislocal THEN ' and local' ELSE '' END END)
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -95,8 +99,12 @@ _QUERIES: tuple[str, ...] = (
                pg_get_constraintdef(con.oid)
                  || CASE WHEN con.condeferrable THEN ' deferrable' ELSE '' END
                  || CASE WHEN con.condeferred THEN ' initially deferred' ELSE '' END
+                 || CASE WHEN con.coninhcount > 0 AND NOT ch.relispartition
+                         THEN ' inherited ' || con.coninhcount || CASE WHEN con.conislocal THEN ' and local' ELSE '' END
+                         ELSE '' END
         FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
-        WHERE {_managed('n')} AND con.conislocal IS TRUE
+        LEFT JOIN pg_class ch ON ch.oid = con.conrelid
+        WHERE {_managed('n')} AND (con.conislocal OR NOT ch.relispartition)  -- a child's inherited ones, not a partition's
           AND con.contype <> 'n'  -- PostgreSQL 18's NOT NULL constraints: the column's "not null" says it
           AND {_not_extension_member('pg_constraint', 'con.oid')}
           AND (con.conrelid = 0 OR {_not_extension_member('pg_class', 'con.conrelid')})""",

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from reconciler.config import load_config
-from reconciler.errors import RefusedError
+from reconciler.errors import ReconcilerError, RefusedError
 from reconciler.inspect import ObjectDifference
 from reconciler.pipeline import drift, open_servers
 from reconciler.servers import EmbeddedCluster, Server, connect
@@ -199,6 +199,67 @@ def test_extension_version_the_target_server_lacks_is_refused(tmp_path: Path, pg
         target.stop(delete=True)
 
 
+
+# --- table inheritance -------------------------------------------------------------------------------
+
+_FAMILY = """CREATE TABLE parent (id int PRIMARY KEY, a int NOT NULL DEFAULT 3, c int CHECK (c > 0));
+CREATE TABLE audit (id int, changed_at timestamptz);
+CREATE TABLE child (b int CHECK (b > 1), a int) INHERITS (parent, audit);
+CREATE TABLE grandchild (x int) INHERITS (child);
+"""
+_INHERITANCE = """SELECT string_agg(format('%s.%s local=%s inherited=%s', a.attrelid::regclass, a.attname, a.attislocal,
+                                     a.attinhcount), '; ' ORDER BY a.attrelid::regclass::text, a.attname)
+                  FROM pg_attribute a WHERE a.attrelid IN ('child'::regclass, 'grandchild'::regclass) AND a.attnum > 0
+                  UNION ALL
+                  SELECT string_agg(format('%s.%s local=%s inherited=%s', conrelid::regclass, conname, conislocal,
+                                           coninhcount), '; ' ORDER BY conrelid::regclass::text, conname)
+                  FROM pg_constraint WHERE contype = 'c' AND conrelid = ANY('{parent,child,grandchild}'::regclass[])
+                  UNION ALL
+                  SELECT string_agg(format('%s < %s #%s', inhrelid::regclass, inhparent::regclass, inhseqno), '; '
+                                    ORDER BY inhrelid::regclass::text, inhseqno) FROM pg_inherits"""
+
+
 def _rows(dsn: str, query: str) -> list[tuple[object, ...]]:
     with connect(dsn) as conn:
         return conn.execute(query.encode()).fetchall()
+
+
+def test_children_created_as_the_desired_schema_has_them(tmp_path: Path, database: str, second_database: str,
+                                                          pg_server: Server) -> None:
+    """Inherited columns only inherited (attislocal false), a column stated in the child too both, two parents in
+    their order, parents before children: the target reads as a database loaded from the desired file."""
+    plan = converge(tmp_path, database, pg_server, "", _FAMILY, replan=True)
+    creates = [s.object for s in plan.body.steps if s.kind == "create_table"]
+    assert creates.index("public.parent") < creates.index("public.child") < creates.index("public.grandchild")
+    load_live(tmp_path / "desired", second_database, _FAMILY)
+    assert _rows(database, _INHERITANCE) == _rows(second_database, _INHERITANCE)
+    assert "child.a local=t inherited=1" in str(_rows(database, _INHERITANCE)[0][0])
+    assert "child.id local=f inherited=2" in str(_rows(database, _INHERITANCE)[0][0])
+    assert "child < audit #2" in str(_rows(database, _INHERITANCE)[2][0])
+
+
+def test_drift_sees_an_inherited_column_made_local(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """A child whose parent's columns were restated (as migra's CREATE TABLE did) has them local too."""
+    load_live(tmp_path, database, "CREATE TABLE parent (id int, note text);\n"
+                                  "CREATE TABLE child (id int, note text, b int) INHERITS (parent);")
+    config = write_project(tmp_path, database, pg_server, "CREATE TABLE parent (id int, note text);\n"
+                                                          "CREATE TABLE child (b int) INHERITS (parent);")
+    assert _drift(config) == [ObjectDifference("column", "public.child.id", "different"),
+                              ObjectDifference("column", "public.child.note", "different")]
+
+
+def test_drift_sees_an_inherited_constraint_made_local(tmp_path: Path, database: str, pg_server: Server) -> None:
+    load_live(tmp_path, database, "CREATE TABLE parent (id int CONSTRAINT positive CHECK (id > 0));\n"
+                                  "CREATE TABLE child (b int, CONSTRAINT positive CHECK (id > 0)) INHERITS (parent);")
+    config = write_project(tmp_path, database, pg_server, "CREATE TABLE parent (id int CONSTRAINT positive CHECK (id > 0));\n"
+                                                          "CREATE TABLE child (b int) INHERITS (parent);")
+    assert _drift(config) == [ObjectDifference("constraint", "public.child.positive", "different")]
+
+
+def test_a_table_gaining_a_parent_is_refused(tmp_path: Path, database: str, pg_server: Server) -> None:
+    load_live(tmp_path, database, "CREATE TABLE parent (id int); CREATE TABLE child (id int, b int);")
+    config = write_project(tmp_path, database, pg_server,
+                           "CREATE TABLE parent (id int); CREATE TABLE child (b int) INHERITS (parent);")
+    with pytest.raises(ReconcilerError, match=r"table public\.child: its parents change from \(none\) to "
+                                              r"\(public\.parent\)"):
+        plan_change(config)

@@ -132,6 +132,7 @@ def common_questions() -> tuple[str, ...]:
         comments,
         enums,
         extensions,
+        inheritance,
         operators,
         partitions,
         routines,
@@ -142,7 +143,8 @@ def common_questions() -> tuple[str, ...]:
         views,
     )
 
-    return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, extensions._EXTENSIONS, enums._ENUM_COLUMNS, enums._POLICIES,
+    return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, extensions._EXTENSIONS,
+            inheritance._CHILDREN, inheritance._TABLES, enums._ENUM_COLUMNS, enums._POLICIES,
             operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, partitions._SHAPES, partitions._TABLES,
             routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
             tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,
@@ -156,6 +158,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         comments,
         enums,
         extensions,
+        inheritance,
         operators,
         partitions,
         privileges,
@@ -171,6 +174,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
     out = list(changes)
     for rewrite in (reprints.reprinted,  # first: no other rewriter sees a re-creation that changes nothing
                     enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
+                    inheritance.inherited_tables,  # before those that read or place CREATE TABLE
                     routines.cloned_triggers, routines.functions,
                     partitions.mend_partitions, types.user_types, aggregates.aggregates, operators.operators,
                     sequences.sequence_options,
