@@ -190,8 +190,9 @@ def test_extension_version_the_target_server_lacks_is_refused(tmp_path: Path, pg
         if not lacking:
             pytest.skip("the test server ships no citext version PostgreSQL 15 lacks")
         run_sql(server.dsn, "CREATE EXTENSION citext")
+        # shadow_cache 0: the test server, shared by every test, keeps no copy of this target
         config = write_project(tmp_path, server.dsn, pg_server, f"CREATE EXTENSION citext VERSION '{lacking[-1]}';",
-                               environment_extra="    allow_version_mismatch: true\n")
+                               "shadow_cache: 0\n", environment_extra="    allow_version_mismatch: true\n")
         with pytest.raises(RefusedError, match=rf"extension citext: the desired schema has version {lacking[-1]}, "
                                                r"which the target's server does not have \(versions there: .*1\.6"):
             plan_change(config)
