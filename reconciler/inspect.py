@@ -43,11 +43,18 @@ def _not_extension_member(classid: str, objid: str) -> str:
     )
 
 
+# The schema (unquoted) a commented object is in, over pg_description ``d`` and its pg_identify_object_as_address
+# ``o``: a schema's own name; a trigger's, policy's or rule's table's (pg_identify_object gives those none, and a
+# condition on it would leave their comments out); else pg_identify_object's. NULL: no schema (casts, servers...).
+COMMENTED_SCHEMA = ("CASE WHEN d.classoid IN ('pg_namespace'::regclass, 'pg_trigger'::regclass, 'pg_policy'::regclass, "
+                    "'pg_rewrite'::regclass) THEN o.object_names[1] "
+                    "ELSE (pg_identify_object(d.classoid, d.objoid, d.objsubid)).schema END")
+
 # Each query yields (kind, name, definition). Names are schema-qualified and quoted as PostgreSQL would.
 _QUERIES: tuple[str, ...] = (
     f"""SELECT 'schema', quote_ident(n.nspname), ''
         FROM pg_namespace n WHERE {_managed('n')} AND {_not_extension_member('pg_namespace', 'n.oid')}""",
-    f"""SELECT 'extension', quote_ident(x.extname), 'schema ' || quote_ident(n.nspname)
+    f"""SELECT 'extension', quote_ident(x.extname), 'schema ' || quote_ident(n.nspname) || ' version ' || x.extversion
         FROM pg_extension x JOIN pg_namespace n ON n.oid = x.extnamespace
         WHERE x.extname <> 'plpgsql' AND {_managed('n')}""",
     f"""SELECT CASE c.relkind WHEN 'p' THEN 'partitioned table' WHEN 'f' THEN 'foreign table' ELSE 'table' END,
@@ -56,8 +63,9 @@ _QUERIES: tuple[str, ...] = (
                  'persistence=' || c.relpersistence::text,
                  'options=' || array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ','),  -- in any order
                  'partition key=' || pg_get_partkeydef(c.oid),
-                 'partition of=' || (SELECT string_agg(i.inhparent::regclass::text, ',' ORDER BY i.inhseqno)
-                                     FROM pg_inherits i WHERE i.inhrelid = c.oid),
+                 CASE WHEN c.relispartition THEN 'partition of=' ELSE 'inherits=' END  -- parents, in their order
+                   || (SELECT string_agg(i.inhparent::regclass::text, ',' ORDER BY i.inhseqno)
+                       FROM pg_inherits i WHERE i.inhrelid = c.oid),
                  'bound=' || pg_get_expr(c.relpartbound, c.oid),
                  'rls=' || c.relrowsecurity, 'force rls=' || c.relforcerowsecurity,
                  'replica identity=' || c.relreplident::text)
@@ -72,7 +80,10 @@ _QUERIES: tuple[str, ...] = (
                       WHEN d.adbin IS NOT NULL THEN 'default ' || pg_get_expr(d.adbin, d.adrelid) END,
                  CASE WHEN a.attidentity <> '' THEN 'identity ' || a.attidentity::text END,
                  CASE WHEN a.attstattarget >= 0 THEN 'statistics ' || a.attstattarget END,
-                 CASE WHEN a.attstorage <> t.typstorage THEN 'storage ' || a.attstorage::text END)
+                 CASE WHEN a.attstorage <> t.typstorage THEN 'storage ' || a.attstorage::text END,
+                 -- a child's (not a partition's: those follow their parent) columns: inherited, and local too or not
+                 CASE WHEN a.attinhcount > 0 AND NOT c.relispartition
+                      THEN 'inherited ' || a.attinhcount || CASE WHEN a.attislocal THEN ' and local' ELSE '' END END)
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -88,8 +99,12 @@ _QUERIES: tuple[str, ...] = (
                pg_get_constraintdef(con.oid)
                  || CASE WHEN con.condeferrable THEN ' deferrable' ELSE '' END
                  || CASE WHEN con.condeferred THEN ' initially deferred' ELSE '' END
+                 || CASE WHEN con.coninhcount > 0 AND NOT ch.relispartition
+                         THEN ' inherited ' || con.coninhcount || CASE WHEN con.conislocal THEN ' and local' ELSE '' END
+                         ELSE '' END
         FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
-        WHERE {_managed('n')} AND con.conislocal IS TRUE
+        LEFT JOIN pg_class ch ON ch.oid = con.conrelid
+        WHERE {_managed('n')} AND (con.conislocal OR NOT ch.relispartition)  -- a child's inherited ones, not a partition's
           AND con.contype <> 'n'  -- PostgreSQL 18's NOT NULL constraints: the column's "not null" says it
           AND {_not_extension_member('pg_constraint', 'con.oid')}
           AND (con.conrelid = 0 OR {_not_extension_member('pg_class', 'con.conrelid')})""",
@@ -235,16 +250,17 @@ _QUERIES: tuple[str, ...] = (
         FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
         WHERE NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_foreign_server'::regclass
                           AND x.objid = s.oid AND x.deptype = 'e')""",
-    """SELECT 'comment', o.type || ' ' || o.identity, d.description
+    f"""SELECT 'comment', i.type || ' ' || i.identity, d.description
         FROM pg_description d
-        CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) o
-        WHERE d.classoid <> 'pg_database'::regclass
-          AND coalesce(o.schema, CASE WHEN d.classoid = 'pg_namespace'::regclass THEN o.identity END) IS NOT NULL
-          AND coalesce(o.schema, o.identity) NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
-          AND coalesce(o.schema, o.identity) <> ALL(%(excluded)s::text[])
+        CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
+        CROSS JOIN LATERAL pg_identify_object_as_address(d.classoid, d.objoid, d.objsubid) o
+        CROSS JOIN LATERAL (SELECT {COMMENTED_SCHEMA} AS schema) s
+        WHERE d.classoid <> 'pg_database'::regclass AND s.schema IS NOT NULL
+          AND s.schema NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+          AND s.schema <> ALL(%(excluded)s::text[])
           AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classoid AND e.objid = d.objoid
                           AND e.deptype = 'e')
-          AND NOT (d.classoid = 'pg_namespace'::regclass AND o.identity = 'public'
+          AND NOT (d.classoid = 'pg_namespace'::regclass AND s.schema = 'public'
                    AND d.description = 'standard public schema')""",
 )
 

@@ -122,6 +122,12 @@ def _deparse(node: ast.Node) -> str:
     return str(RawStream()(node))
 
 
+def _new_version(node: ast.AlterExtensionStmt) -> str | None:
+    """The version ALTER EXTENSION ... UPDATE TO names (None: UPDATE to the default, or another ALTER EXTENSION)."""
+    return next((str(o.arg.sval) for o in node.options or () if o.defname == "new_version" and isinstance(o.arg, ast.String)),
+                None)
+
+
 def _parse(statement: str, engine: str) -> ast.Node:
     try:
         parsed = pglast.parse_sql(statement)
@@ -706,7 +712,11 @@ class _Compiler:
                 rollback = _q("CREATE VIEW {} AS ", _ident(qualify(obj))) + self.facts.views[qualify(obj)]
             elif kind == "drop_extension":
                 hazards.append(self.hazard("EXTENSION_CHANGE", "drops an extension and the objects that use it"))
-        if kind in ("create_extension", "alter_extension"):
+        if kind == "alter_extension" and isinstance(node, ast.AlterExtensionStmt) and _new_version(node) is not None:
+            hazards.append(self.hazard("EXTENSION_CHANGE", f"updates the extension to version {_new_version(node)}: runs "
+                                       "the extension's own update script, which may change or rewrite its objects and "
+                                       "what uses them; extensions are seldom downgraded"))
+        elif kind in ("create_extension", "alter_extension"):
             hazards.append(self.hazard("EXTENSION_CHANGE", "extensions change server-wide behaviour and need privileges"))
             if kind == "create_extension":
                 rollback = _q("DROP EXTENSION IF EXISTS {}", sql.Identifier(obj))

@@ -22,7 +22,9 @@ def load_live(tmp_path: Path, database: str, old_sql: str) -> None:
     load_schema(load_source(old), database, sandbox=None)  # live: trusted
 
 
-def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "") -> Path:
+def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "", *,
+                  environment_extra: str = "") -> Path:
+    """``extra_config``: top-level YAML added at the end; ``environment_extra``: lines of the test environment's."""
     (tmp_path / "schemas").mkdir(parents=True, exist_ok=True)
     (tmp_path / "schemas" / "new.sql").write_text(new_sql)
     (tmp_path / "policies").mkdir(exist_ok=True)
@@ -40,7 +42,7 @@ def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, e
           squawk: false
         load:
           extensions: [amcheck, pgstattuple, earthdistance, pg_partman, postgis]  # the corpus's untrusted ones
-        """) + extra_config)
+        """).replace("\nsafety:", f"\n{environment_extra}safety:", 1) + extra_config)
     return config
 
 

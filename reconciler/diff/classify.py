@@ -48,7 +48,9 @@ def _range_var(rv: ast.RangeVar | None) -> str:
 
 def _object_name(obj: Any) -> str:
     if isinstance(obj, ast.ObjectWithArgs):
-        return _names(obj.objname) + "(" + ", ".join(_names(a.names) for a in obj.objargs or ()) + ")"
+        # a prefix operator's missing left argument is None (NONE in SQL)
+        return _names(obj.objname) + "(" + ", ".join(_names(a.names) if a is not None else "NONE"
+                                                     for a in obj.objargs or ()) + ")"
     if isinstance(obj, ast.TypeName):
         return _names(obj.names)
     if isinstance(obj, ast.String):

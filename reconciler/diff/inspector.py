@@ -116,6 +116,14 @@ _QUERIES = ("ALL_RELATIONS_QUERY", "COLLATIONS_QUERY", "RLSPOLICIES_QUERY", "IND
             "DEPS_QUERY", "SCHEMAS_QUERY", "PRIVILEGES_QUERY", "TRIGGERS_QUERY")
 
 
+# in schemainspect's relations query: a scalar subquery that reads one row of pg_inherits per table, which fails on
+# a table with two parents; it reads the first (schemainspect looks one parent up by that name; the inheritance
+# supplement writes a new child's INHERITS with all of them)
+_ONE_PARENT = """'"' || nmsp_parent.nspname || '"."' || parent.relname || '"' as parent"""
+_FIRST_PARENT = """(array_agg('"' || nmsp_parent.nspname || '"."' || parent.relname || '"'
+                               ORDER BY pg_inherits.inhseqno))[1] as parent"""
+
+
 @functools.cache
 def inspector_class() -> type[Any]:
     """The subclass, made on first use: importing schemainspect is slow and warns (pkg_resources)."""
@@ -147,6 +155,9 @@ def inspector_class() -> type[Any]:
             return streamed_rows(self._conn, query, self._shared)
 
         def load_all(self) -> None:
+            query = getattr(self, "ALL_RELATIONS_QUERY", None)
+            if isinstance(query, str) and _ONE_PARENT in query:
+                self.ALL_RELATIONS_QUERY = query.replace(_ONE_PARENT, _FIRST_PARENT, 1)
             # every query has a schema column: the excluded schemas' rows are never fetched, and schemainspect's
             # own filter (in Python, after loading everything) has nothing left to do
             if self.excluded_schemas:

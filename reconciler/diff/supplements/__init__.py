@@ -127,9 +127,24 @@ def common_questions() -> tuple[str, ...]:
     """The catalog queries the rewriters ask of every plan's desired database, whatever changed: a plan asks them
     ahead, beside the base engine's diff (``SupplementedEngine``). Those asked only for some changes are asked when
     the rewriter comes to them; a test checks that the rewriters still ask each of these."""
-    from . import aggregates, comments, enums, operators, partitions, routines, sequences, tables, textsearch, types, views
+    from . import (
+        aggregates,
+        comments,
+        enums,
+        extensions,
+        inheritance,
+        operators,
+        partitions,
+        routines,
+        sequences,
+        tables,
+        textsearch,
+        types,
+        views,
+    )
 
-    return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, enums._ENUM_COLUMNS, enums._POLICIES,
+    return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, extensions._EXTENSIONS,
+            inheritance._CHILDREN, inheritance._TABLES, enums._ENUM_COLUMNS, enums._POLICIES,
             operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, partitions._SHAPES, partitions._TABLES,
             routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
             tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,
@@ -143,6 +158,8 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         comments,
         dependents,
         enums,
+        extensions,
+        inheritance,
         kept,
         operators,
         order,
@@ -161,6 +178,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
     for rewrite in (dependents.needless_recreations,  # first: no other rewriter sees a re-creation not needed
                     reprints.reprinted,  # no other rewriter sees a re-creation that changes nothing
                     enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
+                    inheritance.inherited_tables,  # before those that read or place CREATE TABLE
                     routines.cloned_triggers, routines.functions,
                     partitions.mend_partitions, types.user_types, aggregates.aggregates, operators.operators,
                     sequences.sequence_options,
@@ -170,6 +188,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     views.view_options, views.statistics,
                     dependents.reattached,  # after the rewriters that move or add view re-creations
                     dependents.foreign_keys_moved,
+                    extensions.extension_versions,  # after those that put what they make first: goes before them
                     order.ordered,  # after every rewriter that places statements: only ever moves one later
                     comments.comments,
                     privileges.reconcile,  # last: owners and grants go after everything else

@@ -4,33 +4,39 @@ loses its comment, so its comment is set again."""
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 from psycopg import sql
 
 from ...errors import ReconcilerError
+from ...inspect import COMMENTED_SCHEMA
 from ..base import Change
 from . import Context, change
 
-# pg_identify_object_as_address: names unquoted (types: format_type text), arguments as type names
-_QUERY = """
+# pg_identify_object_as_address: names unquoted (types: format_type text), arguments as type names. Triggers,
+# policies and rules have no schema of their own (pg_identify_object's is NULL): their table's, the first name.
+_QUERY = f"""
 SELECT o.type, o.object_names, o.object_args, d.description
 FROM pg_description d
 CROSS JOIN LATERAL pg_identify_object_as_address(d.classoid, d.objoid, d.objsubid) o
-CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
-WHERE d.classoid <> 'pg_database'::regclass
-  AND coalesce(i.schema, CASE WHEN d.classoid = 'pg_namespace'::regclass THEN i.identity END) IS NOT NULL
-  AND coalesce(i.schema, i.identity) NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
-  AND coalesce(i.schema, i.identity) <> ALL(%(excluded)s::text[])
+CROSS JOIN LATERAL (SELECT {COMMENTED_SCHEMA} AS schema) s
+WHERE d.classoid <> 'pg_database'::regclass AND s.schema IS NOT NULL
+  AND s.schema NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  AND s.schema <> ALL(%(excluded)s::text[])
   AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classoid AND e.objid = d.objoid AND e.deptype = 'e')
-  AND NOT (d.classoid = 'pg_namespace'::regclass AND i.identity = 'public' AND d.description = 'standard public schema')
+  AND NOT (d.classoid = 'pg_namespace'::regclass AND s.schema = 'public' AND d.description = 'standard public schema')
 """
 
 _RELATIONS = {"table": "TABLE", "view": "VIEW", "materialized view": "MATERIALIZED VIEW", "foreign table": "FOREIGN TABLE",
               "sequence": "SEQUENCE", "index": "INDEX", "statistics object": "STATISTICS", "collation": "COLLATION",
               "conversion": "CONVERSION", "text search configuration": "TEXT SEARCH CONFIGURATION",
-              "text search dictionary": "TEXT SEARCH DICTIONARY"}
+              "text search dictionary": "TEXT SEARCH DICTIONARY", "text search parser": "TEXT SEARCH PARSER",
+              "text search template": "TEXT SEARCH TEMPLATE"}
 _ON_TABLE = {"table constraint": "CONSTRAINT", "trigger": "TRIGGER", "policy": "POLICY", "rule": "RULE"}
 _ROUTINES = {"function": "FUNCTION", "procedure": "PROCEDURE", "aggregate": "AGGREGATE"}
+_OPERATOR_CLASSES = {"operator class": "OPERATOR CLASS", "operator family": "OPERATOR FAMILY"}
+_OPERATOR_NAME = re.compile(r"^[-+*/<>=~!@#%^&|`?]+$")
 
 Key = tuple[str, tuple[str, ...], tuple[str, ...]]
 
@@ -46,6 +52,15 @@ def _target(kind: str, names: tuple[str, ...], args: tuple[str, ...]) -> sql.Com
     if kind in _ROUTINES:
         return sql.SQL("{} {}({})").format(sql.SQL(_ROUTINES[kind]), sql.Identifier(*names),
                                            sql.SQL(", ").join(sql.SQL(a) for a in args))
+    if kind == "operator":  # an operator's name is its symbols, never quoted: checked to be only those
+        if not _OPERATOR_NAME.match(names[1]):
+            raise ReconcilerError(f"unexpected operator name {names[1]!r}")
+        left, right = ("NONE", args[0]) if len(args) == 1 else args  # a prefix operator: its right argument only
+        return sql.SQL("OPERATOR {}.{}({}, {})").format(sql.Identifier(names[0]), sql.SQL(names[1]),
+                                                       sql.SQL(left), sql.SQL(right))
+    if kind in _OPERATOR_CLASSES:  # names: access method, schema, name
+        return sql.SQL("{} {} USING {}").format(sql.SQL(_OPERATOR_CLASSES[kind]), sql.Identifier(*names[1:]),
+                                                sql.Identifier(names[0]))
     if kind == "type":
         return sql.SQL("TYPE {}").format(sql.SQL(names[0]))
     if kind == "domain constraint":

@@ -18,10 +18,12 @@ from . import Context, change, first_index, insert_at, managed, not_extension_me
 
 _PRELUDE = ("create_schema", "create_extension", "create_enum")
 
+# array[name, text] is a name[]: every element cut to 63 bytes (a long CHECK's definition, a long type's name); the
+# names are cast to text first
 _DOMAINS = f"""
 SELECT n.nspname, t.typname, t.oid::int, format_type(t.typbasetype, t.typtypmod), t.typnotnull, t.typdefault,
        CASE WHEN t.typcollation <> bt.typcollation THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END,
-       coalesce((SELECT array_agg(array[con.conname, pg_get_constraintdef(con.oid)] ORDER BY con.conname)
+       coalesce((SELECT array_agg(array[con.conname::text, pg_get_constraintdef(con.oid)] ORDER BY con.conname)
                  FROM pg_constraint con WHERE con.contypid = t.oid AND con.contype = 'c'), '{{}}')
 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_type bt ON bt.oid = t.typbasetype
 LEFT JOIN pg_collation co ON co.oid = t.typcollation LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
@@ -30,7 +32,7 @@ WHERE t.typtype = 'd' AND {managed('n')} AND {not_extension_member('pg_type', 't
 
 _COMPOSITES = f"""
 SELECT n.nspname, t.typname, t.oid::int,
-       coalesce((SELECT array_agg(array[a.attname, format_type(a.atttypid, a.atttypmod),
+       coalesce((SELECT array_agg(array[a.attname::text, format_type(a.atttypid, a.atttypmod),
                                         CASE WHEN a.attcollation <> at.typcollation
                                              THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END]
                                   ORDER BY a.attnum)
@@ -111,15 +113,24 @@ def _collate(collation: str | None) -> sql.Composable:
     return sql.SQL(" COLLATE {}").format(sql.SQL(collation)) if collation else sql.SQL("")
 
 
-def _create_domain(name: sql.Identifier, d: Domain) -> sql.Composable:
+_NOT_VALID = " NOT VALID"  # how pg_get_constraintdef ends an unvalidated constraint's definition
+
+
+def _create_domain(name: sql.Identifier, label: str, d: Domain) -> list[Change]:
+    """CREATE DOMAIN, then its NOT VALID constraints added by ALTER DOMAIN (CREATE DOMAIN takes no NOT VALID)."""
     parts: list[sql.Composable] = [sql.SQL("CREATE DOMAIN {} AS {}").format(name, sql.SQL(d.base)), _collate(d.collation)]
     if d.default is not None:
         parts.append(sql.SQL(" DEFAULT {}").format(sql.SQL(d.default)))
     if d.not_null:
         parts.append(sql.SQL(" NOT NULL"))
+    later: list[Change] = []
     for con, definition in d.constraints:
-        parts.append(sql.SQL(" CONSTRAINT {} {}").format(sql.Identifier(con), sql.SQL(definition)))
-    return sql.Composed(parts)
+        if definition.endswith(_NOT_VALID):
+            later.append(change(sql.SQL("ALTER DOMAIN {} ADD CONSTRAINT {} {}").format(
+                name, sql.Identifier(con), sql.SQL(definition)), "alter_domain", label))
+        else:
+            parts.append(sql.SQL(" CONSTRAINT {} {}").format(sql.Identifier(con), sql.SQL(definition)))
+    return [change(sql.Composed(parts), "create_domain", label), *later]
 
 
 def _alter_domain(name: sql.Identifier, label: str, have: Domain, want: Domain) -> tuple[list[Change], list[Change]]:
@@ -142,11 +153,14 @@ def _alter_domain(name: sql.Identifier, label: str, have: Domain, want: Domain) 
     if have.not_null != want.not_null:
         alter(sql.SQL("SET NOT NULL" if want.not_null else "DROP NOT NULL"), tighten if want.not_null else loosen)
     wanted, current = dict(want.constraints), dict(have.constraints)
+    validated = {con for con, definition in current.items() if definition == wanted.get(con, "") + _NOT_VALID}
     for con, definition in sorted(current.items()):
-        if wanted.get(con) != definition:
+        if wanted.get(con) != definition and con not in validated:
             alter(sql.SQL("DROP CONSTRAINT {}").format(sql.Identifier(con)), loosen)
     for con, definition in sorted(wanted.items()):
-        if current.get(con) != definition:
+        if con in validated:  # the same check, now to hold for every value: validated in place
+            alter(sql.SQL("VALIDATE CONSTRAINT {}").format(sql.Identifier(con)), tighten)
+        elif current.get(con) != definition:
             alter(sql.SQL("ADD CONSTRAINT {} {}").format(sql.Identifier(con), sql.SQL(definition)), tighten)
     return loosen, tighten
 
@@ -207,7 +221,7 @@ def user_types(context: Context, changes: list[Change]) -> list[Change]:
         label, ident = f"{schema}.{name}", sql.Identifier(schema, name)
         have_d = live_domains.get((schema, name))
         if have_d is None:
-            creates.append((want_d.oid, change(_create_domain(ident, want_d), "create_domain", label)))
+            creates += [(want_d.oid, c) for c in _create_domain(ident, label, want_d)]  # in order: sorted() is stable
         else:
             less, more = _alter_domain(ident, label, have_d, want_d)
             loosen += less
