@@ -118,8 +118,9 @@ def test_routines_and_types_recreated_keep_their_grants(tmp_path: Path, database
     CREATE FUNCTION total(a int) RETURNS bigint LANGUAGE sql AS 'SELECT a::bigint';
     CREATE PROCEDURE tidy(y int) LANGUAGE sql AS 'SELECT 1';
     """
-    load_live(tmp_path, database, old + grants)
-    config = write_project(tmp_path, database, pg_server, new)
+    comments = "COMMENT ON TYPE mood IS 'feelings'; COMMENT ON FUNCTION total(int) IS 'sums';"
+    load_live(tmp_path, database, old + grants + comments)
+    config = write_project(tmp_path, database, pg_server, new + comments)
     plan = plan_change(config)
     assert {"drop_function", "drop_procedure"} <= {s.kind for s in plan.body.steps}
     apply_and_verify(config, plan, database)
@@ -132,6 +133,8 @@ def test_routines_and_types_recreated_keep_their_grants(tmp_path: Path, database
     assert "reporting=U/" in str(fetch_one(database, "SELECT array_to_string(typacl, ',') FROM pg_type "
                                                      "WHERE typname = 'mood'"))
     assert not fetch_one(database, "SELECT has_type_privilege('public', 'mood', 'USAGE')")
+    assert fetch_one(database, "SELECT obj_description('mood'::regtype, 'pg_type')") == "feelings"
+    assert fetch_one(database, "SELECT obj_description('total(int)'::regprocedure, 'pg_proc')") == "sums"
 
 
 def test_apply_refuses_to_commit_a_grant_lost_that_the_plan_did_not_foresee(tmp_path: Path, database: str,
@@ -269,3 +272,29 @@ def test_views_and_checks_end_identical_to_a_database_loaded_from_the_files(tmp_
     with throwaway_database(pg_server, "reference") as reference:
         run_sql(reference, new)
         assert fetch_one(database, read) == fetch_one(reference, read)
+
+
+def test_triggers_and_policies_recreated_keep_their_comments(tmp_path: Path, database: str, pg_server: Server) -> None:
+    """A trigger whose definition changes and a policy that becomes restrictive are dropped and created again: the
+    comments the desired schema gives them come back with them."""
+    body = """
+    CREATE TABLE t (id int, n int);
+    ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+    CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+    COMMENT ON TRIGGER touch_t ON t IS 'keeps n fresh';
+    COMMENT ON POLICY only_positive ON t IS 'no negatives';
+    """
+    old = body.replace("COMMENT ON TRIGGER", """
+    CREATE TRIGGER touch_t BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION touch();
+    CREATE POLICY only_positive ON t AS PERMISSIVE USING (n > 0);
+    COMMENT ON TRIGGER""")
+    new = body.replace("COMMENT ON TRIGGER", """
+    CREATE TRIGGER touch_t BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION touch();
+    CREATE POLICY only_positive ON t AS RESTRICTIVE USING (n > 0);
+    COMMENT ON TRIGGER""")
+    plan = converge(tmp_path, database, pg_server, old, new, replan=True)
+    assert {"drop_trigger", "drop_policy"} <= {s.kind for s in plan.body.steps}
+    assert fetch_one(database, "SELECT obj_description(oid, 'pg_trigger') FROM pg_trigger WHERE tgname = 'touch_t'") \
+        == "keeps n fresh"
+    assert fetch_one(database, "SELECT obj_description(oid, 'pg_policy') FROM pg_policy WHERE polname = 'only_positive'") \
+        == "no negatives"

@@ -75,17 +75,20 @@ def _read(context: Context, side: str) -> dict[Key, str]:
 
 
 def _recreated(key: Key, created: set[str]) -> bool:
+    """The object the comment is on is created by the plan: itself (a trigger, policy or constraint dropped and
+    created again, an enum rebuilt), or the relation (or routine) it hangs on."""
     kind, names, _args = key
-    if kind in ("schema", "extension", "type", "domain constraint"):
+    if kind in ("schema", "extension", "domain constraint"):
         return False
-    owner = ".".join(names[:2])  # the relation (or routine) the comment hangs on
-    return owner in created
+    if ".".join(names) in created:
+        return True
+    return kind != "type" and ".".join(names[:2]) in created
 
 
 def comments(context: Context, changes: list[Change]) -> list[Change]:
     live, desired = _read(context, "live"), _read(context, "desired")
     created = {c.object.split("(")[0] for c in changes
-               if c.kind.startswith("create") or c.kind in ("replace_view", "replace_function")}
+               if c.kind.startswith(("create", "add_")) or c.kind in ("replace_view", "replace_function")}
     tail: list[Change] = []
     for key in sorted(set(live) | set(desired)):
         want = desired.get(key)
