@@ -118,6 +118,17 @@ _UNQUALIFIED_KINDS = frozenset({"set", "create_schema", "drop_schema", "create_e
                                 "alter_extension"})
 
 
+_NOT_VALID_END = re.compile(r"\s+NOT\s+VALID\s*;?\s*$", re.IGNORECASE)
+
+
+def _valid_as(statement: str, valid: bool) -> str:
+    """An ADD CONSTRAINT statement added validated, or NOT VALID, by its text: the constraint's expression stays as
+    the statement wrote it (pglast's deparse spells some of them otherwise: TRIM(BOTH FROM x) as btrim(x), which
+    PostgreSQL stores as another expression)."""
+    text = _NOT_VALID_END.sub("", statement.rstrip().removesuffix(";").rstrip())
+    return text if valid else f"{text} NOT VALID"
+
+
 def _deparse(node: ast.Node) -> str:
     return str(RawStream()(node))
 
@@ -486,7 +497,8 @@ class _Compiler:
                     con.initially_valid = False
                     name = str(con.conname)
                     add = self._alter_rollback(
-                        replace(d, sql=_deparse(node), original_sql=d.sql, hazards=self._alter_hazards(table, cmds)), table, cmds)
+                        replace(d, sql=_valid_as(d.sql, False), original_sql=d.sql, hazards=self._alter_hazards(table, cmds)),
+                        table, cmds)
                     validate = _Draft(
                         sql=_q("ALTER TABLE {} VALIDATE CONSTRAINT {}", sql.Identifier(*d.identity[:2]), sql.Identifier(name)),
                         kind="validate_constraint", object=f"{table}.{name}", tables=(table,), isolated=True, identity=d.identity,
@@ -524,7 +536,7 @@ class _Compiler:
         if con.skip_validation and (table, str(con.conname)) in self.validated:
             con.skip_validation, con.initially_valid, original = False, True, d.sql
             self.folded.add((table, str(con.conname)))
-        return [self._alter_rollback(replace(d, sql=_deparse(node) if original else d.sql, original_sql=original,
+        return [self._alter_rollback(replace(d, sql=_valid_as(d.sql, True) if original else d.sql, original_sql=original,
                                              hazards=self._referenced_lock(table, con)), table, cmds)]
 
     def _referenced_lock(self, table: str, con: ast.Constraint) -> tuple[Hazard, ...]:
@@ -555,7 +567,8 @@ class _Compiler:
             if table in self.created_tables:
                 self.folded.add((table, str(con.conname)))
         hazards = self._alter_hazards(table, cmds) if self.existing(table) else self._referenced_lock(table, con)
-        return self._alter_rollback(replace(d, sql=_deparse(node), original_sql=original, hazards=hazards), table, cmds)
+        return self._alter_rollback(replace(d, sql=_valid_as(d.sql, True) if original else d.sql, original_sql=original,
+                                            hazards=hazards), table, cmds)
 
     def _safe_not_null(self, d: _Draft, table: str, column: str) -> list[_Draft]:
         # not "<table>_<col>_not_null": PostgreSQL 18 gives that name to the NOT NULL constraint itself

@@ -298,3 +298,22 @@ def test_triggers_and_policies_recreated_keep_their_comments(tmp_path: Path, dat
         == "keeps n fresh"
     assert fetch_one(database, "SELECT obj_description(oid, 'pg_policy') FROM pg_policy WHERE polname = 'only_positive'") \
         == "no negatives"
+
+
+def test_the_example_schema_converges_and_checks_keep_their_spelling(tmp_path: Path, database: str,
+                                                                      pg_server: Server) -> None:
+    """The repository's own schemas/ (what README's first command applies) from an empty database; and a CHECK whose
+    expression a deparse would spell otherwise (TRIM(BOTH FROM x) becomes btrim(x), another stored expression),
+    added to a new table validated and to an existing one NOT VALID then validated, reads back as written."""
+    example = Path(__file__).resolve().parents[1] / "schemas"
+    new = "\n".join(p.read_text() for p in sorted(example.glob("*.sql")))
+    converge(tmp_path / "example", database, pg_server, "", new, replan=True)
+    with connect(database) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    checks = "CHECK (length(trim(title)) > 0)"
+    old = "CREATE TABLE old_t (id int, title text);"
+    new = (f"CREATE TABLE old_t (id int, title text, CONSTRAINT old_title {checks});"
+           f"CREATE TABLE new_t (id int, title text, CONSTRAINT new_title {checks});")
+    converge(tmp_path / "trim", database, pg_server, old, new, replan=True)
+    assert fetch_one(database, "SELECT count(*) FROM pg_constraint WHERE pg_get_constraintdef(oid) "
+                               "= 'CHECK ((length(TRIM(BOTH FROM title)) > 0))'") == 2
