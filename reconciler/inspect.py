@@ -90,7 +90,10 @@ _QUERIES: tuple[str, ...] = (
                  || CASE WHEN con.condeferred THEN ' initially deferred' ELSE '' END
         FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
         WHERE {_managed('n')} AND con.conislocal IS TRUE
-          AND con.contype <> 'n'  -- PostgreSQL 18's NOT NULL constraints: the column's "not null" says it
+          -- PostgreSQL 18's NOT NULL constraints (name, NOT VALID, NO INHERIT): a table's own; a partition's and an
+          -- inherited one follow the parent's
+          AND (con.contype <> 'n' OR (con.coninhcount = 0
+               AND NOT (SELECT r.relispartition FROM pg_class r WHERE r.oid = con.conrelid)))
           AND {_not_extension_member('pg_constraint', 'con.oid')}
           AND (con.conrelid = 0 OR {_not_extension_member('pg_class', 'con.conrelid')})""",
     f"""SELECT 'index', quote_ident(n.nspname) || '.' || quote_ident(ic.relname), pg_get_indexdef(i.indexrelid)

@@ -127,14 +127,28 @@ def common_questions() -> tuple[str, ...]:
     """The catalog queries the rewriters ask of every plan's desired database, whatever changed: a plan asks them
     ahead, beside the base engine's diff (``SupplementedEngine``). Those asked only for some changes are asked when
     the rewriter comes to them; a test checks that the rewriters still ask each of these."""
-    from . import aggregates, comments, enums, operators, partitions, routines, sequences, tables, textsearch, types, views
+    from . import (
+        aggregates,
+        comments,
+        enums,
+        not_null,
+        operators,
+        partitions,
+        routines,
+        sequences,
+        tables,
+        temporal,
+        textsearch,
+        types,
+        views,
+    )
 
     return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, enums._ENUM_COLUMNS, enums._POLICIES,
             operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, partitions._SHAPES, partitions._TABLES,
             routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
             tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,
             textsearch._DICTIONARIES, types._ALL_COMPOSITES, types._COMPOSITES, types._DOMAINS, types._RANGES,
-            views._STATISTICS, views._VIEWS)
+            views._STATISTICS, views._VIEWS, not_null._QUERY, temporal._QUERY)
 
 
 def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
@@ -143,7 +157,9 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         comments,
         dependents,
         enums,
+        generated,
         kept,
+        not_null,
         operators,
         order,
         partitions,
@@ -152,6 +168,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         routines,
         sequences,
         tables,
+        temporal,
         textsearch,
         types,
         views,
@@ -166,6 +183,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     sequences.sequence_options,
                     tables.table_properties, tables.column_properties, tables.not_valid_constraints,
                     tables.default_after_type,
+                    generated.virtual_columns, not_null.not_null_constraints, temporal.temporal_keys,  # PostgreSQL 18
                     textsearch.text_search,  # after the rewriters that place types and columns: before and after them
                     views.view_options, views.statistics,
                     dependents.reattached,  # after the rewriters that move or add view re-creations
