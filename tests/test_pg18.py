@@ -6,11 +6,14 @@ added to an existing one, changed and dropped: planned, rehearsed, applied, veri
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
+from reconciler.cli import main
 from reconciler.config import load_config
+from reconciler.errors import SchemaLoadError
 from reconciler.pipeline import drift, open_servers
 from reconciler.plan import Plan
 from reconciler.servers import Server, connect
@@ -243,3 +246,50 @@ def test_temporal_key_is_enforced_after_apply(tmp_path: Path, database: str, pg1
     run_sql(database, "INSERT INTO p VALUES (1, '[2025-01-01,2025-06-01)')")
     with pytest.raises(Exception, match="conflicting key value violates exclusion constraint"):
         run_sql(database, "INSERT INTO p VALUES (1, '[2025-03-01,2025-09-01)')")
+
+
+# --- an older target: refused at load, naming the feature -----------------------------------------------------------
+
+_NEWER = [
+    pytest.param("CREATE TABLE t (a int,\n  v int GENERATED ALWAYS AS (a * 2) VIRTUAL);", 2, "virtual generated columns",
+                 id="virtual"),
+    pytest.param("CREATE TABLE t (a int,\n  v int GENERATED ALWAYS AS (a * 2));", 2, "virtual generated columns",
+                 id="generated-without-stored"),
+    pytest.param("CREATE TABLE t (a int);\nALTER TABLE t ADD CONSTRAINT a_nn NOT NULL a;", 2,
+                 r"named NOT NULL constraints \(CONSTRAINT name NOT NULL column\)", id="named-not-null"),
+    pytest.param("CREATE TABLE t (a int);\n\nALTER TABLE t ADD CONSTRAINT a_nn NOT NULL a NOT VALID;", 3,
+                 "named NOT NULL constraints .* and NOT NULL constraints NOT VALID or NO INHERIT", id="not-valid-not-null"),
+    pytest.param("CREATE TABLE t (a int, CONSTRAINT c CHECK (a > 0) NOT ENFORCED);", 1, "NOT ENFORCED constraints",
+                 id="not-enforced"),
+    pytest.param("CREATE EXTENSION IF NOT EXISTS btree_gist;\nCREATE TABLE t (id int, r daterange,\n"
+                 "  PRIMARY KEY (id, r WITHOUT OVERLAPS));", 3, r"temporal keys \(WITHOUT OVERLAPS\)", id="temporal-key"),
+    pytest.param("CREATE TABLE t (id uuid DEFAULT uuidv7());", 1, r"uuidv7\(\) needs", id="uuidv7"),
+]
+
+
+@pytest.mark.parametrize(("schema", "line", "feature"), _NEWER)
+def test_older_target_refuses_naming_file_line_and_feature(schema: str, line: int, feature: str, tmp_path: Path,
+                                                           database: str, pg_server: Server) -> None:
+    if pg_server.major_version >= 18:
+        pytest.skip("an older target's refusal: run with RECONCILER_TEST_PG_BINDIR=/usr/lib/postgresql/15/bin")
+    config = write_project(tmp_path, database, pg_server, schema)
+    with pytest.raises(SchemaLoadError) as caught:
+        plan_change(config)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert caught.value.line == line
+    pattern = rf"^{feature}.* PostgreSQL 18; the target runs {pg_server.major_version}$"
+    assert re.search(pattern, caught.value.pg_message), caught.value.pg_message
+    assert text.startswith(f"new.sql:{line}:")
+
+
+def test_older_target_refusal_is_one_line_on_the_command_line(tmp_path: Path, database: str, pg_server: Server,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    if pg_server.major_version >= 18:
+        pytest.skip("an older target's refusal: run with RECONCILER_TEST_PG_BINDIR=/usr/lib/postgresql/15/bin")
+    config = write_project(tmp_path, database, pg_server, "CREATE TABLE t (a int);\n"
+                           "CREATE TABLE u (a int, v int GENERATED ALWAYS AS (a * 2) VIRTUAL);\n")
+    assert main(["--config", str(config), "plan", "--env", "test"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: new.sql:2:58: virtual generated columns (VIRTUAL, or GENERATED ALWAYS AS (...) without STORED) "
+        f"need PostgreSQL 18; the target runs {pg_server.major_version}"]
