@@ -67,6 +67,12 @@ _QUERIES: tuple[str, ...] = (
                concat_ws(' ',
                  format_type(a.atttypid, a.atttypmod),
                  CASE WHEN a.attnotnull THEN 'not null' END,
+                 -- PostgreSQL 18 keeps it as a constraint: its name, NOT VALID, NO INHERIT, when not the plain one
+                 CASE WHEN nn.oid IS NOT NULL AND NOT (nn.convalidated AND NOT nn.connoinherit
+                                                        AND nn.conname::text = c.relname || '_' || a.attname || '_not_null')
+                      THEN concat_ws(' ', 'constraint ' || quote_ident(nn.conname),
+                                     CASE WHEN NOT nn.convalidated THEN 'not valid' END,
+                                     CASE WHEN nn.connoinherit THEN 'no inherit' END) END,
                  CASE WHEN a.attcollation <> t.typcollation THEN 'collate ' || co.collname END,
                  CASE WHEN a.attgenerated <> '' THEN 'generated ' || a.attgenerated::text || ' ' || pg_get_expr(d.adbin, d.adrelid)
                       WHEN d.adbin IS NOT NULL THEN 'default ' || pg_get_expr(d.adbin, d.adrelid) END,
@@ -79,6 +85,8 @@ _QUERIES: tuple[str, ...] = (
         JOIN pg_type t ON t.oid = a.atttypid
         LEFT JOIN pg_collation co ON co.oid = a.attcollation
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        LEFT JOIN pg_constraint nn ON nn.conrelid = a.attrelid AND nn.contype = 'n' AND nn.conkey[1] = a.attnum
+             AND nn.conislocal AND nn.coninhcount = 0 AND NOT c.relispartition  -- a table's own, not inherited
         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f', 'v', 'm', 'c')
           AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}
           AND (c.relkind <> 'c' OR {_not_extension_member('pg_type', 'c.reltype')})""",
@@ -90,10 +98,7 @@ _QUERIES: tuple[str, ...] = (
                  || CASE WHEN con.condeferred THEN ' initially deferred' ELSE '' END
         FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
         WHERE {_managed('n')} AND con.conislocal IS TRUE
-          -- PostgreSQL 18's NOT NULL constraints (name, NOT VALID, NO INHERIT): a table's own; a partition's and an
-          -- inherited one follow the parent's
-          AND (con.contype <> 'n' OR (con.coninhcount = 0
-               AND NOT (SELECT r.relispartition FROM pg_class r WHERE r.oid = con.conrelid)))
+          AND con.contype <> 'n'  -- PostgreSQL 18's NOT NULL constraints: the column's row says them
           AND {_not_extension_member('pg_constraint', 'con.oid')}
           AND (con.conrelid = 0 OR {_not_extension_member('pg_class', 'con.conrelid')})""",
     f"""SELECT 'index', quote_ident(n.nspname) || '.' || quote_ident(ic.relname), pg_get_indexdef(i.indexrelid)

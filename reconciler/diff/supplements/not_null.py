@@ -16,15 +16,15 @@ from psycopg import sql
 from ..base import Change
 from . import Context, change, managed, not_extension_member
 
+# only the constraints an unnamed ``not null`` would not make (a handful: a schema has one per NOT NULL column)
 _QUERY = f"""
 SELECT n.nspname, c.relname, a.attname, con.conname, con.convalidated, con.connoinherit
 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = con.conkey[1]
 WHERE con.contype = 'n' AND con.conislocal AND con.coninhcount = 0 AND NOT c.relispartition
   AND c.relkind IN ('r', 'p') AND {managed('n')} AND {not_extension_member('pg_class', 'c.oid')}
+  AND NOT (con.convalidated AND NOT con.connoinherit AND con.conname::text = c.relname || '_' || a.attname || '_not_null')
 """
-
-_NAME_BYTES = 63  # NAMEDATALEN - 1
 
 
 class NotNull(NamedTuple):
@@ -32,37 +32,44 @@ class NotNull(NamedTuple):
     valid: bool
     no_inherit: bool
 
+    @classmethod
+    def plain(cls, table: str, column: str) -> NotNull:
+        """What migra's unnamed ``not null`` makes: valid, inherited, PostgreSQL's default name (a longer one is
+        shortened, and so never read as plain: its constraint is read, and named explicitly)."""
+        return cls(f"{table}_{column}_not_null", True, False)
+
 
 def _read(context: Context, side: str) -> dict[tuple[str, str, str], NotNull]:
     return {(schema, table, column): NotNull(name, bool(valid), bool(no_inherit))
             for schema, table, column, name, valid, no_inherit in context.rows(side, _QUERY)}
 
 
-def _plain(table: str, column: str, want: NotNull) -> bool:
-    """What migra's unnamed ``not null`` makes: valid, inherited, named as PostgreSQL names it by default."""
-    default = f"{table}_{column}_not_null"
-    return want.valid and not want.no_inherit and want.name == default and len(default.encode()) <= _NAME_BYTES
-
-
 def not_null_constraints(context: Context, changes: list[Change]) -> list[Change]:
+    """Only columns whose constraint is not plain on one side are looked at: where the other side reads none, it
+    has a plain one, or none at all, which migra's statements for the column say (SET / DROP NOT NULL, a new or
+    dropped column or table)."""
     live, desired = _read(context, "live"), _read(context, "desired")
     if not live and not desired:
         return changes
     created_tables = {c.object for c in changes if c.kind == "create_table"}
     added_columns = {c.object for c in changes if c.kind == "add_column"}
     set_not_null = {c.object: c for c in changes if c.kind == "set_not_null"}
+    gone = {c.object for c in changes if c.kind in ("drop_not_null", "drop_column", "drop_table")}
     replaced: dict[int, list[Change]] = {}  # id of migra's change -> what takes its place
     tail: list[Change] = []
-    for (schema, table, column), want in sorted(desired.items()):
+    for schema, table, column in sorted(set(desired) | set(live)):
         label = f"{schema}.{table}.{column}"
+        new_column = f"{schema}.{table}" in created_tables or label in added_columns
+        if (schema, table, column) not in desired:  # plain in the desired schema, or no NOT NULL at all
+            if new_column or label in gone or f"{schema}.{table}" in gone:
+                continue
+            want = NotNull.plain(table, column)
+        else:
+            want = desired[(schema, table, column)]
         target, col, name = sql.Identifier(schema, table), sql.Identifier(column), sql.Identifier(want.name)
-        plain = _plain(table, column, want)
         add = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} NOT NULL {}{}{}").format(
             target, name, col, sql.SQL(" NO INHERIT" if want.no_inherit else ""), sql.SQL("" if want.valid else " NOT VALID"))
-        new_column = f"{schema}.{table}" in created_tables or label in added_columns
         if new_column:  # created by migra's statement, with an unnamed ``not null``
-            if plain:
-                continue
             for c in changes:
                 if (c.kind == "create_table" and c.object == f"{schema}.{table}") or (c.kind == "add_column" and c.object == label):
                     now, *after = replaced.get(id(c), [c])  # a table's columns mend the same statement in turn
@@ -71,17 +78,11 @@ def not_null_constraints(context: Context, changes: list[Change]) -> list[Change
                         after.append(change(add, "add_constraint", f"{schema}.{table}.{want.name}"))
                     replaced[id(c)] = [Change(sql=statement, kind=c.kind, object=c.object, engine=c.engine), *after]
             continue
-        have = live.get((schema, table, column))
-        if have is None:  # an existing column made NOT NULL: migra's SET NOT NULL, unless it is not what is wanted
-            migra = set_not_null.get(label)
-            if plain and migra is not None:
-                continue
-            ours = change(add, "add_constraint", f"{schema}.{table}.{want.name}")
-            if migra is not None:
-                replaced[id(migra)] = [ours]
-            else:
-                tail.append(ours)
+        migra = set_not_null.get(label)
+        if migra is not None:  # an existing column made NOT NULL: the constraint as wanted, not migra's unnamed one
+            replaced[id(migra)] = [change(add, "add_constraint", f"{schema}.{table}.{want.name}")]
             continue
+        have = live.get((schema, table, column)) or NotNull.plain(table, column)
         if have.name != want.name:
             tail.append(change(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
                 target, sql.Identifier(have.name), name), "rename_constraint", f"{schema}.{table}.{want.name}"))
