@@ -75,6 +75,12 @@ _QUERIES: tuple[str, ...] = (
                concat_ws(' ',
                  format_type(a.atttypid, a.atttypmod),
                  CASE WHEN a.attnotnull THEN 'not null' END,
+                 -- PostgreSQL 18 keeps it as a constraint: its name, NOT VALID, NO INHERIT, when not the plain one
+                 CASE WHEN nn.oid IS NOT NULL AND NOT (nn.convalidated AND NOT nn.connoinherit
+                                                        AND nn.conname::text = c.relname || '_' || a.attname || '_not_null')
+                      THEN concat_ws(' ', 'constraint ' || quote_ident(nn.conname),
+                                     CASE WHEN NOT nn.convalidated THEN 'not valid' END,
+                                     CASE WHEN nn.connoinherit THEN 'no inherit' END) END,
                  CASE WHEN a.attcollation <> t.typcollation THEN 'collate ' || co.collname END,
                  CASE WHEN a.attgenerated <> '' THEN 'generated ' || a.attgenerated::text || ' ' || pg_get_expr(d.adbin, d.adrelid)
                       WHEN d.adbin IS NOT NULL THEN 'default ' || pg_get_expr(d.adbin, d.adrelid) END,
@@ -90,6 +96,8 @@ _QUERIES: tuple[str, ...] = (
         JOIN pg_type t ON t.oid = a.atttypid
         LEFT JOIN pg_collation co ON co.oid = a.attcollation
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        LEFT JOIN pg_constraint nn ON nn.conrelid = a.attrelid AND nn.contype = 'n' AND nn.conkey[1] = a.attnum
+             AND nn.conislocal AND nn.coninhcount = 0 AND NOT c.relispartition  -- a table's own, not inherited
         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f', 'v', 'm', 'c')
           AND {_managed('n')} AND {_not_extension_member('pg_class', 'c.oid')}
           AND (c.relkind <> 'c' OR {_not_extension_member('pg_type', 'c.reltype')})""",

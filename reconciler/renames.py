@@ -319,7 +319,7 @@ _DERIVED = (
                  ORDER BY 1, 2, 3"""),
     ("constraint", """SELECT n.nspname, c.relname, k.conname, k.contype::text || ' ' || pg_get_constraintdef(k.oid)
                       FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE k.contype IN ('c', 'f')
+                      WHERE k.contype IN ('c', 'f', 'n')  -- 'n': PostgreSQL 18's NOT NULL constraints
                         AND (n.nspname, c.relname) IN (SELECT * FROM unnest(%(schemas)s::text[], %(tables)s::text[]))
                  ORDER BY 1, 2, 3"""),
     ("sequence", """SELECT tn.nspname, tc.relname, s.relname, sn.nspname || ' ' || d.deptype::text || ' ' || quote_ident(a.attname)

@@ -506,6 +506,10 @@ class _Compiler:
                         rollback_sql="", reversible=True,
                     )
                     return [add, validate]
+                if (contype is enums.ConstrType.CONSTR_NOTNULL and not con.skip_validation and con.keys
+                        and self.settings.switches.safe_not_null):
+                    # PostgreSQL 18's named NOT NULL: added once a validated CHECK spares its scan, as SET NOT NULL is
+                    return self._safe_not_null(d, table, str(con.keys[0].sval), final=d.sql)
             if subtype is enums.AlterTableType.AT_AddIdentity and self.settings.switches.safe_not_null:
                 # needs the column NOT NULL, which the safe form sets in POST_NOT_NULL
                 return [replace(self._alter_rollback(replace(d, hazards=self._alter_hazards(table, cmds)), table, cmds),
@@ -570,7 +574,9 @@ class _Compiler:
         return self._alter_rollback(replace(d, sql=_valid_as(d.sql, True) if original else d.sql, original_sql=original,
                                             hazards=hazards), table, cmds)
 
-    def _safe_not_null(self, d: _Draft, table: str, column: str) -> list[_Draft]:
+    def _safe_not_null(self, d: _Draft, table: str, column: str, *, final: str | None = None) -> list[_Draft]:
+        """SET NOT NULL (or ``final``: PostgreSQL 18's ADD CONSTRAINT ... NOT NULL) after a CHECK validated
+        without the exclusive lock, which spares its scan."""
         # not "<table>_<col>_not_null": PostgreSQL 18 gives that name to the NOT NULL constraint itself
         parts = d.identity[:2] or tuple(table.split(".", 1))  # (schema, table) from the parse tree: either may hold a dot
         check = _short(f"{parts[-1]}_{column}", "notnull_check")
@@ -583,7 +589,7 @@ class _Compiler:
             _Draft(sql=_q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, k), kind="validate_constraint",
                    object=f"{table}.{check}", tables=(table,), isolated=True, rollback_sql="", reversible=True,
                    stage=POST_VALIDATE, identity=helper),
-            _Draft(sql=_q("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", t, c), kind="set_not_null",
+            _Draft(sql=final or _q("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", t, c), kind="set_not_null",
                    object=f"{table}.{column}", tables=(table,), stage=POST_NOT_NULL, identity=d.identity,
                    hazards=(self.hazard("ACCESS_EXCLUSIVE_LOCK", "brief exclusive lock: the validated CHECK spares the scan",
                                         table),),
@@ -621,7 +627,7 @@ class _Compiler:
                     found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "builds the constraint's index under an exclusive lock",
                                              table))
                 elif contype in (enums.ConstrType.CONSTR_FOREIGN, enums.ConstrType.CONSTR_CHECK,
-                                 enums.ConstrType.CONSTR_EXCLUSION) and not con.skip_validation:
+                                 enums.ConstrType.CONSTR_EXCLUSION, enums.ConstrType.CONSTR_NOTNULL) and not con.skip_validation:
                     found.append(self.hazard("FULL_SCAN_UNDER_LOCK", "validates every row while holding the lock", table))
                 found.extend(self._referenced_lock(table, con))
             elif subtype in (enums.AlterTableType.AT_EnableRowSecurity, enums.AlterTableType.AT_DisableRowSecurity,

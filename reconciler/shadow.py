@@ -25,6 +25,7 @@ from pglast.visitors import Visitor
 from psycopg import sql
 
 from .errors import ReconcilerError, SchemaLoadError
+from .features import needs, newer_features
 from .privileged import Privileged, Refused, carry_out, recognise
 from .sandbox import Sandbox, deadline
 from .servers import connect
@@ -234,7 +235,8 @@ class _Runner:
         try:
             self._execute(statement.text)
         except psycopg.Error as exc:
-            raise _load_error(schema_file, statement, exc, self.sandbox) from None
+            raise _load_error(schema_file, statement, exc, self.sandbox,
+                              major=self.conn.info.server_version // 10000) from None
 
     def _execute(self, text: str) -> None:
         if self.sandbox is None:
@@ -262,14 +264,16 @@ class _Runner:
             raise SchemaLoadError(schema_file.path, line, column, f"refused: {refused.message}", hint=refused.hint,
                                   statement=statement.text.strip()) from None
         except psycopg.Error as exc:
-            raise _load_error(schema_file, statement, exc, self.sandbox, position=False) from None
+            raise _load_error(schema_file, statement, exc, self.sandbox, major=self.conn.info.server_version // 10000,
+                              position=False) from None
         finally:
             if reopen and self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 self.conn.execute("BEGIN")
 
 
 def _load_error(schema_file: SchemaFile, statement: Statement, exc: psycopg.Error, sandbox: Sandbox | None, *,
-                position: bool = True) -> SchemaLoadError:
+                major: int = 0, position: bool = True) -> SchemaLoadError:
+    """The failure at file:line:column; a statement using what the server's ``major`` version lacks says so."""
     diag = exc.diag
     if position and diag.statement_position:
         # statement_position counts characters from 1 within the statement we sent.
@@ -277,6 +281,9 @@ def _load_error(schema_file: SchemaFile, statement: Statement, exc: psycopg.Erro
     else:
         offset = statement.start + _first_code_offset(statement.text)
     line, column = line_column(schema_file.text, offset)
+    newer = newer_features(statement.text, major, diag.sqlstate) if major else []
+    if newer:  # written for a newer PostgreSQL than the target's: say that, in one line
+        return SchemaLoadError(schema_file.path, line, column, needs(newer, major), statement=statement.text.strip())
     message = diag.message_primary or str(exc).strip()
     if isinstance(exc, psycopg.errors.QueryCanceled) and sandbox is not None:
         message = (f"statement ran past the load's time limit ({sandbox.limits.statement_timeout:g} s, "

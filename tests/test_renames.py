@@ -125,12 +125,17 @@ def test_table_rename_keeps_rows_then_no_changes(tmp_path: Path, database: str, 
     assert "drop" not in " ".join(str(s["kind"]) for s in steps)
     assert "DATA_LOSS" not in out
     # the names PostgreSQL derived from the table name follow it, so no constraint or index is rebuilt
+    # (PostgreSQL 18 keeps NOT NULL constraints by name too: theirs follow as well)
+    not_null = pg_server.major_version >= 18
     assert [(s["kind"], s["object"]) for s in steps] == [
         ("rename_table", "public.old_orders"),
         ("rename_index", "public.old_orders_email_key"),
         ("rename_index", "public.old_orders_note_idx"),
         ("rename_index", "public.old_orders_pkey"),
+        *([("rename_constraint", "public.orders.old_orders_email_not_null"),
+           ("rename_constraint", "public.orders.old_orders_id_not_null")] if not_null else []),
         ("rename_constraint", "public.orders.old_orders_total_check"),
+        *([("rename_constraint", "public.orders.old_orders_total_not_null")] if not_null else []),
         ("rename_sequence", "public.old_orders_id_seq"),
     ]
     assert steps[0]["rollback_sql"] == 'ALTER TABLE "public"."orders" RENAME TO "old_orders"'
@@ -227,7 +232,8 @@ def test_schema_qualified_table_rename(tmp_path: Path, database: str, pg_server:
     capsys.readouterr()
     code, out, steps = _plan_json(repo, capsys)
     assert code == 2
-    assert [s["kind"] for s in steps] == ["rename_table", "rename_index"]
+    assert [s["kind"] for s in steps] == ["rename_table", "rename_index",
+                                          *(["rename_constraint"] if pg_server.major_version >= 18 else [])]  # id's NOT NULL
     assert 'ALTER TABLE "app"."old_items" RENAME TO "items";' in out
     assert repo.run("apply", str(repo.root / "plan.json")) == 0
     assert fetch_one(database, "SELECT label FROM app.items") == "one"
@@ -303,8 +309,9 @@ def test_rename_with_owners_and_privileges_managed(tmp_path: Path, pg_server: Se
         with open_servers(config, env) as servers:
             plan = make_plan(config, env, servers).plan
             assert plan.body.rehearsal.converged
-            assert [s.kind for s in plan.body.steps] == ["rename_table", "rename_index", "grant"]
-            assert writer in plan.body.steps[2].sql
+            assert [s.kind for s in plan.body.steps] == [  # (PostgreSQL 18: and id's NOT NULL constraint)
+                "rename_table", "rename_index", *(["rename_constraint"] if pg_server.major_version >= 18 else []), "grant"]
+            assert writer in plan.body.steps[-1].sql
             assert apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler")).status == "applied"
             assert make_plan(config, env, servers).plan.body.steps == ()
         assert fetch_one(database, "SELECT nick FROM persons") == "x"

@@ -133,11 +133,13 @@ def common_questions() -> tuple[str, ...]:
         enums,
         extensions,
         inheritance,
+        not_null,
         operators,
         partitions,
         routines,
         sequences,
         tables,
+        temporal,
         textsearch,
         types,
         views,
@@ -149,7 +151,7 @@ def common_questions() -> tuple[str, ...]:
             routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
             tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,
             textsearch._DICTIONARIES, types._ALL_COMPOSITES, types._COMPOSITES, types._DOMAINS, types._RANGES,
-            views._STATISTICS, views._VIEWS)
+            views._STATISTICS, views._VIEWS, not_null._QUERY, temporal._QUERY)
 
 
 def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
@@ -159,8 +161,10 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         dependents,
         enums,
         extensions,
+        generated,
         inheritance,
         kept,
+        not_null,
         operators,
         order,
         partitions,
@@ -169,6 +173,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         routines,
         sequences,
         tables,
+        temporal,
         textsearch,
         types,
         views,
@@ -184,6 +189,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     sequences.sequence_options,
                     tables.table_properties, tables.column_properties, tables.not_valid_constraints,
                     tables.default_after_type,
+                    generated.virtual_columns, not_null.not_null_constraints, temporal.temporal_keys,  # PostgreSQL 18
                     textsearch.text_search,  # after the rewriters that place types and columns: before and after them
                     views.view_options, views.statistics,
                     dependents.reattached,  # after the rewriters that move or add view re-creations

@@ -136,7 +136,8 @@ def column_properties(context: Context, changes: list[Change]) -> list[Change]:
                          else sql.Identifier(want.collation))
             tail.append(change(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} COLLATE {}").format(
                 target, col, sql.SQL(want.type), collation), "alter_column_collation", label))
-        if (have is not None and want.generated == "s" and have.generated == "s" and want.expression != have.expression
+        if (have is not None and want.generated != "" and have.generated == want.generated  # stored or virtual (18)
+                and want.expression != have.expression
                 and want.type == have.type):
             expression = sql.SQL(want.expression or "")
             if context.live.info.server_version >= 170000:
