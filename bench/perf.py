@@ -351,14 +351,20 @@ def _migra_then_plans(bench: Bench, result: CaseResult, logs: Path, prefix: str,
         bench.drop(live, desired)
 
 
+def _case_folder(bench: Bench, name: str, old_sql: str, new_sql: str) -> Path:
+    """The case's folder in the run's, holding the old and new SQL it plans."""
+    logs = bench.workdir / name
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / "old.sql").write_text(old_sql)
+    (logs / "new.sql").write_text(new_sql)
+    return logs
+
+
 def bench_synthetic(bench: Bench, sizes: Sequence[int], seed: int, record: Record) -> None:
     for tables in sizes:
         schemas = schemagen.synthetic(tables, seed=seed)
         with case("synthetic", f"{tables} tables", schemas.describe(), record) as result:
-            logs = bench.workdir / f"synthetic-{tables}"
-            logs.mkdir(parents=True, exist_ok=True)
-            (logs / "old.sql").write_text(schemas.old_sql)
-            (logs / "new.sql").write_text(schemas.new_sql)
+            logs = _case_folder(bench, f"synthetic-{tables}", schemas.old_sql, schemas.new_sql)
             (logs / "changes.txt").write_text("\n".join(schemas.changes) + "\n")
             _migra_then_plans(bench, result, logs, f"syn{tables}", schemas.old_sql, schemas.new_sql)
 
@@ -367,10 +373,7 @@ def bench_lattice(bench: Bench, sizes: Sequence[int], record: Record) -> None:
     for views in sizes:
         schemas = schemagen.lattice(views)
         with case("lattice", f"{views} views", f"{views} chained views; {schemas.change}", record) as result:
-            logs = bench.workdir / f"lattice-{views}"
-            logs.mkdir(parents=True, exist_ok=True)
-            (logs / "old.sql").write_text(schemas.old_sql)
-            (logs / "new.sql").write_text(schemas.new_sql)
+            logs = _case_folder(bench, f"lattice-{views}", schemas.old_sql, schemas.new_sql)
             _migra_then_plans(bench, result, logs, f"lat{views}", schemas.old_sql, schemas.new_sql)
 
 
@@ -379,10 +382,7 @@ def bench_fanout(bench: Bench, sizes: Sequence[int], record: Record) -> None:
     for views in sizes:
         schemas = schemagen.fanout(views)
         with case("fanout", f"{views} views", f"{views} views over one table; {schemas.change}", record) as result:
-            logs = bench.workdir / f"fanout-{views}"
-            logs.mkdir(parents=True, exist_ok=True)
-            (logs / "old.sql").write_text(schemas.old_sql)
-            (logs / "new.sql").write_text(schemas.new_sql)
+            logs = _case_folder(bench, f"fanout-{views}", schemas.old_sql, schemas.new_sql)
             _migra_then_plans(bench, result, logs, f"fan{views}", schemas.old_sql, schemas.new_sql)
             body = json.loads((logs / "plan-warm.plan.json").read_text())["body"]
             recreated = sum(1 for s in body["steps"] if s["kind"] in ("drop_view", "drop_matview"))

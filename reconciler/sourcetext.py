@@ -178,17 +178,8 @@ _VIEW_TAIL = re.compile(r"\s+WITH\s+(?:(?:CASCADED|LOCAL)\s+)?CHECK\s+OPTION\s*$
 def _query_text(text: str) -> str | None:
     """The statement's query as written: after its first AS outside parentheses (CREATE [MATERIALIZED] VIEW name
     [(columns)] [WITH (options)] AS query) to its end, without a trailing WITH CHECK OPTION or WITH [NO] DATA."""
-    depth = 0
-    try:
-        tokens = pglast.parser.scan(text)
-    except pglast.parser.ParseError:
-        return None
-    for token in tokens:
-        if token.name == "ASCII_40":
-            depth += 1
-        elif token.name == "ASCII_41":
-            depth -= 1
-        elif token.name == "AS" and depth == 0:
+    for token, depth in _depths(text):
+        if token.name == "AS" and depth == 0:
             body = text[token.end + 1:].strip().removesuffix(";").rstrip()
             return _VIEW_TAIL.sub("", body)
     return None
@@ -208,18 +199,25 @@ def _check_text(text: str, constraint: Any) -> list[str]:
 
 
 def _closing(text: str, opening: int) -> int | None:
-    """The offset of the parenthesis closing the one at ``opening``, by the scanner's tokens (strings, quoted
-    names and comments holding parentheses do not count)."""
-    depth = 0
+    """The offset of the parenthesis closing the one at ``opening`` (strings, quoted names and comments holding
+    parentheses do not count)."""
+    for token, depth in _depths(text[opening:]):
+        if token.name == "ASCII_41" and depth == 0:
+            return opening + int(token.start)
+    return None
+
+
+def _depths(text: str) -> Iterator[tuple[Any, int]]:
+    """Each of the scanner's tokens with the depth of parentheses it stands at (a closing one at its opening's);
+    nothing when the scanner cannot read the text."""
     try:
-        tokens = pglast.parser.scan(text[opening:])
+        tokens = pglast.parser.scan(text)
     except pglast.parser.ParseError:
-        return None
+        return
+    depth = 0
     for token in tokens:
+        if token.name == "ASCII_41":
+            depth -= 1
+        yield token, depth
         if token.name == "ASCII_40":
             depth += 1
-        elif token.name == "ASCII_41":
-            depth -= 1
-            if depth == 0:
-                return opening + token.start
-    return None
