@@ -4,6 +4,7 @@ database, new SQL as the desired schema. Shared by the convergence suite and the
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 from reconciler.apply import ApplyOptions, ApplyResult, apply_plan
@@ -22,7 +23,9 @@ def load_live(tmp_path: Path, database: str, old_sql: str) -> None:
     load_schema(load_source(old), database, sandbox=None)  # live: trusted
 
 
-def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "") -> Path:
+def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "",
+                  safety: Mapping[str, bool] | None = None) -> Path:
+    """A project planning ``new_sql`` against ``database``; ``safety`` sets switches of the `safety:` section."""
     (tmp_path / "schemas").mkdir(parents=True, exist_ok=True)
     (tmp_path / "schemas" / "new.sql").write_text(new_sql)
     (tmp_path / "policies").mkdir(exist_ok=True)
@@ -35,11 +38,11 @@ def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, e
             require_signed_plans: false
             backup: none
             lock_timeout: 10s
-        safety:
-          squawk: false
         load:
           extensions: [amcheck, pgstattuple, earthdistance, pg_partman, postgis]  # the corpus's untrusted ones
-        """) + extra_config)
+        safety:
+          squawk: false
+        """) + "".join(f"  {k}: {str(v).lower()}\n" for k, v in (safety or {}).items()) + extra_config)
     return config
 
 
