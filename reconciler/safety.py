@@ -463,8 +463,16 @@ class _Compiler:
             online = _CREATE_INDEX.sub(r"\g<0>CONCURRENTLY ", rollback, count=1) if rollback else None
             return replace(d, sql=_deparse(node), kind="drop_index_concurrently", transactional=False, hazards=hazards,
                            rollback_sql=online, reversible=online is not None, original_sql=d.sql, stage=POST_DROP)
-        return replace(d, hazards=hazards, rollback_sql=rollback, reversible=rollback is not None,
-                       transactional=not node.concurrent)
+        return replace(d, hazards=(*hazards, *self._drop_index_lock(table, bool(node.concurrent))), rollback_sql=rollback,
+                       reversible=rollback is not None, transactional=not node.concurrent)
+
+    def _drop_index_lock(self, table: str | None, concurrent: bool) -> tuple[Hazard, ...]:
+        """DROP INDEX without CONCURRENTLY (an index on a partitioned table, one a constraint owns, one replaced under
+        its name, or the switch off) takes ACCESS EXCLUSIVE on its table until the transaction ends."""
+        if concurrent or table is None or not self.existing(table):
+            return ()
+        return (self.hazard("ACCESS_EXCLUSIVE_LOCK", "dropping an index without CONCURRENTLY blocks reads and writes of "
+                                                     "its table while held, and waits behind running transactions", table),)
 
     def _alter_table(self, d: _Draft, node: ast.AlterTableStmt) -> list[_Draft]:
         table = _rv(node.relation)
@@ -679,7 +687,7 @@ class _Compiler:
             # same type, new modifier: widening varchar/numeric keeps the data in place
             mods = [getattr(m.val, "ival", None) for m in col.typeName.typmods or () if isinstance(m, ast.A_Const)]
             return not mods or not _widens(current.type, mods)
-        return (current.type_oid, target_oid) not in self.facts.binary_coercible
+        return (current.type_oid, target_oid) not in self.facts.binary_coercible or _coerces_length(col.typeName)
 
     def _alter_rollback(self, d: _Draft, table: str, cmds: list[ast.AlterTableCmd]) -> _Draft:
         """The draft with the SQL that undoes a single-command ALTER TABLE, when it can be derived."""
@@ -913,6 +921,13 @@ def _add_value_statements(enum_name: str, old: tuple[str, ...], new: tuple[str, 
             out.append(_q("ALTER TYPE {} ADD VALUE {}", _ident(enum_name), sql.Literal(label)))
             present.append(label)
     return out
+
+
+def _coerces_length(target: ast.TypeName) -> bool:
+    """A binary-coercible change to another type that gives a length (text -> varchar(n), varchar -> char(n)) still
+    runs the target's length coercion on every value: PostgreSQL rewrites the table (only the same type widened
+    keeps it, see ``_widens``)."""
+    return bool(target.typmods)
 
 
 def _widens(current_type: str, mods: list[int | None]) -> bool:

@@ -20,6 +20,7 @@ from reconciler.servers import (
     throwaway_database,
     wheel_bindir,
 )
+from tests.convergence_expectations import SESSION, read_expected
 from tests.repo import BASE_SCHEMA, Repo
 
 if TYPE_CHECKING:
@@ -120,3 +121,21 @@ def target(tmp_path: Path, database: str, pg_server: Server) -> Target:
     from tests.target import Target
 
     return Target(tmp_path, database, pg_server)
+
+
+# --- the convergence suite's expectations (tests/convergence_expectations.py): gathered, summarised, recorded ---
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    SESSION.collect(report)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    SESSION.finish(read_expected())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = list(SESSION.summary_lines(read_expected()))
+    if lines:
+        terminalreporter.section("convergence expectations")
+        for line in lines:
+            terminalreporter.write_line(line)

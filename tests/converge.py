@@ -4,6 +4,7 @@ database, new SQL as the desired schema. Shared by the convergence suite and the
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 from reconciler.apply import ApplyOptions, ApplyResult, apply_plan
@@ -22,9 +23,10 @@ def load_live(tmp_path: Path, database: str, old_sql: str) -> None:
     load_schema(load_source(old), database, sandbox=None)  # live: trusted
 
 
-def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "", *,
-                  environment_extra: str = "") -> Path:
-    """``extra_config``: top-level YAML added at the end; ``environment_extra``: lines of the test environment's."""
+def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, extra_config: str = "",
+                  safety: Mapping[str, bool] | None = None, *, environment_extra: str = "") -> Path:
+    """A project planning ``new_sql`` against ``database``. ``extra_config``: top-level YAML added at the end;
+    ``safety``: switches of the `safety:` section; ``environment_extra``: lines of the test environment's."""
     (tmp_path / "schemas").mkdir(parents=True, exist_ok=True)
     (tmp_path / "schemas" / "new.sql").write_text(new_sql)
     (tmp_path / "policies").mkdir(exist_ok=True)
@@ -38,11 +40,12 @@ def write_project(tmp_path: Path, database: str, server: Server, new_sql: str, e
             backup: none
             lock_timeout: 10s
             allow_mass_drops: true  # the cases drop whole schemas' tables on purpose
-        safety:
-          squawk: false
         load:
           extensions: [amcheck, pgstattuple, earthdistance, pg_partman, postgis]  # the corpus's untrusted ones
-        """).replace("\nsafety:", f"\n{environment_extra}safety:", 1) + extra_config)
+        safety:
+          squawk: false
+        """).replace("\nload:", f"\n{environment_extra}load:", 1)
+        + "".join(f"  {k}: {str(v).lower()}\n" for k, v in (safety or {}).items()) + extra_config)
     return config
 
 

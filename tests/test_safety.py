@@ -113,6 +113,35 @@ def test_table_rewrite_for_type_change_and_volatile_default_but_not_for_widening
     assert "TABLE_REWRITE" not in codes(step(plan, "alter_column_type", "public.accounts.code"))
 
 
+def test_table_rewrite_for_a_binary_coercible_type_that_gives_a_length(case: Case) -> None:
+    """text -> char(n) / varchar(n) casts without a function, but the length coercion runs on every value: the
+    table is rewritten (its relfilenode changes), and the plan says so."""
+    def relfilenode() -> object:
+        return fetch_one(case.database, "SELECT relfilenode FROM pg_class WHERE oid = 'accounts'::regclass")
+
+    for new_type in ("char(12)", "varchar(40)"):
+        plan = case.plan(desired_with(("name text,", f"name {new_type},")))
+        assert "TABLE_REWRITE" in codes(step(plan, "alter_column_type", "public.accounts.name")), new_type
+        before = relfilenode()
+        assert case.apply(plan).status == "applied"
+        assert relfilenode() != before, new_type
+        run_sql(case.database, "ALTER TABLE accounts ALTER COLUMN name TYPE text")
+    plan = case.plan(desired_with(("code varchar(10)", "code text")))  # no length: kept in place
+    before = relfilenode()
+    assert "TABLE_REWRITE" not in codes(step(plan, "alter_column_type", "public.accounts.code"))
+    assert case.apply(plan).status == "applied" and relfilenode() == before
+
+
+def test_dropping_an_index_without_concurrently_takes_an_exclusive_lock(case: Case) -> None:
+    desired = desired_with(("CREATE INDEX accounts_legacy_idx ON accounts (legacy);", ""))
+    plain = case.plan(desired, safety="safety:\n  concurrent_index_drops: false\n")
+    drop = step(plain, "drop_index", "public.accounts_legacy_idx")
+    assert {"INDEX_DROPPED", "ACCESS_EXCLUSIVE_LOCK"} <= codes(drop)
+    assert [h.table for h in drop.hazards if h.code == "ACCESS_EXCLUSIVE_LOCK"] == ["public.accounts"]
+    online = step(case.plan(desired), "drop_index_concurrently", "public.accounts_legacy_idx")
+    assert codes(online) == {"INDEX_DROPPED"}
+
+
 def test_lock_hazards(case: Case) -> None:
     plan = case.plan(desired_with(("note text)", "note text, extra text)")))
     assert "ACCESS_EXCLUSIVE_LOCK" in codes(step(plan, "add_column", "public.visits.extra"))
