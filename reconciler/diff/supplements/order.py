@@ -96,6 +96,7 @@ JOIN named ON d.refclassid = named.classid AND d.refobjid = named.objid
 CROSS JOIN LATERAL (VALUES ({_NAME.format(c='d.classid', o='d.objid', s='d.objsubid', whole='false')}),
                            ({_NAME.format(c='d.classid', o='d.objid', s='0', whole='true')})) w(who)
 WHERE d.deptype IN ('n', 'a') AND who IS NOT NULL AND who <> named.name
+  AND NOT starts_with(named.name, who || '.')  -- a table never waits for its own columns (their finishing touches)
   AND NOT (d.deptype = 'a' AND d.classid = 'pg_class'::regclass
            AND (SELECT relkind FROM pg_class WHERE oid = d.objid) = 'S')
 """
