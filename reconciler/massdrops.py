@@ -31,13 +31,15 @@ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
 """
 
 
-def check(conn: psycopg.Connection[Any], steps: Sequence[Step], exclude_schemas: tuple[str, ...],
+def dropped_tables(steps: Sequence[Step]) -> set[str]:
+    """The tables the steps drop (a plan that drops none needs no look at the target)."""
+    return {s.object for s in steps if s.kind == "drop_table"}
+
+
+def check(conn: psycopg.Connection[Any], dropped: set[str], exclude_schemas: tuple[str, ...],
           environment: str) -> None:
-    """Refuse when the steps drop every table of one of live's schemas, or most of live's tables (partitions
-    count with their parent)."""
-    dropped = {s.object for s in steps if s.kind == "drop_table"}
-    if not dropped:
-        return
+    """Refuse when ``dropped`` (``dropped_tables``) is every table of one of live's schemas, or most of live's
+    tables (partitions count with their parent)."""
     by_schema: dict[str, set[str]] = defaultdict(set)
     for schema, table in conn.execute(_TABLES, (list(exclude_schemas),)).fetchall():
         by_schema[str(schema)].add(str(table))

@@ -300,9 +300,10 @@ def _make_plan(
                 with connect(shadow_dsn) as conn:  # the load role's: the trials run the desired files' text
                     changes = sourcetext.as_written(changes, source, conn)
             steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
-            if steps and not env.allow_mass_drops:
+            dropped = massdrops.dropped_tables(steps) if not env.allow_mass_drops else set()
+            if dropped:
                 with connect(servers.target_dsn) as conn:
-                    massdrops.check(conn, steps, excluded, env.name)
+                    massdrops.check(conn, dropped, excluded, env.name)
             rehearsal = SKIPPED
             if steps and env.rehearse:
                 if not _same_major(servers, env):
