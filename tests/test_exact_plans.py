@@ -317,3 +317,60 @@ def test_the_example_schema_converges_and_checks_keep_their_spelling(tmp_path: P
     converge(tmp_path / "trim", database, pg_server, old, new, replan=True)
     assert fetch_one(database, "SELECT count(*) FROM pg_constraint WHERE pg_get_constraintdef(oid) "
                                "= 'CHECK ((length(TRIM(BOTH FROM title)) > 0))'") == 2
+
+
+_PARTITIONED = """
+CREATE TABLE events (id int, kind text, at date, CHECK (id > 0)) PARTITION BY LIST (kind);
+CREATE UNIQUE INDEX events_kind_id ON events (kind, id);
+"""
+
+
+def _index_partitions(database: str, table: str) -> list[tuple[str, str | None, str | None]]:
+    """Each index of ``table``: its name, the parent index it is a partition of, its constraint's type."""
+    with connect(database) as conn:
+        return [(str(r[0]), r[1], r[2]) for r in conn.execute(
+            "SELECT x.relname, (SELECT p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent"
+            "                   WHERE i.inhrelid = x.oid), (SELECT c.contype::text FROM pg_constraint c"
+            "                   WHERE c.conindid = x.oid AND c.conrelid = ix.indrelid)"
+            " FROM pg_index ix JOIN pg_class x ON x.oid = ix.indexrelid WHERE ix.indrelid = %s::regclass"
+            " ORDER BY 1", (table,)).fetchall()]
+
+
+def test_a_new_partition_whose_own_key_backs_the_parents_index_is_attached(tmp_path: Path, database: str,
+                                                                          pg_server: Server) -> None:
+    """The desired partition was made with its own primary key before the parent's index, which adopted it.
+    PARTITION OF would clone the parent's index first and the key could never be attached: the partition is
+    made as a plain table of the parent's shape, keyed, then attached."""
+    load_live(tmp_path, database, _PARTITIONED)
+    new = _PARTITIONED.replace("CREATE UNIQUE INDEX", """
+        CREATE TABLE events_a PARTITION OF events (PRIMARY KEY (kind, id)) FOR VALUES IN ('a');
+        CREATE UNIQUE INDEX""")
+    config = write_project(tmp_path, database, pg_server, new)
+    plan = plan_change(config)
+    assert not any("PARTITION OF" in s.sql.upper() for s in plan.body.steps)
+    kinds = [s.kind for s in plan.body.steps]
+    assert kinds.index("add_primary_key") < kinds.index("attach_partition")
+    assert "attach_index_partition" not in kinds  # the attach adopts the key
+    apply_and_verify(config, plan, database)
+    assert _index_partitions(database, "events_a") == [("events_a_pkey", "events_kind_id", "p")]
+    assert fetch_one(database, "SELECT conislocal::text FROM pg_constraint WHERE conname = 'events_id_check'"
+                               " AND conrelid = 'events_a'::regclass") == "false"
+
+
+def test_a_partitions_own_key_waits_for_the_parents_key_it_stands_beside(tmp_path: Path, database: str,
+                                                                       pg_server: Server) -> None:
+    """The desired parent's UNIQUE constraint cloned a key onto the partition, which then got a primary key of
+    its own on the same columns. Added first, the primary key would be adopted by the parent's constraint."""
+    load_live(tmp_path, database, "CREATE TABLE other (id int);")
+    new = """
+    CREATE TABLE other (id int);
+    CREATE TABLE events (id int NOT NULL, kind text NOT NULL, UNIQUE (kind, id)) PARTITION BY LIST (kind);
+    CREATE TABLE events_a PARTITION OF events (PRIMARY KEY (kind, id)) FOR VALUES IN ('a');
+    """
+    config = write_project(tmp_path, database, pg_server, new)
+    plan = plan_change(config)
+    objects = [s.object for s in plan.body.steps]
+    assert objects.index("public.events.events_kind_id_key") < objects.index("public.events_a.events_a_pkey")
+    apply_and_verify(config, plan, database)
+    assert _index_partitions(database, "events_a") == [
+        ("events_a_kind_id_key", "events_kind_id_key", "u"), ("events_a_pkey", None, "p")]

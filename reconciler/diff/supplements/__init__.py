@@ -167,6 +167,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         not_null,
         operators,
         order,
+        partition_keys,
         partitions,
         privileges,
         reprints,
@@ -185,7 +186,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
                     inheritance.inherited_tables,  # before those that read or place CREATE TABLE
                     routines.cloned_triggers, routines.functions,
-                    partitions.mend_partitions, types.user_types, aggregates.aggregates, operators.operators,
+                    partitions.mend_partitions, partition_keys.partition_keys, types.user_types, aggregates.aggregates, operators.operators,
                     sequences.sequence_options,
                     tables.table_properties, tables.column_properties, tables.not_valid_constraints,
                     tables.default_after_type,

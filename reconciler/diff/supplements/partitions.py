@@ -24,15 +24,15 @@ from ...errors import ReconcilerError
 from ..base import Change
 from . import Context, change, managed
 
-_INDEX_CREATES = ("create_index", "create_index_concurrently")
-_INDEX_DROPS = ("drop_index", "drop_index_concurrently")
-_CONSTRAINT_ADDS = ("add_primary_key", "add_unique_constraint", "add_check_constraint", "add_foreign_key",
+INDEX_CREATES = ("create_index", "create_index_concurrently")
+INDEX_DROPS = ("drop_index", "drop_index_concurrently")
+CONSTRAINT_ADDS = ("add_primary_key", "add_unique_constraint", "add_check_constraint", "add_foreign_key",
                     "add_exclusion_constraint", "add_constraint")
-_UNIQUE_ADDS = ("add_primary_key", "add_unique_constraint")
+UNIQUE_ADDS = ("add_primary_key", "add_unique_constraint")
 
 
 @dataclass(frozen=True)
-class _Side:
+class Side:
     """One database's derived objects, each mapped to the object it derives from (``schema.table.name``
     for constraints, ``schema.name`` for indexes), and what backs what."""
 
@@ -87,7 +87,7 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND """ + managed("n")
 
 
-def _read(context: Context, side: str) -> _Side:
+def read_side(context: Context, side: str) -> Side:
     constraint_parent: dict[str, str] = {}
     constraint_table: dict[str, str] = {}
     constraint_type: dict[str, str] = {}
@@ -116,7 +116,7 @@ def _read(context: Context, side: str) -> _Side:
             partitioned.add(key)
         if parent:
             table_parent[key] = parent
-    return _Side(
+    return Side(
         constraint_parent=constraint_parent, constraint_table=constraint_table, constraint_type=constraint_type,
         constraint_index=constraint_index, index_parent=index_parent, index_table=index_table,
         index_constraint=index_constraint,
@@ -124,7 +124,7 @@ def _read(context: Context, side: str) -> _Side:
     )
 
 
-def _objects(changes: Iterable[Change], kinds: Iterable[str]) -> set[str]:
+def objects(changes: Iterable[Change], kinds: Iterable[str]) -> set[str]:
     wanted = set(kinds)
     return {part for c in changes if c.kind in wanted for part in c.object.split(", ")}
 
@@ -132,7 +132,7 @@ def _objects(changes: Iterable[Change], kinds: Iterable[str]) -> set[str]:
 def mend_partitions(context: Context, changes: list[Change]) -> list[Change]:
     """Every partition rewriter, in order."""
     refuse_partitioning_changes(context)
-    live, desired = _read(context, "live"), _read(context, "desired")
+    live, desired = read_side(context, "live"), read_side(context, "desired")
     if not (live.partitioned or desired.partitioned or live.constraint_parent or desired.constraint_parent):
         return changes
     out = partitions_after_parents(desired, changes)
@@ -144,7 +144,7 @@ def mend_partitions(context: Context, changes: list[Change]) -> list[Change]:
     return partition_not_null(context, out)
 
 
-def partitions_after_parents(desired: _Side, changes: list[Change]) -> list[Change]:
+def partitions_after_parents(desired: Side, changes: list[Change]) -> list[Change]:
     """migra orders CREATE TABLE by schema and name, so a partition in another schema (or named before
     its parent) can come before the partitioned table it is a partition of: move each partition's
     creation right after its parent's (keeping the partitions' own order; nested partitions follow)."""
@@ -169,13 +169,13 @@ def partitions_after_parents(desired: _Side, changes: list[Change]) -> list[Chan
     return out  # every waiting partition's parent is created later in the list, which emptied ``waiting``
 
 
-def foreign_keys_dropped_first(live: _Side, changes: list[Change]) -> list[Change]:
+def foreign_keys_dropped_first(live: Side, changes: list[Change]) -> list[Change]:
     """A foreign key to a partitioned table depends on its unique constraint or index through every
     partition: drop foreign keys before the other constraints and indexes migra drops beside them."""
     fks = [c for c in changes if c.kind == "drop_constraint" and live.constraint_type.get(c.object) == "f"]
     out: list[Change] = []
     for c in changes:
-        if c.kind in ("drop_constraint", *_INDEX_DROPS) and fks:
+        if c.kind in ("drop_constraint", *INDEX_DROPS) and fks:
             out.extend(fks)
             fks = []
         if not (c.kind == "drop_constraint" and live.constraint_type.get(c.object) == "f"):
@@ -183,13 +183,13 @@ def foreign_keys_dropped_first(live: _Side, changes: list[Change]) -> list[Chang
     return out
 
 
-def skip_derived_drops(context: Context, live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+def skip_derived_drops(context: Context, live: Side, desired: Side, changes: list[Change]) -> list[Change]:
     """A derived object goes with the object it derives from: drop the statements that drop it again
     (they fail, or stand in the way), and create again the partitions' indexes the desired schema keeps
     as indexes of their own."""
-    dropped_tables = _objects(changes, ("drop_table",))
-    dropped_constraints = _objects(changes, ("drop_constraint",))
-    dropped_indexes = _objects(changes, _INDEX_DROPS)
+    dropped_tables = objects(changes, ("drop_table",))
+    dropped_constraints = objects(changes, ("drop_constraint",))
+    dropped_indexes = objects(changes, INDEX_DROPS)
 
     def constraint_goes(key: str) -> bool:
         return key in dropped_constraints or live.constraint_table.get(key) in dropped_tables
@@ -207,13 +207,13 @@ def skip_derived_drops(context: Context, live: _Side, desired: _Side, changes: l
     def dropping_statement(index: str) -> Change | None:
         """The statement that drops a derived index's ancestor (its index, constraint or table)."""
         for a in live.ancestors(live.index_parent, index):
-            found = (dropped_by(a, _INDEX_DROPS) or dropped_by(live.index_table.get(a, ""), ("drop_table",))
+            found = (dropped_by(a, INDEX_DROPS) or dropped_by(live.index_table.get(a, ""), ("drop_table",))
                      or dropped_by(live.index_constraint.get(a, ""), ("drop_constraint",)))
             if found is not None:
                 return found
         return None
 
-    created = _objects(changes, _INDEX_CREATES)
+    created = objects(changes, INDEX_CREATES)
     after: dict[int, list[Change]] = {}  # id of a dropping statement -> what must follow it
     out: list[Change] = []
     for c in changes:
@@ -222,7 +222,7 @@ def skip_derived_drops(context: Context, live: _Side, desired: _Side, changes: l
         if c.kind == "drop_table" and c.object in live.table_parent and any(
                 a in dropped_tables for a in live.ancestors(live.table_parent, c.object)):
             continue  # dropping the partitioned table drops its partitions
-        if c.kind in _INDEX_DROPS and goes_with_parent(live.index_parent, c.object, index_goes):
+        if c.kind in INDEX_DROPS and goes_with_parent(live.index_parent, c.object, index_goes):
             dropper = dropping_statement(c.object)
             if c.object in created and dropper is not None:  # so the compiler knows the name is free again
                 after.setdefault(id(dropper), []).append(_drop_if_exists(c.object))
@@ -249,46 +249,46 @@ def _drop_if_exists(index: str) -> Change:
     return change(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(*index.split("."))), "drop_index", index)
 
 
-def skip_derived_creates(live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+def skip_derived_creates(live: Side, desired: Side, changes: list[Change]) -> list[Change]:
     """A derived object is made by the statement that makes what it derives from, or by creating or
     attaching the partition: drop migra's statements that make it a second time. A unique index and
     constraint of a partition that exists in live stay: built on the partition first (concurrently), they
     are attached by the parent's new constraint, or to the parent's index."""
-    created_indexes = _objects(changes, _INDEX_CREATES)
-    added_constraints = _objects(changes, _CONSTRAINT_ADDS)
+    created_indexes = objects(changes, INDEX_CREATES)
+    added_constraints = objects(changes, CONSTRAINT_ADDS)
     out: list[Change] = []
     skipped_indexes: set[str] = set()
     skipped_constraints: set[str] = set()
     for c in changes:
-        if c.kind in _CONSTRAINT_ADDS and c.object in desired.constraint_parent:
-            if c.kind in _UNIQUE_ADDS and desired.constraint_table.get(c.object) in live.tables:
+        if c.kind in CONSTRAINT_ADDS and c.object in desired.constraint_parent:
+            if c.kind in UNIQUE_ADDS and desired.constraint_table.get(c.object) in live.tables:
                 out.append(c)
             else:
                 skipped_constraints.add(c.object)
                 if c.object in desired.constraint_index:
                     skipped_indexes.add(desired.constraint_index[c.object])
             continue
-        if c.kind in _INDEX_CREATES and c.object in desired.index_parent and (
+        if c.kind in INDEX_CREATES and c.object in desired.index_parent and (
                 desired.index_constraint.get(c.object) not in added_constraints) and not any(
                 a in created_indexes or a not in live.index_table for a in desired.ancestors(desired.index_parent, c.object)):
             continue
         out.append(c)
-    return [c for c in out if not (c.kind in _INDEX_CREATES and c.object in skipped_indexes)
+    return [c for c in out if not (c.kind in INDEX_CREATES and c.object in skipped_indexes)
             and not (c.kind == "validate_constraint" and c.object in skipped_constraints)]
 
 
-def attach_partition_indexes(live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+def attach_partition_indexes(live: Side, desired: Side, changes: list[Change]) -> list[Change]:
     """migra creates a partitioned table's index ON ONLY the parent and each partition's own index, but
     never attaches them, so the parent index stays INVALID; nor does it see a partition's index that
     the desired schema attaches and live does not. Attach every pair the desired schema has where
     either side is created by this plan, or both exist in live unattached."""
-    created = _objects(changes, _INDEX_CREATES)
+    created = objects(changes, INDEX_CREATES)
     index_at: dict[str, int] = {}  # index -> position of the last statement that creates it
     constraint_at: dict[str, int] = {}  # constraint -> position of the last statement that adds it
     for i, c in enumerate(changes):
-        if c.kind in _INDEX_CREATES:
+        if c.kind in INDEX_CREATES:
             index_at[c.object] = i
-        elif c.kind in _CONSTRAINT_ADDS:
+        elif c.kind in CONSTRAINT_ADDS:
             constraint_at[c.object] = i
     after: dict[int, list[Change]] = {}  # position of the later of the two creates -> attaches that follow it
     for child, parent in sorted(desired.index_parent.items()):
@@ -303,21 +303,21 @@ def attach_partition_indexes(live: _Side, desired: _Side, changes: list[Change])
     return [*after.get(-1, ()), *(x for i, c in enumerate(changes) for x in (c, *after.get(i, ())))]
 
 
-def partitioned_unique_constraints(context: Context, live: _Side, desired: _Side, changes: list[Change]) -> list[Change]:
+def partitioned_unique_constraints(context: Context, live: Side, desired: Side, changes: list[Change]) -> list[Change]:
     """migra adds a primary key or unique constraint by building its index first (ON ONLY, for a
     partitioned table) and then ADD CONSTRAINT ... USING INDEX, which PostgreSQL refuses on partitioned
     tables. Instead: ADD CONSTRAINT with the constraint's definition, after the partitions' own
     constraints, which it attaches (it builds the index of a partition that has none). A plain index of
     the constraint's name goes first, with its partitions' indexes."""
-    targets = [c for c in changes if c.kind in _UNIQUE_ADDS and desired.constraint_table.get(c.object) in desired.partitioned
+    targets = [c for c in changes if c.kind in UNIQUE_ADDS and desired.constraint_table.get(c.object) in desired.partitioned
                and "using index" in c.sql.lower()]
     if not targets:
         return changes
     children: dict[str, list[str]] = {}
     for key, parent in desired.constraint_parent.items():
         children.setdefault(parent, []).append(key)
-    dropped_indexes = _objects(changes, _INDEX_DROPS)
-    last_unique_add = {c.object: i for i, c in enumerate(changes) if c.kind in _UNIQUE_ADDS}
+    dropped_indexes = objects(changes, INDEX_DROPS)
+    last_unique_add = {c.object: i for i, c in enumerate(changes) if c.kind in UNIQUE_ADDS}
     replaced: dict[int, list[Change]] = {}  # id of migra's statement -> what stands in its place ([] when it goes)
     follows: dict[str, list[Change]] = {}  # constraint -> the new statements placed right after its own
     attach_heads: dict[str, str] = {}  # "ALTER INDEX <parent index> ATTACH" -> the parent index (attaches that go)
@@ -353,7 +353,7 @@ def partitioned_unique_constraints(context: Context, live: _Side, desired: _Side
 
     def emit(c: Change) -> None:
         out.append(c)
-        if c.kind in _UNIQUE_ADDS:
+        if c.kind in UNIQUE_ADDS:
             for x in follows.pop(c.object, ()):
                 emit(x)
 
@@ -361,7 +361,7 @@ def partitioned_unique_constraints(context: Context, live: _Side, desired: _Side
         if id(c) in replaced:
             for x in replaced[id(c)]:
                 emit(x)
-        elif not ((c.kind in _INDEX_CREATES and c.object in gone_indexes)
+        elif not ((c.kind in INDEX_CREATES and c.object in gone_indexes)
                   or (c.kind == "attach_index_partition" and c.sql[:c.sql.find(" ATTACH ") + 7] in attach_heads)):
             emit(c)
     return out
@@ -387,8 +387,8 @@ def partition_not_null(context: Context, changes: list[Change]) -> list[Change]:
     constraints needing it."""
     live = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("live", _PARTITION_COLUMNS)}
     desired = {(t, col): (nn, parent) for t, col, nn, parent in context.rows("desired", _PARTITION_COLUMNS)}
-    dropped_tables = _objects(changes, ("drop_table",))
-    planned = _objects(changes, ("set_not_null", "drop_not_null"))
+    dropped_tables = objects(changes, ("drop_table",))
+    planned = objects(changes, ("set_not_null", "drop_not_null"))
     new: list[Change] = []
     for (table, column), (want, parent_wants) in sorted(desired.items()):
         if table in dropped_tables:
