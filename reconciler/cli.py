@@ -185,6 +185,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         "reconciler.yaml": _INIT_CONFIG,
         "schemas/001_app.sql": _INIT_SCHEMA,
         "policies/README.md": "Policy files (YAML) go here, with trust.yaml for approvers' keys.\n",
+        "policies/trust.yaml": _INIT_TRUST,
         "plans/.gitkeep": "",
     }
     for rel, content in files.items():
@@ -480,7 +481,7 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     import getpass
 
-    from .signing import generate_keypair, key_fingerprint
+    from .signing import generate_keypair, key_fingerprint, trust_entries
 
     passphrase: bytes | None = None
     if args.encrypt:
@@ -497,8 +498,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     public = generate_keypair(args.out, comment=args.comment, passphrase=passphrase)
     print(f"Wrote {args.out} (private, mode 0600) and {args.out}.pub")
     print(f"Fingerprint: {key_fingerprint(public)}")
-    print("\nAdd it to policies/trust.yaml, under approvers (or planners for CI):")
-    print(f"  - name: {args.comment or 'your-name'}\n    groups: []\n    key: \"{public}\"")
+    approver, planner = trust_entries(args.comment or args.out.name, public)
+    print(f"\nTo approve plans with it, paste this under `approvers:` in policies/trust.yaml (groups: e.g. [dba]):\n"
+          f"{approver}To sign plans as planner with it (CI's key), paste this under `planners:` instead:\n{planner}", end="")
     return EXIT_OK
 
 
@@ -876,6 +878,24 @@ environments:
   #   approvals: 1
   #   lock_timeout: 5s
   #   statement_timeout: 15min
+"""
+
+_INIT_TRUST = """\
+# Who may approve plans, and who may sign them as planner, by OpenSSH Ed25519 public key.
+# `reconciler keygen --out FILE --comment NAME` prints both entries for a new key: paste the one you need
+# under its list (an ssh-keygen -t ed25519 key works too: its .pub line is the key).
+#
+# approvers: whose signatures count as approvals (`reconciler approve PLAN --key KEY`); groups name the
+# teams an environment's approval_groups asks for. For example:
+#   - name: "alice"
+#     groups: [dba]
+#     key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... alice@example.com"
+approvers:
+
+# planners: keys that sign plans as they are made (`reconciler plan --key KEY`, CI's key); no groups.
+#   - name: "ci"
+#     key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... ci"
+planners:
 """
 
 _INIT_SCHEMA = """\

@@ -10,6 +10,7 @@ import base64
 import fcntl
 import getpass
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -155,6 +156,14 @@ class Trust:
 
     def planner_for(self, key: str) -> Planner | None:
         return next((p for p in self.planners if p.key == key), None)
+
+
+def trust_entries(name: str, public_key: str) -> tuple[str, str]:
+    """The entries of one key as the trust file takes them, indented to paste under ``approvers:`` and
+    ``planners:``: an approver's with its groups (none yet), a planner's without (planners have none)."""
+    name_text, key_text = json.dumps(name), json.dumps(public_key.strip())  # a JSON string is a YAML string
+    return (f"  - name: {name_text}\n    groups: []\n    key: {key_text}\n",
+            f"  - name: {name_text}\n    key: {key_text}\n")
 
 
 def load_trust(path: Path) -> Trust:
