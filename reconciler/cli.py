@@ -1,6 +1,7 @@
 """The command line: parse arguments, call the stages, format results, map errors to exit codes.
 
-Exit codes: 0 success or nothing to do; 2 changes planned or drift found; 3 refused; 1 error.
+Exit codes (``cli_help.EXIT_CODES``): 0 success or nothing to do; 2 changes planned or drift found; 3 refused;
+1 error; 64 usage error; 130 interrupted. Help texts live in ``cli_help``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,22 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__, logs
+from . import __version__, cli_help, logs
 from . import dsn as dsnlib
-from .config import LOCAL, PASSPHRASE_ENV, PLANNER_KEY_ENV, Config, Environment, duration_seconds, find_config, load_config
+from .cli_help import EXIT_CHANGES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
+from .config import (
+    CONFIG_FILE,
+    LOCAL,
+    PASSPHRASE_ENV,
+    PLANNER_KEY_ENV,
+    WATCH_HOST,
+    WATCH_PORT,
+    Config,
+    Environment,
+    duration_seconds,
+    find_config,
+    load_config,
+)
 from .errors import ConfigError, ReconcilerError, RefusedError
 
 if TYPE_CHECKING:
@@ -38,16 +52,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ERROR, EXIT_CHANGES, EXIT_REFUSED = 0, 1, 2, 3
 
 
-def _target_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", "-e", dest="env", help="environment from reconciler.yaml (default: local)")
-    p.add_argument("--database", "-d", dest="database", help="libpq DSN or URL of the target (overrides the environment's)")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 64, not 2 (which means "changes planned"), and the global options may
+    come after the command too: `-v` counts wherever it is given."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (exit {EXIT_USAGE}: usage error; see {self.prog} --help)\n")
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:  # typeshed's overloads, unchanged
+        parsed, rest = super().parse_known_args(*args, **kwargs)
+        if hasattr(parsed, "verbose") and hasattr(parsed, "verbose_after"):  # the top level: both counts known
+            parsed.verbose += parsed.verbose_after
+            del parsed.verbose_after
+        return parsed, rest
+
+
+def _global_options(p: argparse.ArgumentParser, *, after: bool) -> None:
+    """Before the command they have their defaults; after it, an option given overrides the one before it and one
+    not given leaves it alone (SUPPRESS), except `-v`, which adds up (its own dest, summed by _Parser)."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after else value
+
+    p.add_argument("--config", "-c", type=Path, default=default(None), metavar="FILE",
+                   help="path to reconciler.yaml (default: the nearest one in this folder or above)")
+    p.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks of errors")
+    p.add_argument("--verbose", "-v", action="count", dest="verbose_after" if after else "verbose", default=0,
+                   help="more progress on stderr (-vv: debug logs)")
+    p.add_argument("--log-format", choices=["text", "json"], default=default("text"),
+                   help="logs as text, or one JSON object per line (default: text)")
+
+
+def _target_options(p: argparse.ArgumentParser, env_default: str = "local") -> None:
+    p.add_argument("--env", "-e", dest="env", help=f"environment from reconciler.yaml (default: {env_default})")
+    p.add_argument("--database", "-d", dest="database", metavar="DSN", help="libpq DSN or URL of the target (overrides the environment's)")
 
 
 def _schemas_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schemas", type=Path, help="folder of desired-schema .sql files (default: from reconciler.yaml)")
+    p.add_argument("--schemas", type=Path, metavar="DIR", help="folder of desired-schema .sql files (default: from reconciler.yaml)")
 
 
 def _drops_option(p: argparse.ArgumentParser) -> None:
@@ -56,117 +100,134 @@ def _drops_option(p: argparse.ArgumentParser) -> None:
 
 
 def _format_option(p: argparse.ArgumentParser, choices: Sequence[str] = ("text", "markdown", "json")) -> None:
-    p.add_argument("--format", "-f", choices=list(choices), default="text")
+    p.add_argument("--format", "-f", choices=list(choices), default="text", help="output format (default: text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reconciler", description="Declarative schema reconciler for PostgreSQL.")
-    parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
-    parser.add_argument("--config", "-c", type=Path, help="path to reconciler.yaml (default: nearest one upwards)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--verbose", "-v", action="count", default=0)
-    parser.add_argument("--log-format", choices=["text", "json"], default="text")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="reconciler", description="Declarative schema reconciler for PostgreSQL.",
+                     epilog=cli_help.exit_codes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"reconciler {__version__}",
+                        help="print the version and exit")
+    _global_options(parser, after=False)
+    after = _Parser(add_help=False)
+    _global_options(after, after=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (`reconciler COMMAND --help` for its options, exit codes and an example)")
 
-    p = sub.add_parser("init", help="scaffold reconciler.yaml, schemas/ and policies/")
-    p.add_argument("directory", nargs="?", type=Path, default=Path("."))
+    def command(name: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[after], **cli_help.parser_options(name))
 
-    p = sub.add_parser("plan", help="compare desired and live, write a plan")
+    p = command("init")
+    p.add_argument("directory", nargs="?", type=Path, default=Path("."),
+                   help="the project folder, made if missing (default: this one)")
+
+    p = command("plan")
     _target_options(p)
     _schemas_option(p)
     _drops_option(p)
-    p.add_argument("-o", "--out", type=Path, help="write the plan file here")
+    p.add_argument("-o", "--out", type=Path, help="write the plan file here (a fleet: the folder for its plan files)")
     p.add_argument("--key", type=Path, help=f"sign the plan as planner with this key (or ${PLANNER_KEY_ENV})")
     _format_option(p)
 
-    p = sub.add_parser("show", help="render a saved plan, with approvals given and needed")
-    p.add_argument("plan", type=Path)
+    p = command("show")
+    p.add_argument("plan", type=Path, help="the plan file")
     _format_option(p)
 
-    p = sub.add_parser("approve", help="add a reviewer's signature to a plan file")
-    p.add_argument("plan", type=Path)
+    p = command("approve")
+    p.add_argument("plan", type=Path, help="the plan file (the signature is added to it)")
     p.add_argument("--key", type=Path, required=True, help="the approver's OpenSSH Ed25519 private key")
 
-    p = sub.add_parser("verify-plan", help="run every check apply would make, without applying")
-    p.add_argument("plan", type=Path)
-    _target_options(p)
+    p = command("verify-plan")
+    p.add_argument("plan", type=Path, help="the plan file")
+    _target_options(p, env_default="the plan's environment")
     p.add_argument("--offline", action="store_true", help="skip the checks that need the target database")
 
-    p = sub.add_parser("backup", help="pg_dump the target now")
+    p = command("backup")
     _target_options(p)
-    p.add_argument("--scope", choices=["full", "touched"], default="full")
+    p.add_argument("--scope", choices=["full", "touched"], default="full",
+                   help="the whole database, or only the tables a plan would touch (default: full)")
     p.add_argument("-o", "--out", type=Path, help="archive path (default: the backups folder)")
 
-    p = sub.add_parser("restore", help="restore the backup taken before a run")
-    p.add_argument("run_id")
+    p = command("restore")
+    p.add_argument("run_id", help="the run whose backup to restore (see `reconciler history`)")
     _target_options(p)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--into", help="DSN of the database to restore into (e.g. a fresh one)")
     where.add_argument("--into-target", action="store_true", help="overwrite the target itself (pg_restore --clean)")
 
-    p = sub.add_parser("cancel", help="cancel a running apply from anywhere")
-    p.add_argument("run_id", nargs="?")
-    p.add_argument("--wait", default="60s", help="wait up to DURATION for the run to end and say how (0: do not wait)")
+    p = command("cancel")
+    p.add_argument("run_id", nargs="?", help="the run to cancel (default: the one running)")
+    p.add_argument("--wait", default="60s", metavar="DURATION", help="wait up to DURATION for the run to end and say how (0: do not wait)")
     _target_options(p)
 
-    p = sub.add_parser("verify", help="check the live database now: desired schema, INVALID indexes, NOT VALID constraints")
+    p = command("verify")
     _target_options(p)
     _schemas_option(p)
 
-    p = sub.add_parser("rollback", help="plan, and where allowed apply, the way back to the schema a run started from")
-    p.add_argument("run_id")
+    p = command("rollback")
+    p.add_argument("run_id", help="the run whose starting schema to go back to (see `reconciler history`)")
     _target_options(p)
     p.add_argument("-o", "--out", type=Path, help="write the plan file here")
     p.add_argument("--plan-only", action="store_true", help="only plan, even where the environment may apply on its own")
     _drops_option(p)
 
-    p = sub.add_parser("lint", help="check the desired schema against the schema rules (no live database)")
+    p = command("lint")
     p.add_argument("--env", "-e", dest="env", help="evaluate the rules scoped to this environment (default: local)")
     _schemas_option(p)
 
-    p = sub.add_parser("keygen", help="create an Ed25519 key pair in OpenSSH format")
+    p = command("keygen")
     p.add_argument("--out", type=Path, required=True, help="private key file; the public key goes to FILE.pub")
     p.add_argument("--comment", default="", help="comment for the public key (e.g. your e-mail)")
     p.add_argument("--encrypt", action="store_true", help=f"encrypt with a passphrase (${PASSPHRASE_ENV} or a prompt)")
 
-    p = sub.add_parser("apply", help="apply a saved plan, or plan and apply with --auto")
+    p = command("apply")
     p.add_argument("plan", type=Path, nargs="?", help="a plan file (for a fleet: a plan file or a folder of them)")
     p.add_argument("--auto", action="store_true", help="plan and apply in one go where the environment allows it")
     p.add_argument("--shard", metavar="I/N", help="fleets: only every N-th database, starting at I (0-based)")
     p.add_argument("--concurrency", type=int, metavar="N", help="fleets: databases applied at once (default: the "
                                                                    "environment's concurrency, 4)")
+    _target_options(p, env_default="the plan's environment; with --auto, local")
+    _schemas_option(p)
+    _drops_option(p)
+
+    p = command("diff")
     _target_options(p)
     _schemas_option(p)
     _drops_option(p)
 
-    p = sub.add_parser("diff", help="print the SQL that would make live equal desired")
-    _target_options(p)
-    _schemas_option(p)
-    _drops_option(p)
-
-    p = sub.add_parser("drift", help="is the live schema equal to the desired one?")
+    p = command("drift")
     _target_options(p)
     _schemas_option(p)
 
-    p = sub.add_parser("history", help="list apply runs recorded in the target")
+    p = command("history")
     _target_options(p)
     _format_option(p, ("text", "json"))
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="the newest N runs (default: 20)")
 
-    p = sub.add_parser("cache", help="list or clear the desired schemas kept as templates on the shadow server")
-    p.add_argument("action", choices=["list", "clear"])
+    p = command("cache")
+    p.add_argument("action", choices=["list", "clear"], help="list the templates, or drop them all")
     _target_options(p)
 
-    p = sub.add_parser("watch", help="plan on every change, apply where allowed, check for drift; serve /healthz and /metrics")
+    p = command("watch")
     _target_options(p)
     _schemas_option(p)
     _drops_option(p)
-    p.add_argument("--interval", default="5min", help="check for drift every DURATION (300, 30s, 5min; default 5min)")
-    p.add_argument("--listen",  # default: the watcher's (cmd_watch fills it in: watch is imported only to watch)
-                   help="HOST:PORT serving /healthz and /metrics (port 0: any free port; 'off': none)")
+    p.add_argument("--interval", default="5min", metavar="DURATION", help="check for drift every DURATION (300, 30s, 5min; default 5min)")
+    p.add_argument("--listen", default=f"{WATCH_HOST}:{WATCH_PORT}", metavar="HOST:PORT",
+                   help="HOST:PORT serving /healthz and /metrics (port 0: any free port; 'off': none; "
+                        "default: %(default)s)")
     p.add_argument("--plans-dir", type=Path, help="where plans that may not apply on their own go (default: plans: folder)")
     p.add_argument("--key", type=Path, help=f"sign the plans it writes as planner with this key (or ${PLANNER_KEY_ENV})")
     return parser
+
+
+def _project(args: argparse.Namespace) -> Config:
+    """The project's config; outside a project (no reconciler.yaml here or above, no --config) a one-line error
+    before anything is made (an embedded cluster under ./.reconciler would be the first thing)."""
+    if args.config is None and find_config(Path.cwd()) is None:
+        raise ConfigError(f"not in a reconciler project: no {CONFIG_FILE} in {Path.cwd()} or any folder above "
+                          "(run `reconciler init` to start one here, or give --config FILE)")
+    return load_config(args.config)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -823,7 +884,7 @@ def run() -> NoReturn:
         code = main()
     except KeyboardInterrupt:  # before main's own handling began (parsing the arguments): nothing was done yet
         print("interrupted", file=sys.stderr)
-        code = 130
+        code = EXIT_INTERRUPTED
     if threading.active_count() > 1:
         sys.exit(code)
     atexit._run_exitfuncs()  # logging's shutdown (flushes log files), finalizers registered to run at exit
@@ -837,14 +898,17 @@ def run() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (EXIT_USAGE): a code, as for any command
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logs.setup(args.log_format, args.verbose)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command in _NO_CONFIG:
             return _NO_CONFIG[args.command](args)
-        return _COMMANDS[args.command](args, load_config(args.config))
+        return _COMMANDS[args.command](args, _project(args))
     except ReconcilerError as exc:
         if args.debug:
             log.exception("failed")
@@ -852,7 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: say so in one line unless --debug
         if args.debug:
             raise

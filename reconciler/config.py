@@ -23,6 +23,9 @@ EMBEDDED = "embedded"
 DATABASE_URL_ENV = "RECONCILER_DATABASE_URL"
 PASSPHRASE_ENV = "RECONCILER_KEY_PASSPHRASE"
 PLANNER_KEY_ENV = "RECONCILER_PLANNER_KEY"
+# Where `watch` serves /healthz and /metrics unless told otherwise, here for the same reason.
+WATCH_HOST = "127.0.0.1"
+WATCH_PORT = 9187
 DEFAULT_SHADOW_CACHE = 3
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")

@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from . import history, shadowcache
 from .apply import ApplyOptions, apply_plan
-from .config import Config, Environment
+from .config import WATCH_HOST, WATCH_PORT, Config, Environment
 from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
 from .pipeline import LiveMemo, Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
 from .plan import Plan, write_plan
@@ -44,8 +44,7 @@ from .source import DesiredSchema
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 9187
+DEFAULT_HOST, DEFAULT_PORT = WATCH_HOST, WATCH_PORT
 PLAN_RESULTS = ("no_changes", "auto_apply", "written", "denied", "error")
 APPLY_RESULTS = ("applied", "failed", "refused", "locked", "cancelled")
 DRIFT_RESULTS = ("none", "found", "error")
