@@ -59,6 +59,15 @@ def test_syntax_error_in_second_file(tmp_path: Path, database: str) -> None:
     assert fetch_one(database, "SELECT to_regclass('public.ok') IS NOT NULL") is True
 
 
+def test_a_parenthesis_never_closed_is_an_error_not_the_end_of_the_file(tmp_path: Path, database: str) -> None:
+    """The scanner's split stops at an unbalanced parenthesis: the statements after it were left out of the schema,
+    and lint and plan said nothing."""
+    text = "CREATE TABLE events (id int PRIMARY KEY);\nCREATE TABLE broken (id int PRIMARY KEY;\nCREATE TABLE later (id int);\n"
+    error = load_error(tmp_path, database, {"002.sql": text})
+    assert (error.path, error.line, error.column) == ("002.sql", *position(text, ";", 2))
+    assert 'syntax error at or near ";"' in error.pg_message
+
+
 def test_missing_relation_points_at_its_name(tmp_path: Path, database: str) -> None:
     text = "CREATE TABLE t (id int);\n\nCREATE VIEW v AS\n  SELECT id\n  FROM missing;\n"
     error = load_error(tmp_path, database, {"views.sql": text})
