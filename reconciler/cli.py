@@ -331,12 +331,10 @@ def cmd_lint(args: argparse.Namespace, config: Config) -> int:
 
 
 def _run_by_id(conn: Any, config: Config, run_id: str) -> history.Run:
+    """The run named by its id or a unique prefix of it."""
     from . import history
 
-    run = history.get_run(conn, config.metadata_schema, run_id)
-    if run is None:
-        raise ReconcilerError(f"no run {run_id} in this database's history")
-    return run
+    return history.find_run(conn, config.metadata_schema, run_id)
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
