@@ -465,6 +465,12 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.write(render(plan, "text", _approval_view(config, env, plan, args.out)))
         if not plan.body.steps:
             return EXIT_OK
+        if plan.body.policy.denied:  # no approval makes it applicable: say so, not how to approve it
+            for finding in plan.body.policy.denied:
+                print(f"denied: {finding}", file=sys.stderr)
+            print(f"\nThe way back to the schema run {run.id} started from is denied by policy; approvals do not "
+                  "change that.", file=sys.stderr)
+            return EXIT_REFUSED
         if args.plan_only or auto_apply_blockers(env, plan):
             print(f"\nThe way back to the schema run {run.id} started from: approve and apply it like any plan"
                   + ("" if args.out else " (save it with -o)") + ".", file=sys.stderr)

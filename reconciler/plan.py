@@ -636,6 +636,9 @@ def summary_line(plan: Plan) -> str:
             f"to apply to {plan.body.target.database}{hazards}.")
 
 
+POLICY_BLOCKS = "Policy blocks this plan: approvals do not change that; change the schema or the policy."
+
+
 def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
     b = plan.body
     git = b.desired.git_commit[:12] if b.desired.git_commit else "not in git"
@@ -674,7 +677,9 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
         lines += [f"  {s.role:<8} {s.signer}  {s.signed_at}" for s in plan.signatures]
     if approvals is not None and plan.body.steps:
         lines += ["", f"Approvals: {approvals.describe()}"]
-        if not approvals.complete:
+        if plan.body.policy.denied:
+            lines.append(f"  {POLICY_BLOCKS}")
+        elif not approvals.complete:
             lines.append(f"  approve with: {approvals.command}")
     return "\n".join(lines) + "\n"
 
@@ -809,7 +814,7 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
     if approvals is not None and b.steps:
         out += ["", f"**Approvals:** {approvals.describe()}."]
         if b.policy.denied:
-            out += ["", "Policy blocks this plan: approvals do not change that; change the schema or the policy."]
+            out += ["", POLICY_BLOCKS]
         elif not approvals.complete:
             out += ["", "To approve, run:", "", "```sh", approvals.command, "```"]
     out += ["", f"<sub>Plan id `{plan.id}` · made {b.created_at} by reconciler {b.tool_version} · expires {b.expires_at}</sub>",
