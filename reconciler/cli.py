@@ -491,6 +491,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         env_value = os.environ.get(PASSPHRASE_ENV)
         if env_value:
             passphrase = env_value.encode()
+        elif not sys.stdin.isatty():  # as approve says it: getpass would warn, then fail on the closed input
+            raise ConfigError(f"--encrypt needs a passphrase: set {PASSPHRASE_ENV} or run in a terminal")
         else:
             first = getpass.getpass("Passphrase: ")
             if first != getpass.getpass("Again: "):
