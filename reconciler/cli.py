@@ -219,6 +219,7 @@ def _trust(config: Config, *, needed: bool) -> Trust | None:
 
 
 def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path | None) -> ApprovalView | None:
+    from .config import APPROVER_KEY_PATH
     from .plan import ApprovalView
     from .signing import Requirements, approval_status
 
@@ -232,7 +233,7 @@ def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path
     target = str(plan_path) if plan_path else "PLAN"
     return ApprovalView(
         given=status.approvers, required=req.approvals, missing_groups=status.missing_groups,
-        command=f"reconciler approve {shlex.quote(target)} --key ~/.ssh/id_ed25519",
+        command=f"reconciler approve {shlex.quote(target)} --key {APPROVER_KEY_PATH}",
     )
 
 

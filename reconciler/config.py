@@ -23,6 +23,9 @@ EMBEDDED = "embedded"
 DATABASE_URL_ENV = "RECONCILER_DATABASE_URL"
 PASSPHRASE_ENV = "RECONCILER_KEY_PASSPHRASE"
 PLANNER_KEY_ENV = "RECONCILER_PLANNER_KEY"
+# Where the docs have a reviewer keep the key `keygen` makes (its own file: never ssh's id_ed25519, which keygen would
+# replace); the approve command printed under a plan names it, so it can be run as shown.
+APPROVER_KEY_PATH = "~/.ssh/reconciler_ed25519"
 DEFAULT_SHADOW_CACHE = 3
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")

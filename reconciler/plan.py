@@ -30,7 +30,7 @@ import jsonschema
 from . import __version__
 from .errors import PlanFileError
 from .inspect import Objects, SchemaSnapshot, TargetIdentity
-from .policy import Assertion, Finding, PolicyResult, Window
+from .policy import Assertion, Finding, PolicyResult, Window, approvals_needed
 from .rehearsal import SKIPPED, RehearsalResult
 from .safety import Hazard, LintFinding, Step
 from .source import DesiredSchema
@@ -707,7 +707,7 @@ def _policy_status(plan: Plan, approvals: ApprovalView | None) -> str:
     if approvals is not None and approvals.complete and (required or given):
         status = f"approved ({given} of {required})"
     elif required or groups:
-        status = f"needs {_plural(required, 'approval')}" + (f" from {', '.join(groups)}" if groups else "")
+        status = f"needs {approvals_needed(required, groups)}"
         status += f" ({given} given)" if approvals is not None else ""
     else:
         status = "no approvals needed"
@@ -790,7 +790,7 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
     if b.policy.findings:
         out += ["", "| policy | severity | subject | finding |", "|---|---|---|---|"]
         for f in b.policy.findings:
-            need = f" (needs {f.count}{' from ' + ', '.join(f.groups) if f.groups else ''})" if f.count else ""
+            need = f" (needs {approvals_needed(f.count, f.groups)})" if f.count or f.groups else ""
             out.append(f"| `{f.rule}` ({f.file}:{f.line}) | **{f.severity}**{need} | {_cell(f.subject)} | {_cell(f.message)} |")
     if b.policy.windows:
         out += ["", "Applies only within: " + "; ".join(w.describe() for w in b.policy.windows) + "."]
