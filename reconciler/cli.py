@@ -682,6 +682,7 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_drift(args: argparse.Namespace, config: Config) -> int:
+    from .inspect import DIFFERENCES
     from .pipeline import drift, open_servers
 
     env = _env(config, args)
@@ -691,9 +692,10 @@ def cmd_drift(args: argparse.Namespace, config: Config) -> int:
         print("No drift: the live schema matches the desired schema.")
         return EXIT_OK
     print(f"Drift: {len(differences)} object(s) differ from the desired schema:")
-    labels = {"missing": "missing from live", "unexpected": "not in desired", "different": "differs"}
     for diff in differences:
-        print(f"  {diff.kind} {diff.name}: {labels[diff.change]}")
+        print(f"  {diff}")
+    print("(" + "; ".join(f"{word}: {meaning}" for word, meaning in DIFFERENCES.items()
+                          if any(d.change == word for d in differences)) + ")")
     return EXIT_CHANGES
 
 
