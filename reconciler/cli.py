@@ -281,6 +281,7 @@ def _trust(config: Config, *, needed: bool) -> Trust | None:
 
 
 def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path | None) -> ApprovalView | None:
+    from .config import APPROVER_KEY_PATH
     from .plan import ApprovalView
     from .signing import Requirements, approval_status
 
@@ -294,7 +295,7 @@ def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path
     target = str(plan_path) if plan_path else "PLAN"
     return ApprovalView(
         given=status.approvers, required=req.approvals, missing_groups=status.missing_groups,
-        command=f"reconciler approve {shlex.quote(target)} --key ~/.ssh/id_ed25519",
+        command=f"reconciler approve {shlex.quote(target)} --key {APPROVER_KEY_PATH}",
     )
 
 
@@ -393,12 +394,10 @@ def cmd_lint(args: argparse.Namespace, config: Config) -> int:
 
 
 def _run_by_id(conn: Any, config: Config, run_id: str) -> history.Run:
+    """The run named by its id or a unique prefix of it."""
     from . import history
 
-    run = history.get_run(conn, config.metadata_schema, run_id)
-    if run is None:
-        raise ReconcilerError(f"no run {run_id} in this database's history")
-    return run
+    return history.find_run(conn, config.metadata_schema, run_id)
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
@@ -529,6 +528,12 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.write(render(plan, "text", _approval_view(config, env, plan, args.out)))
         if not plan.body.steps:
             return EXIT_OK
+        if plan.body.policy.denied:  # no approval makes it applicable: say so, not how to approve it
+            for finding in plan.body.policy.denied:
+                print(f"denied: {finding}", file=sys.stderr)
+            print(f"\nThe way back to the schema run {run.id} started from is denied by policy; approvals do not "
+                  "change that.", file=sys.stderr)
+            return EXIT_REFUSED
         if args.plan_only or auto_apply_blockers(env, plan):
             print(f"\nThe way back to the schema run {run.id} started from: approve and apply it like any plan"
                   + ("" if args.out else " (save it with -o)") + ".", file=sys.stderr)
@@ -549,6 +554,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         env_value = os.environ.get(PASSPHRASE_ENV)
         if env_value:
             passphrase = env_value.encode()
+        elif not sys.stdin.isatty():  # as approve says it: getpass would warn, then fail on the closed input
+            raise ConfigError(f"--encrypt needs a passphrase: set {PASSPHRASE_ENV} or run in a terminal")
         else:
             first = getpass.getpass("Passphrase: ")
             if first != getpass.getpass("Again: "):
@@ -738,6 +745,7 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_drift(args: argparse.Namespace, config: Config) -> int:
+    from .inspect import DIFFERENCES
     from .pipeline import drift, open_servers
 
     env = _env(config, args)
@@ -747,9 +755,10 @@ def cmd_drift(args: argparse.Namespace, config: Config) -> int:
         print("No drift: the live schema matches the desired schema.")
         return EXIT_OK
     print(f"Drift: {len(differences)} object(s) differ from the desired schema:")
-    labels = {"missing": "missing from live", "unexpected": "not in desired", "different": "differs"}
     for diff in differences:
-        print(f"  {diff.kind} {diff.name}: {labels[diff.change]}")
+        print(f"  {diff}")
+    print("(" + "; ".join(f"{word}: {meaning}" for word, meaning in DIFFERENCES.items()
+                          if any(d.change == word for d in differences)) + ")")
     return EXIT_CHANGES
 
 

@@ -26,6 +26,9 @@ PLANNER_KEY_ENV = "RECONCILER_PLANNER_KEY"
 # Where `watch` serves /healthz and /metrics unless told otherwise, here for the same reason.
 WATCH_HOST = "127.0.0.1"
 WATCH_PORT = 9187
+# Where the docs have a reviewer keep the key `keygen` makes (its own file: never ssh's id_ed25519, which keygen would
+# replace); the approve command printed under a plan names it, so it can be run as shown.
+APPROVER_KEY_PATH = "~/.ssh/reconciler_ed25519"
 DEFAULT_SHADOW_CACHE = 3
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")

@@ -346,6 +346,32 @@ def get_run(conn: psycopg.Connection[Any], schema: str, run_id: str) -> Run | No
     return _run(row) if row else None
 
 
+MIN_PREFIX = 4  # as git: shorter prefixes match too much to be worth accepting
+
+
+def find_run(conn: psycopg.Connection[Any], schema: str, given: str) -> Run:
+    """The run a user named by its id or a unique prefix of it (as git accepts commit ids): ``history`` prints ids
+    36 characters long, and nobody types them whole. An ambiguous prefix names its candidates; none is an error."""
+    prefix = given.strip().lower()
+    if len(prefix) < MIN_PREFIX or any(c not in "0123456789abcdef-" for c in prefix):
+        raise ReconcilerError(f"{given!r} is not a run id: give the id `reconciler history` prints, or at least its "
+                              f"first {MIN_PREFIX} characters")
+    found = layout(conn, schema)
+    runs: list[Run] = []
+    if found.runs:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(_select(schema, found, "starts_with(r.id::text, %s)", " ORDER BY r.started_at DESC LIMIT 11"),
+                        (prefix,))
+            runs = [_run(r) for r in cur.fetchall()]
+    if not runs:
+        raise ReconcilerError(f"no run {given} in this database's history (`reconciler history` lists them)")
+    if len(runs) > 1:
+        shown = ", ".join(f"{r.id} ({r.shown_status}, started {r.started_at:%Y-%m-%d %H:%M:%S})" for r in runs[:10])
+        raise ReconcilerError(f"run id {given} is ambiguous: it begins the ids of "
+                              f"{'more than 10' if len(runs) > 10 else len(runs)} runs: {shown}; give more of it")
+    return runs[0]
+
+
 def runs_for_plan(conn: psycopg.Connection[Any], schema: str, plan_id: str) -> list[Run]:
     found = layout(conn, schema)
     if not found.runs:

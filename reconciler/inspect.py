@@ -380,14 +380,38 @@ class SchemaSnapshot:
         return "sha256:" + digest.hexdigest()
 
 
+# The words for how an object differs from what was expected (the desired schema for drift, verify and apply's
+# verification; the live schema as planned for a stale plan), in one place so every command says them alike.
+DIFFERENCES = {
+    "missing": "expected, not in the database",
+    "unexpected": "in the database, not expected",
+    "different": "in both, defined otherwise",
+}
+
+
+def difference(expected: Mapping[Any, object], actual: Mapping[Any, object], key: object) -> str | None:
+    """Which of DIFFERENCES ``key`` is, or None where both agree."""
+    if key not in actual:
+        return "missing" if key in expected else None
+    if key not in expected:
+        return "unexpected"
+    return "different" if expected[key] != actual[key] else None
+
+
+def describe_difference(name: str, change: str) -> str:
+    """'table public.t (missing)': how drift, verify and stale plans name an object that differs."""
+    assert change in DIFFERENCES, change
+    return f"{name} ({change})"
+
+
 @dataclass(frozen=True)
 class ObjectDifference:
     kind: str
     name: str
-    change: str  # "missing" (desired has it, live does not), "unexpected", or "different"
+    change: str  # one of DIFFERENCES
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.name} ({self.change})"
+        return describe_difference(f"{self.kind} {self.name}", self.change)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import jsonschema
 from . import __version__
 from .errors import PlanFileError
 from .inspect import Objects, SchemaSnapshot, TargetIdentity
-from .policy import Assertion, Finding, PolicyResult, Window
+from .policy import Assertion, Finding, PolicyResult, Window, approvals_needed
 from .rehearsal import SKIPPED, RehearsalResult
 from .safety import Hazard, LintFinding, Step
 from .source import DesiredSchema
@@ -636,6 +636,9 @@ def summary_line(plan: Plan) -> str:
             f"to apply to {plan.body.target.database}{hazards}.")
 
 
+POLICY_BLOCKS = "Policy blocks this plan: approvals do not change that; change the schema or the policy."
+
+
 def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
     b = plan.body
     git = b.desired.git_commit[:12] if b.desired.git_commit else "not in git"
@@ -674,7 +677,9 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
         lines += [f"  {s.role:<8} {s.signer}  {s.signed_at}" for s in plan.signatures]
     if approvals is not None and plan.body.steps:
         lines += ["", f"Approvals: {approvals.describe()}"]
-        if not approvals.complete:
+        if plan.body.policy.denied:
+            lines.append(f"  {POLICY_BLOCKS}")
+        elif not approvals.complete:
             lines.append(f"  approve with: {approvals.command}")
     return "\n".join(lines) + "\n"
 
@@ -702,7 +707,7 @@ def _policy_status(plan: Plan, approvals: ApprovalView | None) -> str:
     if approvals is not None and approvals.complete and (required or given):
         status = f"approved ({given} of {required})"
     elif required or groups:
-        status = f"needs {_plural(required, 'approval')}" + (f" from {', '.join(groups)}" if groups else "")
+        status = f"needs {approvals_needed(required, groups)}"
         status += f" ({given} given)" if approvals is not None else ""
     else:
         status = "no approvals needed"
@@ -785,7 +790,7 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
     if b.policy.findings:
         out += ["", "| policy | severity | subject | finding |", "|---|---|---|---|"]
         for f in b.policy.findings:
-            need = f" (needs {f.count}{' from ' + ', '.join(f.groups) if f.groups else ''})" if f.count else ""
+            need = f" (needs {approvals_needed(f.count, f.groups)})" if f.count or f.groups else ""
             out.append(f"| `{f.rule}` ({f.file}:{f.line}) | **{f.severity}**{need} | {_cell(f.subject)} | {_cell(f.message)} |")
     if b.policy.windows:
         out += ["", "Applies only within: " + "; ".join(w.describe() for w in b.policy.windows) + "."]
@@ -809,7 +814,7 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
     if approvals is not None and b.steps:
         out += ["", f"**Approvals:** {approvals.describe()}."]
         if b.policy.denied:
-            out += ["", "Policy blocks this plan: approvals do not change that; change the schema or the policy."]
+            out += ["", POLICY_BLOCKS]
         elif not approvals.complete:
             out += ["", "To approve, run:", "", "```sh", approvals.command, "```"]
     out += ["", f"<sub>Plan id `{plan.id}` · made {b.created_at} by reconciler {b.tool_version} · expires {b.expires_at}</sub>",

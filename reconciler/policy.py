@@ -30,6 +30,17 @@ _SINGULAR = {"tables": "table", "columns": "column", "indexes": "index", "constr
 _SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|kB|KB|MB|GB|TB)$")
 
 
+def approvals_needed(count: int, groups: Sequence[str]) -> str:
+    """What ``count`` and ``groups`` ask for together: that many distinct approvers, and at least one of them from
+    each group ('2 approvals, at least 1 from dba'), never that many from the group."""
+    if not groups:
+        return f"{count} approval{'' if count == 1 else 's'}"
+    where = groups[0] if len(groups) == 1 else "each of " + ", ".join(groups)
+    if count == 0:
+        return f"an approval from {where}"
+    return f"{count} approval{'' if count == 1 else 's'}, at least 1 from {where}"
+
+
 @dataclass(frozen=True)
 class Rule:
     id: str
@@ -63,8 +74,7 @@ class Finding:
     groups: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        need = f" (needs {self.count} approval(s){' from ' + ', '.join(self.groups) if self.groups else ''})" \
-            if self.severity == "require_approval" else ""
+        need = f" (needs {approvals_needed(self.count, self.groups)})" if self.severity == "require_approval" else ""
         return f"{self.severity}: {self.rule} ({self.file}:{self.line}) {self.subject}: {self.message}{need}"
 
 

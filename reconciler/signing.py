@@ -234,7 +234,7 @@ def approve_file(plan_path: Path, key_path: Path, trust: Trust) -> tuple[Plan, S
     approver = trust.approver_for(key)
     if approver is None:
         raise RefusedError(f"the key {key_path} ({key_fingerprint(key)}) is not an approver in {trust.path}")
-    with _locked(plan_path):
+    with PlanFileLock(plan_path):
         plan = read_plan(plan_path)
         if content_id(body_to_json(plan.body)) != plan.id:
             raise RefusedError(f"plan {plan.short_id}: the body does not hash to the plan id: refusing to approve an altered plan")
@@ -247,8 +247,9 @@ def approve_file(plan_path: Path, key_path: Path, trust: Trust) -> tuple[Plan, S
     return plan, signature
 
 
-class _locked:
-    """An exclusive lock on a file that survives its atomic replacement (re-checks the inode)."""
+class PlanFileLock:
+    """An exclusive lock on a plan file that survives its atomic replacement (re-checks the inode): approvals take
+    it, and so does watch before it removes a plan it wrote (so it never removes one being approved)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

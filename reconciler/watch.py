@@ -10,6 +10,13 @@ apply at once: apply's advisory lock admits one, and a watcher that waited finds
 and plans again. A bad edit is reported and the loop goes on. SIGTERM or SIGINT stops the loop: a step under way
 is cancelled the way Ctrl-C cancels it (apply records the run ``cancelled`` and rolls back what is open).
 ``/healthz`` and ``/metrics`` (Prometheus text format, a registry of the watcher's own) are served from a thread.
+
+Plan files do not pile up: once the watcher has made a later plan for its environment (written, applied, or no
+changes), the plan files it wrote before are superseded and removed, except one that someone may still act on: a
+file that holds an approver's signature or no longer holds the plan as written (approved, or replaced: a review is
+under way), or whose plan the target's history names (an apply ran it or is running it). Files it did not write
+(another watcher's, a person's) are never touched; the check and the removal happen under the lock ``approve``
+takes, so an approval under way is never lost.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from .apply import ApplyOptions, apply_plan
 from .config import WATCH_HOST, WATCH_PORT, Config, Environment
 from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
 from .pipeline import LiveMemo, Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
-from .plan import Plan, write_plan
+from .plan import Plan, read_plan, write_plan
 from .servers import connect
+from .signing import PlanFileLock
 from .source import DesiredSchema
 
 log = logging.getLogger(__name__)
@@ -165,6 +173,7 @@ class Watcher:
         self.planned: DesiredSchema | None = None  # the last plan's schema: its kept database may be edited in place
         self._working = False  # a plan, apply or drift check is under way
         self._interrupting = False
+        self.written: dict[Path, Plan] = {}  # plan files this watcher wrote and has not yet removed, as written
 
     # --- control ---------------------------------------------------------------------------
 
@@ -259,16 +268,53 @@ class Watcher:
                 self.metrics.plans.labels("no_changes").inc()
                 self.metrics.drift.set(0)
                 self._report(trigger, "no_changes", f"no changes: {plan.body.target.database} matches the desired schema")
+                self._remove_superseded(servers, plan)
                 return True
             self.metrics.drift.set(1)
             blockers = auto_apply_blockers(self.env, plan)
             if blockers:
-                return self._write(plan, trigger, blockers)
+                written = self._write(plan, trigger, blockers)
+                if written:
+                    self._remove_superseded(servers, plan)
+                return written
             self.metrics.plans.labels("auto_apply").inc()
             outcome = self._apply(plan, servers, trigger, last_try=attempt == 2)
+            if outcome == "applied":
+                self._remove_superseded(servers, plan)
             if outcome not in ("locked", "refused"):
                 return outcome == "applied"
         return False
+
+    def _remove_superseded(self, servers: Servers, latest: Plan) -> None:
+        """Remove the plan files this watcher wrote before ``latest`` that nobody may still act on (the rule is in the
+        module's docstring); the others are kept, and forgotten: they are no longer the watcher's alone."""
+        earlier = {path: plan for path, plan in self.written.items() if plan.id != latest.id}
+        if not earlier:
+            return
+        try:
+            with connect(servers.target_dsn) as conn:
+                ran = {p.id for p in earlier.values() if history.runs_for_plan(conn, self.config.metadata_schema, p.id)}
+        except (ReconcilerError, psycopg.Error) as exc:  # cannot tell whether an apply refers to them: keep all for now
+            log.debug("could not read the target's history: %s", exc)
+            return
+        for path, plan in earlier.items():
+            del self.written[path]
+            if plan.id in ran:
+                log.info("kept plan file %s: the target's history names plan %s", path, plan.short_id)
+                continue
+            try:
+                with PlanFileLock(path):
+                    found = read_plan(path)
+                    if found.id != plan.id or any(s.role == "approver" for s in found.signatures):
+                        log.info("kept plan file %s: it was approved or replaced since it was written", path)
+                        continue
+                    path.unlink()
+            except ReconcilerError:  # removed or made unreadable by someone else: not ours to judge
+                continue
+            except OSError as exc:
+                log.warning("could not remove the superseded plan file %s: %s", path, exc)
+                continue
+            log.info("removed plan file %s: plan %s supersedes plan %s", path, latest.short_id, plan.short_id)
 
     def _observe_history(self, servers: Servers) -> None:
         """The target's newest run and what stopped runs left, as they are (each cycle settled them first)."""
@@ -303,6 +349,7 @@ class Watcher:
             self.options.plans_dir.mkdir(parents=True, exist_ok=True)
             path = self.options.plans_dir / f"{self.env.name}-{plan.short_id}.json"
             write_plan(plan, path)
+            self.written[path] = plan
         except (ReconcilerError, OSError) as exc:
             self._report(trigger, "error", f"plan {plan.short_id} could not be written: {_describe_error(exc)}",
                          logging.ERROR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from functools import cache
 from importlib import resources
@@ -57,11 +58,29 @@ def load_validated(path: Path, schema_name: str) -> Any:
         data = {}
     err = jsonschema.exceptions.best_match(schema_validator(schema_name).iter_errors(data))
     if err is not None:
-        node = _node_at(root, list(err.absolute_path))
+        at: list[str | int] = list(err.absolute_path)
+        node, message = _node_at(root, at), _message(err)
+        unknown = _unknown_key(err, node)
+        if unknown is not None:  # at the key itself, not the mapping holding it (line 1 for a top-level typo)
+            node, message = unknown[0], unknown[1]
+            at.append(str(node.value))
         where = f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}" if node is not None else str(path)
-        field = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise ConfigError(f"{where}: {field}: {_message(err)}")
+        field = ".".join(str(p) for p in at) or "(top level)"
+        raise ConfigError(f"{where}: {field}: {message}")
     return data
+
+
+def _unknown_key(err: jsonschema.ValidationError, node: yaml.Node | None) -> tuple[yaml.Node, str] | None:
+    """For a key the schema does not allow: its own node, and the message naming the key most like it."""
+    allowed = err.schema.get("properties") if isinstance(err.schema, dict) else None
+    if err.validator != "additionalProperties" or not isinstance(node, yaml.MappingNode) or not isinstance(allowed, dict):
+        return None
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value not in allowed:
+            close = difflib.get_close_matches(key.value, list(allowed), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(allowed)
+            return key, f"unknown key {key.value!r} ({hint})"
+    return None
 
 
 def _message(err: jsonschema.ValidationError) -> str:

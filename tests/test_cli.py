@@ -79,8 +79,8 @@ def test_drift_after_manual_alter(repo: Repo, capsys: pytest.CaptureFixture[str]
     capsys.readouterr()
     assert repo.run("drift") == 2
     out = capsys.readouterr().out
-    assert "column public.customers.nickname: not in desired" in out
-    assert "index public.orders_customer_id_idx: missing from live" in out
+    assert "column public.customers.nickname (unexpected)" in out
+    assert "index public.orders_customer_id_idx (missing)" in out
     assert repo.run("plan") == 2  # and the plan puts it back
 
 

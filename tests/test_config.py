@@ -96,10 +96,11 @@ def test_schema_violation_points_at_line_and_field(tmp_path: Path) -> None:
 
 def test_unknown_key_refused(tmp_path: Path) -> None:
     config_file(tmp_path, "schemas: s\nschemaz: typo\n")
-    with pytest.raises(ConfigError, match=r"reconciler\.yaml:1:1: \(top level\):.*'schemaz'"):
+    with pytest.raises(ConfigError, match=r"reconciler\.yaml:2:1: schemaz: unknown key 'schemaz' \(did you mean 'schemas'\?\)"):
         load_config(cwd=tmp_path)
     config_file(tmp_path, "environments:\n  prod:\n    database: x\n    aprovals: 2\n")
-    with pytest.raises(ConfigError, match=r"reconciler\.yaml:3:5: environments\.prod:.*'aprovals'"):
+    with pytest.raises(ConfigError, match=r"reconciler\.yaml:4:5: environments\.prod\.aprovals: unknown key 'aprovals' "
+                                          r"\(did you mean 'approvals'\?\)"):
         load_config(cwd=tmp_path)
 
 

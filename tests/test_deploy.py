@@ -223,7 +223,7 @@ def test_workflow_plans_approves_and_applies(project: tuple[Runner, Path], datab
     assert runner.outputs["plan"] == {"exit": "2", "source": "new"}
     assert comment.startswith("### pg-reconciler plan") and "policy: needs 1 approval (0 given)" in comment.splitlines()[2]
     assert "| ci | planner |" in comment
-    assert "reconciler approve plans/staging.json --key ~/.ssh/id_ed25519" in comment
+    assert "reconciler approve plans/staging.json --key ~/.ssh/reconciler_ed25519" in comment
     assert "gh run download 4242 -n staging-plan -D plans" in comment
     assert gate.returncode == 1 and "commit the approved plan" in gate.stdout
     # 2. a reviewer signs the plan and commits it; the next run reviews that committed plan, and passes

@@ -318,13 +318,13 @@ def test_markdown_is_a_pull_request_comment(plan: Plan) -> None:
     lines = md.splitlines()
     assert lines[0] == f"### pg-reconciler plan `{plan.short_id}` for **prod-é**"
     assert lines[2] == ("**4 steps** in 2 phases · 3 hazards (ACCESS_EXCLUSIVE_LOCK, BLOCKS_WRITES, DATA_LOSS) · "
-                        "policy: needs 2 approvals from dba (1 given), 1 warning · rehearsal: converged")
+                        "policy: needs 2 approvals, at least 1 from dba (1 given), 1 warning · rehearsal: converged")
     # hazards and policy findings come before the folded steps, approvals after them
     order = [md.index(marker) for marker in ("#### Hazards", "#### Policy", "<details>", "```sql", "</details>",
                                               "#### Approvals", "```sh")]
     assert order == sorted(order)
     assert "| 4 | `DATA_LOSS` | `public.old` |" in md
-    assert "| `locks-need-a-dba` (rules.yaml:9) | **require_approval** (needs 2 from dba) |" in md
+    assert "| `locks-need-a-dba` (rules.yaml:9) | **require_approval** (needs 2 approvals, at least 1 from dba) |" in md
     assert "| a \\| pipe and a newline |" in md  # a cell stays one cell
     assert "Applies only within: " in md
     steps = md[md.index("<details>"):md.index("</details>")]

@@ -244,7 +244,7 @@ def test_lint_checks_the_desired_schema_without_a_database(prepo: PolicyRepo, ca
         ("rules:\n  - id: x\n    description: d\n    action: deny\n    change: {hazards: [DATA_LOST]}\n",
          "p.yaml:5:24: rules.0.change.hazards.0: 'DATA_LOST' is not one of"),
         ("rules:\n  - id: x\n    description: d\n    action: deny\n    colour: red\n    change: {kinds: [x]}\n",
-         "p.yaml:2:5: rules.0: Additional properties are not allowed ('colour' was unexpected)"),
+         "p.yaml:5:5: rules.0.colour: unknown key 'colour' (known keys: id, description, environments, action,"),
         ("rules:\n  - id: x\n    description: d\n    action: require_approval\n    count: two\n    change: {kinds: [x]}\n",
          "p.yaml:5:12: rules.0.count: 'two' is not of type 'integer'"),
         ("rules:\n  - id: x\n    description: d\n    action: warn\n    schema: {naming: {tables: '[a-z'}}\n",

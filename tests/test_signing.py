@@ -292,7 +292,7 @@ def test_show_and_markdown_list_approvals_and_the_command(srepo: SignedRepo, cap
     assert main(["--config", str(srepo.config), "show", str(plan_file), "--format", "markdown"]) == 0
     md = capsys.readouterr().out
     assert "**Approvals:** 1 of 2 given (bob)" in md and "reconciler approve" in md and "| ci | planner | " in md
-    assert "policy: needs 2 approvals from dba (1 given)" in md.splitlines()[2]
+    assert "policy: needs 2 approvals, at least 1 from dba (1 given)" in md.splitlines()[2]
 
 
 def test_verify_plan_prints_each_check(srepo: SignedRepo, capsys: pytest.CaptureFixture[str]) -> None:

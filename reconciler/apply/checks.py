@@ -19,15 +19,9 @@ from .options import ApplyOptions
 
 
 def describe_differences(expected: dict[str, str], actual: dict[str, str], limit: int = 10) -> str:
-    """'kind name (missing)' for objects whose digests differ, for one-line errors."""
-    names = []
-    for key in sorted(set(expected) | set(actual)):
-        if key not in actual:
-            names.append(f"{key} (missing)")
-        elif key not in expected:
-            names.append(f"{key} (unexpected)")
-        elif expected[key] != actual[key]:
-            names.append(f"{key} (different)")
+    """'kind name (missing)' for objects whose digests differ, for one-line errors (in drift's words)."""
+    names = [inspect.describe_difference(key, change) for key in sorted(set(expected) | set(actual))
+             for change in [inspect.difference(expected, actual, key)] if change]
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
