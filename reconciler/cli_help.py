@@ -101,8 +101,9 @@ COMMANDS: dict[str, CommandHelp] = {
         "plan, and where allowed apply, the way back to the schema a run started from",
         "Plan the way back to the schema the run RUN_ID started from (read from its backup); apply it where the "
         "environment may apply on its own, else print it to approve and apply like any plan.",
-        ((EXIT_OK, "rolled back, or nothing to do"), (EXIT_CHANGES, "a plan to approve and apply")),
-        "reconciler rollback 3f2a9c1e-6b0d-4e8a-9c55-2d7b1f0e4a61 --env staging -o plans/rollback.json --plan-only"),
+        ((EXIT_OK, "rolled back, or nothing to do"), (EXIT_CHANGES, "a plan to approve and apply"),
+         (EXIT_REFUSED, "the way back is denied by policy (no plan to approve)")),
+        "reconciler rollback 3f2a9c1e --env staging -o plans/rollback.json --plan-only"),
     "lint": CommandHelp(
         "check the desired schema against the schema rules (no live database)",
         "Check the desired schema's files against the schema rules of the policies, with no live database.",
