@@ -451,7 +451,7 @@ def github(tmp_path: Path) -> Iterator[GitHub]:
         environments:
           staging:
             database: ${STAGING_DATABASE_URL}
-            shadow: ${STAGING_SHADOW_URL}
+            shadow: ${STAGING_SHADOW_URL:-embedded}
             approvals: 1
             lock_wait: 2s
         """))
