@@ -499,6 +499,8 @@ def test_workflow_plans_on_postgresql_15_from_the_kept_shadow_and_applies(github
     _, steps = github.run("apply", github.checkout("main"))
     assert steps["Anything to apply?"].status == "success" and steps["Apply the approved plan"].status == "skipped"
     assert steps["Keep the shadow's state"].status == "success", logs(steps["Keep the shadow's state"])
+    warm_up = steps["Warm the shadow up"]
+    assert "::warning" not in warm_up.stdout and "shadow cache: kept live copy" in warm_up.stderr, logs(warm_up)
     (main_key,) = machine.cache.entries
     tree = git(github.origin, "rev-parse", "main:schemas")
     assert re.fullmatch(rf"reconciler-shadow-Linux-pg15\d{{4}}-[\d.]+-{tree}", main_key), main_key
@@ -515,6 +517,7 @@ def test_workflow_plans_on_postgresql_15_from_the_kept_shadow_and_applies(github
     assert re.search(r"kept database reconciler_template_\w+ holds the first \d+ of the desired schema's \d+ "
                      r"statements", plan.stderr), plan.stderr
     assert "loaded 1 statements" in plan.stderr
+    assert re.search(r"the copy of live \(sha256:\w+\) is kept database \w+; not built again", plan.stderr)
     assert runner.outputs["plan"] == {"verdict": "changes", "source": "new"}
     comment = (runner.temp / "comment.md").read_text()
     assert "reconciler approve plans/staging.json --key ~/.ssh/id_ed25519" in comment and "invoices" in comment
