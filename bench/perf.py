@@ -46,7 +46,15 @@ from rich.table import Table
 
 from reconciler import dsn as dsnlib
 from reconciler.errors import ReconcilerError
-from reconciler.servers import Server, connect, drop_database, memory_dir, scratch_server, service_account
+from reconciler.servers import (
+    EmbeddedCluster,
+    Server,
+    connect,
+    drop_database,
+    memory_dir,
+    scratch_server,
+    service_account,
+)
 from reconciler.shadow import create_roles, load_schema, roles_named
 from reconciler.source import load_source
 
@@ -58,7 +66,7 @@ GITLAB_SQL = REPO.parent / "shared" / "corpus" / "schemas" / "gitlab.sql"
 ENVIRONMENT = "bench"
 METADATA_SCHEMA = "reconciler"
 BENCHMARKS = ("synthetic", "lattice", "fanout", "gitlab", "watch")
-GITLAB_CASES = ("empty", "same", "changed")
+GITLAB_CASES = ("empty", "same", "changed", "restored")
 EXIT_OK, EXIT_CHANGES = 0, 2
 SYSTEM_DATABASES = frozenset({"postgres", "template0", "template1"})
 # What a plan logs about its shadow database: taken from the shadow cache (a copy of a template, or a database the
@@ -424,15 +432,21 @@ def bench_gitlab(bench: Bench, cases: Sequence[str], source: Path, record: Recor
             copy = bench.create_database("gitlab_copy", template=full)
             made.append(copy)
             plans["same"] = (full, copy, full_sql, "GitLab -> GitLab, no changes", EXIT_OK)
-        if "changed" in cases:
+        if "changed" in cases or "restored" in cases:
             changed = bench.create_database("gitlab_changed", template=full)
             made.append(changed)
             bench.run_sql(changed, "\n".join(s for s, _ in schemagen.GITLAB_CHANGES))
-            plans["changed"] = (full, changed, changed_sql, f"GitLab -> GitLab with {len(changes)} changes: "
-                                + "; ".join(changes), EXIT_CHANGES)
+            if "changed" in cases:
+                plans["changed"] = (full, changed, changed_sql, f"GitLab -> GitLab with {len(changes)} changes: "
+                                    + "; ".join(changes), EXIT_CHANGES)
         prepared = time.perf_counter() - started
+        if "restored" in cases:
+            with case("gitlab", "restored", f"GitLab -> GitLab with {len(changes)} changes on a fresh machine whose shadow "
+                      "was restored from an archive of the state a plan of GitLab left (CI: main's cache)", record) as result:
+                result.prepare_seconds = prepared
+                _gitlab_restored(bench, result, logs / "restored", full, changed, full_sql, changed_sql)
         for name in GITLAB_CASES:
-            if name not in plans:
+            if name not in plans or name == "restored":
                 continue
             live, desired, desired_sql, description, expected = plans[name]
             with case("gitlab", name, description, record) as result:
@@ -449,6 +463,79 @@ def bench_gitlab(bench: Bench, cases: Sequence[str], source: Path, record: Recor
                                             f"({result.figures[key].count} steps), expected {expected}")
     finally:
         bench.drop(*reversed(made))
+
+
+def _gitlab_restored(bench: Bench, result: CaseResult, logs: Path, full: str, changed: str, full_sql: str,
+                     changed_sql: str) -> None:
+    """The GitHub workflow's warm plan: a shadow server plans GitLab (main's schema) and is stopped; its data folder
+    is archived (actions/cache), wiped, and restored into a fresh server's folder; the pull request's plan (GitLab and
+    7 changes appended) runs against it with an empty XDG cache (a fresh machine). Beside it, in the same run: raw
+    migra and the cold plan (the bench's own shadow, cleared)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    result.figures["migra"] = bench.migra(full, changed, label="migra", logs=logs)
+    config = bench.project(logs / "cold-project", full, changed_sql)
+    bench.clear_shadow_cache()
+    say("  cold plan ...")
+    result.figures["cold"] = bench.plan(config, label="plan-cold", logs=logs, expect=(EXIT_CHANGES,))
+    folder = Path(tempfile.mkdtemp(prefix="reconciler-bench-restored-"))
+    folder.chmod(0o755)
+    bindir = bench.shadow.bindir
+    try:
+        main_shadow = EmbeddedCluster(folder / "main" / "pg", bindir, durable=False)
+        server = main_shadow.start()
+        try:
+            # what the workflow's push to main leaves: GitLab kept (its drift check: here a plan, GitLab to GitLab),
+            # and a copy of live kept by its warm-up plan (main's schema and a table more: rehearsed, so a copy of
+            # live is made and kept)
+            say("  main's plans: GitLab, then the warm-up, keeping GitLab and a copy of live in the shadow ...")
+            shutil.rmtree(bench.workdir / "xdg-cache", ignore_errors=True)
+            main_config = _project_on(bench, logs / "main-project", full, full_sql, server)
+            bench.plan(main_config, label="plan-main", logs=logs, expect=(EXIT_OK,))
+            warm_config = _project_on(bench, logs / "warm-up-project", full, full_sql + WARM_UP_SQL, server)
+            bench.plan(warm_config, label="plan-warm-up", logs=logs, expect=(EXIT_CHANGES,))
+        finally:
+            main_shadow.stop()
+        archive = folder / "shadow.tar"
+        started = time.perf_counter()
+        subprocess.run(["tar", "-C", str(main_shadow.datadir), "-cf", str(archive), "."], check=True)
+        archived = time.perf_counter() - started
+        size = archive.stat().st_size / 2**20
+        main_shadow.stop(delete=True)
+        shutil.rmtree(main_shadow.datadir, ignore_errors=True)
+        fresh = EmbeddedCluster(folder / "fresh" / "pg", bindir, durable=False)
+        fresh.datadir.mkdir(parents=True)
+        started = time.perf_counter()
+        subprocess.run(["tar", "-C", str(fresh.datadir), "-xf", str(archive)], check=True)
+        restored = time.perf_counter() - started
+        server = fresh.start()
+        try:
+            pr_config = _project_on(bench, logs / "pr-project", full, changed_sql, server)
+            shutil.rmtree(bench.workdir / "xdg-cache", ignore_errors=True)
+            say("  the pull request's plan on the restored shadow ...")
+            result.figures["warm"] = bench.plan(pr_config, label="plan-restored", logs=logs, expect=(EXIT_CHANGES,))
+        finally:
+            fresh.stop(delete=True)
+        log = (logs / "plan-restored.err").read_text(errors="replace")
+        held = re.search(r"holds the first (\d+) of the desired schema's (\d+) statements", log)
+        live_kept = re.search(r"the copy of live \([^)]*\) is kept database \w+; not built again", log)
+        result.notes.append(f"warm column: the plan on the restored shadow (archive {size:.0f} MiB, made in "
+                            f"{archived:.1f} s, restored in {restored:.1f} s, not counted); "
+                            + (f"it reused {held.group(1)} of {held.group(2)} statements" if held else
+                               "it reused no kept desired database")
+                            + ("; the copy of live was kept" if live_kept else "; it copied live (pg_dump)"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+WARM_UP_SQL = "\n\nCREATE TABLE reconciler_warm_up (id integer);\n"  # as deploy/github/reconciler.yml's
+
+
+def _project_on(bench: Bench, root: Path, live: str, desired_sql: str, shadow: Server) -> Path:
+    """bench.project with another shadow server."""
+    config = bench.project(root, live, desired_sql)
+    config.write_text(config.read_text().replace(f'shadow: "{bench.shadow.dsn}"', f'shadow: "{shadow.dsn}"'))
+    assert shadow.dsn in config.read_text()
+    return config
 
 
 def _watch_edits(new_sql: str, edits: int) -> Iterator[tuple[str, str]]:
@@ -553,6 +640,11 @@ def goals(results: list[CaseResult], watch: WatchResult | None) -> list[Goal]:
     warm = figure("gitlab", "same", "warm")
     text = "GitLab, no changes: warm-shadow plan under 10 s"
     found.append(Goal(text, f"warm {warm.seconds:.2f} s", warm.seconds < 10.0) if warm else Goal(text, "not run", None))
+    restored, migra = figure("gitlab", "restored", "warm"), figure("gitlab", "restored", "migra")
+    text = "GitLab, 7 changes, shadow restored from an archive (CI): plan within 1.5x raw migra"
+    found.append(Goal(text, f"{restored.seconds:.2f} s vs migra {migra.seconds:.2f} s "
+                            f"({restored.seconds / migra.seconds:.2f}x)", restored.seconds <= 1.5 * migra.seconds)
+                 if restored and migra else Goal(text, "not run", None))
     cold, warm = figure("synthetic", "5000 tables", "cold"), figure("synthetic", "5000 tables", "warm")
     text = "5,000 tables: plan's peak memory under 300 MiB (the larger of cold and warm)"
     if cold and warm:

@@ -67,7 +67,7 @@ COMMANDS: dict[str, CommandHelp] = {
         "Sign the plan file's id with an approver's key listed in the trust file and add the signature to the file "
         "(atomically: reviewers may approve at once).",
         ((EXIT_OK, "approved"), (EXIT_REFUSED, "the key is not an approver's in the trust file")),
-        "reconciler approve plans/staging.json --key ~/.ssh/id_ed25519"),
+        "reconciler approve plans/staging.json --key ~/.ssh/reconciler_ed25519"),
     "verify-plan": CommandHelp(
         "run every check apply would make, without applying",
         "Print each check apply makes (integrity, signatures, approvals, policy, target, freshness...) and whether it "

@@ -1,7 +1,8 @@
 """``reconciler.yaml``: folders, the metadata schema and the environments, validated by a JSON Schema.
 
 Environment variables in ``${NAME}`` form are interpolated only when an environment is used, so
-a missing production secret does not stop a developer planning against ``local``.
+a missing production secret does not stop a developer planning against ``local``; ``${NAME:-default}`` gives the
+default when NAME is unset or empty (one config for CI's shadow service and a laptop's embedded shadow).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ WATCH_PORT = 9187
 # replace); the approve command printed under a plan names it, so it can be run as shown.
 APPROVER_KEY_PATH = "~/.ssh/reconciler_ed25519"
 DEFAULT_SHADOW_CACHE = 3
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")
 
 
@@ -168,7 +169,9 @@ def duration_seconds(text: str) -> float:
 
 def interpolate(value: str, field: str) -> str:
     def repl(match: re.Match[str]) -> str:
-        name = match.group(1)
+        name, default = match.group(1), match.group(2)
+        if default is not None and not os.environ.get(name):
+            return default
         if name not in os.environ:
             raise ConfigError(f"{field} uses ${{{name}}} but the environment variable {name} is not set")
         return os.environ[name]

@@ -75,6 +75,19 @@ def test_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.environment("prod").database_dsn() == "host=db.internal dbname=app user=app password=s3cret"
 
 
+def test_interpolation_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """${NAME:-default}: the default when NAME is unset or empty (CI sets the shadow service, a laptop does not)."""
+    text = "environments:\n  staging:\n    database: ${DB}\n    shadow: ${SHADOW_URL:-embedded}\n"
+    config = load_config(config_file(tmp_path, text))
+    monkeypatch.setenv("DB", "postgresql://db/app")
+    monkeypatch.delenv("SHADOW_URL", raising=False)
+    assert config.environment("staging").shadow_dsn() == EMBEDDED
+    monkeypatch.setenv("SHADOW_URL", "")
+    assert config.environment("staging").shadow_dsn() == EMBEDDED
+    monkeypatch.setenv("SHADOW_URL", "postgresql://postgres@localhost:5432/postgres")
+    assert config.environment("staging").shadow_dsn() == "postgresql://postgres@localhost:5432/postgres"
+
+
 def test_missing_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROD_HOST", "db.internal")
     monkeypatch.delenv("PROD_PASSWORD", raising=False)
