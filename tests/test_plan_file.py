@@ -375,8 +375,9 @@ def test_id_hashed_piece_by_piece_is_the_id_of_the_whole_body(plan: Plan) -> Non
 
 
 def test_small_plans_are_checked_without_compiling_the_quick_check(plan: Plan) -> None:
-    """Compiling fastjsonschema's check costs a process 40 ms: a plan of a few steps is checked by jsonschema
-    alone (errors worded the same), a big one by the compiled check first."""
+    """Compiling fastjsonschema's check costs a process 40 ms: a plan of a few steps on a small schema is checked by
+    jsonschema alone (errors worded the same), a big one, or one whose snapshots are big, by the compiled check
+    first."""
     valid = plan_to_json(Plan(id=plan.id, body=plan.body, signatures=(_SIGNATURE,)))
     assert 0 < len(valid["body"]["steps"]) <= planlib.QUICK_CHECK_STEPS
     planlib._accepts.cache_clear()
@@ -390,6 +391,15 @@ def test_small_plans_are_checked_without_compiling_the_quick_check(plan: Plan) -
     big["body"]["steps"] = [valid["body"]["steps"][0]] * (planlib.QUICK_CHECK_STEPS + 1)
     planlib.validate(big, "big.json")
     assert planlib._accepts.cache_info().currsize == 1
+    wide = copy.deepcopy(valid)  # a few steps on a big schema: its snapshots' entries are what jsonschema is slow on
+    objects = {f"table public.t{i}": "0123456789abcdef" for i in range(planlib.QUICK_CHECK_OBJECTS + 1)}
+    wide["body"]["target"]["objects"] = objects
+    planlib._accepts.cache_clear()
+    planlib.validate(wide, "wide.json")
+    assert planlib._accepts.cache_info().currsize == 1
+    wide["body"]["target"]["objects"] = {**objects, "table public.t0": "not-a-digest"}
+    with pytest.raises(PlanFileError, match=r"wide\.json: invalid plan file at body/target/objects/table public\.t0"):
+        planlib.validate(wide, "wide.json")
     for side, field in (("target", "objects"), ("desired", "objects")):  # the digests, checked apart, still checked
         wrong = copy.deepcopy(big)
         name = next(iter(wrong["body"][side][field]))

@@ -229,8 +229,9 @@ def test_every_plan_asks_the_common_questions(database: str, second_database: st
 
 def test_the_desired_databases_answers_are_found_ahead(database: str, second_database: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """While the base engine diffs, the desired database is asked the common questions; the rewriters then find
-    every answer they need from it ready."""
+    """While the base engine diffs, both databases are asked the common questions; the rewriters then find every
+    answer they need ready (live's too: on a fresh machine, with no saved answers, they were asked one by one after
+    the diff)."""
     _two_schemas(database, second_database)
     desired_name = fetch_one(second_database, "SELECT current_database()")
     streamed: list[str] = []  # the databases the rewriters themselves asked (not the thread asking ahead)
@@ -254,6 +255,6 @@ def test_the_desired_databases_answers_are_found_ahead(database: str, second_dat
     engine = SupplementedEngine(remember=True)
     changes = engine.diff(database, second_database, exclude_schemas=("reconciler",))
     assert any("name" in c.sql for c in changes)
-    assert ahead == [len(common_questions())]
+    assert ahead == [len(common_questions())] * 2
     assert desired_name not in streamed  # the rewriters asked the desired database nothing themselves
-    assert streamed  # ... but live, not asked ahead, they did
+    assert len(streamed) <= 2  # nor live, beyond the questions only some changes raise (2 of them here)

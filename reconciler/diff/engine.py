@@ -50,11 +50,12 @@ class SupplementedEngine:
         return known(dsn, fingerprint) if known is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _kept_answers(self, live_dsn: str, desired_dsn: str,
-                      ahead: tuple[str | None, dict[str, list[Any]]]) -> Iterator[dict[str, dict[str, list[Any]]]]:
+    def _kept_answers(self, live_dsn: str, desired_dsn: str, ahead: tuple[str | None, dict[str, list[Any]]],
+                      ahead_live: tuple[str | None, dict[str, list[Any]]]) -> Iterator[dict[str, dict[str, list[Any]]]]:
         """Each side's answers to the supplements' queries from an earlier diff, while its catalogs are the same
-        (by the key the base engine used for its inspection); saved again afterwards with what was added. ``ahead``:
-        what ``_answers_ahead`` found (the key its answers were kept under, if they were)."""
+        (by the key the base engine used for its inspection); saved again afterwards with what was added. ``ahead``,
+        ``ahead_live``: what ``_answers_ahead`` found for each side (the key its answers were kept under, if they
+        were)."""
         key_for = getattr(self.base, "key_for", None)
         keys = {side: key_for(dsn) if key_for is not None else None
                 for side, dsn in (("live", live_dsn), ("desired", desired_dsn))}
@@ -64,7 +65,8 @@ class SupplementedEngine:
             if key is None:
                 continue
             dsn = live_dsn if side == "live" else desired_dsn
-            found = ahead[1] if side == "desired" and key == ahead[0] else self._answers.get(key)
+            early = ahead if side == "desired" else ahead_live
+            found = early[1] if key == early[0] else self._answers.get(key)
             if found is None:
                 found = self._cache.load_answers(key, dsn) if self._cache is not None else {}
             answers[side], before[side] = found, len(found)
@@ -80,26 +82,27 @@ class SupplementedEngine:
                 while len(self._answers) > 2:  # memory is bounded: live's and the last desired's
                     self._answers.popitem(last=False)
 
-    def _answers_ahead(self, desired_dsn: str, exclude_schemas: tuple[str, ...]
+    def _answers_ahead(self, dsn: str, exclude_schemas: tuple[str, ...], questions: tuple[str, ...] | None = None,
                        ) -> tuple[str | None, dict[str, list[Any]]]:
-        """The desired database's answers: kept from an earlier diff (in memory or saved) when its catalogs are the
-        same (with the key they were kept under), else asked now (key None): the questions the last diff asked of
-        its desired database, or those every plan asks."""
+        """One side's answers: kept from an earlier diff (in memory or saved) when its catalogs are the same (with
+        the key they were kept under), else asked now (key None): ``questions``, or by default the questions the last
+        diff asked of its desired database, or those every plan asks."""
         key_now = getattr(self.base, "key_now", None)
-        key = key_now(desired_dsn, exclude_schemas) if key_now is not None else None
+        key = key_now(dsn, exclude_schemas) if key_now is not None else None
         if key is not None:
             kept = self._answers.get(key)
             if kept is None and self._cache is not None:
-                kept = self._cache.load_answers(key, desired_dsn)
+                kept = self._cache.load_answers(key, dsn)
             if kept:
                 return key, kept
-        return None, _ask(desired_dsn, self._asked or common_questions(), exclude_schemas)
+        return None, _ask(dsn, questions or self._asked or common_questions(), exclude_schemas)
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="supplements") as pool:
-            # the desired database's answers to the supplements' questions are found while the base engine diffs
-            # (migra's diff is Python, the answers the server's work)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="supplements") as pool:
+            # each side's answers to the supplements' questions are found while the base engine diffs (migra's diff
+            # is Python, the answers the server's work)
             ahead = pool.submit(self._answers_ahead, desired_dsn, exclude_schemas)
+            ahead_live = pool.submit(self._answers_ahead, live_dsn, exclude_schemas, common_questions())
             try:
                 changes = self.base.diff(live_dsn, desired_dsn, exclude_schemas=exclude_schemas)
             except ReconcilerError:  # the base engine's crash: say what it could not do, where a supplement knows
@@ -108,14 +111,18 @@ class SupplementedEngine:
                     refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
                 raise
             found_ahead = ahead.result()
+            found_live = ahead_live.result()
         with connect(live_dsn, application_name="reconciler inspect") as live, \
                 connect(desired_dsn, application_name="reconciler inspect") as desired, \
-                self._kept_answers(live_dsn, desired_dsn, found_ahead) as answers:
+                self._kept_answers(live_dsn, desired_dsn, found_ahead, found_live) as answers:
             for conn in (live, desired):
                 _catalog_names(conn)
             desired_answers = answers.setdefault("desired", {})
             for query, rows in found_ahead[1].items():  # nothing new when they were the kept ones
                 desired_answers.setdefault(query, rows)
+            live_answers = answers.setdefault("live", {})
+            for query, rows in found_live[1].items():
+                live_answers.setdefault(query, rows)
             result = supplement(Context(live, desired, self.options, exclude_schemas, answers), changes)
             if self._remember:
                 self._asked = tuple(desired_answers)
