@@ -618,6 +618,12 @@ class _Compiler:
                 if self._rewrites_type(table, column or "", cmd.def_):
                     found.append(self.hazard("TABLE_REWRITE", f"changing the type of {column} rewrites the table and its indexes "
                                                               "under an exclusive lock", table))
+                found.append(self.hazard("STATISTICS_RESET", f"changing the type or collation of {column} discards its "
+                                         f"statistics: queries may plan badly until ANALYZE {table} ({column})", table))
+            elif subtype is enums.AlterTableType.AT_ReplicaIdentity:
+                found.append(self.hazard("REPLICA_IDENTITY_CHANGE", "changes what logical replication and change data "
+                                         "capture receive for updated and deleted rows; on a published table, REPLICA "
+                                         "IDENTITY NOTHING makes UPDATE and DELETE fail", table))
             elif subtype is enums.AlterTableType.AT_SetNotNull:
                 found.append(self.hazard("FULL_SCAN_UNDER_LOCK", f"SET NOT NULL on {column} scans the table under an "
                                                                  "exclusive lock", table))

@@ -37,18 +37,18 @@ HAZARDS: Mapping[str, tuple[str, ...]] = {
     "IndexBuild": (),
     "IndexDropped": ("INDEX_DROPPED",),
     "AuthzUpdate": ("AUTHZ_CHANGE",),
-    # theirs: a rewrite, a scan, or the ANALYZE it runs after any type change. Ours name the rewrite and the scan;
-    # a type or collation change kept in place costs nothing we report (those cases list it unmet)
-    "ImpactsDatabasePerformance": ("TABLE_REWRITE", "FULL_SCAN_UNDER_LOCK"),
+    # theirs: a rewrite, a scan, or the ANALYZE it runs after any type change. Ours name the rewrite, the scan, and
+    # the column statistics any type or collation change discards (until ANALYZE)
+    "ImpactsDatabasePerformance": ("TABLE_REWRITE", "FULL_SCAN_UNDER_LOCK", "STATISTICS_RESET"),
     # theirs cannot see what a function body uses, so it flags every function and trigger change; we load the
     # desired schema whole and rehearse each plan on a copy of live, which catches a dependency a step breaks
     "HasUntrackableDependencies": (),
     # a foreign key added validated (a partitioned table's cannot be NOT VALID) holds SHARE ROW EXCLUSIVE on both
     # tables through its scan, which ours call FULL_SCAN_UNDER_LOCK; added NOT VALID, the lock is brief
     "AcquiresShareRowExclusiveLock": ("FULL_SCAN_UNDER_LOCK",),
-    # theirs also flags REPLICA IDENTITY changes (what logical replication sends); ours means rows that make a step
-    # fail, which such a change has none of (those cases list it unmet)
-    "Correctness": ("CORRECTNESS",),
+    # theirs also flags REPLICA IDENTITY changes (what logical replication sends), ours apart from rows that make a
+    # step fail
+    "Correctness": ("CORRECTNESS", "REPLICA_IDENTITY_CHANGE"),
     "ExtensionVersionUpgrade": ("EXTENSION_CHANGE",),
     "AcquiresShareLock": ("BLOCKS_WRITES",),  # CREATE INDEX without CONCURRENTLY: SHARE lock, writes wait
 }

@@ -163,6 +163,18 @@ def test_authz_and_extension_changes(case: Case) -> None:
     assert "EXTENSION_CHANGE" in codes(step(plan, "create_extension", "pg_trgm"))
 
 
+def test_statistics_reset_and_replica_identity_change(case: Case) -> None:
+    """A type or collation change in place rewrites nothing but discards the column's statistics; a replica identity
+    change alters what logical replication sends (and with NOTHING, UPDATE and DELETE fail on a published table)."""
+    plan = case.plan(desired_with(("code varchar(10)", "code varchar(20)"), ("name text,", 'name text COLLATE "C",'),
+                                  extra="ALTER TABLE visits REPLICA IDENTITY FULL;\n"))
+    retyped = step(plan, "alter_column_type", "public.accounts.code")
+    assert codes(retyped) == {"ACCESS_EXCLUSIVE_LOCK", "STATISTICS_RESET"}  # no rewrite: varchar(10) -> (20)
+    assert any("ANALYZE public.accounts (code)" in h.message and h.rows == 2000 for h in retyped.hazards)
+    assert "STATISTICS_RESET" in {c for s in plan.body.steps if s.object == "public.accounts.name" for c in codes(s)}
+    assert any("REPLICA_IDENTITY_CHANGE" in codes(s) for s in plan.body.steps if "visits" in s.object)
+
+
 def test_correctness_found_in_live_data_at_plan_time(case: Case) -> None:
     run_sql(case.database, "UPDATE accounts SET name = NULL WHERE id <= 3; UPDATE accounts SET code = 'dup' WHERE id <= 4;"
                            "UPDATE accounts SET score = -1 WHERE id <= 5; UPDATE visits SET account_id = 99999 WHERE id <= 6;"
