@@ -169,7 +169,8 @@ def test_statistics_reset_and_replica_identity_change(case: Case) -> None:
     plan = case.plan(desired_with(("code varchar(10)", "code varchar(20)"), ("name text,", 'name text COLLATE "C",'),
                                   extra="ALTER TABLE visits REPLICA IDENTITY FULL;\n"))
     retyped = step(plan, "alter_column_type", "public.accounts.code")
-    assert codes(retyped) == {"ACCESS_EXCLUSIVE_LOCK", "STATISTICS_RESET"}  # no rewrite: varchar(10) -> (20)
+    assert {"ACCESS_EXCLUSIVE_LOCK", "STATISTICS_RESET"} <= codes(retyped)  # and CORRECTNESS before PostgreSQL 16
+    assert "TABLE_REWRITE" not in codes(retyped)  # varchar(10) -> (20) rewrites nothing
     assert any("ANALYZE public.accounts (code)" in h.message and h.rows == 2000 for h in retyped.hazards)
     assert "STATISTICS_RESET" in {c for s in plan.body.steps if s.object == "public.accounts.name" for c in codes(s)}
     assert any("REPLICA_IDENTITY_CHANGE" in codes(s) for s in plan.body.steps if "visits" in s.object)
