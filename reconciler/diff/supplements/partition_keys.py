@@ -33,8 +33,11 @@ WHERE n.nspname = %s AND c.relname = %s"""
 
 
 def partition_keys(context: Context, changes: list[Change]) -> list[Change]:
-    """Both orderings, read from the catalogs only when the plan makes a partition or a key."""
-    if not any((c.kind == "create_table" and " partition of " in c.sql.lower()) or c.kind in UNIQUE_ADDS for c in changes):
+    """Both orderings, read from the catalogs only when the plan makes a partition, or a key by ADD CONSTRAINT with
+    its definition (how ``partitions`` makes a partitioned table's; migra makes other tables' keys USING INDEX): a
+    plan adding keys to plain tables does not pay for reading every constraint and index of a big schema again."""
+    if not any((c.kind == "create_table" and " partition of " in c.sql.lower())
+               or (c.kind in UNIQUE_ADDS and "using index" not in c.sql.lower()) for c in changes):
         return changes
     desired = read_side(context, "desired")
     if not desired.partitioned:
