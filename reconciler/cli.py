@@ -822,7 +822,7 @@ def cmd_cache(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     print(f"{'TEMPLATE':<36}  {'LAST USED (UTC)':<19}  {'SIZE':>9}  {'TOOL':<8}  {'HOLDS':<9}  SCHEMA FINGERPRINT")
     for t in templates:
-        print(f"{t.name:<36}  {t.last_used:%Y-%m-%d %H:%M:%S}  {t.size_bytes / 1048576:>7.1f}MB  {t.tool:<8}  "
+        print(f"{t.name:<36}  {t.last_used:%Y-%m-%d %H:%M:%S}  {(t.size_bytes or 0) / 1048576:>7.1f}MB  {t.tool:<8}  "
               f"{t.kind:<9}  {t.fingerprint}")
     return EXIT_OK
 

@@ -267,7 +267,7 @@ def _make_plan(
         with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(config, source, dsn, servers, skip, stop),
                               target_dsn=servers.target_dsn, keep=config.shadow_cache, consume=consume_kept,
                               previous=previous, sandbox=servers.loader) as shadow, \
-                _frozen(engine, servers.loader.login(shadow.dsn), excluded):
+                _frozen(engine, servers.loader.login(shadow.dsn), excluded, eager=shadow.built):
             shadow_dsn = servers.loader.login(shadow.dsn)  # read as the load role too: the schema's code is its own
             with connect(shadow_dsn) as conn:
                 renames.check_desired(conn, annotated)
@@ -320,6 +320,7 @@ def _make_plan(
                     raise RefusedError(f"the plan does not survive its rehearsal: {rehearsal.describe()}")
     finally:
         pool.shutdown(wait=True)
+        _saved(engine)
     if steps and config.safety.data_checks:
         with connect(servers.target_dsn) as conn:
             steps = add_data_hazards(conn, steps, facts)
@@ -414,10 +415,19 @@ def _read_facts(target_dsn: str, excluded: tuple[str, ...], memo: LiveMemo | Non
         return inspect.live_facts(conn, exclude_schemas=excluded)
 
 
-def _frozen(engine: DiffEngine, desired_dsn: str, excluded: tuple[str, ...]) -> contextlib.AbstractContextManager[None]:
-    """The shadow does not change while a plan uses it: an engine that can, inspects it once (and may start now)."""
+def _frozen(engine: DiffEngine, desired_dsn: str, excluded: tuple[str, ...], *, eager: bool
+            ) -> contextlib.AbstractContextManager[None]:
+    """The shadow does not change while a plan uses it: an engine that can, inspects it once (and may start now;
+    ``eager``: the plan just built it, so no saved inspection is its)."""
     frozen = getattr(engine, "frozen", None)
-    return frozen(desired_dsn, prefetch=excluded) if frozen is not None else contextlib.nullcontext()
+    return frozen(desired_dsn, prefetch=excluded, eager=eager) if frozen is not None else contextlib.nullcontext()
+
+
+def _saved(engine: DiffEngine) -> None:
+    """What an engine saves for later plans (its inspections) is on disk before the plan is made."""
+    saved = getattr(engine, "saved", None)
+    if saved is not None:
+        saved()
 
 
 def _known(engine: DiffEngine, dsn: str, fingerprint: str) -> contextlib.AbstractContextManager[None]:

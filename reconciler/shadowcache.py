@@ -101,6 +101,7 @@ class CacheKey:
 class DesiredDatabase:
     dsn: str
     kept: bool  # a kept database, or one that will be once the block is done: it never changes afterwards
+    built: bool = True  # loaded (whole or in part) by this plan, not a kept one found as it is
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Template:
     kind: str
     tool: str
     last_used: datetime
-    size_bytes: int
+    size_bytes: int | None  # read for ``reconciler cache list`` only: it walks every file of the database
     prefix: Prefix | None = None
     checkpoint: bool = False
 
@@ -158,6 +159,7 @@ def desired_database(
         except Exception as exc:  # the cache is an optimisation: whatever fails, load as without it
             log.warning("shadow cache: %s; loading the desired schema instead", _describe(exc))
     held = checkpoint = 0
+    loaded = False
 
     def seed(name: str) -> bool:
         nonlocal splice  # set once the previous schema's database is taken to be edited in place
@@ -188,6 +190,8 @@ def desired_database(
         return True
 
     def build(dsn: str) -> None:
+        nonlocal loaded
+        loaded = True
         if splice is not None:
             try:
                 count = _apply_splice(dsn, splice, load, sandbox)
@@ -208,7 +212,7 @@ def desired_database(
 
     with cached_database(server, key, build, keep=keep, purpose=COPY_PURPOSE, shared=True, seed=seed,
                          what=f"the shadow database (desired schema {source.fingerprint})") as dsn:
-        yield DesiredDatabase(dsn, kept=key is not None)
+        yield DesiredDatabase(dsn, kept=key is not None, built=loaded)
 
 
 @contextlib.contextmanager
@@ -322,7 +326,7 @@ def is_kept(server: Server, key: CacheKey) -> bool:
 def list_templates(server: Server) -> list[Template]:
     """The cached templates on ``server``, most recently used first."""
     with connect(_lock_dsn(server), application_name="reconciler shadow cache") as conn:
-        return _templates(conn, droppable=False)
+        return _templates(conn, droppable=False, sizes=True)
 
 
 def clear(server: Server) -> list[str]:
@@ -631,20 +635,21 @@ def _parse(comment: str | None) -> dict[str, Any]:
     return data if isinstance(data, dict) and data.get("marker") == MARKER else {}
 
 
-def _templates(conn: psycopg.Connection[Any], *, droppable: bool = True) -> list[Template]:
+def _templates(conn: psycopg.Connection[Any], *, droppable: bool = True, sizes: bool = False) -> list[Template]:
     """Our templates, most recently used first; ``droppable``: only those this role may drop (another role sharing
-    the shadow server keeps its own, under its own key)."""
+    the shadow server keeps its own, under its own key); ``sizes``: with each one's size on disk (a plan, which
+    lists them up to three times, does not wait for the server to add up GitLab's thousands of files each time)."""
     rows = conn.execute(
-        "SELECT datname, shobj_description(oid, 'pg_database'), pg_database_size(oid) FROM pg_database "
-        "WHERE datname LIKE %s AND (NOT %s OR pg_has_role(datdba, 'MEMBER'))",
-        (_prefixed(TEMPLATE_PREFIX), droppable)).fetchall()
+        "SELECT datname, shobj_description(oid, 'pg_database'), CASE WHEN %s THEN pg_database_size(oid) END "
+        "FROM pg_database WHERE datname LIKE %s AND (NOT %s OR pg_has_role(datdba, 'MEMBER'))",
+        (sizes, _prefixed(TEMPLATE_PREFIX), droppable)).fetchall()
     found = []
     for name, comment, size in rows:
         data = _parse(comment)
         if data and isinstance(data.get("last_used"), int | float):
             found.append(Template(name=name, fingerprint=str(data.get("fingerprint", "")),
                                   kind=str(data.get("kind", "desired")), tool=str(data.get("tool", "")),
-                                  last_used=datetime.fromtimestamp(data["last_used"], UTC), size_bytes=int(size),
+                                  last_used=datetime.fromtimestamp(data["last_used"], UTC), size_bytes=None if size is None else int(size),
                                   prefix=_prefix_of(data.get("prefix")), checkpoint=data.get("checkpoint") is True))
     return sorted(found, key=lambda t: t.last_used, reverse=True)
 

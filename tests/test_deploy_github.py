@@ -207,6 +207,7 @@ class Runner:
     def __init__(self, machine: Machine, checkout: Path, event: str) -> None:
         self.machine, self.checkout, self.event = machine, checkout, event
         self.temp = Path(tempfile.mkdtemp(prefix="runner-temp-", dir=machine.base))
+        self.home = Path(tempfile.mkdtemp(prefix="runner-home-", dir=machine.base))  # a fresh machine's: no ~/.cache
         self.outputs: dict[str, dict[str, str]] = {}
         self.outcomes: dict[str, str] = {}
         self.github_env = self.temp / "_github_env"
@@ -362,7 +363,7 @@ class Machine:
         pull_request = runner.event == "pull_request"
         return {
             "PATH": os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), os.environ["PATH"]]),
-            "HOME": str(self.base), "CI": "true", "GITHUB_ACTIONS": "true", "RUNNER_OS": "Linux",
+            "HOME": str(runner.home), "CI": "true", "GITHUB_ACTIONS": "true", "RUNNER_OS": "Linux",
             "RUNNER_TEMP": str(runner.temp), "GITHUB_WORKSPACE": str(runner.checkout),
             "GITHUB_REPOSITORY": REPOSITORY, "GITHUB_EVENT_NAME": runner.event,
             "GITHUB_REF": "refs/pull/7/merge" if pull_request else "refs/heads/main",
@@ -518,6 +519,9 @@ def test_workflow_plans_on_postgresql_15_from_the_kept_shadow_and_applies(github
                      r"statements", plan.stderr), plan.stderr
     assert "loaded 1 statements" in plan.stderr
     assert re.search(r"the copy of live \(sha256:\w+\) is kept database \w+; not built again", plan.stderr)
+    # main's reading of staging came with the state: staging is not read again for the diff
+    assert re.search(r"inspection cache: \S+/staging has the catalogs it had when it was last read", plan.stderr), \
+        plan.stderr
     assert runner.outputs["plan"] == {"verdict": "changes", "source": "new"}
     comment = (runner.temp / "comment.md").read_text()
     assert "reconciler approve plans/staging.json --key ~/.ssh/reconciler_ed25519" in comment and "invoices" in comment

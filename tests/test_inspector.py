@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -17,7 +19,7 @@ from reconciler import dsn as dsnlib
 from reconciler.diff.inspector import closure, inspector_class
 from reconciler.diff.migra_engine import MigraEngine
 from reconciler.servers import connect
-from tests.conftest import run_sql
+from tests.conftest import fetch_one, run_sql
 
 
 def lattice(n: int) -> str:
@@ -99,6 +101,39 @@ def test_a_frozen_desired_database_is_inspected_once(database: str, second_datab
     assert sum(desired_name in m for m in inspected) == 2  # once inside the block, once after it
     assert len(inspected) == 5
 
+
+
+def test_an_early_reading_no_diff_asks_for_is_called_off(database: str, second_database: str) -> None:
+    """A plan that just built its desired database starts reading it at once; when live proves to be the desired
+    schema, no diff asks for that reading, and the plan ends without waiting for it: its query is cancelled."""
+    run_sql(second_database, "CREATE TABLE t (id int);")
+    engine = MigraEngine()
+    left: list[BaseException] = []
+
+    def plan_with_nothing_to_diff() -> None:
+        try:
+            with engine.frozen(second_database, prefetch=("reconciler",), eager=True):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:  # the reading has begun, and waits for the lock below
+                    if fetch_one(database, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                           "'reconciler inspect' AND state = 'active' AND wait_event_type = 'Lock'"):
+                        return
+                    time.sleep(0.05)
+                raise AssertionError("the early reading never started")
+        except BaseException as exc:
+            left.append(exc)
+
+    with connect(second_database) as holder, holder.transaction():
+        holder.execute("LOCK TABLE pg_catalog.pg_depend IN ACCESS EXCLUSIVE MODE")  # the reading waits for it
+        planner = threading.Thread(target=plan_with_nothing_to_diff)
+        planner.start()
+        planner.join(timeout=60)
+        ended_while_locked = not planner.is_alive()
+    planner.join(timeout=60)
+    assert not left, left
+    assert ended_while_locked, "the plan waited for a reading nothing used"
+    with engine.frozen(second_database, prefetch=("reconciler",), eager=True):  # used: read, not called off
+        assert len(engine.diff(database, second_database, exclude_schemas=("reconciler",))) == 1
 
 SHAPES = """
 CREATE TYPE mood AS ENUM ('sad', 'happy');

@@ -634,9 +634,9 @@ def inspected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = migra_engine._inspect
 
-    def counted(inspector: Any, dsn: str, excluded: tuple[str, ...]) -> Any:
+    def counted(inspector: Any, dsn: str, excluded: tuple[str, ...], **kwargs: Any) -> Any:
         calls.append(dsn)
-        return real(inspector, dsn, excluded)
+        return real(inspector, dsn, excluded, **kwargs)
 
     monkeypatch.setattr(migra_engine, "_inspect", counted)
     return calls

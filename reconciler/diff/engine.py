@@ -32,17 +32,24 @@ class SupplementedEngine:
         self._answers: OrderedDict[str, dict[str, list[Any]]] = OrderedDict()  # key -> query -> rows, the last two
         self._asked: tuple[str, ...] = ()  # the queries the last diff asked of its desired database
 
-    def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None
+    def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None, eager: bool = False
                ) -> contextlib.AbstractContextManager[None]:
         """The base engine's (see ``MigraEngine.frozen``), when it has one."""
         frozen = getattr(self.base, "frozen", None)
-        return frozen(desired_dsn, prefetch=prefetch) if frozen is not None else contextlib.nullcontext()
+        return (frozen(desired_dsn, prefetch=prefetch, eager=eager) if frozen is not None
+                else contextlib.nullcontext())
 
     def warm_up(self) -> None:
         """The base engine's (see ``MigraEngine.warm_up``), when it has one."""
         warm_up = getattr(self.base, "warm_up", None)
         if warm_up is not None:
             warm_up()
+
+    def saved(self) -> None:
+        """The base engine's (see ``MigraEngine.saved``), when it has one."""
+        saved = getattr(self.base, "saved", None)
+        if saved is not None:
+            saved()
 
     def known(self, dsn: str, fingerprint: str) -> contextlib.AbstractContextManager[None]:
         """The base engine's (see ``MigraEngine.known``), when it has one."""

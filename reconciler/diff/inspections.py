@@ -95,6 +95,8 @@ class InspectionCache:
         state = self._read(self.folder / f"{key}.pickle", dsn)
         if not isinstance(state, dict):
             return None
+        log.info("inspection cache: %s has the catalogs it had when it was last read: that reading is used",
+                 dsnlib.describe(dsn))
         inspected = object.__new__(inspector)
         inspected.__dict__.update(state)
         inspected.c, inspected.engine, inspected.dialect = None, None, "postgresql"

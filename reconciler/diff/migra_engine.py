@@ -17,7 +17,7 @@ import traceback
 import types
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -50,6 +50,8 @@ class MigraEngine:
         self._keys: dict[str, str] = {}  # dsn -> the key its inspection was last found or saved under
         self._remembered: OrderedDict[str, Any] = OrderedDict()  # key -> inspection, the last two (live, desired)
         self._keys_now: dict[tuple[str, tuple[str, ...]], str] = {}  # within a ``known`` block: its key, read once
+        self._early: Future[Any] | None = None  # the frozen database's reading started early, until a diff uses it
+        self._saving: list[threading.Thread] = []  # inspections being saved while the plan goes on (see ``saved``)
 
     @contextlib.contextmanager
     def known(self, dsn: str, fingerprint: str) -> Iterator[None]:
@@ -87,34 +89,54 @@ class MigraEngine:
         return self._keys.get(dsn)
 
     @contextlib.contextmanager
-    def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None) -> Iterator[None]:
+    def frozen(self, desired_dsn: str, *, prefetch: tuple[str, ...] | None = None, eager: bool = False
+               ) -> Iterator[None]:
         """Within the block ``desired_dsn`` does not change (a plan's shadow database): it is inspected once,
         however many diffs compare with it (the plan's own, then rehearsal's check for leftovers). A remembering
-        engine (watch's: a saved file nearly always changes something) starts reading it at once, without the
-        ``prefetch`` schemas, while the plan reads the rest."""
+        engine (watch's: a saved file nearly always changes something), or one told the database is ``eager`` (just
+        built: no saved inspection can be its), starts reading it at once, without the ``prefetch`` schemas, while
+        the plan reads the rest. A reading no diff asked for by the end of the block (live was the desired schema)
+        is cancelled, not waited for."""
         previous, self._frozen = self._frozen, {}
         self._frozen_dsn = desired_dsn
+        self._early = None
+        reading: _Cancellable | None = None
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-                if self._remember and prefetch is not None:
-                    inspector = _imported()
-                    self._frozen[prefetch] = pool.submit(_inspect, inspector, desired_dsn, prefetch)
-                yield
+                if (self._remember or eager) and prefetch is not None:
+                    reading = _Cancellable()
+                    self._frozen[prefetch] = self._early = pool.submit(reading.run, desired_dsn, prefetch)
+                try:
+                    yield
+                finally:
+                    if reading is not None and self._early is not None:  # read, and no diff used it
+                        reading.cancel()
         finally:
             self._frozen = previous
+            self._early = None
 
     def diff(self, live_dsn: str, desired_dsn: str, *, exclude_schemas: tuple[str, ...]) -> list[Change]:
         from migra import Migration
 
         inspector = _imported()
         kept = self._frozen if self._frozen is not None and desired_dsn == self._frozen_dsn else None
+        unsaved: list[tuple[str, Any]] = []
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect") as pool:
             # both databases at once: each waits on its server as much as it computes
-            live = pool.submit(self._read, inspector, live_dsn, exclude_schemas)
+            live = pool.submit(self._read, inspector, live_dsn, exclude_schemas, unsaved)
             if kept is not None and exclude_schemas in kept:
-                desired = kept[exclude_schemas].result()
+                early, found = self._early, kept[exclude_schemas]
+                desired = found.result()
+                if early is found:  # read before the plan knew its fingerprint: saved now that it does
+                    self._early = None
+                    # (watch's engine, whose next schema is another, does not spend the pickling on it)
+                    key = (self.key_now(desired_dsn, exclude_schemas)
+                           if self._cache is not None and not self._remember else None)
+                    if key is not None:
+                        self._keys[desired_dsn] = key
+                        unsaved.append((key, desired))
             else:
-                reading = pool.submit(self._read, inspector, desired_dsn, exclude_schemas)
+                reading = pool.submit(self._read, inspector, desired_dsn, exclude_schemas, unsaved)
                 desired = reading.result()
                 if kept is not None:
                     kept[exclude_schemas] = reading
@@ -130,10 +152,34 @@ class MigraEngine:
                 detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 raise ReconcilerError(f"the migra engine cannot diff these schemas ({detail}{_where(exc)}); "
                                       "this schema change is not supported yet") from exc
+            finally:
+                self._save(unsaved)
         return [self._change(piece) for statement in raw for piece in _split(statement)]
 
-    def _read(self, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
-        """``dsn``'s inspection: remembered, saved or read now (then saved)."""
+    def saved(self) -> None:
+        """Wait until the inspections this engine read are saved (``diff`` saves them while the plan goes on)."""
+        while self._saving:
+            self._saving.pop().join()
+
+    def _save(self, unsaved: list[tuple[str, Any]]) -> None:
+        """Pickling GitLab's two inspections takes 0.3 s: done beside the plan's next stages (the supplements and
+        the rehearsal, which mostly wait on the server), after migra's diff, which reads them but changes nothing."""
+        if not unsaved or self._cache is None:
+            return
+        cache = self._cache
+
+        def save() -> None:
+            for key, inspected in unsaved:
+                cache.store(key, inspected)
+
+        # not a daemon: a process ending meanwhile waits for the files rather than cutting a write short
+        thread = threading.Thread(target=save, name="save inspections")
+        thread.start()
+        self._saving.append(thread)
+
+    def _read(self, inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...],
+              unsaved: list[tuple[str, Any]]) -> Any:
+        """``dsn``'s inspection: remembered, saved or read now (then added to ``unsaved``, to be saved)."""
         fingerprint = self._known.get(dsn)
         if fingerprint is None:
             self._keys.pop(dsn, None)
@@ -149,7 +195,7 @@ class MigraEngine:
         if found is None:
             found = _inspect(inspector, dsn, exclude_schemas)
             if self._cache is not None:
-                self._cache.store(key, found)
+                unsaved.append((key, found))
         if self._remember:
             with _remembered_lock:
                 self._remembered[key] = found
@@ -221,12 +267,15 @@ def _place_import_frames() -> None:
         known.setdefault(os.path.normcase(os.path.abspath(f"<frozen {name}>")), name)
 
 
-def _inspect(inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
+def _inspect(inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...],
+             opened: Callable[[Any], None] | None = None) -> Any:
     """schemainspect's reading of one database (our subclass: linear dependency closure, schemas
-    filtered in SQL, read over psycopg)."""
+    filtered in SQL, read over psycopg). ``opened`` is given the connection before it reads."""
     started = time.perf_counter()
     try:
         with connect(dsn, application_name="reconciler inspect") as connection:  # its errors name the database
+            if opened is not None:
+                opened(connection)
             inspected = inspector(connection, exclude_schemas=exclude_schemas)
     except ReconcilerError:
         raise
@@ -235,6 +284,32 @@ def _inspect(inspector: type[Any], dsn: str, exclude_schemas: tuple[str, ...]) -
                               f"({type(exc).__name__}: {exc})") from exc
     log.debug("inspected %s in %.0f ms", dsnlib.describe(dsn), (time.perf_counter() - started) * 1000)
     return inspected
+
+
+class _Cancellable:
+    """An inspection that can be called off from another thread: its query is cancelled on the server."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._cancelled = False
+
+    def run(self, dsn: str, exclude_schemas: tuple[str, ...]) -> Any:
+        return _inspect(_imported(), dsn, exclude_schemas, opened=self._opened)
+
+    def _opened(self, connection: Any) -> None:
+        with self._lock:
+            if self._cancelled:
+                raise ReconcilerError("inspection called off")
+            self._connection = connection
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(Exception):  # already done, or closed: nothing to call off
+                connection.cancel_safe(timeout=5)
 
 
 def _rls_of_partitions_left_out(inspected: Any) -> None:
