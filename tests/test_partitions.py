@@ -2,7 +2,7 @@
 
 What a partitioned table declares, PostgreSQL propagates to its partitions; migra sees the copies as
 objects of their own. These cases fail without reconciler/diff/supplements/partitions.py and the
-partition handling in reconciler/safety.py.
+partition handling in reconciler/safety/.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from reconciler.diff.base import Change
 from reconciler.errors import ApplyError, ReconcilerError
 from reconciler.pipeline import make_plan, open_servers
 from reconciler.plan import Plan, render_text
-from reconciler.safety import Step, compile_steps
+from reconciler.safety import HazardCode, Step, compile_steps
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
 
@@ -161,6 +161,16 @@ def test_authz_and_extension_changes(case: Case) -> None:
     assert any("AUTHZ_CHANGE" in codes(s) for s in plan.body.steps)
     assert "AUTHZ_CHANGE" in codes(step(plan, "create_policy"))
     assert "EXTENSION_CHANGE" in codes(step(plan, "create_extension", "pg_trgm"))
+
+
+def test_the_json_schemas_list_every_hazard_code_and_no_other() -> None:
+    """A plan file may carry, and a policy may name, exactly the hazards the compiler knows."""
+    formats = Path(__file__).resolve().parents[1] / "reconciler" / "formats"
+    plan_schema = json.loads((formats / "plan.schema.json").read_text())
+    policy_schema = json.loads((formats / "policy.schema.json").read_text())
+    hazard = plan_schema["properties"]["body"]["properties"]["steps"]["items"]["properties"]["hazards"]["items"]
+    assert hazard["properties"]["code"]["enum"] == [c.value for c in HazardCode]
+    assert policy_schema["$defs"]["hazard"]["enum"] == [c.value for c in HazardCode]
 
 
 def test_statistics_reset_and_replica_identity_change(case: Case) -> None:
