@@ -109,13 +109,23 @@ def _check(step: Step, facts: LiveFacts) -> _Check | None:
             return _Check(step, table, f"rows whose {', '.join(str(a.sval) for a in con.fk_attrs)} match no row of "
                                  f"{_rv(con.pktable)}: validating the foreign key will fail", query=query)
     if (subtype is enums.AlterTableType.AT_AlterColumnType and isinstance(cmd.def_, ast.ColumnDef)
-            and cmd.def_.typeName is not None):
+            and cmd.def_.typeName is not None and _casts_the_column(cmd.def_.raw_default, str(cmd.name))):
         column = str(cmd.name)
         type_sql = str(RawStream()(cmd.def_.typeName))
         return _Check(step, table, f"values of {column} that do not convert to {type_sql}: the type change will fail",
                       rows=sql.SQL("{} IS NOT NULL AND NOT pg_input_is_valid({}::text, {})").format(
                           sql.Identifier(column), sql.Identifier(column), sql.Literal(type_sql)))
     return None
+
+
+def _casts_the_column(using: ast.Node | None, column: str) -> bool:
+    """Is the conversion the column's own text input (no USING, or migra's ``column::type``)? A ``-- reconciler:
+    using`` expression converts otherwise: its values cannot be checked by the new type's input function."""
+    if using is None:
+        return True
+    if isinstance(using, ast.TypeCast):
+        using = using.arg
+    return isinstance(using, ast.ColumnRef) and [str(getattr(f, "sval", "")) for f in using.fields or ()] == [column]
 
 
 class _Failed(Exception):

@@ -718,6 +718,12 @@ class LiveFacts:
     type_oids: Mapping[str, int]  # 'schema.type' and bare builtin names -> oid
     lock_table: LockTable | None = None  # None: not read (a plan is then never split for it)
     routines: frozenset[str] = frozenset()  # 'schema.name' of every function and procedure: a CREATE of another is new
+    # (source, target) type oids PostgreSQL converts in an assignment (pg_cast's implicit and assignment casts), and
+    # the string types (any type converts to one of them in an assignment, through its output function)
+    assignment_casts: frozenset[tuple[int, int]] = frozenset()
+    explicit_casts: frozenset[tuple[int, int]] = frozenset()  # those only an explicit CAST or :: makes
+    string_types: frozenset[int] = frozenset()
+    domain_types: frozenset[int] = frozenset()
 
     def has_table(self, name: str) -> bool:
         return qualify(name) in self.tables
@@ -811,8 +817,15 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         cur.execute("""SELECT DISTINCT n.nspname || '.' || p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')""")
         routines = frozenset(r[0] for r in cur.fetchall())
-        cur.execute("SELECT castsource::int, casttarget::int FROM pg_cast WHERE castmethod = 'b'")
-        coercible = frozenset((int(a), int(b)) for a, b in cur.fetchall())
+        cur.execute("SELECT castsource::int, casttarget::int, castmethod = 'b', castcontext IN ('a', 'i') FROM pg_cast")
+        casts = cur.fetchall()
+        coercible = frozenset((int(a), int(b)) for a, b, binary, _ in casts if binary)
+        assignment = frozenset((int(a), int(b)) for a, b, _, assigned in casts if assigned)
+        explicit = frozenset((int(a), int(b)) for a, b, _, assigned in casts if not assigned)
+        cur.execute("SELECT oid::int, typcategory = 'S' FROM pg_type WHERE typcategory = 'S' OR typtype = 'd'")
+        kinds = cur.fetchall()
+        strings = frozenset(int(oid) for oid, string in kinds if string)
+        domains = frozenset(int(oid) for oid, string in kinds if not string)
         answer = stream(cur,
             """SELECT n.nspname || '.' || t.typname, t.oid::int, n.nspname = 'pg_catalog', format_type(t.oid, NULL)
                FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
@@ -826,5 +839,7 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
     return LiveFacts(
         tables=tables, partitioned=frozenset(partitioned), columns=columns, indexes=indexes, enums=enums,
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
-        lock_table=lock_table, routines=routines,
+        lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit,
+        string_types=strings,
+        domain_types=domains,
     )

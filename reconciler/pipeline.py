@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import history, inspect, massdrops, renames, roundtrip, sourcetext
+from . import conversions, history, inspect, massdrops, renames, roundtrip, sourcetext
 from .apply import settle
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
@@ -258,6 +258,7 @@ def _make_plan(
     excluded = (config.metadata_schema,)
     catalog: Catalog | None = None
     annotated = renames.read_renames(source)
+    notes = conversions.read_notes(source)
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="live")
     try:
         # live's schema and its tables' sizes are read while the desired schema loads, and then beside the reading
@@ -299,7 +300,7 @@ def _make_plan(
             if sourcetext.concerns(changes):
                 with connect(shadow_dsn) as conn:  # the load role's: the trials run the desired files' text
                     changes = sourcetext.as_written(changes, source, conn)
-            steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name)
+            steps = compile_steps(changes, facts, safety_settings(config, env), engine=engine.name, notes=notes)
             dropped = massdrops.dropped_tables(steps) if not env.allow_mass_drops else set()
             if dropped:
                 with connect(servers.target_dsn) as conn:

@@ -13,22 +13,20 @@ and anything else is an error that names the annotation's file and line.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
-import pglast
 import psycopg
-from pglast import ast, enums
 from psycopg import sql
 
+from .annotations import Target, annotation_comments, starting_lines
 from .diff.base import Change
 from .diff.classify import classify
 from .errors import ReconcilerError, SchemaLoadError
 from .inspect import LiveFacts
-from .shadow import line_column, split_file
-from .source import DesiredSchema, SchemaFile
+from .source import DesiredSchema
 
 ENGINE = "renames"
 DEFAULT_SCHEMA = "public"
@@ -75,14 +73,6 @@ class Rename:
 
 # --- reading the annotations ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Target:
-    kind: str
-    schema: str
-    table: str
-    name: str
-
-
 def _unquote(ident: str) -> str:
     return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident.lower()
 
@@ -95,67 +85,14 @@ def _parse_name(text: str) -> tuple[str | None, str] | None:
     return (None, _unquote(first)) if second is None else (_unquote(first), _unquote(second))
 
 
-def _targets(schema_file: SchemaFile) -> dict[int, list[_Target]]:
-    """What starts on each line: CREATE TABLE statements and column definitions."""
-    found: dict[int, list[_Target]] = {}
-    text = schema_file.text
-
-    def add(offset: int, target: _Target) -> None:
-        found.setdefault(line_column(text, offset)[0], []).append(target)
-
-    for statement in split_file(schema_file):
-        try:
-            parsed = pglast.parse_sql(statement.text)
-        except pglast.parser.ParseError:
-            continue  # the shadow database reports syntax errors with their position
-        for raw in parsed:
-            node = raw.stmt
-            start = statement.start + int(raw.stmt_location or 0)
-            if isinstance(node, ast.CreateStmt) and node.relation is not None:
-                schema = str(node.relation.schemaname or DEFAULT_SCHEMA)
-                table = str(node.relation.relname)
-                add(start, _Target("table", schema, table, table))
-                for element in node.tableElts or ():
-                    if isinstance(element, ast.ColumnDef) and element.location is not None and element.location >= 0:
-                        add(statement.start + element.location, _Target("column", schema, table, str(element.colname)))
-            elif (isinstance(node, ast.AlterTableStmt) and node.relation is not None
-                  and enums.ObjectType(int(node.objtype or 0)) is enums.ObjectType.OBJECT_TABLE):
-                schema = str(node.relation.schemaname or DEFAULT_SCHEMA)
-                table = str(node.relation.relname)
-                for cmd in node.cmds or ():
-                    col = getattr(cmd, "def_", None)
-                    if (isinstance(cmd, ast.AlterTableCmd) and isinstance(col, ast.ColumnDef)
-                            and enums.AlterTableType(int(cmd.subtype or 0)) is enums.AlterTableType.AT_AddColumn
-                            and col.location is not None and col.location >= 0):
-                        add(statement.start + col.location, _Target("column", schema, table, str(col.colname)))
-    return found
-
-
-def _comments(schema_file: SchemaFile) -> Iterable[tuple[int, int, str]]:
-    """(offset, line, text) of every ``--`` comment that starts with ``reconciler: renamed``."""
-    text = schema_file.text
-    if "reconciler" not in text.lower():
-        return
-    try:
-        tokens = pglast.parser.scan(text)
-    except pglast.parser.ParseError:
-        return  # the shadow database reports the error with its position
-    for token in tokens:
-        if token.name != "SQL_COMMENT":
-            continue
-        comment = text[token.start: token.end + 1]
-        if _MARKER.match(comment):
-            yield token.start, line_column(text, token.start)[0], comment.strip()
-
-
 def read_renames(source: DesiredSchema) -> tuple[Rename, ...]:
     """Every rename annotation of the desired schema, checked for form and placement."""
     renames: list[Rename] = []
     for schema_file in source.files:
-        annotations = list(_comments(schema_file))
+        annotations = list(annotation_comments(schema_file, _MARKER))
         if not annotations:
             continue
-        targets = _targets(schema_file)
+        targets = starting_lines(schema_file)
         for offset, line, comment in annotations:
             column = offset - schema_file.text.rfind("\n", 0, offset)
             if schema_file.text[offset - column + 1:offset].strip():
@@ -179,7 +116,7 @@ class _Misplaced(Exception):
     """An annotation that cannot apply where it stands (read_renames adds file, line and column)."""
 
 
-def _rename(path: str, line: int, name: tuple[str | None, str], candidates: list[_Target]) -> Rename:
+def _rename(path: str, line: int, name: tuple[str | None, str], candidates: list[Target]) -> Rename:
     tables = [t for t in candidates if t.kind == "table"]
     columns = [t for t in candidates if t.kind == "column"]
     if not tables and not columns:

@@ -11,7 +11,7 @@ from pglast import ast, enums
 from ..diff.base import Change
 from ..diff.classify import classify_node, identity_of
 from ..inspect import qualify
-from . import constraints, enum_values, generic, indexes, not_null, renaming
+from . import constraints, enum_values, generic, indexes, not_null, renaming, type_change
 from .context import Context
 from .drafts import MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
 from .hazards import alter_hazards
@@ -62,6 +62,8 @@ class Compiler(Context):
         partitioned_fk = constraints.partitioned_foreign_key(self, d, table, cmds)
         if partitioned_fk is not None:
             return [partitioned_fk]
+        if self.existing(table):
+            d = type_change.converted(self, d, node, table)
         if not self.existing(table):
             fresh = constraints.fresh_constraint(self, d, table, cmds)
             if fresh is not None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from pglast import ast, enums
 
+from ..conversions import ColumnNotes
 from ..diff.base import Change
 from ..inspect import LiveFacts, TableSize, qualify
 from .nodes import human_bytes, names, rv
@@ -13,8 +14,9 @@ from .steps import Hazard, HazardCode, SafetySettings
 
 
 class Context:
-    def __init__(self, facts: LiveFacts, settings: SafetySettings, engine: str) -> None:
+    def __init__(self, facts: LiveFacts, settings: SafetySettings, engine: str, notes: ColumnNotes | None = None) -> None:
         self.facts = facts
+        self.notes = notes or ColumnNotes()  # the desired SQL's using and backfill annotations
         self.settings = settings
         self.engine = engine
         self.created_tables: set[str] = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from ..conversions import ColumnNotes
 from ..diff.base import Change
 from ..inspect import LiveFacts, LockTable
 from .compiler import Compiler
@@ -25,11 +26,13 @@ def compile_steps(
     settings: SafetySettings | None = None,
     *,
     engine: str = "migra",
+    notes: ColumnNotes | None = None,
 ) -> tuple[Step, ...]:
-    """Steps in order, numbered, in phases; see the package's docstring."""
+    """Steps in order, numbered, in phases; see the package's docstring. ``notes``: the desired SQL's using and
+    backfill annotations (conversions.py)."""
     facts = facts or _EMPTY_FACTS
     settings = settings or SafetySettings()
-    compiled = [d for d in Compiler(facts, settings, engine).compile(changes) if d.sql]
+    compiled = [d for d in Compiler(facts, settings, engine, notes).compile(changes) if d.sql]
     drafts = sorted(compiled, key=lambda d: d.stage)  # stable: the engine's order within a stage
     budget = _lock_budget(facts.lock_table)
     steps: list[Step] = []
