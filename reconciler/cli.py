@@ -585,6 +585,7 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
         metadata_schema=config.metadata_schema,
         lock_wait_seconds=env.lock_wait_seconds,
         lock_retries=env.lock_retries,
+        backfill_batch_seconds=env.backfill_batch_seconds,
         verify_before_commit=env.verify_before_commit,
         allow_unrehearsed=env.allow_unrehearsed,
         auto_rollback=env.auto_rollback,

@@ -45,6 +45,7 @@ class Environment:
     lock_timeout: str = "5s"
     statement_timeout: str = "15min"
     lock_wait: str = "60s"
+    backfill_batch: str = "500ms"  # how long each batch of a backfill should take (apply/backfill.py)
     approval_groups: tuple[str, ...] = ()
     lock_retries: int = 3
     verify_before_commit: bool = True
@@ -83,6 +84,10 @@ class Environment:
     @property
     def lock_wait_seconds(self) -> float:
         return duration_seconds(self.lock_wait)
+
+    @property
+    def backfill_batch_seconds(self) -> float:
+        return duration_seconds(self.backfill_batch)
 
     @property
     def plan_ttl_seconds(self) -> float:
@@ -217,7 +222,7 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
                 duration_seconds(value)
         environments[name] = Environment(name=name, **fields)
     for env in environments.values():
-        for name in ("lock_timeout", "statement_timeout", "lock_wait", "plan_ttl"):
+        for name in ("lock_timeout", "statement_timeout", "lock_wait", "plan_ttl", "backfill_batch"):
             duration_seconds(getattr(env, name))
     policies_dir = root / data.get("policies", "policies")
     return Config(

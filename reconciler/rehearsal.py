@@ -30,6 +30,7 @@ from .diff.base import DiffEngine
 from .errors import ReconcilerError
 from .privileged import ChangeOwner, CreateExtension, hand_over, recognise
 from .safety import Step
+from .safety.backfill import KIND as BACKFILL
 from .sandbox import Sandbox
 from .servers import Server, client_bindir, connect, libpq_env
 from .shadow import create_roles, same_cluster
@@ -257,6 +258,8 @@ def _in_one_transaction(step: Step) -> str | None:
         return step.sql
     if step.kind in ("create_index_concurrently", "drop_index_concurrently"):
         return _CONCURRENTLY.sub("", step.sql, count=1)
+    if step.kind == BACKFILL:  # apply runs it in batches; whole, it ends the same
+        return step.sql
     return None
 
 

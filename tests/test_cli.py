@@ -114,22 +114,22 @@ def test_failing_step_rolls_back_and_is_recorded(repo: Repo, capsys: pytest.Capt
     assert repo.run("apply", "--auto") == 0
     run_sql(repo.database, "INSERT INTO customers (email) VALUES ('a@example.com')")
     before = snapshot_of(repo.database)
-    # A NOT NULL column without a default cannot be added to a table that has rows.
+    # The rows do not convert (the rehearsal, on a copy without rows, cannot know): the step fails at apply.
     repo.write({
         "10_tables.sql": BASE_SCHEMA["10_tables.sql"].replace(
-            "email text NOT NULL UNIQUE", "email text NOT NULL UNIQUE,\n    tier text NOT NULL"
+            "email text NOT NULL UNIQUE", "-- reconciler: using email::integer\n    email integer NOT NULL UNIQUE"
         ) + "CREATE TABLE audit (id int PRIMARY KEY);\n",
     })
     capsys.readouterr()
     assert repo.run("apply", "--auto") == 1
     err = capsys.readouterr().err
-    assert "rolled back" in err and "tier" in err
+    assert "rolled back" in err and "email" in err
     after = snapshot_of(repo.database)
     assert after.fingerprint == before.fingerprint  # audit table was not left behind either
     with connect(repo.database) as conn:
         runs = history.list_runs(conn, "reconciler")
     assert runs[0].status == "failed"
-    assert "tier" in (runs[0].error or "") and "SQLSTATE 23502" in (runs[0].error or "")
+    assert "email" in (runs[0].error or "") and "SQLSTATE 22P02" in (runs[0].error or "")
     assert {s["status"] for s in runs[0].statements} >= {"rolled back", "failed"}
 
 

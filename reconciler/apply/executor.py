@@ -30,9 +30,11 @@ from ..history import StepRecord
 from ..logs import current_run
 from ..plan import Plan
 from ..safety import Step
+from ..safety.backfill import KIND as BACKFILL
 from ..servers import connect
 from ..signing import enforce
 from . import recovery
+from .backfill import run_backfill
 from .checks import freshness, plan_checks, refuse_unless_target
 from .monitor import LockWaitMonitor
 from .options import ApplyOptions, ApplyResult
@@ -596,11 +598,31 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                         conn.execute("RESET lock_timeout")
                         conn.execute("RESET statement_timeout")
 
-            if step.kind == "create_index_concurrently":
+            if step.kind == BACKFILL:
+                _fill(conn, step, records, options, progress.check)
+            elif step.kind == "create_index_concurrently":
                 _retry_index_build(options, step, conn, run_alone)
             else:
                 _retrying(options, f"step {step.index}", run_alone)
             progress.committed()
+
+
+def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], options: ApplyOptions,
+          check: Callable[[], None]) -> None:
+    """A backfill step, batch by batch (``backfill.run_backfill``), recorded as one step."""
+    if options.on_step is not None:
+        options.on_step(step)
+    started = time.perf_counter()
+    try:
+        rows = run_backfill(conn, step, target_seconds=options.backfill_batch_seconds, lock_retries=options.lock_retries,
+                            check=check)
+    except BaseException:
+        records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
+                                  (time.perf_counter() - started) * 1000, 0.0))
+        raise
+    took = (time.perf_counter() - started) * 1000
+    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, 0.0))
+    log.info("step %d backfill %s: %d rows in %.1f ms", step.index, step.object, rows, took)
 
 
 def _retry_index_build(options: ApplyOptions, step: Step, conn: psycopg.Connection[Any],

@@ -34,6 +34,7 @@ class ApplyOptions:
     monitor_dsn: str | None = None  # set by apply_plan: where the lock-wait monitor connects
     reconnect_seconds: float = 10.0  # after losing its session: how long to try for a new one to clean up with
     cleanup_lock_timeout: str = "5s"  # removing what a stopped step left (an INVALID index) waits no longer
+    backfill_batch_seconds: float = 0.5  # a backfill's batches are sized to take about this long (apply/backfill.py)
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from pglast import ast, enums
+from psycopg import sql
 
 from ..diff.base import Change
 from ..diff.classify import classify_node, identity_of
 from ..inspect import qualify
-from . import constraints, enum_values, generic, indexes, not_null, renaming, type_change
+from . import backfill, constraints, enum_values, generic, indexes, not_null, renaming, type_change
 from .context import Context
 from .drafts import MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
 from .hazards import alter_hazards
-from .nodes import names, parse, rv, tables_of
+from .nodes import names, parse, q, rv, tables_of
 from .rollback import alter_rollback
 
 _UNIQUE_ADDS = frozenset({"add_primary_key", "add_unique_constraint"})
@@ -36,7 +37,26 @@ class Compiler(Context):
             if i in skipped:
                 continue
             out.extend(self._undone_by_drop(d, node) for d in self._statement(change, node))
-        return self._dependents(out)
+        return self._dependents(self._helpers_kept(out))
+
+    def _helpers_kept(self, drafts: list[Draft]) -> list[Draft]:
+        """A backfill's trigger and function left by a run stopped part-way are the ones this plan makes again and
+        drops at its end: the diff engine's drops of them go (in the main transaction, in the engine's order, one
+        could come after the trigger is made again and stop filling new writes before the fill is done); such a
+        trigger is dropped right before it is made again (the function is made OR REPLACE)."""
+        if not self.fill_helpers:
+            return drafts
+        left = {d.object for d in drafts if d.kind == "drop_trigger" and not d.helper and d.object in self.fill_helpers}
+        out: list[Draft] = []
+        for d in drafts:
+            if not d.helper and d.kind in ("drop_trigger", "drop_function") and d.object in self.fill_helpers:
+                continue
+            if d.helper and d.kind == "create_trigger" and d.object in left:
+                schema, table, name = d.identity
+                out.append(replace(d, sql=q("DROP TRIGGER IF EXISTS {} ON {}", sql.Identifier(name),
+                                            sql.Identifier(schema, table)), kind="drop_trigger", rollback_sql=""))
+            out.append(d)
+        return out
 
     def _statement(self, change: Change, node: ast.Node) -> list[Draft]:
         kind, obj = classify_node(node)
@@ -64,6 +84,9 @@ class Compiler(Context):
             return [partitioned_fk]
         if self.existing(table):
             d = type_change.converted(self, d, node, table)
+            filled = backfill.new_not_null_column(self, d, node, table, cmds)
+            if filled is not None:
+                return filled
         if not self.existing(table):
             fresh = constraints.fresh_constraint(self, d, table, cmds)
             if fresh is not None:
@@ -77,6 +100,10 @@ class Compiler(Context):
         if len(cmds) == 1:
             cmd = cmds[0]
             subtype = enums.AlterTableType(int(cmd.subtype or 0))
+            if subtype is enums.AlterTableType.AT_SetNotNull:
+                filled = backfill.not_null_filled(self, d, table, str(cmd.name))
+                if filled is not None:
+                    return filled
             if subtype is enums.AlterTableType.AT_SetNotNull and switches.safe_not_null:
                 return not_null.safe_not_null(self, d, table, str(cmd.name))
             if (subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint)

@@ -27,6 +27,7 @@ class Context:
         self.created_relations: set[str] = set()
         self.new_or_retyped_columns: set[tuple[str, str]] = set()
         self.validated: set[tuple[str, str]] = set()  # (table, constraint) a VALIDATE CONSTRAINT step names
+        self.fill_helpers: set[str] = set()  # the backfill triggers and functions made, named as the engine names them
 
     def existing(self, table: str) -> bool:
         """A table that exists in live and is not created by this plan: someone may be using it."""

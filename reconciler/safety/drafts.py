@@ -5,7 +5,8 @@ RENAME: renames from annotations (renames.py), before all, so every later step s
 values (nothing needs them absent). PRE_INDEX: concurrent builds over columns that already exist, so the main
 transaction can use them (ADD CONSTRAINT ... USING INDEX). MAIN: one transaction with everything else. POST_INDEX:
 concurrent builds that need the main transaction's columns, then POST_DEPENDENT: the constraints that use those
-indexes. POST_VALIDATE: each VALIDATE CONSTRAINT in its own transaction (writes go on). POST_NOT_NULL: SET NOT NULL
+indexes. BACKFILL: a new column's old rows filled, in batches (each its own transaction), while a trigger fills new
+writes. POST_VALIDATE: each VALIDATE CONSTRAINT in its own transaction (writes go on). POST_NOT_NULL: SET NOT NULL
 spared its scan by the validated CHECK. POST_DROP: indexes dropped concurrently, last.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from .steps import Hazard
 
 RENAME = -1
-PRE, PRE_INDEX, MAIN, POST_INDEX, POST_DEPENDENT, POST_VALIDATE, POST_NOT_NULL, POST_DROP = range(8)
+PRE, PRE_INDEX, MAIN, POST_INDEX, POST_DEPENDENT, BACKFILL, POST_VALIDATE, POST_NOT_NULL, POST_DROP = range(9)
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,4 @@ class Draft:
     reversible: bool = False
     original_sql: str | None = None
     identity: tuple[str, ...] = ()  # the object's name parts, from the parse tree (see classify.identity_of)
+    helper: bool = False  # an object a strategy makes for the plan's own use and drops before it ends

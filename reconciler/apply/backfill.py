@@ -1,0 +1,83 @@
+"""A backfill step (safety/backfill.py) run without holding a lock through the fill: its UPDATE restricted to a
+range of the table's pages at a time, each range its own short transaction, sized so a batch takes about
+``target_seconds``.
+
+Pages, not keys: a table needs no key for it, every row existing when the fill starts lies in the pages counted
+then, and with a TID range scan (PostgreSQL 14 and later) a batch reads only its pages. Rows written meanwhile, and
+new versions of rows updated meanwhile, are filled by the step's trigger (the fill's own UPDATE leaves the column
+set, so the trigger lets it be). The UPDATE touches only rows still NULL, so a fill that stopped part-way, planned
+again, fills only what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..errors import ApplyError
+from ..safety import Step
+
+log = logging.getLogger(__name__)
+
+FIRST_PAGES = 16
+MAX_PAGES = 65536
+REPORT_SECONDS = 5.0
+
+
+def run_backfill(conn: psycopg.Connection[Any], step: Step, *, target_seconds: float, lock_retries: int,
+                 check: Callable[[], None] = lambda: None) -> int:
+    """Fill the step's table batch by batch; returns the rows updated. ``check`` runs before each batch (a signal
+    or a cancel request stops the fill between two batches: what is filled stays filled)."""
+    schema, table = step.identity[0], step.identity[1]
+    relation = sql.Identifier(schema, table).as_string(conn)
+    row = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (relation,)).fetchone()
+    pages = int(row[0]) if row else 0
+    batch = sql.SQL("{} AND ctid >= %s::tid AND ctid < %s::tid").format(sql.SQL(step.sql))  # the compiler's UPDATE
+    start, size, rows = 0, FIRST_PAGES, 0
+    began = reported = time.monotonic()
+    log.info("backfill %s: %d pages to fill in batches of about %.1fs", step.object, pages, target_seconds)
+    while start < pages:
+        check()
+        end = min(start + size, pages)
+        took = _batch(conn, step, batch, start, end, lock_retries)
+        rows += took[1]
+        log.debug("backfill %s: pages %d to %d, %d rows in %.3fs", step.object, start, end, took[1], took[0])
+        # the next batch sized to take about target_seconds: at most twice this one's pages, at least one page
+        scale = target_seconds / took[0] if took[0] > 0 else 2.0
+        size = max(1, min(MAX_PAGES, int((end - start) * min(scale, 2.0))))
+        start = end
+        now = time.monotonic()
+        if now - reported >= REPORT_SECONDS or start >= pages:
+            reported = now
+            rate = rows / (now - began) if now > began else 0.0
+            left = (pages - start) * (now - began) / start if start else 0.0
+            log.info("backfill %s: page %s of %s (%.0f%%), %s rows, %s rows/s, about %.0fs left", step.object,
+                     f"{start:,}", f"{pages:,}", 100.0 * start / pages, f"{rows:,}", f"{rate:,.0f}", left)
+    return rows
+
+
+def _batch(conn: psycopg.Connection[Any], step: Step, batch: sql.Composed, start: int, end: int,
+           lock_retries: int) -> tuple[float, int]:
+    """One range of pages in its own transaction, retried when it waits too long for a row lock; (seconds, rows)."""
+    for attempt in range(lock_retries + 1):
+        began = time.perf_counter()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                              (step.lock_timeout, step.statement_timeout))
+                cursor = conn.execute(batch, (f"({start},0)", f"({end},0)"))
+            return time.perf_counter() - began, max(cursor.rowcount, 0)
+        except psycopg.errors.LockNotAvailable:
+            if attempt == lock_retries:
+                raise ApplyError(f"step {step.index} (backfill {step.object}) could not lock rows of pages {start} to "
+                                 f"{end} within lock_timeout {step.lock_timeout} after {attempt + 1} attempts") from None
+            time.sleep(min(0.5 * 2**attempt, 10.0))
+        except psycopg.Error as exc:
+            raise ApplyError(f"step {step.index} (backfill {step.object}) failed on pages {start} to {end}: "
+                             f"{exc.diag.message_primary or exc}") from exc
+    raise AssertionError("unreachable")
