@@ -42,7 +42,7 @@ from .errors import ConfigError, ReconcilerError, RefusedError
 
 if TYPE_CHECKING:
     from . import history
-    from .apply import ApplyOptions
+    from .apply import ApplyOptions, BackfillLimits
     from .plan import ApprovalView, Plan
     from .safety import Step
     from .signing import PlannerKey, Requirements, Trust
@@ -585,7 +585,7 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
         metadata_schema=config.metadata_schema,
         lock_wait_seconds=env.lock_wait_seconds,
         lock_retries=env.lock_retries,
-        backfill_batch_seconds=env.backfill_batch_seconds,
+        backfill=_backfill_limits(env),
         verify_before_commit=env.verify_before_commit,
         allow_unrehearsed=env.allow_unrehearsed,
         auto_rollback=env.auto_rollback,
@@ -594,6 +594,18 @@ def _apply_options(config: Config, env: Environment, *, plan_file: bool) -> Appl
         requirements=req,
         trust=_trust(config, needed=req.require_signed or bool(req.approvals or req.groups)),
     )
+
+
+def _backfill_limits(env: Environment) -> BackfillLimits:
+    from .apply import BackfillLimits
+    from .config import duration_seconds, size_bytes
+
+    settings = env.backfill
+    return BackfillLimits(batch_seconds=duration_seconds(settings.batch),
+                          max_replica_lag_seconds=duration_seconds(settings.max_replica_lag),
+                          max_replica_bytes=size_bytes(settings.max_replica_bytes),
+                          max_lock_waiters=settings.max_lock_waiters,
+                          max_transaction_age_seconds=duration_seconds(settings.max_transaction_age))
 
 
 def _announce_backup(taken: Any) -> None:

@@ -36,6 +36,20 @@ _DURATION = re.compile(r"^([0-9]+)(ms|s|min|h|d)?$")
 
 
 @dataclass(frozen=True)
+class BackfillSettings:
+    """How a backfill goes easy on production: each batch sized to take ``batch``; paused while a streaming replica
+    replays more than ``max_replica_lag`` (or ``max_replica_bytes``) behind, while more than ``max_lock_waiters``
+    sessions wait for a lock on the table, or while a transaction of the database has been open longer than
+    ``max_transaction_age`` (the rows the fill replaces cannot be vacuumed meanwhile)."""
+
+    batch: str = "500ms"
+    max_replica_lag: str = "30s"
+    max_replica_bytes: str = "256MB"
+    max_lock_waiters: int = 2
+    max_transaction_age: str = "1h"
+
+
+@dataclass(frozen=True)
 class Environment:
     name: str
     database: str  # 'embedded' or a DSN, possibly with ${VARS}; empty for a fleet
@@ -45,7 +59,7 @@ class Environment:
     lock_timeout: str = "5s"
     statement_timeout: str = "15min"
     lock_wait: str = "60s"
-    backfill_batch: str = "500ms"  # how long each batch of a backfill should take (apply/backfill.py)
+    backfill: BackfillSettings = field(default_factory=lambda: BackfillSettings())  # apply/backfill.py
     approval_groups: tuple[str, ...] = ()
     lock_retries: int = 3
     verify_before_commit: bool = True
@@ -84,10 +98,6 @@ class Environment:
     @property
     def lock_wait_seconds(self) -> float:
         return duration_seconds(self.lock_wait)
-
-    @property
-    def backfill_batch_seconds(self) -> float:
-        return duration_seconds(self.backfill_batch)
 
     @property
     def plan_ttl_seconds(self) -> float:
@@ -164,6 +174,17 @@ class Config:
         return env
 
 
+_SIZE = re.compile(r"^([0-9]+)(B|kB|MB|GB|TB)?$")
+
+
+def size_bytes(text: str) -> int:
+    """'256MB' -> bytes (PostgreSQL's units: kB is 1024 bytes)."""
+    match = _SIZE.match(str(text).strip())
+    if match is None:
+        raise ConfigError(f"invalid size {text!r}: use a number with an optional unit (B, kB, MB, GB, TB), e.g. 256MB")
+    return int(match.group(1)) * {"B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, None: 1}[match.group(2)]
+
+
 def duration_seconds(text: str) -> float:
     match = _DURATION.match(text.strip())
     if not match:
@@ -217,13 +238,18 @@ def load_config(path: Path | None = None, *, cwd: Path | None = None) -> Config:
         fields["databases"] = tuple(fields.get("databases") or ())
         if "databases_file" in fields:
             fields["databases_file"] = root / fields["databases_file"]
+        if "backfill" in fields:
+            fields["backfill"] = BackfillSettings(**fields["backfill"])
         for limits in (fields.get("timeouts") or {}).values():
             for value in limits.values():
                 duration_seconds(value)
         environments[name] = Environment(name=name, **fields)
     for env in environments.values():
-        for name in ("lock_timeout", "statement_timeout", "lock_wait", "plan_ttl", "backfill_batch"):
+        for name in ("lock_timeout", "statement_timeout", "lock_wait", "plan_ttl"):
             duration_seconds(getattr(env, name))
+        for name in ("batch", "max_replica_lag", "max_transaction_age"):
+            duration_seconds(getattr(env.backfill, name))
+        size_bytes(env.backfill.max_replica_bytes)
     policies_dir = root / data.get("policies", "policies")
     return Config(
         root=root,

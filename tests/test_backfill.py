@@ -5,22 +5,26 @@ the annotation such a column on a table with rows is refused."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import textwrap
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from reconciler.apply import ApplyOptions, apply_plan
+from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
+from reconciler.apply.backfill import _Watch
 from reconciler.config import load_config
 from reconciler.errors import RefusedError
 from reconciler.pipeline import make_plan, open_servers
 from reconciler.plan import Plan
 from reconciler.safety.backfill import _on_new_row
-from reconciler.servers import Server, connect
+from reconciler.servers import EmbeddedCluster, Server, connect, service_account
 from tests.conftest import fetch_one, run_sql
 from tests.target import Target
 
@@ -110,7 +114,7 @@ def test_the_backfill_fills_every_row_while_writers_go_on(project: Project, capl
     thread.start()
     try:
         result = apply_plan(plan, project.database, ApplyOptions(environment="test", metadata_schema="reconciler",
-                                                                 backfill_batch_seconds=0.005))
+                                                                 backfill=BackfillLimits(batch_seconds=0.005)))
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -155,12 +159,14 @@ def test_the_batch_time_comes_from_the_environment(tmp_path: Path) -> None:
         environments:
           prod:
             database: "host=/nowhere dbname=x"
-            backfill_batch: 250ms
+            backfill: {batch: 250ms, max_replica_bytes: 16MB, max_transaction_age: 10min}
             require_signed_plans: false
         """))
     config = load_config(tmp_path / "reconciler.yaml")
-    assert _apply_options(config, config.environment("prod"), plan_file=False).backfill_batch_seconds == 0.25
-    assert config.environment("local").backfill_batch_seconds == 0.5
+    limits = _apply_options(config, config.environment("prod"), plan_file=False).backfill
+    assert (limits.batch_seconds, limits.max_replica_bytes, limits.max_transaction_age_seconds) == (0.25, 16 * 2**20, 600)
+    assert limits.max_replica_lag_seconds == 30 and limits.max_lock_waiters == 2  # the defaults
+    assert _apply_options(config, config.environment("local"), plan_file=False).backfill.batch_seconds == 0.5
 
 
 # --- stopped part-way, through the real command line ---------------------------------------------------------
@@ -186,7 +192,7 @@ def _filling(target: Target) -> subprocess.Popen[str]:
     run_sql(target.database, "INSERT INTO items SELECT g, 1 + g % 50, 'n' || g, 'l' FROM generate_series(501, 200000) g;"
                              "ANALYZE items;")
     config = target.root / "reconciler.yaml"
-    config.write_text(config.read_text().replace("    lock_wait: 30s\n", "    lock_wait: 30s\n    backfill_batch: 5ms\n"))
+    config.write_text(config.read_text().replace("    lock_wait: 30s\n", "    lock_wait: 30s\n    backfill: {batch: 5ms}\n"))
     target.desired(ITEMS)
     proc = target.start_apply(target.plan())
     target.wait_for("SELECT count(*) > 0 FROM pg_trigger WHERE tgname LIKE 'reconciler_fill_%'", seconds=60)
@@ -227,3 +233,113 @@ def test_a_fill_stopped_part_way_ends_with_every_row_right(target: Target, how: 
     assert fetch_one(target.database, "SELECT count(*) FROM items WHERE note_key IS DISTINCT FROM upper(note) || id") == 0
     assert target.run("drift").returncode == 0
     assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_fill_%'") == 0
+
+
+# --- going easy on production ----------------------------------------------------------------------------------
+
+def _apply_watched(project: Project, plan: Plan, limits: BackfillLimits, paused: str, caplog: pytest.LogCaptureFixture,
+                   release: Callable[[], None]) -> list[str]:
+    """Apply ``plan`` in a thread; once the fill says it paused for ``paused``, ``release`` what held it; the
+    backfill's messages."""
+    caplog.set_level(logging.INFO, logger="reconciler.apply.backfill")
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(apply_plan(
+        plan, project.database, ApplyOptions(environment="test", metadata_schema="reconciler", backfill=limits))))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(paused in r.getMessage() for r in caplog.records):
+            assert thread.is_alive() and time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        assert thread.is_alive()  # still paused: it waits for the release
+    finally:
+        release()
+        thread.join(timeout=120)
+    assert len(done) == 1 and getattr(done[0], "status", None) == "applied", done
+    assert fetch_one(project.database, "SELECT count(*) FROM users WHERE email_key IS DISTINCT FROM lower(email)") == 0
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_the_fill_waits_while_a_transaction_is_open_too_long(project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    plan = project.plan(DESIRED.format(annotation=ANNOTATION))
+    old = connect(project.database, autocommit=False)
+    old.execute("SELECT 1")  # a transaction left open by an application
+    time.sleep(1.2)
+    said = _apply_watched(project, plan, BackfillLimits(max_transaction_age_seconds=1, pause_check_seconds=0.1),
+                          "a transaction has been open", caplog, lambda: (old.commit(), old.close()))
+    assert any(m.startswith("backfill public.users.email_key resumed after") for m in said), said
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[Server, Server]]:
+    """A primary and a streaming replica of it (pg_basebackup -R), each a cluster of its own."""
+    bindir = Path(os.environ["RECONCILER_TEST_PG_BINDIR"]) if os.environ.get("RECONCILER_TEST_PG_BINDIR") else None
+    primary = EmbeddedCluster(tmp_path / "primary", bindir, in_memory=True)
+    standby = EmbeddedCluster(tmp_path / "standby", bindir, in_memory=True)
+    try:
+        source = primary.start()
+        standby.datadir.mkdir(mode=0o700, parents=True)
+        account = service_account()
+        run_as = {"user": account.uid, "group": account.gid, "extra_groups": []} if account else {}
+        if account:
+            os.chown(standby.datadir, account.uid, account.gid)
+        copied = subprocess.run([str(primary.bindir / "pg_basebackup"), "-d", source.dsn, "-D", str(standby.datadir),
+                                 "-R", "-X", "stream", "-c", "fast"], capture_output=True, text=True, timeout=300,
+                                check=False, cwd="/", **run_as)
+        assert copied.returncode == 0, copied.stderr
+        replica = standby.start()
+        yield source, replica
+    finally:
+        standby.stop(delete=True)
+        primary.stop(delete=True)
+
+
+def test_the_fill_waits_while_a_replica_falls_behind(replicated: tuple[Server, Server], tmp_path: Path,
+                                                     pg_server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    primary, replica = replicated
+    with connect(primary.dsn) as conn:
+        conn.execute("CREATE DATABASE app")
+    database = primary.database_dsn("app")
+    run_sql(database, LIVE)
+    project = Project(tmp_path / "project", database, pg_server)
+    (tmp_path / "project").mkdir()
+    plan = project.plan(DESIRED.format(annotation=ANNOTATION))
+    deadline = time.monotonic() + 60  # the replica has replayed the table before its replay is paused
+    while fetch_one(replica.database_dsn("app"), "SELECT count(*) FROM users") != 20000:
+        assert time.monotonic() < deadline, "the replica never caught up"
+        time.sleep(0.1)
+    run_sql(replica.dsn, "SELECT pg_wal_replay_pause()")
+    said = _apply_watched(project, plan, BackfillLimits(max_replica_bytes=1, pause_check_seconds=0.1),
+                          "of WAL still to replay", caplog, lambda: run_sql(replica.dsn, "SELECT pg_wal_replay_resume()"))
+    assert any("paused: replica 'walreceiver' has" in m for m in said), said
+    assert any(m.startswith("backfill public.users.email_key resumed after") for m in said), said
+    deadline = time.monotonic() + 60  # the replica ends with every row filled too
+    while fetch_one(replica.database_dsn("app"), "SELECT count(*) FROM users WHERE email_key IS NULL") != 0:
+        assert time.monotonic() < deadline, "the replica never caught up"
+        time.sleep(0.1)
+
+
+def test_sessions_waiting_on_the_table_or_its_rows_pause_the_fill(database: str) -> None:
+    run_sql(database, LIVE)
+    holder = connect(database, autocommit=False)
+    holder.execute("SELECT 1 FROM users WHERE id = 5 FOR UPDATE")
+    waiters = [connect(database) for _ in range(3)]
+    threads = [threading.Thread(target=w.execute, args=("UPDATE users SET note = 'w' WHERE id = 5",)) for w in waiters]
+    for thread in threads:
+        thread.start()
+    try:
+        with connect(database) as conn:
+            watch = _Watch(conn, "public.users.email_key", '"public"."users"', BackfillLimits(max_lock_waiters=2))
+            deadline = time.monotonic() + 30
+            while not watch.reasons():
+                assert time.monotonic() < deadline, "the waiting sessions were never seen"
+                time.sleep(0.05)
+            assert watch.reasons() == ["3 sessions wait for a lock on the table (limit 2)"]
+            holder.rollback()
+            for thread in threads:
+                thread.join(timeout=30)
+            assert watch.reasons() == []
+    finally:
+        holder.close()
+        for w in waiters:
+            w.close()

@@ -3,7 +3,7 @@ that stopped short (see ARCHITECTURE.md)."""
 
 from .checks import plan_checks
 from .executor import apply_plan
-from .options import ApplyOptions, ApplyResult
+from .options import ApplyOptions, ApplyResult, BackfillLimits
 from .recovery import Settled, settle
 
-__all__ = ["ApplyOptions", "ApplyResult", "Settled", "apply_plan", "plan_checks", "settle"]
+__all__ = ["ApplyOptions", "ApplyResult", "BackfillLimits", "Settled", "apply_plan", "plan_checks", "settle"]

@@ -7,6 +7,11 @@ then, and with a TID range scan (PostgreSQL 14 and later) a batch reads only its
 new versions of rows updated meanwhile, are filled by the step's trigger (the fill's own UPDATE leaves the column
 set, so the trigger lets it be). The UPDATE touches only rows still NULL, so a fill that stopped part-way, planned
 again, fills only what is left.
+
+Before each batch the fill looks at what it would make worse, and waits while any is past its limit (``BackfillLimits``),
+saying why: a streaming replica's replay lag (time, and WAL bytes still to replay, from ``pg_stat_replication``,
+which needs a superuser or ``pg_monitor`` to show them), sessions waiting for a lock on the table, and the
+oldest open transaction of the database (while it is open, the row versions the fill replaces cannot be vacuumed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from psycopg import sql
 
 from ..errors import ApplyError
 from ..safety import Step
+from .options import BackfillLimits
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +35,11 @@ MAX_PAGES = 65536
 REPORT_SECONDS = 5.0
 
 
-def run_backfill(conn: psycopg.Connection[Any], step: Step, *, target_seconds: float, lock_retries: int,
+def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillLimits, lock_retries: int,
                  check: Callable[[], None] = lambda: None) -> int:
-    """Fill the step's table batch by batch; returns the rows updated. ``check`` runs before each batch (a signal
-    or a cancel request stops the fill between two batches: what is filled stays filled)."""
+    """Fill the step's table batch by batch; returns the rows updated. ``check`` runs before each batch and while
+    paused (a signal or a cancel request stops the fill between two batches: what is filled stays filled)."""
+    target_seconds = limits.batch_seconds
     schema, table = step.identity[0], step.identity[1]
     relation = sql.Identifier(schema, table).as_string(conn)
     row = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (relation,)).fetchone()
@@ -41,8 +48,10 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, target_seconds: f
     start, size, rows = 0, FIRST_PAGES, 0
     began = reported = time.monotonic()
     log.info("backfill %s: %d pages to fill in batches of about %.1fs", step.object, pages, target_seconds)
+    watch = _Watch(conn, step.object, relation, limits)
     while start < pages:
         check()
+        watch.wait_while_busy(check)
         end = min(start + size, pages)
         took = _batch(conn, step, batch, start, end, lock_retries)
         rows += took[1]
@@ -59,6 +68,65 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, target_seconds: f
             log.info("backfill %s: page %s of %s (%.0f%%), %s rows, %s rows/s, about %.0fs left", step.object,
                      f"{start:,}", f"{pages:,}", 100.0 * start / pages, f"{rows:,}", f"{rate:,.0f}", left)
     return rows
+
+
+class _Watch:
+    """What the fill would make worse, looked at before each batch; waits while any is past its limit."""
+
+    def __init__(self, conn: psycopg.Connection[Any], what: str, relation: str, limits: BackfillLimits) -> None:
+        self.conn, self.what, self.relation, self.limits = conn, what, relation, limits
+        self.unseen_warned = False
+
+    def wait_while_busy(self, check: Callable[[], None]) -> None:
+        reasons = self.reasons()
+        if not reasons:
+            return
+        paused, said = time.monotonic(), ""
+        while reasons:
+            text = "; ".join(reasons)
+            if text != said:
+                log.warning("backfill %s paused: %s", self.what, text)
+                said = text
+            check()
+            time.sleep(self.limits.pause_check_seconds)
+            reasons = self.reasons()
+        log.info("backfill %s resumed after %.0fs paused", self.what, time.monotonic() - paused)
+
+    def reasons(self) -> list[str]:
+        """Why the fill should wait now (empty: it need not)."""
+        limits, found = self.limits, []
+        replicas = self.conn.execute(
+            "SELECT coalesce(application_name, ''), extract(epoch FROM replay_lag)::float8, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 FROM pg_stat_replication").fetchall()
+        for name, lag, behind in replicas:
+            if behind is None and not self.unseen_warned:
+                log.warning("backfill %s: cannot see how far replica %r is behind (pg_stat_replication shows it to "
+                            "superusers and pg_monitor members): its lag does not pause the fill", self.what, name)
+                self.unseen_warned = True
+            if lag is not None and lag > limits.max_replica_lag_seconds:
+                found.append(f"replica {name!r} replays {lag:.0f}s behind (limit {limits.max_replica_lag_seconds:.0f}s)")
+            elif behind is not None and behind > limits.max_replica_bytes:
+                found.append(f"replica {name!r} has {_mib(behind)} of WAL still to replay (limit "
+                             f"{_mib(limits.max_replica_bytes)})")
+        row = self.conn.execute(
+            # sessions waiting for a lock on the table, or for a row of it (those hold a lock on the table meanwhile)
+            "SELECT (SELECT count(DISTINCT w.pid) FROM pg_locks w WHERE NOT w.granted AND (w.relation = %(t)s::regclass "
+            " OR EXISTS (SELECT FROM pg_locks h WHERE h.pid = w.pid AND h.granted AND h.relation = %(t)s::regclass))), "
+            "(SELECT extract(epoch FROM max(now() - xact_start))::float8 FROM pg_stat_activity "
+            " WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid() "
+            " AND backend_type = 'client backend' AND application_name NOT LIKE 'reconciler %%')",
+            {"t": self.relation}).fetchone()
+        waiters, oldest = (int(row[0]), row[1]) if row else (0, None)
+        if waiters > limits.max_lock_waiters:
+            found.append(f"{waiters} sessions wait for a lock on the table (limit {limits.max_lock_waiters})")
+        if oldest is not None and oldest > limits.max_transaction_age_seconds:
+            found.append(f"a transaction has been open {oldest:.0f}s (limit {limits.max_transaction_age_seconds:.0f}s): "
+                         "the row versions the fill replaces cannot be vacuumed meanwhile")
+        return found
+
+
+def _mib(n: float) -> str:
+    return f"{n / 1024**2:.1f} MiB"
 
 
 def _batch(conn: psycopg.Connection[Any], step: Step, batch: sql.Composed, start: int, end: int,

@@ -614,8 +614,7 @@ def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], 
         options.on_step(step)
     started = time.perf_counter()
     try:
-        rows = run_backfill(conn, step, target_seconds=options.backfill_batch_seconds, lock_retries=options.lock_retries,
-                            check=check)
+        rows = run_backfill(conn, step, limits=options.backfill, lock_retries=options.lock_retries, check=check)
     except BaseException:
         records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
                                   (time.perf_counter() - started) * 1000, 0.0))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -11,6 +11,18 @@ from ..backup import Backup
 from ..history import StepRecord
 from ..safety import Step
 from ..signing import NO_REQUIREMENTS, Requirements, Trust
+
+
+@dataclass(frozen=True)
+class BackfillLimits:
+    """config.BackfillSettings in numbers: the time each batch should take, and the limits that pause the fill."""
+
+    batch_seconds: float = 0.5
+    max_replica_lag_seconds: float = 30.0
+    max_replica_bytes: int = 256 * 1024**2
+    max_lock_waiters: int = 2
+    max_transaction_age_seconds: float = 3600.0
+    pause_check_seconds: float = 1.0  # while paused, how often the limits are looked at again
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,7 @@ class ApplyOptions:
     monitor_dsn: str | None = None  # set by apply_plan: where the lock-wait monitor connects
     reconnect_seconds: float = 10.0  # after losing its session: how long to try for a new one to clean up with
     cleanup_lock_timeout: str = "5s"  # removing what a stopped step left (an INVALID index) waits no longer
-    backfill_batch_seconds: float = 0.5  # a backfill's batches are sized to take about this long (apply/backfill.py)
+    backfill: BackfillLimits = field(default_factory=lambda: BackfillLimits())  # apply/backfill.py
 
 
 @dataclass(frozen=True)
