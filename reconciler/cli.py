@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", default="60s", metavar="DURATION", help="wait up to DURATION for the run to end and say how (0: do not wait)")
     _target_options(p)
 
+    p = command("backfill")
+    p.add_argument("action", choices=["status", "pause", "resume", "throttle"], help="what to do")
+    p.add_argument("run_id", help="the run filling a column (see `reconciler history`; a unique prefix will do)")
+    p.add_argument("--batch", metavar="DURATION", help="throttle: how long each batch should take (e.g. 100ms)")
+    _target_options(p)
+
     p = command("verify")
     _target_options(p)
     _schemas_option(p)
@@ -398,6 +404,62 @@ def _run_by_id(conn: Any, config: Config, run_id: str) -> history.Run:
     from . import history
 
     return history.find_run(conn, config.metadata_schema, run_id)
+
+
+def cmd_backfill(args: argparse.Namespace, config: Config) -> int:
+    from . import history
+    from .apply import settle
+    from .pipeline import open_servers
+    from .servers import connect
+
+    wrong = ("backfill throttle needs --batch DURATION (how long each batch should take, e.g. 100ms)"
+             if args.action == "throttle" and not args.batch else
+             "--batch goes with backfill throttle" if args.batch and args.action != "throttle" else "")
+    if wrong:
+        print(f"reconciler backfill: error: {wrong} (exit {EXIT_USAGE}: usage error; see reconciler backfill --help)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.batch:
+        duration_seconds(args.batch)  # a malformed one is refused before anything is asked
+    env = _env(config, args)
+    with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
+        settle(conn, config.metadata_schema)
+        run = _run_by_id(conn, config, args.run_id)
+        if args.action == "status":
+            print(_backfill_status(run))
+            return EXIT_OK
+        changes: dict[str, Any] = {"paused": True, "by": history.actor()} if args.action == "pause" else \
+            {"paused": False} if args.action == "resume" else {"batch_seconds": duration_seconds(args.batch)}
+        if run.shown_status != "running" or not history.request_backfill(conn, config.metadata_schema, run.id, changes):
+            raise RefusedError(f"run {run.id} is not running (it is {run.shown_status}): nothing to {args.action}")
+    said = {"pause": "to pause before its next batch (what is filled stays; the trigger keeps filling new writes)",
+            "resume": "to go on", "throttle": f"to make each batch take about {args.batch}"}[args.action]
+    print(f"Asked run {run.id}'s backfill {said}.")
+    if not (run.backfill or {}).get("progress"):
+        print("It has not begun filling yet: it will see the request when it does.")
+    return EXIT_OK
+
+
+def _backfill_status(run: history.Run) -> str:
+    progress = (run.backfill or {}).get("progress")
+    requested = (run.backfill or {}).get("requested") or {}
+    if not progress:
+        return f"Run {run.id} ({run.shown_status}) has not filled anything (no backfill step begun)."
+    pages, done = int(progress.get("pages") or 0), int(progress.get("pages_done") or 0)
+    share = f" ({100.0 * done / pages:.0f}%)" if pages else ""
+    state = progress.get("state")
+    if run.shown_status != "running" and state != "done":
+        state = f"stopped ({run.shown_status})"
+    lines = [f"Run {run.id} ({run.shown_status}): backfill {progress.get('object')} (step {progress.get('step')}): "
+             f"{state}, page {done:,} of {pages:,}{share}, {int(progress.get('rows') or 0):,} rows, "
+             f"{float(progress.get('rows_per_second') or 0):,.0f} rows/s"
+             + (f", about {float(progress.get('seconds_left') or 0):.0f}s left" if state == "filling" else "")
+             + f" (as of {progress.get('updated_at')})"]
+    if progress.get("reason"):
+        lines.append(f"  waiting: {progress['reason']}")
+    if requested.get("batch_seconds"):
+        lines.append(f"  batches of about {float(requested['batch_seconds']):g}s (throttled)")
+    return "\n".join(lines)
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
@@ -865,7 +927,7 @@ def cmd_watch(args: argparse.Namespace, config: Config) -> int:
 _COMMANDS = {
     "plan": cmd_plan, "apply": cmd_apply, "diff": cmd_diff, "drift": cmd_drift, "history": cmd_history,
     "approve": cmd_approve, "verify-plan": cmd_verify_plan, "lint": cmd_lint, "backup": cmd_backup,
-    "restore": cmd_restore, "cancel": cmd_cancel, "verify": cmd_verify, "rollback": cmd_rollback,
+    "restore": cmd_restore, "cancel": cmd_cancel, "backfill": cmd_backfill, "verify": cmd_verify, "rollback": cmd_rollback,
     "watch": cmd_watch, "cache": cmd_cache,
 }
 _NO_CONFIG = {"init": cmd_init, "show": cmd_show, "keygen": cmd_keygen}

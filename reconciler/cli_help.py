@@ -91,6 +91,14 @@ COMMANDS: dict[str, CommandHelp] = {
         "it can and records how it ended. Waits for the end and says how.",
         ((EXIT_OK, "asked to stop, or nothing running"), (EXIT_REFUSED, "RUN_ID is not running")),
         "reconciler cancel --env staging --wait 2min"),
+    "backfill": CommandHelp(
+        "see, pause, resume or throttle a running backfill",
+        "A backfill step fills a column batch by batch (README: Converting and filling columns). From any shell: "
+        "`status` says how far the run RUN_ID's fill is and why it waits, if it does; `pause` stops it before its "
+        "next batch (what is filled stays, the trigger keeps filling new writes) until `resume`; `throttle --batch` "
+        "sets how long each batch should take.",
+        ((EXIT_OK, "said, or asked"), (EXIT_REFUSED, "RUN_ID is not running (pause, resume, throttle)")),
+        "reconciler backfill pause 3f2a9c1e --env production"),
     "verify": CommandHelp(
         "check the live database now: desired schema, INVALID indexes, NOT VALID constraints",
         "Check the target now: does it match the desired schema, are there INVALID indexes or NOT VALID "

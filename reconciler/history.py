@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 from . import __version__, runlock
 from .errors import ReconcilerError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _MIGRATION_LOCK = 0x7265636F6E63_01  # "recon" + 1: serialises metadata schema upgrades
 
 _MIGRATIONS: dict[int, str] = {
@@ -83,6 +83,12 @@ _MIGRATIONS: dict[int, str] = {
         'pg-reconciler: what a stopped run left that is neither planned nor live before (an INVALID index, a helper '
         'constraint), each pending until a command holding the apply lock removes it';
     """,
+    5: """
+    ALTER TABLE {schema}.runs ADD COLUMN backfill jsonb;
+    COMMENT ON COLUMN {schema}.runs.backfill IS
+        'pg-reconciler: a running backfill: its progress, written by the applier before each batch, and what an '
+        'operator asked of it (requested: paused, batch_seconds), read back by the applier';
+    """,
 }
 
 
@@ -133,6 +139,7 @@ class Run:
     cleanup: tuple[dict[str, Any], ...] = ()
     temporaries: tuple[dict[str, Any], ...] = ()
     alive: bool | None = None  # for a running row, read with it: does its applying session still hold the lock?
+    backfill: dict[str, Any] | None = None  # version 5: a backfill's progress and what was asked of it
 
     @property
     def shown_status(self) -> str:
@@ -429,6 +436,7 @@ def _run(row: dict[str, Any]) -> Run:
         cleanup=tuple(row.get("cleanup") or ()),
         temporaries=tuple(row.get("temporaries") or ()),
         alive=row.get("alive"),
+        backfill=row.get("backfill"),
     )
 
 
@@ -492,6 +500,26 @@ def request_cancel(conn: psycopg.Connection[Any], schema: str, run_id: str) -> b
     the two wins: a run asked to stop before it recorded its end ends cancelled, never applied."""
     row = conn.execute(sql.SQL("UPDATE {} SET cancel_requested_at = clock_timestamp() WHERE id = %s AND status = 'running' "
                                "RETURNING id").format(_table(schema)), (run_id,)).fetchone()
+    return row is not None
+
+
+def record_backfill(conn: psycopg.Connection[Any], schema: str, run_id: str, progress: dict[str, Any]
+                    ) -> tuple[dict[str, Any], bool]:
+    """A backfill's progress, written; returns what an operator asked of it (``request_backfill``) and whether the
+    run was asked to stop, read in the same statement."""
+    row = conn.execute(sql.SQL(
+        "UPDATE {} SET backfill = jsonb_set(coalesce(backfill, '{{}}'), '{{progress}}', %s::jsonb) WHERE id = %s "
+        "RETURNING coalesce(backfill->'requested', '{{}}'), cancel_requested_at IS NOT NULL").format(_table(schema)),
+        (json.dumps(progress), run_id)).fetchone()
+    return (dict(row[0]), bool(row[1])) if row else ({}, False)
+
+
+def request_backfill(conn: psycopg.Connection[Any], schema: str, run_id: str, changes: dict[str, Any]) -> bool:
+    """Ask a running run's backfill to pause, go on, or take batches of another length; False when it had ended."""
+    row = conn.execute(sql.SQL(
+        "UPDATE {} SET backfill = jsonb_set(coalesce(backfill, '{{}}'), '{{requested}}', "
+        "coalesce(backfill->'requested', '{{}}') || %s::jsonb) WHERE id = %s AND status = 'running' RETURNING id"
+    ).format(_table(schema)), (json.dumps(changes), run_id)).fetchone()
     return row is not None
 
 

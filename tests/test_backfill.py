@@ -17,8 +17,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from reconciler import history
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
 from reconciler.apply.backfill import _Watch
+from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.errors import RefusedError
 from reconciler.pipeline import make_plan, open_servers
@@ -343,3 +345,63 @@ def test_sessions_waiting_on_the_table_or_its_rows_pause_the_fill(database: str)
         holder.close()
         for w in waiters:
             w.close()
+
+
+def test_an_operator_pauses_throttles_and_resumes_a_fill_from_another_shell(
+        project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    run_sql(project.database, "INSERT INTO users (email) SELECT 'More' || g || '@Example.com' "
+                              "FROM generate_series(1, 180000) g; ANALYZE users;")
+    plan = project.plan(DESIRED.format(annotation=ANNOTATION))
+    config = str(project.root / "reconciler.yaml")
+
+    def backfill(*args: str) -> int:
+        return main(["--config", config, "backfill", *args, "--env", "test"])
+
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(apply_plan(plan, project.database, ApplyOptions(
+        environment="test", metadata_schema="reconciler",
+        backfill=BackfillLimits(batch_seconds=0.002, pause_check_seconds=0.1)))))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        progress: dict[str, object] = {}
+        while progress.get("state") != "filling":
+            assert thread.is_alive() and time.monotonic() < deadline, "the fill never began"
+            with connect(project.database) as conn:
+                runs = history.running_runs(conn, "reconciler")
+            progress = dict((runs[0].backfill or {}).get("progress") or {}) if runs else {}
+            time.sleep(0.02)
+        run_id = runs[0].id
+        assert backfill("pause", run_id[:8]) == 0
+        assert "backfill to pause before its next batch" in capsys.readouterr().out
+        deadline = time.monotonic() + 30
+        while True:
+            with connect(project.database) as conn:
+                run = history.get_run(conn, "reconciler", run_id)
+            state = ((run.backfill or {}).get("progress") or {}) if run else {}
+            if state.get("state") == "paused":
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        filled = fetch_one(project.database, "SELECT count(*) FROM users WHERE email_key IS NOT NULL")
+        time.sleep(0.5)
+        assert fetch_one(project.database, "SELECT count(*) FROM users WHERE email_key IS NOT NULL") == filled  # paused
+        assert isinstance(filled, int) and filled < 200000
+        assert backfill("status", run_id) == 0
+        out = capsys.readouterr().out
+        assert "backfill public.users.email_key (step 5): paused, page" in out and "waiting: paused by" in out, out
+        assert backfill("throttle", run_id, "--batch", "20ms") == 0
+        assert backfill("throttle", run_id) == 64  # no --batch: a usage error
+        assert backfill("resume", run_id) == 0
+        thread.join(timeout=120)
+    finally:
+        if thread.is_alive():
+            backfill("resume", run_id)
+            thread.join(timeout=120)
+    assert len(done) == 1 and getattr(done[0], "status", None) == "applied", done
+    assert fetch_one(project.database, "SELECT count(*) FROM users WHERE email_key IS DISTINCT FROM lower(email)") == 0
+    capsys.readouterr()
+    assert backfill("status", run_id) == 0
+    out = capsys.readouterr().out
+    assert "(applied): backfill public.users.email_key (step 5): done" in out and "batches of about 0.02s" in out, out
+    assert backfill("pause", run_id) == 3  # ended: nothing to pause

@@ -116,7 +116,7 @@ def test_keygen_entries_pasted_into_the_scaffolded_trust_file_sign_and_approve(
 ARGUMENTS = {
     "plan": [], "apply": ["plan.json"], "diff": [], "drift": [], "history": [], "approve": ["plan.json", "--key", "k"],
     "verify-plan": ["plan.json"], "lint": [], "backup": [], "restore": ["r1", "--into-target"], "cancel": [],
-    "verify": [], "rollback": ["r1"], "watch": [], "cache": ["list"],
+    "verify": [], "rollback": ["r1"], "watch": [], "cache": ["list"], "backfill": ["status", "r1"],
 }
 
 

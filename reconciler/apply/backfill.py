@@ -16,9 +16,11 @@ oldest open transaction of the database (while it is open, the row versions the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -35,39 +37,75 @@ MAX_PAGES = 65536
 REPORT_SECONDS = 5.0
 
 
+Report = Callable[[dict[str, Any]], dict[str, Any]]
+
+
 def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillLimits, lock_retries: int,
-                 check: Callable[[], None] = lambda: None) -> int:
+                 check: Callable[[], None] = lambda: None, report: Report | None = None) -> int:
     """Fill the step's table batch by batch; returns the rows updated. ``check`` runs before each batch and while
-    paused (a signal or a cancel request stops the fill between two batches: what is filled stays filled)."""
-    target_seconds = limits.batch_seconds
+    paused (a signal stops the fill between two batches: what is filled stays filled). ``report`` is given the
+    progress before each batch and while paused (the run's history row: ``reconciler backfill status``) and returns
+    what an operator asked (``paused``, ``batch_seconds``: ``reconciler backfill pause|resume|throttle``)."""
     schema, table = step.identity[0], step.identity[1]
     relation = sql.Identifier(schema, table).as_string(conn)
     row = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (relation,)).fetchone()
     pages = int(row[0]) if row else 0
     batch = sql.SQL("{} AND ctid >= %s::tid AND ctid < %s::tid").format(sql.SQL(step.sql))  # the compiler's UPDATE
-    start, size, rows = 0, FIRST_PAGES, 0
-    began = reported = time.monotonic()
-    log.info("backfill %s: %d pages to fill in batches of about %.1fs", step.object, pages, target_seconds)
+    fill = _Fill(step, pages, report or (lambda _progress: {}))
     watch = _Watch(conn, step.object, relation, limits)
+    start, size = 0, FIRST_PAGES
+    log.info("backfill %s: %s pages to fill in batches of about %.1fs", step.object, f"{pages:,}", limits.batch_seconds)
     while start < pages:
         check()
-        watch.wait_while_busy(check)
+        requested = fill.say("filling", start)
+        reasons = watch.reasons(requested)
+        if reasons:
+            requested = watch.wait(reasons, check, functools.partial(fill.paused, start))
+        target = float(requested.get("batch_seconds") or limits.batch_seconds)
         end = min(start + size, pages)
         took = _batch(conn, step, batch, start, end, lock_retries)
-        rows += took[1]
+        fill.rows += took[1]
         log.debug("backfill %s: pages %d to %d, %d rows in %.3fs", step.object, start, end, took[1], took[0])
-        # the next batch sized to take about target_seconds: at most twice this one's pages, at least one page
-        scale = target_seconds / took[0] if took[0] > 0 else 2.0
+        # the next batch sized to take about the target: at most twice this one's pages, at least one page
+        scale = target / took[0] if took[0] > 0 else 2.0
         size = max(1, min(MAX_PAGES, int((end - start) * min(scale, 2.0))))
         start = end
+        fill.log(start)
+    fill.say("done", pages)
+    return fill.rows
+
+
+class _Fill:
+    """A fill's counts, said to the log every few seconds and to the run's history row before each batch."""
+
+    def __init__(self, step: Step, pages: int, report: Report) -> None:
+        self.step, self.pages, self.report = step, pages, report
+        self.rows = 0
+        self.began = self.reported = time.monotonic()
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.began
+        return self.rows / elapsed if elapsed > 0 else 0.0
+
+    def left(self, done: int) -> float:
+        return (self.pages - done) * (time.monotonic() - self.began) / done if done else 0.0
+
+    def say(self, state: str, done: int, reason: str | None = None) -> dict[str, Any]:
+        return self.report({
+            "step": self.step.index, "object": self.step.object, "state": state, "reason": reason,
+            "pages": self.pages, "pages_done": done, "rows": self.rows, "rows_per_second": round(self.rate(), 1),
+            "seconds_left": round(self.left(done), 1), "updated_at": datetime.now(UTC).isoformat(timespec="seconds")})
+
+    def paused(self, done: int, reason: str) -> dict[str, Any]:
+        return self.say("paused", done, reason)
+
+    def log(self, done: int) -> None:
         now = time.monotonic()
-        if now - reported >= REPORT_SECONDS or start >= pages:
-            reported = now
-            rate = rows / (now - began) if now > began else 0.0
-            left = (pages - start) * (now - began) / start if start else 0.0
-            log.info("backfill %s: page %s of %s (%.0f%%), %s rows, %s rows/s, about %.0fs left", step.object,
-                     f"{start:,}", f"{pages:,}", 100.0 * start / pages, f"{rows:,}", f"{rate:,.0f}", left)
-    return rows
+        if now - self.reported >= REPORT_SECONDS or done >= self.pages:
+            self.reported = now
+            log.info("backfill %s: page %s of %s (%.0f%%), %s rows, %s rows/s, about %.0fs left", self.step.object,
+                     f"{done:,}", f"{self.pages:,}", 100.0 * done / self.pages if self.pages else 100.0,
+                     f"{self.rows:,}", f"{self.rate():,.0f}", self.left(done))
 
 
 class _Watch:
@@ -77,24 +115,29 @@ class _Watch:
         self.conn, self.what, self.relation, self.limits = conn, what, relation, limits
         self.unseen_warned = False
 
-    def wait_while_busy(self, check: Callable[[], None]) -> None:
-        reasons = self.reasons()
-        if not reasons:
-            return
+    def wait(self, reasons: list[str], check: Callable[[], None], say: Callable[[str], dict[str, Any]]
+             ) -> dict[str, Any]:
+        """Wait while there are reasons to (each change of them logged and said to the history row); returns what
+        an operator last asked."""
         paused, said = time.monotonic(), ""
+        requested: dict[str, Any] = {}
         while reasons:
             text = "; ".join(reasons)
             if text != said:
                 log.warning("backfill %s paused: %s", self.what, text)
                 said = text
             check()
+            requested = say(text)
             time.sleep(self.limits.pause_check_seconds)
-            reasons = self.reasons()
+            reasons = self.reasons(requested)
         log.info("backfill %s resumed after %.0fs paused", self.what, time.monotonic() - paused)
+        return requested
 
-    def reasons(self) -> list[str]:
-        """Why the fill should wait now (empty: it need not)."""
+    def reasons(self, requested: dict[str, Any] | None = None) -> list[str]:
+        """Why the fill should wait now (empty: it need not); ``requested``: what an operator asked."""
         limits, found = self.limits, []
+        if requested and requested.get("paused"):
+            found.append(f"paused by {requested.get('by') or 'an operator'} (`reconciler backfill resume` goes on)")
         replicas = self.conn.execute(
             "SELECT coalesce(application_name, ''), extract(epoch FROM replay_lag)::float8, "
             "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 FROM pg_stat_replication").fetchall()

@@ -422,6 +422,15 @@ class _Progress:
             raise Cancelled
         self._write([recovery.step_entry(s) for s in phase])
 
+    def backfill(self, progress: dict[str, Any]) -> dict[str, Any]:
+        """A backfill's progress, recorded before each batch; returns what an operator asked of it. A signal, or a
+        cancel request, stops the run here."""
+        self.check()
+        requested, cancelled = history.record_backfill(self.conn, self.schema, self.run_id, progress)
+        if cancelled:
+            raise Cancelled
+        return requested
+
     def in_transaction(self, executor: psycopg.Connection[Any]) -> int:
         """The phase's records, written by its own transaction just before it commits; returns how many, to count as
         written once it has committed."""
@@ -599,7 +608,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                         conn.execute("RESET statement_timeout")
 
             if step.kind == BACKFILL:
-                _fill(conn, step, records, options, progress.check)
+                _fill(conn, step, records, options, progress)
             elif step.kind == "create_index_concurrently":
                 _retry_index_build(options, step, conn, run_alone)
             else:
@@ -608,13 +617,14 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
 
 
 def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], options: ApplyOptions,
-          check: Callable[[], None]) -> None:
+          progress: _Progress) -> None:
     """A backfill step, batch by batch (``backfill.run_backfill``), recorded as one step."""
     if options.on_step is not None:
         options.on_step(step)
     started = time.perf_counter()
     try:
-        rows = run_backfill(conn, step, limits=options.backfill, lock_retries=options.lock_retries, check=check)
+        rows = run_backfill(conn, step, limits=options.backfill, lock_retries=options.lock_retries,
+                            check=progress.check, report=progress.backfill)
     except BaseException:
         records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
                                   (time.perf_counter() - started) * 1000, 0.0))
