@@ -867,6 +867,9 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
             print(f"{'':<38}left to remove (by the next command that can): {', '.join(pending)}")
         if r.backup_path:
             print(f"{'':<38}backup: {r.backup_path} ({r.backup_bytes or 0:,} bytes)")
+        if (r.backfill or {}).get("progress") and (r.shown_status == "running"
+                                                   or (r.backfill or {})["progress"].get("state") != "done"):
+            print(f"{'':<38}" + _backfill_status(r).split(": ", 1)[1].split("\n")[0])
     return EXIT_OK
 
 

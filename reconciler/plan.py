@@ -686,6 +686,9 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
                 lines.append("        (rewritten from the diff engine's: " + " ".join(step.original_sql.split())[:100] + ")")
             if not step.reversible:
                 lines.append("        (irreversible: no SQL undoes this step)")
+            if step.kind == "backfill":
+                lines.append("        (apply runs it over the table's pages a range at a time, each its own short "
+                             "transaction; `reconciler backfill` sees, pauses or throttles it)")
             lines.append(_indent(step.sql.rstrip(";") + ";", "        "))
     if plan.signatures:
         lines += ["", "Signatures:"]

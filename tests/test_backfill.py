@@ -24,7 +24,7 @@ from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.errors import RefusedError
 from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan
+from reconciler.plan import Plan, render_text
 from reconciler.safety.backfill import _on_new_row
 from reconciler.servers import EmbeddedCluster, Server, connect, service_account
 from tests.conftest import fetch_one, run_sql
@@ -92,6 +92,7 @@ def test_the_backfill_fills_every_row_while_writers_go_on(project: Project, capl
     fill = plan.body.steps[4]
     assert not fill.transactional and fill.sql.endswith('WHERE "email_key" IS NULL') and "lower(email)" in fill.sql
     assert plan.body.rehearsal.status == "converged"
+    assert "apply runs it over the table's pages a range at a time" in render_text(plan)
 
     acknowledged: list[int] = []
     stop = threading.Event()
@@ -390,6 +391,8 @@ def test_an_operator_pauses_throttles_and_resumes_a_fill_from_another_shell(
         assert backfill("status", run_id) == 0
         out = capsys.readouterr().out
         assert "backfill public.users.email_key (step 5): paused, page" in out and "waiting: paused by" in out, out
+        assert main(["--config", config, "history", "--env", "test"]) == 0
+        assert "backfill public.users.email_key (step 5): paused, page" in capsys.readouterr().out  # under its run
         assert backfill("throttle", run_id, "--batch", "20ms") == 0
         assert backfill("throttle", run_id) == 64  # no --batch: a usage error
         assert backfill("resume", run_id) == 0
