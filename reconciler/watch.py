@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -119,6 +119,16 @@ class Metrics:
         self.step_duration = Histogram("reconciler_step_duration_seconds", "Duration of each applied plan step, by "
                                        "step kind", ["kind"], registry=r,
                                        buckets=(0.005, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600))
+        self.backfill_pages = Gauge("reconciler_backfill_pages", "Pages of the table a running backfill fills, and how "
+                                    "many it has done", ["object", "of"], registry=r)
+        self.backfill_rows = Gauge("reconciler_backfill_rows", "Rows a running backfill has filled", ["object"],
+                                   registry=r)
+        self.backfill_rate = Gauge("reconciler_backfill_rows_per_second", "A running backfill's rate", ["object"],
+                                   registry=r)
+        self.backfill_paused = Gauge("reconciler_backfill_paused", "1 while a backfill waits (a replica behind, lock "
+                                     "waiters, an old transaction, an operator's pause)", ["object"], registry=r)
+        self.backfill_left = Gauge("reconciler_backfill_seconds_left", "A running backfill's time left, as estimated "
+                                   "from its rate", ["object"], registry=r)
         for counter, results in ((self.plans, PLAN_RESULTS), (self.applies, APPLY_RESULTS),
                                  (self.drift_checks, DRIFT_RESULTS)):
             for result in results:  # every series from the start, at 0, so rate() and alerts see them
@@ -127,6 +137,16 @@ class Metrics:
             self.stage_duration.labels(stage)
         for status in RUN_STATUSES:
             self.target_run.labels(status)
+
+    def backfill(self, progress: dict[str, Any]) -> None:
+        """A backfill's progress (apply's ``on_backfill``), before each batch."""
+        what = str(progress.get("object"))
+        self.backfill_pages.labels(what, "total").set(float(progress.get("pages") or 0))
+        self.backfill_pages.labels(what, "done").set(float(progress.get("pages_done") or 0))
+        self.backfill_rows.labels(what).set(float(progress.get("rows") or 0))
+        self.backfill_rate.labels(what).set(float(progress.get("rows_per_second") or 0))
+        self.backfill_paused.labels(what).set(1.0 if progress.get("state") == "paused" else 0.0)
+        self.backfill_left.labels(what).set(float(progress.get("seconds_left") or 0))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -161,8 +181,9 @@ class _SourceFilter(watchfiles.DefaultFilter):
 
 class Watcher:
     def __init__(self, config: Config, env: Environment, options: WatchOptions, apply_options: ApplyOptions) -> None:
-        self.config, self.env, self.options, self.apply_options = config, env, options, apply_options
+        self.config, self.env, self.options = config, env, options
         self.metrics = Metrics()
+        self.apply_options = replace(apply_options, on_backfill=self.metrics.backfill)
         self.reports: deque[Report] = deque(maxlen=500)  # the recent ones, for /healthz and tests
         self.address: tuple[str, int] | None = None  # where /metrics is served, once listening
         self.listening = threading.Event()

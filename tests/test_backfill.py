@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import textwrap
@@ -27,6 +28,7 @@ from reconciler.pipeline import make_plan, open_servers
 from reconciler.plan import Plan, render_text
 from reconciler.safety.backfill import _on_new_row
 from reconciler.servers import EmbeddedCluster, Server, connect, service_account
+from reconciler.watch import Watcher, WatchOptions
 from tests.conftest import fetch_one, run_sql
 from tests.target import Target
 
@@ -114,10 +116,13 @@ def test_the_backfill_fills_every_row_while_writers_go_on(project: Project, capl
 
     thread = threading.Thread(target=writer)
     caplog.set_level(logging.DEBUG, logger="reconciler.apply.backfill")
+    config = load_config(project.root / "reconciler.yaml")
+    watcher = Watcher(config, config.environment("test"), WatchOptions(plans_dir=project.root / "plans", port=None),
+                      ApplyOptions(environment="test", metadata_schema="reconciler",
+                                   backfill=BackfillLimits(batch_seconds=0.005)))  # watch's apply: its /metrics
     thread.start()
     try:
-        result = apply_plan(plan, project.database, ApplyOptions(environment="test", metadata_schema="reconciler",
-                                                                 backfill=BackfillLimits(batch_seconds=0.005)))
+        result = apply_plan(plan, project.database, watcher.apply_options)
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -134,6 +139,11 @@ def test_the_backfill_fills_every_row_while_writers_go_on(project: Project, capl
     assert fetch_one(project.database, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass "
                                        "AND NOT tgisinternal") == 0
     assert project.plan(DESIRED.format(annotation=ANNOTATION)).body.steps == ()  # converged
+    metrics = watcher.metrics.text().decode()
+    assert 'reconciler_backfill_pages{object="public.users.email_key",of="done"}' in metrics
+    filled = re.search(r'reconciler_backfill_rows\{object="public.users.email_key"\} ([0-9.e+]+)', metrics)
+    assert filled and float(filled.group(1)) >= 20000, metrics  # and the rows the writer added before the column
+    assert 'reconciler_backfill_paused{object="public.users.email_key"} 0.0' in metrics
 
 
 def test_a_column_left_part_filled_is_filled_and_made_not_null(project: Project) -> None:

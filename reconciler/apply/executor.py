@@ -623,8 +623,13 @@ def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], 
         options.on_step(step)
     started = time.perf_counter()
     try:
+        def report(said: dict[str, Any]) -> dict[str, Any]:
+            if options.on_backfill is not None:
+                options.on_backfill(said)
+            return progress.backfill(said)
+
         rows = run_backfill(conn, step, limits=options.backfill, lock_retries=options.lock_retries,
-                            check=progress.check, report=progress.backfill)
+                            check=progress.check, report=report)
     except BaseException:
         records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
                                   (time.perf_counter() - started) * 1000, 0.0))

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from ..backup import Backup
 from ..history import StepRecord
@@ -43,6 +44,7 @@ class ApplyOptions:
     now: datetime | None = None  # the clock for change windows (tests set it)
     on_step: Callable[[Step], None] | None = None  # progress display
     on_backup: Callable[[Backup], None] | None = None  # says where the backup went, as soon as it is written
+    on_backfill: Callable[[dict[str, Any]], None] | None = None  # a backfill's progress, before each batch (watch)
     monitor_dsn: str | None = None  # set by apply_plan: where the lock-wait monitor connects
     reconnect_seconds: float = 10.0  # after losing its session: how long to try for a new one to clean up with
     cleanup_lock_timeout: str = "5s"  # removing what a stopped step left (an INVALID index) waits no longer
