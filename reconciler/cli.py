@@ -444,7 +444,12 @@ def _backfill_status(run: history.Run) -> str:
     progress = (run.backfill or {}).get("progress")
     requested = (run.backfill or {}).get("requested") or {}
     if not progress:
-        return f"Run {run.id} ({run.shown_status}) has not filled anything (no backfill step begun)."
+        step = next((s for s in run.statements if s.get("kind") == "backfill"), None)
+        if step is None:
+            return f"Run {run.id} ({run.shown_status}): no backfill step has begun."
+        return (f"Run {run.id} ({run.shown_status}): backfill {step.get('object')} (step {step.get('index')}) "
+                f"{step.get('status')} in {float(step.get('duration_ms') or 0) / 1000:.1f}s (no progress was "
+                "recorded: the metadata schema was older than version 5 then)")
     pages, done = int(progress.get("pages") or 0), int(progress.get("pages_done") or 0)
     share = f" ({100.0 * done / pages:.0f}%)" if pages else ""
     state = progress.get("state")

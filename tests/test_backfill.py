@@ -418,3 +418,8 @@ def test_an_operator_pauses_throttles_and_resumes_a_fill_from_another_shell(
     out = capsys.readouterr().out
     assert "(applied): backfill public.users.email_key (step 5): done" in out and "batches of about 0.02s" in out, out
     assert backfill("pause", run_id) == 3  # ended: nothing to pause
+    run_sql(project.database, "UPDATE reconciler.runs SET backfill = NULL")  # as a run an older tool recorded
+    capsys.readouterr()
+    assert backfill("status", run_id) == 0
+    out = capsys.readouterr().out
+    assert "backfill public.users.email_key (step 5) applied in" in out and "no progress was recorded" in out, out
