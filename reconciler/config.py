@@ -123,6 +123,8 @@ class SafetyOptions:
     data_checks: bool = True
     squawk: bool = True
     squawk_exclude: tuple[str, ...] = ()
+    online_rewrites: bool = True  # a column rewrite on a big table as a dual column (safety/dual_column.py)
+    online_rewrite_rows: int = 1_000_000  # from this many rows (live's estimate): smaller tables take the plain ALTER
 
 
 @dataclass(frozen=True)

@@ -724,6 +724,9 @@ class LiveFacts:
     explicit_casts: frozenset[tuple[int, int]] = frozenset()  # those only an explicit CAST or :: makes
     string_types: frozenset[int] = frozenset()
     domain_types: frozenset[int] = frozenset()
+    # ('schema.table', column) something depends on beyond its default and plain indexes (a constraint, a view, a
+    # trigger's column list, a policy, an owned sequence, extended statistics): a column rewrite cannot go online
+    busy_columns: frozenset[tuple[str, str]] = frozenset()
 
     def has_table(self, name: str) -> bool:
         return qualify(name) in self.tables
@@ -822,6 +825,18 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         coercible = frozenset((int(a), int(b)) for a, b, binary, _ in casts if binary)
         assignment = frozenset((int(a), int(b)) for a, b, _, assigned in casts if assigned)
         explicit = frozenset((int(a), int(b)) for a, b, _, assigned in casts if not assigned)
+        cur.execute(
+            f"""SELECT DISTINCT n.nspname || '.' || c.relname, a.attname
+                FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
+                WHERE d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0 AND d.classid <> 'pg_attrdef'::regclass
+                  AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (  -- PostgreSQL 18's NOT NULL
+                      SELECT 1 FROM pg_constraint k WHERE k.oid = d.objid AND k.contype::text = 'n'))
+                  AND NOT (d.classid = 'pg_class'::regclass AND EXISTS (
+                      SELECT 1 FROM pg_index i WHERE i.indexrelid = d.objid
+                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)))
+                  AND {managed}""".encode(), params)
+        busy = frozenset((str(t), str(col)) for t, col in cur.fetchall())
         cur.execute("SELECT oid::int, typcategory = 'S' FROM pg_type WHERE typcategory = 'S' OR typtype = 'd'")
         kinds = cur.fetchall()
         strings = frozenset(int(oid) for oid, string in kinds if string)
@@ -841,5 +856,5 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
         lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit,
         string_types=strings,
-        domain_types=domains,
+        domain_types=domains, busy_columns=busy,
     )

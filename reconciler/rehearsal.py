@@ -31,6 +31,7 @@ from .errors import ReconcilerError
 from .privileged import ChangeOwner, CreateExtension, hand_over, recognise
 from .safety import Step
 from .safety.backfill import KIND as BACKFILL
+from .safety.dual_column import VERIFY_KIND
 from .sandbox import Sandbox
 from .servers import Server, client_bindir, connect, libpq_env
 from .shadow import create_roles, same_cluster
@@ -258,7 +259,7 @@ def _in_one_transaction(step: Step) -> str | None:
         return step.sql
     if step.kind in ("create_index_concurrently", "drop_index_concurrently"):
         return _CONCURRENTLY.sub("", step.sql, count=1)
-    if step.kind == BACKFILL:  # apply runs it in batches; whole, it ends the same
+    if step.kind in (BACKFILL, VERIFY_KIND):  # apply runs them in batches; whole, they end the same
         return step.sql
     return None
 

@@ -28,6 +28,7 @@ from psycopg import sql
 
 from ..errors import ApplyError
 from ..safety import Step
+from ..safety.dual_column import VERIFY_KIND
 from .options import BackfillLimits
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
     fill = _Fill(step, pages, report or (lambda _progress: {}))
     watch = _Watch(conn, step.object, relation, limits)
     start, size = 0, FIRST_PAGES
-    log.info("backfill %s: %s pages to fill in batches of about %.1fs", step.object, f"{pages:,}", limits.batch_seconds)
+    log.info("backfill %s: %s pages to %s in batches of about %.1fs", step.object, f"{pages:,}",
+             "check" if step.kind == VERIFY_KIND else "fill", limits.batch_seconds)
     while start < pages:
         check()
         requested = fill.say("filling", start)
@@ -65,6 +67,9 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
         end = min(start + size, pages)
         took = _batch(conn, step, batch, start, end, lock_retries)
         fill.rows += took[1]
+        if step.kind == VERIFY_KIND and fill.rows:
+            raise ApplyError(f"step {step.index} ({step.kind} {step.object}): {fill.rows} row(s) of pages {start} to "
+                             f"{end} do not hold the conversion of their old value: the cut-over does not go on")
         log.debug("backfill %s: pages %d to %d, %d rows in %.3fs", step.object, start, end, took[1], took[0])
         # the next batch sized to take about the target: at most twice this one's pages, at least one page
         scale = target / took[0] if took[0] > 0 else 2.0
@@ -182,6 +187,9 @@ def _batch(conn: psycopg.Connection[Any], step: Step, batch: sql.Composed, start
                 conn.execute("SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
                               (step.lock_timeout, step.statement_timeout))
                 cursor = conn.execute(batch, (f"({start},0)", f"({end},0)"))
+                if step.kind == VERIFY_KIND:  # a count of the rows found wrong
+                    found = cursor.fetchone()
+                    return time.perf_counter() - began, int(found[0]) if found else 0
             return time.perf_counter() - began, max(cursor.rowcount, 0)
         except psycopg.errors.LockNotAvailable:
             if attempt == lock_retries:

@@ -31,6 +31,7 @@ from ..logs import current_run
 from ..plan import Plan
 from ..safety import Step
 from ..safety.backfill import KIND as BACKFILL
+from ..safety.dual_column import VERIFY_KIND
 from ..servers import connect
 from ..signing import enforce
 from . import recovery
@@ -607,7 +608,7 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                         conn.execute("RESET lock_timeout")
                         conn.execute("RESET statement_timeout")
 
-            if step.kind == BACKFILL:
+            if step.kind in (BACKFILL, VERIFY_KIND):
                 _fill(conn, step, records, options, progress)
             elif step.kind == "create_index_concurrently":
                 _retry_index_build(options, step, conn, run_alone)

@@ -12,7 +12,7 @@ from psycopg import sql
 from ..diff.base import Change
 from ..diff.classify import classify_node, identity_of
 from ..inspect import qualify
-from . import backfill, constraints, enum_values, generic, indexes, not_null, renaming, type_change
+from . import backfill, constraints, dual_column, enum_values, generic, indexes, not_null, renaming, type_change
 from .context import Context
 from .drafts import MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
 from .hazards import alter_hazards
@@ -40,16 +40,18 @@ class Compiler(Context):
         return self._dependents(self._helpers_kept(out))
 
     def _helpers_kept(self, drafts: list[Draft]) -> list[Draft]:
-        """A backfill's trigger and function left by a run stopped part-way are the ones this plan makes again and
-        drops at its end: the diff engine's drops of them go (in the main transaction, in the engine's order, one
-        could come after the trigger is made again and stop filling new writes before the fill is done); such a
-        trigger is dropped right before it is made again (the function is made OR REPLACE)."""
+        """A backfill's trigger and function (and a dual column's new column, CHECK and indexes) left by a run
+        stopped part-way are the ones this plan makes again (or keeps) and drops at its end: the diff engine's drops
+        of them go (in the main transaction, in the engine's order, one could come after the trigger is made again
+        and stop filling new writes before the fill is done); such a trigger is dropped right before it is made
+        again (the function is made OR REPLACE)."""
         if not self.fill_helpers:
             return drafts
         left = {d.object for d in drafts if d.kind == "drop_trigger" and not d.helper and d.object in self.fill_helpers}
         out: list[Draft] = []
         for d in drafts:
-            if not d.helper and d.kind in ("drop_trigger", "drop_function") and d.object in self.fill_helpers:
+            if not d.helper and d.kind in ("drop_trigger", "drop_function", "drop_column", "drop_constraint", "drop_index",
+                                           "drop_index_concurrently") and d.object in self.fill_helpers:
                 continue
             if d.helper and d.kind == "create_trigger" and d.object in left:
                 schema, table, name = d.identity
@@ -87,6 +89,9 @@ class Compiler(Context):
             filled = backfill.new_not_null_column(self, d, node, table, cmds)
             if filled is not None:
                 return filled
+            online = dual_column.dual_column(self, d, node, table, cmds)
+            if online is not None:
+                return online
         if not self.existing(table):
             fresh = constraints.fresh_constraint(self, d, table, cmds)
             if fresh is not None:

@@ -7,7 +7,8 @@ transaction can use them (ADD CONSTRAINT ... USING INDEX). MAIN: one transaction
 concurrent builds that need the main transaction's columns, then POST_DEPENDENT: the constraints that use those
 indexes. BACKFILL: a new column's old rows filled, in batches (each its own transaction), while a trigger fills new
 writes. POST_VALIDATE: each VALIDATE CONSTRAINT in its own transaction (writes go on). POST_NOT_NULL: SET NOT NULL
-spared its scan by the validated CHECK. POST_DROP: indexes dropped concurrently, last.
+spared its scan by the validated CHECK. CUTOVER: a dual column put in the place of the old one (one short
+transaction), then the old one dropped. POST_DROP: indexes dropped concurrently, last.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from .steps import Hazard
 
 RENAME = -1
-PRE, PRE_INDEX, MAIN, POST_INDEX, POST_DEPENDENT, BACKFILL, POST_VALIDATE, POST_NOT_NULL, POST_DROP = range(9)
+PRE, PRE_INDEX, MAIN, POST_INDEX, POST_DEPENDENT, BACKFILL, POST_VALIDATE, POST_NOT_NULL, CUTOVER, POST_DROP = range(10)
 
 
 @dataclass(frozen=True)
