@@ -722,6 +722,7 @@ class LiveFacts:
     # the string types (any type converts to one of them in an assignment, through its output function)
     assignment_casts: frozenset[tuple[int, int]] = frozenset()
     explicit_casts: frozenset[tuple[int, int]] = frozenset()  # those only an explicit CAST or :: makes
+    implicit_casts: frozenset[tuple[int, int]] = frozenset()  # those PostgreSQL makes anywhere (widenings: int4 to int8)
     string_types: frozenset[int] = frozenset()
     domain_types: frozenset[int] = frozenset()
     # ('schema.table', column) something depends on beyond its default and plain indexes (a constraint, a view, a
@@ -820,11 +821,13 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         cur.execute("""SELECT DISTINCT n.nspname || '.' || p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')""")
         routines = frozenset(r[0] for r in cur.fetchall())
-        cur.execute("SELECT castsource::int, casttarget::int, castmethod = 'b', castcontext IN ('a', 'i') FROM pg_cast")
+        cur.execute("SELECT castsource::int, casttarget::int, castmethod = 'b', castcontext IN ('a', 'i'), "
+                    "castcontext = 'i' FROM pg_cast")
         casts = cur.fetchall()
-        coercible = frozenset((int(a), int(b)) for a, b, binary, _ in casts if binary)
-        assignment = frozenset((int(a), int(b)) for a, b, _, assigned in casts if assigned)
-        explicit = frozenset((int(a), int(b)) for a, b, _, assigned in casts if not assigned)
+        coercible = frozenset((int(a), int(b)) for a, b, binary, _, _ in casts if binary)
+        assignment = frozenset((int(a), int(b)) for a, b, _, assigned, _ in casts if assigned)
+        explicit = frozenset((int(a), int(b)) for a, b, _, assigned, _ in casts if not assigned)
+        implicit = frozenset((int(a), int(b)) for a, b, _, _, anywhere in casts if anywhere)
         cur.execute(
             f"""SELECT DISTINCT n.nspname || '.' || c.relname, a.attname
                 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -854,7 +857,7 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
     return LiveFacts(
         tables=tables, partitioned=frozenset(partitioned), columns=columns, indexes=indexes, enums=enums,
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
-        lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit,
+        lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit, implicit_casts=implicit,
         string_types=strings,
         domain_types=domains, busy_columns=busy,
     )

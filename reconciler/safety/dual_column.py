@@ -10,7 +10,8 @@ that blocks reads and writes for the whole rewrite:
    trigger dropped, NOT NULL and the default moved, the old indexes dropped and the new ones given their names, the
    columns renamed; then the old column dropped in a transaction of its own.
 
-Only where nothing but its default and plain indexes depends on the column (``LiveFacts.busy_columns``: no
+Only for a widening (an implicit cast: no value can fail to convert, so no write of the application's can fail in the
+trigger), where nothing but its default and plain indexes depends on the column (``LiveFacts.busy_columns``: no
 constraint, view, policy, trigger column list, owned sequence or statistics object), on a table that is not
 partitioned, from ``safety.online_rewrite_rows`` rows; otherwise the plain ALTER stays, with its TABLE_REWRITE hazard.
 The cut-over and the drop of the old column cannot be undone by SQL (the plan says so); everything before them can.
@@ -30,7 +31,7 @@ from .context import Context
 from .drafts import BACKFILL, CUTOVER, POST_VALIDATE, Draft
 from .hazards import rewrites_type
 from .indexes import index_columns
-from .nodes import deparse, q, short
+from .nodes import deparse, names, q, short
 from .steps import HazardCode
 
 VERIFY_KIND = "verify_copy"  # apply runs it batch by batch too, and fails on any row found
@@ -50,7 +51,8 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     column = str(cmd.name)
     size, fact = ctx.size(table), ctx.facts.columns.get((table, column))
     if size is None or size.rows < switches.online_rewrite_rows or fact is None \
-            or (table, column) in ctx.facts.busy_columns or not rewrites_type(ctx, table, column, col):
+            or (table, column) in ctx.facts.busy_columns or not rewrites_type(ctx, table, column, col) \
+            or not _widening(ctx, fact.type_oid, col):
         return None
     parts = d.identity[:2] or tuple(table.split(".", 1))
     schema, name = parts[0], parts[-1]
@@ -149,6 +151,18 @@ def _cutover(ctx: Context, table: str, parts: tuple[str, ...], column: str, new:
                         hazards=(ctx.hazard(HazardCode.DATA_LOSS, f"drops the old {column} (its values live on, "
                                             "converted and checked, in the new one)", table),)))
     return drafts
+
+
+def _widening(ctx: Context, source: int, col: ast.ColumnDef) -> bool:
+    """Can no value fail to convert (an implicit cast: int4 to int8, int to numeric, float4 to float8), with no
+    conversion of the schema's own (a ``using`` annotation)? The trigger converts every write the application makes
+    while the fill runs: a conversion that can fail would fail the application's writes instead of the plan."""
+    if col.raw_default is not None and not (isinstance(col.raw_default, ast.TypeCast)
+                                            and isinstance(col.raw_default.arg, ast.ColumnRef)):
+        return False  # an annotation's expression
+    target_name = names(col.typeName.names) if col.typeName is not None else ""
+    target = ctx.facts.type_oids.get(target_name) or ctx.facts.type_oids.get(target_name.removeprefix("pg_catalog."))
+    return target is not None and (source, target) in ctx.facts.implicit_casts
 
 
 def _columns_of(definition: str) -> set[str]:
