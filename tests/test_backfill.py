@@ -50,14 +50,15 @@ ANNOTATION = "-- reconciler: backfill lower(email)\n    "
 
 
 class Project:
-    def __init__(self, root: Path, database: str, server: Server) -> None:
-        self.root, self.database, self.server = root, database, server
+    def __init__(self, root: Path, database: str, server: Server, *, shadow_cache: int = 3) -> None:
+        self.root, self.database, self.server, self.shadow_cache = root, database, server, shadow_cache
 
     def plan(self, desired: str) -> Plan:
         schemas = self.root / "schemas"
         schemas.mkdir(exist_ok=True)
         (schemas / "10_users.sql").write_text(desired)
         (self.root / "reconciler.yaml").write_text(textwrap.dedent(f"""\
+            shadow_cache: {self.shadow_cache}
             environments:
               test:
                 database: "{self.database}"
@@ -314,7 +315,8 @@ def test_the_fill_waits_while_a_replica_falls_behind(replicated: tuple[Server, S
         conn.execute("CREATE DATABASE app")
     database = primary.database_dsn("app")
     run_sql(database, LIVE)
-    project = Project(tmp_path / "project", database, pg_server)
+    # the shadow is the test server, another cluster than this primary: keep no template there for later tests
+    project = Project(tmp_path / "project", database, pg_server, shadow_cache=0)
     (tmp_path / "project").mkdir()
     plan = project.plan(DESIRED.format(annotation=ANNOTATION))
     deadline = time.monotonic() + 60  # the replica has replayed the table before its replay is paused
