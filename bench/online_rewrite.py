@@ -35,7 +35,7 @@ from pathlib import Path
 import psycopg
 from write_availability import WriterLog, benchmark_server, cloned_database, summarise
 
-from reconciler.apply import ApplyOptions, apply_plan
+from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
 from reconciler.config import load_config
 from reconciler.pipeline import make_plan, open_servers
 from reconciler.servers import connect, throwaway_database
@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--lead", type=float, default=2.0, help="seconds of writes before the change")
     parser.add_argument("--tail", type=float, default=2.0, help="seconds of writes after it")
+    parser.add_argument("--batch", type=float, default=0.2, help="seconds each backfill batch should take (default 0.2, as apply's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with benchmark_server() as server, throwaway_database(server, "rewrite_live") as template, \
@@ -177,14 +178,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("compiled plan under load ...", file=sys.stderr)
 
             def compiled() -> None:
-                result = apply_plan(plan, live, ApplyOptions(environment="bench", metadata_schema="reconciler"))
+                result = apply_plan(plan, live, ApplyOptions(environment="bench", metadata_schema="reconciler",
+                                                             backfill=BackfillLimits(batch_seconds=args.batch)))
                 if result.status != "applied":
                     raise RuntimeError(f"the plan ended {result.status}")
 
             writes, started, ended = under_load(live, args.rows, args.writers, args.lead, args.tail, compiled)
             results.append((summarise("compiled plan", writes.log, started, ended,
                                       tuple((s.sql, 0.0) for s in plan.body.steps)), check_end(live, before, writes)))
-    print(f"\n{args.rows:,} rows, {args.writers} writers (each: an UPDATE of accounts.balance, an INSERT into ledger)")
+    print(f"\n{args.rows:,} rows, {args.writers} writers (each: an UPDATE of accounts.balance, an INSERT into ledger); "
+          f"backfill batches of about {args.batch}s")
     print(f"{'mode':<14} {'apply s':>8} {'writes':>8} {'stall ms':>9} {'p99 ms':>8} {'gap ms':>8} {'errors':>6}  end state")
     for result, end in results:
         print(f"{result.mode:<14} {result.apply_seconds:>8.1f} {result.inserts:>8,} {result.stall_ms:>9.0f} "

@@ -42,7 +42,7 @@ class BackfillSettings:
     sessions wait for a lock on the table, or while a transaction of the database has been open longer than
     ``max_transaction_age`` (the rows the fill replaces cannot be vacuumed meanwhile)."""
 
-    batch: str = "500ms"
+    batch: str = "200ms"
     max_replica_lag: str = "30s"
     max_replica_bytes: str = "256MB"
     max_lock_waiters: int = 2

@@ -180,7 +180,7 @@ def test_the_batch_time_comes_from_the_environment(tmp_path: Path) -> None:
     limits = _apply_options(config, config.environment("prod"), plan_file=False).backfill
     assert (limits.batch_seconds, limits.max_replica_bytes, limits.max_transaction_age_seconds) == (0.25, 16 * 2**20, 600)
     assert limits.max_replica_lag_seconds == 30 and limits.max_lock_waiters == 2  # the defaults
-    assert _apply_options(config, config.environment("local"), plan_file=False).backfill.batch_seconds == 0.5
+    assert _apply_options(config, config.environment("local"), plan_file=False).backfill.batch_seconds == 0.2
 
 
 # --- stopped part-way, through the real command line ---------------------------------------------------------

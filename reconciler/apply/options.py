@@ -18,7 +18,7 @@ from ..signing import NO_REQUIREMENTS, Requirements, Trust
 class BackfillLimits:
     """config.BackfillSettings in numbers: the time each batch should take, and the limits that pause the fill."""
 
-    batch_seconds: float = 0.5
+    batch_seconds: float = 0.2  # a write to a row of the batch waits for it: its longest stall
     max_replica_lag_seconds: float = 30.0
     max_replica_bytes: int = 256 * 1024**2
     max_lock_waiters: int = 2
