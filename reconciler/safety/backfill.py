@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
-import pglast
 from pglast import ast, enums
 from psycopg import sql
 
@@ -29,7 +28,8 @@ from .context import Context
 from .drafts import BACKFILL as BACKFILL_STAGE
 from .drafts import POST_NOT_NULL, Draft
 from .hazards import alter_hazards
-from .nodes import deparse, q
+from .nodes import deparse, q, walk
+from .nodes import expression as parsed
 from .not_null import safe_not_null
 from .rollback import alter_rollback
 
@@ -121,25 +121,14 @@ def _filled(ctx: Context, d: Draft, table: str, column: str, expression: str, *,
 def _on_new_row(expression: str, columns: set[str]) -> str:
     """The expression with its bare column names read from the row being written (``NEW.name``); names inside a
     subquery are the subquery's own."""
-    select = pglast.parse_sql(f"SELECT {expression}")[0].stmt
-    assert isinstance(select, ast.SelectStmt) and select.targetList
-    target = select.targetList[0]
-    assert isinstance(target, ast.ResTarget) and target.val is not None
+    tree = parsed(expression)
 
-    def walk(node: object) -> None:
-        if isinstance(node, ast.SubLink):
-            return
+    def visit(node: ast.Node) -> bool:
         if isinstance(node, ast.ColumnRef):
             fields = node.fields or ()
             if len(fields) == 1 and isinstance(fields[0], ast.String) and str(fields[0].sval) in columns:
                 node.fields = (ast.String(sval="new"), fields[0])
-            return
-        if isinstance(node, ast.Node):
-            for name in node:
-                walk(getattr(node, name))
-        elif isinstance(node, tuple | list):
-            for item in node:
-                walk(item)
+        return not isinstance(node, ast.SubLink | ast.ColumnRef)
 
-    walk(target.val)
-    return deparse(target.val)
+    walk(tree, visit)
+    return deparse(tree)

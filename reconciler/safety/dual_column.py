@@ -31,7 +31,7 @@ from .context import Context
 from .drafts import BACKFILL, CUTOVER, POST_VALIDATE, Draft
 from .hazards import rewrites_type
 from .indexes import index_columns
-from .nodes import deparse, names, q, short
+from .nodes import deparse, names, q, short, walk
 from .steps import HazardCode
 
 VERIFY_KIND = "verify_copy"  # apply runs it batch by batch too, and fails on any row found
@@ -176,22 +176,16 @@ def _index_on(definition: str, column: str, new: str, name: str) -> str:
     node = pglast.parse_sql(definition)[0].stmt
     assert isinstance(node, ast.IndexStmt)
 
-    def walk(item: object) -> None:
+    def visit(item: ast.Node) -> bool:
         if isinstance(item, ast.IndexElem) and item.name == column:
             item.name = new
         if isinstance(item, ast.ColumnRef):
             fields = item.fields or ()
             if fields and isinstance(fields[-1], ast.String) and str(fields[-1].sval) == column:
                 item.fields = (*fields[:-1], ast.String(sval=new))
-            return
-        if isinstance(item, ast.Node):
-            for attribute in item:
-                walk(getattr(item, attribute))
-        elif isinstance(item, tuple | list):
-            for sub in item:
-                walk(sub)
+        return not isinstance(item, ast.ColumnRef)
 
-    walk(node)
+    walk(node, visit)
     node.idxname = name
     node.concurrent = True
     node.if_not_exists = True  # a run stopped part-way may have built it already

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pglast
@@ -41,6 +41,26 @@ def parse(statement: str, engine: str) -> ast.Node:
     node = parsed[0].stmt
     assert node is not None
     return node
+
+
+def expression(text: str) -> ast.Node:
+    """One SQL expression's parse tree (conversions.py has checked the annotation is one)."""
+    select = pglast.parse_sql(f"SELECT {text}")[0].stmt
+    assert isinstance(select, ast.SelectStmt) and select.targetList
+    target = select.targetList[0]
+    assert isinstance(target, ast.ResTarget) and target.val is not None
+    return target.val
+
+
+def walk(node: object, visit: Callable[[ast.Node], bool]) -> None:
+    """Every node under ``node``, depth first; ``visit`` returns False to leave a node's children unvisited."""
+    if isinstance(node, ast.Node):
+        if visit(node):
+            for name in node:
+                walk(getattr(node, name), visit)
+    elif isinstance(node, tuple | list):
+        for item in node:
+            walk(item, visit)
 
 
 def rv(relation: ast.RangeVar | None) -> str:

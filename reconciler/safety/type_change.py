@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pglast
 from pglast import ast, enums
 
 from ..conversions import USING
 from ..errors import RefusedError
 from .context import Context
 from .drafts import Draft
-from .nodes import deparse, names
+from .nodes import deparse, expression, names
 
 
 def converted(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str) -> Draft:
@@ -28,7 +27,7 @@ def converted(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str) -> D
         column = str(cmd.name)
         note = ctx.notes.of(USING, table, column)
         if note is not None:
-            cmd.def_.raw_default = _expression(note.expression)
+            cmd.def_.raw_default = expression(note.expression)
             changed = True
             continue
         missing = _no_implicit_cast(ctx, table, column, cmd.def_)
@@ -66,12 +65,3 @@ def _no_implicit_cast(ctx: Context, table: str, column: str, col: ast.ColumnDef)
     if not has_rows and explicit:
         return None
     return current.type, deparse(col.typeName)
-
-
-def _expression(text: str) -> ast.Node:
-    """The annotation's expression as a parse tree (conversions.py checked it is one)."""
-    select = pglast.parse_sql(f"SELECT {text}")[0].stmt
-    assert isinstance(select, ast.SelectStmt) and select.targetList
-    target = select.targetList[0]
-    assert isinstance(target, ast.ResTarget) and target.val is not None
-    return target.val
