@@ -441,6 +441,8 @@ def cmd_backfill(args: argparse.Namespace, config: Config) -> int:
 
 
 def _backfill_status(run: history.Run) -> str:
+    from .apply.backfill import describe as describe_backfill
+
     progress = (run.backfill or {}).get("progress")
     requested = (run.backfill or {}).get("requested") or {}
     if not progress:
@@ -450,16 +452,11 @@ def _backfill_status(run: history.Run) -> str:
         return (f"Run {run.id} ({run.shown_status}): backfill {step.get('object')} (step {step.get('index')}) "
                 f"{step.get('status')} in {float(step.get('duration_ms') or 0) / 1000:.1f}s (no progress was "
                 "recorded: the metadata schema was older than version 5 then)")
-    pages, done = int(progress.get("pages") or 0), int(progress.get("pages_done") or 0)
-    share = f" ({100.0 * done / pages:.0f}%)" if pages else ""
     state = progress.get("state")
     if run.shown_status != "running" and state != "done":
         state = f"stopped ({run.shown_status})"
-    lines = [f"Run {run.id} ({run.shown_status}): backfill {progress.get('object')} (step {progress.get('step')}): "
-             f"{state}, page {done:,} of {pages:,}{share}, {int(progress.get('rows') or 0):,} rows, "
-             f"{float(progress.get('rows_per_second') or 0):,.0f} rows/s"
-             + (f", about {float(progress.get('seconds_left') or 0):.0f}s left" if state == "filling" else "")
-             + f" (as of {progress.get('updated_at')})"]
+    lines = [f"Run {run.id} ({run.shown_status}): {describe_backfill(progress, str(state))} "
+             f"(as of {progress.get('updated_at')})"]
     if progress.get("reason"):
         lines.append(f"  waiting: {progress['reason']}")
     if requested.get("batch_seconds"):
@@ -686,6 +683,8 @@ def _progress(args: argparse.Namespace, options: ApplyOptions, total: int) -> It
 
     from rich.console import Console
 
+    from .apply.backfill import describe as describe_backfill
+
     console = Console(stderr=True)
     if not console.is_terminal or args.log_format == "json" or total == 0:
         yield options
@@ -693,7 +692,13 @@ def _progress(args: argparse.Namespace, options: ApplyOptions, total: int) -> It
     with console.status(f"applying {total} steps") as status:
         def show(step: Step) -> None:
             status.update(f"step {step.index}/{total}: {step.kind} {step.object}")
-        yield replace(options, on_step=show)
+
+        def filling(progress: dict[str, Any]) -> None:
+            if options.on_backfill is not None:
+                options.on_backfill(progress)
+            reason = f"; waiting: {progress['reason']}" if progress.get("reason") else ""
+            status.update(f"step {progress.get('step')}/{total}: {describe_backfill(progress)}{reason}")
+        yield replace(options, on_step=show, on_backfill=filling)
 
 
 def _planner_key(args: argparse.Namespace, config: Config) -> PlannerKey | None:

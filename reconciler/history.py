@@ -514,6 +514,16 @@ def record_backfill(conn: psycopg.Connection[Any], schema: str, run_id: str, pro
     return (dict(row[0]), bool(row[1])) if row else ({}, False)
 
 
+def last_checkpoint(conn: psycopg.Connection[Any], schema: str, key: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest ended run's progress through the fill ``key`` names, where it stopped before the end: (run id,
+    progress)."""
+    row = conn.execute(sql.SQL(
+        "SELECT id::text, backfill->'progress' FROM {} WHERE status <> 'running' AND backfill->'progress'->>'key' = %s "
+        "AND backfill->'progress'->>'state' <> 'done' ORDER BY started_at DESC LIMIT 1").format(_table(schema)),
+        (key,)).fetchone()
+    return (str(row[0]), dict(row[1])) if row else None
+
+
 def request_backfill(conn: psycopg.Connection[Any], schema: str, run_id: str, changes: dict[str, Any]) -> bool:
     """Ask a running run's backfill to pause, go on, or take batches of another length; False when it had ended."""
     row = conn.execute(sql.SQL(

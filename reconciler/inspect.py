@@ -690,6 +690,22 @@ class IndexFact:
     on_partitioned: bool
 
 
+@dataclass(frozen=True, slots=True)
+class KeyFact:
+    """A one-column primary key, unique constraint or foreign key: a column rewrite can carry it over (rebuilt on the
+    new column, or re-pointed at it)."""
+
+    name: str
+    table: str  # 'schema.table' it is on
+    kind: str  # 'p', 'u' or 'f'
+    column: str
+    definition: str  # pg_get_constraintdef
+    ref_table: str | None = None  # a foreign key's referenced table and column
+    ref_column: str | None = None
+    index: str | None = None  # 'schema.index' a key's index (for a primary key or unique constraint)
+    validated: bool = True
+
+
 @dataclass(frozen=True)
 class LockTable:
     """The server's shared lock table: how many objects all transactions together can hold locks on."""
@@ -725,9 +741,12 @@ class LiveFacts:
     implicit_casts: frozenset[tuple[int, int]] = frozenset()  # those PostgreSQL makes anywhere (widenings: int4 to int8)
     string_types: frozenset[int] = frozenset()
     domain_types: frozenset[int] = frozenset()
-    # ('schema.table', column) something depends on beyond its default and plain indexes (a constraint, a view, a
-    # trigger's column list, a policy, an owned sequence, extended statistics): a column rewrite cannot go online
+    # ('schema.table', column) something depends on beyond its default, plain indexes and one-column keys (a
+    # constraint of more columns, a view, a trigger's column list, a policy, a sequence, extended statistics): a column
+    # rewrite cannot go online
     busy_columns: frozenset[tuple[str, str]] = frozenset()
+    # ('schema.table', column) -> the one-column keys on it or referencing it (a foreign key is under both its columns)
+    keys: Mapping[tuple[str, str], tuple[KeyFact, ...]] = dataclasses.field(default_factory=dict)
 
     def has_table(self, name: str) -> bool:
         return qualify(name) in self.tables
@@ -742,6 +761,12 @@ _SMALL_TABLE_BYTES = 64 * 1024 * 1024
 
 
 _COUNTS_PER_QUERY = 200
+# a primary key, unique constraint or foreign key of one column (each side), not deferrable, on a table (not a
+# partitioned one: its key is its partitions' too): what a dual column can rebuild or re-point (``k``: pg_constraint)
+_ONE_COLUMN_KEY = """(k.contype IN ('p', 'u', 'f') AND cardinality(k.conkey) = 1 AND NOT k.condeferrable
+                      AND coalesce(cardinality(k.confkey), 1) = 1 AND k.conparentid = 0
+                      AND NOT EXISTS (SELECT 1 FROM pg_class kc WHERE kc.oid IN (k.conrelid, k.confrelid)
+                                        AND (kc.relkind = 'p' OR kc.relispartition)))"""
 
 
 def _count_rows(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str, int]:
@@ -837,9 +862,30 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
                       SELECT 1 FROM pg_constraint k WHERE k.oid = d.objid AND k.contype::text = 'n'))
                   AND NOT (d.classid = 'pg_class'::regclass AND EXISTS (
                       SELECT 1 FROM pg_index i WHERE i.indexrelid = d.objid
-                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)))
+                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid
+                                          AND NOT {_ONE_COLUMN_KEY})))
+                  AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
+                      SELECT 1 FROM pg_constraint k WHERE k.oid = d.objid AND {_ONE_COLUMN_KEY}))
                   AND {managed}""".encode(), params)
         busy = frozenset((str(t), str(col)) for t, col in cur.fetchall())
+        cur.execute(
+            f"""SELECT k.conname, n.nspname || '.' || c.relname, k.contype::text, a.attname, pg_get_constraintdef(k.oid),
+                       rn.nspname || '.' || r.relname, ra.attname, ino.nspname || '.' || ic.relname, k.convalidated
+                FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+                LEFT JOIN pg_class r ON r.oid = k.confrelid LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace
+                LEFT JOIN pg_attribute ra ON ra.attrelid = k.confrelid AND ra.attnum = k.confkey[1]
+                LEFT JOIN pg_class ic ON ic.oid = k.conindid AND k.contype <> 'f'
+                LEFT JOIN pg_namespace ino ON ino.oid = ic.relnamespace
+                WHERE {_ONE_COLUMN_KEY} AND {managed}""".encode(), params)
+        keyed: dict[tuple[str, str], list[KeyFact]] = {}
+        for name, table, kind, column, definition, ref_table, ref_column, index, valid in cur.fetchall():
+            key = KeyFact(name, table, kind, column, definition, ref_table if kind == "f" else None,
+                          ref_column if kind == "f" else None, index, bool(valid))
+            keyed.setdefault((table, column), []).append(key)
+            if key.ref_table is not None and key.ref_column is not None:
+                keyed.setdefault((key.ref_table, key.ref_column), []).append(key)
+        keys = {column: tuple(found) for column, found in keyed.items()}
         cur.execute("SELECT oid::int, typcategory = 'S' FROM pg_type WHERE typcategory = 'S' OR typtype = 'd'")
         kinds = cur.fetchall()
         strings = frozenset(int(oid) for oid, string in kinds if string)
@@ -859,5 +905,5 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
         lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit, implicit_casts=implicit,
         string_types=strings,
-        domain_types=domains, busy_columns=busy,
+        domain_types=domains, busy_columns=busy, keys=keys,
     )

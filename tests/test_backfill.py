@@ -213,27 +213,29 @@ def _filling(target: Target) -> subprocess.Popen[str]:
     return proc
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+@pytest.mark.parametrize("how", ["sigkill", "sigkill, then VACUUM FULL", "sigterm"])
 def test_a_fill_stopped_part_way_ends_with_every_row_right(target: Target, how: str) -> None:
-    """Killed: the rows filled stay filled, the trigger goes on filling new writes, and planning again fills the
-    rest. Stopped by a signal: the run undoes what it committed (the column was new), and planning again starts
-    over. Either way every row ends right and the schema converges."""
+    """Killed: the rows filled stay filled, the trigger goes on filling new writes, and planning again goes on from
+    the killed run's checkpoint (unless the table was rewritten since: then from page 0). Stopped by a signal: the
+    run undoes what it committed (the column was new), and planning again starts over. Either way every row ends
+    right and the schema converges."""
     proc = _filling(target)
     holder = connect(target.database, autocommit=False)
     holder.execute("SELECT 1 FROM items WHERE id = 200000 FOR UPDATE")
     try:
         target.wait_for(FILLING)
-        proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+        proc.send_signal(signal.SIGKILL if how.startswith("sigkill") else signal.SIGTERM)
     finally:
         holder.rollback()  # let go: undoing what the run committed needs the table too
         holder.close()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (-signal.SIGKILL if how == "sigkill" else 130), err  # 130: stopped by a signal
+    killed = how.startswith("sigkill")
+    assert proc.returncode == (-signal.SIGKILL if killed else 130), err  # 130: stopped by a signal
     target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
                     "'reconciler control') AND pid <> pg_backend_pid()", 0, seconds=30)
     (run,) = target.runs()
-    assert run["status"] == ("interrupted" if how == "sigkill" else "cancelled"), run
-    if how == "sigkill":
+    assert run["status"] == ("interrupted" if killed else "cancelled"), run
+    if killed:
         filled = fetch_one(target.database, "SELECT count(*) FROM items WHERE note_key IS NOT NULL")
         assert isinstance(filled, int) and 0 < filled < 200000, filled  # earlier batches committed
         run_sql(target.database, "INSERT INTO items (id, note) VALUES (300000, 'late')")  # the trigger fills it
@@ -241,9 +243,16 @@ def test_a_fill_stopped_part_way_ends_with_every_row_right(target: Target, how: 
     else:
         assert fetch_one(target.database, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'items'::regclass "
                                           "AND attname = 'note_key'") == 0  # undone: the column was new
+    if how == "sigkill, then VACUUM FULL":
+        run_sql(target.database, "VACUUM FULL items")  # rows move between pages: the checkpoint says nothing now
     again = target.plan("again.json")
-    applied = target.run("apply", str(again))
+    applied = target.run("apply", str(again), "-v")
     assert applied.returncode == 0, applied.stderr
+    if how == "sigkill":
+        assert f"going on from run {run['id']}'s checkpoint, page " in applied.stderr, applied.stderr
+    elif killed:
+        assert f"not going on from run {run['id']}'s checkpoint" in applied.stderr and "the table was rewritten" \
+            in applied.stderr, applied.stderr
     assert fetch_one(target.database, "SELECT count(*) FROM items WHERE note_key IS DISTINCT FROM upper(note) || id") == 0
     assert target.run("drift").returncode == 0
     assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_fill_%'") == 0

@@ -144,12 +144,147 @@ def test_a_rewrite_killed_mid_fill_is_finished_by_planning_again(target: Target)
                     "'reconciler control') AND pid <> pg_backend_pid()", 0, seconds=30)
     (run,) = target.runs()
     assert run["status"] == "interrupted", run
-    run_sql(target.database, "INSERT INTO events (id, counter) VALUES (300000, 7)")  # the trigger copies it
-    again = target.run("apply", str(target.plan("again.json")))
+    # the trigger copies them: a new row, and a row of a page filled before the kill, which the fill does not read
+    # again (it goes on from the killed run's checkpoint)
+    run_sql(target.database, "INSERT INTO events (id, counter) VALUES (300000, 7); "
+                             "UPDATE events SET counter = counter + 1 WHERE id = 1")
+    again = target.run("apply", str(target.plan("again.json")), "-v")
     assert again.returncode == 0, again.stderr
-    assert fetch_one(target.database, "SELECT count(*) FROM events WHERE id <= 200000 AND counter <> id * 3") == 0
+    assert f"going on from run {run['id']}'s checkpoint, page " in again.stderr, again.stderr
+    assert fetch_one(target.database, "SELECT counter FROM events WHERE id = 1") == 4
+    assert fetch_one(target.database, "SELECT count(*) FROM events WHERE id > 1 AND id <= 200000 AND counter <> id * 3") == 0
     assert fetch_one(target.database, "SELECT counter FROM events WHERE id = 300000") == 7
     assert fetch_one(target.database, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
                                       "'events'::regclass AND attname = 'counter'") == "bigint"
+    assert target.run("drift").returncode == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
+
+
+KEYED_LIVE = """
+CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL DEFAULT 0);
+CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                     account_id int NOT NULL REFERENCES accounts (id), amount int NOT NULL);
+CREATE INDEX ledger_account_idx ON ledger (account_id);
+"""
+KEYED_ROWS = """
+INSERT INTO accounts SELECT g, g FROM generate_series(1, 20000) g;
+INSERT INTO ledger (account_id, amount) SELECT g, 1 FROM generate_series(1, 20000) g;
+ANALYZE accounts, ledger;
+"""
+KEYED_DESIRED = KEYED_LIVE.replace("id int PRIMARY KEY", "id bigint PRIMARY KEY").replace("account_id int", "account_id bigint")
+
+
+def test_an_int_primary_key_and_the_foreign_key_to_it_become_bigint_while_writes_go_on(
+        tmp_path: Path, database: str, pg_server: Server) -> None:
+    """Both ends of the foreign key are dual columns: the primary key's index is built again on the new column,
+    the cut-over (one transaction for both) swaps the key in USING INDEX and re-points the foreign key NOT VALID,
+    and the key is validated after, while writers insert accounts and ledger rows that reference them."""
+    run_sql(database, KEYED_LIVE + KEYED_ROWS)
+    plan = _plan(tmp_path, database, pg_server, KEYED_DESIRED)
+    steps = plan.body.steps
+    assert not [h for s in steps for h in s.hazards if h.code == "TABLE_REWRITE"], render_text(plan)
+    # each table's new column in a transaction of its own: one locking both could deadlock with the writers
+    assert len({s.phase for s in steps if s.kind == "add_column"}) == 2, render_text(plan)
+    cutover = [s for s in steps if s.kind == "cutover"]
+    assert len({s.phase for s in cutover}) == 1, render_text(plan)  # both columns' cut-overs: one short transaction
+    assert cutover[0].sql == 'LOCK TABLE "public"."ledger", "public"."accounts" IN ACCESS EXCLUSIVE MODE'
+    assert any(s.sql.endswith('USING INDEX "accounts_pkey_' + s.sql.rsplit("_", 1)[-1]) and "PRIMARY KEY" in s.sql
+               for s in cutover), render_text(plan)
+    validations = [s for s in steps if s.kind == "validate_constraint" and s.object == "public.ledger.ledger_account_id_fkey"]
+    assert len(validations) == 1 and validations[0].phase > cutover[-1].phase  # once, after the cut-over
+    assert plan.body.rehearsal.status == "converged", plan.body.rehearsal
+
+    acknowledged: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with connect(database) as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    conn.execute("INSERT INTO accounts (id) VALUES (%s)", (100_000 + n,))
+                    row = conn.execute("INSERT INTO ledger (account_id, amount) VALUES (%s, 2) RETURNING id",
+                                       (100_000 + n,)).fetchone()
+                    assert row is not None
+                    acknowledged.append(int(row[0]))
+                    conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (1 + n % 50,))
+                except psycopg.Error as exc:
+                    failures.append(str(exc))
+                    return
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                         backfill=BackfillLimits(batch_seconds=0.01)))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert result.status == "applied" and not failures, failures
+    assert acknowledged
+    types = "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attname = '{}'"
+    assert fetch_one(database, types.format("accounts", "id")) == fetch_one(database, types.format("ledger", "account_id")) \
+        == "bigint"
+    assert fetch_one(database, "SELECT pg_get_constraintdef(oid) || ' ' || convalidated FROM pg_constraint "
+                               "WHERE conname = 'ledger_account_id_fkey'") == "FOREIGN KEY (account_id) REFERENCES accounts(id) true"
+    assert fetch_one(database, "SELECT conindid::regclass::text FROM pg_constraint WHERE conname = 'accounts_pkey'") \
+        == "accounts_pkey"
+    assert fetch_one(database, f"SELECT count(*) FROM ledger WHERE id = ANY(ARRAY{acknowledged}::bigint[])") == len(acknowledged)
+    assert fetch_one(database, "SELECT count(*) FROM ledger l JOIN accounts a ON a.id = l.account_id") == \
+        20000 + len(acknowledged)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):  # the key is enforced
+        run_sql(database, "INSERT INTO ledger (account_id, amount) VALUES (5000000000, 1)")
+    assert _plan(tmp_path, database, pg_server, KEYED_DESIRED).body.steps == ()  # converged
+
+
+@pytest.mark.parametrize("when", ["in", "after"])
+def test_a_key_rewrite_killed_in_its_cut_over_or_after_is_finished_by_planning_again(target: Target, when: str) -> None:
+    """Killed while the cut-over waits for its lock (its transaction rolled back whole), or right after it committed
+    (the new key NOT VALID, the old columns still there): the next plan finishes it, every row right."""
+    run_sql(target.database, KEYED_LIVE + KEYED_ROWS)
+    config = target.root / "reconciler.yaml"
+    config.write_text("safety:\n  online_rewrite_rows: 1000\n" + config.read_text().replace(
+        "    lock_wait: 30s\n", "    lock_wait: 30s\n    backfill: {batch: 5ms}\n"))
+    target.desired(TARGET_LIVE_TABLES + KEYED_DESIRED)
+    proc = target.start_apply(target.plan())
+    row, table, runs = (connect(target.database, autocommit=False) for _ in range(3))
+    try:
+        # the ledger's fill held up by a row lock, long enough to take a lock only the cut-over waits for
+        target.wait_for("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reconciler_copy_%'", 2, seconds=60)
+        row.execute("SELECT 1 FROM ledger WHERE id = 20000 FOR UPDATE")
+        target.wait_for("SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE 'UPDATE \"public\".\"ledger\" SET "
+                        "\"reconciler_new_%' AND wait_event_type = 'Lock'", seconds=60)
+        table.execute("LOCK TABLE ledger IN ACCESS SHARE MODE")
+        row.rollback()
+        target.wait_for("SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE 'LOCK TABLE %' "
+                        "AND wait_event_type = 'Lock'", seconds=60)
+        if when == "after":  # the cut-over commits; the run's record of it waits for the row
+            runs.execute("SELECT 1 FROM reconciler.runs WHERE status = 'running' FOR NO KEY UPDATE")
+            table.rollback()
+            target.wait_for("SELECT count(*) FROM pg_attribute WHERE attname LIKE '%reconciler_old%' "
+                            "AND NOT attisdropped", 2, seconds=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        for conn in (row, table, runs):
+            conn.rollback()
+            conn.close()
+    target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
+                    "'reconciler control') AND pid <> pg_backend_pid()", 0, seconds=30)
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_attribute WHERE attname LIKE '%reconciler_old%' "
+                                      "AND NOT attisdropped") == (2 if when == "after" else 0)
+    run_sql(target.database, "INSERT INTO accounts (id) VALUES (30000); INSERT INTO ledger (account_id, amount) "
+                             "VALUES (30000, 5)")  # kept in step by the trigger, or written after the cut-over
+    again = target.run("apply", str(target.plan("again.json")))
+    assert again.returncode == 0, again.stderr
+    assert fetch_one(target.database, "SELECT count(*) FROM ledger l JOIN accounts a ON a.id = l.account_id "
+                                      "WHERE l.amount = 1 AND a.balance = l.account_id") == 20000
+    assert fetch_one(target.database, "SELECT amount FROM ledger WHERE account_id = 30000") == 5
+    assert fetch_one(target.database, "SELECT string_agg(format_type(atttypid, atttypmod), ',' ORDER BY attrelid) "
+                                      "FROM pg_attribute WHERE (attrelid, attname) IN (('accounts'::regclass, 'id'), "
+                                      "('ledger'::regclass, 'account_id'))") == "bigint,bigint"
+    assert fetch_one(target.database, "SELECT convalidated FROM pg_constraint WHERE conname = 'ledger_account_id_fkey'")
     assert target.run("drift").returncode == 0
     assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0

@@ -5,8 +5,15 @@ range of the table's pages at a time, each range its own short transaction, size
 Pages, not keys: a table needs no key for it, every row existing when the fill starts lies in the pages counted
 then, and with a TID range scan (PostgreSQL 14 and later) a batch reads only its pages. Rows written meanwhile, and
 new versions of rows updated meanwhile, are filled by the step's trigger (the fill's own UPDATE leaves the column
-set, so the trigger lets it be). The UPDATE touches only rows still NULL, so a fill that stopped part-way, planned
-again, fills only what is left.
+set, so the trigger lets it be). The UPDATE touches only rows still NULL (or not yet equal to their conversion), so a fill that
+stopped part-way, planned again, fills only what is left.
+
+Resumable: the progress written to the run's history row before each batch is a checkpoint (``key``: the step's
+SQL; ``pages_done``: every page before it filled). A later run of the same step goes on from the newest one an
+ended run left, never from page 0, when it can prove nothing before that page has been missed since: the table's
+file is the same (``pg_relation_filenode``: no VACUUM FULL or CLUSTER moved rows between pages) and so are its
+helper triggers (their oids: the one that kept each insert and update filled has been there all along; a plan made
+again replaces it OR REPLACE, which keeps the oid). Otherwise it starts from page 0 and says why.
 
 Before each batch the fill looks at what it would make worse, and waits while any is past its limit (``BackfillLimits``),
 saying why: a streaming replica's replay lag (time, and WAL bytes still to replay, from ``pg_stat_replication``,
@@ -17,6 +24,7 @@ oldest open transaction of the database (while it is open, the row versions the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -39,23 +47,28 @@ REPORT_SECONDS = 5.0
 
 
 Report = Callable[[dict[str, Any]], dict[str, Any]]
+Checkpoints = Callable[[str], "tuple[str, dict[str, Any]] | None"]
 
 
 def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillLimits, lock_retries: int,
-                 check: Callable[[], None] = lambda: None, report: Report | None = None) -> int:
+                 check: Callable[[], None] = lambda: None, report: Report | None = None,
+                 resume: Checkpoints | None = None) -> int:
     """Fill the step's table batch by batch; returns the rows updated. ``check`` runs before each batch and while
     paused (a signal stops the fill between two batches: what is filled stays filled). ``report`` is given the
     progress before each batch and while paused (the run's history row: ``reconciler backfill status``) and returns
-    what an operator asked (``paused``, ``batch_seconds``: ``reconciler backfill pause|resume|throttle``)."""
+    what an operator asked (``paused``, ``batch_seconds``: ``reconciler backfill pause|resume|throttle``).
+    ``resume`` finds an earlier run's checkpoint of the same step (see the module's docstring)."""
     schema, table = step.identity[0], step.identity[1]
     relation = sql.Identifier(schema, table).as_string(conn)
     row = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (relation,)).fetchone()
     pages = int(row[0]) if row else 0
     batch = sql.SQL("{} AND ctid >= %s::tid AND ctid < %s::tid").format(sql.SQL(step.sql))  # the compiler's UPDATE
-    fill = _Fill(step, pages, report or (lambda _progress: {}))
+    continuity = _continuity(conn, relation)
+    fill = _Fill(step, pages, report or (lambda _progress: {}), continuity)
     watch = _Watch(conn, step.object, relation, limits)
-    start, size = 0, FIRST_PAGES
-    log.info("backfill %s: %s pages to %s in batches of about %.1fs", step.object, f"{pages:,}",
+    start, size = _resumed(step, fill.key, continuity, pages, resume), FIRST_PAGES
+    fill.resumed_from = start
+    log.info("backfill %s: %s pages to %s in batches of about %.1fs", step.object, f"{pages - start:,}",
              "check" if step.kind == VERIFY_KIND else "fill", limits.batch_seconds)
     while start < pages:
         check()
@@ -80,12 +93,54 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
     return fill.rows
 
 
-class _Fill:
-    """A fill's counts, said to the log every few seconds and to the run's history row before each batch."""
+def _continuity(conn: psycopg.Connection[Any], relation: str) -> dict[str, Any]:
+    """What must not have changed since a checkpoint for a fill to go on from it: the table's file, and its helper
+    triggers (they fill what is written meanwhile)."""
+    row = conn.execute(
+        "SELECT pg_relation_filenode(%s::regclass)::bigint, coalesce(array_agg(oid::bigint ORDER BY oid) FILTER (WHERE "
+        "tgname LIKE 'reconciler\\_%%' AND tgenabled <> 'D'), '{}') FROM pg_trigger WHERE tgrelid = %s::regclass",
+        (relation, relation)).fetchone()
+    return {"filenode": int(row[0]) if row and row[0] is not None else None, "triggers": list(row[1]) if row else []}
 
-    def __init__(self, step: Step, pages: int, report: Report) -> None:
-        self.step, self.pages, self.report = step, pages, report
+
+def _resumed(step: Step, key: str, continuity: dict[str, Any], pages: int, resume: Checkpoints | None) -> int:
+    """The page the fill goes on from: an earlier run's checkpoint of this step where it is provably safe, else 0."""
+    found = resume(key) if resume is not None else None
+    if found is None:
+        return 0
+    run_id, checkpoint = found
+    done = int(checkpoint.get("pages_done") or 0)
+    why = None
+    if checkpoint.get("filenode") != continuity["filenode"]:
+        why = "the table was rewritten since (its rows may have moved between pages)"
+    elif not continuity["triggers"] or checkpoint.get("triggers") != continuity["triggers"]:
+        why = "its trigger was not there all along (writes meanwhile may have been missed)"
+    elif done > pages:
+        why = "the table is smaller than it was"
+    if why is not None:
+        log.warning("backfill %s: not going on from run %s's checkpoint (page %s): %s; from page 0", step.object,
+                    run_id, f"{done:,}", why)
+        return 0
+    if done:
+        log.info("backfill %s: going on from run %s's checkpoint, page %s of %s (the pages before it were done, and "
+                 "the trigger has filled every write to them since)", step.object, run_id, f"{done:,}", f"{pages:,}")
+    return done
+
+
+def checkpoint_key(step: Step) -> str:
+    """The same fill in another plan: the same step SQL (its helper names come from the table and column)."""
+    return hashlib.sha256(f"{step.kind}\n{step.object}\n{step.sql}".encode()).hexdigest()[:16]
+
+
+class _Fill:
+    """A fill's counts, said to the log every few seconds and to the run's history row before each batch (the
+    checkpoint a later run goes on from)."""
+
+    def __init__(self, step: Step, pages: int, report: Report, continuity: dict[str, Any]) -> None:
+        self.step, self.pages, self.report, self.continuity = step, pages, report, continuity
+        self.key = checkpoint_key(step)
         self.rows = 0
+        self.resumed_from = 0  # the page an earlier run's checkpoint let this one begin at
         self.began = self.reported = time.monotonic()
 
     def rate(self) -> float:
@@ -93,11 +148,14 @@ class _Fill:
         return self.rows / elapsed if elapsed > 0 else 0.0
 
     def left(self, done: int) -> float:
-        return (self.pages - done) * (time.monotonic() - self.began) / done if done else 0.0
+        here = done - self.resumed_from
+        return (self.pages - done) * (time.monotonic() - self.began) / here if here > 0 else 0.0
 
     def say(self, state: str, done: int, reason: str | None = None) -> dict[str, Any]:
         return self.report({
-            "step": self.step.index, "object": self.step.object, "state": state, "reason": reason,
+            "step": self.step.index, "kind": self.step.kind, "object": self.step.object, "key": self.key,
+            **self.continuity,
+            "state": state, "reason": reason, "resumed_from": self.resumed_from,
             "pages": self.pages, "pages_done": done, "rows": self.rows, "rows_per_second": round(self.rate(), 1),
             "seconds_left": round(self.left(done), 1), "updated_at": datetime.now(UTC).isoformat(timespec="seconds")})
 
@@ -171,6 +229,19 @@ class _Watch:
             found.append(f"a transaction has been open {oldest:.0f}s (limit {limits.max_transaction_age_seconds:.0f}s): "
                          "the row versions the fill replaces cannot be vacuumed meanwhile")
         return found
+
+
+def describe(progress: dict[str, Any], state: str | None = None) -> str:
+    """A fill's progress in a line (``reconciler backfill status``, apply's status line on a terminal)."""
+    pages, done = int(progress.get("pages") or 0), int(progress.get("pages_done") or 0)
+    share = f" ({100.0 * done / pages:.0f}%)" if pages else ""
+    state = state or str(progress.get("state"))
+    resumed = int(progress.get("resumed_from") or 0)
+    return (f"{'check' if progress.get('kind') == VERIFY_KIND else 'backfill'} {progress.get('object')} (step "
+            f"{progress.get('step')}): {state}, page {done:,} of {pages:,}{share}, {int(progress.get('rows') or 0):,} "
+            f"rows, {float(progress.get('rows_per_second') or 0):,.0f} rows/s"
+            + (f", about {float(progress.get('seconds_left') or 0):.0f}s left" if state == "filling" else "")
+            + (f", went on from an earlier run's checkpoint at page {resumed:,}" if resumed else ""))
 
 
 def _mib(n: float) -> str:

@@ -432,6 +432,11 @@ class _Progress:
             raise Cancelled
         return requested
 
+    def checkpoint(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """Where an earlier run's fill of the same step stopped (``backfill.run_backfill`` decides whether it can
+        go on from there)."""
+        return history.last_checkpoint(self.conn, self.schema, key)
+
     def in_transaction(self, executor: psycopg.Connection[Any]) -> int:
         """The phase's records, written by its own transaction just before it commits; returns how many, to count as
         written once it has committed."""
@@ -537,8 +542,10 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
 
 
 def _is_lock_timeout(exc: BaseException) -> bool:
+    """A lock not had in time, or a deadlock broken by the server (a cut-over locking two tables a writer also takes
+    in the other order): the transaction was rolled back whole, and is tried again."""
     cause = exc.__cause__ if isinstance(exc, ApplyError) else exc
-    return isinstance(cause, psycopg.errors.LockNotAvailable)
+    return isinstance(cause, psycopg.errors.LockNotAvailable | psycopg.errors.DeadlockDetected)
 
 
 def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None]) -> None:
@@ -553,7 +560,8 @@ def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None
                     raise ApplyError(f"{exc} (gave up after {attempt + 1} attempts)") from exc.__cause__
                 raise
             delay = min(options.retry_backoff_seconds * 2**attempt, 30.0)
-            log.warning("%s hit lock_timeout; retrying in %.1fs (attempt %d of %d)", what, delay, attempt + 2,
+            reason = "a deadlock" if isinstance(exc.__cause__, psycopg.errors.DeadlockDetected) else "lock_timeout"
+            log.warning("%s hit %s; retrying in %.1fs (attempt %d of %d)", what, reason, delay, attempt + 2,
                         options.lock_retries + 1)
             time.sleep(delay)
 
@@ -630,7 +638,7 @@ def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], 
             return progress.backfill(said)
 
         rows = run_backfill(conn, step, limits=options.backfill, lock_retries=options.lock_retries,
-                            check=progress.check, report=report)
+                            check=progress.check, report=report, resume=progress.checkpoint)
     except BaseException:
         records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
                                   (time.perf_counter() - started) * 1000, 0.0))

@@ -93,7 +93,8 @@ def _filled(ctx: Context, d: Draft, table: str, column: str, expression: str, *,
         tag += "_"
     body = f"BEGIN IF NEW.{c.as_string(None)} IS NULL THEN NEW.{c.as_string(None)} := {on_row}; END IF; RETURN NEW; END"
     # OR REPLACE: a run stopped part-way may have left the function and the trigger (they stay, filling new writes,
-    # until a plan finishes the fill; the compiler drops such a trigger right before making it again)
+    # until a plan finishes the fill); the trigger replaced keeps its oid, which tells the next fill that it has been
+    # there since the checkpoint it resumes from (apply/backfill.py)
     create_function = (q("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT "
                          "AS ", function) + f"${tag}${body}${tag}$")
     drop_function = q("DROP FUNCTION IF EXISTS {}()", function)
@@ -102,7 +103,7 @@ def _filled(ctx: Context, d: Draft, table: str, column: str, expression: str, *,
     return [
         Draft(sql=create_function, kind="create_function", object=f"{schema}.{helper}()", tables=(), stage=d.stage,
               rollback_sql=drop_function, reversible=True, identity=(schema, helper), helper=True),
-        Draft(sql=q("CREATE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()", trigger, t,
+        Draft(sql=q("CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()", trigger, t,
                     function),
               kind="create_trigger", object=f"{table}.{helper}", tables=(table,), rollback_sql=drop_trigger,
               reversible=True, identity=(schema, name, helper), helper=True),

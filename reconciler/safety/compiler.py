@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from pglast import ast, enums
-from psycopg import sql
 
 from ..diff.base import Change
 from ..diff.classify import classify_node, identity_of
@@ -16,7 +15,7 @@ from . import backfill, constraints, dual_column, enum_values, generic, indexes,
 from .context import Context
 from .drafts import MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
 from .hazards import alter_hazards
-from .nodes import names, parse, q, rv, tables_of
+from .nodes import names, parse, rv, tables_of
 from .rollback import alter_rollback
 
 _UNIQUE_ADDS = frozenset({"add_primary_key", "add_unique_constraint"})
@@ -41,24 +40,13 @@ class Compiler(Context):
 
     def _helpers_kept(self, drafts: list[Draft]) -> list[Draft]:
         """A backfill's trigger and function (and a dual column's new column, CHECK and indexes) left by a run
-        stopped part-way are the ones this plan makes again (or keeps) and drops at its end: the diff engine's drops
-        of them go (in the main transaction, in the engine's order, one could come after the trigger is made again
-        and stop filling new writes before the fill is done); such a trigger is dropped right before it is made
-        again (the function is made OR REPLACE)."""
+        stopped part-way are the ones this plan makes again (OR REPLACE, or IF NOT EXISTS) or keeps, and drops at
+        its end: the diff engine's drops of them go (in the main transaction, in the engine's order, one could come
+        after the trigger is made again and stop filling new writes before the fill is done)."""
         if not self.fill_helpers:
             return drafts
-        left = {d.object for d in drafts if d.kind == "drop_trigger" and not d.helper and d.object in self.fill_helpers}
-        out: list[Draft] = []
-        for d in drafts:
-            if not d.helper and d.kind in ("drop_trigger", "drop_function", "drop_column", "drop_constraint", "drop_index",
-                                           "drop_index_concurrently") and d.object in self.fill_helpers:
-                continue
-            if d.helper and d.kind == "create_trigger" and d.object in left:
-                schema, table, name = d.identity
-                out.append(replace(d, sql=q("DROP TRIGGER IF EXISTS {} ON {}", sql.Identifier(name),
-                                            sql.Identifier(schema, table)), kind="drop_trigger", rollback_sql=""))
-            out.append(d)
-        return out
+        return [d for d in drafts if d.helper or d.object not in self.fill_helpers or d.kind not in (
+            "drop_trigger", "drop_function", "drop_column", "drop_constraint", "drop_index", "drop_index_concurrently")]
 
     def _statement(self, change: Change, node: ast.Node) -> list[Draft]:
         kind, obj = classify_node(node)

@@ -28,6 +28,8 @@ class Context:
         self.new_or_retyped_columns: set[tuple[str, str]] = set()
         self.validated: set[tuple[str, str]] = set()  # (table, constraint) a VALIDATE CONSTRAINT step names
         self.fill_helpers: set[str] = set()  # the backfill triggers and functions made, named as the engine names them
+        self.changed_constraints: set[tuple[str, str]] = set()  # (table, constraint) the plan drops or adds
+        self.repointed: set[tuple[str, str]] = set()  # (table, foreign key) a cut-over re-adds: validated once
 
     def existing(self, table: str) -> bool:
         """A table that exists in live and is not created by this plan: someone may be using it."""
@@ -76,3 +78,7 @@ class Context:
                         self.new_or_retyped_columns.add((table, str(cmd.name)))
                     elif subtype is enums.AlterTableType.AT_ValidateConstraint:
                         self.validated.add((table, str(cmd.name)))
+                    elif subtype is enums.AlterTableType.AT_DropConstraint:
+                        self.changed_constraints.add((table, str(cmd.name)))
+                    elif subtype is enums.AlterTableType.AT_AddConstraint and isinstance(cmd.def_, ast.Constraint):
+                        self.changed_constraints.add((table, str(cmd.def_.conname)))

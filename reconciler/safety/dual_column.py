@@ -20,6 +20,7 @@ The cut-over and the drop of the old column cannot be undone by SQL (the plan sa
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pglast
 from pglast import ast, enums
@@ -27,8 +28,9 @@ from psycopg import sql
 
 from .backfill import KIND as BACKFILL_KIND
 from .backfill import _on_new_row
+from .carried_keys import CarriedKeys, added, carried_keys, dropped, validations
 from .context import Context
-from .drafts import BACKFILL, CUTOVER, POST_VALIDATE, Draft
+from .drafts import BACKFILL, CUTOVER, EXPAND, POST_CUTOVER, POST_VALIDATE, Draft
 from .hazards import rewrites_type
 from .indexes import index_columns
 from .nodes import deparse, names, q, short, walk
@@ -57,6 +59,9 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     parts = d.identity[:2] or tuple(table.split(".", 1))
     schema, name = parts[0], parts[-1]
     tag = hashlib.sha256(f"{table}.{column}".encode()).hexdigest()[:8]
+    keys = carried_keys(ctx, table, column, tag)
+    if keys is None:
+        return None
     new, old, helper = f"reconciler_new_{tag}", short(f"{column}_reconciler_old", tag), f"reconciler_copy_{tag}"
     t, c, n = sql.Identifier(*parts), sql.Identifier(column), sql.Identifier(new)
     function, trigger = sql.Identifier(schema, helper), sql.Identifier(helper)
@@ -84,7 +89,8 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                     function) + f"${dollar}$BEGIN NEW.{n.as_string(None)} := {on_row}; RETURN NEW; END${dollar}$",
               kind="create_function", object=f"{schema}.{helper}()", tables=(), rollback_sql=drop_function,
               reversible=True, identity=(schema, helper), helper=True),
-        Draft(sql=q("CREATE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()", trigger, t,
+        # on every update (not UPDATE OF the old column): a row updated before it is filled would break the CHECK
+        Draft(sql=q("CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()", trigger, t,
                     function), kind="create_trigger", object=f"{table}.{helper}", tables=(table,),
               rollback_sql=drop_trigger, reversible=True, identity=(schema, name, helper), helper=True),
     ]
@@ -96,16 +102,20 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                          kind="add_check_constraint", object=f"{table}.{check.as_string(None)}", tables=(table,),
                          rollback_sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check), reversible=True,
                          identity=(*parts, check_name), helper=True))
+    out = [replace(d, stage=EXPAND, group=f"expand {table}") for d in out]  # a transaction of the table's own
     out.append(Draft(sql=q("UPDATE {} SET {} = ", t, n) + conversion + q(" WHERE {} IS DISTINCT FROM ", n)
                      + f"({conversion})", kind=BACKFILL_KIND, object=f"{table}.{new}", tables=(table,),
                      transactional=False, stage=BACKFILL, rollback_sql="", reversible=True, identity=(*parts, new),
                      helper=True))
     built = []
-    for index, f in indexes:
-        temporary = short(f"{index.split('.', 1)[1]}", tag)
-        built.append((index, temporary))
+    for index, definition, temporary in [(index, f.definition, short(f"{index.split('.', 1)[1]}", tag))
+                                         for index, f in indexes] + [
+                                         (str(key.index), definition, temporary)
+                                         for key, definition, temporary in keys.indexes]:
+        if index not in (str(key.index) for key in keys.own):
+            built.append((index, temporary))
         ctx.fill_helpers.add(f"{schema}.{temporary}")
-        out.append(Draft(sql=_index_on(f.definition, column, new, temporary), kind="create_index_concurrently",
+        out.append(Draft(sql=_index_on(definition, column, new, temporary), kind="create_index_concurrently",
                          object=f"{schema}.{temporary}", tables=(table,), transactional=False, stage=BACKFILL,
                          index_name=f"{schema}.{temporary}", rollback_sql=q("DROP INDEX CONCURRENTLY IF EXISTS {}",
                                                                             sql.Identifier(schema, temporary)),
@@ -118,17 +128,20 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                          object=f"{table}.{check.as_string(None)}", tables=(table,), isolated=True, stage=POST_VALIDATE,
                          rollback_sql="", reversible=True, identity=(*parts, short(f"{name}_{new}", "notnull")),
                          helper=True))
-    out += _cutover(ctx, table, parts, column, new, old, fact.not_null, fact.default, check, built, drop_trigger,
-                    drop_function)
+    out += _cutover(ctx, table, parts, column, new, old, fact.not_null, fact.default, check, built, keys,
+                    drop_trigger, drop_function)
     return out
 
 
 def _cutover(ctx: Context, table: str, parts: tuple[str, ...], column: str, new: str, old: str, not_null: bool,
-             default: str | None, check: sql.Identifier, built: list[tuple[str, str]], drop_trigger: str,
-             drop_function: str) -> list[Draft]:
+             default: str | None, check: sql.Identifier, built: list[tuple[str, str]], keys: CarriedKeys,
+             drop_trigger: str, drop_function: str) -> list[Draft]:
     t, c, n, o = sql.Identifier(*parts), sql.Identifier(column), sql.Identifier(new), sql.Identifier(old)
     schema = parts[0]
-    statements = [q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", t), drop_trigger, drop_function]
+    order = keys.locked(table)
+    others = tuple(name for name in order if name != table)
+    locked = sql.SQL(", ").join(sql.Identifier(*name.split(".", 1)) for name in order)
+    statements = [q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", locked), drop_trigger, drop_function, *dropped(keys)]
     if not_null:  # writes after the cut-over leave the old column out
         statements.append(q("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL", t, c))
     if default:
@@ -141,13 +154,16 @@ def _cutover(ctx: Context, table: str, parts: tuple[str, ...], column: str, new:
         statements.append(q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT ", t, c) + default)
     statements += [q("ALTER INDEX {} RENAME TO {}", sql.Identifier(schema, temporary), sql.Identifier(index.split(".", 1)[1]))
                    for index, temporary in built]
-    lock = ctx.hazard(HazardCode.ACCESS_EXCLUSIVE_LOCK, "the cut-over: a brief exclusive lock (no scan, no rewrite) "
-                      "that waits behind running transactions, retried after lock_timeout", table)
-    drafts = [Draft(sql=statement, kind="cutover", object=f"{table}.{column}", tables=(table,), stage=CUTOVER,
+    statements += added(keys)
+    also = f" (and {', '.join(others)}, for the foreign keys re-pointed)" if others else ""
+    lock = ctx.hazard(HazardCode.ACCESS_EXCLUSIVE_LOCK, f"the cut-over: a brief exclusive lock{also} (no scan, no "
+                      "rewrite) that waits behind running transactions, retried after lock_timeout", table)
+    drafts = [Draft(sql=statement, kind="cutover", object=f"{table}.{column}", tables=(table, *others), stage=CUTOVER,
                     rollback_sql=None, reversible=False, hazards=(lock,) if i == 0 else (), helper=True)
               for i, statement in enumerate(statements)]
+    drafts += validations(ctx, keys)
     drafts.append(Draft(sql=q("ALTER TABLE {} DROP COLUMN {}", t, o), kind="drop_column", object=f"{table}.{old}",
-                        tables=(table,), stage=CUTOVER, isolated=True, rollback_sql=None, reversible=False, helper=True,
+                        tables=(table,), stage=POST_CUTOVER, isolated=True, rollback_sql=None, reversible=False, helper=True,
                         hazards=(ctx.hazard(HazardCode.DATA_LOSS, f"drops the old {column} (its values live on, "
                                             "converted and checked, in the new one)", table),)))
     return drafts

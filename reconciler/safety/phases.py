@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from ..config import duration_seconds
 from ..conversions import ColumnNotes
 from ..diff.base import Change
 from ..inspect import LiveFacts, LockTable
@@ -13,6 +14,10 @@ from .compiler import Compiler
 from .drafts import Draft
 from .steps import Hazard, HazardCode, SafetySettings, Step
 
+# every write to the tables waits behind a cut-over's queued lock: it gives up soon and is retried; and before the
+# server's deadlock_timeout (1s), so that where a writer takes the tables in the other order the cut-over is the one
+# to give up, not the application's write
+_CUTOVER_LOCK_TIMEOUT = "500ms"
 _LOCK_SHARE = 4  # a transaction takes at most a quarter of the server's lock table: other sessions need theirs
 _EMPTY_FACTS = LiveFacts(
     tables={}, partitioned=frozenset(), columns={}, indexes={}, enums={}, views={}, volatile_functions=frozenset(),
@@ -43,7 +48,8 @@ def compile_steps(
     for i, d in enumerate(drafts, 1):
         alone = not d.transactional or d.isolated
         locks = _locks(d)
-        if previous is None or alone or not previous.transactional or previous.isolated or previous.stage != d.stage:
+        if previous is None or alone or not previous.transactional or previous.isolated or previous.stage != d.stage \
+                or previous.group != d.group:
             phase += 1
             held = set()
             pieces.append([i])
@@ -68,7 +74,10 @@ def compile_steps(
 
 def _timeouts(settings: SafetySettings, kind: str) -> tuple[str, str]:
     override = settings.timeouts.get(kind, {})
-    return override.get("lock_timeout", settings.lock_timeout), override.get("statement_timeout", settings.statement_timeout)
+    lock_timeout = settings.lock_timeout
+    if kind == "cutover" and duration_seconds(lock_timeout) > duration_seconds(_CUTOVER_LOCK_TIMEOUT):
+        lock_timeout = _CUTOVER_LOCK_TIMEOUT
+    return override.get("lock_timeout", lock_timeout), override.get("statement_timeout", settings.statement_timeout)
 
 
 def _lock_budget(table: LockTable | None) -> int | None:
