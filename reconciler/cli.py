@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="fleets: only every N-th database, starting at I (0-based)")
     p.add_argument("--concurrency", type=int, metavar="N", help="fleets: databases applied at once (default: the "
                                                                    "environment's concurrency, 4)")
+    p.add_argument("--hold-contract", action="store_true",
+                   help="online rewrites: stop before each contract (the drop of the column a cut-over replaced); the "
+                        "old column is kept in step, so `reconciler rollback RUN_ID` can still swap back in one short "
+                        "lock; a later plan drops it")
     _target_options(p, env_default="the plan's environment; with --auto, local")
     _schemas_option(p)
     _drops_option(p)
@@ -793,7 +797,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         blockers = auto_apply_blockers(env)
         if blockers:
             raise RefusedError(f"environment {env.name!r} does not allow --auto ({'; '.join(blockers)}): plan, approve, then apply")
-        options = replace(_apply_options(config, env, plan_file=False), on_backup=_announce_backup)
+        options = replace(_apply_options(config, env, plan_file=False), on_backup=_announce_backup,
+                          hold_contract=args.hold_contract)
         with open_servers(config, env) as servers:
             plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
             sys.stdout.write(render(plan, "text"))
@@ -806,7 +811,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     else:
         plan = read_plan(args.plan)
         env = _env_for_plan(config, args, plan)
-        options = replace(_apply_options(config, env, plan_file=True), on_backup=_announce_backup)
+        options = replace(_apply_options(config, env, plan_file=True), on_backup=_announce_backup,
+                          hold_contract=args.hold_contract)
         with open_servers(config, env, need_shadow=False) as servers, \
                 _progress(args, options, len(plan.body.steps)) as shown:
             result = apply_plan(plan, servers.target_dsn, shown)
@@ -814,7 +820,14 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         print(f"Nothing to apply: {plan.body.target.database} already matches plan {plan.short_id}.")
         return EXIT_OK
     total_ms = sum(s.duration_ms for s in result.steps)
-    print(f"Applied plan {plan.short_id}: {len(result.steps)} step(s) in {total_ms:.0f} ms (run {result.run_id}).")
+    held = [s for s in result.steps if s.status == "held"]
+    done = len(result.steps) - len(held)
+    print(f"Applied plan {plan.short_id}: {done} step(s) in {total_ms:.0f} ms (run {result.run_id}).")
+    if held:
+        kept = ", ".join(s.object for s in held if s.kind == "contract")
+        print(f"Contract held ({len(held)} step(s)): {kept} kept, in step with the column that took its place. "
+              f"`reconciler rollback {result.run_id}` swaps back in one short lock; the next plan drops "
+              f"{'it' if kept.count(',') == 0 else 'them'}.")
     return EXIT_OK
 
 

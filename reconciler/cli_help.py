@@ -108,7 +108,9 @@ COMMANDS: dict[str, CommandHelp] = {
     "rollback": CommandHelp(
         "plan, and where allowed apply, the way back to the schema a run started from",
         "Plan the way back to the schema the run RUN_ID started from (read from its backup); apply it where the "
-        "environment may apply on its own, else print it to approve and apply like any plan.",
+        "environment may apply on its own, else print it to approve and apply like any plan. A column type change "
+        "applied online with its contract held (apply --hold-contract) goes back in one short lock, to the old "
+        "column it kept in step.",
         ((EXIT_OK, "rolled back, or nothing to do"), (EXIT_CHANGES, "a plan to approve and apply"),
          (EXIT_REFUSED, "the way back is denied by policy (no plan to approve)")),
         "reconciler rollback 3f2a9c1e --env staging -o plans/rollback.json --plan-only"),

@@ -60,7 +60,7 @@ def test_a_big_tables_int_column_becomes_bigint_while_writes_go_on(tmp_path: Pat
     kinds = [s.kind for s in plan.body.steps]
     assert kinds[:3] == ["add_column", "create_function", "create_trigger"], kinds
     assert kinds.index("backfill") < kinds.index("create_index_concurrently") < kinds.index("verify_copy") \
-        < kinds.index("validate_constraint") < kinds.index("cutover") < kinds.index("drop_column"), kinds
+        < kinds.index("validate_constraint") < kinds.index("cutover") < kinds.index("contract"), kinds
     assert not [h for s in plan.body.steps for h in s.hazards if h.code == "TABLE_REWRITE"]
     cutover = [s for s in plan.body.steps if s.kind == "cutover"]
     assert len({s.phase for s in cutover}) == 1 and cutover[0].sql.startswith("LOCK TABLE")  # one short transaction
@@ -286,5 +286,103 @@ def test_a_key_rewrite_killed_in_its_cut_over_or_after_is_finished_by_planning_a
                                       "FROM pg_attribute WHERE (attrelid, attname) IN (('accounts'::regclass, 'id'), "
                                       "('ledger'::regclass, 'account_id'))") == "bigint,bigint"
     assert fetch_one(target.database, "SELECT convalidated FROM pg_constraint WHERE conname = 'ledger_account_id_fkey'")
+    assert target.run("drift").returncode == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
+
+
+def _held(target: Target) -> dict[str, object]:
+    """The keyed rewrite applied with its contract held; the run."""
+    run_sql(target.database, KEYED_LIVE + KEYED_ROWS)
+    config = target.root / "reconciler.yaml"
+    config.write_text("safety:\n  online_rewrite_rows: 1000\n" + config.read_text())
+    target.desired(TARGET_LIVE_TABLES + KEYED_DESIRED)
+    applied = target.run("apply", str(target.plan()), "--hold-contract")
+    assert applied.returncode == 0, applied.stderr
+    assert "Contract held (6 step(s)): public.accounts.id_reconciler_old_" in applied.stdout, applied.stdout
+    (run,) = target.runs()
+    assert run["status"] == "applied", run
+    held = [s for s in run["statements"] if s["status"] == "held"]  # type: ignore[attr-defined]
+    assert [s["kind"] for s in held] == ["drop_trigger", "drop_function", "contract"] * 2, held
+    tags = [str(s["object"]).rsplit("_", 1)[1] for s in held if s["kind"] == "contract"]
+    assert fetch_one(target.database, "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' "
+                                      "ORDER BY attrelid, attname) FROM pg_attribute WHERE attrelid IN "
+                                      "('accounts'::regclass, 'ledger'::regclass) AND attname LIKE '%id%' "
+                                      "AND attnum > 0 AND NOT attisdropped") \
+        == (f"id bigint, id_reconciler_old_{tags[0]} integer, account_id bigint, "
+            f"account_id_reconciler_old_{tags[1]} integer, id bigint")
+    return run
+
+
+def test_a_held_contract_keeps_the_old_column_in_step_and_rollback_swaps_back_without_losing_a_write(
+        target: Target) -> None:
+    run = _held(target)
+    # written after the cut-over: kept in step in the old columns by their triggers
+    run_sql(target.database, "INSERT INTO accounts (id, balance) VALUES (40000, 7); "
+                             "INSERT INTO ledger (account_id, amount) VALUES (40000, 9); "
+                             "UPDATE accounts SET balance = -5 WHERE id = 5")
+    acknowledged: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:  # all through the way back
+        with connect(target.database) as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    conn.execute("INSERT INTO accounts (id) VALUES (%s)", (50_000 + n,))
+                    conn.execute("INSERT INTO ledger (account_id, amount) VALUES (%s, 3)", (50_000 + n,))
+                    conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (50_000 + n,))
+                    acknowledged.append(50_000 + n)
+                except psycopg.Error as exc:
+                    failures.append(str(exc))
+                    return
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        back = target.run("rollback", str(run["id"]))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert back.returncode == 0 and not failures, (back.stderr, failures)
+    assert acknowledged and fetch_one(target.database, "SELECT count(*) FROM accounts a JOIN ledger l ON l.account_id "
+                                                       "= a.id WHERE a.id > 50000 AND a.balance = 1") == len(acknowledged)
+    run_sql(target.database, "DELETE FROM ledger WHERE account_id > 50000; DELETE FROM accounts WHERE id > 50000")
+    assert "TABLE_REWRITE" not in back.stdout and "the way back: a brief exclusive lock" in back.stdout, back.stdout
+    assert fetch_one(target.database, "SELECT string_agg(format_type(atttypid, atttypmod), ',' ORDER BY attrelid) "
+                                      "FROM pg_attribute WHERE (attrelid, attname) IN (('accounts'::regclass, 'id'), "
+                                      "('ledger'::regclass, 'account_id'))") == "integer,integer"
+    assert fetch_one(target.database, "SELECT string_agg(attname, ', ') FROM pg_attribute WHERE attname LIKE "
+                                      "'%reconciler%' AND NOT attisdropped AND attrelid IN ('accounts'::regclass, "
+                                      "'ledger'::regclass)") is None
+    assert fetch_one(target.database, "SELECT count(*) FROM ledger l JOIN accounts a ON a.id = l.account_id") == 20001
+    assert fetch_one(target.database, "SELECT balance FROM accounts WHERE id = 5") == -5
+    assert fetch_one(target.database, "SELECT amount FROM ledger WHERE account_id = 40000") == 9
+    assert fetch_one(target.database, "SELECT string_agg(conname || ' ' || convalidated, ', ' ORDER BY conname) FROM "
+                                      "pg_constraint WHERE contype IN ('p', 'f') AND conrelid = ANY('{accounts,ledger}'"
+                                      "::regclass[])") == "accounts_pkey true, ledger_account_id_fkey true, ledger_pkey true"
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
+
+
+def test_a_held_contract_is_dropped_by_the_next_plan_and_the_way_back_refuses_to_lose_a_value(target: Target) -> None:
+    run = _held(target)
+    run_sql(target.database, "INSERT INTO accounts (id) VALUES (3000000000)")  # beyond the old column's integer
+    back = target.run("rollback", str(run["id"]))
+    assert back.returncode != 0 and "1 row(s)" in back.stderr, back.stderr  # nothing swapped back, nothing lost
+    assert fetch_one(target.database, "SELECT count(*) FROM accounts WHERE id = 3000000000") == 1
+    (target.root / "policies").mkdir()
+    (target.root / "policies" / "contracts.yaml").write_text(
+        "rules:\n  - id: contracts-need-a-reviewer\n    description: the end of the way back\n"
+        "    action: require_approval\n    count: 1\n    change: {kinds: [contract]}\n")
+    plan = target.plan("contract.json")
+    shown = target.run("show", str(plan))
+    assert "contract public.accounts.id_reconciler_old_" in shown.stdout and "DATA_LOSS: the contract" in shown.stdout
+    assert "contracts-need-a-reviewer" in shown.stdout and "Approvals: 0 of 1 given" in shown.stdout, shown.stdout
+    refused = target.run("apply", str(plan))
+    assert refused.returncode == 3 and "0 of 1" in refused.stderr, refused.stderr
+    (target.root / "policies" / "contracts.yaml").unlink()
+    applied = target.run("apply", str(target.plan("contract.json")))
+    assert applied.returncode == 0, applied.stderr
     assert target.run("drift").returncode == 0
     assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0

@@ -32,6 +32,7 @@ from ..plan import Plan
 from ..safety import Step
 from ..safety.backfill import KIND as BACKFILL
 from ..safety.dual_column import VERIFY_KIND
+from ..safety.swap import CONTRACT
 from ..servers import connect
 from ..signing import enforce
 from . import recovery
@@ -40,10 +41,12 @@ from .checks import freshness, plan_checks, refuse_unless_target
 from .monitor import LockWaitMonitor
 from .options import ApplyOptions, ApplyResult
 from .verification import (
+    HELD_NOTE,
     Held,
     NotConverged,
     check_converged,
     held,
+    held_objects,
     postcondition_failures,
     verification_failures,
     verify,
@@ -253,7 +256,8 @@ class _Run:
             self.signals.check()
             if history.cancel_requested(self.control, self.schema, self.run_id):
                 raise Cancelled
-            verification = verify(self.sessions.executor, self.plan, self.schema, before)
+            verification = verify(self.sessions.executor, self.plan, self.schema, before,
+                                  kept=held_objects(r for r in self.records if r.status == "held"))
             history.record_verification(self.control, self.schema, self.run_id, verification)
             failures = postcondition_failures(self.plan, self.control) + verification_failures(verification)
             if failures:
@@ -572,6 +576,11 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
     phases = _phases(plan.body.steps)
     for number, phase in enumerate(phases, 1):
         last = number == len(phases)
+        if options.hold_contract and any(s.kind == CONTRACT for s in phase):
+            records.extend(StepRecord(s.index, s.kind, s.object, s.sql, "held", 0.0, note=HELD_NOTE) for s in phase)
+            log.info("phase %d (the contract of %s) held: apply --hold-contract", phase[0].phase,
+                     ", ".join(s.object for s in phase if s.kind == CONTRACT))
+            continue
         progress.starting(phase)
         if phase[0].transactional:
             written = [0]
@@ -588,7 +597,8 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                             _run_step(conn, step, records, options.on_step, monitor, progress.check)
                         if last and options.verify_before_commit:
                             # what would be committed is checked before it is: the phase's locks are held meanwhile
-                            check_converged(plan, conn, options.metadata_schema, before)
+                            check_converged(plan, conn, options.metadata_schema, before,
+                                            kept=held_objects(r for r in records if r.status == "held"))
                         written[0] = progress.in_transaction(conn)
                 except BaseException:
                     records[done_before:] = [r if r.status != "applied" else replace(r, status="rolled back")

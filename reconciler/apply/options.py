@@ -49,6 +49,7 @@ class ApplyOptions:
     reconnect_seconds: float = 10.0  # after losing its session: how long to try for a new one to clean up with
     cleanup_lock_timeout: str = "5s"  # removing what a stopped step left (an INVALID index) waits no longer
     backfill: BackfillLimits = field(default_factory=lambda: BackfillLimits())  # apply/backfill.py
+    hold_contract: bool = False  # leave the contract phases (the columns a cut-over replaced are kept, in step)
 
 
 @dataclass(frozen=True)

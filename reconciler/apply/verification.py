@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 
 from .. import inspect
 from ..errors import ApplyError
+from ..history import StepRecord
 from ..plan import Plan, object_digests
 from ..policy import run_assertion
+from ..safety.swap import CONTRACT
 from .checks import describe_differences
 
 log = logging.getLogger(__name__)
@@ -21,12 +24,27 @@ class NotConverged(ApplyError):
     """The steps ran, but the target is not the desired schema (or a postcondition fails): undone like a failure."""
 
 
-def unlike_desired(plan: Plan, live: inspect.SchemaSnapshot, *, limit: int) -> str:
-    """'' when live is the desired schema (counting the plan's equivalents), else what differs."""
-    if live.fingerprint == plan.body.desired.schema_fingerprint:
+HELD_NOTE = "held by apply --hold-contract: the column it drops is kept, in step, until a later plan drops it"
+
+
+def held_objects(records: Iterable[StepRecord]) -> frozenset[str]:
+    """What held contract steps would have dropped, as the schema's objects are named: live has them besides the
+    desired schema, and nothing else."""
+    kinds = {CONTRACT: "column", "drop_trigger": "trigger", "drop_function": "function"}
+    return frozenset(f"{kinds[r.kind]} {r.object}" for r in records if r.kind in kinds)
+
+
+def unlike_desired(plan: Plan, live: inspect.SchemaSnapshot, *, limit: int, kept: frozenset[str] = frozenset()) -> str:
+    """'' when live is the desired schema (counting the plan's equivalents) besides the ``kept`` objects (a held
+    contract's), which it must have, else what differs."""
+    if live.fingerprint == plan.body.desired.schema_fingerprint and not kept:
         return ""
     actual = object_digests(live)
-    return describe_differences(plan.body.desired.unmatched(actual), actual, limit=limit)
+    missing = [f"{name} (held, but gone)" for name in sorted(kept) if name not in actual]
+    if kept:
+        actual = {name: digest for name, digest in actual.items() if name not in kept}
+    found = describe_differences(plan.body.desired.unmatched(actual), actual, limit=limit)
+    return ", ".join([*missing, *([found] if found else [])])
 
 
 Held = dict[tuple[str, str, str | None], tuple[str | None, frozenset[inspect.Grant] | None]]
@@ -65,11 +83,11 @@ def _who(owner: str | None) -> str:
 
 
 def check_converged(plan: Plan, conn: psycopg.Connection[Any], metadata_schema: str,
-                    before: Held | None = None) -> None:
+                    before: Held | None = None, *, kept: frozenset[str] = frozenset()) -> None:
     """Inside the last transaction, before COMMIT: what it sees is what would be committed. ``before``: ``held``
-    before the first step."""
+    before the first step; ``kept``: what held contracts keep."""
     live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,), **plan.body.snapshot_options)
-    changed = unlike_desired(plan, live, limit=10)
+    changed = unlike_desired(plan, live, limit=10, kept=kept)
     if changed:
         raise NotConverged(f"after the steps the database does not match the desired schema: {changed}")
     gone = lost(before, held(plan, conn, metadata_schema), limit=10) if before else ""
@@ -77,13 +95,13 @@ def check_converged(plan: Plan, conn: psycopg.Connection[Any], metadata_schema: 
         raise NotConverged(f"after the steps objects have lost what the plan does not manage: {gone}")
 
 
-def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str, before: Held | None = None
-           ) -> dict[str, Any]:
-    """The checks after an apply, as stored in the history row: live equals desired, no INVALID index,
-    and the NOT VALID constraints (each must be in the desired schema to pass the first check); with ``before``
-    (``held`` before the first step), no object lost its owner or grants."""
+def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str, before: Held | None = None, *,
+           kept: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The checks after an apply, as stored in the history row: live equals desired (besides what a held contract
+    keeps), no INVALID index, and the NOT VALID constraints (each must be in the desired schema to pass the first
+    check); with ``before`` (``held`` before the first step), no object lost its owner or grants."""
     live = inspect.snapshot(conn, exclude_schemas=(metadata_schema,), **plan.body.snapshot_options)
-    unlike = unlike_desired(plan, live, limit=50)
+    unlike = unlike_desired(plan, live, limit=50, kept=kept)
     differences = unlike.split(", ") if unlike else []
     gone = lost(before, held(plan, conn, metadata_schema), limit=50) if before else ""
     differences += [f"not kept: {d}" for d in gone.split(", ")] if gone else []
@@ -93,8 +111,9 @@ def verify(conn: psycopg.Connection[Any], plan: Plan, metadata_schema: str, befo
     not_valid = [r[0] for r in conn.execute(
         "SELECT n.nspname || '.' || k.conname FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace "
         "WHERE NOT k.convalidated AND n.nspname <> %s ORDER BY 1", (metadata_schema,)).fetchall()]
-    return {"converged": not differences, "fingerprint": live.fingerprint, "differences": differences,
-            "invalid_indexes": invalid, "not_valid_constraints": not_valid}
+    result = {"converged": not differences, "fingerprint": live.fingerprint, "differences": differences,
+              "invalid_indexes": invalid, "not_valid_constraints": not_valid}
+    return result | ({"held": sorted(kept)} if kept else {})
 
 
 def verification_failures(result: dict[str, Any]) -> list[str]:

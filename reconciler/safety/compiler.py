@@ -11,7 +11,7 @@ from pglast import ast, enums
 from ..diff.base import Change
 from ..diff.classify import classify_node, identity_of
 from ..inspect import qualify
-from . import backfill, constraints, dual_column, enum_values, generic, indexes, not_null, renaming, type_change
+from . import backfill, constraints, dual_column, enum_values, generic, indexes, not_null, renaming, type_change, way_back
 from .context import Context
 from .drafts import MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
 from .hazards import alter_hazards
@@ -36,7 +36,7 @@ class Compiler(Context):
             if i in skipped:
                 continue
             out.extend(self._undone_by_drop(d, node) for d in self._statement(change, node))
-        return self._dependents(self._helpers_kept(out))
+        return self._dependents(way_back.contracts(self._helpers_kept(out)))
 
     def _helpers_kept(self, drafts: list[Draft]) -> list[Draft]:
         """A backfill's trigger and function (and a dual column's new column, CHECK and indexes) left by a run
@@ -77,7 +77,7 @@ class Compiler(Context):
             filled = backfill.new_not_null_column(self, d, node, table, cmds)
             if filled is not None:
                 return filled
-            online = dual_column.dual_column(self, d, node, table, cmds)
+            online = way_back.swap_back(self, d, node, table, cmds) or dual_column.dual_column(self, d, node, table, cmds)
             if online is not None:
                 return online
         if not self.existing(table):

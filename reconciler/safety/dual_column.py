@@ -6,35 +6,36 @@ that blocks reads and writes for the whole rewrite:
 2. (backfill) the new column filled from the old, batch by batch (``apply/backfill.py``); the indexes on the old
    column built again on the new one, CONCURRENTLY; every row checked, batch by batch, to hold the conversion of
    its old value (``verify_copy``): the trigger keeps it so until the cut-over;
-3. the CHECK validated; then the cut-over, one short transaction under ``lock_timeout`` (retried like any phase): the
-   trigger dropped, NOT NULL and the default moved, the old indexes dropped and the new ones given their names, the
-   columns renamed; then the old column dropped in a transaction of its own.
+3. the CHECK validated; then the cut-over (swap.py), one short transaction under ``lock_timeout`` (retried like any
+   phase): the trigger dropped, keys, NOT NULL and the default moved, the old indexes dropped and the new ones given
+   their names, the columns renamed, and a trigger that keeps the old column in step from then on;
+4. the contract: the old column dropped, a transaction of its own (``apply --hold-contract`` leaves it; until it
+   runs, ``reconciler rollback`` swaps back in one short lock: way_back.py).
 
 Only for a widening (an implicit cast: no value can fail to convert, so no write of the application's can fail in the
-trigger), where nothing but its default and plain indexes depends on the column (``LiveFacts.busy_columns``: no
-constraint, view, policy, trigger column list, owned sequence or statistics object), on a table that is not
-partitioned, from ``safety.online_rewrite_rows`` rows; otherwise the plain ALTER stays, with its TABLE_REWRITE hazard.
-The cut-over and the drop of the old column cannot be undone by SQL (the plan says so); everything before them can.
+trigger), where nothing but its default, plain indexes and one-column keys depends on the column
+(``LiveFacts.busy_columns``: no constraint of more columns, view, policy, trigger column list, sequence or statistics
+object), on a table that is not partitioned, from ``safety.online_rewrite_rows`` rows; otherwise the plain ALTER
+stays, with its TABLE_REWRITE hazard. The cut-over and the contract cannot be undone by SQL in the plan (the plan
+says so); everything before them can.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
-import pglast
 from pglast import ast, enums
 from psycopg import sql
 
 from .backfill import KIND as BACKFILL_KIND
 from .backfill import _on_new_row
-from .carried_keys import CarriedKeys, added, carried_keys, dropped, validations
+from .carried_keys import carried_keys
 from .context import Context
-from .drafts import BACKFILL, CUTOVER, EXPAND, POST_CUTOVER, POST_VALIDATE, Draft
+from .drafts import BACKFILL, EXPAND, POST_VALIDATE, Draft
 from .hazards import rewrites_type
-from .indexes import index_columns
-from .nodes import deparse, names, q, short, walk
+from .nodes import deparse, names, q, short
 from .steps import HazardCode
+from .swap import Swap, cutover, index_builds, kept_name, tag_of
 
 VERIFY_KIND = "verify_copy"  # apply runs it batch by batch too, and fails on any row found
 
@@ -58,11 +59,11 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
         return None
     parts = d.identity[:2] or tuple(table.split(".", 1))
     schema, name = parts[0], parts[-1]
-    tag = hashlib.sha256(f"{table}.{column}".encode()).hexdigest()[:8]
+    tag = tag_of(table, column)
     keys = carried_keys(ctx, table, column, tag)
     if keys is None:
         return None
-    new, old, helper = f"reconciler_new_{tag}", short(f"{column}_reconciler_old", tag), f"reconciler_copy_{tag}"
+    new, old, helper = f"reconciler_new_{tag}", kept_name(column, tag), f"reconciler_copy_{tag}"
     t, c, n = sql.Identifier(*parts), sql.Identifier(column), sql.Identifier(new)
     function, trigger = sql.Identifier(schema, helper), sql.Identifier(helper)
     type_sql = deparse(col.typeName)
@@ -72,8 +73,6 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     while f"${dollar}$" in on_row:
         dollar += "_"
     check = sql.Identifier(short(f"{name}_{new}", "notnull"))  # (its name again below, as check_name)
-    indexes = [(index, f) for index, f in sorted(ctx.facts.indexes.items())
-               if f.table == table and not f.backs_constraint and column in _columns_of(f.definition)]
     drop_trigger = q("DROP TRIGGER IF EXISTS {} ON {}", trigger, t)
     drop_function = q("DROP FUNCTION IF EXISTS {}()", function)
     check_name = short(f"{name}_{new}", "notnull")
@@ -107,66 +106,19 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                      + f"({conversion})", kind=BACKFILL_KIND, object=f"{table}.{new}", tables=(table,),
                      transactional=False, stage=BACKFILL, rollback_sql="", reversible=True, identity=(*parts, new),
                      helper=True))
-    built = []
-    for index, definition, temporary in [(index, f.definition, short(f"{index.split('.', 1)[1]}", tag))
-                                         for index, f in indexes] + [
-                                         (str(key.index), definition, temporary)
-                                         for key, definition, temporary in keys.indexes]:
-        if index not in (str(key.index) for key in keys.own):
-            built.append((index, temporary))
-        ctx.fill_helpers.add(f"{schema}.{temporary}")
-        out.append(Draft(sql=_index_on(definition, column, new, temporary), kind="create_index_concurrently",
-                         object=f"{schema}.{temporary}", tables=(table,), transactional=False, stage=BACKFILL,
-                         index_name=f"{schema}.{temporary}", rollback_sql=q("DROP INDEX CONCURRENTLY IF EXISTS {}",
-                                                                            sql.Identifier(schema, temporary)),
-                         reversible=True, identity=(schema, temporary), helper=True))
+    swap = Swap(table=table, parts=parts, column=column, incoming=new, outgoing=old, tag=tag, not_null=fact.not_null,
+                default=fact.default, check=check_name if fact.not_null else None, keys=keys, stop_trigger=drop_trigger,
+                stop_function=drop_function, keep_in_step=fact.type)
+    builds, renamed = index_builds(ctx, swap)
+    out += builds
     out.append(Draft(sql=q("SELECT count(*) FROM {} WHERE {} IS DISTINCT FROM ", t, n) + f"({conversion})",
                      kind=VERIFY_KIND, object=f"{table}.{new}", tables=(table,), transactional=False, stage=BACKFILL,
                      rollback_sql="", reversible=True, identity=(*parts, new), helper=True))
     if fact.not_null:
         out.append(Draft(sql=q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, check), kind="validate_constraint",
                          object=f"{table}.{check.as_string(None)}", tables=(table,), isolated=True, stage=POST_VALIDATE,
-                         rollback_sql="", reversible=True, identity=(*parts, short(f"{name}_{new}", "notnull")),
-                         helper=True))
-    out += _cutover(ctx, table, parts, column, new, old, fact.not_null, fact.default, check, built, keys,
-                    drop_trigger, drop_function)
-    return out
-
-
-def _cutover(ctx: Context, table: str, parts: tuple[str, ...], column: str, new: str, old: str, not_null: bool,
-             default: str | None, check: sql.Identifier, built: list[tuple[str, str]], keys: CarriedKeys,
-             drop_trigger: str, drop_function: str) -> list[Draft]:
-    t, c, n, o = sql.Identifier(*parts), sql.Identifier(column), sql.Identifier(new), sql.Identifier(old)
-    schema = parts[0]
-    order = keys.locked(table)
-    others = tuple(name for name in order if name != table)
-    locked = sql.SQL(", ").join(sql.Identifier(*name.split(".", 1)) for name in order)
-    statements = [q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", locked), drop_trigger, drop_function, *dropped(keys)]
-    if not_null:  # writes after the cut-over leave the old column out
-        statements.append(q("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL", t, c))
-    if default:
-        statements.append(q("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT", t, c))
-    statements += [q("DROP INDEX {}", sql.Identifier(*index.split(".", 1))) for index, _temporary in built]
-    statements += [q("ALTER TABLE {} RENAME COLUMN {} TO {}", t, c, o), q("ALTER TABLE {} RENAME COLUMN {} TO {}", t, n, c)]
-    if not_null:  # under its final name: PostgreSQL 18 names the NOT NULL constraint after the column it is set on
-        statements += [q("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", t, c), q("ALTER TABLE {} DROP CONSTRAINT {}", t, check)]
-    if default:
-        statements.append(q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT ", t, c) + default)
-    statements += [q("ALTER INDEX {} RENAME TO {}", sql.Identifier(schema, temporary), sql.Identifier(index.split(".", 1)[1]))
-                   for index, temporary in built]
-    statements += added(keys)
-    also = f" (and {', '.join(others)}, for the foreign keys re-pointed)" if others else ""
-    lock = ctx.hazard(HazardCode.ACCESS_EXCLUSIVE_LOCK, f"the cut-over: a brief exclusive lock{also} (no scan, no "
-                      "rewrite) that waits behind running transactions, retried after lock_timeout", table)
-    drafts = [Draft(sql=statement, kind="cutover", object=f"{table}.{column}", tables=(table, *others), stage=CUTOVER,
-                    rollback_sql=None, reversible=False, hazards=(lock,) if i == 0 else (), helper=True)
-              for i, statement in enumerate(statements)]
-    drafts += validations(ctx, keys)
-    drafts.append(Draft(sql=q("ALTER TABLE {} DROP COLUMN {}", t, o), kind="drop_column", object=f"{table}.{old}",
-                        tables=(table,), stage=POST_CUTOVER, isolated=True, rollback_sql=None, reversible=False, helper=True,
-                        hazards=(ctx.hazard(HazardCode.DATA_LOSS, f"drops the old {column} (its values live on, "
-                                            "converted and checked, in the new one)", table),)))
-    return drafts
+                         rollback_sql="", reversible=True, identity=(*parts, check_name), helper=True))
+    return out + cutover(ctx, swap, renamed, "the cut-over")
 
 
 def _widening(ctx: Context, source: int, col: ast.ColumnDef) -> bool:
@@ -179,30 +131,3 @@ def _widening(ctx: Context, source: int, col: ast.ColumnDef) -> bool:
     target_name = names(col.typeName.names) if col.typeName is not None else ""
     target = ctx.facts.type_oids.get(target_name) or ctx.facts.type_oids.get(target_name.removeprefix("pg_catalog."))
     return target is not None and (source, target) in ctx.facts.implicit_casts
-
-
-def _columns_of(definition: str) -> set[str]:
-    """The columns an index's definition (pg_get_indexdef) reads."""
-    node = pglast.parse_sql(definition)[0].stmt
-    return index_columns(node) if isinstance(node, ast.IndexStmt) else set()
-
-
-def _index_on(definition: str, column: str, new: str, name: str) -> str:
-    """An index's definition with ``column`` read as ``new``, named ``name``, built CONCURRENTLY."""
-    node = pglast.parse_sql(definition)[0].stmt
-    assert isinstance(node, ast.IndexStmt)
-
-    def visit(item: ast.Node) -> bool:
-        if isinstance(item, ast.IndexElem) and item.name == column:
-            item.name = new
-        if isinstance(item, ast.ColumnRef):
-            fields = item.fields or ()
-            if fields and isinstance(fields[-1], ast.String) and str(fields[-1].sval) == column:
-                item.fields = (*fields[:-1], ast.String(sval=new))
-        return not isinstance(item, ast.ColumnRef)
-
-    walk(node, visit)
-    node.idxname = name
-    node.concurrent = True
-    node.if_not_exists = True  # a run stopped part-way may have built it already
-    return deparse(node)
