@@ -20,7 +20,7 @@ from psycopg import sql
 # on the one before (PostgreSQL queues a request behind a conflicting waiter, so a gate asked for while a phase waits
 # is granted right after that phase ends, before the next phase asks), then the one before lets go. The apply waits
 # on the last gate in the aimed phase. Lock modes are chosen so each gate stops only what it is meant to stop (the
-# plan's main transaction takes events, then accounts, then orders, each ACCESS EXCLUSIVE; VALIDATE takes orders
+# plan's main transaction takes accounts, then orders, each ACCESS EXCLUSIVE, then events' expand; VALIDATE takes orders
 # SHARE UPDATE EXCLUSIVE; SET NOT NULL orders ACCESS EXCLUSIVE; the concurrent drop waits for every holder of a lock on
 # events; ACCESS SHARE conflicts with none of pg_dump, the writers' inserts, nor VALIDATE).
 # (table, lock mode); mode SNAPSHOT: an old snapshot, which a concurrent build waits out; mode ENUM: the type's own
@@ -35,6 +35,13 @@ AIMS: dict[str, tuple[Gate, ...]] = {
     "validate 2": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("orders", "SHARE UPDATE EXCLUSIVE")),
     "set_not_null": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("orders", "ACCESS SHARE")),
     "drop_index_concurrently": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("events", "ACCESS SHARE")),
+    # events.attempts made bigint as a dual column: the expand takes events ACCESS EXCLUSIVE first (after the main
+    # transaction); the fill's batches ROW EXCLUSIVE (SHARE stops them, and the writers' inserts, for the hold); the
+    # next ACCESS EXCLUSIVE after the expand is the cut-over's LOCK, the one after it the contract's DROP COLUMN
+    "expand": (("events", "ACCESS SHARE"),),
+    "backfill": (("events", "ACCESS SHARE"), ("events", "SHARE")),
+    "cutover": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
+    "contract": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
 }
 BRAKE_HOLD = (0.4, 1.4)  # seconds the aimed phase is held, under the apply's lock_timeout (2s)
 PASS_HOLD = (0.05, 0.2)  # how long a gate before the last keeps holding once the next one is asked for

@@ -96,6 +96,12 @@ def phase_label(current: Sequence[Mapping[str, Any]]) -> str:
         return "rename"
     if "set_not_null" in kinds and set(kinds) <= {"set_not_null", "drop_constraint"}:
         return "set_not_null"
+    if "cutover" in kinds:
+        return "cutover"
+    if "contract" in kinds:
+        return "contract"
+    if kinds and kinds[0] == "add_column" and "create_trigger" in kinds and "reconciler_new_" in str(current[0].get("object")):
+        return "expand"
     return "main-transaction"
 
 
@@ -190,6 +196,8 @@ def replay(admin_dsn: str, template: str, statements: Sequence[str]) -> tuple[in
     ... ADD VALUE cannot run in a transaction block), and snapshot the result; (None, why) when one fails."""
     with scratch_copy(admin_dsn, template) as dsn, connect(dsn) as conn:
         for number, statement in enumerate(statements, 1):
+            if statement.lstrip().upper().startswith("LOCK TABLE"):  # a cut-over's first statement: no schema in it,
+                continue  # and a LOCK outside a transaction block is refused
             try:
                 conn.execute(statement.encode())
             except psycopg.Error as exc:

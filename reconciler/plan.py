@@ -30,6 +30,9 @@ import jsonschema
 from . import __version__
 from .errors import PlanFileError
 from .inspect import Objects, SchemaSnapshot, TargetIdentity
+from .online import describe as describe_rewrite
+from .online import duration as describe_seconds
+from .online import online_rewrites, span
 from .policy import Assertion, Finding, PolicyResult, Window, approvals_needed
 from .rehearsal import SKIPPED, RehearsalResult
 from .safety import Hazard, LintFinding, Step
@@ -669,6 +672,11 @@ def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
     ]
     if b.steps:
         lines += ["", f"Rehearsal: {b.rehearsal.describe()}"]
+    rewrites = online_rewrites(b.steps)
+    if rewrites:
+        lines += ["", "Online rewrites (expand, backfill, cut-over, contract; apply --hold-contract stops before the "
+                  "contract):"]
+        lines += [f"  {describe_rewrite(r)}" for r in rewrites]
     if b.policy.findings:
         lines += ["", "Policy findings:"]
         lines += [f"  {f}" for f in b.policy.findings]
@@ -803,6 +811,15 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
         out += ["", "#### Hazards", "", "| step | hazard | object | why |", "|---:|---|---|---|"]
         for step, hazard in plan.hazards:
             out.append(f"| {step.index} | `{hazard.code}` | `{_cell(step.object)}` | {_cell(hazard.message)} |")
+    rewrites = online_rewrites(b.steps)
+    if rewrites:
+        out += ["", "#### Online rewrites", "", "| column | rows | expand | backfill | cut-over | contract |",
+                "|---|---:|---|---|---|---|"]
+        for r in rewrites:
+            took = f" (about {describe_seconds(r.seconds)})" if r.seconds else ""
+            out.append(f"| `{_cell(r.column)}` | {'' if r.rows is None else f'{r.rows:,}'} | {span(r.expand)} | "
+                       f"{span(r.backfill)}{took} | {span(r.cutover)}: one short transaction, locks "
+                       f"{_cell(', '.join(f'`{t}`' for t in r.locks))} | {span(r.contract)} |")
     if b.policy.findings or b.policy.windows or b.policy.auto_apply_blocked_by:
         out += ["", "#### Policy"]
     if b.policy.findings:

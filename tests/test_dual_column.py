@@ -3,6 +3,7 @@ filled in batches while writes go on, checked row by row, and cut over in one sh
 
 from __future__ import annotations
 
+import re
 import signal
 import textwrap
 import threading
@@ -14,7 +15,7 @@ import pytest
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
 from reconciler.config import load_config
 from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan, render_text
+from reconciler.plan import Plan, render_markdown, render_text
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
 from tests.target import Target
@@ -190,6 +191,11 @@ def test_an_int_primary_key_and_the_foreign_key_to_it_become_bigint_while_writes
     assert cutover[0].sql == 'LOCK TABLE "public"."ledger", "public"."accounts" IN ACCESS EXCLUSIVE MODE'
     assert any(s.sql.endswith('USING INDEX "accounts_pkey_' + s.sql.rsplit("_", 1)[-1]) and "PRIMARY KEY" in s.sql
                for s in cutover), render_text(plan)
+    shown, comment = render_text(plan), render_markdown(plan)  # each rewrite's phases, rows and estimate
+    assert re.search(r"public\.accounts\.id: ~20,000 rows; expand steps \d+-\d+; backfill steps \d+-\d+, about 0 s at "
+                     r"~100,000 rows/s; cut-over steps \d+-\d+ \(one short transaction, locks public\.ledger, "
+                     r"public\.accounts\); contract steps \d+-\d+", shown), shown
+    assert re.search(r"\| `public\.ledger\.account_id` \| 20,000 \| steps \d+-\d+ \| steps \d+-\d+", comment), comment
     validations = [s for s in steps if s.kind == "validate_constraint" and s.object == "public.ledger.ledger_account_id_fkey"]
     assert len(validations) == 1 and validations[0].phase > cutover[-1].phase  # once, after the cut-over
     assert plan.body.rehearsal.status == "converged", plan.body.rehearsal
@@ -379,6 +385,7 @@ def test_a_held_contract_is_dropped_by_the_next_plan_and_the_way_back_refuses_to
     shown = target.run("show", str(plan))
     assert "contract public.accounts.id_reconciler_old_" in shown.stdout and "DATA_LOSS: the contract" in shown.stdout
     assert "contracts-need-a-reviewer" in shown.stdout and "Approvals: 0 of 1 given" in shown.stdout, shown.stdout
+    assert "public.accounts.id: the contract of an earlier cut-over, steps " in shown.stdout, shown.stdout
     refused = target.run("apply", str(plan))
     assert refused.returncode == 3 and "0 of 1" in refused.stderr, refused.stderr
     (target.root / "policies" / "contracts.yaml").unlink()

@@ -98,7 +98,7 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                          object=f"{table}.{check_name}", tables=(table,), rollback_sql="", reversible=True,
                          identity=(*parts, check_name), helper=True))
         out.append(Draft(sql=q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID", t, check, n),
-                         kind="add_check_constraint", object=f"{table}.{check.as_string(None)}", tables=(table,),
+                         kind="add_check_constraint", object=f"{table}.{check_name}", tables=(table,),
                          rollback_sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check), reversible=True,
                          identity=(*parts, check_name), helper=True))
     out = [replace(d, stage=EXPAND, group=f"expand {table}") for d in out]  # a transaction of the table's own
@@ -116,7 +116,7 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                      rollback_sql="", reversible=True, identity=(*parts, new), helper=True))
     if fact.not_null:
         out.append(Draft(sql=q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, check), kind="validate_constraint",
-                         object=f"{table}.{check.as_string(None)}", tables=(table,), isolated=True, stage=POST_VALIDATE,
+                         object=f"{table}.{check_name}", tables=(table,), isolated=True, stage=POST_VALIDATE,
                          rollback_sql="", reversible=True, identity=(*parts, check_name), helper=True))
     return out + cutover(ctx, swap, renamed, "the cut-over")
 

@@ -116,7 +116,7 @@ def cutover(ctx: Context, swap: Swap, renamed: list[tuple[str, str]], what: str)
     also = f" (and {', '.join(others)}, for the foreign keys re-pointed)" if others else ""
     lock = ctx.hazard(HazardCode.ACCESS_EXCLUSIVE_LOCK, f"{what}: a brief exclusive lock{also} (no scan, no "
                       "rewrite) that waits behind running transactions, retried after lock_timeout", swap.table)
-    drafts = [Draft(sql=statement, kind="cutover", object=f"{swap.table}.{swap.column}", tables=(swap.table, *others),
+    drafts = [Draft(sql=statement, kind="cutover", object=f"{swap.table}.{swap.column}", tables=order,  # lock order
                     stage=CUTOVER, rollback_sql=None, reversible=False, hazards=(lock,) if i == 0 else (), helper=True)
               for i, statement in enumerate(statements)]
     drafts += validations(ctx, swap.keys)
