@@ -888,6 +888,10 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
         pending = [str(e["object"]) for e in r.cleanup if e.get("status") == "pending"]
         if pending:
             print(f"{'':<38}left to remove (by the next command that can): {', '.join(pending)}")
+        held = [str(s.get("object")) for s in r.statements if s.get("status") == "held" and s.get("kind") == "contract"]
+        if held:
+            print(f"{'':<38}contract held (apply --hold-contract): {', '.join(held)} kept in step; "
+                  f"`reconciler rollback {r.id}` swaps back, the next plan drops {'it' if len(held) == 1 else 'them'}")
         if r.backup_path:
             print(f"{'':<38}backup: {r.backup_path} ({r.backup_bytes or 0:,} bytes)")
         if (r.backfill or {}).get("progress") and (r.shown_status == "running"

@@ -3,11 +3,14 @@ filled in batches while writes go on, checked row by row, and cut over in one sh
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import textwrap
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -34,6 +37,34 @@ DESIRED = """\
 CREATE TABLE events (id bigint PRIMARY KEY, counter bigint NOT NULL DEFAULT 0, note text);
 CREATE INDEX events_counter_idx ON events (counter);
 {extra}"""
+
+
+@contextlib.contextmanager
+def _writing(database: str, write: Callable[[psycopg.Connection[Any], int], int]) -> Iterator[tuple[list[int], list[str]]]:
+    """A writer thread calling ``write(conn, n)`` for n = 1, 2, ... until the block ends: what each call returned
+    (an acknowledged write), and the error that stopped it, if any."""
+    acknowledged: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with connect(database) as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    acknowledged.append(write(conn, n))
+                except psycopg.Error as exc:
+                    failures.append(str(exc))
+                    return
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        yield acknowledged, failures
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 def _plan(root: Path, database: str, server: Server, desired: str, rows: int = 1000) -> Plan:
@@ -68,31 +99,14 @@ def test_a_big_tables_int_column_becomes_bigint_while_writes_go_on(tmp_path: Pat
     assert plan.body.rehearsal.status == "converged"
     assert "(irreversible: no SQL undoes this step)" in render_text(plan)
 
-    acknowledged: list[int] = []
-    failures: list[str] = []
-    stop = threading.Event()
+    def write(conn: psycopg.Connection[Any], n: int) -> int:
+        conn.execute("INSERT INTO events (id, counter) VALUES (%s, %s)", (1_000_000 + n, n))
+        conn.execute("UPDATE events SET counter = counter + 1 WHERE id = %s", (1 + n % 50,))
+        return 1_000_000 + n
 
-    def writer() -> None:
-        with connect(database) as conn:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    conn.execute("INSERT INTO events (id, counter) VALUES (%s, %s)", (1_000_000 + n, n))
-                    acknowledged.append(1_000_000 + n)
-                    conn.execute("UPDATE events SET counter = counter + 1 WHERE id = %s", (1 + n % 50,))
-                except psycopg.Error as exc:
-                    failures.append(str(exc))
-                    return
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
+    with _writing(database, write) as (acknowledged, failures):
         result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
                                                          backfill=BackfillLimits(batch_seconds=0.01)))
-    finally:
-        stop.set()
-        thread.join(timeout=60)
     assert result.status == "applied" and not failures, failures
     assert fetch_one(database, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
                                "'events'::regclass AND attname = 'counter'") == "bigint"
@@ -200,34 +214,16 @@ def test_an_int_primary_key_and_the_foreign_key_to_it_become_bigint_while_writes
     assert len(validations) == 1 and validations[0].phase > cutover[-1].phase  # once, after the cut-over
     assert plan.body.rehearsal.status == "converged", plan.body.rehearsal
 
-    acknowledged: list[int] = []
-    failures: list[str] = []
-    stop = threading.Event()
+    def write(conn: psycopg.Connection[Any], n: int) -> int:
+        conn.execute("INSERT INTO accounts (id) VALUES (%s)", (100_000 + n,))
+        row = conn.execute("INSERT INTO ledger (account_id, amount) VALUES (%s, 2) RETURNING id", (100_000 + n,)).fetchone()
+        assert row is not None
+        conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (1 + n % 50,))
+        return int(row[0])
 
-    def writer() -> None:
-        with connect(database) as conn:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    conn.execute("INSERT INTO accounts (id) VALUES (%s)", (100_000 + n,))
-                    row = conn.execute("INSERT INTO ledger (account_id, amount) VALUES (%s, 2) RETURNING id",
-                                       (100_000 + n,)).fetchone()
-                    assert row is not None
-                    acknowledged.append(int(row[0]))
-                    conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (1 + n % 50,))
-                except psycopg.Error as exc:
-                    failures.append(str(exc))
-                    return
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
+    with _writing(database, write) as (acknowledged, failures):
         result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
                                                          backfill=BackfillLimits(batch_seconds=0.01)))
-    finally:
-        stop.set()
-        thread.join(timeout=60)
     assert result.status == "applied" and not failures, failures
     assert acknowledged
     types = "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attname = '{}'"
@@ -307,6 +303,8 @@ def _held(target: Target) -> dict[str, object]:
     assert "Contract held (6 step(s)): public.accounts.id_reconciler_old_" in applied.stdout, applied.stdout
     (run,) = target.runs()
     assert run["status"] == "applied", run
+    shown = target.run("history").stdout
+    assert "contract held (apply --hold-contract): public.accounts.id_reconciler_old_" in shown, shown
     held = [s for s in run["statements"] if s["status"] == "held"]  # type: ignore[attr-defined]
     assert [s["kind"] for s in held] == ["drop_trigger", "drop_function", "contract"] * 2, held
     tags = [str(s["object"]).rsplit("_", 1)[1] for s in held if s["kind"] == "contract"]
@@ -326,31 +324,14 @@ def test_a_held_contract_keeps_the_old_column_in_step_and_rollback_swaps_back_wi
     run_sql(target.database, "INSERT INTO accounts (id, balance) VALUES (40000, 7); "
                              "INSERT INTO ledger (account_id, amount) VALUES (40000, 9); "
                              "UPDATE accounts SET balance = -5 WHERE id = 5")
-    acknowledged: list[int] = []
-    failures: list[str] = []
-    stop = threading.Event()
+    def write(conn: psycopg.Connection[Any], n: int) -> int:  # all through the way back
+        conn.execute("INSERT INTO accounts (id) VALUES (%s)", (50_000 + n,))
+        conn.execute("INSERT INTO ledger (account_id, amount) VALUES (%s, 3)", (50_000 + n,))
+        conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (50_000 + n,))
+        return 50_000 + n
 
-    def writer() -> None:  # all through the way back
-        with connect(target.database) as conn:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    conn.execute("INSERT INTO accounts (id) VALUES (%s)", (50_000 + n,))
-                    conn.execute("INSERT INTO ledger (account_id, amount) VALUES (%s, 3)", (50_000 + n,))
-                    conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (50_000 + n,))
-                    acknowledged.append(50_000 + n)
-                except psycopg.Error as exc:
-                    failures.append(str(exc))
-                    return
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
+    with _writing(target.database, write) as (acknowledged, failures):
         back = target.run("rollback", str(run["id"]))
-    finally:
-        stop.set()
-        thread.join(timeout=60)
     assert back.returncode == 0 and not failures, (back.stderr, failures)
     assert acknowledged and fetch_one(target.database, "SELECT count(*) FROM accounts a JOIN ledger l ON l.account_id "
                                                        "= a.id WHERE a.id > 50000 AND a.balance = 1") == len(acknowledged)
