@@ -768,8 +768,8 @@ def _apply_fleet(args: argparse.Namespace, config: Config, env: Environment) -> 
         plans = [p for p in map(read_plan, paths) if p.body.environment == env.name]
         if not plans:
             raise ReconcilerError(f"no plan for environment {env.name!r} in {args.plan}")
-    outcomes = fleet.apply_fleet(plans, members, _apply_options(config, env, plan_file=not args.auto),
-                                 args.concurrency or env.concurrency)
+    options = dataclasses.replace(_apply_options(config, env, plan_file=not args.auto), hold_contract=args.hold_contract)
+    outcomes = fleet.apply_fleet(plans, members, options, args.concurrency or env.concurrency)
     sys.stdout.write(fleet.summary_table(outcomes))
     if all(o.ok for o in outcomes):
         return EXIT_OK
