@@ -741,12 +741,14 @@ class LiveFacts:
     implicit_casts: frozenset[tuple[int, int]] = frozenset()  # those PostgreSQL makes anywhere (widenings: int4 to int8)
     string_types: frozenset[int] = frozenset()
     domain_types: frozenset[int] = frozenset()
-    # ('schema.table', column) something depends on beyond its default, plain indexes and one-column keys (a
-    # constraint of more columns, a view, a trigger's column list, a policy, a sequence, extended statistics): a column
-    # rewrite cannot go online
+    # ('schema.table', column) something depends on beyond its default, plain indexes, one-column keys and a sequence
+    # it owns (a constraint of more columns, a view, a trigger's column list, a policy, an identity, extended
+    # statistics): a column rewrite cannot go online
     busy_columns: frozenset[tuple[str, str]] = frozenset()
     # ('schema.table', column) -> the one-column keys on it or referencing it (a foreign key is under both its columns)
     keys: Mapping[tuple[str, str], tuple[KeyFact, ...]] = dataclasses.field(default_factory=dict)
+    # ('schema.table', column) -> 'schema.sequence' it owns (serial's OWNED BY; not an identity's)
+    owned_sequences: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
     def has_table(self, name: str) -> bool:
         return qualify(name) in self.tables
@@ -866,8 +868,19 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
                                           AND NOT {_ONE_COLUMN_KEY})))
                   AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
                       SELECT 1 FROM pg_constraint k WHERE k.oid = d.objid AND {_ONE_COLUMN_KEY}))
+                  AND NOT (d.classid = 'pg_class'::regclass AND d.deptype = 'a' AND EXISTS (  -- serial's OWNED BY
+                      SELECT 1 FROM pg_class s WHERE s.oid = d.objid AND s.relkind = 'S'))
                   AND {managed}""".encode(), params)
         busy = frozenset((str(t), str(col)) for t, col in cur.fetchall())
+        cur.execute(
+            f"""SELECT n.nspname || '.' || c.relname, a.attname, sn.nspname || '.' || s.relname
+                FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+                JOIN pg_namespace sn ON sn.oid = s.relnamespace
+                JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
+                WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'a'
+                  AND {managed}""".encode(), params)
+        owned = {(str(t), str(col)): str(seq) for t, col, seq in cur.fetchall()}
         cur.execute(
             f"""SELECT k.conname, n.nspname || '.' || c.relname, k.contype::text, a.attname, pg_get_constraintdef(k.oid),
                        rn.nspname || '.' || r.relname, ra.attname, ino.nspname || '.' || ic.relname, k.convalidated
@@ -905,5 +918,5 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
         lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit, implicit_casts=implicit,
         string_types=strings,
-        domain_types=domains, busy_columns=busy, keys=keys,
+        domain_types=domains, busy_columns=busy, keys=keys, owned_sequences=owned,
     )

@@ -374,3 +374,36 @@ def test_a_held_contract_is_dropped_by_the_next_plan_and_the_way_back_refuses_to
     assert applied.returncode == 0, applied.stderr
     assert target.run("drift").returncode == 0
     assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
+
+
+def test_a_serial_primary_key_becomes_bigserial_while_rows_are_inserted(tmp_path: Path, database: str,
+                                                                         pg_server: Server) -> None:
+    """The sequence the column owns is owned by the new one from the cut-over (the contract's DROP COLUMN would take
+    it otherwise), its default moves with it, and the sequence becomes bigint."""
+    run_sql(database, "CREATE TABLE tickets (id serial PRIMARY KEY, note text);"
+                      "INSERT INTO tickets (note) SELECT 'n' FROM generate_series(1, 20000); ANALYZE tickets;")
+    desired = "CREATE TABLE tickets (id bigserial PRIMARY KEY, note text);\n"
+    plan = _plan(tmp_path, database, pg_server, desired)
+    assert "cutover" in [s.kind for s in plan.body.steps], render_text(plan)
+    assert any(s.sql == 'ALTER SEQUENCE "public"."tickets_id_seq" OWNED BY "public"."tickets"."id"'
+               for s in plan.body.steps if s.kind == "cutover"), render_text(plan)
+
+    def write(conn: psycopg.Connection[Any], n: int) -> int:
+        # not prepared: a statement prepared before the cut-over that returns the column fails once after it
+        # ("cached plan must not change result type"), as after any ALTER ... TYPE (README)
+        row = conn.execute("INSERT INTO tickets (note) VALUES (%s) RETURNING id", (f"w{n}",), prepare=False).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    with _writing(database, write) as (acknowledged, failures):
+        result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                         backfill=BackfillLimits(batch_seconds=0.01)))
+    assert result.status == "applied" and not failures and acknowledged, failures
+    assert fetch_one(database, "SELECT pg_get_serial_sequence('tickets', 'id') || ' ' || format_type(s.seqtypid, NULL) "
+                               "|| ' ' || pg_get_expr(d.adbin, d.adrelid) FROM pg_sequence s, pg_attrdef d "
+                               "WHERE s.seqrelid = 'tickets_id_seq'::regclass AND d.adrelid = 'tickets'::regclass") \
+        == "public.tickets_id_seq bigint nextval('tickets_id_seq'::regclass)"
+    assert fetch_one(database, "SELECT count(DISTINCT id) FROM tickets") == 20000 + len(acknowledged)
+    assert fetch_one(database, f"SELECT count(*) FROM tickets WHERE id = ANY(ARRAY{acknowledged})") == len(acknowledged)
+    run_sql(database, "INSERT INTO tickets (note) VALUES ('after')")  # the default goes on from the sequence
+    assert _plan(tmp_path, database, pg_server, desired).body.steps == ()

@@ -13,8 +13,8 @@ that blocks reads and writes for the whole rewrite:
    runs, ``reconciler rollback`` swaps back in one short lock: way_back.py).
 
 Only for a widening (an implicit cast: no value can fail to convert, so no write of the application's can fail in the
-trigger), where nothing but its default, plain indexes and one-column keys depends on the column
-(``LiveFacts.busy_columns``: no constraint of more columns, view, policy, trigger column list, sequence or statistics
+trigger), where nothing but its default, plain indexes, one-column keys and a sequence it owns depends on the column
+(``LiveFacts.busy_columns``: no constraint of more columns, view, policy, trigger column list, identity or statistics
 object), on a table that is not partitioned, from ``safety.online_rewrite_rows`` rows; otherwise the plain ALTER
 stays, with its TABLE_REWRITE hazard. The cut-over and the contract cannot be undone by SQL in the plan (the plan
 says so); everything before them can.
@@ -108,7 +108,8 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                      helper=True))
     swap = Swap(table=table, parts=parts, column=column, incoming=new, outgoing=old, tag=tag, not_null=fact.not_null,
                 default=fact.default, check=check_name if fact.not_null else None, keys=keys, stop_trigger=drop_trigger,
-                stop_function=drop_function, keep_in_step=fact.type)
+                stop_function=drop_function, keep_in_step=fact.type,
+                sequence=ctx.facts.owned_sequences.get((table, column)))
     builds, renamed = index_builds(ctx, swap)
     out += builds
     out.append(Draft(sql=q("SELECT count(*) FROM {} WHERE {} IS DISTINCT FROM ", t, n) + f"({conversion})",

@@ -53,6 +53,7 @@ class Swap:
     stop_trigger: str  # the trigger (and function) that kept the incoming column in step: gone at the cut-over
     stop_function: str
     keep_in_step: str | None = None  # the type the outgoing column has: a trigger keeps it in step until contract
+    sequence: str | None = None  # 'schema.sequence' the column owns (serial): owned by the incoming one after
 
     @property
     def t(self) -> sql.Identifier:
@@ -102,6 +103,9 @@ def cutover(ctx: Context, swap: Swap, renamed: list[tuple[str, str]], what: str)
                        q("ALTER TABLE {} DROP CONSTRAINT {}", t, sql.Identifier(swap.check))]
     if swap.default:
         statements.append(q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT ", t, c) + swap.default)
+    if swap.sequence:  # else the contract's DROP COLUMN would take the sequence (and fail: the default uses it)
+        statements.append(q("ALTER SEQUENCE {} OWNED BY {}", sql.Identifier(*swap.sequence.split(".", 1)),
+                            sql.Identifier(*swap.parts, swap.column)))
     statements += [q("ALTER INDEX {} RENAME TO {}", sql.Identifier(schema, temporary), sql.Identifier(index.split(".", 1)[1]))
                    for index, temporary in renamed]
     statements += added(swap.keys)

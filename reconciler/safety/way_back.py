@@ -73,7 +73,8 @@ def swap_back(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     swap = Swap(table=table, parts=parts, column=column, incoming=kept, outgoing=short(f"{column}_reconciler_gone", tag),
                 tag=tag, not_null=fact.not_null, default=fact.default, check=check_name if fact.not_null else None,
                 keys=keys, stop_trigger=q("DROP TRIGGER IF EXISTS {} ON {}", sql.Identifier(back), t),
-                stop_function=q("DROP FUNCTION IF EXISTS {}()", sql.Identifier(schema, back)))
+                stop_function=q("DROP FUNCTION IF EXISTS {}()", sql.Identifier(schema, back)),
+                sequence=ctx.facts.owned_sequences.get((table, column)))
     builds, renamed = index_builds(ctx, swap)
     # widened back (the kept type to the current one never fails): a row the trigger left NULL, or that holds
     # another value, is counted, and the way back stops before it would lose it
