@@ -38,6 +38,13 @@ class Context:
     def size(self, table: str) -> TableSize | None:
         return self.facts.tables.get(table)
 
+    def type_oid(self, type_name: ast.TypeName | None) -> int | None:
+        """The oid of the type a statement names (``pg_catalog.int8`` or ``bigint``), when live has it."""
+        if type_name is None:
+            return None
+        name = names(type_name.names)
+        return self.facts.type_oids.get(name) or self.facts.type_oids.get(name.removeprefix("pg_catalog."))
+
     def partitioned(self, table: str) -> bool:
         return table in self.facts.partitioned or table in self.created_partitioned
 

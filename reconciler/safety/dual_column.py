@@ -31,11 +31,11 @@ from .backfill import KIND as BACKFILL_KIND
 from .backfill import _on_new_row
 from .carried_keys import carried_keys
 from .context import Context
-from .drafts import BACKFILL, EXPAND, POST_VALIDATE, Draft
+from .drafts import BACKFILL, EXPAND, Draft
 from .hazards import rewrites_type
-from .nodes import deparse, names, q, short
+from .nodes import deparse, q
 from .steps import HazardCode
-from .swap import Swap, cutover, index_builds, kept_name, tag_of
+from .swap import Swap, cutover, index_builds, kept_name, not_null_check, tag_of
 
 VERIFY_KIND = "verify_copy"  # apply runs it batch by batch too, and fails on any row found
 
@@ -72,10 +72,9 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     dollar = "reconciler_copy"
     while f"${dollar}$" in on_row:
         dollar += "_"
-    check = sql.Identifier(short(f"{name}_{new}", "notnull"))  # (its name again below, as check_name)
     drop_trigger = q("DROP TRIGGER IF EXISTS {} ON {}", trigger, t)
     drop_function = q("DROP FUNCTION IF EXISTS {}()", function)
-    check_name = short(f"{name}_{new}", "notnull")
+    check_name, check_drafts, validate = not_null_check(ctx, table, parts, new)
     # what a run stopped part-way may have left, as the engine's drops name them: made again here, not dropped
     ctx.fill_helpers.update({f"{schema}.{helper}()", f"{table}.{helper}", f"{table}.{new}", f"{table}.{check_name}"})
     out = [
@@ -94,13 +93,7 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
               rollback_sql=drop_trigger, reversible=True, identity=(schema, name, helper), helper=True),
     ]
     if fact.not_null:
-        out.append(Draft(sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check), kind="drop_constraint",
-                         object=f"{table}.{check_name}", tables=(table,), rollback_sql="", reversible=True,
-                         identity=(*parts, check_name), helper=True))
-        out.append(Draft(sql=q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID", t, check, n),
-                         kind="add_check_constraint", object=f"{table}.{check_name}", tables=(table,),
-                         rollback_sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check), reversible=True,
-                         identity=(*parts, check_name), helper=True))
+        out += check_drafts
     out = [replace(d, stage=EXPAND, group=f"expand {table}") for d in out]  # a transaction of the table's own
     out.append(Draft(sql=q("UPDATE {} SET {} = ", t, n) + conversion + q(" WHERE {} IS DISTINCT FROM ", n)
                      + f"({conversion})", kind=BACKFILL_KIND, object=f"{table}.{new}", tables=(table,),
@@ -116,9 +109,7 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                      kind=VERIFY_KIND, object=f"{table}.{new}", tables=(table,), transactional=False, stage=BACKFILL,
                      rollback_sql="", reversible=True, identity=(*parts, new), helper=True))
     if fact.not_null:
-        out.append(Draft(sql=q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, check), kind="validate_constraint",
-                         object=f"{table}.{check_name}", tables=(table,), isolated=True, stage=POST_VALIDATE,
-                         rollback_sql="", reversible=True, identity=(*parts, check_name), helper=True))
+        out.append(validate)
     return out + cutover(ctx, swap, renamed, "the cut-over")
 
 
@@ -129,6 +120,5 @@ def _widening(ctx: Context, source: int, col: ast.ColumnDef) -> bool:
     if col.raw_default is not None and not (isinstance(col.raw_default, ast.TypeCast)
                                             and isinstance(col.raw_default.arg, ast.ColumnRef)):
         return False  # an annotation's expression
-    target_name = names(col.typeName.names) if col.typeName is not None else ""
-    target = ctx.facts.type_oids.get(target_name) or ctx.facts.type_oids.get(target_name.removeprefix("pg_catalog."))
+    target = ctx.type_oid(col.typeName)
     return target is not None and (source, target) in ctx.facts.implicit_casts

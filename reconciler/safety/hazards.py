@@ -6,7 +6,7 @@ from pglast import ast, enums
 from pglast.visitors import Visitor
 
 from .context import Context
-from .nodes import names, rv
+from .nodes import rv
 from .steps import Hazard, HazardCode
 
 
@@ -95,8 +95,7 @@ def rewrites_type(ctx: Context, table: str, column: str, col: ast.ColumnDef) -> 
     current = ctx.facts.columns.get((table, column))
     if current is None or col.typeName is None:
         return True
-    target_name = names(col.typeName.names)
-    target_oid = ctx.facts.type_oids.get(target_name) or ctx.facts.type_oids.get(target_name.removeprefix("pg_catalog."))
+    target_oid = ctx.type_oid(col.typeName)
     if target_oid is None:
         return True
     if target_oid == current.type_oid:

@@ -11,7 +11,7 @@ write: the way back checks every row first and refuses to lose one.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pglast
 from pglast import ast
@@ -19,10 +19,10 @@ from psycopg import sql
 
 from .carried_keys import CarriedKeys, added, dropped, validations
 from .context import Context
-from .drafts import BACKFILL, CUTOVER, POST_CUTOVER, Draft
+from .drafts import BACKFILL, CUTOVER, EXPAND, POST_CUTOVER, POST_VALIDATE, Draft
 from .indexes import index_columns
 from .nodes import deparse, q, short, walk
-from .steps import HazardCode
+from .steps import Hazard, HazardCode
 
 CONTRACT = "contract"  # the step kind that drops the outgoing column: a policy can ask approval for it
 
@@ -60,6 +60,26 @@ class Swap:
         return sql.Identifier(*self.parts)
 
 
+def not_null_check(ctx: Context, table: str, parts: tuple[str, ...], column: str,
+                   hazard: Hazard | None = None) -> tuple[str, list[Draft], Draft]:
+    """A ``CHECK (column IS NOT NULL) NOT VALID`` on the incoming column, so the cut-over's SET NOT NULL needs no scan:
+    (its name, its drafts for the table's expand transaction (dropped first: a run stopped part-way may have left it),
+    its validation, a transaction of its own that does not block writes)."""
+    t, name = sql.Identifier(*parts), short(f"{parts[-1]}_{column}", "notnull")
+    check = sql.Identifier(name)
+    expand = [Draft(sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check), kind="drop_constraint",
+                    object=f"{table}.{name}", tables=(table,), rollback_sql="", reversible=True,
+                    identity=(*parts, name), helper=True),
+              Draft(sql=q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID", t, check,
+                          sql.Identifier(column)), kind="add_check_constraint", object=f"{table}.{name}",
+                    tables=(table,), rollback_sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check),
+                    reversible=True, identity=(*parts, name), helper=True, hazards=(hazard,) if hazard else ())]
+    validate = Draft(sql=q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, check), kind="validate_constraint",
+                     object=f"{table}.{name}", tables=(table,), isolated=True, stage=POST_VALIDATE, rollback_sql="",
+                     reversible=True, identity=(*parts, name), helper=True)
+    return name, [replace(d, stage=EXPAND, group=f"expand {table}") for d in expand], validate
+
+
 def index_builds(ctx: Context, swap: Swap) -> tuple[list[Draft], list[tuple[str, str]]]:
     """The column's indexes and keys' indexes built on the incoming column, CONCURRENTLY, under temporary names; and
     (index, temporary name) of the plain ones, swapped by name in the cut-over (the keys' are swapped in by
@@ -68,10 +88,8 @@ def index_builds(ctx: Context, swap: Swap) -> tuple[list[Draft], list[tuple[str,
     plain = [(index, f.definition, short(index.split(".", 1)[1], swap.tag)) for index, f in sorted(ctx.facts.indexes.items())
              if f.table == swap.table and not f.backs_constraint and swap.column in columns_of(f.definition)]
     keyed = [(str(key.index), definition, temporary) for key, definition, temporary in swap.keys.indexes]
-    drafts, renamed = [], []
-    for index, definition, temporary in plain + keyed:
-        if (index, definition, temporary) in plain:
-            renamed.append((index, temporary))
+    drafts, renamed = [], [(index, temporary) for index, _definition, temporary in plain]
+    for _index, definition, temporary in plain + keyed:
         ctx.fill_helpers.add(f"{schema}.{temporary}")
         drafts.append(Draft(sql=index_on(definition, swap.column, swap.incoming, temporary),
                             kind="create_index_concurrently", object=f"{schema}.{temporary}", tables=(swap.table,),

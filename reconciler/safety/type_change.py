@@ -13,7 +13,7 @@ from ..conversions import USING
 from ..errors import RefusedError
 from .context import Context
 from .drafts import Draft
-from .nodes import deparse, expression, names
+from .nodes import deparse, expression
 
 
 def converted(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str) -> Draft:
@@ -51,8 +51,7 @@ def _no_implicit_cast(ctx: Context, table: str, column: str, col: ast.ColumnDef)
     current = ctx.facts.columns.get((table, column))
     if current is None or col.typeName is None or col.typeName.arrayBounds or current.type.endswith("[]"):
         return None
-    target_name = names(col.typeName.names)
-    target = ctx.facts.type_oids.get(target_name) or ctx.facts.type_oids.get(target_name.removeprefix("pg_catalog."))
+    target = ctx.type_oid(col.typeName)
     source = current.type_oid
     if target is None or target == source or target in ctx.facts.domain_types or source in ctx.facts.domain_types:
         return None

@@ -21,12 +21,12 @@ from psycopg import sql
 
 from .carried_keys import carried_keys
 from .context import Context
-from .drafts import BACKFILL, EXPAND, POST_CUTOVER, POST_VALIDATE, Draft
+from .drafts import BACKFILL, POST_CUTOVER, Draft
 from .dual_column import VERIFY_KIND
 from .hazards import rewrites_type
-from .nodes import names, q, short
+from .nodes import q, short
 from .steps import HazardCode
-from .swap import CONTRACT, Swap, cutover, index_builds, kept_name, tag_of
+from .swap import CONTRACT, Swap, cutover, index_builds, kept_name, not_null_check, tag_of
 
 _KEPT = re.compile(r"_reconciler_(?:old|gone)_([0-9a-f]{8})$")
 _BACK = re.compile(r"(?:^|\.)reconciler_back_([0-9a-f]{8})(?:\(\))?$")
@@ -43,10 +43,9 @@ def swap_back(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     tag = tag_of(table, column)
     kept, fact = kept_name(column, tag), ctx.facts.columns.get((table, column))
     kept_fact = ctx.facts.columns.get((table, kept))
-    target_name = names(col.typeName.names)
-    target = ctx.facts.type_oids.get(target_name) or ctx.facts.type_oids.get(target_name.removeprefix("pg_catalog."))
+    target = ctx.type_oid(col.typeName)
     parts = d.identity[:2] or tuple(table.split(".", 1))
-    schema, name = parts[0], parts[-1]
+    schema = parts[0]
     back = f"reconciler_back_{tag}"
     if fact is None or kept_fact is None or target is None or kept_fact.type_oid != target \
             or f"{schema}.{back}" not in ctx.facts.routines or (table, column) in ctx.facts.busy_columns:
@@ -55,21 +54,11 @@ def swap_back(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     if keys is None:
         return None
     t, c, k = sql.Identifier(*parts), sql.Identifier(column), sql.Identifier(kept)
-    check_name = short(f"{name}_{kept}", "notnull")
-    check = sql.Identifier(check_name)
+    check_name, check_drafts, validate = not_null_check(ctx, table, parts, kept, ctx.hazard(
+        HazardCode.ACCESS_EXCLUSIVE_LOCK, f"a brief exclusive lock: the way back to {kept} (kept in step since the "
+        "cut-over) checks it has every value", table))
     ctx.fill_helpers.update({f"{table}.{kept}", f"{table}.{back}", f"{schema}.{back}()", f"{table}.{check_name}"})
-    out = []
-    if fact.not_null:
-        out += [replace(draft, stage=EXPAND, group=f"expand {table}") for draft in (
-            Draft(sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check), kind="drop_constraint",
-                  object=f"{table}.{check_name}", tables=(table,), rollback_sql="", reversible=True,
-                  identity=(*parts, check_name), helper=True, original_sql=d.sql),
-            Draft(sql=q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID", t, check, k),
-                  kind="add_check_constraint", object=f"{table}.{check_name}", tables=(table,),
-                  rollback_sql=q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", t, check), reversible=True,
-                  identity=(*parts, check_name), helper=True,
-                  hazards=(ctx.hazard(HazardCode.ACCESS_EXCLUSIVE_LOCK, f"a brief exclusive lock: the way back to "
-                                      f"{kept} (kept in step since the cut-over) checks it has every value", table),)))]
+    out = [replace(check_drafts[0], original_sql=d.sql), *check_drafts[1:]] if fact.not_null else []
     swap = Swap(table=table, parts=parts, column=column, incoming=kept, outgoing=short(f"{column}_reconciler_gone", tag),
                 tag=tag, not_null=fact.not_null, default=fact.default, check=check_name if fact.not_null else None,
                 keys=keys, stop_trigger=q("DROP TRIGGER IF EXISTS {} ON {}", sql.Identifier(back), t),
@@ -83,9 +72,7 @@ def swap_back(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                      rollback_sql="", reversible=True, identity=(*parts, kept), helper=True, original_sql=d.sql))
     out += builds
     if fact.not_null:
-        out.append(Draft(sql=q("ALTER TABLE {} VALIDATE CONSTRAINT {}", t, check), kind="validate_constraint",
-                         object=f"{table}.{check_name}", tables=(table,), isolated=True, stage=POST_VALIDATE,
-                         rollback_sql="", reversible=True, identity=(*parts, check_name), helper=True))
+        out.append(validate)
     return out + cutover(ctx, swap, renamed, "the way back")
 
 
