@@ -824,10 +824,12 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     done = len(result.steps) - len(held)
     print(f"Applied plan {plan.short_id}: {done} step(s) in {total_ms:.0f} ms (run {result.run_id}).")
     if held:
-        kept = ", ".join(s.object for s in held if s.kind == "contract")
-        print(f"Contract held ({len(held)} step(s)): {kept} kept, in step with the column that took its place. "
+        contracts = [s for s in held if s.kind == "contract"]
+        kept = ", ".join(s.object for s in contracts)
+        what = " or ".join(sorted({"table" if s.sql.startswith("DROP TABLE") else "column" for s in contracts}))
+        print(f"Contract held ({len(held)} step(s)): {kept} kept, in step with the {what} that took its place. "
               f"`reconciler rollback {result.run_id}` swaps back in one short lock; the next plan drops "
-              f"{'it' if kept.count(',') == 0 else 'them'}.")
+              f"{'it' if len(contracts) == 1 else 'them'}.")
     return EXIT_OK
 
 

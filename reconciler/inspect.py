@@ -749,6 +749,7 @@ class LiveFacts:
     keys: Mapping[tuple[str, str], tuple[KeyFact, ...]] = dataclasses.field(default_factory=dict)
     # ('schema.table', column) -> 'schema.sequence' it owns (serial's OWNED BY; not an identity's)
     owned_sequences: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    server_version_num: int = 0  # 0: not read
 
     def has_table(self, name: str) -> bool:
         return qualify(name) in self.tables
@@ -808,11 +809,13 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
             if kind == "p":
                 partitioned.add(name)
         cur.execute("SELECT current_setting('max_locks_per_transaction')::int, current_setting('max_connections')::int, "
-                    "current_setting('max_prepared_transactions')::int")
+                    "current_setting('max_prepared_transactions')::int, current_setting('server_version_num')::int")
         locks = cur.fetchone()
         lock_table = LockTable(int(locks[0]), int(locks[1]), int(locks[2])) if locks else None
+        version = int(locks[3]) if locks else 0
         if known is not None:
-            return dataclasses.replace(known, tables=tables, partitioned=frozenset(partitioned), lock_table=lock_table)
+            return dataclasses.replace(known, tables=tables, partitioned=frozenset(partitioned), lock_table=lock_table,
+                                       server_version_num=version)
         # a table's name, a type, a default, a type's oid: one object each, however many columns repeat it
         keep = {name: name for name in tables}.setdefault
         keep_oid: dict[int, int] = {}
@@ -918,5 +921,5 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
         lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit, implicit_casts=implicit,
         string_types=strings,
-        domain_types=domains, busy_columns=busy, keys=keys, owned_sequences=owned,
+        domain_types=domains, busy_columns=busy, keys=keys, owned_sequences=owned, server_version_num=version,
     )

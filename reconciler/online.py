@@ -1,7 +1,8 @@
 """A plan's online rewrites as a reviewer reads them: for each column changed by a dual column (safety/dual_column.py)
-or swapped back (safety/way_back.py), which steps expand, backfill, cut over and contract, how many rows the fill
-goes through, and about how long it takes. Read off the plan's steps (their kinds, objects and hazards), so any
-plan file shows them, and ``show`` and the pull-request comment say the same.
+or swapped back (safety/way_back.py), and each table built again as a shadow table (safety/shadow_table.py), which
+steps expand, backfill, cut over and contract, how many rows the fill goes through, and about how long it takes. Read
+off the plan's steps (their kinds, objects and hazards), so any plan file shows them, and ``show`` and the
+pull-request comment say the same.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ _TAGGED = re.compile(r"_([0-9a-f]{8})$")
 
 @dataclass(frozen=True)
 class OnlineRewrite:
-    column: str  # 'schema.table.column'
+    column: str  # 'schema.table.column', or 'schema.table' for a table built again
     rows: int | None  # the table's live estimate, when the plan knows it
     bytes: int | None
     expand: tuple[int, ...]
@@ -29,6 +30,11 @@ class OnlineRewrite:
     contract: tuple[int, ...]
     locks: tuple[str, ...]  # the tables the cut-over locks
     reads: int = 0  # the batched passes over the table (the fill, the check of every row)
+    change: str = ""  # what a table built again becomes ("becomes partitioned by RANGE (created_at)")
+
+    @property
+    def subject(self) -> str:
+        return f"{self.column} {self.change}" if self.change else self.column
 
     @property
     def seconds(self) -> float | None:
@@ -46,22 +52,28 @@ def online_rewrites(steps: Sequence[Step]) -> tuple[OnlineRewrite, ...]:
             continue
         tag = match.group(1)
         column = re.sub(r"_reconciler_(?:old|gone)_[0-9a-f]{8}$", "", outgoing)
-        cutover = tuple(s.index for s in steps if s.kind == "cutover" and s.object == f"{table}.{column}")
+        whole = contract.sql.startswith("DROP TABLE")  # a shadow table's old table: 'schema.table_reconciler_old_<tag>'
+        subject = f"{table}.{column}"  # a table built again: its old one is named after it, in its schema
+        cutover = tuple(s.index for s in steps if s.kind == "cutover" and s.object == subject)
         # before the cut-over, what carries the tag (a plan that only drops what a held contract kept has none)
         tagged = [s for s in steps if cutover and s.index < cutover[0] and s.kind != "cutover"
                   and (tag in s.object or tag in s.sql)]
-        fill_kinds = ("backfill", "verify_copy", "create_index_concurrently")
-        expand = tuple(s.index for s in tagged if s.kind not in fill_kinds and s.kind != "validate_constraint")
+        fill_kinds = ("backfill", "verify_copy", "create_index_concurrently", "copy_rows", "catch_up")
+        expanding = {s.phase for s in tagged if s.kind not in fill_kinds and s.kind != "validate_constraint"}
+        expand = tuple(s.index for s in steps if s.phase in expanding)  # with what shares their transaction
         sized = next((h for s in steps if s.index in expand or s.index in cutover or s is contract for h in s.hazards
                       if h.table == table and h.rows is not None), None)
         first = next((s for s in steps if s.index in cutover), None)
+        change = next((h.message.split(": built again", 1)[0].removeprefix(f"{subject} ") for s in steps
+                       if s.index in expand for h in s.hazards if ": built again" in h.message), "") if whole else ""
+        sized = sized or next((h for s in steps if s.index in expand for h in s.hazards if h.rows is not None), None)
         found.append(OnlineRewrite(
-            column=f"{table}.{column}", rows=sized.rows if sized else None, bytes=sized.bytes if sized else None,
+            column=subject, change=change, rows=sized.rows if sized else None, bytes=sized.bytes if sized else None,
             expand=expand, backfill=tuple(s.index for s in tagged if s.kind in fill_kinds), cutover=cutover,
             contract=tuple(s.index for s in steps if s.index > (cutover[-1] if cutover else 0) and tag in s.object
                            and s.kind in ("contract", "drop_trigger", "drop_function")),
             locks=first.tables if first else (table,),
-            reads=sum(1 for s in tagged if s.kind in ("backfill", "verify_copy"))))
+            reads=sum(1 for s in tagged if s.kind in ("backfill", "verify_copy", "copy_rows"))))
     return tuple(found)
 
 
@@ -77,9 +89,9 @@ def describe(rewrite: OnlineRewrite) -> str:
     """One line: what each phase is, the rows and the estimate."""
     size = f"~{rewrite.rows:,} rows" if rewrite.rows is not None else "rows not known"
     if not rewrite.cutover:
-        return f"{rewrite.column}: the contract of an earlier cut-over, {span(rewrite.contract)} ({size})"
+        return f"{rewrite.subject}: the contract of an earlier cut-over, {span(rewrite.contract)} ({size})"
     took = f", about {duration(rewrite.seconds)} at ~{FILL_ROWS_PER_SECOND:,} rows/s" if rewrite.seconds else ""
-    return (f"{rewrite.column}: {size}; expand {span(rewrite.expand)}; backfill {span(rewrite.backfill)}{took}; "
+    return (f"{rewrite.subject}: {size}; expand {span(rewrite.expand)}; backfill {span(rewrite.backfill)}{took}; "
             f"cut-over {span(rewrite.cutover)} (one short transaction, locks {', '.join(rewrite.locks)}); "
             f"contract {span(rewrite.contract)}")
 

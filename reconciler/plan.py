@@ -813,11 +813,12 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
             out.append(f"| {step.index} | `{hazard.code}` | `{_cell(step.object)}` | {_cell(hazard.message)} |")
     rewrites = online_rewrites(b.steps)
     if rewrites:
-        out += ["", "#### Online rewrites", "", "| column | rows | expand | backfill | cut-over | contract |",
+        out += ["", "#### Online rewrites", "", "| rewrite | rows | expand | backfill | cut-over | contract |",
                 "|---|---:|---|---|---|---|"]
         for r in rewrites:
             took = f" (about {describe_seconds(r.seconds)})" if r.seconds else ""
-            out.append(f"| `{_cell(r.column)}` | {'' if r.rows is None else f'{r.rows:,}'} | {span(r.expand)} | "
+            change = f" {_cell(r.change)}" if r.change else ""
+            out.append(f"| `{_cell(r.column)}`{change} | {'' if r.rows is None else f'{r.rows:,}'} | {span(r.expand)} | "
                        f"{span(r.backfill)}{took} | {span(r.cutover)}: one short transaction, locks "
                        f"{_cell(', '.join(f'`{t}`' for t in r.locks))} | {span(r.contract)} |")
     if b.policy.findings or b.policy.windows or b.policy.auto_apply_blocked_by:

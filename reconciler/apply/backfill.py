@@ -37,6 +37,7 @@ from psycopg import sql
 from ..errors import ApplyError
 from ..safety import Step
 from ..safety.dual_column import VERIFY_KIND
+from ..safety.shadow_table import COPY_KIND
 from .options import BackfillLimits
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 FIRST_PAGES = 16
 MAX_PAGES = 65536
 REPORT_SECONDS = 5.0
+_NO_CONFLICT = " ON CONFLICT DO NOTHING"
 
 
 Report = Callable[[dict[str, Any]], dict[str, Any]]
@@ -62,14 +64,14 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
     relation = sql.Identifier(schema, table).as_string(conn)
     row = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (relation,)).fetchone()
     pages = int(row[0]) if row else 0
-    batch = sql.SQL("{} AND ctid >= %s::tid AND ctid < %s::tid").format(sql.SQL(step.sql))  # the compiler's UPDATE
+    batch = _ranged(step)
     continuity = _continuity(conn, relation)
     fill = _Fill(step, pages, report or (lambda _progress: {}), continuity)
     watch = _Watch(conn, step.object, relation, limits)
     start, size = _resumed(step, fill.key, continuity, pages, resume), FIRST_PAGES
     fill.resumed_from = start
     log.info("backfill %s: %s pages to %s in batches of about %.1fs", step.object, f"{pages - start:,}",
-             "check" if step.kind == VERIFY_KIND else "fill", limits.batch_seconds)
+             {VERIFY_KIND: "check", COPY_KIND: "copy"}.get(step.kind, "fill"), limits.batch_seconds)
     while start < pages:
         check()
         requested = fill.say("filling", start)
@@ -91,6 +93,17 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
         fill.log(start)
     fill.say("done", pages)
     return fill.rows
+
+
+def _ranged(step: Step) -> sql.Composed:
+    """The step's statement restricted to a range of pages: the compiler's UPDATE or count ends in its WHERE clause;
+    a shadow table's copy (an INSERT ... SELECT with no WHERE) in ON CONFLICT DO NOTHING."""
+    pages = "ctid >= %s::tid AND ctid < %s::tid"
+    if step.kind == COPY_KIND:
+        head = step.sql.removesuffix(_NO_CONFLICT)
+        assert head != step.sql, step.sql
+        return sql.SQL("{} WHERE {}{}").format(sql.SQL(head), sql.SQL(pages), sql.SQL(_NO_CONFLICT))
+    return sql.SQL("{} AND {}").format(sql.SQL(step.sql), sql.SQL(pages))
 
 
 def _continuity(conn: psycopg.Connection[Any], relation: str) -> dict[str, Any]:
@@ -237,7 +250,8 @@ def describe(progress: dict[str, Any], state: str | None = None) -> str:
     share = f" ({100.0 * done / pages:.0f}%)" if pages else ""
     state = state or str(progress.get("state"))
     resumed = int(progress.get("resumed_from") or 0)
-    return (f"{'check' if progress.get('kind') == VERIFY_KIND else 'backfill'} {progress.get('object')} (step "
+    what = {VERIFY_KIND: "check", COPY_KIND: "copy"}.get(str(progress.get("kind")), "backfill")
+    return (f"{what} {progress.get('object')} (step "
             f"{progress.get('step')}): {state}, page {done:,} of {pages:,}{share}, {int(progress.get('rows') or 0):,} "
             f"rows, {float(progress.get('rows_per_second') or 0):,.0f} rows/s"
             + (f", about {float(progress.get('seconds_left') or 0):.0f}s left" if state == "filling" else "")

@@ -32,11 +32,13 @@ from ..plan import Plan
 from ..safety import Step
 from ..safety.backfill import KIND as BACKFILL
 from ..safety.dual_column import VERIFY_KIND
+from ..safety.shadow_table import CATCH_UP_KIND, COPY_KIND
 from ..safety.swap import CONTRACT
 from ..servers import connect
 from ..signing import enforce
 from . import recovery
 from .backfill import run_backfill
+from .catch_up import run_catch_up
 from .checks import freshness, plan_checks, refuse_unless_target
 from .monitor import LockWaitMonitor
 from .options import ApplyOptions, ApplyResult
@@ -626,8 +628,10 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                         conn.execute("RESET lock_timeout")
                         conn.execute("RESET statement_timeout")
 
-            if step.kind in (BACKFILL, VERIFY_KIND):
+            if step.kind in (BACKFILL, VERIFY_KIND, COPY_KIND):
                 _fill(conn, step, records, options, progress)
+            elif step.kind == CATCH_UP_KIND:
+                _catch_up(conn, step, records, options, progress)
             elif step.kind == "create_index_concurrently":
                 _retry_index_build(options, step, conn, run_alone)
             else:
@@ -656,6 +660,23 @@ def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], 
     took = (time.perf_counter() - started) * 1000
     records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, 0.0))
     log.info("step %d backfill %s: %d rows in %.1f ms", step.index, step.object, rows, took)
+
+
+def _catch_up(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], options: ApplyOptions,
+              progress: _Progress) -> None:
+    """A shadow table's catch-up (``catch_up.run_catch_up``), recorded as one step."""
+    if options.on_step is not None:
+        options.on_step(step)
+    started = time.perf_counter()
+    try:
+        replayed = run_catch_up(conn, step, check=progress.check)
+    except BaseException:
+        records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
+                                  (time.perf_counter() - started) * 1000, 0.0))
+        raise
+    took = (time.perf_counter() - started) * 1000
+    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, 0.0))
+    log.info("step %d catch-up %s: %d writes replayed in %.1f ms", step.index, step.object, replayed, took)
 
 
 def _retry_index_build(options: ApplyOptions, step: Step, conn: psycopg.Connection[Any],

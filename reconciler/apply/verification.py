@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,7 @@ class NotConverged(ApplyError):
     """The steps ran, but the target is not the desired schema (or a postcondition fails): undone like a failure."""
 
 
+_RETIRED = re.compile(r"_reconciler_(?:old|gone)_[0-9a-f]{8}$")
 HELD_NOTE = "held by apply --hold-contract: the column it drops is kept, in step, until a later plan drops it"
 
 
@@ -31,7 +33,15 @@ def held_objects(records: Iterable[StepRecord]) -> frozenset[str]:
     """What held contract steps would have dropped, as the schema's objects are named: live has them besides the
     desired schema, and nothing else."""
     kinds = {CONTRACT: "column", "drop_trigger": "trigger", "drop_function": "function"}
-    return frozenset(f"{kinds[r.kind]} {r.object}" for r in records if r.kind in kinds)
+    return frozenset(f"{'table' if r.kind == CONTRACT and r.sql.startswith('DROP TABLE') else kinds[r.kind]} {r.object}"
+                     for r in records if r.kind in kinds)
+
+
+def _retired(kept: frozenset[str]) -> tuple[str, ...]:
+    """The suffixes of the tables a held shadow-table contract keeps: their columns, constraints, indexes and
+    partitions all carry it (safety/shadow_table.py renames them so)."""
+    return tuple(m.group(0) for name in kept if name.startswith("table ")
+                 for m in [_RETIRED.search(name)] if m is not None)
 
 
 def unlike_desired(plan: Plan, live: inspect.SchemaSnapshot, *, limit: int, kept: frozenset[str] = frozenset()) -> str:
@@ -42,7 +52,9 @@ def unlike_desired(plan: Plan, live: inspect.SchemaSnapshot, *, limit: int, kept
     actual = object_digests(live)
     missing = [f"{name} (held, but gone)" for name in sorted(kept) if name not in actual]
     if kept:
-        actual = {name: digest for name, digest in actual.items() if name not in kept}
+        retired = _retired(kept)
+        actual = {name: digest for name, digest in actual.items()
+                  if name not in kept and not any(suffix in name for suffix in retired)}
     found = describe_differences(plan.body.desired.unmatched(actual), actual, limit=limit)
     return ", ".join([*missing, *([found] if found else [])])
 

@@ -11,7 +11,20 @@ from pglast import ast, enums
 from ..diff.base import Change
 from ..diff.classify import classify_node, identity_of
 from ..inspect import qualify
-from . import backfill, constraints, dual_column, enum_values, generic, indexes, not_null, renaming, type_change, way_back
+from . import (
+    backfill,
+    constraints,
+    dual_column,
+    enum_values,
+    generic,
+    indexes,
+    not_null,
+    renaming,
+    shadow_table,
+    table_way_back,
+    type_change,
+    way_back,
+)
 from .context import Context
 from .drafts import MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
 from .hazards import alter_hazards
@@ -29,13 +42,18 @@ _UNQUALIFIED_KINDS = frozenset({"set", "create_schema", "drop_schema", "create_e
 
 class Compiler(Context):
     def compile(self, changes: Sequence[Change]) -> list[Draft]:
-        statements = [(c, parse(c.sql, self.engine)) for c in changes]
+        statements = [(c, parse(c.sql, self.engine)) for c in changes if c.rebuild is None]
         self.learn(statements)
         skipped, out = enum_values.enum_rewrites(self, statements)  # new enum values first: nothing needs them absent
         for i, (change, node) in enumerate(statements):
             if i in skipped:
                 continue
             out.extend(self._undone_by_drop(d, node) for d in self._statement(change, node))
+        for change in changes:  # tables built again: after everything they may need (the engine puts them last)
+            if change.rebuild is not None and change.rebuild.kept is not None:
+                out.extend(table_way_back.swap_back(self, change.rebuild))
+            elif change.rebuild is not None:
+                out.extend(shadow_table.shadow_table(self, change.rebuild))
         return self._dependents(way_back.contracts(self._helpers_kept(out)))
 
     def _helpers_kept(self, drafts: list[Draft]) -> list[Draft]:

@@ -12,6 +12,7 @@ from ..diff.base import Change
 from ..inspect import LiveFacts, LockTable
 from .compiler import Compiler
 from .drafts import Draft
+from .shadow_table import LOCK_KIND
 from .steps import Hazard, HazardCode, SafetySettings, Step
 
 # every write to the tables waits behind a cut-over's queued lock: it gives up soon and is retried; and before the
@@ -75,7 +76,7 @@ def compile_steps(
 def _timeouts(settings: SafetySettings, kind: str) -> tuple[str, str]:
     override = settings.timeouts.get(kind, {})
     lock_timeout = settings.lock_timeout
-    if kind == "cutover" and duration_seconds(lock_timeout) > duration_seconds(_CUTOVER_LOCK_TIMEOUT):
+    if kind in ("cutover", LOCK_KIND) and duration_seconds(lock_timeout) > duration_seconds(_CUTOVER_LOCK_TIMEOUT):
         lock_timeout = _CUTOVER_LOCK_TIMEOUT
     return override.get("lock_timeout", lock_timeout), override.get("statement_timeout", settings.statement_timeout)
 

@@ -81,13 +81,26 @@ def contracts(drafts: list[Draft]) -> list[Draft]:
     one transaction per column, after everything else (trigger, function, then the column)."""
     held: dict[str, list[Draft]] = {}
     out = []
+    tables = {m.group(1) for d in drafts if d.kind == "drop_table" and not d.helper
+              for m in [_KEPT.search(d.object)] if m is not None}
+    own = {(d.kind, d.object) for d in drafts if d.helper}  # what the plan's own rewrites drop already
     for d in drafts:
-        match = None if d.helper else (_KEPT.search(d.object) if d.kind == "drop_column" else
+        if not d.helper and (d.kind, d.object) in own:
+            continue
+        if d.kind in ("drop_constraint", "drop_index", "drop_index_concurrently") and not d.helper and any(
+                f"_reconciler_old_{tag}" in d.object for tag in tables):
+            continue  # of a shadow table's old table (or its partitions): the contract's DROP TABLE takes it
+        match = None if d.helper else (_KEPT.search(d.object) if d.kind in ("drop_column", "drop_table") else
                                        _BACK.search(d.object) if d.kind in ("drop_trigger", "drop_function") else None)
         if match is None:
             out.append(d)
             continue
-        if d.kind == "drop_column":
+        if d.kind == "drop_table":  # a shadow table's old one or a partition of it (safety/shadow_table.py)
+            d = replace(d, kind=CONTRACT, sql=q("DROP TABLE IF EXISTS {}", sql.Identifier(*d.object.split(".", 1))),
+                        hazards=tuple(replace(h, message=f"the contract: drops {d.object}, the table a cut-over replaced "
+                                              "(its rows live on, copied and checked, in the one that took its place)")
+                                      if h.code == HazardCode.DATA_LOSS else h for h in d.hazards))
+        elif d.kind == "drop_column":
             d = replace(d, kind=CONTRACT, hazards=tuple(
                 replace(h, message=f"the contract: drops {d.object.rsplit('.', 1)[1]}, the column a cut-over replaced "
                         "(its values live on, converted and checked, in the one that took its place)")

@@ -136,6 +136,7 @@ def common_questions() -> tuple[str, ...]:
         not_null,
         operators,
         partitions,
+        rebuilds,
         routines,
         sequences,
         tables,
@@ -147,7 +148,8 @@ def common_questions() -> tuple[str, ...]:
 
     return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, extensions._EXTENSIONS,
             inheritance._CHILDREN, inheritance._TABLES, enums._ENUM_COLUMNS, enums._POLICIES,
-            operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, partitions._SHAPES, partitions._TABLES,
+            operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, rebuilds.SHAPES, rebuilds._PERSISTENCE,
+            partitions._TABLES,
             routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
             tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,
             textsearch._DICTIONARIES, types._ALL_COMPOSITES, types._COMPOSITES, types._DOMAINS, types._RANGES,
@@ -170,6 +172,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
         partition_keys,
         partitions,
         privileges,
+        rebuilds,
         reprints,
         routines,
         sequences,
@@ -181,7 +184,8 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
     )
 
     out = list(changes)
-    for rewrite in (dependents.needless_recreations,  # first: no other rewriter sees a re-creation not needed
+    for rewrite in (rebuilds.rebuilt_tables,  # first: no other rewriter sees what a table built again makes anew
+                    dependents.needless_recreations,  # first: no other rewriter sees a re-creation not needed
                     reprints.reprinted,  # no other rewriter sees a re-creation that changes nothing
                     enums.quote_labels, enums.quote_policy_roles, enums.enum_changes,  # first: migra's text made parsable
                     inheritance.inherited_tables,  # before those that read or place CREATE TABLE
@@ -199,6 +203,7 @@ def supplement(context: Context, changes: Sequence[Change]) -> list[Change]:
                     order.ordered,  # after every rewriter that places statements: only ever moves one later
                     comments.comments,
                     privileges.reconcile,  # last: owners and grants go after everything else
-                    kept.kept):  # and what re-created objects had, that the desired schema does not manage
+                    kept.kept,
+                    rebuilds.rebuilds_last):  # and what re-created objects had, that the desired schema does not manage
         out = rewrite(context, out)
     return out

@@ -109,7 +109,7 @@ def _exists_in_desired(context: Context, key: Key) -> bool:
     except psycopg.errors.UndefinedObject:
         return False
     except psycopg.Error as exc:  # other kinds of "does not exist" (function, schema, column)
-        if exc.sqlstate and exc.sqlstate.startswith("42"):
+        if exc.sqlstate and (exc.sqlstate.startswith("42") or exc.sqlstate == "3F000"):  # 3F000: no such schema
             return False
         raise
     return True

@@ -23,6 +23,7 @@ from psycopg import sql
 from ...errors import ReconcilerError
 from ..base import Change
 from . import Context, change, managed
+from .rebuilds import SHAPES, rebuilt_families
 
 INDEX_CREATES = ("create_index", "create_index_concurrently")
 INDEX_DROPS = ("drop_index", "drop_index_concurrently")
@@ -406,22 +407,16 @@ def partition_not_null(context: Context, changes: list[Change]) -> list[Change]:
     return [*changes, *new]
 
 
-_SHAPES = """
-SELECT n.nspname || '.' || c.relname, c.relkind::text, pg_get_partkeydef(c.oid),
-       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END,
-       (SELECT pn.nspname || '.' || p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-        JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition LIMIT 1)
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND """ + managed("n")
 
 
 def refuse_partitioning_changes(context: Context) -> None:
     """What PostgreSQL cannot change on a table in place: whether it is partitioned, its partition key,
     a partition's bounds or parent. Refuse clearly, naming the table and what changes, rather than
     dropping the table and its rows."""
-    live, desired = context.keyed(_SHAPES)
+    live, desired = context.keyed(SHAPES)
     problems: list[str] = []
-    for table in sorted(live.keys() & desired.keys()):
+    rebuilt = rebuilt_families(context)
+    for table in sorted((live.keys() & desired.keys()) - rebuilt):
         (kind, key, bound, parent), (kind2, key2, bound2, parent2) = live[table], desired[table]
         if kind != kind2:
             was, becomes = ("partitioned", "a plain table") if kind == "p" else ("a plain table", "partitioned")

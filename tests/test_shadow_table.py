@@ -1,0 +1,347 @@
+"""Tables built again as shadow tables: a plain table made partitioned, a new partition key, an unlogged table made
+logged, while writes go on; a copy killed part-way goes on from its checkpoint; a held contract keeps the old table
+in step; small tables are built again in one transaction; what cannot be taken over is refused."""
+
+from __future__ import annotations
+
+import random
+import signal
+import textwrap
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
+from reconciler.config import load_config
+from reconciler.errors import ReconcilerError
+from reconciler.pipeline import make_plan, open_servers
+from reconciler.plan import Plan, render_markdown, render_text
+from reconciler.servers import Server, connect
+from tests.conftest import fetch_one, run_sql
+from tests.target import Target
+
+LIVE = """
+CREATE TABLE accounts (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, name text,
+                       balance int NOT NULL DEFAULT 0);
+CREATE INDEX accounts_name_idx ON accounts (name);
+ALTER TABLE accounts ADD CONSTRAINT accounts_id_created_key UNIQUE (id, created_at);
+CREATE TABLE ledger (id bigserial PRIMARY KEY, account_id bigint NOT NULL, account_created_at timestamptz NOT NULL,
+                     amount int NOT NULL);
+ALTER TABLE ledger ADD CONSTRAINT ledger_account_fkey FOREIGN KEY (account_id, account_created_at)
+    REFERENCES accounts (id, created_at);
+"""
+ROWS = """
+INSERT INTO accounts SELECT g, timestamptz '2026-01-01 00:00+00' + g * interval '1 minute', 'n' || g, g
+FROM generate_series(1, 20000) g;
+INSERT INTO ledger (account_id, account_created_at, amount) SELECT id, created_at, 1 FROM accounts WHERE id % 10 = 0;
+ANALYZE accounts, ledger;
+"""
+PARTITIONED = """
+CREATE TABLE accounts (id bigint NOT NULL, created_at timestamptz NOT NULL, name text, balance int NOT NULL DEFAULT 0,
+                       PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);
+CREATE TABLE accounts_early PARTITION OF accounts FOR VALUES FROM (MINVALUE) TO ('2026-01-08 00:00+00');
+CREATE TABLE accounts_late PARTITION OF accounts FOR VALUES FROM ('2026-01-08 00:00+00') TO (MAXVALUE);
+CREATE INDEX accounts_name_idx ON accounts (name);
+COMMENT ON TABLE accounts IS 'one row per account';
+CREATE TABLE ledger (id bigserial PRIMARY KEY, account_id bigint NOT NULL, account_created_at timestamptz NOT NULL,
+                     amount int NOT NULL);
+ALTER TABLE ledger ADD CONSTRAINT ledger_account_fkey FOREIGN KEY (account_id, account_created_at)
+    REFERENCES accounts (id, created_at);
+"""
+TARGET_LIVE_TABLES = """
+CREATE TABLE parents (id bigint PRIMARY KEY, name text);
+CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint, note text, legacy text);
+"""  # tests/target.py's, kept as they are
+
+
+def _plan(root: Path, database: str, server: Server, desired: str, rows: int = 1000) -> Plan:
+    (root / "schemas").mkdir(exist_ok=True)
+    (root / "schemas" / "schema.sql").write_text(desired)
+    (root / "reconciler.yaml").write_text(textwrap.dedent(f"""\
+        safety:
+          online_rewrite_rows: {rows}
+        environments:
+          test:
+            database: "{database}"
+            shadow: "{server.dsn}"
+            require_signed_plans: false
+        """))
+    config = load_config(root / "reconciler.yaml")
+    env = config.environment("test")
+    with open_servers(config, env) as servers:
+        return make_plan(config, env, servers).plan
+
+
+class _Writers:
+    """Writer threads, each on rows of its own: inserts (half with a ledger row), updates of old rows' balance, moves
+    of new rows to the other partition, deletes; every acknowledged write recorded as the state its row must end in
+    (``expected``: id -> (balance, moved) or None for deleted)."""
+
+    def __init__(self, database: str, threads: int = 2) -> None:
+        self.database, self.stop = database, threading.Event()
+        self.expected: dict[int, tuple[int, bool] | None] = {}
+        self.ledger = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._write, args=(k,)) for k in range(threads)]
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> _Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    def _write(self, k: int) -> None:
+        base, rng = 1_000_000 * (k + 1), random.Random(k)
+        with connect(self.database) as conn:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                try:
+                    new = base + n
+                    with conn.transaction():
+                        conn.execute("INSERT INTO accounts (id, created_at, name, balance) VALUES (%s, timestamptz "
+                                     "'2026-01-02 00:00+00' + %s * interval '1 hour', 'w', %s)", (new, n % 300, n))
+                        if n % 2:
+                            conn.execute("INSERT INTO ledger (account_id, account_created_at, amount) SELECT id, "
+                                         "created_at, 5 FROM accounts WHERE id = %s", (new,))
+                    self._saw(new, (n, False), ledger=n % 2)
+                    old = 5000 * k + rng.randint(1, 5000)
+                    conn.execute("UPDATE accounts SET balance = %s WHERE id = %s", (-n, old))
+                    self._saw(old, (-n, False))
+                    if n % 4 == 2:  # a new row without a ledger row moves to the other partition
+                        conn.execute("UPDATE accounts SET created_at = timestamptz '2026-02-01 00:00+00' WHERE id = %s",
+                                     (new,))
+                        self._saw(new, (n, True))
+                    if n % 8 == 4 and n > 8:  # and one without a ledger row, made earlier, is deleted
+                        conn.execute("DELETE FROM accounts WHERE id = %s", (base + n - 8,))
+                        self._saw(base + n - 8, None)
+                except psycopg.Error as exc:
+                    self.failures.append(str(exc))
+                    return
+
+    def _saw(self, key: int, state: tuple[int, bool] | None, ledger: int = 0) -> None:
+        with self.lock:
+            self.expected[key] = state
+            self.ledger += ledger
+
+    def check(self, database: str) -> None:
+        """Every acknowledged write is there, as written last; the rows nobody wrote are as they were."""
+        assert not self.failures, self.failures[:3]
+        assert len(self.expected) > 20, "the writers made too few writes to show anything"
+        with connect(database) as conn:
+            found = {int(r[0]): (int(r[1]), bool(r[2])) for r in conn.execute(
+                "SELECT id, balance, created_at = timestamptz '2026-02-01 00:00+00' FROM accounts WHERE id = ANY(%s)",
+                (list(self.expected),)).fetchall()}
+            wrong = {k: (v, found.get(k)) for k, v in self.expected.items()
+                     if (v is None and k in found) or (v is not None and found.get(k, (None, None))[0] != v[0])
+                     or (v is not None and v[1] and not found[k][1])}
+            assert not wrong, list(wrong.items())[:10]
+            untouched = [k for k in range(1, 20001) if k not in self.expected]
+            assert conn.execute("SELECT count(*) FROM accounts WHERE id = ANY(%s) AND balance = id",
+                                (untouched,)).fetchone() == (len(untouched),)
+            assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (2000 + self.ledger,)
+
+
+def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, database: str,
+                                                             pg_server: Server) -> None:
+    run_sql(database, LIVE + ROWS)
+    plan = _plan(tmp_path, database, pg_server, PARTITIONED)
+    kinds = [s.kind for s in plan.body.steps]
+    assert kinds.index("create_trigger") < kinds.index("copy_rows") < kinds.index("catch_up") < kinds.index("cutover") \
+        < kinds.index("verify_copy") < kinds.index("contract"), kinds
+    assert not [h for s in plan.body.steps for h in s.hazards if h.code == "TABLE_REWRITE"]
+    cutover = [s for s in plan.body.steps if s.kind == "cutover"]
+    assert len({s.phase for s in cutover}) == 1 and cutover[0].sql.startswith('LOCK TABLE "public"."ledger", '
+                                                                              '"public"."accounts"')
+    assert plan.body.rehearsal.status == "converged"
+    text, markdown = render_text(plan), render_markdown(plan)
+    assert "public.accounts becomes partitioned by RANGE (created_at): ~20,000 rows; expand steps" in text, text
+    assert "| `public.accounts` becomes partitioned by RANGE (created_at) | 20,000 |" in markdown, markdown
+
+    with _Writers(database) as writers:
+        result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                         backfill=BackfillLimits(batch_seconds=0.01)))
+    assert result.status == "applied", result
+    writers.check(database)
+    assert fetch_one(database, "SELECT relkind::text FROM pg_class WHERE oid = 'accounts'::regclass") == "p"
+    assert fetch_one(database, "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_inherits i JOIN pg_class "
+                               "c ON c.oid = i.inhrelid WHERE i.inhparent = 'accounts'::regclass") == \
+        "accounts_early,accounts_late"
+    assert fetch_one(database, "SELECT count(*) FROM accounts_late WHERE created_at < '2026-01-08'") == 0
+    assert fetch_one(database, "SELECT convalidated FROM pg_constraint WHERE conname = 'ledger_account_fkey'") is True
+    assert fetch_one(database, "SELECT confrelid = 'accounts'::regclass FROM pg_constraint "
+                               "WHERE conname = 'ledger_account_fkey'") is True
+    assert fetch_one(database, "SELECT obj_description('accounts'::regclass, 'pg_class')") == "one row per account"
+    assert fetch_one(database, "SELECT count(*) FROM pg_class WHERE relname LIKE '%reconciler%'") == 0
+    assert fetch_one(database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
+    assert _plan(tmp_path, database, pg_server, PARTITIONED).body.steps == ()  # converged
+
+
+def test_a_copy_killed_part_way_goes_on_from_its_checkpoint(target: Target) -> None:
+    """The applier killed while its copy waits for a lock: the new table, the log and the trigger stay (the trigger
+    records every write meanwhile); the next plan keeps them, copies the rest from the checkpoint, and swaps."""
+    run_sql(target.database, LIVE + ROWS)
+    config = target.root / "reconciler.yaml"
+    config.write_text("safety:\n  online_rewrite_rows: 1000\n" + config.read_text().replace(
+        "    lock_wait: 30s\n", "    lock_wait: 30s\n    backfill: {batch: 5ms}\n"))
+    target.desired(TARGET_LIVE_TABLES + PARTITIONED)
+    proc = target.start_apply(target.plan())
+    target.wait_for("SELECT to_regclass('reconciler.runs') IS NOT NULL", seconds=60)
+    target.wait_for("SELECT coalesce(max((backfill->'progress'->>'pages_done')::int), 0) > 0 FROM reconciler.runs "
+                    "WHERE status = 'running' AND backfill->'progress'->>'kind' = 'copy_rows'", seconds=60)
+    holder = connect(target.database, autocommit=False)
+    shadow = fetch_one(target.database, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'reconciler_shadow_%'")
+    holder.execute(f'LOCK TABLE "{shadow}".accounts IN SHARE MODE')
+    try:
+        target.wait_for("SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE 'INSERT INTO \"reconciler_shadow_%' "
+                        "AND wait_event_type = 'Lock'")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        holder.rollback()
+        holder.close()
+    target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
+                    "'reconciler control') AND pid <> pg_backend_pid()", 0, seconds=30)
+    (run,) = target.runs()
+    assert run["status"] == "interrupted", run
+    # recorded by the trigger: a new row, a row of a page copied before the kill changed, another deleted
+    run_sql(target.database, "INSERT INTO accounts (id, created_at) VALUES (300000, '2026-01-20'); "
+                             "UPDATE accounts SET balance = -1 WHERE id = 1; DELETE FROM accounts WHERE id = 2")
+    again = target.run("apply", str(target.plan("again.json")), "-v")
+    assert again.returncode == 0, again.stderr
+    assert f"going on from run {run['id']}'s checkpoint, page " in again.stderr, again.stderr
+    assert fetch_one(target.database, "SELECT relkind::text FROM pg_class WHERE oid = 'accounts'::regclass") == "p"
+    assert fetch_one(target.database, "SELECT balance FROM accounts WHERE id = 1") == -1
+    assert fetch_one(target.database, "SELECT count(*) FROM accounts WHERE id = 2") == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM accounts WHERE id = 300000") == 1
+    assert fetch_one(target.database, "SELECT count(*) FROM accounts WHERE id > 2 AND id <= 20000 AND balance = id") \
+        == 19998
+    assert target.run("drift").returncode == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_class WHERE relname LIKE '%reconciler%'") == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'reconciler_shadow_%'") == 0
+
+
+def _held(target: Target) -> dict[str, object]:
+    """The table made partitioned with its contract held, and a write of each kind made after the cut-over; the run."""
+    run_sql(target.database, LIVE + ROWS)
+    config = target.root / "reconciler.yaml"
+    config.write_text("safety:\n  online_rewrite_rows: 1000\n" + config.read_text())
+    target.desired(TARGET_LIVE_TABLES + PARTITIONED)
+    applied = target.run("apply", str(target.plan()), "--hold-contract")
+    assert applied.returncode == 0, applied.stderr
+    assert "Contract held (4 step(s)): public.accounts_reconciler_old_" in applied.stdout, applied.stdout
+    assert "in step with the table that took its place" in applied.stdout, applied.stdout
+    old = str(fetch_one(target.database, "SELECT relname FROM pg_class WHERE relname LIKE 'accounts_reconciler_old_%' "
+                                         "AND relkind = 'r'"))
+    run_sql(target.database, "INSERT INTO accounts (id, created_at) VALUES (300000, '2026-01-20'); "
+                             "UPDATE accounts SET balance = -1 WHERE id = 19999; DELETE FROM accounts WHERE id = 19998")
+    # kept in step in the old table by its trigger
+    assert fetch_one(target.database, "SELECT string_agg(id || ':' || balance, ',' ORDER BY id) "
+                                      f'FROM "{old}" WHERE id IN (19998, 19999, 300000)') == "19999:-1,300000:0"
+    (run,) = target.runs()
+    return run
+
+
+def test_a_held_contract_keeps_the_old_table_in_step_and_rollback_swaps_it_back(target: Target) -> None:
+    run = _held(target)
+    writers = _Writers(target.database, threads=1)
+    with writers:
+        back = target.run("rollback", str(run["id"]))
+    assert back.returncode == 0, back.stderr
+    assert "the way back: a brief exclusive lock" in back.stdout and "copy_rows" not in back.stdout, back.stdout
+    assert fetch_one(target.database, "SELECT relkind::text FROM pg_class WHERE oid = 'accounts'::regclass") == "r"
+    assert fetch_one(target.database, "SELECT balance FROM accounts WHERE id = 19999") == -1
+    assert fetch_one(target.database, "SELECT count(*) FROM accounts WHERE id IN (19998, 300000)") == 1
+    assert not writers.failures, writers.failures[:3]
+    with connect(target.database) as conn:  # every write made through the way back is there
+        for key, state in writers.expected.items():
+            row = conn.execute("SELECT balance FROM accounts WHERE id = %s", (key,)).fetchone()
+            assert (row is None) if state is None else (row is not None and row[0] == state[0]), (key, state, row)
+    assert fetch_one(target.database, "SELECT string_agg(conname || ' ' || convalidated, ', ' ORDER BY conname) FROM "
+                                      "pg_constraint WHERE contype IN ('p', 'u', 'f') AND conrelid = "
+                                      "ANY('{accounts,ledger}'::regclass[])") == \
+        "accounts_id_created_key true, accounts_pkey true, ledger_account_fkey true, ledger_pkey true"
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_class WHERE relname LIKE '%reconciler%'") == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
+
+
+def test_a_held_contract_is_dropped_by_the_next_plan(target: Target) -> None:
+    _held(target)
+    again = target.run("apply", str(target.plan("again.json")))
+    assert again.returncode == 0, again.stderr
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_class WHERE relname LIKE '%reconciler%'") == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
+    assert fetch_one(target.database, "SELECT count(*) FROM accounts") == 20000
+    assert fetch_one(target.database, "SELECT relkind::text FROM pg_class WHERE oid = 'accounts'::regclass") == "p"
+
+
+def test_an_unlogged_table_becomes_logged_while_writes_go_on(tmp_path: Path, database: str,
+                                                            pg_server: Server) -> None:
+    live = LIVE.replace("CREATE TABLE accounts", "CREATE UNLOGGED TABLE accounts").replace(
+        "CREATE TABLE ledger", "CREATE UNLOGGED TABLE ledger")
+    run_sql(database, live + ROWS)
+    desired = LIVE.replace("CREATE TABLE ledger", "CREATE UNLOGGED TABLE ledger")
+    plan = _plan(tmp_path, database, pg_server, desired)
+    assert "copy_rows" in [s.kind for s in plan.body.steps]
+    assert not [s for s in plan.body.steps if "SET LOGGED" in s.sql]
+    with _Writers(database) as writers:
+        result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                         backfill=BackfillLimits(batch_seconds=0.01)))
+    assert result.status == "applied", result
+    writers.check(database)
+    assert fetch_one(database, "SELECT relpersistence::text FROM pg_class WHERE oid = 'accounts'::regclass") == "p"
+    small = _plan(tmp_path, database, pg_server, LIVE.replace("CREATE TABLE ledger", "CREATE UNLOGGED TABLE ledger")
+                  .replace("CREATE TABLE accounts", "CREATE UNLOGGED TABLE accounts"), rows=1_000_000)
+    (step,) = small.body.steps  # a table below the threshold: the plain ALTER, its rewrite named
+    assert step.sql == 'ALTER TABLE "public"."accounts" SET UNLOGGED' and "TABLE_REWRITE" in {h.code for h in step.hazards}
+
+
+def test_a_small_table_is_built_again_in_one_transaction(tmp_path: Path, database: str, pg_server: Server) -> None:
+    run_sql(database, LIVE + ROWS)
+    plan = _plan(tmp_path, database, pg_server, PARTITIONED, rows=1_000_000)
+    assert len({s.phase for s in plan.body.steps}) == 1 and "copy_rows" not in [s.kind for s in plan.body.steps]
+    assert "TABLE_REWRITE" in {h.code for s in plan.body.steps for h in s.hazards}
+    result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+    assert result.status == "applied", result
+    assert fetch_one(database, "SELECT count(*) FROM accounts WHERE balance = id") == 20000
+    assert fetch_one(database, "SELECT count(*) FROM ledger l JOIN accounts a ON (a.id, a.created_at) = "
+                               "(l.account_id, l.account_created_at)") == 2000
+
+
+def test_a_new_partition_key_is_taken_from_the_old_partitions(tmp_path: Path, database: str, pg_server: Server) -> None:
+    live = PARTITIONED.replace("accounts_early", "accounts_a").replace("accounts_late", "accounts_b")
+    run_sql(database, live + ROWS)
+    desired = PARTITIONED.replace("PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at)",
+                                  "PRIMARY KEY (id, created_at)) PARTITION BY HASH (id)").replace(
+        "FOR VALUES FROM (MINVALUE) TO ('2026-01-08 00:00+00')", "FOR VALUES WITH (MODULUS 2, REMAINDER 0)").replace(
+        "FOR VALUES FROM ('2026-01-08 00:00+00') TO (MAXVALUE)", "FOR VALUES WITH (MODULUS 2, REMAINDER 1)")
+    plan = _plan(tmp_path, database, pg_server, desired)
+    assert [s.object for s in plan.body.steps if s.kind == "copy_rows"] == ["public.accounts_a", "public.accounts_b"]
+    with _Writers(database) as writers:
+        result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                         backfill=BackfillLimits(batch_seconds=0.01)))
+    assert result.status == "applied", result
+    writers.check(database)
+    assert fetch_one(database, "SELECT pg_get_partkeydef('accounts'::regclass)") == "HASH (id)"
+
+
+@pytest.mark.parametrize(("desired", "message"), [
+    (PARTITIONED.replace("name text, ", "").replace("CREATE INDEX accounts_name_idx ON accounts (name);", ""),
+     "the desired table has no column name"),
+    (PARTITIONED.replace("CREATE INDEX accounts_name_idx ON accounts (name);",
+                         "CREATE VIEW named AS SELECT id, name FROM accounts;"), "views over it (public.named)"),
+])
+def test_what_the_new_table_cannot_take_over_is_refused(tmp_path: Path, database: str, pg_server: Server,
+                                                        desired: str, message: str) -> None:
+    run_sql(database, LIVE + ROWS)
+    with pytest.raises(ReconcilerError, match=r"cannot rebuild table public\.accounts, which becomes partitioned") as err:
+        _plan(tmp_path, database, pg_server, desired)
+    assert message in str(err.value), err.value
+    assert fetch_one(database, "SELECT count(*) FROM accounts") == 20000
