@@ -42,6 +42,10 @@ AIMS: dict[str, tuple[Gate, ...]] = {
     "backfill": (("events", "ACCESS SHARE"), ("events", "SHARE")),
     "cutover": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
     "contract": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
+    # sessions made partitioned, a shadow table: its expand takes sessions SHARE ROW EXCLUSIVE (a writer's ROW
+    # EXCLUSIVE holds it); the copy and the catch-up only read it; the cut-over takes it ACCESS EXCLUSIVE
+    "shadow expand": (("sessions", "ROW EXCLUSIVE"),),
+    "shadow cutover": (("sessions", "ROW EXCLUSIVE"), ("sessions", "ROW EXCLUSIVE")),
 }
 BRAKE_HOLD = (0.4, 1.4)  # seconds the aimed phase is held, under the apply's lock_timeout (2s)
 PASS_HOLD = (0.05, 0.2)  # how long a gate before the last keeps holding once the next one is asked for

@@ -102,6 +102,8 @@ def phase_label(current: Sequence[Mapping[str, Any]]) -> str:
         return "contract"
     if kinds and kinds[0] == "add_column" and "create_trigger" in kinds and "reconciler_new_" in str(current[0].get("object")):
         return "expand"
+    if kinds and kinds[0] == "lock_table" and "create_schema" in kinds:
+        return "shadow expand"
     return "main-transaction"
 
 
@@ -298,6 +300,21 @@ def check_advisory_lock(dsn: str, database: str, grace: float = 5.0) -> list[str
         time.sleep(0.25)
     return [f"advisory lock {key:#x} still held by pid {pid} ({app!r}, {state}, {short(query, 60)!r}) after every "
             f"command exited" for pid, app, state, query, key in held]
+
+
+# --- rows no writer writes -------------------------------------------------------------------
+
+def check_unwritten(dsn: str, sessions: int) -> list[str]:
+    """``sessions``, which no writer writes and the plan builds again (a shadow table), holds every row it was seeded
+    with, as seeded, whatever phase the fault stopped the apply in."""
+    with connect(dsn) as conn:
+        row = conn.execute("SELECT count(*), coalesce(sum(id), 0), count(*) FILTER (WHERE note <> 'session ' || id "
+                           "OR started_at <> timestamptz '2025-01-01 00:00+00' + id * interval '12 hours') "
+                           "FROM sessions").fetchone()
+    count, total, changed = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+    if (count, total, changed) != (sessions, sessions * (sessions + 1) // 2, 0):
+        return [f"sessions holds {count} rows (id sum {total}, {changed} changed), seeded with {sessions}"]
+    return []
 
 
 # --- writers' acknowledged rows --------------------------------------------------------------

@@ -18,9 +18,10 @@ wait for), the apply waits on it, the fault lands during the wait, and the brake
 fail the step. Phases of a few milliseconds are hit that way; the rest land wherever the moment falls.
 
 After one recovering command (history, plan, drift or verify, at random) it checks bench/faultcheck.py's invariants:
-(a) schema, (b) run status and exit code, (c) leftovers, (d) advisory lock, (e) acknowledged writes, (f) a fresh plan
-and apply converge. Trial 0 is an undisturbed apply, checked the same way. Exit 1 when there is any violation (they
-are findings about the apply, not failures of the harness), 2 when only harness errors, 0 when neither.
+(a) schema, (b) run status and exit code, (c) leftovers, (d) advisory lock, (e) acknowledged writes (and the rows
+of a table no one writes, built again as a shadow table), (f) a fresh plan and apply converge. Trial 0 is an
+undisturbed apply, checked the same way. Exit 1 when there is any violation (they are findings about the apply, not
+failures of the harness), 2 when only harness errors, 0 when neither.
 
     .venv/bin/python bench/faults.py --trials 16                  # every fault kind once, 2,000,000 events
     .venv/bin/python bench/faults.py --trials 6 --rows 200000 --faults sigkill,restart --seed 7 --json out.json
@@ -62,6 +63,7 @@ from faultrig import (
     ORDERS_SPAN,
     SCHEMA_DB,
     SEED_DB,
+    SESSIONS,
     TRIAL_DB,
     Cmd,
     Project,
@@ -320,6 +322,7 @@ class Campaign:
                                                    self.refs.applied.fingerprint if self.refs.applied else None) if f))
         writes, checked = fc.check_writes(trial_dsn, writers.logs, writers.bases, ORDERS_SPAN)
         result.details["acknowledged_rows"] = checked
+        writes += fc.check_unwritten(trial_dsn, SESSIONS)
         for invariant, reasons in (("a", schema), ("b", fc.check_outcome(outcome)), ("c", fc.check_leftovers(self.refs, trial_dsn, runs)),
                                    ("d", fc.check_advisory_lock(self.target.server.dsn, TRIAL_DB)), ("e", writes),
                                    ("f", self._converge(folder))):
