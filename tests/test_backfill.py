@@ -52,6 +52,7 @@ ANNOTATION = "-- reconciler: backfill lower(email)\n    "
 class Project:
     def __init__(self, root: Path, database: str, server: Server, *, shadow_cache: int = 3) -> None:
         self.root, self.database, self.server, self.shadow_cache = root, database, server, shadow_cache
+        self.online_rows = 1_000_000  # safety.online_rewrite_rows
 
     def plan(self, desired: str) -> Plan:
         schemas = self.root / "schemas"
@@ -59,6 +60,8 @@ class Project:
         (schemas / "10_users.sql").write_text(desired)
         (self.root / "reconciler.yaml").write_text(textwrap.dedent(f"""\
             shadow_cache: {self.shadow_cache}
+            safety:
+              online_rewrite_rows: {self.online_rows}
             environments:
               test:
                 database: "{self.database}"
@@ -75,6 +78,51 @@ class Project:
 def project(tmp_path: Path, database: str, pg_server: Server) -> Project:
     run_sql(database, LIVE)
     return Project(tmp_path, database, pg_server)
+
+
+def test_a_volatile_default_on_a_big_table_is_filled_in_batches_while_writers_go_on(project: Project) -> None:
+    """gen_random_uuid() for 20,000 rows: added without it (no rewrite), the default set for new rows, the rows there
+    filled in batches, NOT NULL through a validated CHECK; each row its own value, as the plain ALTER gives."""
+    desired = DESIRED.format(annotation="").replace("email_key text NOT NULL", "token uuid NOT NULL DEFAULT "
+                                                                                 "gen_random_uuid()")
+    small = project.plan(desired)  # below safety.online_rewrite_rows: the plain ALTER, its rewrite named
+    assert [s.kind for s in small.body.steps] == ["add_column"]
+    assert "TABLE_REWRITE" in {h.code for h in small.body.steps[0].hazards}
+    project.online_rows = 1000
+    plan = project.plan(desired)
+    kinds = [s.kind for s in plan.body.steps]
+    assert kinds[:2] == ["add_column", "set_default"] and "backfill" in kinds and kinds[-3:] == [
+        "drop_constraint", "drop_trigger", "drop_function"], kinds
+    assert "TABLE_REWRITE" not in {h.code for s in plan.body.steps for h in s.hazards}
+    assert "DEFAULT" not in plan.body.steps[0].sql.upper() and "gen_random_uuid()" in plan.body.steps[1].sql
+    stop, inserted, failures = threading.Event(), [], []
+
+    def writer() -> None:
+        with connect(project.database) as conn:
+            while not stop.is_set():
+                try:
+                    row = conn.execute("INSERT INTO users (email) VALUES ('w@example.com') RETURNING id").fetchone()
+                    conn.execute("UPDATE users SET note = 'u' WHERE id = %s", (1 + len(inserted) % 20000,))
+                    inserted.append(int(row[0]) if row else 0)
+                except psycopg.Error as exc:
+                    failures.append(str(exc))
+                    return
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = apply_plan(plan, project.database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                                 backfill=BackfillLimits(batch_seconds=0.01)))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert result.status == "applied" and not failures and inserted, failures
+    assert fetch_one(project.database, "SELECT count(DISTINCT token) = count(*) AND count(*) = 20000 + "
+                                       f"{len(inserted)} FROM users") is True
+    assert fetch_one(project.database, "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = "
+                                       "'users'::regclass AND adnum = (SELECT attnum FROM pg_attribute WHERE attrelid "
+                                       "= 'users'::regclass AND attname = 'token')") == "gen_random_uuid()"
+    assert project.plan(desired).body.steps == ()
 
 
 def test_a_new_not_null_column_without_a_default_or_annotation_is_refused(project: Project) -> None:

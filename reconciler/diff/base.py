@@ -40,7 +40,9 @@ class Rebuild:
     sequences: tuple[tuple[str, str], ...] = ()  # ('schema.sequence', column): sequences its columns own
     renamed: tuple[str, ...] = ()  # 'schema.index': the old table's and its partitions', renamed away
     retired: tuple[str, ...] = ()  # 'schema.table': the old table's partitions, renamed away at the swap
-    in_place: str | None = None  # the ALTER that does it in place, rewriting under lock (SET LOGGED)
+    # the diff engine's own statements, where they do it in place, rewriting under lock (SET LOGGED, a stored
+    # generated column added): a table too small to build again takes them, as any plan would
+    original: tuple[Change, ...] = ()
     # 'schema.table': the table a held contract kept, in step, that is the desired one: swapped back, not built
     kept: str | None = None
     kept_indexes: tuple[str, ...] = ()  # its indexes, under the names the rebuild gave them

@@ -15,6 +15,7 @@ from .inspections import InspectionCache
 from .migra_engine import MigraEngine
 from .supplements import Context, Options, common_questions, read_rows, supplement
 from .supplements.partitions import refuse_partitioning_changes
+from .supplements.rebuilds import rebuilt_tables
 
 
 class SupplementedEngine:
@@ -115,7 +116,9 @@ class SupplementedEngine:
             except ReconcilerError:  # the base engine's crash: say what it could not do, where a supplement knows
                 with connect(live_dsn, application_name="reconciler inspect") as live, \
                         connect(desired_dsn, application_name="reconciler inspect") as desired:
-                    refuse_partitioning_changes(Context(live, desired, self.options, exclude_schemas))
+                    context = Context(live, desired, self.options, exclude_schemas)
+                    refuse_partitioning_changes(context)
+                    rebuilt_tables(context, [])  # a table built again refuses what it cannot take over, clearly
                 raise
             found_ahead = ahead.result()
             found_live = ahead_live.result()

@@ -65,7 +65,7 @@ def new_not_null_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table:
     col.constraints = tuple(c for c in constraints if enums.ConstrType(int(c.contype or 0)) is not enums.ConstrType.CONSTR_NOTNULL)
     added = alter_rollback(ctx, replace(d, sql=deparse(node), original_sql=d.sql,
                                         hazards=alter_hazards(ctx, table, cmds)), table, cmds)
-    return [added, *_filled(ctx, d, table, column, note.expression)]
+    return [added, *filled(ctx, d, table, column, note.expression)]
 
 
 def not_null_filled(ctx: Context, d: Draft, table: str, column: str) -> list[Draft] | None:
@@ -73,10 +73,10 @@ def not_null_filled(ctx: Context, d: Draft, table: str, column: str) -> list[Dra
     note = ctx.notes.of(BACKFILL, table, column)
     if note is None:
         return None
-    return _filled(ctx, d, table, column, note.expression, final=d.sql)
+    return filled(ctx, d, table, column, note.expression, final=d.sql)
 
 
-def _filled(ctx: Context, d: Draft, table: str, column: str, expression: str, *,
+def filled(ctx: Context, d: Draft, table: str, column: str, expression: str, *,
             final: str | None = None) -> list[Draft]:
     """The trigger, the batched fill, the validated NOT NULL (``final``: the statement that sets it, when not the
     plain SET NOT NULL), and the trigger dropped."""

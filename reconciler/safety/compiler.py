@@ -23,6 +23,7 @@ from . import (
     shadow_table,
     table_way_back,
     type_change,
+    volatile_default,
     way_back,
 )
 from .context import Context
@@ -50,10 +51,15 @@ class Compiler(Context):
                 continue
             out.extend(self._undone_by_drop(d, node) for d in self._statement(change, node))
         for change in changes:  # tables built again: after everything they may need (the engine puts them last)
-            if change.rebuild is not None and change.rebuild.kept is not None:
-                out.extend(table_way_back.swap_back(self, change.rebuild))
-            elif change.rebuild is not None:
-                out.extend(shadow_table.shadow_table(self, change.rebuild))
+            if change.rebuild is None:
+                continue
+            rebuilt = (table_way_back.swap_back(self, change.rebuild) if change.rebuild.kept is not None
+                       else shadow_table.shadow_table(self, change.rebuild))
+            if rebuilt is None:  # small: the engine's own statements
+                originals = [(c, parse(c.sql, self.engine)) for c in change.rebuild.original]
+                self.learn(originals)
+                rebuilt = [self._undone_by_drop(d, node) for c, node in originals for d in self._statement(c, node)]
+            out.extend(rebuilt)
         return self._dependents(way_back.contracts(self._helpers_kept(out)))
 
     def _helpers_kept(self, drafts: list[Draft]) -> list[Draft]:
@@ -92,7 +98,8 @@ class Compiler(Context):
             return [partitioned_fk]
         if self.existing(table):
             d = type_change.converted(self, d, node, table)
-            filled = backfill.new_not_null_column(self, d, node, table, cmds)
+            filled = (backfill.new_not_null_column(self, d, node, table, cmds)
+                      or volatile_default.volatile_default(self, d, node, table, cmds))
             if filled is not None:
                 return filled
             online = way_back.swap_back(self, d, node, table, cmds) or dual_column.dual_column(self, d, node, table, cmds)

@@ -23,6 +23,10 @@ def alter_hazards(ctx: Context, table: str, cmds: list[ast.AlterTableCmd]) -> tu
                                         "its indexes under an exclusive lock", table))
             found.append(ctx.hazard(HazardCode.STATISTICS_RESET, f"changing the type or collation of {column} discards "
                                     f"its statistics: queries may plan badly until ANALYZE {table} ({column})", table))
+        elif subtype in (enums.AlterTableType.AT_SetLogged, enums.AlterTableType.AT_SetUnLogged):
+            found.append(ctx.hazard(HazardCode.TABLE_REWRITE, "SET LOGGED or UNLOGGED rewrites the table and its indexes "
+                                    "under an exclusive lock (made logged: all of it written to the WAL too; from "
+                                    "safety.online_rewrite_rows rows it is built again beside it instead)", table))
         elif subtype is enums.AlterTableType.AT_ReplicaIdentity:
             found.append(ctx.hazard(HazardCode.REPLICA_IDENTITY_CHANGE, "changes what logical replication and change "
                                     "data capture receive for updated and deleted rows; on a published table, REPLICA "

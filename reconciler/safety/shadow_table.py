@@ -52,13 +52,16 @@ def tag_of(rebuild: Rebuild) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def shadow_table(ctx: Context, rebuild: Rebuild) -> list[Draft]:
-    """The steps that build ``rebuild.table`` again: online where it is big and has a primary key."""
+def shadow_table(ctx: Context, rebuild: Rebuild) -> list[Draft] | None:
+    """The steps that build ``rebuild.table`` again: online where it is big and has a primary key. None: a table too
+    small takes the diff engine's own statements (``rebuild.original``), where they do it in place."""
     switches = ctx.settings.switches
     size = ctx.size(rebuild.table)
     big = size is not None and size.rows >= switches.online_rewrite_rows
     if switches.online_rewrites and big and rebuild.key:
         return _online(ctx, rebuild)
+    if rebuild.original:
+        return None  # the engine's own statements, as any plan takes them
     return _offline(ctx, rebuild, big)
 
 
@@ -340,9 +343,6 @@ def _offline(ctx: Context, rebuild: Rebuild, big: bool) -> list[Draft]:
                           f"exclusive lock held to the end{why}", table),
                ctx.hazard(HazardCode.ACCESS_EXCLUSIVE_LOCK, "blocks reads and writes while held, and waits behind "
                           "running transactions", table))
-    if rebuild.in_place is not None:
-        return [Draft(sql=rebuild.in_place, kind="alter_table", object=table, tables=(table,), hazards=hazards,
-                      rollback_sql=None)]
     referencing = _references(rebuild)
     statements = [q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", sql.SQL(", ").join(
         sql.Identifier(*name.split(".", 1)) for name in (*referencing, table)))]

@@ -44,6 +44,11 @@ SELECT n.nspname || '.' || c.relname, c.relpersistence::text
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND """ + managed("n")
 
+_STORED = """
+SELECT n.nspname || '.' || c.relname, a.attname FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attgenerated = 's' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND """ + managed("n")
+
 # every relation's name, and the table an index is on ('' for others): names the new table's indexes may take
 _NAMES = """
 SELECT n.nspname || '.' || c.relname, coalesce((SELECT tn.nspname || '.' || t.relname FROM pg_index i
@@ -175,6 +180,12 @@ def _changed(context: Context, live: dict[str, _Shape], desired: dict[str, _Shap
     if live.keys() & desired.keys():
         was, becomes = (dict(context.rows(side, _PERSISTENCE)) for side in ("live", "desired"))
         persistence = {t: (was[t], becomes[t]) for t in was.keys() & becomes.keys() if was[t] != becomes[t]}
+    generated: dict[str, set[str]] = {}
+    if live.keys() & desired.keys():  # a stored generated column a table gains: computed for every row under lock
+        had = set(context.rows("live", _STORED))
+        for table, column in context.rows("desired", _STORED):
+            if (table, column) not in had:
+                generated.setdefault(table, set()).add(column)
     out: dict[str, str] = {}
     for table in sorted(live.keys() & desired.keys()):
         old, new = live[table], desired[table]
@@ -186,6 +197,8 @@ def _changed(context: Context, live: dict[str, _Shape], desired: dict[str, _Shap
             out[table] = f"changes its partition key from {old.key} to {new.key}"
         elif table in persistence and "t" not in persistence[table]:
             out[table] = "becomes unlogged" if persistence[table][1] == "u" else "becomes logged"
+        elif generated.get(table):
+            out[table] = f"gains the stored generated column {', '.join(sorted(generated[table]))}"
     return out
 
 
@@ -197,7 +210,12 @@ def _rebuilds(context: Context, changes: list[Change]) -> dict[str, Change]:
     names = {"live": dict(context.rows("live", _NAMES)), "desired": dict(context.rows("desired", _NAMES))}
     out = {}
     for table, why in changed.items():
-        rebuild = _read(context, table, why, _family(live, table), _family(desired, table), names)
+        # where the engine's statements do it in place (not a partitioning change: those drop the table), a table too
+        # small to build again takes them
+        in_place = live[table].kind == desired[table].kind and live[table].key == desired[table].key
+        original = tuple(c for c in _without(context, {table: Change("", KIND, table, "")}, changes, keep=True)
+                         ) if in_place else ()
+        rebuild = _read(context, table, why, _family(live, table), _family(desired, table), names, original)
         out[table] = Change(sql=_script(rebuild), kind=KIND, object=table, engine="supplements", rebuild=rebuild)
     return out
 
@@ -207,7 +225,7 @@ def _refuse(table: str, why: str, problem: str) -> ReconcilerError:
 
 
 def _read(context: Context, table: str, why: str, live_family: list[str], desired_family: list[str],
-          names: dict[str, dict[str, str]]) -> Rebuild:
+          names: dict[str, dict[str, str]], original: tuple[Change, ...]) -> Rebuild:
     """The desired definition of ``table`` and its partitions, and what live has that the new table takes over."""
     live, desired = context.live, context.desired
     ident = _ident(table)
@@ -235,6 +253,15 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
     if gone:
         raise _refuse(table, why, f"the desired table has no column {', '.join(gone)} (drop it in a plan of its own "
                       "first)")
+    had = {c[0]: c for c in live_columns}
+    retyped = [c[0] for c in desired_columns if c[0] in had and (c[1], c[2]) != (had[c[0]][1], had[c[0]][2])]
+    if retyped:
+        raise _refuse(table, why, f"the desired table changes the type of {', '.join(retyped)} too (change it in a "
+                      "plan of its own)")
+    unfilled = [c[0] for c in desired_columns if c[0] not in had and c[4] and c[3] is None and not c[6]]
+    if unfilled:
+        raise _refuse(table, why, f"its new column {', '.join(unfilled)} is NOT NULL without a default: the rows "
+                      "copied would have no value for it (add it in a plan of its own first)")
     if any(c[5] for c in (*live_columns, *desired_columns)):
         raise _refuse(table, why, "it has an identity column (its sequence would start again in the new table)")
     persistence, partkey, options, comment = checks[("desired", table)][:4]
@@ -281,16 +308,12 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
     sequences = tuple((s, c) for s, c in live.execute(_SEQUENCES, (ident,)).fetchall() if c in wanted)
     shapes = _shapes(context, "live")
     sources = tuple(m for m in live_family if shapes[m].kind == "r")
-    in_place = None
-    if why in ("becomes logged", "becomes unlogged"):
-        in_place = sql.SQL("ALTER TABLE {} SET {}").format(_name(table), sql.SQL(why.split()[-1].upper())
-                                                          ).as_string(None)
     copied = tuple(c[0] for c in live_columns if not wanted[c[0]][6])
     return Rebuild(table=table, why=why, key=key, columns=copied, sources=sources, create=create.as_string(None),
                    partitions=tuple(partitions), keys=tuple(keys), indexes=tuple(indexes),
                    comments=tuple(c.as_string(None) for c in comments),
                    grants=tuple(g.as_string(None) for g in grants), references=references, sequences=sequences,
-                   renamed=tuple(taken), retired=tuple(live_family[1:]), in_place=in_place,
+                   renamed=tuple(taken), retired=tuple(live_family[1:]), original=original,
                    **_kept(context, table, names["live"]))
 
 
@@ -375,7 +398,7 @@ def _script(rebuild: Rebuild) -> str:
     return ";\n".join([rebuild.create, *rebuild.partitions, *rebuild.keys, *rebuild.indexes, *rebuild.comments, *rebuild.grants]) + ";"
 
 
-def _without(context: Context, found: dict[str, Change], changes: list[Change]) -> list[Change]:
+def _without(context: Context, found: dict[str, Change], changes: list[Change], *, keep: bool = False) -> list[Change]:
     """``changes`` without those about the rebuilt tables, their partitions, their indexes and the foreign keys to
     them (the rebuild makes each of them)."""
     live, desired = _shapes(context, "live"), _shapes(context, "desired")
@@ -401,4 +424,4 @@ def _without(context: Context, found: dict[str, Change], changes: list[Change]) 
                 return True
         return False
 
-    return [c for c in changes if not about(c)]
+    return [c for c in changes if about(c) == keep]
