@@ -31,6 +31,10 @@ CREATE TABLE ledger (id bigserial PRIMARY KEY, account_id bigint NOT NULL, accou
                      amount int NOT NULL);
 ALTER TABLE ledger ADD CONSTRAINT ledger_account_fkey FOREIGN KEY (account_id, account_created_at)
     REFERENCES accounts (id, created_at);
+CREATE TABLE audit (account_id bigint NOT NULL);
+CREATE FUNCTION audited() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN INSERT INTO audit VALUES (NEW.id); RETURN NULL; END$$;
+CREATE TRIGGER accounts_audit AFTER INSERT ON accounts FOR EACH ROW EXECUTE FUNCTION audited();
+CREATE VIEW rich AS SELECT id, balance FROM accounts WHERE balance > 100;
 """
 ROWS = """
 INSERT INTO accounts SELECT g, timestamptz '2026-01-01 00:00+00' + g * interval '1 minute', 'n' || g, g
@@ -49,6 +53,10 @@ CREATE TABLE ledger (id bigserial PRIMARY KEY, account_id bigint NOT NULL, accou
                      amount int NOT NULL);
 ALTER TABLE ledger ADD CONSTRAINT ledger_account_fkey FOREIGN KEY (account_id, account_created_at)
     REFERENCES accounts (id, created_at);
+CREATE TABLE audit (account_id bigint NOT NULL);
+CREATE FUNCTION audited() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN INSERT INTO audit VALUES (NEW.id); RETURN NULL; END$$;
+CREATE TRIGGER accounts_audit AFTER INSERT ON accounts FOR EACH ROW EXECUTE FUNCTION audited();
+CREATE VIEW rich AS SELECT id, balance FROM accounts WHERE balance > 100;
 """
 TARGET_LIVE_TABLES = """
 CREATE TABLE parents (id bigint PRIMARY KEY, name text);
@@ -83,6 +91,8 @@ class _Writers:
         self.database, self.stop = database, threading.Event()
         self.expected: dict[int, tuple[int, bool] | None] = {}
         self.ledger = 0
+        self.inserted: list[int] = []
+        self.moved: set[int] = set()
         self.failures: list[str] = []
         self.threads = [threading.Thread(target=self._write, args=(k,)) for k in range(threads)]
         self.lock = threading.Lock()
@@ -112,6 +122,7 @@ class _Writers:
                             conn.execute("INSERT INTO ledger (account_id, account_created_at, amount) SELECT id, "
                                          "created_at, 5 FROM accounts WHERE id = %s", (new,))
                     self._saw(new, (n, False), ledger=n % 2)
+                    self.inserted.append(new)
                     old = 5000 * k + rng.randint(1, 5000)
                     conn.execute("UPDATE accounts SET balance = %s WHERE id = %s", (-n, old))
                     self._saw(old, (-n, False))
@@ -119,6 +130,7 @@ class _Writers:
                         conn.execute("UPDATE accounts SET created_at = timestamptz '2026-02-01 00:00+00' WHERE id = %s",
                                      (new,))
                         self._saw(new, (n, True))
+                        self.moved.add(new)
                     if n % 8 == 4 and n > 8:  # and one without a ledger row, made earlier, is deleted
                         conn.execute("DELETE FROM accounts WHERE id = %s", (base + n - 8,))
                         self._saw(base + n - 8, None)
@@ -147,6 +159,13 @@ class _Writers:
             assert conn.execute("SELECT count(*) FROM accounts WHERE id = ANY(%s) AND balance = id",
                                 (untouched,)).fetchone() == (len(untouched),)
             assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (2000 + self.ledger,)
+            # the table's trigger fired once for each insert: not for a row copied, nor again by the old table's (a row
+            # moved to another partition counts as inserted there too: PostgreSQL's own)
+            audited = [int(r[0]) for r in conn.execute("SELECT account_id FROM audit WHERE account_id > 1000000 "
+                                                       "ORDER BY 1").fetchall()]
+            assert set(audited) == set(self.inserted), (len(audited), len(self.inserted))
+            once = sorted(k for k in audited if k not in self.moved)
+            assert once == sorted(k for k in self.inserted if k not in self.moved)
 
 
 def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, database: str,
@@ -179,6 +198,10 @@ def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, da
     assert fetch_one(database, "SELECT confrelid = 'accounts'::regclass FROM pg_constraint "
                                "WHERE conname = 'ledger_account_fkey'") is True
     assert fetch_one(database, "SELECT obj_description('accounts'::regclass, 'pg_class')") == "one row per account"
+    assert fetch_one(database, "SELECT count(*) FROM rich") == fetch_one(database, "SELECT count(*) FROM accounts "
+                                                                                  "WHERE balance > 100")
+    assert fetch_one(database, "SELECT count(*) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid WHERE "
+                               "r.ev_class = 'rich'::regclass AND d.refobjid = 'accounts'::regclass") > 0
     assert fetch_one(database, "SELECT count(*) FROM pg_class WHERE relname LIKE '%reconciler%'") == 0
     assert fetch_one(database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
     assert _plan(tmp_path, database, pg_server, PARTITIONED).body.steps == ()  # converged
@@ -356,7 +379,8 @@ def test_a_new_partition_key_is_taken_from_the_old_partitions(tmp_path: Path, da
     (PARTITIONED.replace("name text, ", "").replace("CREATE INDEX accounts_name_idx ON accounts (name);", ""),
      "the desired table has no column name"),
     (PARTITIONED.replace("CREATE INDEX accounts_name_idx ON accounts (name);",
-                         "CREATE VIEW named AS SELECT id, name FROM accounts;"), "views over it (public.named)"),
+                         "CREATE MATERIALIZED VIEW named AS SELECT id, name FROM accounts;"),
+     "materialized view public.named"),
     (PARTITIONED.replace("balance int NOT NULL DEFAULT 0,", "balance bigint NOT NULL DEFAULT 0,"),
      "changes the type of balance too"),
     (PARTITIONED.replace("balance int NOT NULL DEFAULT 0,", "balance int NOT NULL DEFAULT 0, region text NOT NULL,"),

@@ -38,6 +38,8 @@ class Rebuild:
     grants: tuple[str, ...] = ()  # the table's grants (live's, unless the plan manages privileges)
     references: tuple[tuple[str, str, str], ...] = ()  # (table, constraint, definition): foreign keys to it
     sequences: tuple[tuple[str, str], ...] = ()  # ('schema.sequence', column): sequences its columns own
+    triggers: tuple[str, ...] = ()  # CREATE TRIGGER: its own, made at the swap (not firing on the rows copied)
+    views: tuple[str, ...] = ()  # CREATE OR REPLACE VIEW: the views that read it, made again at the swap
     renamed: tuple[str, ...] = ()  # 'schema.index': the old table's and its partitions', renamed away
     retired: tuple[str, ...] = ()  # 'schema.table': the old table's partitions, renamed away at the swap
     # the diff engine's own statements, where they do it in place, rewriting under lock (SET LOGGED, a stored

@@ -148,25 +148,15 @@ def _key_match(rebuild: Rebuild, alias: str, row: str) -> sql.Composable:
 def _helpers(rebuild: Rebuild, n: _Names) -> list[tuple[str, str, str, str]]:
     """The log, the function that replays it into the new table, and the trigger that fills it: (statement, kind,
     object, its undo)."""
-    first = sql.Identifier(rebuild.key[0])
-    columns = sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns)
-    values = sql.SQL(", ").join(sql.SQL("(e.now).{}").format(sql.Identifier(c)) for c in rebuild.columns)
-    replay_body = sql.SQL(
-        "DECLARE e record; done integer := 0; BEGIN "
-        "FOR e IN SELECT id, was, now FROM {log} ORDER BY id LIMIT batch LOOP "
-        "IF (e.was).{first} IS NOT NULL THEN DELETE FROM {new} n WHERE {was}; END IF; "
-        "IF (e.now).{first} IS NOT NULL THEN DELETE FROM {new} n WHERE {now}; "
-        "INSERT INTO {new} ({columns}) VALUES ({values}); END IF; "
-        "DELETE FROM {log} WHERE id = e.id; done := done + 1; END LOOP; RETURN done; END").format(
-        log=n.log, first=first, new=n.new, was=_key_match(rebuild, "n", "e.was"), now=_key_match(rebuild, "n", "e.now"),
-        columns=columns, values=values)
+    replay_body = _replay_body(rebuild, n)
     capture_body = sql.SQL(
         "BEGIN IF TG_OP = 'TRUNCATE' THEN TRUNCATE {new}; DELETE FROM {log}; RETURN NULL; END IF; "
-        "INSERT INTO {log} (was, now) VALUES (CASE WHEN TG_OP <> 'INSERT' THEN OLD END, "
+        "INSERT INTO {log} (\"reconciler was\", \"reconciler now\") VALUES (CASE WHEN TG_OP <> 'INSERT' THEN OLD END, "
         "CASE WHEN TG_OP <> 'DELETE' THEN NEW END); RETURN NULL; END").format(new=n.new, log=n.log)
     table, trigger, truncate = rebuild.table, sql.Identifier(n.trigger), sql.Identifier(f"{n.trigger}_truncate")
     return [
-        (q("CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, was {}, now {})", n.log, n.t, n.t), "create_table",
+        (q('CREATE TABLE IF NOT EXISTS {} ("reconciler entry" bigserial PRIMARY KEY, "reconciler was" {}, '
+           '"reconciler now" {})', n.log, n.t, n.t), "create_table",
          f"{n.shadow}.log", q("DROP TABLE IF EXISTS {}", n.log)),
         (q("CREATE OR REPLACE FUNCTION {}(batch integer) RETURNS integer LANGUAGE plpgsql SET search_path FROM CURRENT "
            "AS ", n.replay) + _quoted(replay_body.as_string(None)), "create_function", f"{n.shadow}.replay(integer)",
@@ -182,6 +172,40 @@ def _helpers(rebuild: Rebuild, n: _Names) -> list[tuple[str, str, str, str]]:
            n.capture), "create_trigger", f"{table}.{n.trigger}_truncate", q("DROP TRIGGER IF EXISTS {} ON {}", truncate,
                                                                           n.t)),
     ]
+
+
+def _replay_body(rebuild: Rebuild, n: _Names) -> sql.Composed:
+    """Up to ``batch`` entries of the log (all: NULL), oldest first, replayed set-wise: every key they touch deleted
+    from the new table, then each key's last entry's row inserted where that entry leaves a row under the key. The
+    batch is read once into a temporary table: each statement of a function sees the commits made meanwhile, and
+    all of them must work on the same entries."""
+    keys = [sql.Identifier(k) for k in rebuild.key]
+    first = keys[0]
+    tmp = sql.Identifier(f"reconciler_replay_{n.tag}")
+
+    def key_of(row: str) -> sql.Composable:
+        return sql.SQL(", ").join(sql.SQL("({}).{} AS {}").format(sql.SQL(row), k, k) for k in keys)
+
+    entry, was, now = (sql.Identifier(f"reconciler {c}") for c in ("entry", "was", "now"))
+    touched = sql.SQL("SELECT {entry}, {now}, {was_key} FROM {tmp} WHERE ({was}).{first} IS NOT NULL UNION ALL "
+                      "SELECT {entry}, {now}, {now_key} FROM {tmp} WHERE ({now}).{first} IS NOT NULL").format(
+        entry=entry, was=was, now=now, was_key=key_of('"reconciler was"'), now_key=key_of('"reconciler now"'), tmp=tmp,
+        first=first)
+    key_list = sql.SQL(", ").join(keys)
+    return sql.SQL(
+        "DECLARE done integer; BEGIN "
+        "CREATE TEMP TABLE IF NOT EXISTS {tmp} ({entry} bigint, {was} {t}, {now} {t}) ON COMMIT DROP; TRUNCATE {tmp}; "
+        "INSERT INTO {tmp} SELECT {entry}, {was}, {now} FROM {log} ORDER BY {entry} LIMIT batch; "
+        "GET DIAGNOSTICS done = ROW_COUNT; IF done = 0 THEN RETURN 0; END IF; "
+        "DELETE FROM {new} n USING (SELECT DISTINCT {keys} FROM ({touched}) x) k WHERE {match}; "
+        "INSERT INTO {new} ({columns}) SELECT {values} FROM (SELECT DISTINCT ON ({keys}) {entry}, {now}, {keys} "
+        "FROM ({touched}) x ORDER BY {keys}, {entry} DESC) last WHERE {stays}; "
+        "DELETE FROM {log} l USING {tmp} b WHERE l.{entry} = b.{entry}; RETURN done; END").format(
+        tmp=tmp, t=n.t, log=n.log, new=n.new, keys=key_list, touched=touched, entry=entry, was=was, now=now,
+        match=sql.SQL(" AND ").join(sql.SQL("n.{} = k.{}").format(k, k) for k in keys),
+        columns=sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns),
+        values=sql.SQL(", ").join(sql.SQL("(last.{}).{}").format(now, sql.Identifier(c)) for c in rebuild.columns),
+        stays=sql.SQL(" AND ").join(sql.SQL("(last.{}).{} = last.{}").format(now, k, k) for k in keys))
 
 
 def _quoted(body: str) -> str:
@@ -257,6 +281,9 @@ def _cutover(ctx: Context, rebuild: Rebuild, n: _Names) -> list[Draft]:
     statements += added
     statements += [q("ALTER SEQUENCE {} OWNED BY {}", sql.Identifier(*seq.split(".", 1)),
                      sql.Identifier(n.schema, n.name, column)) for seq, column in rebuild.sequences]
+    # the old table's own triggers stay, switched off: the trigger that keeps it in step must not set them off again
+    statements.append(q("ALTER TABLE {} DISABLE TRIGGER USER", n.at(n.old)))
+    statements += remade(rebuild)
     old, back = n.at(n.old), n.at(n.back)
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns)
     values = sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in rebuild.columns)
@@ -287,6 +314,13 @@ def _cutover(ctx: Context, rebuild: Rebuild, n: _Names) -> list[Draft]:
                             tables=(table,), transactional=False, stage=POST_CUTOVER, rollback_sql="", reversible=True,
                             identity=(n.schema, n.old), helper=True))
     return drafts + validations
+
+
+def remade(rebuild: Rebuild) -> list[str]:
+    """The table's own triggers, made on the table now in its place (not before: they would fire on every row
+    copied), and the views that read it made again (a view reads a table by its oid: until then they read the old
+    one)."""
+    return [*rebuild.triggers, *rebuild.views]
 
 
 def repointed(ctx: Context, rebuild: Rebuild, *, partitioned: bool) -> tuple[list[str], list[Draft], list[Hazard]]:
@@ -355,6 +389,7 @@ def _offline(ctx: Context, rebuild: Rebuild, big: bool) -> list[Draft]:
                    + definition for ref, name, definition in rebuild.references]
     statements += [q("ALTER SEQUENCE {} OWNED BY {}", sql.Identifier(*seq.split(".", 1)),
                      sql.Identifier(n.schema, n.name, column)) for seq, column in rebuild.sequences]
+    statements += remade(rebuild)
     statements.append(q("DROP TABLE {}", n.at(n.old)))
     return [Draft(sql=s, kind="rebuild_table", object=table, tables=(*referencing, table), stage=MAIN,
                   hazards=hazards if i == 0 else (), rollback_sql=None) for i, s in enumerate(statements)]

@@ -59,7 +59,9 @@ def swap_back(ctx: Context, rebuild: Rebuild) -> list[Draft]:
     statements += [q("ALTER INDEX {} RENAME TO {}", sql.Identifier(*index.split(".", 1)),
                      sql.Identifier(index.split(".", 1)[1].removesuffix(suffix)))
                    for index in rebuild.kept_indexes if index.endswith(suffix)]
-    statements.append(q("ALTER TABLE {} RENAME TO {}", kept, sql.Identifier(name)))
+    statements += [q("ALTER TABLE {} RENAME TO {}", kept, sql.Identifier(name)),
+                   q("ALTER TABLE {} ENABLE TRIGGER USER", t)]  # switched off while it was kept in step
+    statements += rebuild.views  # read the table back
     added, validations, scans = repointed(ctx, rebuild, partitioned=False)  # the kept table is a plain one
     statements += added
     statements += [q("ALTER SEQUENCE {} OWNED BY {}", sql.Identifier(*seq.split(".", 1)),

@@ -72,11 +72,12 @@ WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY
 _TABLE = """
 SELECT c.relpersistence::text, CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
        array_to_string(c.reloptions, ', '), obj_description(c.oid, 'pg_class'), c.relowner::regrole::text,
-       (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal
+       (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal AND g.tgparentid = 0
         AND g.tgname NOT LIKE 'reconciler\\_%%'),
        c.relrowsecurity OR EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = c.oid),
        EXISTS (SELECT FROM pg_rewrite r WHERE r.ev_class = c.oid AND r.rulename <> '_RETURN'),
-       (SELECT string_agg(DISTINCT vn.nspname || '.' || v.relname, ', ') FROM pg_depend dp
+       (SELECT string_agg(DISTINCT CASE WHEN v.relkind = 'm' THEN 'materialized view ' ELSE '' END
+                               || vn.nspname || '.' || v.relname, ', ') FROM pg_depend dp
         JOIN pg_rewrite r ON r.oid = dp.objid AND dp.classid = 'pg_rewrite'::regclass
         JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace vn ON vn.oid = v.relnamespace
         WHERE dp.refclassid = 'pg_class'::regclass AND dp.refobjid = c.oid AND v.oid <> c.oid),
@@ -112,6 +113,20 @@ _REFERRING = """
 SELECT n.nspname || '.' || t.relname || '.' || k.conname
 FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
 WHERE k.contype = 'f' AND k.confrelid = ANY(%s::regclass[])"""
+
+_TRIGGERS = """
+SELECT pg_get_triggerdef(oid) FROM pg_trigger
+WHERE tgrelid = %s::regclass AND NOT tgisinternal AND tgparentid = 0 AND tgname NOT LIKE 'reconciler\\_%%'
+ORDER BY tgname"""
+
+# the plain views that read the table directly (a view over them follows the view, which keeps its oid)
+_VIEWS = """
+SELECT vn.nspname, v.relname, pg_get_viewdef(v.oid), array_to_string(v.reloptions, ', ')
+FROM pg_class v JOIN pg_namespace vn ON vn.oid = v.relnamespace
+WHERE v.relkind = 'v' AND v.oid <> %s::regclass AND EXISTS (
+    SELECT FROM pg_depend dp JOIN pg_rewrite r ON r.oid = dp.objid AND dp.classid = 'pg_rewrite'::regclass
+    WHERE r.ev_class = v.oid AND dp.refclassid = 'pg_class'::regclass AND dp.refobjid = %s::regclass)
+ORDER BY v.oid"""
 
 _SEQUENCES = """
 SELECT sn.nspname || '.' || s.relname, a.attname FROM pg_depend d
@@ -240,9 +255,12 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
             assert row is not None
             checks[(side, member)] = row
             triggers, secured, rules, views, children = row[5], row[6], row[7], row[8], row[9]
-            what = (f"{triggers} trigger(s)" if triggers and side == "desired" else
+            # the table's own triggers and plain views over it are made again at the swap; a partition's are not
+            whole = member == table
+            what = (f"{triggers} trigger(s)" if triggers and side == "desired" and not whole else
                     "row level security" if secured else "rules" if rules else
-                    f"views over it ({views})" if views else "inheritance children" if children else None)
+                    f"views over it ({views})" if views and (not whole or "materialized view" in views) else
+                    "inheritance children" if children else None)
             if what:
                 raise _refuse(table, why, f"{member} has {what} in the {side} schema, which the new table cannot take "
                               "over (change them in a plan of their own, before or after)")
@@ -303,6 +321,11 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
     grants = [sql.SQL("GRANT {} ON TABLE {} TO {}{}").format(sql.SQL(privilege), _name(table), sql.SQL(grantee),
                                                            sql.SQL(" WITH GRANT OPTION" if grantable else ""))
               for grantee, privilege, grantable in privileges.execute(_GRANTS, (ident,)).fetchall()]
+    triggers = tuple(str(t) for (t,) in desired.execute(_TRIGGERS, (ident,)).fetchall())
+    views = tuple(sql.SQL("CREATE OR REPLACE VIEW {}{} AS {}").format(
+        sql.Identifier(schema, view), sql.SQL(f" WITH ({options})" if options else ""),
+        sql.SQL(str(definition).strip().removesuffix(";"))).as_string(None)
+        for schema, view, definition, options in desired.execute(_VIEWS, (ident, ident)).fetchall())
     references = tuple((ref, name, definition) for ref, name, definition in
                        desired.execute(_REFERENCES, (ident, family_ids)).fetchall())
     sequences = tuple((s, c) for s, c in live.execute(_SEQUENCES, (ident,)).fetchall() if c in wanted)
@@ -313,7 +336,8 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
                    partitions=tuple(partitions), keys=tuple(keys), indexes=tuple(indexes),
                    comments=tuple(c.as_string(None) for c in comments),
                    grants=tuple(g.as_string(None) for g in grants), references=references, sequences=sequences,
-                   renamed=tuple(taken), retired=tuple(live_family[1:]), original=original,
+                   renamed=tuple(taken), retired=tuple(live_family[1:]), original=original, triggers=triggers,
+                   views=views,
                    **_kept(context, table, names["live"]))
 
 
