@@ -31,6 +31,7 @@ class Rebuild:
     columns: tuple[str, ...]  # the columns copied: live's, which the desired table has too (not generated there)
     sources: tuple[str, ...]  # the live tables that hold the rows: the table, or its leaf partitions
     create: str  # CREATE TABLE with its columns and constraints (and PARTITION BY)
+    new_key: tuple[str, ...] = ()  # the desired table's primary key (a partitioned one's holds its partition key)
     partitions: tuple[str, ...] = ()  # CREATE TABLE ... PARTITION OF, each after its parent
     keys: tuple[str, ...] = ()  # ALTER TABLE ... ADD CONSTRAINT: its primary key, unique and exclusion constraints
     indexes: tuple[str, ...] = ()  # CREATE INDEX of the table's and its partitions' own indexes

@@ -304,8 +304,11 @@ def _cutover(ctx: Context, rebuild: Rebuild, n: _Names) -> list[Draft]:
                     hazards=(lock, *scans) if i == 0 else (), helper=True)
               for i, s in enumerate(statements)]
     if len(rebuild.sources) == 1 and rebuild.sources[0] == table:  # the old table's pages, checked against the new
+        # by the new table's key where it has one of the copied columns (a partitioned table's holds its partition
+        # key: each row looked for in its one partition), else by the old one's
+        probe = rebuild.new_key if rebuild.new_key and set(rebuild.new_key) <= set(rebuild.columns) else rebuild.key
         match = sql.SQL(" AND ").join(sql.SQL("n.{} = o.{}").format(sql.Identifier(k), sql.Identifier(k))
-                                     for k in rebuild.key)
+                                     for k in probe)
         same = sql.SQL("({}) IS NOT DISTINCT FROM ({})").format(
             sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(c)) for c in rebuild.columns),
             sql.SQL(", ").join(sql.SQL("o.{}").format(sql.Identifier(c)) for c in rebuild.columns))

@@ -284,6 +284,7 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
         raise _refuse(table, why, "it has an identity column (its sequence would start again in the new table)")
     persistence, partkey, options, comment = checks[("desired", table)][:4]
     key = tuple(checks[("live", table)][10] or ())
+    new_key = tuple(checks[("desired", table)][10] or ())
     parts = [sql.SQL("{} {}").format(sql.Identifier(c[0]), sql.SQL(_column(c))) for c in desired_columns]
     keys = []  # each by an ALTER of its own: CREATE TABLE would leave out one that repeats another's columns
     for name, definition, contype, self_reference in desired.execute(_CONSTRAINTS, (ident,)).fetchall():
@@ -332,7 +333,7 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
     shapes = _shapes(context, "live")
     sources = tuple(m for m in live_family if shapes[m].kind == "r")
     copied = tuple(c[0] for c in live_columns if not wanted[c[0]][6])
-    return Rebuild(table=table, why=why, key=key, columns=copied, sources=sources, create=create.as_string(None),
+    return Rebuild(table=table, why=why, key=key, new_key=new_key, columns=copied, sources=sources, create=create.as_string(None),
                    partitions=tuple(partitions), keys=tuple(keys), indexes=tuple(indexes),
                    comments=tuple(c.as_string(None) for c in comments),
                    grants=tuple(g.as_string(None) for g in grants), references=references, sequences=sequences,
