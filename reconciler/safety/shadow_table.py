@@ -41,6 +41,7 @@ from .swap import CONTRACT
 
 COPY_KIND = "copy_rows"  # apply runs it a range of the source's pages at a time, as a backfill
 CATCH_UP_KIND = "catch_up"  # apply replays the log until little is left
+VACUUM_KIND = "vacuum_analyze"
 LOCK_KIND = "lock_table"  # a short lock_timeout, as a cut-over's (safety/phases.py)
 REPLAY_BATCH = 10_000
 
@@ -241,6 +242,11 @@ def _online(ctx: Context, rebuild: Rebuild) -> list[Draft]:
                                columns, sql.Identifier(*parts)), kind=COPY_KIND, object=source, tables=(source,),
                          transactional=False, stage=BACKFILL, rollback_sql="", reversible=True, identity=parts,
                          helper=True))
+    # the rows copied vacuumed and analysed before the table goes live: it has statistics for the application's
+    # queries from the swap on, and autovacuum, whose threshold the copy passed, does not start on it just as the
+    # cut-over needs it (the cut-over gives up in 500 ms, before autovacuum would let go of it)
+    out.append(Draft(sql=q("VACUUM (ANALYZE) {}", n.new), kind=VACUUM_KIND, object=table, tables=(),
+                     transactional=False, stage=BACKFILL, rollback_sql="", reversible=True, helper=True))
     out.append(Draft(sql=q("SELECT {}({})", n.replay, sql.Literal(REPLAY_BATCH)), kind=CATCH_UP_KIND,
                      object=table, tables=(table,), transactional=False, stage=BACKFILL, rollback_sql="",
                      reversible=True, helper=True))
