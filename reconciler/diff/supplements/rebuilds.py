@@ -248,6 +248,10 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
         if name in names["live"]:
             raise _refuse(table, why, f"its new partition {name} has a name live already uses (give the new "
                           "partitions names of their own; the old ones go with the old table)")
+    for name in live_family[1:]:
+        if name in names["desired"] and name not in desired_family:
+            raise _refuse(table, why, f"its partition {name} is a table of its own in the desired schema (DETACH "
+                          "PARTITION it in a plan of its own first: the old partitions go with the old table)")
     checks = {}
     for side, conn, family in (("live", live, live_family), ("desired", desired, desired_family)):
         for member in family:
