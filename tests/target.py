@@ -5,6 +5,7 @@ subprocesses, as a user runs them."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -78,6 +79,25 @@ class Target:
         while fetch_one(self.database, query) != expected:
             assert time.monotonic() < deadline, f"timed out waiting for: {query}"
             time.sleep(0.05)
+
+    def kill_while_waiting(self, proc: subprocess.Popen[str], hold: str, waiting: str) -> dict[str, object]:
+        """SIGKILL the applier ``proc`` once it waits for a lock that a session running ``hold`` has (``waiting``: a
+        pattern of its statement, for pg_stat_activity); the run it leaves, recorded as interrupted."""
+        holder = connect(self.database, autocommit=False)
+        holder.execute(hold.encode())
+        try:
+            self.wait_for(f"SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '{waiting}' "
+                          "AND wait_event_type = 'Lock'")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(60)
+        finally:
+            holder.rollback()
+            holder.close()
+        self.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
+                      "'reconciler control') AND pid <> pg_backend_pid()", 0, seconds=30)
+        (run,) = self.runs()
+        assert run["status"] == "interrupted", run
+        return run
 
     def lock_is_free(self) -> bool:
         return fetch_one(self.database, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0

@@ -145,20 +145,8 @@ def test_a_rewrite_killed_mid_fill_is_finished_by_planning_again(target: Target)
     target.desired(TARGET_LIVE_TABLES + DESIRED.format(extra=""))
     proc = target.start_apply(target.plan())
     target.wait_for("SELECT count(*) > 0 FROM pg_trigger WHERE tgname LIKE 'reconciler_copy_%'", seconds=60)
-    holder = connect(target.database, autocommit=False)
-    holder.execute("SELECT 1 FROM events WHERE id = 200000 FOR UPDATE")
-    try:
-        target.wait_for("SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE 'UPDATE \"public\".\"events\" SET "
-                        "\"reconciler_new_%' AND wait_event_type = 'Lock'")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(60)
-    finally:
-        holder.rollback()
-        holder.close()
-    target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
-                    "'reconciler control') AND pid <> pg_backend_pid()", 0, seconds=30)
-    (run,) = target.runs()
-    assert run["status"] == "interrupted", run
+    run = target.kill_while_waiting(proc, "SELECT 1 FROM events WHERE id = 200000 FOR UPDATE",
+                                    'UPDATE "public"."events" SET "reconciler_new_%')
     # the trigger copies them: a new row, and a row of a page filled before the kill, which the fill does not read
     # again (it goes on from the killed run's checkpoint)
     run_sql(target.database, "INSERT INTO events (id, counter) VALUES (300000, 7); "

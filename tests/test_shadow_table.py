@@ -5,8 +5,6 @@ in step; small tables are built again in one transaction; what cannot be taken o
 from __future__ import annotations
 
 import random
-import signal
-import textwrap
 import threading
 from pathlib import Path
 
@@ -14,13 +12,12 @@ import psycopg
 import pytest
 
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
-from reconciler.config import load_config
 from reconciler.errors import ReconcilerError
-from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan, render_markdown, render_text
+from reconciler.plan import render_markdown, render_text
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
 from tests.target import Target
+from tests.test_dual_column import _plan
 
 LIVE = """
 CREATE TABLE accounts (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, name text,
@@ -62,24 +59,6 @@ TARGET_LIVE_TABLES = """
 CREATE TABLE parents (id bigint PRIMARY KEY, name text);
 CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint, note text, legacy text);
 """  # tests/target.py's, kept as they are
-
-
-def _plan(root: Path, database: str, server: Server, desired: str, rows: int = 1000) -> Plan:
-    (root / "schemas").mkdir(exist_ok=True)
-    (root / "schemas" / "schema.sql").write_text(desired)
-    (root / "reconciler.yaml").write_text(textwrap.dedent(f"""\
-        safety:
-          online_rewrite_rows: {rows}
-        environments:
-          test:
-            database: "{database}"
-            shadow: "{server.dsn}"
-            require_signed_plans: false
-        """))
-    config = load_config(root / "reconciler.yaml")
-    env = config.environment("test")
-    with open_servers(config, env) as servers:
-        return make_plan(config, env, servers).plan
 
 
 class _Writers:
@@ -219,21 +198,9 @@ def test_a_copy_killed_part_way_goes_on_from_its_checkpoint(target: Target) -> N
     target.wait_for("SELECT to_regclass('reconciler.runs') IS NOT NULL", seconds=60)
     target.wait_for("SELECT coalesce(max((backfill->'progress'->>'pages_done')::int), 0) > 0 FROM reconciler.runs "
                     "WHERE status = 'running' AND backfill->'progress'->>'kind' = 'copy_rows'", seconds=60)
-    holder = connect(target.database, autocommit=False)
     shadow = fetch_one(target.database, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'reconciler_shadow_%'")
-    holder.execute(f'LOCK TABLE "{shadow}".accounts IN SHARE MODE')
-    try:
-        target.wait_for("SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE 'INSERT INTO \"reconciler_shadow_%' "
-                        "AND wait_event_type = 'Lock'")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(60)
-    finally:
-        holder.rollback()
-        holder.close()
-    target.wait_for("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('reconciler apply', "
-                    "'reconciler control') AND pid <> pg_backend_pid()", 0, seconds=30)
-    (run,) = target.runs()
-    assert run["status"] == "interrupted", run
+    run = target.kill_while_waiting(proc, f'LOCK TABLE "{shadow}".accounts IN SHARE MODE',
+                                    'INSERT INTO "reconciler_shadow_%')
     # recorded by the trigger: a new row, a row of a page copied before the kill changed, another deleted
     run_sql(target.database, "INSERT INTO accounts (id, created_at) VALUES (300000, '2026-01-20'); "
                              "UPDATE accounts SET balance = -1 WHERE id = 1; DELETE FROM accounts WHERE id = 2")

@@ -642,41 +642,36 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
 def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], options: ApplyOptions,
           progress: _Progress) -> None:
     """A backfill step, batch by batch (``backfill.run_backfill``), recorded as one step."""
-    if options.on_step is not None:
-        options.on_step(step)
-    started = time.perf_counter()
-    try:
-        def report(said: dict[str, Any]) -> dict[str, Any]:
-            if options.on_backfill is not None:
-                options.on_backfill(said)
-            return progress.backfill(said)
+    def report(said: dict[str, Any]) -> dict[str, Any]:
+        if options.on_backfill is not None:
+            options.on_backfill(said)
+        return progress.backfill(said)
 
-        rows = run_backfill(conn, step, limits=options.backfill, lock_retries=options.lock_retries,
-                            check=progress.check, report=report, resume=progress.checkpoint)
-    except BaseException:
-        records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
-                                  (time.perf_counter() - started) * 1000, 0.0))
-        raise
-    took = (time.perf_counter() - started) * 1000
-    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, 0.0))
-    log.info("step %d backfill %s: %d rows in %.1f ms", step.index, step.object, rows, took)
+    _batched(step, records, options, "rows", lambda: run_backfill(
+        conn, step, limits=options.backfill, lock_retries=options.lock_retries, check=progress.check, report=report,
+        resume=progress.checkpoint))
 
 
 def _catch_up(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], options: ApplyOptions,
               progress: _Progress) -> None:
     """A shadow table's catch-up (``catch_up.run_catch_up``), recorded as one step."""
+    _batched(step, records, options, "writes replayed", lambda: run_catch_up(conn, step, check=progress.check))
+
+
+def _batched(step: Step, records: list[StepRecord], options: ApplyOptions, what: str, run: Callable[[], int]) -> None:
+    """A step apply runs a transaction at a time (``run`` returns how many rows or writes), recorded as one step."""
     if options.on_step is not None:
         options.on_step(step)
     started = time.perf_counter()
     try:
-        replayed = run_catch_up(conn, step, check=progress.check)
+        done = run()
     except BaseException:
         records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
                                   (time.perf_counter() - started) * 1000, 0.0))
         raise
     took = (time.perf_counter() - started) * 1000
     records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, 0.0))
-    log.info("step %d catch-up %s: %d writes replayed in %.1f ms", step.index, step.object, replayed, took)
+    log.info("step %d %s %s: %d %s in %.1f ms", step.index, step.kind, step.object, done, what, took)
 
 
 def _retry_index_build(options: ApplyOptions, step: Step, conn: psycopg.Connection[Any],

@@ -40,13 +40,10 @@ def new_not_null_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table:
                         cmds: list[ast.AlterTableCmd]) -> list[Draft] | None:
     """ADD COLUMN ... NOT NULL without a default on a table someone may be using: filled by its annotation, or
     refused when the table has rows. None for any other statement."""
-    if len(cmds) != 1 or enums.AlterTableType(int(cmds[0].subtype or 0)) is not enums.AlterTableType.AT_AddColumn:
+    parsed = added_column(cmds)
+    if parsed is None:
         return None
-    col = cmds[0].def_
-    if not isinstance(col, ast.ColumnDef):
-        return None
-    constraints = [c for c in col.constraints or () if isinstance(c, ast.Constraint)]
-    kinds = {enums.ConstrType(int(c.contype or 0)) for c in constraints}
+    col, constraints, kinds = parsed
     if enums.ConstrType.CONSTR_NOTNULL not in kinds or kinds & {enums.ConstrType.CONSTR_DEFAULT,
                                                                 enums.ConstrType.CONSTR_IDENTITY,
                                                                 enums.ConstrType.CONSTR_GENERATED}:
@@ -66,6 +63,18 @@ def new_not_null_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table:
     added = alter_rollback(ctx, replace(d, sql=deparse(node), original_sql=d.sql,
                                         hazards=alter_hazards(ctx, table, cmds)), table, cmds)
     return [added, *filled(ctx, d, table, column, note.expression)]
+
+
+def added_column(cmds: list[ast.AlterTableCmd]
+                 ) -> tuple[ast.ColumnDef, list[ast.Constraint], set[enums.ConstrType]] | None:
+    """The column an ALTER TABLE's one ADD COLUMN adds, its constraints and their kinds; None for any other."""
+    if len(cmds) != 1 or enums.AlterTableType(int(cmds[0].subtype or 0)) is not enums.AlterTableType.AT_AddColumn:
+        return None
+    col = cmds[0].def_
+    if not isinstance(col, ast.ColumnDef):
+        return None
+    constraints = [c for c in col.constraints or () if isinstance(c, ast.Constraint)]
+    return col, constraints, {enums.ConstrType(int(c.contype or 0)) for c in constraints}
 
 
 def not_null_filled(ctx: Context, d: Draft, table: str, column: str) -> list[Draft] | None:

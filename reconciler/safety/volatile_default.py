@@ -16,7 +16,7 @@ from dataclasses import replace
 from pglast import ast, enums
 from psycopg import sql
 
-from .backfill import filled
+from .backfill import added_column, filled
 from .context import Context
 from .drafts import Draft
 from .hazards import alter_hazards, volatile
@@ -29,15 +29,10 @@ _SIMPLE = frozenset({enums.ConstrType.CONSTR_DEFAULT, enums.ConstrType.CONSTR_NO
 def volatile_default(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                      cmds: list[ast.AlterTableCmd]) -> list[Draft] | None:
     """The steps, or None where the plain ALTER stays."""
-    switches = ctx.settings.switches
-    if not switches.online_rewrites or len(cmds) != 1 or table in ctx.facts.partitioned \
-            or enums.AlterTableType(int(cmds[0].subtype or 0)) is not enums.AlterTableType.AT_AddColumn:
+    switches, parsed = ctx.settings.switches, added_column(cmds)
+    if not switches.online_rewrites or parsed is None or table in ctx.facts.partitioned:
         return None
-    col = cmds[0].def_
-    if not isinstance(col, ast.ColumnDef):
-        return None
-    constraints = [c for c in col.constraints or () if isinstance(c, ast.Constraint)]
-    kinds = {enums.ConstrType(int(c.contype or 0)) for c in constraints}
+    col, constraints, kinds = parsed
     default = next((c.raw_expr for c in constraints
                     if enums.ConstrType(int(c.contype or 0)) is enums.ConstrType.CONSTR_DEFAULT), None)
     size = ctx.size(table)
