@@ -148,7 +148,7 @@ def common_questions() -> tuple[str, ...]:
 
     return (aggregates._AGGREGATES, comments._QUERY, enums._ENUMS, extensions._EXTENSIONS,
             inheritance._CHILDREN, inheritance._TABLES, enums._ENUM_COLUMNS, enums._POLICIES,
-            operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, rebuilds.SHAPES, rebuilds._PERSISTENCE,
+            operators._OPERATORS, partitions._CONSTRAINTS, partitions._INDEXES, rebuilds.SHAPES, rebuilds._PERSISTENCE, rebuilds._GENERATED,
             partitions._TABLES,
             routines._CLONED_TRIGGERS, routines._DEPENDENCIES, routines._FUNCTIONS, sequences._QUERY, tables._COLUMNS,
             tables._NOT_VALID, tables._TABLES, textsearch._COLLATIONS, textsearch._CONFIGURATIONS,

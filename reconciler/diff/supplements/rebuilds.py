@@ -44,10 +44,11 @@ SELECT n.nspname || '.' || c.relname, c.relpersistence::text
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND """ + managed("n")
 
-_STORED = """
-SELECT n.nspname || '.' || c.relname, a.attname FROM pg_attribute a
+# generated columns: stored ('s') and, on PostgreSQL 18, virtual ('v')
+_GENERATED = """
+SELECT n.nspname || '.' || c.relname, a.attname, a.attgenerated::text FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE a.attgenerated = 's' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND """ + managed("n")
+WHERE a.attgenerated <> '' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND """ + managed("n")
 
 # every relation's name, and the table an index is on ('' for others): names the new table's indexes may take
 _NAMES = """
@@ -197,9 +198,10 @@ def _changed(context: Context, live: dict[str, _Shape], desired: dict[str, _Shap
         persistence = {t: (was[t], becomes[t]) for t in was.keys() & becomes.keys() if was[t] != becomes[t]}
     generated: dict[str, set[str]] = {}
     if live.keys() & desired.keys():  # a stored generated column a table gains: computed for every row under lock
-        had = set(context.rows("live", _STORED))
-        for table, column in context.rows("desired", _STORED):
-            if (table, column) not in had:
+        # a column generated in live already (a virtual one made stored: generated.py) is not built again
+        had = {(table, column) for table, column, _kind in context.rows("live", _GENERATED)}
+        for table, column, kind in context.rows("desired", _GENERATED):
+            if kind == "s" and (table, column) not in had:
                 generated.setdefault(table, set()).add(column)
     out: dict[str, str] = {}
     for table in sorted(live.keys() & desired.keys()):
