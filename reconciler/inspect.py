@@ -706,6 +706,36 @@ class KeyFact:
     validated: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class IdentityFact:
+    """An identity column's sequence: a dual column's cut-over gives the incoming column an identity of its own that
+    goes on where this one stopped (an identity's sequence cannot change columns)."""
+
+    sequence: str  # 'schema.sequence'
+    always: bool  # GENERATED ALWAYS (else BY DEFAULT)
+    start: int
+    increment: int
+    minimum: int
+    maximum: int
+    cache: int
+    cycle: bool
+    type: str  # the sequence's type (format_type): its bounds by default
+
+    def options(self) -> str:
+        """The sequence's options for ``ADD GENERATED ... AS IDENTITY (...)``, its bounds only where they are not
+        its type's own (a sequence widened with its column gets the new type's)."""
+        low, high = _INTEGER_BOUNDS.get(self.type, _INTEGER_BOUNDS["bigint"])
+        default_min, default_max = (1, high) if self.increment > 0 else (low, -1)
+        parts = [f"START WITH {self.start}", f"INCREMENT BY {self.increment}"]
+        parts += [f"MINVALUE {self.minimum}"] if self.minimum != default_min else []
+        parts += [f"MAXVALUE {self.maximum}"] if self.maximum != default_max else []
+        return " ".join([*parts, f"CACHE {self.cache}", "CYCLE" if self.cycle else "NO CYCLE"])
+
+
+_INTEGER_BOUNDS = {"smallint": (-32768, 32767), "integer": (-2147483648, 2147483647),
+                   "bigint": (-9223372036854775808, 9223372036854775807)}
+
+
 @dataclass(frozen=True)
 class LockTable:
     """The server's shared lock table: how many objects all transactions together can hold locks on."""
@@ -742,13 +772,16 @@ class LiveFacts:
     string_types: frozenset[int] = frozenset()
     domain_types: frozenset[int] = frozenset()
     # ('schema.table', column) something depends on beyond its default, plain indexes, one-column keys and a sequence
-    # it owns (a constraint of more columns, a view, a trigger's column list, a policy, an identity, extended
-    # statistics): a column rewrite cannot go online
+    # it owns or its identity's, and views (a constraint of more columns, a materialized view, a trigger's column
+    # list, a policy, a rule, extended statistics): a column rewrite cannot go online
     busy_columns: frozenset[tuple[str, str]] = frozenset()
+    # ('schema.table', column) -> the views that read it, and the views over those: a cut-over makes them again
+    column_views: Mapping[tuple[str, str], tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # ('schema.table', column) -> the one-column keys on it or referencing it (a foreign key is under both its columns)
     keys: Mapping[tuple[str, str], tuple[KeyFact, ...]] = dataclasses.field(default_factory=dict)
     # ('schema.table', column) -> 'schema.sequence' it owns (serial's OWNED BY; not an identity's)
     owned_sequences: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    identities: Mapping[tuple[str, str], IdentityFact] = dataclasses.field(default_factory=dict)
     server_version_num: int = 0  # 0: not read
 
     def has_table(self, name: str) -> bool:
@@ -871,10 +904,35 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
                                           AND NOT {_ONE_COLUMN_KEY})))
                   AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
                       SELECT 1 FROM pg_constraint k WHERE k.oid = d.objid AND {_ONE_COLUMN_KEY}))
-                  AND NOT (d.classid = 'pg_class'::regclass AND d.deptype = 'a' AND EXISTS (  -- serial's OWNED BY
-                      SELECT 1 FROM pg_class s WHERE s.oid = d.objid AND s.relkind = 'S'))
+                  AND NOT (d.classid = 'pg_rewrite'::regclass AND EXISTS (  -- another relation's view: column_views
+                      SELECT 1 FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+                      WHERE r.oid = d.objid AND v.oid <> d.refobjid AND v.relkind IN ('v', 'm')))
+                  AND NOT (d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') AND EXISTS (
+                      SELECT 1 FROM pg_class s WHERE s.oid = d.objid AND s.relkind = 'S'))  -- serial's, an identity's
                   AND {managed}""".encode(), params)
-        busy = frozenset((str(t), str(col)) for t, col in cur.fetchall())
+        busy = {(str(t), str(col)) for t, col in cur.fetchall()}
+        cur.execute(
+            f"""WITH RECURSIVE over (tbl, col, view) AS (
+                    SELECT n.nspname || '.' || c.relname, a.attname, v.oid
+                    FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+                    JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+                    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
+                    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                      AND d.refobjsubid > 0 AND v.oid <> c.oid AND {managed}
+                  UNION
+                    SELECT over.tbl, over.col, r.ev_class
+                    FROM over JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = over.view
+                    JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
+                    WHERE r.ev_class <> over.view)
+                SELECT over.tbl, over.col, vn.nspname || '.' || v.relname, v.relkind = 'v'
+                FROM over JOIN pg_class v ON v.oid = over.view JOIN pg_namespace vn ON vn.oid = v.relnamespace
+                ORDER BY 1, 2, 3""".encode(), params)
+        viewed: dict[tuple[str, str], list[str]] = {}
+        for t, col, view, plain in cur.fetchall():
+            viewed.setdefault((str(t), str(col)), []).append(str(view))
+            if not plain:  # a materialized view: made again in a cut-over, it would compute its rows under the lock
+                busy.add((str(t), str(col)))
+        column_views = {column: tuple(views) for column, views in viewed.items()}
         cur.execute(
             f"""SELECT n.nspname || '.' || c.relname, a.attname, sn.nspname || '.' || s.relname
                 FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -884,6 +942,18 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
                 WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'a'
                   AND {managed}""".encode(), params)
         owned = {(str(t), str(col)): str(seq) for t, col, seq in cur.fetchall()}
+        cur.execute(
+            f"""SELECT n.nspname || '.' || c.relname, a.attname, sn.nspname || '.' || s.relname, a.attidentity = 'a',
+                       q.seqstart, q.seqincrement, q.seqmin, q.seqmax, q.seqcache, q.seqcycle, format_type(q.seqtypid, NULL)
+                FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+                JOIN pg_sequence q ON q.seqrelid = s.oid JOIN pg_namespace sn ON sn.oid = s.relnamespace
+                JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid AND a.attidentity <> ''
+                WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'i'
+                  AND {managed}""".encode(), params)
+        identities = {(str(t), str(col)): IdentityFact(str(seq), bool(always), int(start), int(step), int(low),
+                                                       int(high), int(cache), bool(cycle), str(type_))
+                      for t, col, seq, always, start, step, low, high, cache, cycle, type_ in cur.fetchall()}
         cur.execute(
             f"""SELECT k.conname, n.nspname || '.' || c.relname, k.contype::text, a.attname, pg_get_constraintdef(k.oid),
                        rn.nspname || '.' || r.relname, ra.attname, ino.nspname || '.' || ic.relname, k.convalidated
@@ -920,6 +990,6 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
         tables=tables, partitioned=frozenset(partitioned), columns=columns, indexes=indexes, enums=enums,
         views=views, volatile_functions=volatile, binary_coercible=coercible, type_oids=type_oids,
         lock_table=lock_table, routines=routines, assignment_casts=assignment, explicit_casts=explicit, implicit_casts=implicit,
-        string_types=strings,
-        domain_types=domains, busy_columns=busy, keys=keys, owned_sequences=owned, server_version_num=version,
+        string_types=strings, domain_types=domains, busy_columns=frozenset(busy), column_views=column_views, keys=keys,
+        owned_sequences=owned, identities=identities, server_version_num=version,
     )

@@ -54,7 +54,8 @@ def online_rewrites(steps: Sequence[Step]) -> tuple[OnlineRewrite, ...]:
         column = re.sub(r"_reconciler_(?:old|gone)_[0-9a-f]{8}$", "", outgoing)
         whole = contract.sql.startswith("DROP TABLE")  # a shadow table's old table: 'schema.table_reconciler_old_<tag>'
         subject = f"{table}.{column}"  # a table built again: its old one is named after it, in its schema
-        cutover = tuple(s.index for s in steps if s.kind == "cutover" and s.object == subject)
+        cutting = {s.phase for s in steps if s.kind == "cutover" and s.object == subject}
+        cutover = tuple(s.index for s in steps if s.phase in cutting)  # with the views it makes again (cutover_views)
         # before the cut-over, what carries the tag (a plan that only drops what a held contract kept has none)
         tagged = [s for s in steps if cutover and s.index < cutover[0] and s.kind != "cutover"
                   and (tag in s.object or tag in s.sql)]
@@ -90,15 +91,21 @@ def describe(rewrite: OnlineRewrite) -> str:
     size = f"~{rewrite.rows:,} rows" if rewrite.rows is not None else "rows not known"
     if not rewrite.cutover:
         return f"{rewrite.subject}: the contract of an earlier cut-over, {span(rewrite.contract)} ({size})"
-    took = f", about {duration(rewrite.seconds)} at ~{FILL_ROWS_PER_SECOND:,} rows/s" if rewrite.seconds else ""
+    took = f", {_about(duration(rewrite.seconds))} at ~{FILL_ROWS_PER_SECOND:,} rows/s" if rewrite.seconds else ""
     return (f"{rewrite.subject}: {size}; expand {span(rewrite.expand)}; backfill {span(rewrite.backfill)}{took}; "
             f"cut-over {span(rewrite.cutover)} (one short transaction, locks {', '.join(rewrite.locks)}); "
             f"contract {span(rewrite.contract)}")
 
 
+def _about(said: str) -> str:
+    return said if said.startswith("under") else f"about {said}"
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

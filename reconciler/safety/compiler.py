@@ -14,6 +14,7 @@ from ..inspect import qualify
 from . import (
     backfill,
     constraints,
+    cutover_views,
     dual_column,
     enum_values,
     generic,
@@ -27,7 +28,7 @@ from . import (
     way_back,
 )
 from .context import Context
-from .drafts import MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
+from .drafts import CUTOVER, MAIN, POST_DEPENDENT, POST_INDEX, POST_NOT_NULL, Draft
 from .hazards import alter_hazards
 from .nodes import names, parse, rv, tables_of
 from .rollback import alter_rollback
@@ -60,7 +61,7 @@ class Compiler(Context):
                 self.learn(originals)
                 rebuilt = [self._undone_by_drop(d, node) for c, node in originals for d in self._statement(c, node)]
             out.extend(rebuilt)
-        return self._dependents(way_back.contracts(self._helpers_kept(out)))
+        return self._dependents(way_back.contracts(cutover_views.into_cutover(self, self._helpers_kept(out))))
 
     def _helpers_kept(self, drafts: list[Draft]) -> list[Draft]:
         """A backfill's trigger and function (and a dual column's new column, CHECK and indexes) left by a run
@@ -134,6 +135,9 @@ class Compiler(Context):
                         and con.keys and switches.safe_not_null):
                     # PostgreSQL 18's named NOT NULL: added once a validated CHECK spares its scan, as SET NOT NULL is
                     return not_null.safe_not_null(self, d, table, str(con.keys[0].sval), final=d.sql)
+            if subtype is enums.AlterTableType.AT_SetIdentity and (table, str(cmd.name)) in self.cutover_identities:
+                # the identity a dual column's cut-over made: its options set there, after it (a transaction undone)
+                return [replace(alter_rollback(self, d, table, cmds), stage=CUTOVER, rollback_sql=None, reversible=False)]
             if subtype is enums.AlterTableType.AT_AddIdentity and switches.safe_not_null:
                 # needs the column NOT NULL, which the safe form sets in POST_NOT_NULL
                 return [replace(alter_rollback(self, replace(d, hazards=alter_hazards(self, table, cmds)), table, cmds),

@@ -30,6 +30,10 @@ class Context:
         self.fill_helpers: set[str] = set()  # the backfill triggers and functions made, named as the engine names them
         self.changed_constraints: set[tuple[str, str]] = set()  # (table, constraint) the plan drops or adds
         self.repointed: set[tuple[str, str]] = set()  # (table, foreign key) a cut-over re-adds: validated once
+        self.dropped_views: set[str] = set()
+        self.created_views: set[str] = set()  # CREATE (OR REPLACE) VIEW
+        self.cutover_identities: set[tuple[str, str]] = set()  # (table, column) a cut-over gives a new identity
+        self.cutover_views: set[str] = set()  # views a dual column's cut-over drops and makes again (cutover_views.py)
 
     def existing(self, table: str) -> bool:
         """A table that exists in live and is not created by this plan: someone may be using it."""
@@ -73,8 +77,12 @@ class Context:
                 self.created_relations.add(f"{rv(node.relation).split('.')[0]}.{node.idxname}")
             elif isinstance(node, ast.CreateSeqStmt):
                 self.created_relations.add(rv(node.sequence))
-            elif isinstance(node, ast.ViewStmt) and rv(node.view) not in self.facts.views:
-                self.created_relations.add(rv(node.view))
+            elif isinstance(node, ast.ViewStmt):
+                self.created_views.add(rv(node.view))
+                if rv(node.view) not in self.facts.views:
+                    self.created_relations.add(rv(node.view))
+            elif isinstance(node, ast.DropStmt) and enums.ObjectType(int(node.removeType or 0)) is enums.ObjectType.OBJECT_VIEW:
+                self.dropped_views.update(qualify(names(o)) for o in node.objects or ())
             elif isinstance(node, ast.AlterTableStmt):
                 table = rv(node.relation)
                 for cmd in node.cmds or ():

@@ -14,10 +14,11 @@ that blocks reads and writes for the whole rewrite:
 
 Only for a widening (an implicit cast: no value can fail to convert, so no write of the application's can fail in the
 trigger), where nothing but its default, plain indexes, one-column keys and a sequence it owns depends on the column
-(``LiveFacts.busy_columns``: no constraint of more columns, view, policy, trigger column list, identity or statistics
-object), on a table that is not partitioned, from ``safety.online_rewrite_rows`` rows; otherwise the plain ALTER
-stays, with its TABLE_REWRITE hazard. The cut-over and the contract cannot be undone by SQL in the plan (the plan
-says so); everything before them can.
+(``LiveFacts.busy_columns``: no constraint of more columns, materialized view, policy, trigger column list or
+statistics object; an identity moves to the incoming column, going on from where it stopped; views are made again in
+the cut-over: cutover_views.py), on a table that is not partitioned, from ``safety.online_rewrite_rows`` rows;
+otherwise the plain ALTER stays, with its TABLE_REWRITE hazard. The cut-over and the contract cannot be undone by SQL
+in the plan (the plan says so); everything before them can.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .backfill import KIND as BACKFILL_KIND
 from .backfill import _on_new_row
 from .carried_keys import carried_keys
 from .context import Context
+from .cutover_views import remade_in_cutover
 from .drafts import BACKFILL, EXPAND, Draft
 from .hazards import rewrites_type
 from .nodes import deparse, q
@@ -55,7 +57,7 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     size, fact = ctx.size(table), ctx.facts.columns.get((table, column))
     if size is None or size.rows < switches.online_rewrite_rows or fact is None \
             or (table, column) in ctx.facts.busy_columns or not rewrites_type(ctx, table, column, col) \
-            or not _widening(ctx, fact.type_oid, col):
+            or not _widening(ctx, fact.type_oid, col) or not remade_in_cutover(ctx, table, column):
         return None
     parts = d.identity[:2] or tuple(table.split(".", 1))
     schema, name = parts[0], parts[-1]
@@ -102,7 +104,9 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     swap = Swap(table=table, parts=parts, column=column, incoming=new, outgoing=old, tag=tag, not_null=fact.not_null,
                 default=fact.default, check=check_name if fact.not_null else None, keys=keys, stop_trigger=drop_trigger,
                 stop_function=drop_function, keep_in_step=fact.type,
-                sequence=ctx.facts.owned_sequences.get((table, column)))
+                sequence=ctx.facts.owned_sequences.get((table, column)), identity=ctx.facts.identities.get((table, column)))
+    if swap.identity:  # the identity's new options (sequences.py's ALTER), set on the one the cut-over makes
+        ctx.cutover_identities.add((table, column))
     builds, renamed = index_builds(ctx, swap)
     out += builds
     out.append(Draft(sql=q("SELECT count(*) FROM {} WHERE {} IS DISTINCT FROM ", t, n) + f"({conversion})",

@@ -17,6 +17,7 @@ import pglast
 from pglast import ast
 from psycopg import sql
 
+from ..inspect import IdentityFact
 from .carried_keys import CarriedKeys, added, dropped, validations
 from .context import Context
 from .drafts import BACKFILL, CUTOVER, EXPAND, POST_CUTOVER, POST_VALIDATE, Draft
@@ -54,6 +55,7 @@ class Swap:
     stop_function: str
     keep_in_step: str | None = None  # the type the outgoing column has: a trigger keeps it in step until contract
     sequence: str | None = None  # 'schema.sequence' the column owns (serial): owned by the incoming one after
+    identity: IdentityFact | None = None  # the column's identity: the incoming one's after, going on where it stopped
 
     @property
     def t(self) -> sql.Identifier:
@@ -109,6 +111,11 @@ def cutover(ctx: Context, swap: Swap, renamed: list[tuple[str, str]], what: str)
     locked = sql.SQL(", ").join(sql.Identifier(*name.split(".", 1)) for name in order)
     statements = [q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", locked), swap.stop_trigger, swap.stop_function,
                   *dropped(swap.keys)]
+    sequence = sql.Identifier(*swap.identity.sequence.split(".", 1)) if swap.identity else None
+    held = sql.Identifier(f"reconciler_seq_{swap.tag}")
+    if swap.identity and sequence:  # its value kept for the transaction: DROP IDENTITY drops the sequence
+        statements += [q("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT last_value, is_called FROM {}", held,
+                         sequence), q("ALTER TABLE {} ALTER COLUMN {} DROP IDENTITY", t, c)]
     if swap.not_null:  # writes after the cut-over leave the outgoing column out (or the trigger fills it)
         statements.append(q("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL", t, c))
     if swap.default:
@@ -121,6 +128,12 @@ def cutover(ctx: Context, swap: Swap, renamed: list[tuple[str, str]], what: str)
                        q("ALTER TABLE {} DROP CONSTRAINT {}", t, sql.Identifier(swap.check))]
     if swap.default:
         statements.append(q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT ", t, c) + swap.default)
+    if swap.identity and sequence:  # the same name, the incoming type's bounds, from the value the old one had
+        statements += [q("ALTER TABLE {} ALTER COLUMN {} ADD GENERATED ", t, c)
+                       + ("ALWAYS" if swap.identity.always else "BY DEFAULT")
+                       + q(" AS IDENTITY (SEQUENCE NAME {} ", sequence) + swap.identity.options() + ")",
+                       q("SELECT setval({}, last_value, is_called) FROM pg_temp.{}",
+                         sql.Literal(sequence.as_string(None)), held)]
     if swap.sequence:  # else the contract's DROP COLUMN would take the sequence (and fail: the default uses it)
         statements.append(q("ALTER SEQUENCE {} OWNED BY {}", sql.Identifier(*swap.sequence.split(".", 1)),
                             sql.Identifier(*swap.parts, swap.column)))

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from .carried_keys import carried_keys
 from .context import Context
+from .cutover_views import remade_in_cutover
 from .drafts import BACKFILL, POST_CUTOVER, Draft
 from .dual_column import VERIFY_KIND
 from .hazards import rewrites_type
@@ -48,7 +49,8 @@ def swap_back(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
     schema = parts[0]
     back = f"reconciler_back_{tag}"
     if fact is None or kept_fact is None or target is None or kept_fact.type_oid != target \
-            or f"{schema}.{back}" not in ctx.facts.routines or (table, column) in ctx.facts.busy_columns:
+            or f"{schema}.{back}" not in ctx.facts.routines or (table, column) in ctx.facts.busy_columns \
+            or not remade_in_cutover(ctx, table, column):
         return None
     keys = carried_keys(ctx, table, column, tag)
     if keys is None:
@@ -63,7 +65,7 @@ def swap_back(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
                 tag=tag, not_null=fact.not_null, default=fact.default, check=check_name if fact.not_null else None,
                 keys=keys, stop_trigger=q("DROP TRIGGER IF EXISTS {} ON {}", sql.Identifier(back), t),
                 stop_function=q("DROP FUNCTION IF EXISTS {}()", sql.Identifier(schema, back)),
-                sequence=ctx.facts.owned_sequences.get((table, column)))
+                sequence=ctx.facts.owned_sequences.get((table, column)), identity=ctx.facts.identities.get((table, column)))
     builds, renamed = index_builds(ctx, swap)
     # widened back (the kept type to the current one never fails): a row the trigger left NULL, or that holds
     # another value, is counted, and the way back stops before it would lose it

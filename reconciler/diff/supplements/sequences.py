@@ -7,7 +7,7 @@ every option the desired sequence has otherwise is set explicitly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from psycopg import sql
 
@@ -56,6 +56,15 @@ def _read(context: Context, side: str) -> dict[tuple[str, str], SequenceState]:
     return out
 
 
+def _retyped(have: SequenceState, type_: str) -> SequenceState:
+    """An identity's sequence after its column's ALTER ... TYPE: of the column's new type, and a bound that was the old
+    type's own is the new type's (PostgreSQL's ALTER SEQUENCE ... AS)."""
+    old_low, old_high = _TYPE_RANGES.get(have.type, _TYPE_RANGES["bigint"])
+    new_low, new_high = _TYPE_RANGES[type_]
+    return replace(have, type=type_, minimum=new_low if have.minimum == old_low else have.minimum,
+                   maximum=new_high if have.maximum == old_high else have.maximum)
+
+
 def _options(current: SequenceState, desired: SequenceState, *, with_type: bool, new: bool) -> list[sql.Composable]:
     """The options that differ; a sequence created by this plan also restarts at its START (its current
     value, the default start, may be outside the new bounds)."""
@@ -91,6 +100,8 @@ def sequence_options(context: Context, changes: list[Change]) -> list[Change]:
         if have is None:
             have = SequenceState.default(want.type if want.identity else "bigint", identity=want.identity,
                                          owner=want.owner if want.identity else None)
+        if want.identity and have.identity and have.type != want.type and want.type in _TYPE_RANGES:
+            have = _retyped(have, want.type)
         if want.identity:
             assert want.owner is not None
             tschema, table, column = want.owner
