@@ -133,11 +133,17 @@ class Writes:
 
 
 def writer(dsn: str, case: Case, rows: int, seed: int, writes: Writes, stop: threading.Event,
-           ready: threading.Barrier) -> None:
+           ready: threading.Barrier, rate: float = 0.0) -> None:
+    """Back to back (``rate`` 0), or ``rate`` pairs of writes a second: a pair due while the last one waited is
+    not made up for after (a client that gave up), so the writers never queue a burst."""
     rng = random.Random(seed)
     with connect(dsn, application_name="bench writer") as conn:
         ready.wait()
+        due = time.perf_counter()
         while not stop.is_set():
+            if rate > 0:
+                due = max(due + 1.0 / rate, time.perf_counter())
+                time.sleep(max(0.0, due - time.perf_counter()))
             account = rng.randint(1, rows)
             inserted = (account, account) if "account_created_at" in case.ledger_insert else (account,)
             for statement, params in (("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (account,)),
@@ -160,11 +166,11 @@ def writer(dsn: str, case: Case, rows: int, seed: int, writes: Writes, stop: thr
                         writes.increments += 1
 
 
-def under_load(dsn: str, case: Case, rows: int, writers: int, lead: float, tail: float, apply: Callable[[], None]
-               ) -> tuple[Writes, float, float]:
+def under_load(dsn: str, case: Case, rows: int, writers: int, lead: float, tail: float, apply: Callable[[], None],
+               rate: float = 0.0) -> tuple[Writes, float, float]:
     writes, stop = Writes(), threading.Event()
     ready = threading.Barrier(writers + 1)
-    threads = [threading.Thread(target=writer, args=(dsn, case, rows, 1000 + i, writes, stop, ready), daemon=True)
+    threads = [threading.Thread(target=writer, args=(dsn, case, rows, 1000 + i, writes, stop, ready, rate), daemon=True)
                for i in range(writers)]
     for thread in threads:
         thread.start()
@@ -228,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="pairs of writes a second per writer (default 0: back to back, as fast as the server takes them)")
     parser.add_argument("--lead", type=float, default=2.0, help="seconds of writes before the change")
     parser.add_argument("--tail", type=float, default=2.0, help="seconds of writes after it")
     parser.add_argument("--batch", type=float, default=0.2, help="seconds each backfill batch should take (default 0.2, as apply's)")
@@ -276,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:  # the rebuild in one transaction: the plan for a table below the online threshold
                 offline = plan_for(server.dsn, live, case.desired_sql, Path(folder), online_rows=10**12)
                 raw, statements = apply(offline, live), tuple(s.sql for s in offline.body.steps)
-            writes, started, ended = under_load(live, case, args.rows, args.writers, args.lead, args.tail, raw)
+            writes, started, ended = under_load(live, case, args.rows, args.writers, args.lead, args.tail, raw, args.rate)
             results.append((summarise("raw ALTER", writes.log, started, ended, tuple((s, 0.0) for s in statements)),
                             check_end(live, before, ledger_rows, writes, case)))
         with cloned_database(server, template, "plan") as live, tempfile.TemporaryDirectory() as folder:
@@ -287,12 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"planned in {planned:.1f}s: {', '.join(s.kind for s in plan.body.steps)}", file=sys.stderr)
             print("compiled plan under load ...", file=sys.stderr)
             writes, started, ended = under_load(live, case, args.rows, args.writers, args.lead, args.tail,
-                                                apply(plan, live))
+                                                apply(plan, live), args.rate)
             results.append((summarise("compiled plan", writes.log, started, ended,
                                       tuple((s.sql, 0.0) for s in plan.body.steps)),
                             check_end(live, before, ledger_rows, writes, case)))
+    pace = f"{args.rate:g} pairs/s each" if args.rate > 0 else "back to back"
     print(f"\ncase {args.case}: {args.rows:,} accounts, {ledger_rows:,} ledger rows, {args.writers} writers (each: an UPDATE "
-          f"of accounts.balance, an INSERT into ledger); backfill batches of about {args.batch}s")
+          f"of accounts.balance, an INSERT into ledger; {pace}); backfill batches of about {args.batch}s")
     print(f"{'mode':<14} {'apply s':>8} {'writes':>8} {'stall ms':>9} {'p99 ms':>8} {'gap ms':>8} {'errors':>6}  end state")
     for result, end in results:
         print(f"{result.mode:<14} {result.apply_seconds:>8.1f} {result.inserts:>8,} {result.stall_ms:>9.0f} "

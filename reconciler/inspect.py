@@ -904,6 +904,8 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
                                           AND NOT {_ONE_COLUMN_KEY})))
                   AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
                       SELECT 1 FROM pg_constraint k WHERE k.oid = d.objid AND {_ONE_COLUMN_KEY}))
+                  AND NOT (d.classid = 'pg_trigger'::regclass AND EXISTS (  -- a dual column's own, its WHEN
+                      SELECT 1 FROM pg_trigger g WHERE g.oid = d.objid AND g.tgname LIKE 'reconciler\\_copy\\_%%'))
                   AND NOT (d.classid = 'pg_rewrite'::regclass AND EXISTS (  -- another relation's view: column_views
                       SELECT 1 FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
                       WHERE r.oid = d.objid AND v.oid <> d.refobjid AND v.relkind IN ('v', 'm')))

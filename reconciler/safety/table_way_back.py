@@ -19,7 +19,7 @@ from .context import Context
 from .drafts import BACKFILL, CUTOVER, POST_CUTOVER, Draft
 from .dual_column import VERIFY_KIND
 from .nodes import q, short
-from .shadow_table import repointed
+from .shadow_table import repointed, rows_missing
 from .steps import HazardCode
 from .swap import CONTRACT
 
@@ -34,13 +34,7 @@ def swap_back(ctx: Context, rebuild: Rebuild) -> list[Draft]:
     t, kept = sql.Identifier(schema, name), sql.Identifier(schema, kept_name)
     gone = short(f"{name}_reconciler_gone", tag)
     columns = rebuild.columns
-    match = sql.SQL(" AND ").join(sql.SQL("o.{} = n.{}").format(sql.Identifier(k), sql.Identifier(k))
-                                 for k in rebuild.key)
-    same = sql.SQL("({}) IS NOT DISTINCT FROM ({})").format(
-        sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(c)) for c in columns),
-        sql.SQL(", ").join(sql.SQL("o.{}").format(sql.Identifier(c)) for c in columns))
-    out = [Draft(sql=q("SELECT count(*) FROM ONLY {} n WHERE NOT EXISTS (SELECT FROM {} o WHERE {} AND {})",
-                       sql.Identifier(*source.split(".", 1)), kept, match, same), kind=VERIFY_KIND, object=source,
+    out = [Draft(sql=rows_missing(sql.Identifier(*source.split(".", 1)), kept, rebuild.key, columns), kind=VERIFY_KIND, object=source,
                  tables=(source,), transactional=False, stage=BACKFILL, rollback_sql="", reversible=True,
                  identity=tuple(source.split(".", 1)), helper=True) for source in rebuild.sources]
     referencing = tuple(dict.fromkeys(ref for ref, _name, _d in rebuild.references if ref != table))
