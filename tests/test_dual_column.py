@@ -529,3 +529,45 @@ def test_an_identitys_new_options_are_set_on_the_identity_its_cut_over_makes(tmp
     assert fetch_one(database, "SELECT seqincrement || ' ' || seqcache || ' ' || format_type(seqtypid, NULL) FROM "
                                "pg_sequence WHERE seqrelid = 'orders_id_seq'::regclass") == "5 20 bigint"
     assert _plan(tmp_path, database, pg_server, desired).body.steps == ()
+
+
+def test_a_cut_over_that_cannot_get_its_lock_keeps_the_filled_column_for_the_next_plan(
+        tmp_path: Path, database: str, pg_server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """A reader holding the table past every retry of the cut-over: the run fails, but the filled column, its
+    trigger and its index stay (undoing them would throw the fill away for a lock busy a few seconds); the next
+    plan keeps them (its fill finds every row filled and writes none) and cuts over."""
+    import logging
+
+    from reconciler.errors import ApplyError
+
+    run_sql(database, LIVE)
+    plan = _plan(tmp_path, database, pg_server, DESIRED.format(extra=""))
+    first_cutover = next(s.index for s in plan.body.steps if s.kind == "cutover")
+    holder = connect(database, autocommit=False)
+
+    def on_step(step: object) -> None:
+        if getattr(step, "index", None) == first_cutover:
+            holder.execute("SELECT 1 FROM events LIMIT 1")  # its ACCESS SHARE lock held until rolled back
+
+    try:
+        with pytest.raises(ApplyError) as failed:
+            apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", lock_retries=1,
+                                                    retry_backoff_seconds=0.1, on_step=on_step))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert "gave up after 2 attempts" in str(failed.value) and "the rows filled or copied are kept" in str(failed.value)
+    new = fetch_one(database, "SELECT attname FROM pg_attribute WHERE attrelid = 'events'::regclass AND attname LIKE "
+                              "'reconciler_new_%' AND NOT attisdropped")
+    assert isinstance(new, str)
+    run_sql(database, "INSERT INTO events (id, counter) VALUES (40000, 5)")  # kept in step meanwhile
+    assert fetch_one(database, f'SELECT count(*) FROM events WHERE "{new}" IS DISTINCT FROM counter::bigint') == 0
+    again = _plan(tmp_path, database, pg_server, DESIRED.format(extra=""))
+    with caplog.at_level(logging.INFO, logger="reconciler.apply"):
+        result = apply_plan(again, database, ApplyOptions(environment="test", metadata_schema="reconciler"))
+    assert result.status == "applied"
+    assert re.search(r"step \d+ backfill public\.events\.reconciler_new_\w+: 0 rows in", caplog.text), caplog.text
+    assert fetch_one(database, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                               "'events'::regclass AND attname = 'counter'") == "bigint"
+    assert fetch_one(database, "SELECT count(*) FROM events WHERE id <= 30000 AND counter <> id * 3") == 0
+    assert fetch_one(database, "SELECT counter FROM events WHERE id = 40000") == 5

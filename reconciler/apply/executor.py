@@ -347,7 +347,8 @@ class _Run:
         held = self.sessions.executor
         outcome, status = self._step_under_way(held), "failed"
         try:
-            undo, status = _after_failure(self.plan, self.records, held, self.options, self.run_id)
+            undo, status = _after_failure(self.plan, self.records, held, self.options, self.run_id,
+                                          keep=not cancelled and _cutover_gave_up(exc, self.plan, self.records))
         except BaseException as again:  # a second Ctrl-C while undoing: the rest is recorded as it stands
             undo = f"undoing was stopped ({_error_text(again)}); what was committed stays: see the steps"
         completed = {r.index for r in self.records if r.status == "applied"}
@@ -460,12 +461,30 @@ class _Progress:
         self.written += len(added)
 
 
+def _cutover_gave_up(exc: BaseException, plan: Plan, records: Sequence[StepRecord]) -> bool:
+    """Did an online rewrite's cut-over give up on its lock after its rows were filled or copied? Undoing would
+    throw away the work of hours for a lock that was busy for seconds."""
+    applied = {r.index for r in records if r.status == "applied"}
+    pending = next((s for s in plan.body.steps if s.index not in applied), None)
+    return (_is_lock_timeout(exc) and pending is not None and pending.kind == "cutover"
+            and any(s.kind in _FILLED for s in plan.body.steps if s.index in applied))
+
+
+_FILLED = frozenset({BACKFILL, COPY_KIND, CATCH_UP_KIND, VERIFY_KIND})
+
+
 def _after_failure(plan: Plan, records: list[StepRecord], executor: psycopg.Connection[Any], options: ApplyOptions,
-                   run_id: str) -> tuple[str, str]:
-    """Undo what earlier phases committed, when every one of those steps can be undone by SQL."""
+                   run_id: str, *, keep: bool = False) -> tuple[str, str]:
+    """Undo what earlier phases committed, when every one of those steps can be undone by SQL; unless ``keep``: an
+    online rewrite's filled rows stay, kept in step by its trigger, for the next plan to go on from."""
     committed = [r for r in records if r.status == "applied"]
     if not committed:
         return "nothing was changed (rolled back)", "failed"
+    if keep:
+        return (f"step(s) {', '.join(str(r.index) for r in committed)} were committed and stay: the rows filled or "
+                "copied are kept, and kept in step with every write by their trigger; planning and applying again "
+                "keeps them (its fill or copy finds the rows there and only reads them) and cuts over, or "
+                f"`reconciler rollback {run_id}` removes them"), "failed"
     steps = {s.index: s for s in plan.body.steps}
     irreversible = [r.index for r in committed if not steps[r.index].reversible]
     restore_hint = f"reconciler restore {run_id}" if options.backup_scope != "none" and options.backups_dir else \
