@@ -391,3 +391,39 @@ def test_the_row_check_counts_each_row_missing_or_different_in_a_range_of_pages(
     assert fetch_one(database, check + f" AND ctid >= '({first},0)'::tid AND ctid < '({first + 1},0)'::tid") == 2
     assert fetch_one(database, check + f" AND ctid >= '({last},0)'::tid AND ctid < '({last + 1},0)'::tid") == 1
     assert fetch_one(database, check + f" AND ctid >= '({last + 1},0)'::tid") == 0
+
+
+def test_a_cut_over_that_cannot_get_its_lock_keeps_the_copy_for_the_next_plan(tmp_path: Path, database: str,
+                                                                               pg_server: Server) -> None:
+    """A reader holds the table past every retry of the cut-over: the run fails and the copy stays, its trigger
+    logging every write; the next plan goes on with it, replays what was written meanwhile, and swaps."""
+    from reconciler.errors import ApplyError
+
+    run_sql(database, LIVE + ROWS)
+    plan = _plan(tmp_path, database, pg_server, PARTITIONED, rows=1000)
+    first_cutover = next(s.index for s in plan.body.steps if s.kind == "cutover")
+    holder = connect(database, autocommit=False)
+
+    def on_step(step: object) -> None:
+        if getattr(step, "index", None) == first_cutover:
+            holder.execute("SELECT 1 FROM accounts LIMIT 1")  # its ACCESS SHARE lock held until rolled back
+
+    try:
+        with pytest.raises(ApplyError) as failed:
+            apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", lock_retries=1,
+                                                    retry_backoff_seconds=0.1, on_step=on_step))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert "gave up after 2 attempts" in str(failed.value) and "the rows filled or copied are kept" in str(failed.value)
+    shadow = fetch_one(database, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'reconciler_shadow_%'")
+    assert isinstance(shadow, str) and fetch_one(database, f'SELECT count(*) FROM "{shadow}".accounts') == 20000
+    run_sql(database, "INSERT INTO accounts (id, created_at) VALUES (300000, '2026-01-20'); "
+                      "UPDATE accounts SET balance = -1 WHERE id = 1; DELETE FROM accounts WHERE id = 2")
+    again = _plan(tmp_path, database, pg_server, PARTITIONED, rows=1000)
+    assert apply_plan(again, database, ApplyOptions(environment="test", metadata_schema="reconciler")).status == "applied"
+    assert fetch_one(database, "SELECT relkind::text FROM pg_class WHERE oid = 'accounts'::regclass") == "p"
+    assert fetch_one(database, "SELECT balance FROM accounts WHERE id = 1") == -1
+    assert fetch_one(database, "SELECT count(*) FROM accounts WHERE id IN (2, 300000)") == 1
+    assert fetch_one(database, "SELECT count(*) FROM accounts WHERE id > 2 AND id <= 20000 AND balance = id") == 19998
+    assert fetch_one(database, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'reconciler_shadow_%'") == 0
