@@ -64,7 +64,7 @@ def online_rewrites(steps: Sequence[Step]) -> tuple[OnlineRewrite, ...]:
         expand = tuple(s.index for s in steps if s.phase in expanding)  # with what shares their transaction
         sized = next((h for s in steps if s.index in expand or s.index in cutover or s is contract for h in s.hazards
                       if h.table == table and h.rows is not None), None)
-        first = next((s for s in steps if s.index in cutover), None)
+        first = next((s for s in steps if s.kind == "cutover" and s.object == subject), None)  # its LOCK
         change = next((h.message.split(": built again", 1)[0].removeprefix(f"{subject} ") for s in steps
                        if s.index in expand for h in s.hazards if ": built again" in h.message), "") if whole else ""
         sized = sized or next((h for s in steps if s.index in expand for h in s.hazards if h.rows is not None), None)

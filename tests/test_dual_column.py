@@ -480,7 +480,8 @@ def test_views_over_the_column_are_made_again_in_the_cut_over_and_never_missing(
     cut = [s for s in steps if s["phase"] == next(s["phase"] for s in steps if s["kind"] == "cutover")]
     assert [s["kind"] for s in cut][:3] == ["drop_view", "drop_view", "cutover"], cut  # a reader's lock order
     assert [s["kind"] for s in cut][-4:] == ["replace_view", "replace_view", "comment", "grant"], cut
-    assert f"cut-over steps {cut[0]['index']}-{cut[-1]['index']} (one short transaction" in shown, shown
+    assert f"cut-over steps {cut[0]['index']}-{cut[-1]['index']} (one short transaction, locks public.events)" \
+        in shown, shown
     assert not [s for s in steps if s["kind"] in ("drop_view", "replace_view") and s not in cut]
 
     def read(conn: psycopg.Connection[Any], n: int) -> int:
