@@ -707,19 +707,25 @@ class KeyFact:
 
 
 @dataclasses.dataclass(frozen=True)
-class IdentityFact:
-    """An identity column's sequence: a dual column's cut-over gives the incoming column an identity of its own that
-    goes on where this one stopped (an identity's sequence cannot change columns)."""
+class SequenceOptions:
+    """A sequence's type and options, as ``pg_sequence`` holds them."""
 
-    sequence: str  # 'schema.sequence'
-    always: bool  # GENERATED ALWAYS (else BY DEFAULT)
+    type: str  # format_type: its bounds are the sequence's by default
     start: int
     increment: int
     minimum: int
     maximum: int
     cache: int
     cycle: bool
-    type: str  # the sequence's type (format_type): its bounds by default
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityFact(SequenceOptions):
+    """An identity column's sequence: a dual column's cut-over gives the incoming column an identity of its own that
+    goes on where this one stopped (an identity's sequence cannot change columns)."""
+
+    sequence: str  # 'schema.sequence'
+    always: bool  # GENERATED ALWAYS (else BY DEFAULT)
 
     def options(self) -> str:
         """The sequence's options for ``ADD GENERATED ... AS IDENTITY (...)``, its bounds only where they are not
@@ -953,9 +959,10 @@ def live_facts(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...
                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid AND a.attidentity <> ''
                 WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'i'
                   AND {managed}""".encode(), params)
-        identities = {(str(t), str(col)): IdentityFact(str(seq), bool(always), int(start), int(step), int(low),
-                                                       int(high), int(cache), bool(cycle), str(type_))
-                      for t, col, seq, always, start, step, low, high, cache, cycle, type_ in cur.fetchall()}
+        identities = {(str(t), str(col)): IdentityFact(
+            type=str(type_), start=int(start), increment=int(step), minimum=int(low), maximum=int(high), cache=int(cache),
+            cycle=bool(cycle), sequence=str(seq), always=bool(always))
+            for t, col, seq, always, start, step, low, high, cache, cycle, type_ in cur.fetchall()}
         cur.execute(
             f"""SELECT k.conname, n.nspname || '.' || c.relname, k.contype::text, a.attname, pg_get_constraintdef(k.oid),
                        rn.nspname || '.' || r.relname, ra.attname, ino.nspname || '.' || ic.relname, k.convalidated

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from reconciler import inspect
+from reconciler.plan import Plan
+from reconciler.safety import Step
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
 
@@ -110,3 +112,27 @@ CREATE TABLE parents (id bigint PRIMARY KEY, name text);
 CREATE TABLE items (id bigint PRIMARY KEY, parent_id bigint REFERENCES parents (id), note text, legacy text, extra text);
 CREATE INDEX items_note_idx ON items (note);
 """
+
+
+def apply_with_cutover_blocked(plan: Plan, database: str, table: str) -> str:
+    """Apply ``plan`` while a reader holds ``table`` from the first cut-over step on, past both of its attempts (the
+    cut-over waits 500 ms for its lock each time); the error the run failed with."""
+    from reconciler.apply import ApplyOptions, apply_plan
+    from reconciler.errors import ApplyError
+
+    first_cutover = next(s.index for s in plan.body.steps if s.kind == "cutover")
+    holder = connect(database, autocommit=False)
+
+    def on_step(step: Step) -> None:
+        if step.index == first_cutover:
+            holder.execute(f"SELECT 1 FROM {table} LIMIT 1".encode())  # its ACCESS SHARE lock, held until rolled back
+
+    try:
+        apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", lock_retries=1,
+                                                retry_backoff_seconds=0.1, on_step=on_step))
+    except ApplyError as exc:
+        return str(exc)
+    finally:
+        holder.rollback()
+        holder.close()
+    raise AssertionError("the run went through: the reader did not hold up its cut-over")

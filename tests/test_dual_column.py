@@ -22,7 +22,7 @@ from reconciler.pipeline import make_plan, open_servers
 from reconciler.plan import Plan, render_markdown, render_text
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
-from tests.target import Target
+from tests.target import Target, apply_with_cutover_blocked
 
 LIVE = """
 CREATE TABLE events (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0, note text);
@@ -539,25 +539,9 @@ def test_a_cut_over_that_cannot_get_its_lock_keeps_the_filled_column_for_the_nex
     plan keeps them (its fill finds every row filled and writes none) and cuts over."""
     import logging
 
-    from reconciler.errors import ApplyError
-
     run_sql(database, LIVE)
-    plan = _plan(tmp_path, database, pg_server, DESIRED.format(extra=""))
-    first_cutover = next(s.index for s in plan.body.steps if s.kind == "cutover")
-    holder = connect(database, autocommit=False)
-
-    def on_step(step: object) -> None:
-        if getattr(step, "index", None) == first_cutover:
-            holder.execute("SELECT 1 FROM events LIMIT 1")  # its ACCESS SHARE lock held until rolled back
-
-    try:
-        with pytest.raises(ApplyError) as failed:
-            apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", lock_retries=1,
-                                                    retry_backoff_seconds=0.1, on_step=on_step))
-    finally:
-        holder.rollback()
-        holder.close()
-    assert "gave up after 2 attempts" in str(failed.value) and "the rows filled or copied are kept" in str(failed.value)
+    failed = apply_with_cutover_blocked(_plan(tmp_path, database, pg_server, DESIRED.format(extra="")), database, "events")
+    assert "gave up after 2 attempts" in failed and "the rows filled or copied are kept" in failed, failed
     new = fetch_one(database, "SELECT attname FROM pg_attribute WHERE attrelid = 'events'::regclass AND attname LIKE "
                               "'reconciler_new_%' AND NOT attisdropped")
     assert isinstance(new, str)

@@ -16,7 +16,7 @@ from reconciler.errors import ReconcilerError
 from reconciler.plan import render_markdown, render_text
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
-from tests.target import Target
+from tests.target import Target, apply_with_cutover_blocked
 from tests.test_dual_column import _plan
 
 LIVE = """
@@ -397,25 +397,9 @@ def test_a_cut_over_that_cannot_get_its_lock_keeps_the_copy_for_the_next_plan(tm
                                                                                pg_server: Server) -> None:
     """A reader holds the table past every retry of the cut-over: the run fails and the copy stays, its trigger
     logging every write; the next plan goes on with it, replays what was written meanwhile, and swaps."""
-    from reconciler.errors import ApplyError
-
     run_sql(database, LIVE + ROWS)
-    plan = _plan(tmp_path, database, pg_server, PARTITIONED, rows=1000)
-    first_cutover = next(s.index for s in plan.body.steps if s.kind == "cutover")
-    holder = connect(database, autocommit=False)
-
-    def on_step(step: object) -> None:
-        if getattr(step, "index", None) == first_cutover:
-            holder.execute("SELECT 1 FROM accounts LIMIT 1")  # its ACCESS SHARE lock held until rolled back
-
-    try:
-        with pytest.raises(ApplyError) as failed:
-            apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler", lock_retries=1,
-                                                    retry_backoff_seconds=0.1, on_step=on_step))
-    finally:
-        holder.rollback()
-        holder.close()
-    assert "gave up after 2 attempts" in str(failed.value) and "the rows filled or copied are kept" in str(failed.value)
+    failed = apply_with_cutover_blocked(_plan(tmp_path, database, pg_server, PARTITIONED), database, "accounts")
+    assert "gave up after 2 attempts" in failed and "the rows filled or copied are kept" in failed, failed
     shadow = fetch_one(database, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'reconciler_shadow_%'")
     assert isinstance(shadow, str) and fetch_one(database, f'SELECT count(*) FROM "{shadow}".accounts') == 20000
     run_sql(database, "INSERT INTO accounts (id, created_at) VALUES (300000, '2026-01-20'); "

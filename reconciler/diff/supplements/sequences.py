@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from psycopg import sql
 
+from ...inspect import SequenceOptions
 from ..base import Change
 from . import Context, change, first_index, insert_at, managed, not_extension_member
 
@@ -30,14 +31,7 @@ WHERE {managed('n')} AND {not_extension_member('pg_class', 'c.oid')}
 
 
 @dataclass(frozen=True)
-class SequenceState:
-    type: str
-    start: int
-    increment: int
-    minimum: int
-    maximum: int
-    cache: int
-    cycle: bool
+class SequenceState(SequenceOptions):
     identity: bool
     owner: tuple[str, str, str] | None  # schema, table, column
 
