@@ -845,20 +845,33 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_drift(args: argparse.Namespace, config: Config) -> int:
+    from .history import held_contracts
     from .inspect import DIFFERENCES
     from .pipeline import drift, open_servers
+    from .servers import connect
 
     env = _env(config, args)
     with open_servers(config, env) as servers:
         differences = drift(config, servers, schemas_dir=args.schemas)
+        held: dict[str, str] = {}
+        if differences:
+            with connect(servers.target_dsn) as conn:
+                held = held_contracts(conn, config.metadata_schema)
     if not differences:
         print("No drift: the live schema matches the desired schema.")
         return EXIT_OK
     print(f"Drift: {len(differences)} object(s) differ from the desired schema:")
+    kept: dict[str, int] = {}
     for diff in differences:
-        print(f"  {diff}")
+        run = next((run for tag, run in held.items() if diff.change == "unexpected" and tag in diff.name), None)
+        if run is not None:
+            kept[run] = kept.get(run, 0) + 1
+        print(f"  {diff}" + (f" [held contract of run {run}]" if run else ""))
     print("(" + "; ".join(f"{word}: {meaning}" for word, meaning in DIFFERENCES.items()
                           if any(d.change == word for d in differences)) + ")")
+    for run, count in kept.items():  # kept on purpose: said so, so that nobody drops them by hand
+        print(f"{count} of them are the contract run {run} held (apply --hold-contract), kept in step for the way "
+              f"back: `reconciler rollback {run}` swaps back; the next applied plan drops them")
     return EXIT_CHANGES
 
 

@@ -353,6 +353,19 @@ def get_run(conn: psycopg.Connection[Any], schema: str, run_id: str) -> Run | No
     return _run(row) if row else None
 
 
+def held_contracts(conn: psycopg.Connection[Any], schema: str, *, limit: int = 200) -> dict[str, str]:
+    """The tags (``_reconciler_old_<tag>``) of the contracts runs held (``apply --hold-contract``), each with the
+    newest run that held it: what the kept column or table, its trigger and function belong to."""
+    held: dict[str, str] = {}
+    for run in reversed(list_runs(conn, schema, limit=limit)):  # oldest first: the newest run's name wins
+        for step in run.statements:
+            if step.get("status") == "held" and step.get("kind") == "contract":
+                tag = str(step.get("object", "")).rsplit("_", 1)[-1]
+                if len(tag) == 8:
+                    held[tag] = run.id
+    return held
+
+
 MIN_PREFIX = 4  # as git: shorter prefixes match too much to be worth accepting
 
 

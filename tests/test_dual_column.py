@@ -439,8 +439,11 @@ def test_an_identity_key_becomes_bigint_while_rows_are_inserted_and_rolls_back_w
     assert applied.returncode == 0 and not failures and forward, (applied.stderr, failures)
     assert identity() == "a bigint public.orders_id_seq 9223372036854775807 3"
     assert fetch_one(target.database, "SELECT count(*) FROM pg_class WHERE relkind = 'S' AND relname LIKE 'orders%'") == 1
-    drift = target.run("drift").stdout  # the held contract's column, trigger and function, nothing else
+    drift = target.run("drift").stdout  # the held contract's column, trigger and function, nothing else, named so
     assert "6 object(s) differ" in drift and "sequence" not in drift and "(different)" not in drift, drift
+    run_id = target.runs()[0]["id"]
+    assert drift.count(f"[held contract of run {run_id}]") == 6, drift
+    assert f"6 of them are the contract run {run_id} held (apply --hold-contract)" in drift, drift
     with _writing(target.database, write) as (back, failures):
         rolled = target.run("rollback", str(target.runs()[0]["id"]))
     assert rolled.returncode == 0 and not failures and back, (rolled.stderr, failures)
