@@ -706,6 +706,16 @@ class KeyFact:
     validated: bool = True
 
 
+SEQUENCE_TYPES = {"smallint": (-32768, 32767), "integer": (-2147483648, 2147483647),
+                  "bigint": (-9223372036854775808, 9223372036854775807)}
+
+
+def default_bounds(type_: str, increment: int = 1) -> tuple[int, int]:
+    """A sequence's MINVALUE and MAXVALUE when none is given (PostgreSQL's: from 1 up, or down to -1)."""
+    low, high = SEQUENCE_TYPES.get(type_, SEQUENCE_TYPES["bigint"])
+    return (1, high) if increment > 0 else (low, -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceOptions:
     """A sequence's type and options, as ``pg_sequence`` holds them."""
@@ -730,16 +740,11 @@ class IdentityFact(SequenceOptions):
     def options(self) -> str:
         """The sequence's options for ``ADD GENERATED ... AS IDENTITY (...)``, its bounds only where they are not
         its type's own (a sequence widened with its column gets the new type's)."""
-        low, high = _INTEGER_BOUNDS.get(self.type, _INTEGER_BOUNDS["bigint"])
-        default_min, default_max = (1, high) if self.increment > 0 else (low, -1)
+        default_min, default_max = default_bounds(self.type, self.increment)
         parts = [f"START WITH {self.start}", f"INCREMENT BY {self.increment}"]
         parts += [f"MINVALUE {self.minimum}"] if self.minimum != default_min else []
         parts += [f"MAXVALUE {self.maximum}"] if self.maximum != default_max else []
         return " ".join([*parts, f"CACHE {self.cache}", "CYCLE" if self.cycle else "NO CYCLE"])
-
-
-_INTEGER_BOUNDS = {"smallint": (-32768, 32767), "integer": (-2147483648, 2147483647),
-                   "bigint": (-9223372036854775808, 9223372036854775807)}
 
 
 @dataclass(frozen=True)

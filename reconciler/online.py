@@ -91,21 +91,16 @@ def describe(rewrite: OnlineRewrite) -> str:
     size = f"~{rewrite.rows:,} rows" if rewrite.rows is not None else "rows not known"
     if not rewrite.cutover:
         return f"{rewrite.subject}: the contract of an earlier cut-over, {span(rewrite.contract)} ({size})"
-    took = f", {_about(duration(rewrite.seconds))} at ~{FILL_ROWS_PER_SECOND:,} rows/s" if rewrite.seconds else ""
+    estimate = "under 1 s" if rewrite.seconds and rewrite.seconds < 1 else f"about {duration(rewrite.seconds)}"
+    took = f", {estimate} at ~{FILL_ROWS_PER_SECOND:,} rows/s" if rewrite.seconds else ""
     return (f"{rewrite.subject}: {size}; expand {span(rewrite.expand)}; backfill {span(rewrite.backfill)}{took}; "
             f"cut-over {span(rewrite.cutover)} (one short transaction, locks {', '.join(rewrite.locks)}); "
             f"contract {span(rewrite.contract)}")
 
 
-def _about(said: str) -> str:
-    return said if said.startswith("under") else f"about {said}"
-
-
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
-    if seconds < 1:
-        return "under 1 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

@@ -461,6 +461,9 @@ class _Progress:
         self.written += len(added)
 
 
+_FILLED = frozenset({BACKFILL, COPY_KIND, CATCH_UP_KIND, VERIFY_KIND})  # an online rewrite's hours of work
+
+
 def _cutover_gave_up(exc: BaseException, plan: Plan, records: Sequence[StepRecord]) -> bool:
     """Did an online rewrite's cut-over give up on its lock after its rows were filled or copied? Undoing would
     throw away the work of hours for a lock that was busy for seconds."""
@@ -468,9 +471,6 @@ def _cutover_gave_up(exc: BaseException, plan: Plan, records: Sequence[StepRecor
     pending = next((s for s in plan.body.steps if s.index not in applied), None)
     return (_is_lock_timeout(exc) and pending is not None and pending.kind == "cutover"
             and any(s.kind in _FILLED for s in plan.body.steps if s.index in applied))
-
-
-_FILLED = frozenset({BACKFILL, COPY_KIND, CATCH_UP_KIND, VERIFY_KIND})
 
 
 def _after_failure(plan: Plan, records: list[StepRecord], executor: psycopg.Connection[Any], options: ApplyOptions,

@@ -11,11 +11,9 @@ from dataclasses import dataclass, replace
 
 from psycopg import sql
 
-from ...inspect import SequenceOptions
+from ...inspect import SEQUENCE_TYPES, SequenceOptions, default_bounds
 from ..base import Change
 from . import Context, change, first_index, insert_at, managed, not_extension_member
-
-_TYPE_RANGES = {"smallint": (1, 32767), "integer": (1, 2147483647), "bigint": (1, 9223372036854775807)}
 
 _QUERY = f"""
 SELECT n.nspname, c.relname, format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmin, s.seqmax,
@@ -37,7 +35,7 @@ class SequenceState(SequenceOptions):
 
     @classmethod
     def default(cls, type_: str, *, identity: bool, owner: tuple[str, str, str] | None) -> SequenceState:
-        low, high = _TYPE_RANGES.get(type_, _TYPE_RANGES["bigint"])
+        low, high = default_bounds(type_)
         return cls(type_, low, 1, low, high, 1, False, identity, owner)
 
 
@@ -53,8 +51,8 @@ def _read(context: Context, side: str) -> dict[tuple[str, str], SequenceState]:
 def _retyped(have: SequenceState, type_: str) -> SequenceState:
     """An identity's sequence after its column's ALTER ... TYPE: of the column's new type, and a bound that was the old
     type's own is the new type's (PostgreSQL's ALTER SEQUENCE ... AS)."""
-    old_low, old_high = _TYPE_RANGES.get(have.type, _TYPE_RANGES["bigint"])
-    new_low, new_high = _TYPE_RANGES[type_]
+    old_low, old_high = default_bounds(have.type, have.increment)
+    new_low, new_high = default_bounds(type_, have.increment)
     return replace(have, type=type_, minimum=new_low if have.minimum == old_low else have.minimum,
                    maximum=new_high if have.maximum == old_high else have.maximum)
 
@@ -63,7 +61,7 @@ def _options(current: SequenceState, desired: SequenceState, *, with_type: bool,
     """The options that differ; a sequence created by this plan also restarts at its START (its current
     value, the default start, may be outside the new bounds)."""
     parts: list[sql.Composable] = []
-    if with_type and desired.type != current.type and desired.type in _TYPE_RANGES:
+    if with_type and desired.type != current.type and desired.type in SEQUENCE_TYPES:
         parts.append(sql.SQL("AS {}").format(sql.SQL(desired.type)))
     for label, attr in (("INCREMENT BY", "increment"), ("MINVALUE", "minimum"), ("MAXVALUE", "maximum"),
                         ("START WITH", "start"), ("CACHE", "cache")):
@@ -94,7 +92,7 @@ def sequence_options(context: Context, changes: list[Change]) -> list[Change]:
         if have is None:
             have = SequenceState.default(want.type if want.identity else "bigint", identity=want.identity,
                                          owner=want.owner if want.identity else None)
-        if want.identity and have.identity and have.type != want.type and want.type in _TYPE_RANGES:
+        if want.identity and have.identity and have.type != want.type and want.type in SEQUENCE_TYPES:
             have = _retyped(have, want.type)
         if want.identity:
             assert want.owner is not None
