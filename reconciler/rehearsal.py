@@ -20,12 +20,13 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from . import dsn as dsnlib
-from . import inspect, roundtrip, shadowcache
+from . import inspect, roundtrip, runlock, shadowcache
 from .diff.base import DiffEngine
 from .errors import ReconcilerError
 from .privileged import ChangeOwner, CreateExtension, hand_over, recognise
@@ -74,6 +75,11 @@ class LiveMoved(ReconcilerError):
     """Live's schema changed after the plan read it: a copy made now would not be the schema the plan was made for."""
 
 
+class ApplyUnderWay(ReconcilerError):
+    """An apply holds the target's lock: pg_dump would lock every table while it reads, and the apply's cut-overs
+    (an exclusive lock each, with a short lock_timeout) would wait behind it and give up."""
+
+
 def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_schemas: Sequence[str],
                 owners: bool = False, privileges: bool = False, expected_fingerprint: str | None = None,
                 sandbox: Sandbox | None = None) -> None:
@@ -95,6 +101,7 @@ def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         exported = conn.execute("SELECT pg_export_snapshot(), quote_ident(current_user)").fetchone()
         assert exported is not None
+        _no_apply_under_way(conn, source_dsn)
         if expected_fingerprint is not None:
             now = inspect.snapshot(conn, exclude_schemas=tuple(exclude_schemas), owners=owners, privileges=privileges)
             if now.fingerprint != expected_fingerprint:
@@ -119,6 +126,18 @@ def copy_schema(source_dsn: str, target_dsn: str, *, source_major: int, exclude_
             "(a missing extension? point `shadow:` at a server like the target)")
     if sandbox is not None:
         sandbox.adopt(target_dsn)
+
+
+def _no_apply_under_way(conn: psycopg.Connection[Any], source_dsn: str) -> None:
+    """Looked at right before pg_dump starts: an apply that starts after still waits only for the dump (seconds)."""
+    holding = runlock.held_on(conn)
+    if not holding:
+        return
+    pids = ", ".join(str(h.pid if isinstance(h, runlock.Session) else h) for h in holding)
+    raise ApplyUnderWay(
+        f"an apply is under way on {dsnlib.describe(source_dsn)} (the session of pid {pids} holds its apply lock): "
+        "copying live for the rehearsal would lock every table while pg_dump reads them, and the apply's cut-overs "
+        "would wait behind those locks; plan again when it has ended (`reconciler history` shows the run)")
 
 
 _ROLE_LINE = r"^((?:ALTER|GRANT|REVOKE) [^\n]* (?:TO|FROM|FOR ROLE) ){role}((?: [^\n]*)?;)$"
@@ -337,6 +356,8 @@ def prepare_live_copy(*, target_dsn: str, target_major: int, shadow: Server, exc
             with kept_copy:
                 pass
         return key
+    except ApplyUnderWay:
+        raise  # the rehearsal would refuse for the same reason: said once, by the plan
     except Exception as exc:
         log.warning("could not copy live ahead of the rehearsal: %s", exc)
         return None

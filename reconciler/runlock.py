@@ -55,6 +55,17 @@ def holders(conn: psycopg.Connection[Any]) -> list[Session | int]:
     return [Session(int(pid), start) if start is not None else int(pid) for pid, start in conn.execute(_HELD_BY).fetchall()]
 
 
+def held_on(conn: psycopg.Connection[Any], seconds: float = 2.0) -> list[Session | int]:
+    """Who holds the apply lock and still holds it ``seconds`` later (empty as soon as nobody does): a plan's
+    settling of a dead run's leftovers takes the lock for a moment, and is no apply under way."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = holders(conn)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
+
+
 def try_lock(conn: psycopg.Connection[Any]) -> bool:
     row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
     return bool(row and row[0])

@@ -7,7 +7,8 @@ compared with the desired one; drift is reported, and reverted only where the pl
 
 The servers (an embedded target or shadow) stay up for the loop's lifetime. Several watchers on one database never
 apply at once: apply's advisory lock admits one, and a watcher that waited finds its plan stale (or the lock held)
-and plans again. A bad edit is reported and the loop goes on. SIGTERM or SIGINT stops the loop: a step under way
+and plans again; while another apply holds that lock, the watcher waits for it before planning or checking
+drift. A bad edit is reported and the loop goes on. SIGTERM or SIGINT stops the loop: a step under way
 is cancelled the way Ctrl-C cancels it (apply records the run ``cancelled`` and rolls back what is open).
 ``/healthz`` and ``/metrics`` (Prometheus text format, a registry of the watcher's own) are served from a thread.
 
@@ -40,7 +41,7 @@ import psycopg
 import watchfiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from . import history, shadowcache
+from . import history, runlock, shadowcache
 from .apply import ApplyOptions, apply_plan
 from .config import WATCH_HOST, WATCH_PORT, Config, Environment
 from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
@@ -75,7 +76,8 @@ class Report:
     """One outcome of the loop, as logged: what set it off, what came of it."""
 
     trigger: str  # start, change or drift
-    result: str  # no_changes, applied, written, denied, drift, no_drift, error, locked, refused, failed, cancelled
+    result: str  # no_changes, applied, written, denied, drift, no_drift, error, locked, refused, failed, cancelled,
+    # waiting (another apply under way)
     message: str
     at: datetime
     plan_path: Path | None = None
@@ -249,7 +251,7 @@ class Watcher:
         log.info("stopped watching environment %s", self.env.name)
 
     def _cycle(self, servers: Servers, trigger: str, changed: str = "") -> None:
-        if self._stop.is_set():
+        if self._stop.is_set() or not self._no_apply_under_way(servers, trigger):
             return
         try:
             with shadowcache.deferred_eviction() as evict:  # after the report: nobody waits on it then
@@ -336,6 +338,37 @@ class Watcher:
                 log.warning("could not remove the superseded plan file %s: %s", path, exc)
                 continue
             log.info("removed plan file %s: plan %s supersedes plan %s", path, latest.short_id, plan.short_id)
+
+    def _no_apply_under_way(self, servers: Servers, trigger: str) -> bool:
+        """Waits while another apply holds the target's lock (False: stopped meanwhile). A plan or a drift check made
+        now would see its work part-way, and the plan's copy of live for the rehearsal would lock every table while
+        pg_dump reads them: the apply's cut-overs would wait behind those locks and give up."""
+        said = ""
+        while not self._stop.is_set():
+            under_way = self._apply_under_way(servers)
+            if under_way is None:
+                return True
+            if under_way != said:
+                self._report(trigger, "waiting", f"waiting: {under_way}; planning once it has ended")
+                said = under_way
+            self._stop.wait(1.0)
+        return False
+
+    def _apply_under_way(self, servers: Servers) -> str | None:
+        """Who holds the target's apply lock, said for the log; None when nobody does (or the database cannot be
+        read: the plan then says what is wrong)."""
+        try:
+            with connect(servers.target_dsn) as conn:
+                if not runlock.held_on(conn):
+                    return None
+                running = [r for r in history.running_runs(conn, self.config.metadata_schema) if r.alive]
+        except (ReconcilerError, psycopg.Error):
+            return None
+        if not running:
+            return "another session holds the database's apply lock (a rollback or restore?)"
+        run = running[0]
+        return (f"run {run.id} is applying plan {run.plan_id.removeprefix('sha256:')[:12]} to the database "
+                f"(since {run.started_at:%H:%M:%S %Z})")
 
     def _observe_history(self, servers: Servers) -> None:
         """The target's newest run and what stopped runs left, as they are (each cycle settled them first)."""

@@ -75,6 +75,9 @@ def test_a_running_apply_whose_dsn_names_its_session_is_not_declared_dead(target
     with _mid_build(target, plan) as proc:
         looked = target.run("plan")  # another command looks at the target meanwhile
         assert "is applying plan" in looked.stderr and "this plan sees it part-way" in looked.stderr, looked.stderr
+        # ... and makes no copy of it for the rehearsal: pg_dump would lock every table the apply may need
+        assert looked.returncode == 1 and "an apply is under way" in looked.stderr, looked.stderr
+        assert fetch_one(target.database, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_dump'") == 0
         (run,) = target.runs()
         assert run["status"] == "running" and run["recorded_status"] == "running", run
         assert fetch_one(target.database, BUILDING) is True  # its build goes on

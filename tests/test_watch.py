@@ -280,6 +280,38 @@ def test_sigterm_cancels_an_apply_under_way_and_exits_0(repo: Repo) -> None:
     assert not has_column(repo.database, "customers", "nickname")
 
 
+def test_a_watcher_waits_for_an_apply_under_way_before_planning(repo: Repo) -> None:
+    """A plan made beside a running apply would see its work part-way, and its copy of live for the rehearsal would
+    hold every table's lock while pg_dump reads: the apply's cut-overs would wait behind it. The watcher waits."""
+    assert repo.run("apply", "--auto") == 0
+    repo.write({"40_extra.sql": "ALTER TABLE customers ADD COLUMN nickname text;\n"})
+    blocker = connect(repo.database, autocommit=False)
+    blocker.execute("LOCK TABLE customers IN SHARE MODE")  # the apply's ALTER TABLE waits on it
+    exe = Path(sys.executable).with_name("reconciler")
+    applier = subprocess.Popen([str(exe), "--config", str(repo.config), "apply", "--auto", "--env", "test"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while runs(repo.database, "running") != 1:
+            assert applier.poll() is None and time.monotonic() < deadline, applier.communicate()
+            time.sleep(0.1)
+        with watching(repo) as w:
+            w.wait(lambda: w.reported("waiting", "start"), "the watcher waiting")
+            report = w.reported("waiting", "start")
+            assert report is not None and "is applying plan" in report.message, report
+            assert [r.result for r in w.watcher.reports] == ["waiting"], w.watcher.reports  # no plan made meanwhile
+            assert w.watcher.cycles == 0
+            blocker.rollback()
+            out, err = applier.communicate(timeout=120)
+            assert applier.returncode == 0, out + err
+            w.wait(lambda: w.reported("no_changes", "start"), "the plan made once the apply had ended")
+            assert [r.result for r in w.watcher.reports] == ["waiting", "no_changes"], w.watcher.reports
+    finally:
+        blocker.close()
+        applier.kill()
+    assert runs(repo.database, "applied") == 2 and has_column(repo.database, "customers", "nickname")
+
+
 @pytest.mark.parametrize(("text", "expected"), [("127.0.0.1:9187", ("127.0.0.1", 9187)), (":0", ("127.0.0.1", 0)),
                                                  ("9100", ("127.0.0.1", 9100)), ("[::1]:9187", ("::1", 9187)),
                                                  ("0.0.0.0:80", ("0.0.0.0", 80))])
