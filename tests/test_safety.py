@@ -322,8 +322,9 @@ def test_phases_are_shown_and_per_kind_timeouts_apply(case: Case) -> None:
 def test_lock_timeout_is_retried_with_backoff_then_fails_clearly(case: Case) -> None:
     desired = desired_with(("note text)", "note text, extra text)"))
     plan = case.plan(desired, env_extra="lock_timeout: 200ms\n")
-    blocker = connect(case.database, autocommit=False)
+    blocker = connect(case.database, autocommit=False, application_name="nightly report")
     blocker.execute("LOCK TABLE visits IN SHARE MODE")
+    pid = blocker.info.backend_pid
     try:
         with pytest.raises(ApplyError) as err:
             case.apply(plan, lock_retries=2, retry_backoff_seconds=0.1)
@@ -331,6 +332,10 @@ def test_lock_timeout_is_retried_with_backoff_then_fails_clearly(case: Case) -> 
         blocker.rollback()
         blocker.close()
     assert "lock timeout" in str(err.value) and "gave up after 3 attempts" in str(err.value)
+    # who held it up, so an operator knows what to wait for or stop (never what it ran: that may hold data)
+    assert f"it waited behind pid {pid} ('nightly report', idle in transaction, in its transaction for" \
+        in str(err.value), err.value
+    assert "LOCK TABLE" not in str(err.value)
     # released during the backoff: the retry succeeds
     blocker = connect(case.database, autocommit=False)
     blocker.execute("LOCK TABLE visits IN SHARE MODE")

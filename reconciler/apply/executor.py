@@ -558,7 +558,9 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
         records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
                                   (time.perf_counter() - started) * 1000, waited))
         if isinstance(exc, psycopg.Error):
-            raise ApplyError(f"step {step.index} ({step.kind} {step.object}) failed: {_error_text(exc)}") from exc
+            behind = monitor.blockers() if monitor is not None and isinstance(exc, psycopg.errors.LockNotAvailable) \
+                else ""
+            raise ApplyError(f"step {step.index} ({step.kind} {step.object}) failed: {_error_text(exc)}{behind}") from exc
         raise
     took = (time.perf_counter() - started) * 1000
     waited = monitor.end() if monitor is not None else 0.0
@@ -586,8 +588,9 @@ def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None
                 raise
             delay = min(options.retry_backoff_seconds * 2**attempt, 30.0)
             reason = "a deadlock" if isinstance(exc.__cause__, psycopg.errors.DeadlockDetected) else "lock_timeout"
-            log.warning("%s hit %s; retrying in %.1fs (attempt %d of %d)", what, reason, delay, attempt + 2,
-                        options.lock_retries + 1)
+            behind = str(exc).partition("; it waited behind ")[2]
+            log.warning("%s hit %s%s; retrying in %.1fs (attempt %d of %d)", what, reason,
+                        f" behind {behind}" if behind else "", delay, attempt + 2, options.lock_retries + 1)
             time.sleep(delay)
 
 
