@@ -9,6 +9,7 @@ import contextlib
 import random
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import faultcheck as fc
@@ -19,8 +20,9 @@ from psycopg import sql
 # a session holding a lock: gate 0 is taken before the apply starts; each next gate is requested once the apply waits
 # on the one before (PostgreSQL queues a request behind a conflicting waiter, so a gate asked for while a phase waits
 # is granted right after that phase ends, before the next phase asks), then the one before lets go. The apply waits
-# on the last gate in the aimed phase. Lock modes are chosen so each gate stops only what it is meant to stop (the
-# plan's main transaction takes accounts, then orders, each ACCESS EXCLUSIVE, then events' expand; VALIDATE takes orders
+# on the last gate in the aimed phase; it lets go within CAP of that step's lock_timeout. Lock modes are chosen so
+# each gate stops only what it is meant to stop (the plan's main transaction takes events (its column's default made
+# again), accounts, then orders, each ACCESS EXCLUSIVE, then events' expand; VALIDATE takes orders
 # SHARE UPDATE EXCLUSIVE; SET NOT NULL orders ACCESS EXCLUSIVE; the concurrent drop waits for every holder of a lock on
 # events; ACCESS SHARE conflicts with none of pg_dump, the writers' inserts, nor VALIDATE).
 # (table, lock mode); mode SNAPSHOT: an old snapshot, which a concurrent build waits out; mode ENUM: the type's own
@@ -34,19 +36,31 @@ AIMS: dict[str, tuple[Gate, ...]] = {
     "validate 1": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE")),
     "validate 2": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("orders", "SHARE UPDATE EXCLUSIVE")),
     "set_not_null": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("orders", "ACCESS SHARE")),
-    "drop_index_concurrently": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("events", "ACCESS SHARE")),
-    # events.attempts made bigint as a dual column: the expand takes events ACCESS EXCLUSIVE first (after the main
-    # transaction); the fill's batches ROW EXCLUSIVE (SHARE stops them, and the writers' inserts, for the hold); the
-    # next ACCESS EXCLUSIVE after the expand is the cut-over's LOCK, the one after it the contract's DROP COLUMN
-    "expand": (("events", "ACCESS SHARE"),),
-    "backfill": (("events", "ACCESS SHARE"), ("events", "SHARE")),
-    "cutover": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
-    "contract": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
+    "drop_index_concurrently": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("events", "ACCESS SHARE"),
+                                ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
+    # events.attempts made bigint as a dual column: events is taken ACCESS EXCLUSIVE by the main transaction, then by
+    # the expand; the fill's batches take it ROW EXCLUSIVE (SHARE stops them, and the writers' inserts, for the hold);
+    # the next ACCESS EXCLUSIVE after the expand is the cut-over's LOCK, the one after it the contract's DROP COLUMN,
+    # and the concurrent drop of its index comes after those
+    "expand": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
+    "backfill": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "SHARE")),
+    "cutover": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
+    "contract": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"),
+                 ("events", "ACCESS SHARE")),
     # sessions made partitioned, a shadow table: its expand takes sessions SHARE ROW EXCLUSIVE (a writer's ROW
     # EXCLUSIVE holds it); the copy and the catch-up only read it; the cut-over takes it ACCESS EXCLUSIVE
     "shadow expand": (("sessions", "ROW EXCLUSIVE"),),
     "shadow cutover": (("sessions", "ROW EXCLUSIVE"), ("sessions", "ROW EXCLUSIVE")),
 }
+CAP = 0.6  # of the caught step's lock_timeout: the hold never fails the step it brakes
+
+
+def statement_key(statement: str) -> str:
+    """A statement as pg_stat_activity shows it and as the plan holds it, alike: its first 60 characters, spaces
+    folded."""
+    return " ".join(statement.split())[:60]
+
+
 BRAKE_HOLD = (0.4, 1.4)  # seconds the aimed phase is held, under the apply's lock_timeout (2s)
 PASS_HOLD = (0.05, 0.2)  # how long a gate before the last keeps holding once the next one is asked for
 
@@ -55,13 +69,18 @@ class Brake(threading.Thread):
     """Runs one chain of gates (see AIMS). ``waiting`` is set while the apply waits on the last gate: the fault is
     injected then; the last gate lets go after ``hold`` seconds or when halted."""
 
-    def __init__(self, dsn: str, aim: str, hold: float, rng: random.Random) -> None:
+    def __init__(self, dsn: str, aim: str, hold: float, rng: random.Random,
+                 lock_timeouts: Mapping[str, float] | None = None) -> None:
+        """``lock_timeouts``: each step's lock_timeout in seconds, by its statement (``statement_key``): the last gate
+        holds the statement it catches for at most CAP of it (a cut-over waits 500 ms, not the plan's 2 s)."""
         super().__init__(name=f"brake {aim}", daemon=True)
         self.dsn, self.phase, self.hold, self.rng = dsn, aim, hold, rng
+        self.lock_timeouts = dict(lock_timeouts or {})
         self.gates = AIMS[aim]
         self.holding, self.waiting, self.halt = threading.Event(), threading.Event(), threading.Event()
         self.note = ""
         self.error: str | None = None
+        self.caught: list[str] = []  # what each gate held up, in order (the session and its statement)
 
     def run(self) -> None:
         sessions: list[psycopg.Connection[Any]] = []
@@ -76,9 +95,10 @@ class Brake(threading.Thread):
                 with contextlib.suppress(psycopg.Error):
                     conn.rollback()
                     conn.close()
-        self.note = (f"brake on {self.phase}: {self.error}" if self.error else
-                     f"brake held {self.phase} back {self.hold:.2f}s" if self.waiting.is_set() else
-                     f"brake on {self.phase}: the apply never waited on it")
+        caught = f" (gates caught: {' / '.join(self.caught)})" if self.caught else ""
+        self.note = (f"brake on {self.phase}: {self.error}{caught}" if self.error else
+                     f"brake held {self.phase} back {self.hold:.2f}s{caught}" if self.waiting.is_set() else
+                     f"brake on {self.phase}: the apply never waited on it{caught}")
 
     def _chain(self, probe: psycopg.Connection[Any], sessions: list[psycopg.Connection[Any]]) -> None:
         granted: list[threading.Event] = []
@@ -119,10 +139,14 @@ class Brake(threading.Thread):
         """Until an apply session waits behind this gate (pg_blocking_pids names it), or the time is up."""
         deadline = time.monotonic() + seconds
         while not self.halt.is_set() and time.monotonic() < deadline:
-            row = probe.execute("SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database() "
-                                "AND application_name NOT LIKE 'faults%%' AND %s = ANY(pg_blocking_pids(pid))",
-                                (gate_pid,)).fetchone()
-            if row and row[0]:
+            row = probe.execute("SELECT application_name, query FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND application_name NOT LIKE 'faults%%' "
+                                "AND %s = ANY(pg_blocking_pids(pid)) LIMIT 1", (gate_pid,)).fetchone()
+            if row:
+                key = statement_key(str(row[1]))
+                self.caught.append(f"{row[0]}: {key}")
+                if key in self.lock_timeouts:
+                    self.hold = min(self.hold, CAP * self.lock_timeouts[key])
                 return True
             time.sleep(0.003)
         return False

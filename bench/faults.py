@@ -52,7 +52,7 @@ from typing import Any
 
 import faultcheck as fc
 import psycopg
-from faultbrakes import AIMS, BRAKE_HOLD, Brake
+from faultbrakes import AIMS, BRAKE_HOLD, Brake, statement_key
 from faultrig import (
     ACCOUNTS,
     COMMAND_TIMEOUT,
@@ -75,6 +75,7 @@ from faultrig import (
 )
 from psycopg import sql
 
+from reconciler.config import duration_seconds
 from reconciler.servers import EmbeddedCluster
 
 FAULTS = ("sigkill", "sigterm", "sigint", "cancel", "terminate", "restart", "plan", "plan+appname", "drift",
@@ -176,6 +177,7 @@ class Campaign:
         print(shown.out.rstrip())
         body = json.loads(self.project.plan.read_text())["body"]
         self.steps: list[dict[str, Any]] = body["steps"]
+        self.lock_timeouts = {statement_key(s["sql"]): duration_seconds(s["lock_timeout"]) for s in self.steps}
         # the compiler's names for what the brief expects, found by the SQL each step runs
         carriers = {what: [f"{s['index']}:{s['kind']}" for s in self.steps if all(f.lower() in s["sql"].lower() for f in fragments)]
                     for what, fragments in EXPECTED_STEPS}
@@ -384,7 +386,8 @@ class Campaign:
             brake.start()
             brake.holding.wait(30)
             return brake
-        brake = Brake(dsn, self.rng.choice(sorted(AIMS)), self.rng.uniform(*BRAKE_HOLD), random.Random(self.rng.random()))
+        brake = Brake(dsn, self.rng.choice(sorted(AIMS)), self.rng.uniform(*BRAKE_HOLD), random.Random(self.rng.random()),
+                      self.lock_timeouts)
         brake.start()
         brake.holding.wait(30)
         return brake
