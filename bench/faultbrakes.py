@@ -21,8 +21,8 @@ from psycopg import sql
 # on the one before (PostgreSQL queues a request behind a conflicting waiter, so a gate asked for while a phase waits
 # is granted right after that phase ends, before the next phase asks), then the one before lets go. The apply waits
 # on the last gate in the aimed phase; it lets go within CAP of that step's lock_timeout. Lock modes are chosen so
-# each gate stops only what it is meant to stop (the plan's main transaction takes events (its column's default made
-# again), accounts, then orders, each ACCESS EXCLUSIVE, then events' expand; VALIDATE takes orders
+# each gate stops only what it is meant to stop (the plan's main transaction takes accounts, then orders, each ACCESS
+# EXCLUSIVE, then events' expand; VALIDATE takes orders
 # SHARE UPDATE EXCLUSIVE; SET NOT NULL orders ACCESS EXCLUSIVE; the concurrent drop waits for every holder of a lock on
 # events; ACCESS SHARE conflicts with none of pg_dump, the writers' inserts, nor VALIDATE).
 # (table, lock mode); mode SNAPSHOT: an old snapshot, which a concurrent build waits out; mode ENUM: the type's own
@@ -38,15 +38,15 @@ AIMS: dict[str, tuple[Gate, ...]] = {
     "set_not_null": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("orders", "ACCESS SHARE")),
     "drop_index_concurrently": (("orders", "ACCESS SHARE"), ("orders", "SHARE UPDATE EXCLUSIVE"), ("events", "ACCESS SHARE"),
                                 ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
-    # events.attempts made bigint as a dual column: events is taken ACCESS EXCLUSIVE by the main transaction, then by
-    # the expand; the fill's batches take it ROW EXCLUSIVE (SHARE stops them, and the writers' inserts, for the hold);
-    # the next ACCESS EXCLUSIVE after the expand is the cut-over's LOCK, the one after it the contract's DROP COLUMN,
-    # and the concurrent drop of its index comes after those
-    "expand": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
-    "backfill": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "SHARE")),
-    "cutover": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
-    "contract": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"),
-                 ("events", "ACCESS SHARE")),
+    # events.attempts made bigint as a dual column: the expand takes events ACCESS EXCLUSIVE first (the main
+    # transaction leaves it alone: the enum value is added in place, its column's default untouched); the fill's
+    # batches take it ROW EXCLUSIVE (SHARE stops them, and the writers' inserts, for the hold); the next ACCESS
+    # EXCLUSIVE after the expand is the cut-over's LOCK, the one after it the contract's DROP COLUMN, and the
+    # concurrent drop of its index comes after those
+    "expand": (("events", "ACCESS SHARE"),),
+    "backfill": (("events", "ACCESS SHARE"), ("events", "SHARE")),
+    "cutover": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
+    "contract": (("events", "ACCESS SHARE"), ("events", "ACCESS SHARE"), ("events", "ACCESS SHARE")),
     # sessions made partitioned, a shadow table: its expand takes sessions SHARE ROW EXCLUSIVE (a writer's ROW
     # EXCLUSIVE holds it); the copy and the catch-up only read it; the cut-over takes it ACCESS EXCLUSIVE
     "shadow expand": (("sessions", "ROW EXCLUSIVE"),),

@@ -280,6 +280,14 @@ def test_new_enum_values_are_added_in_place_without_a_rewrite(case: Case) -> Non
         """ALTER TYPE "public"."mood" ADD VALUE 'calm' BEFORE 'happy'""", """ALTER TYPE "public"."mood" ADD VALUE 'angry'"""]
     assert all(not s.transactional for s in adds) and adds[0].phase == 1
     assert not any(s.kind in ("create_enum", "rename_type", "alter_column_type") for s in plan.body.steps)
+    # the engine's DROP DEFAULT and SET DEFAULT around its recast go with it: the column's default stays as it is
+    assert [s.kind for s in plan.body.steps] == ["add_enum_value", "add_enum_value"], [s.sql for s in plan.body.steps]
+    assert "set default" in (adds[0].original_sql or "").lower()
+    # a default that does change (to a value added now) is still set, once the value is committed
+    moved = case.plan(desired_with(("('happy', 'sad')", "('calm', 'happy', 'sad', 'angry')"),
+                                   ("DEFAULT 'happy'", "DEFAULT 'calm'")))
+    (default,) = [s for s in moved.body.steps if s.kind == "set_default"]
+    assert "'calm'" in default.sql and default.phase > max(s.phase for s in moved.body.steps if s.kind == "add_enum_value")
     assert case.apply(plan).status == "applied"
     assert fetch_one(case.database, "SELECT pg_relation_filenode('visits')") == before  # no table rewrite
     assert fetch_one(case.database, "SELECT count(*) FROM visits") == 5000

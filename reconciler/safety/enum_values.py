@@ -12,7 +12,7 @@ from ..diff.base import Change
 from ..inspect import qualify
 from .context import Context
 from .drafts import PRE, Draft
-from .nodes import ident, names, q
+from .nodes import deparse, expression, ident, names, q, rv
 
 
 def enum_rewrites(ctx: Context, statements: Sequence[tuple[Change, ast.Node]]) -> tuple[set[int], list[Draft]]:
@@ -46,6 +46,7 @@ def enum_rewrites(ctx: Context, statements: Sequence[tuple[Change, ast.Node]]) -
         old_labels = ctx.facts.enums.get(enum_name)
         if old_labels is None or new_labels is None or not _is_extension(old_labels, new_labels):
             continue
+        group += _defaults_kept(ctx, statements, {c for k in group for c in _retyped_columns(statements[k][1])})
         original = ";\n".join(statements[k][0].sql for k in sorted(group))
         parts = tuple(str(getattr(n, "sval", "")) for n in (type_names if isinstance(type_names, tuple) else ()))
         identity = ("public", *parts) if len(parts) == 1 else parts
@@ -54,6 +55,47 @@ def enum_rewrites(ctx: Context, statements: Sequence[tuple[Change, ast.Node]]) -
                                  transactional=False, original_sql=original if n == 0 else None, stage=PRE))
         skipped.update(group)
     return skipped, hoisted
+
+
+def _retyped_columns(node: ast.Node) -> list[tuple[str, str]]:
+    if not isinstance(node, ast.AlterTableStmt):
+        return []
+    return [(rv(node.relation), str(c.name)) for c in node.cmds or () if isinstance(c, ast.AlterTableCmd)
+            and enums.AlterTableType(int(c.subtype or 0)) is enums.AlterTableType.AT_AlterColumnType]
+
+
+def _default_set(node: ast.Node) -> tuple[str, str, str | None] | None:
+    """(table, column, the default's text or None for DROP DEFAULT) of an ALTER TABLE that only sets one default."""
+    if not isinstance(node, ast.AlterTableStmt) or len(node.cmds or ()) != 1:
+        return None
+    cmd = (node.cmds or ())[0]
+    if not (isinstance(cmd, ast.AlterTableCmd)
+            and enums.AlterTableType(int(cmd.subtype or 0)) is enums.AlterTableType.AT_ColumnDefault):
+        return None
+    return rv(node.relation), str(cmd.name), deparse(cmd.def_) if isinstance(cmd.def_, ast.Node) else None
+
+
+def _defaults_kept(ctx: Context, statements: Sequence[tuple[Change, ast.Node]],
+                   retyped: set[tuple[str, str]]) -> list[int]:
+    """The engine drops the defaults of the columns it retypes and sets them again after: with the type kept (values
+    added in place) only the last one counts, and not even that when it is the default live has (two ACCESS
+    EXCLUSIVE locks on each table for nothing). The indexes of those that go, to skip with the recreation."""
+    found: dict[tuple[str, str], list[tuple[int, str | None]]] = {}
+    for j, (_c, node) in enumerate(statements):
+        default = _default_set(node)
+        if default is not None and default[:2] in retyped:
+            found.setdefault(default[:2], []).append((j, default[2]))
+    kept = []
+    for column, sets in found.items():
+        fact = ctx.facts.columns.get(column)
+        if fact is None or column[0] in ctx.created_tables:
+            continue
+        kept += [j for j, _text in sets[:-1]]
+        last = sets[-1][1]
+        if (last is None and fact.default is None) or (
+                last is not None and fact.default is not None and last == deparse(expression(fact.default))):
+            kept.append(sets[-1][0])
+    return kept
 
 
 def _alters_type_to(node: ast.AlterTableStmt, enum_name: str) -> bool:
