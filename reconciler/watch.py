@@ -47,6 +47,7 @@ from .config import WATCH_HOST, WATCH_PORT, Config, Environment
 from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
 from .pipeline import LiveMemo, Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
 from .plan import Plan, read_plan, write_plan
+from .safety.swap import CONTRACT
 from .servers import connect
 from .signing import PlanFileLock
 from .source import DesiredSchema
@@ -294,7 +295,7 @@ class Watcher:
                 self._remove_superseded(servers, plan)
                 return True
             self.metrics.drift.set(1)
-            blockers = auto_apply_blockers(self.env, plan)
+            blockers = [*auto_apply_blockers(self.env, plan), *self._finishes_held(servers, plan)]
             if blockers:
                 written = self._write(plan, trigger, blockers)
                 if written:
@@ -369,6 +370,22 @@ class Watcher:
         run = running[0]
         return (f"run {run.id} is applying plan {run.plan_id.removeprefix('sha256:')[:12]} to the database "
                 f"(since {run.started_at:%H:%M:%S %Z})")
+
+    def _held_contracts(self, servers: Servers) -> dict[str, str]:
+        try:
+            with connect(servers.target_dsn) as conn:
+                return history.held_contracts(conn, self.config.metadata_schema)
+        except (ReconcilerError, psycopg.Error):
+            return {}
+
+    def _finishes_held(self, servers: Servers, plan: Plan) -> list[str]:
+        """A contract someone held (apply --hold-contract) is theirs to finish: a plan that would drop what it kept
+        is written for a person, never applied by the loop (that would end the way back they kept)."""
+        held = self._held_contracts(servers) if any(s.kind == CONTRACT for s in plan.body.steps) else {}
+        runs = sorted({run for tag, run in held.items() for s in plan.body.steps
+                       if s.kind == CONTRACT and f"_reconciler_old_{tag}" in s.object})
+        return [f"it would finish the contract run {run} held (apply --hold-contract): apply it by hand to finish "
+                f"it, or `reconciler rollback {run}` to swap back" for run in runs]
 
     def _observe_history(self, servers: Servers) -> None:
         """The target's newest run and what stopped runs left, as they are (each cycle settled them first)."""
@@ -447,10 +464,19 @@ class Watcher:
             self.metrics.drift_checks.labels("error").inc()
             self._report("drift", "error", _describe_error(exc), logging.ERROR)
             return False
+        held = self._held_contracts(servers) if differences else {}
+        kept = [d for d in differences if d.change == "unexpected" and any(tag in d.name for tag in held)]
+        differences = [d for d in differences if d not in kept]
         if not differences:
             self.metrics.drift_checks.labels("none").inc()
             self.metrics.drift.set(0)
-            self._report("drift", "no_drift", "no drift: the live schema matches the desired schema", logging.DEBUG)
+            if kept:  # there on purpose: not drift, and not reverted (that would end the way back)
+                runs = sorted({run for tag, run in held.items() for d in kept if tag in d.name})
+                self._report("drift", "no_drift", f"no drift but what the contract of run(s) {', '.join(runs)} held "
+                             f"({len(kept)} object(s), kept in step for the way back: `reconciler rollback` swaps back, "
+                             "an applied plan finishes it)", logging.INFO)
+            else:
+                self._report("drift", "no_drift", "no drift: the live schema matches the desired schema", logging.DEBUG)
             return True
         self.metrics.drift_checks.labels("found").inc()
         self.metrics.drift.set(1)

@@ -7,8 +7,10 @@ import contextlib
 import json
 import re
 import signal
+import subprocess
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -305,6 +307,38 @@ def _held(target: Target) -> dict[str, object]:
         == (f"id bigint, id_reconciler_old_{tags[0]} integer, account_id bigint, "
             f"account_id_reconciler_old_{tags[1]} integer, id bigint")
     return run
+
+
+def test_a_watcher_leaves_a_held_contract_to_a_person(target: Target) -> None:
+    """The loop neither counts what a held contract kept as drift nor applies the plan that would drop it: that would
+    end the way back an operator kept on purpose. It writes that plan for a person instead."""
+    run = _held(target)
+    kept = "SELECT count(*) FROM pg_attribute WHERE attname LIKE '%\\_reconciler\\_old\\_%' AND NOT attisdropped"
+    assert fetch_one(target.database, kept) == 2
+    proc = subprocess.Popen(target.args("--log-format", "json", "watch", "--env", "test", "--listen", "off",
+                                        "--interval", "1s"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")) if proc.stderr else None,
+                     daemon=True).start()
+
+    def said(trigger: str) -> list[str]:
+        return [m for m in (json.loads(line).get("message", "") for line in list(lines) if line.startswith("{"))
+                if m.startswith(f"{trigger}: ")]
+
+    try:
+        deadline = time.monotonic() + 180
+        while not (said("start") and said("drift")):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    start, drift = said("start")[0], said("drift")[0]
+    assert "written to" in start and f"it would finish the contract run {run['id']} held" in start, start
+    assert drift.startswith(f"drift: no drift but what the contract of run(s) {run['id']} held (6 object(s)"), drift
+    assert "reverting" not in "".join(lines)
+    assert fetch_one(target.database, kept) == 2 and len(target.runs()) == 1  # nothing applied: the way back stays
+    assert target.run("rollback", str(run["id"])).returncode == 0
 
 
 def test_a_held_contract_keeps_the_old_column_in_step_and_rollback_swaps_back_without_losing_a_write(
