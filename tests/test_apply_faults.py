@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -386,3 +387,54 @@ def test_a_signal_while_the_result_is_verified_ends_the_run_cancelled(target: Ta
     (run,) = target.runs()
     assert run["status"] == "cancelled", run
     assert fetch_one(target.database, "SELECT to_regclass('public.items_note_idx')") is None
+
+
+def test_a_step_waiting_behind_an_autovacuum_cancels_it_as_postgresql_would(tmp_path: Path, pg_server: Server,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A real autovacuum worker, slowed to a crawl, holds the table: the step's lock_timeout (300 ms, no retry) is
+    under deadlock_timeout, after which PostgreSQL would cancel the vacuum for the waiter itself. The apply cancels
+    it at once and the step goes through; without that it gives up on its lock."""
+    from reconciler.apply import ApplyOptions, apply_plan
+    from reconciler.config import load_config
+    from reconciler.pipeline import make_plan, open_servers
+    from reconciler.servers import EmbeddedCluster
+
+    bindir = Path(os.environ["RECONCILER_TEST_PG_BINDIR"]) if os.environ.get("RECONCILER_TEST_PG_BINDIR") else None
+    cluster = EmbeddedCluster(tmp_path / "vacuumed", bindir, in_memory=True)
+    try:
+        server = cluster.start()
+        run_sql(server.dsn, "ALTER SYSTEM SET autovacuum_naptime = '1s'")
+        run_sql(server.dsn, "SELECT pg_reload_conf()")
+        run_sql(server.dsn, "CREATE DATABASE app")
+        app = server.database_dsn("app")
+        table = ("CREATE TABLE t (id int PRIMARY KEY, v text) WITH (autovacuum_vacuum_threshold = 0, "
+                 "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = 100, "
+                 "autovacuum_vacuum_cost_limit = 1, autovacuum_analyze_threshold = 1000000000);\n")
+        run_sql(app, table + "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 20000) g;")
+        (tmp_path / "schemas").mkdir()
+        (tmp_path / "schemas" / "t.sql").write_text(table.replace("v text)", "v text, w text)"))
+        (tmp_path / "reconciler.yaml").write_text(
+            f'environments:\n  test:\n    database: "{app}"\n    shadow: "{pg_server.dsn}"\n'
+            "    require_signed_plans: false\n    lock_timeout: 300ms\n")
+        config = load_config(tmp_path / "reconciler.yaml")
+        env = config.environment("test")
+        with open_servers(config, env) as servers:
+            plan = make_plan(config, env, servers).plan
+        assert [s.kind for s in plan.body.steps] == ["add_column"], [s.sql for s in plan.body.steps]
+        run_sql(app, "DELETE FROM t WHERE id % 2 = 0")  # dead rows: the launcher sends a worker within a second
+        vacuuming = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' "
+                     "AND query LIKE 'autovacuum: VACUUM public.t%'")
+        deadline = time.monotonic() + 60
+        while fetch_one(app, vacuuming) != 1:
+            assert time.monotonic() < deadline, "no autovacuum worker came to the table"
+            time.sleep(0.1)
+        with caplog.at_level("WARNING", logger="reconciler.apply.monitor"):
+            result = apply_plan(plan, app, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                        lock_retries=0))
+        assert result.status == "applied"
+        assert any(r.getMessage().startswith("cancelled autovacuum: VACUUM public.t") for r in caplog.records), \
+            caplog.text
+        assert fetch_one(app, "SELECT count(*) FROM information_schema.columns WHERE table_name = 't' "
+                              "AND column_name = 'w'") == 1
+    finally:
+        cluster.stop(delete=True)

@@ -584,7 +584,7 @@ def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None
         except ApplyError as exc:
             if not _is_lock_timeout(exc) or attempt == options.lock_retries:
                 if _is_lock_timeout(exc):
-                    raise ApplyError(f"{exc} (gave up after {attempt + 1} attempts)") from exc.__cause__
+                    raise ApplyError(f"{exc} (gave up after {attempt + 1} attempt{'s' if attempt else ''})") from exc.__cause__
                 raise
             delay = min(options.retry_backoff_seconds * 2**attempt, 30.0)
             reason = "a deadlock" if isinstance(exc.__cause__, psycopg.errors.DeadlockDetected) else "lock_timeout"

@@ -1,7 +1,11 @@
 """How long each step waited for a lock, and behind whom: sampled from a connection of its own (pg_stat_activity
 says when a backend waits on a heavyweight lock, pg_blocking_pids who holds it up). A step that gives up on its
 lock names those sessions, so an operator knows what to wait for or stop; never their statements' text, which may
-hold data or secrets, only its first word."""
+hold data or secrets, only its first word.
+
+An autovacuum (not one against wraparound) the step waits behind is cancelled, as PostgreSQL itself cancels it
+for a waiter after ``deadlock_timeout`` (1 s): a cut-over waits 500 ms at most, and on a table writers keep busy
+autovacuum is often there, so it would give up on its lock time after time. The vacuum starts again later."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class LockWaitMonitor:
         self.dsn, self.pid = dsn, pid
         self.waited = 0.0
         self._blockers: dict[int, str] = {}  # pid -> the session as last seen holding this step up
+        self._cancelled: set[int] = set()  # autovacuum workers asked to stop (once each)
         self._active = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconciler-lock-wait", daemon=True)
@@ -65,23 +70,46 @@ class LockWaitMonitor:
                                            (self.pid,)).fetchone()
                         if row and row[0] == "Lock":
                             self.waited += self.INTERVAL
-                            self._blockers.update(_blocking(conn, self.pid))
+                            found = _blocking(conn, self.pid)
+                            self._blockers.update((pid, text) for pid, (text, _vacuum) in found.items())
+                            for pid, (_text, vacuum) in found.items():
+                                if vacuum and pid not in self._cancelled:
+                                    self._cancel_autovacuum(conn, pid, vacuum)
                         time.sleep(self.INTERVAL)
         except (psycopg.Error, ReconcilerError) as exc:  # measuring is best effort; applying is not affected
             log.debug("lock-wait monitor stopped: %s", exc)
 
 
+    def _cancel_autovacuum(self, conn: psycopg.Connection[Any], pid: int, what: str) -> None:
+        self._cancelled.add(pid)
+        try:
+            row = conn.execute("SELECT pg_cancel_backend(%s)", (pid,)).fetchone()
+        except psycopg.Error as exc:  # not a member of pg_signal_backend (pg_signal_autovacuum_worker in 18)
+            log.info("the step waits behind %s (pid %d), which this role may not cancel (%s): PostgreSQL cancels it "
+                     "after deadlock_timeout", what, pid, (exc.diag.message_primary or str(exc)).strip())
+            return
+        if row and row[0]:
+            self._blockers[pid] = f"pid {pid} ({what}, cancelled: it starts again later)"
+            log.warning("cancelled %s (pid %d): the step waited behind it, as PostgreSQL itself cancels an autovacuum "
+                        "a lock waits for (after deadlock_timeout); it starts again later", what, pid)
+
+
 _BLOCKING = """
 SELECT b.pid, coalesce(nullif(b.application_name, ''), b.backend_type), b.state,
        extract(epoch FROM clock_timestamp() - coalesce(b.xact_start, b.backend_start))::float8,
-       upper(substring(ltrim(b.query) FROM '^[A-Za-z]+'))
+       upper(substring(ltrim(b.query) FROM '^[A-Za-z]+')),
+       CASE WHEN b.backend_type = 'autovacuum worker' AND b.query NOT LIKE '%%(to prevent wraparound)%%'
+            THEN b.query END
 FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(%s))
 """
 
 
-def _blocking(conn: psycopg.Connection[Any], pid: int) -> dict[int, str]:
+def _blocking(conn: psycopg.Connection[Any], pid: int) -> dict[int, tuple[str, str | None]]:
+    """Each blocker described, with what it vacuums when it is an autovacuum that may be cancelled (the worker's
+    query names only the table: 'autovacuum: VACUUM public.t')."""
     found = {}
-    for blocker, name, state, age, verb in conn.execute(_BLOCKING, (pid,)).fetchall():
+    for blocker, name, state, age, verb, vacuum in conn.execute(_BLOCKING, (pid,)).fetchall():
         doing = f"{state}, {verb}" if state == "active" and verb else str(state or "?")
-        found[int(blocker)] = f"pid {blocker} ('{name}', {doing}, in its transaction for {float(age or 0):.1f} s)"
+        found[int(blocker)] = (f"pid {blocker} ('{name}', {doing}, in its transaction for {float(age or 0):.1f} s)",
+                               str(vacuum) if vacuum else None)
     return found
