@@ -545,6 +545,7 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    from .history import held_by, held_contracts
     from .pipeline import drift, open_servers
     from .policy import evaluate, load_policies, run_assertion
     from .servers import connect
@@ -553,6 +554,9 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     with open_servers(config, env) as servers:
         differences = drift(config, servers, schemas_dir=args.schemas)
         with connect(servers.target_dsn) as conn:
+            held = held_contracts(conn, config.metadata_schema) if differences else {}
+            kept = {str(d): run for d in differences for run in [held_by(held, d.name, d.change)] if run}
+            differences = [d for d in differences if str(d) not in kept]
             invalid = [r[0] for r in conn.execute(
                 "SELECT i.indexrelid::regclass::text FROM pg_index i WHERE NOT i.indisvalid ORDER BY 1").fetchall()]
             not_valid = [r[0] for r in conn.execute(
@@ -563,7 +567,13 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
             failed = [f"{a.rule} ({a.file}:{a.line}) {why}" for a in post if a.when == "after" and a.action != "warn"
                       for why in [run_assertion(conn, a)] if why]
     print(f"{'ok  ' if not differences else 'FAIL'}  schema       "
-          + ("matches the desired schema" if not differences else ", ".join(str(d) for d in differences[:10])))
+          + ("matches the desired schema" + (" but for what a held contract kept (below)" if kept else "")
+             if not differences else ", ".join(str(d) for d in differences[:10])))
+    for run in sorted(set(kept.values())):  # there on purpose: not a failure, said so nobody drops them by hand
+        mine = [name for name, r in kept.items() if r == run]
+        print(f"held  contract     {len(mine)} object(s) the contract of run {run} held (apply --hold-contract), kept "
+              f"in step for the way back: {', '.join(mine[:6])}{' ...' if len(mine) > 6 else ''}; `reconciler "
+              f"rollback {run}` swaps back, the next applied plan drops them")
     print(f"{'ok  ' if not invalid else 'FAIL'}  indexes      " + ("none INVALID" if not invalid else "INVALID: " + ", ".join(invalid)))
     print("info  constraints  " + ("none NOT VALID" if not not_valid else "NOT VALID: " + ", ".join(not_valid)))
     print(f"{'ok  ' if not failed else 'FAIL'}  assertions   " + ("postconditions hold" if not failed else "; ".join(failed)))
@@ -845,7 +855,7 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_drift(args: argparse.Namespace, config: Config) -> int:
-    from .history import held_contracts
+    from .history import held_by, held_contracts
     from .inspect import DIFFERENCES
     from .pipeline import drift, open_servers
     from .servers import connect
@@ -863,7 +873,7 @@ def cmd_drift(args: argparse.Namespace, config: Config) -> int:
     print(f"Drift: {len(differences)} object(s) differ from the desired schema:")
     kept: dict[str, int] = {}
     for diff in differences:
-        run = next((run for tag, run in held.items() if diff.change == "unexpected" and tag in diff.name), None)
+        run = held_by(held, diff.name, diff.change)
         if run is not None:
             kept[run] = kept.get(run, 0) + 1
         print(f"  {diff}" + (f" [held contract of run {run}]" if run else ""))

@@ -366,6 +366,14 @@ def held_contracts(conn: psycopg.Connection[Any], schema: str, *, limit: int = 2
     return held
 
 
+def held_by(held: dict[str, str], name: str, change: str) -> str | None:
+    """The run whose held contract kept this object (``held_contracts``), if it is one it kept: the drift it makes is
+    there on purpose, for the way back."""
+    if change != "unexpected":
+        return None
+    return next((run for tag, run in held.items() if tag in name), None)
+
+
 MIN_PREFIX = 4  # as git: shorter prefixes match too much to be worth accepting
 
 

@@ -465,13 +465,13 @@ class Watcher:
             self._report("drift", "error", _describe_error(exc), logging.ERROR)
             return False
         held = self._held_contracts(servers) if differences else {}
-        kept = [d for d in differences if d.change == "unexpected" and any(tag in d.name for tag in held)]
-        differences = [d for d in differences if d not in kept]
+        kept = {str(d): run for d in differences for run in [history.held_by(held, d.name, d.change)] if run}
+        differences = [d for d in differences if str(d) not in kept]
         if not differences:
             self.metrics.drift_checks.labels("none").inc()
             self.metrics.drift.set(0)
             if kept:  # there on purpose: not drift, and not reverted (that would end the way back)
-                runs = sorted({run for tag, run in held.items() for d in kept if tag in d.name})
+                runs = sorted(set(kept.values()))
                 self._report("drift", "no_drift", f"no drift but what the contract of run(s) {', '.join(runs)} held "
                              f"({len(kept)} object(s), kept in step for the way back: `reconciler rollback` swaps back, "
                              "an applied plan finishes it)", logging.INFO)
