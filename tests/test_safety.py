@@ -297,6 +297,19 @@ def test_new_enum_values_are_added_in_place_without_a_rewrite(case: Case) -> Non
     assert "DATA_LOSS" in codes(step(shrink, "create_enum", "public.mood"))
 
 
+def test_a_key_retyped_without_the_columns_referencing_it_says_so(case: Case) -> None:
+    """Declarative: the referencing column keeps the type the desired SQL gives it, and the plan says what that
+    leaves (a plain ALTER here: the table is small); retyped together, nothing is said."""
+    keyed = ("CREATE TABLE tickets (id int PRIMARY KEY);\n"
+             "CREATE TABLE replies (id int PRIMARY KEY, ticket_id int REFERENCES tickets (id));\n")
+    run_sql(case.database, keyed + "INSERT INTO tickets SELECT generate_series(1, 10);")
+    alone = case.plan(BASE + keyed.replace("tickets (id int", "tickets (id bigint"))
+    (behind,) = [h for h in step(alone, "alter_column_type", "public.tickets.id").hazards if h.code == "FOREIGN_KEY_TYPE_MISMATCH"]
+    assert behind.table == "public.replies" and "public.replies.ticket_id stays integer while id" in behind.message
+    both = case.plan(BASE + keyed.replace("tickets (id int", "tickets (id bigint").replace("ticket_id int", "ticket_id bigint"))
+    assert not [h for s in both.body.steps for h in s.hazards if h.code == "FOREIGN_KEY_TYPE_MISMATCH"], render_text(both)
+
+
 def test_every_rewrite_can_be_switched_off(case: Case) -> None:
     desired = desired_with(("name text,", "name text NOT NULL,"), ("('happy', 'sad')", "('happy', 'sad', 'angry')"),
                            ("account_id bigint", "account_id bigint REFERENCES accounts (id)"),

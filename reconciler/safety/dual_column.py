@@ -34,7 +34,7 @@ from .carried_keys import carried_keys
 from .context import Context
 from .cutover_views import remade_in_cutover
 from .drafts import BACKFILL, EXPAND, Draft
-from .hazards import rewrites_type
+from .hazards import references_left_behind, rewrites_type
 from .nodes import deparse, q
 from .steps import HazardCode
 from .swap import Swap, cutover, index_builds, kept_name, not_null_check, tag_of
@@ -84,7 +84,8 @@ def dual_column(ctx: Context, d: Draft, node: ast.AlterTableStmt, table: str,
               tables=(table,), original_sql=d.sql, rollback_sql=q("ALTER TABLE {} DROP COLUMN IF EXISTS {}", t, n),
               reversible=True, identity=(*parts, new), helper=True,
               hazards=(ctx.hazard(HazardCode.ACCESS_EXCLUSIVE_LOCK, f"a brief exclusive lock to add the new column "
-                                  f"beside {column} (no rewrite: its rows are filled in batches)", table),)),
+                                  f"beside {column} (no rewrite: its rows are filled in batches)", table),
+                       *references_left_behind(ctx, table, column, col))),
         Draft(sql=q("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS ",
                     function) + f"${dollar}$BEGIN NEW.{n.as_string(None)} := {on_row}; RETURN NEW; END${dollar}$",
               kind="create_function", object=f"{schema}.{helper}()", tables=(), rollback_sql=drop_function,

@@ -6,7 +6,7 @@ from pglast import ast, enums
 from pglast.visitors import Visitor
 
 from .context import Context
-from .nodes import rv
+from .nodes import deparse, rv
 from .steps import Hazard, HazardCode
 
 
@@ -23,6 +23,7 @@ def alter_hazards(ctx: Context, table: str, cmds: list[ast.AlterTableCmd]) -> tu
                                         "its indexes under an exclusive lock", table))
             found.append(ctx.hazard(HazardCode.STATISTICS_RESET, f"changing the type or collation of {column} discards "
                                     f"its statistics: queries may plan badly until ANALYZE {table} ({column})", table))
+            found.extend(references_left_behind(ctx, table, column or "", cmd.def_))
         elif subtype in (enums.AlterTableType.AT_SetLogged, enums.AlterTableType.AT_SetUnLogged):
             found.append(ctx.hazard(HazardCode.TABLE_REWRITE, "SET LOGGED or UNLOGGED rewrites the table and its indexes "
                                     "under an exclusive lock (made logged: all of it written to the WAL too; from "
@@ -150,3 +151,26 @@ def _widens(current_type: str, mods: list[int | None]) -> bool:
     if current_type.startswith("numeric") and len(current) == 2 and len(mods) == 2 and mods[1] is not None:
         return mods[0] - mods[1] >= current[0] - current[1] and mods[1] == current[1]
     return False
+
+
+def references_left_behind(ctx: Context, table: str, column: str, col: ast.ColumnDef) -> list[Hazard]:
+    """The foreign keys to a column whose type changes, from columns the plan leaves as they are: an ``integer`` key
+    made ``bigint`` still referenced from ``integer`` columns, which cannot hold the keys past integer's range (the
+    plan is declarative: the desired SQL says which type each column has, so this is said, not changed)."""
+    fact = ctx.facts.columns.get((table, column))
+    target = ctx.type_oid(col.typeName)
+    if fact is None or target is None or target == fact.type_oid or col.typeName is None:
+        return []
+    found = []
+    for key in ctx.facts.keys.get((table, column), ()):
+        if key.kind != "f" or (key.ref_table, key.ref_column) != (table, column) \
+                or (key.table, key.column) in ctx.new_or_retyped_columns:
+            continue
+        source = ctx.facts.columns.get((key.table, key.column))
+        if source is None or source.type_oid == target:
+            continue
+        found.append(ctx.hazard(
+            HazardCode.FOREIGN_KEY_TYPE_MISMATCH, f"{key.table}.{key.column} stays {source.type} while {column}, the key its foreign "
+            f"key {key.name} references, becomes {deparse(col.typeName)}: keys past what {source.type} holds cannot be "
+            f"referenced from it; change its type in the desired SQL too", key.table))
+    return found
