@@ -413,8 +413,9 @@ def test_a_step_waiting_behind_an_autovacuum_cancels_it_as_postgresql_would(tmp_
         run_sql(app, table + "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 20000) g;")
         (tmp_path / "schemas").mkdir()
         (tmp_path / "schemas" / "t.sql").write_text(table.replace("v text)", "v text, w text)"))
+        # the shadow is the session's test server, another cluster than this target: no template kept there
         (tmp_path / "reconciler.yaml").write_text(
-            f'environments:\n  test:\n    database: "{app}"\n    shadow: "{pg_server.dsn}"\n'
+            f'shadow_cache: 0\nenvironments:\n  test:\n    database: "{app}"\n    shadow: "{pg_server.dsn}"\n'
             "    require_signed_plans: false\n    lock_timeout: 300ms\n")
         config = load_config(tmp_path / "reconciler.yaml")
         env = config.environment("test")
