@@ -148,6 +148,12 @@ class Run:
         return "interrupted" if self.status == "running" and self.alive is False else self.status
 
     @property
+    def applying(self) -> str:
+        """A running run, said for whoever would plan or look beside it."""
+        return (f"run {self.id} is applying plan {self.plan_id.removeprefix('sha256:')[:12]} to this database right "
+                f"now (since {self.started_at:%H:%M:%S %Z})")
+
+    @property
     def completed(self) -> list[int]:
         return [int(s["index"]) for s in self.statements if s.get("status") == "applied"]
 

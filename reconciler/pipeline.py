@@ -397,8 +397,7 @@ def _read_live(config: Config, target_dsn: str, annotated: tuple[renames.Rename,
     with connect(target_dsn) as conn:
         settle(conn, config.metadata_schema)  # runs whose applier is gone, and what they left
         for run in (r for r in history.running_runs(conn, config.metadata_schema) if r.alive):
-            log.warning("run %s is applying plan %s to this database right now (since %s): this plan sees it part-way",
-                        run.id, run.plan_id.removeprefix("sha256:")[:12], f"{run.started_at:%H:%M:%S %Z}")
+            log.warning("%s: this plan sees it part-way", run.applying)
         ident = inspect.identity(conn)
         if memo is not None:
             live = memo.snapshot(conn, exclude_schemas=excluded, **managed(config))

@@ -367,9 +367,7 @@ class Watcher:
             return None
         if not running:
             return "another session holds the database's apply lock (a rollback or restore?)"
-        run = running[0]
-        return (f"run {run.id} is applying plan {run.plan_id.removeprefix('sha256:')[:12]} to the database "
-                f"(since {run.started_at:%H:%M:%S %Z})")
+        return running[0].applying
 
     def _held_contracts(self, servers: Servers) -> dict[str, str]:
         try:
