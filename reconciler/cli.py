@@ -683,7 +683,8 @@ def _backfill_limits(env: Environment) -> BackfillLimits:
                           max_replica_lag_seconds=duration_seconds(settings.max_replica_lag),
                           max_replica_bytes=size_bytes(settings.max_replica_bytes),
                           max_lock_waiters=settings.max_lock_waiters,
-                          max_transaction_age_seconds=duration_seconds(settings.max_transaction_age))
+                          max_transaction_age_seconds=duration_seconds(settings.max_transaction_age),
+                          workers=settings.workers)
 
 
 def _announce_backup(taken: Any) -> None:

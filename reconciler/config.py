@@ -47,6 +47,7 @@ class BackfillSettings:
     max_replica_bytes: str = "256MB"
     max_lock_waiters: int = 2
     max_transaction_age: str = "1h"
+    workers: int = 2  # batches run side by side (a session each), so a fill is not held to one core
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import pytest
 
 from reconciler import history
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
-from reconciler.apply.backfill import _Watch
+from reconciler.apply.backfill import _Done, _Watch
 from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.errors import RefusedError
@@ -195,6 +195,66 @@ def test_the_backfill_fills_every_row_while_writers_go_on(project: Project, capl
     assert 'reconciler_backfill_paused{object="public.users.email_key"} 0.0' in metrics
 
 
+def test_batches_run_side_by_side_and_the_checkpoint_claims_only_pages_done(project: Project,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Two sessions fill at once: while the batch holding the table's first row takes seconds (its conversion
+    sleeps on that row), the other session fills the rest of the table; the checkpoint the run's row keeps still
+    says no page is done (a later run goes on from there, never skipping the slow batch's pages). One session at a
+    time would leave the rest unfilled until the slow batch ended."""
+    slow = "-- reconciler: backfill lower(email) || CASE WHEN id = 1 THEN pg_sleep(4)::text ELSE '' END\n    "
+    plan = project.plan(DESIRED.format(annotation=slow))
+    caplog.set_level(logging.INFO, logger="reconciler.apply.backfill")
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(apply_plan(plan, project.database, ApplyOptions(
+        environment="test", metadata_schema="reconciler", backfill=BackfillLimits(batch_seconds=0.005, workers=2)))))
+    thread.start()
+    try:
+        deadline, rest = time.monotonic() + 60, 0
+        while rest < 17000:  # every row past the first pages filled, while the first batch still sleeps
+            assert thread.is_alive() and time.monotonic() < deadline, (rest, [r.getMessage() for r in caplog.records])
+            time.sleep(0.05)
+            rest = int(fetch_one(project.database, "SELECT count(*) FROM users u WHERE id > 3000 AND to_jsonb(u) "
+                                                   "->> 'email_key' IS NOT NULL") or 0)
+        assert fetch_one(project.database, "SELECT email_key FROM users WHERE id = 1") is None
+        with connect(project.database) as conn:
+            (run,) = history.running_runs(conn, "reconciler")
+        progress = dict((run.backfill or {}).get("progress") or {})
+        assert progress.get("state") == "filling" and progress.get("pages_done") == 0, progress
+    finally:
+        thread.join(timeout=120)
+    assert len(done) == 1 and getattr(done[0], "status", None) == "applied", done
+    assert any(r.getMessage().endswith("batches of about 0.0s, 2 at a time") for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+    assert fetch_one(project.database, "SELECT count(*) FROM users WHERE email_key IS DISTINCT FROM lower(email)") == 0
+
+
+def test_a_fill_that_cannot_open_more_sessions_runs_one_batch_at_a_time(project: Project,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The role's or the server's connection limit is no reason to fail a fill: it says so and goes on in the
+    session it has."""
+    from reconciler.apply.backfill import run_backfill
+
+    plan = project.plan(DESIRED.format(annotation=ANNOTATION))
+    (fill,) = [s for s in plan.body.steps if s.kind == "backfill"]
+    run_sql(project.database, "ALTER TABLE users ADD COLUMN email_key text")
+    caplog.set_level(logging.INFO, logger="reconciler.apply.backfill")
+    with connect(project.database) as conn:
+        filled = run_backfill(conn, fill, limits=BackfillLimits(batch_seconds=0.005, workers=2), lock_retries=0,
+                              session=lambda: connect(f"{project.database} port=1"))
+    assert filled == 20000
+    said = [r.getMessage() for r in caplog.records]
+    assert any("cannot open 2 sessions to fill side by side" in m and m.endswith("one batch at a time")
+               for m in said), said
+    assert not any("at a time" in m and "pages to fill" in m for m in said), said
+    assert fetch_one(project.database, "SELECT count(*) FROM users WHERE email_key IS DISTINCT FROM lower(email)") == 0
+
+
+def test_the_checkpoint_is_the_page_before_which_every_batch_ended() -> None:
+    done = _Done(100)
+    assert done.add(116, 148) == 100 and done.add(148, 150) == 100  # ended before the batch at 100
+    assert done.add(100, 116) == 150 and done.add(150, 160) == 160
+
+
 def test_a_column_left_part_filled_is_filled_and_made_not_null(project: Project) -> None:
     """What a stopped fill leaves (the column nullable, some rows NULL) is finished by planning again."""
     run_sql(project.database, "ALTER TABLE users ADD COLUMN email_key text; "
@@ -221,14 +281,16 @@ def test_the_batch_time_comes_from_the_environment(tmp_path: Path) -> None:
         environments:
           prod:
             database: "host=/nowhere dbname=x"
-            backfill: {batch: 250ms, max_replica_bytes: 16MB, max_transaction_age: 10min}
+            backfill: {batch: 250ms, max_replica_bytes: 16MB, max_transaction_age: 10min, workers: 3}
             require_signed_plans: false
         """))
     config = load_config(tmp_path / "reconciler.yaml")
     limits = _apply_options(config, config.environment("prod"), plan_file=False).backfill
-    assert (limits.batch_seconds, limits.max_replica_bytes, limits.max_transaction_age_seconds) == (0.25, 16 * 2**20, 600)
+    assert (limits.batch_seconds, limits.max_replica_bytes, limits.max_transaction_age_seconds, limits.workers) == (
+        0.25, 16 * 2**20, 600, 3)
     assert limits.max_replica_lag_seconds == 30 and limits.max_lock_waiters == 2  # the defaults
-    assert _apply_options(config, config.environment("local"), plan_file=False).backfill.batch_seconds == 0.2
+    local = _apply_options(config, config.environment("local"), plan_file=False).backfill
+    assert (local.batch_seconds, local.workers) == (0.2, 2)
 
 
 # --- stopped part-way, through the real command line ---------------------------------------------------------

@@ -23,9 +23,12 @@ oldest open transaction of the database (while it is open, the row versions the 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import logging
+import queue
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -34,7 +37,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..errors import ApplyError
+from ..errors import ApplyError, ReconcilerError
 from ..safety import Step
 from ..safety.dual_column import VERIFY_KIND
 from ..safety.shadow_table import COPY_KIND
@@ -54,12 +57,15 @@ Checkpoints = Callable[[str], "tuple[str, dict[str, Any]] | None"]
 
 def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillLimits, lock_retries: int,
                  check: Callable[[], None] = lambda: None, report: Report | None = None,
-                 resume: Checkpoints | None = None) -> int:
+                 resume: Checkpoints | None = None,
+                 session: Callable[[], psycopg.Connection[Any]] | None = None) -> int:
     """Fill the step's table batch by batch; returns the rows updated. ``check`` runs before each batch and while
     paused (a signal stops the fill between two batches: what is filled stays filled). ``report`` is given the
     progress before each batch and while paused (the run's history row: ``reconciler backfill status``) and returns
     what an operator asked (``paused``, ``batch_seconds``: ``reconciler backfill pause|resume|throttle``).
-    ``resume`` finds an earlier run's checkpoint of the same step (see the module's docstring)."""
+    ``resume`` finds an earlier run's checkpoint of the same step (see the module's docstring). ``session`` opens
+    another session to the target: with it, ``limits.workers`` batches run side by side, each in a session of its
+    own (``conn`` then only looks at the limits), so a fill is not held to one core of the server."""
     schema, table = step.identity[0], step.identity[1]
     relation = sql.Identifier(schema, table).as_string(conn)
     row = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (relation,)).fetchone()
@@ -70,29 +76,138 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
     watch = _Watch(conn, step.object, relation, limits)
     start, size = _resumed(step, fill.key, continuity, pages, resume), FIRST_PAGES
     fill.resumed_from = start
-    log.info("backfill %s: %s pages to %s in batches of about %.1fs", step.object, f"{pages - start:,}",
-             {VERIFY_KIND: "check", COPY_KIND: "copy"}.get(step.kind, "fill"), limits.batch_seconds)
-    while start < pages:
-        check()
-        requested = fill.say("filling", start)
-        reasons = watch.reasons(requested)
-        if reasons:
-            requested = watch.wait(reasons, check, functools.partial(fill.paused, start))
-        target = float(requested.get("batch_seconds") or limits.batch_seconds)
-        end = min(start + size, pages)
-        took = _batch(conn, step, batch, start, end, lock_retries)
-        fill.rows += took[1]
-        if step.kind == VERIFY_KIND and fill.rows:
-            raise ApplyError(f"step {step.index} ({step.kind} {step.object}): {fill.rows} row(s) of pages {start} to "
-                             f"{end} do not hold the conversion of their old value: the cut-over does not go on")
-        log.debug("backfill %s: pages %d to %d, %d rows in %.3fs", step.object, start, end, took[1], took[0])
-        # the next batch sized to take about the target: at most twice this one's pages, at least one page
-        scale = target / took[0] if took[0] > 0 else 2.0
-        size = max(1, min(MAX_PAGES, int((end - start) * min(scale, 2.0))))
-        start = end
-        fill.log(start)
+    count = max(1, limits.workers) if session is not None and pages - start > FIRST_PAGES else 1
+    done, target = _Done(start), limits.batch_seconds
+    with _Workers(conn, count, session, step.object) as workers:
+        watch.ours = workers.pids
+        log.info("backfill %s: %s pages to %s in batches of about %.1fs%s", step.object, f"{pages - start:,}",
+                 {VERIFY_KIND: "check", COPY_KIND: "copy"}.get(step.kind, "fill"), limits.batch_seconds,
+                 f", {workers.count} at a time" if workers.count > 1 else "")
+        while start < pages or workers.busy:
+            if start < pages and workers.free:
+                check()
+                requested = fill.say("filling", done.before)
+                reasons = watch.reasons(requested)
+                if reasons:
+                    requested = watch.wait(reasons, check, functools.partial(fill.paused, done.before))
+                target = float(requested.get("batch_seconds") or limits.batch_seconds)
+                end = min(start + size, pages)
+                workers.run(start, end, functools.partial(_batch, step=step, batch=batch, start=start, end=end,
+                                                          lock_retries=lock_retries))
+                start = end
+                continue
+            for (first, last), took in workers.finished():
+                fill.rows += took[1]
+                if step.kind == VERIFY_KIND and took[1]:
+                    raise ApplyError(f"step {step.index} ({step.kind} {step.object}): {took[1]} row(s) of pages "
+                                     f"{first} to {last} do not hold the conversion of their old value: the cut-over "
+                                     "does not go on")
+                log.debug("backfill %s: pages %d to %d, %d rows in %.3fs", step.object, first, last, took[1], took[0])
+                # the next batch sized to take about the target: at most twice this one's pages, at least one page
+                scale = target / took[0] if took[0] > 0 else 2.0
+                size = max(1, min(MAX_PAGES, int((last - first) * min(scale, 2.0))))
+                fill.log(done.add(first, last))
     fill.say("done", pages)
     return fill.rows
+
+
+class _Done:
+    """Which pages are done when batches end out of order: ``before``, the page every page before which is done,
+    is what a checkpoint may say (a later run goes on from it; the pages done past it are done again, which
+    changes nothing)."""
+
+    def __init__(self, start: int) -> None:
+        self.before = start
+        self.ahead: dict[int, int] = {}  # ranges done past ``before``: first page -> the page after the last
+
+    def add(self, first: int, last: int) -> int:
+        self.ahead[first] = last
+        while self.before in self.ahead:
+            self.before = self.ahead.pop(self.before)
+        return self.before
+
+
+class _Workers:
+    """The sessions batches run in: ``conn`` itself for one at a time; for more, a session of its own for each,
+    each batch run by a thread (psycopg waits for the server without holding the interpreter). A batch that fails
+    stops the fill: the ones running end first (each commits or rolls back on its own), then its error is raised."""
+
+    def __init__(self, conn: psycopg.Connection[Any], count: int,
+                 session: Callable[[], psycopg.Connection[Any]] | None, what: str) -> None:
+        self.conn, self.count, self.session, self.what = conn, count, session, what
+        self.idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
+        self.own: list[psycopg.Connection[Any]] = []
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.running: dict[concurrent.futures.Future[tuple[float, int]], tuple[int, int]] = {}
+        self.pids: list[int] = []  # the sessions of its own: their waits for a row are not a reason to pause
+
+    def __enter__(self) -> _Workers:
+        if self.count > 1 and self.session is not None:
+            try:
+                for _ in range(self.count):
+                    self.own.append(self.session())
+            except (ReconcilerError, psycopg.Error) as exc:  # the role's or the server's connection limit, say
+                log.warning("backfill %s: cannot open %d sessions to fill side by side (%s); one batch at a time",
+                            self.what, self.count, exc)
+                self._close()
+                self.own, self.count = [], 1
+                return self
+            except BaseException:
+                self._close()
+                raise
+            for conn in self.own:
+                self.idle.put(conn)
+            self.pids = [conn.info.backend_pid for conn in self.own]
+            self.pool = concurrent.futures.ThreadPoolExecutor(self.count, thread_name_prefix="backfill")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        concurrent.futures.wait(self.running)
+        self.running.clear()
+        self._close()
+
+    def _close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        for conn in self.own:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    @property
+    def free(self) -> bool:
+        return len(self.running) < self.count
+
+    def run(self, first: int, last: int, batch: Callable[[psycopg.Connection[Any]], tuple[float, int]]) -> None:
+        if self.pool is None:  # one at a time, in this thread
+            future: concurrent.futures.Future[tuple[float, int]] = concurrent.futures.Future()
+            try:
+                future.set_result(batch(self.conn))
+            except BaseException as exc:
+                future.set_exception(exc)
+            self.running[future] = (first, last)
+            return
+
+        def in_a_session() -> tuple[float, int]:
+            conn = self.idle.get()
+            try:
+                return batch(conn)
+            finally:
+                self.idle.put(conn)
+
+        self.running[self.pool.submit(in_a_session)] = (first, last)
+
+    def finished(self) -> list[tuple[tuple[int, int], tuple[float, int]]]:
+        """The batches that have ended (waiting for one at least), in the order of their pages."""
+        ended, _ = concurrent.futures.wait(self.running, return_when=concurrent.futures.FIRST_COMPLETED)
+        out = []
+        for future in sorted(ended, key=lambda f: self.running[f]):
+            pages = self.running.pop(future)
+            out.append((pages, future.result()))
+        return out
 
 
 def _ranged(step: Step) -> sql.Composed:
@@ -190,6 +305,7 @@ class _Watch:
     def __init__(self, conn: psycopg.Connection[Any], what: str, relation: str, limits: BackfillLimits) -> None:
         self.conn, self.what, self.relation, self.limits = conn, what, relation, limits
         self.unseen_warned = False
+        self.ours: list[int] = []  # the fill's own sessions
 
     def wait(self, reasons: list[str], check: Callable[[], None], say: Callable[[str], dict[str, Any]]
              ) -> dict[str, Any]:
@@ -229,12 +345,13 @@ class _Watch:
                              f"{_mib(limits.max_replica_bytes)})")
         row = self.conn.execute(
             # sessions waiting for a lock on the table, or for a row of it (those hold a lock on the table meanwhile)
-            "SELECT (SELECT count(DISTINCT w.pid) FROM pg_locks w WHERE NOT w.granted AND (w.relation = %(t)s::regclass "
+            "SELECT (SELECT count(DISTINCT w.pid) FROM pg_locks w WHERE NOT w.granted AND w.pid <> ALL(%(ours)s) "
+            " AND (w.relation = %(t)s::regclass "
             " OR EXISTS (SELECT FROM pg_locks h WHERE h.pid = w.pid AND h.granted AND h.relation = %(t)s::regclass))), "
             "(SELECT extract(epoch FROM max(now() - xact_start))::float8 FROM pg_stat_activity "
             " WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid() "
             " AND backend_type = 'client backend' AND application_name NOT LIKE 'reconciler %%')",
-            {"t": self.relation}).fetchone()
+            {"t": self.relation, "ours": self.ours}).fetchone()
         waiters, oldest = (int(row[0]), row[1]) if row else (0, None)
         if waiters > limits.max_lock_waiters:
             found.append(f"{waiters} sessions wait for a lock on the table (limit {limits.max_lock_waiters})")
@@ -262,7 +379,7 @@ def _mib(n: float) -> str:
     return f"{n / 1024**2:.1f} MiB"
 
 
-def _batch(conn: psycopg.Connection[Any], step: Step, batch: sql.Composed, start: int, end: int,
+def _batch(conn: psycopg.Connection[Any], *, step: Step, batch: sql.Composed, start: int, end: int,
            lock_retries: int) -> tuple[float, int]:
     """One range of pages in its own transaction, retried when it waits too long for a row lock; (seconds, rows)."""
     for attempt in range(lock_retries + 1):

@@ -10,6 +10,7 @@ transaction: they commit with its steps or not at all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -214,7 +215,7 @@ def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResul
             run_id = str(uuid.uuid4())
             context = current_run.set(run_id)
             try:
-                return _Run(plan, run_id, sessions, replace(options, monitor_dsn=target_dsn), token).run()
+                return _Run(plan, run_id, sessions, replace(options, target_dsn=target_dsn), token).run()
             finally:
                 current_run.reset(context)
         finally:
@@ -251,8 +252,8 @@ class _Run:
             # what the objects hold that the plan does not manage, when it re-creates any (nothing else can lose it)
             before = held(self.plan, self.sessions.executor, self.schema) \
                 if recreated((s.kind, s.object) for s in self.plan.body.steps) else {}
-            with LockWaitMonitor(self.options.monitor_dsn, self.sessions.executor.info.backend_pid) \
-                    if self.options.monitor_dsn else contextlib.nullcontext() as monitor:
+            with LockWaitMonitor(self.options.target_dsn, self.sessions.executor.info.backend_pid) \
+                    if self.options.target_dsn else contextlib.nullcontext() as monitor:
                 _execute(self.plan, self.sessions.executor, self.options, self.records, self.progress, monitor,
                          before)
             self.signals.check()
@@ -669,9 +670,19 @@ def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], 
             options.on_backfill(said)
         return progress.backfill(said)
 
+    dsn = options.target_dsn
     _batched(step, records, options, "rows", lambda: run_backfill(
         conn, step, limits=options.backfill, lock_retries=options.lock_retries, check=progress.check, report=report,
-        resume=progress.checkpoint))
+        resume=progress.checkpoint, session=functools.partial(_fill_session, dsn) if dsn else None))
+
+
+def _fill_session(dsn: str) -> psycopg.Connection[Any]:
+    """A session a fill's batches run in beside others (``backfill.run_backfill``); as the executing session, it
+    stops its statement if this process dies."""
+    conn = connect(dsn, application_name="reconciler fill")
+    if int(conn.info.server_version) >= 140000:
+        conn.execute("SET client_connection_check_interval = '1s'")
+    return conn
 
 
 def _catch_up(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], options: ApplyOptions,

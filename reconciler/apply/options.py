@@ -23,6 +23,7 @@ class BackfillLimits:
     max_replica_bytes: int = 256 * 1024**2
     max_lock_waiters: int = 2
     max_transaction_age_seconds: float = 3600.0
+    workers: int = 2  # batches run side by side, each in a session of its own
     pause_check_seconds: float = 1.0  # while paused, how often the limits are looked at again
 
 
@@ -45,7 +46,7 @@ class ApplyOptions:
     on_step: Callable[[Step], None] | None = None  # progress display
     on_backup: Callable[[Backup], None] | None = None  # says where the backup went, as soon as it is written
     on_backfill: Callable[[dict[str, Any]], None] | None = None  # a backfill's progress, before each batch (watch)
-    monitor_dsn: str | None = None  # set by apply_plan: where the lock-wait monitor connects
+    target_dsn: str | None = None  # set by apply_plan: where the lock-wait monitor and the fill's sessions connect
     reconnect_seconds: float = 10.0  # after losing its session: how long to try for a new one to clean up with
     cleanup_lock_timeout: str = "5s"  # removing what a stopped step left (an INVALID index) waits no longer
     backfill: BackfillLimits = field(default_factory=lambda: BackfillLimits())  # apply/backfill.py
