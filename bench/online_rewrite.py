@@ -239,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lead", type=float, default=2.0, help="seconds of writes before the change")
     parser.add_argument("--tail", type=float, default=2.0, help="seconds of writes after it")
     parser.add_argument("--batch", type=float, default=0.2, help="seconds each backfill batch should take (default 0.2, as apply's)")
+    parser.add_argument("--fill-workers", type=int, default=BackfillLimits().workers,
+                        help="backfill batches run side by side (default as apply's, backfill.workers)")
     parser.add_argument("--case", choices=sorted(CASES), default="key",
                         help="key: accounts.id (the primary key) and ledger.account_id (its foreign key) int to bigint; "
                              "column: accounts.balance (indexed) int to bigint; partition: accounts partitioned by "
@@ -267,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         def apply(plan: Plan, live: str) -> Callable[[], None]:
             def run() -> None:
                 result = apply_plan(plan, live, ApplyOptions(environment="bench", metadata_schema="reconciler",
-                                                             backfill=BackfillLimits(batch_seconds=args.batch)))
+                                                             backfill=BackfillLimits(batch_seconds=args.batch,
+                                                                                      workers=args.fill_workers)))
                 if result.status != "applied":
                     raise RuntimeError(f"the plan ended {result.status}")
             return run
@@ -301,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             check_end(live, before, ledger_rows, writes, case)))
     pace = f"{args.rate:g} pairs/s each" if args.rate > 0 else "back to back"
     print(f"\ncase {args.case}: {args.rows:,} accounts, {ledger_rows:,} ledger rows, {args.writers} writers (each: an UPDATE "
-          f"of accounts.balance, an INSERT into ledger; {pace}); backfill batches of about {args.batch}s")
+          f"of accounts.balance, an INSERT into ledger; {pace}); backfill batches of about {args.batch}s, "
+          f"{args.fill_workers} at a time")
     print(f"{'mode':<14} {'apply s':>8} {'writes':>8} {'stall ms':>9} {'p99 ms':>8} {'gap ms':>8} {'errors':>6}  end state")
     for result, end in results:
         print(f"{result.mode:<14} {result.apply_seconds:>8.1f} {result.inserts:>8,} {result.stall_ms:>9.0f} "

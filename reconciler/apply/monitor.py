@@ -32,7 +32,9 @@ class LockWaitMonitor:
         self.dsn, self.pid = dsn, pid
         self.waited = 0.0
         self._blockers: dict[int, str] = {}  # pid -> the session as last seen holding this step up
-        self._cancelled: set[int] = set()  # autovacuum workers asked to stop (once each)
+        # autovacuum passes asked to stop, once each: a worker cancelled on one table goes on to the next of its
+        # list under the same pid, and may hold up the next step there
+        self._cancelled: set[tuple[int, str]] = set()  # (pid, when its pass on the table began)
         self._active = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconciler-lock-wait", daemon=True)
@@ -71,9 +73,10 @@ class LockWaitMonitor:
                         if row and row[0] == "Lock":
                             self.waited += self.INTERVAL
                             found = _blocking(conn, self.pid)
-                            self._blockers.update((pid, text) for pid, (text, _vacuum) in found.items())
-                            for pid, (_text, vacuum) in found.items():
-                                if vacuum and pid not in self._cancelled:
+                            self._blockers.update((pid, text) for pid, (text, _vacuum, _began) in found.items())
+                            for pid, (_text, vacuum, began) in found.items():
+                                if vacuum and (pid, began) not in self._cancelled:
+                                    self._cancelled.add((pid, began))
                                     self._cancel_autovacuum(conn, pid, vacuum)
                         time.sleep(self.INTERVAL)
         except (psycopg.Error, ReconcilerError) as exc:  # measuring is best effort; applying is not affected
@@ -81,7 +84,6 @@ class LockWaitMonitor:
 
 
     def _cancel_autovacuum(self, conn: psycopg.Connection[Any], pid: int, what: str) -> None:
-        self._cancelled.add(pid)
         try:
             row = conn.execute("SELECT pg_cancel_backend(%s)", (pid,)).fetchone()
         except psycopg.Error as exc:  # not a member of pg_signal_backend (pg_signal_autovacuum_worker in 18)
@@ -99,17 +101,18 @@ SELECT b.pid, coalesce(nullif(b.application_name, ''), b.backend_type), b.state,
        extract(epoch FROM clock_timestamp() - coalesce(b.xact_start, b.backend_start))::float8,
        upper(substring(ltrim(b.query) FROM '^[A-Za-z]+')),
        CASE WHEN b.backend_type = 'autovacuum worker' AND b.query NOT LIKE '%%(to prevent wraparound)%%'
-            THEN b.query END
+            THEN b.query END, b.query_start
 FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(%s))
 """
 
 
-def _blocking(conn: psycopg.Connection[Any], pid: int) -> dict[int, tuple[str, str | None]]:
+def _blocking(conn: psycopg.Connection[Any], pid: int) -> dict[int, tuple[str, str | None, str]]:
     """Each blocker described, with what it vacuums when it is an autovacuum that may be cancelled (the worker's
-    query names only the table: 'autovacuum: VACUUM public.t')."""
+    query names only the table: 'autovacuum: VACUUM public.t'), and when its statement began (a worker's pass on
+    each table is a statement of its own)."""
     found = {}
-    for blocker, name, state, age, verb, vacuum in conn.execute(_BLOCKING, (pid,)).fetchall():
+    for blocker, name, state, age, verb, vacuum, began in conn.execute(_BLOCKING, (pid,)).fetchall():
         doing = f"{state}, {verb}" if state == "active" and verb else str(state or "?")
         found[int(blocker)] = (f"pid {blocker} ('{name}', {doing}, in its transaction for {float(age or 0):.1f} s)",
-                               str(vacuum) if vacuum else None)
+                               str(vacuum) if vacuum else None, str(began))
     return found
