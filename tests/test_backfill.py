@@ -20,7 +20,7 @@ import pytest
 
 from reconciler import history
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
-from reconciler.apply.backfill import _Done, _Watch
+from reconciler.apply.backfill import _Done, _Watch, describe
 from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.errors import RefusedError
@@ -220,6 +220,9 @@ def test_batches_run_side_by_side_and_the_checkpoint_claims_only_pages_done(proj
             (run,) = history.running_runs(conn, "reconciler")
         progress = dict((run.backfill or {}).get("progress") or {})
         assert progress.get("state") == "filling" and progress.get("pages_done") == 0, progress
+        said = describe(progress)  # what `reconciler backfill status` says
+        assert said.startswith("backfill public.users.email_key (step 5): filling, page 0 of ") and \
+            said.endswith("s left, 2 batches at a time"), said
     finally:
         thread.join(timeout=120)
     assert len(done) == 1 and getattr(done[0], "status", None) == "applied", done

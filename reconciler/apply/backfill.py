@@ -79,7 +79,7 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
     count = max(1, limits.workers) if session is not None and pages - start > FIRST_PAGES else 1
     done, target = _Done(start), limits.batch_seconds
     with _Workers(conn, count, session, step.object) as workers:
-        watch.ours = workers.pids
+        watch.ours, fill.workers = workers.pids, workers.count
         log.info("backfill %s: %s pages to %s in batches of about %.1fs%s", step.object, f"{pages - start:,}",
                  {VERIFY_KIND: "check", COPY_KIND: "copy"}.get(step.kind, "fill"), limits.batch_seconds,
                  f", {workers.count} at a time" if workers.count > 1 else "")
@@ -269,6 +269,7 @@ class _Fill:
         self.key = checkpoint_key(step)
         self.rows = 0
         self.resumed_from = 0  # the page an earlier run's checkpoint let this one begin at
+        self.workers = 1  # batches side by side
         self.began = self.reported = time.monotonic()
 
     def rate(self) -> float:
@@ -283,7 +284,7 @@ class _Fill:
         return self.report({
             "step": self.step.index, "kind": self.step.kind, "object": self.step.object, "key": self.key,
             **self.continuity,
-            "state": state, "reason": reason, "resumed_from": self.resumed_from,
+            "state": state, "reason": reason, "resumed_from": self.resumed_from, "workers": self.workers,
             "pages": self.pages, "pages_done": done, "rows": self.rows, "rows_per_second": round(self.rate(), 1),
             "seconds_left": round(self.left(done), 1), "updated_at": datetime.now(UTC).isoformat(timespec="seconds")})
 
@@ -372,6 +373,8 @@ def describe(progress: dict[str, Any], state: str | None = None) -> str:
             f"{progress.get('step')}): {state}, page {done:,} of {pages:,}{share}, {int(progress.get('rows') or 0):,} "
             f"rows, {float(progress.get('rows_per_second') or 0):,.0f} rows/s"
             + (f", about {float(progress.get('seconds_left') or 0):.0f}s left" if state == "filling" else "")
+            + (f", {int(progress.get('workers') or 1)} batches at a time" if int(progress.get("workers") or 1) > 1
+               else "")
             + (f", went on from an earlier run's checkpoint at page {resumed:,}" if resumed else ""))
 
 
