@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from reconciler import dsn as dsnlib
+from reconciler.plan import Plan
 from reconciler.servers import Server, connect, throwaway_database
 from tests.conftest import fetch_one, run_sql
 from tests.target import DESIRED, Target
@@ -390,12 +391,15 @@ def test_a_signal_while_the_result_is_verified_ends_the_run_cancelled(target: Ta
     assert fetch_one(target.database, "SELECT to_regclass('public.items_note_idx')") is None
 
 
-def test_a_step_waiting_behind_an_autovacuum_cancels_it_as_postgresql_would(tmp_path: Path, pg_server: Server,
-                                                                            caplog: pytest.LogCaptureFixture) -> None:
-    """A real autovacuum worker, slowed to a crawl, holds the table: the step's lock_timeout (300 ms, no retry) is
-    under deadlock_timeout, after which PostgreSQL would cancel the vacuum for the waiter itself. The apply cancels
-    it at once and the step goes through; without that it gives up on its lock."""
-    from reconciler.apply import ApplyOptions, apply_plan
+CRAWL = ("WITH (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = "
+         "100, autovacuum_vacuum_cost_limit = 1, autovacuum_analyze_threshold = 1000000000)")  # a vacuum that crawls
+
+
+@contextlib.contextmanager
+def _vacuumed(tmp_path: Path, pg_server: Server, live: str, desired: str, *,
+              one_worker: bool = False) -> Iterator[tuple[str, Plan]]:
+    """A cluster of its own whose autovacuum looks every second (``one_worker``: and has one worker), its database
+    ``app`` holding ``live``, and a plan to ``desired`` made with a 300 ms lock_timeout."""
     from reconciler.config import load_config
     from reconciler.pipeline import make_plan, open_servers
     from reconciler.servers import EmbeddedCluster
@@ -405,15 +409,16 @@ def test_a_step_waiting_behind_an_autovacuum_cancels_it_as_postgresql_would(tmp_
     try:
         server = cluster.start()
         run_sql(server.dsn, "ALTER SYSTEM SET autovacuum_naptime = '1s'")
+        if one_worker:
+            run_sql(server.dsn, "ALTER SYSTEM SET autovacuum_max_workers = 1")
+            cluster.stop()
+            server = cluster.start()
         run_sql(server.dsn, "SELECT pg_reload_conf()")
         run_sql(server.dsn, "CREATE DATABASE app")
         app = server.database_dsn("app")
-        table = ("CREATE TABLE t (id int PRIMARY KEY, v text) WITH (autovacuum_vacuum_threshold = 0, "
-                 "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = 100, "
-                 "autovacuum_vacuum_cost_limit = 1, autovacuum_analyze_threshold = 1000000000);\n")
-        run_sql(app, table + "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 20000) g;")
+        run_sql(app, live)
         (tmp_path / "schemas").mkdir()
-        (tmp_path / "schemas" / "t.sql").write_text(table.replace("v text)", "v text, w text)"))
+        (tmp_path / "schemas" / "t.sql").write_text(desired)
         # the shadow is the session's test server, another cluster than this target: no template kept there
         (tmp_path / "reconciler.yaml").write_text(
             f'shadow_cache: 0\nenvironments:\n  test:\n    database: "{app}"\n    shadow: "{pg_server.dsn}"\n'
@@ -421,15 +426,33 @@ def test_a_step_waiting_behind_an_autovacuum_cancels_it_as_postgresql_would(tmp_
         config = load_config(tmp_path / "reconciler.yaml")
         env = config.environment("test")
         with open_servers(config, env) as servers:
-            plan = make_plan(config, env, servers).plan
+            yield app, make_plan(config, env, servers).plan
+    finally:
+        cluster.stop(delete=True)
+
+
+def _wait_for_autovacuum(app: str, table: str) -> None:
+    deadline = time.monotonic() + 60
+    while fetch_one(app, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' "
+                         f"AND query LIKE 'autovacuum: VACUUM public.{table}%'") != 1:
+        assert time.monotonic() < deadline, fetch_one(app, "SELECT string_agg(query, '; ') FROM pg_stat_activity "
+                                                           "WHERE backend_type = 'autovacuum worker'")
+        time.sleep(0.1)
+
+
+def test_a_step_waiting_behind_an_autovacuum_cancels_it_as_postgresql_would(tmp_path: Path, pg_server: Server,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A real autovacuum worker, slowed to a crawl, holds the table: the step's lock_timeout (300 ms, no retry) is
+    under deadlock_timeout, after which PostgreSQL would cancel the vacuum for the waiter itself. The apply cancels
+    it at once and the step goes through; without that it gives up on its lock."""
+    from reconciler.apply import ApplyOptions, apply_plan
+
+    table = f"CREATE TABLE t (id int PRIMARY KEY, v text) {CRAWL};\n"
+    with _vacuumed(tmp_path, pg_server, table + "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 20000) g;",
+                   table.replace("v text)", "v text, w text)")) as (app, plan):
         assert [s.kind for s in plan.body.steps] == ["add_column"], [s.sql for s in plan.body.steps]
         run_sql(app, "DELETE FROM t WHERE id % 2 = 0")  # dead rows: the launcher sends a worker within a second
-        vacuuming = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' "
-                     "AND query LIKE 'autovacuum: VACUUM public.t%'")
-        deadline = time.monotonic() + 60
-        while fetch_one(app, vacuuming) != 1:
-            assert time.monotonic() < deadline, "no autovacuum worker came to the table"
-            time.sleep(0.1)
+        _wait_for_autovacuum(app, "t")
         with caplog.at_level("WARNING", logger="reconciler.apply.monitor"):
             result = apply_plan(plan, app, ApplyOptions(environment="test", metadata_schema="reconciler",
                                                         lock_retries=0))
@@ -438,9 +461,6 @@ def test_a_step_waiting_behind_an_autovacuum_cancels_it_as_postgresql_would(tmp_
             caplog.text
         assert fetch_one(app, "SELECT count(*) FROM information_schema.columns WHERE table_name = 't' "
                               "AND column_name = 'w'") == 1
-    finally:
-        cluster.stop(delete=True)
-
 
 
 def test_an_autovacuum_worker_is_cancelled_again_on_the_next_table_it_holds_up(tmp_path: Path, pg_server: Server,
@@ -450,56 +470,22 @@ def test_an_autovacuum_worker_is_cancelled_again_on_the_next_table_it_holds_up(t
     when it was not, PostgreSQL cancelling it only after deadlock_timeout). One worker (autovacuum_max_workers = 1)
     crawls through a then b; the run's concurrent index build waits for it on a, its main transaction later on b."""
     from reconciler.apply import ApplyOptions, apply_plan
-    from reconciler.config import load_config
-    from reconciler.pipeline import make_plan, open_servers
-    from reconciler.servers import EmbeddedCluster
 
-    bindir = Path(os.environ["RECONCILER_TEST_PG_BINDIR"]) if os.environ.get("RECONCILER_TEST_PG_BINDIR") else None
-    cluster = EmbeddedCluster(tmp_path / "vacuumed", bindir, in_memory=True)
-    try:
-        server = cluster.start()
-        run_sql(server.dsn, "ALTER SYSTEM SET autovacuum_naptime = '1s'")
-        run_sql(server.dsn, "ALTER SYSTEM SET autovacuum_max_workers = 1")
-        cluster.stop()
-        server = cluster.start()
-        run_sql(server.dsn, "CREATE DATABASE app")
-        app = server.database_dsn("app")
-        crawl = ("WITH (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0, "
-                 "autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1, "
-                 "autovacuum_analyze_threshold = 1000000000)")
-        live = (f"CREATE TABLE a (id int PRIMARY KEY, v text) {crawl};\n"
-                f"CREATE TABLE b (id int PRIMARY KEY, v text) {crawl};\n")
-        run_sql(app, live + "INSERT INTO a SELECT g, 'v' FROM generate_series(1, 20000) g;"
-                            "INSERT INTO b SELECT g, 'v' FROM generate_series(1, 20000) g;")
-        (tmp_path / "schemas").mkdir()
-        (tmp_path / "schemas" / "t.sql").write_text(live.replace("b (id int PRIMARY KEY, v text)",
-                                                                 "b (id int PRIMARY KEY, v text, w text)")
-                                                    + "CREATE INDEX a_v_idx ON a (v);\n")
-        (tmp_path / "reconciler.yaml").write_text(
-            f'shadow_cache: 0\nenvironments:\n  test:\n    database: "{app}"\n    shadow: "{pg_server.dsn}"\n'
-            "    require_signed_plans: false\n    lock_timeout: 300ms\n")
-        config = load_config(tmp_path / "reconciler.yaml")
-        env = config.environment("test")
-        with open_servers(config, env) as servers:
-            plan = make_plan(config, env, servers).plan
+    live = f"CREATE TABLE a (id int PRIMARY KEY, v text) {CRAWL};\nCREATE TABLE b (id int PRIMARY KEY, v text) {CRAWL};\n"
+    desired = live.replace("b (id int PRIMARY KEY, v text)", "b (id int PRIMARY KEY, v text, w text)") \
+        + "CREATE INDEX a_v_idx ON a (v);\n"
+    rows = "INSERT INTO a SELECT g, 'v' FROM generate_series(1, 20000) g; INSERT INTO b SELECT * FROM a;"
+    with _vacuumed(tmp_path, pg_server, live + rows, desired, one_worker=True) as (app, plan):
         assert [(s.kind, s.tables) for s in plan.body.steps] == [
             ("create_index_concurrently", ("public.a",)), ("add_column", ("public.b",))], plan.body.steps
         run_sql(app, "DELETE FROM a WHERE id % 2 = 0; DELETE FROM b WHERE id % 2 = 0")  # one worker's list: a, b
-        deadline = time.monotonic() + 60
-        while fetch_one(app, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' "
-                             "AND query LIKE 'autovacuum: VACUUM public.a%'") != 1:
-            assert time.monotonic() < deadline, fetch_one(app, "SELECT string_agg(query, '; ') FROM pg_stat_activity "
-                                                               "WHERE backend_type = 'autovacuum worker'")
-            time.sleep(0.1)
+        _wait_for_autovacuum(app, "a")
         with caplog.at_level("WARNING", logger="reconciler.apply.monitor"):
             result = apply_plan(plan, app, ApplyOptions(environment="test", metadata_schema="reconciler",
                                                         lock_retries=0, index_build_retries=0))
         assert result.status == "applied"
-        cancelled = [re.sub(r"\(pid [0-9]+\)", "(pid N)", r.getMessage()).split(":")[1] for r in caplog.records
-                     if r.getMessage().startswith("cancelled autovacuum")]
-        pids = {re.findall(r"\(pid ([0-9]+)\)", r.getMessage())[0] for r in caplog.records
-                if r.getMessage().startswith("cancelled autovacuum")}
-        assert cancelled == [" VACUUM public.a (pid N)", " VACUUM public.b (pid N)"] and len(pids) == 1, caplog.text
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cancelled autovacuum")]
+        assert [re.sub(r"\(pid [0-9]+\)", "(pid N)", m).split(":")[1] for m in said] == [
+            " VACUUM public.a (pid N)", " VACUUM public.b (pid N)"], caplog.text
+        assert len({re.findall(r"\(pid ([0-9]+)\)", m)[0] for m in said}) == 1, said  # one worker, cancelled twice
         assert fetch_one(app, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'a_v_idx'::regclass") is True
-    finally:
-        cluster.stop(delete=True)
