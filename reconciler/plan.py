@@ -659,12 +659,12 @@ POLICY_BLOCKS = "Policy blocks this plan: approvals do not change that; change t
 
 def render_text(plan: Plan, approvals: ApprovalView | None = None) -> str:
     b = plan.body
-    git = b.desired.git_commit[:12] if b.desired.git_commit else "not in git"
+    git = f"at {b.desired.git_commit[:12]}" if b.desired.git_commit else "not in git"
     lines = [
         f"Plan {plan.short_id}  ({plan.id})",
         f"  environment  {b.environment}",
         f"  target       {b.target.database} (PostgreSQL {b.target.server_version}, system {b.target.system_identifier})",
-        f"  desired      {len(b.desired.files)} file(s) at {git}{' + uncommitted changes' if b.desired.dirty else ''}",
+        f"  desired      {len(b.desired.files)} file(s) {git}{' + uncommitted changes' if b.desired.dirty else ''}",
         f"  created      {b.created_at} by reconciler {b.tool_version} ({b.engine})",
         *([f"  manages      {', '.join(b.manages)}"] if b.manages else []),
         "",
@@ -795,13 +795,13 @@ def render_markdown(plan: Plan, approvals: ApprovalView | None = None) -> str:
     """A pull-request comment: the summary line, then hazards and policy findings, the steps folded,
     approvals given and needed, and the command that adds one."""
     b = plan.body
-    git = f"`{b.desired.git_commit[:12]}`" if b.desired.git_commit else "not in git"
+    git = f"at `{b.desired.git_commit[:12]}`" if b.desired.git_commit else "not in git"
     out = [
         f"### pg-reconciler plan `{plan.short_id}` for **{b.environment}**",
         "",
         markdown_summary(plan, approvals),
         "",
-        f"Target `{b.target.database}` (PostgreSQL {b.target.server_version}); desired schema at {git}"
+        f"Target `{b.target.database}` (PostgreSQL {b.target.server_version}); desired schema {git}"
         + (" with uncommitted changes" if b.desired.dirty else "") + ".",
     ]
     if len(b.fleet) > 1:
