@@ -411,3 +411,92 @@ def test_a_cut_over_that_cannot_get_its_lock_keeps_the_copy_for_the_next_plan(tm
     assert fetch_one(database, "SELECT count(*) FROM accounts WHERE id IN (2, 300000)") == 1
     assert fetch_one(database, "SELECT count(*) FROM accounts WHERE id > 2 AND id <= 20000 AND balance = id") == 19998
     assert fetch_one(database, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'reconciler_shadow_%'") == 0
+
+
+# --- identity columns: the new table's sequence goes on from the old one's ----------------------------------------
+
+EVENTS = """
+CREATE {persistence}TABLE events (id bigint GENERATED ALWAYS AS IDENTITY (START WITH 7 INCREMENT BY 3), at timestamptz
+    NOT NULL DEFAULT '2026-01-05 00:00+00', note text, PRIMARY KEY (id{key})){partitioned};
+{partitions}"""
+BY_TIME = dict(persistence="", key=", at", partitioned=" PARTITION BY RANGE (at)", partitions=(
+    "CREATE TABLE events_early PARTITION OF events FOR VALUES FROM (MINVALUE) TO ('2026-01-03 00:00+00');\n"
+    "CREATE TABLE events_late PARTITION OF events FOR VALUES FROM ('2026-01-03 00:00+00') TO (MAXVALUE);\n"))
+
+
+def _inserting(database: str, stop: threading.Event, ids: list[int], failures: list[str]) -> None:
+    with connect(database) as conn:
+        while not stop.is_set():
+            try:
+                row = conn.execute("INSERT INTO events (note) VALUES ('w') RETURNING id").fetchone()
+                ids.append(int(row[0]) if row else 0)
+            except psycopg.Error as exc:
+                failures.append(str(exc))
+                return
+
+
+@pytest.mark.parametrize("change", ["made logged", "made partitioned", "made partitioned, small",
+                                    "made partitioned, held, then swapped back"])
+def test_an_identity_column_goes_on_from_its_sequence_through_the_swap(tmp_path: Path, database: str,
+                                                                       pg_server: Server, change: str) -> None:
+    """A table with an identity key (GENERATED ALWAYS), built again while an application inserts, leaving the key to
+    it: the rows keep their values, the new table's sequence (its name the same) goes on from the old one's, so no
+    key is given twice; the same through the way back, and for a table small enough to be built in one transaction."""
+    partitioned = "partitioned" in change
+    with connect(database) as conn:
+        if partitioned and conn.info.server_version < 170000:
+            pytest.skip("a partitioned table takes an identity column from PostgreSQL 17")
+    live = EVENTS.format(persistence="UNLOGGED " if not partitioned else "", key="", partitioned="", partitions="")
+    run_sql(database, live + "INSERT INTO events (note) SELECT 'n' || g FROM generate_series(1, 20000) g; ANALYZE events;")
+    desired = EVENTS.format(**BY_TIME) if partitioned else live.replace("UNLOGGED ", "")
+    plan = _plan(tmp_path, database, pg_server, desired, rows=1_000_000 if "small" in change else 1000)
+    kinds = [s.kind for s in plan.body.steps]
+    assert ("rebuild_table" in kinds and "copy_rows" not in kinds) if "small" in change else "copy_rows" in kinds, kinds
+    assert plan.body.rehearsal.status == "converged", plan.body.rehearsal
+    stop, ids, failures = threading.Event(), [], []
+    writer = threading.Thread(target=_inserting, args=(database, stop, ids, failures))
+    writer.start()
+    try:
+        result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                         backfill=BackfillLimits(batch_seconds=0.01),
+                                                         hold_contract="held" in change))
+        assert result.status == "applied", result
+        if "swapped back" in change:
+            back = _plan(tmp_path, database, pg_server, live)
+            assert "copy_rows" not in [s.kind for s in back.body.steps], [s.sql for s in back.body.steps]
+            assert apply_plan(back, database, ApplyOptions(environment="test", metadata_schema="reconciler")).status \
+                == "applied"
+    finally:
+        stop.set()
+        writer.join(timeout=60)
+    assert not failures and ids, failures[:3]
+    final = live if "swapped back" in change else desired
+    assert fetch_one(database, "SELECT relkind::text FROM pg_class WHERE oid = 'events'::regclass") == \
+        ("p" if partitioned and "swapped back" not in change else "r")
+    assert fetch_one(database, "SELECT pg_get_serial_sequence('events', 'id')") == "public.events_id_seq"
+    assert fetch_one(database, f"SELECT count(*) FROM events WHERE id = ANY('{{{','.join(map(str, ids))}}}'::bigint[])") \
+        == len(ids)  # every insert acknowledged
+    assert fetch_one(database, f"SELECT count(*) = count(DISTINCT id) AND count(*) = {20000 + len(ids)} FROM events") is True
+    after = fetch_one(database, "INSERT INTO events (note) VALUES ('after') RETURNING id")
+    assert isinstance(after, int) and after > max(ids) and (after - 7) % 3 == 0, (after, max(ids))
+    assert fetch_one(database, "SELECT count(*) FROM pg_class WHERE relname LIKE '%reconciler%'") == 0
+    assert _plan(tmp_path, database, pg_server, final).body.steps == ()  # converged
+
+
+@pytest.mark.parametrize(("live", "desired", "message"), [
+    ("id bigint PRIMARY KEY", "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+     "the desired table makes id an identity column too"),
+    ("id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "id bigint PRIMARY KEY",
+     "the desired table no longer makes id an identity column too"),
+    ("id bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME events_ids) PRIMARY KEY",
+     "id bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME events_ids) PRIMARY KEY",
+     "the sequence of its identity column id is public.events_ids, not events_id_seq"),
+])
+def test_an_identity_column_the_rebuild_cannot_carry_over_is_refused(tmp_path: Path, database: str, pg_server: Server,
+                                                                     live: str, desired: str, message: str) -> None:
+    run_sql(database, f"CREATE UNLOGGED TABLE events ({live}, note text);"
+                      "INSERT INTO events OVERRIDING SYSTEM VALUE SELECT g, 'n' FROM generate_series(1, 2000) g;")
+    with pytest.raises(ReconcilerError, match=r"cannot rebuild table public\.events, which becomes logged") as err:
+        _plan(tmp_path, database, pg_server, f"CREATE TABLE events ({desired}, note text);")
+    assert message in str(err.value), err.value
+    assert fetch_one(database, "SELECT count(*) FROM events") == 2000

@@ -39,6 +39,8 @@ class Rebuild:
     grants: tuple[str, ...] = ()  # the table's grants (live's, unless the plan manages privileges)
     references: tuple[tuple[str, str, str], ...] = ()  # (table, constraint, definition): foreign keys to it
     sequences: tuple[tuple[str, str], ...] = ()  # ('schema.sequence', column): sequences its columns own
+    # (column, live's 'schema.sequence'): its identity columns, whose new sequences go on from the old ones at the swap
+    identities: tuple[tuple[str, str], ...] = ()
     triggers: tuple[str, ...] = ()  # CREATE TRIGGER: its own, made at the swap (not firing on the rows copied)
     views: tuple[str, ...] = ()  # CREATE OR REPLACE VIEW: the views that read it, made again at the swap
     renamed: tuple[str, ...] = ()  # 'schema.index': the old table's and its partitions', renamed away

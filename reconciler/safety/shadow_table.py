@@ -12,7 +12,8 @@ unlogged) as a shadow table, without stopping writes:
 3. (cut-over, one short transaction under ``lock_timeout``) the rest of the log replayed under lock, the capture
    dropped, the old table (and its partitions) renamed away, the new one and its partitions moved to the table's
    schema, the shadow schema dropped, the foreign keys to the table re-pointed NOT VALID (validated after, writes going on),
-   the sequences its columns own moved, and a trigger that keeps the old table in step from then on;
+   the sequences its columns own moved, its identity sequences set to where the old table's stood (those renamed
+   away first: the new ones take their names), and a trigger that keeps the old table in step from then on;
 4. every row of the old table checked to be in the new one, batch by batch; then the contract, the old table
    dropped, a phase of its own (``apply --hold-contract`` leaves it).
 
@@ -200,14 +201,38 @@ def _replay_body(rebuild: Rebuild, n: _Names) -> sql.Composed:
         "INSERT INTO {tmp} SELECT {entry}, {was}, {now} FROM {log} ORDER BY {entry} LIMIT batch; "
         "GET DIAGNOSTICS done = ROW_COUNT; IF done = 0 THEN RETURN 0; END IF; "
         "DELETE FROM {new} n USING (SELECT DISTINCT {keys} FROM ({touched}) x) k WHERE {match}; "
-        "INSERT INTO {new} ({columns}) SELECT {values} FROM (SELECT DISTINCT ON ({keys}) {entry}, {now}, {keys} "
+        "INSERT INTO {new} ({columns}){overriding} SELECT {values} FROM (SELECT DISTINCT ON ({keys}) {entry}, {now}, {keys} "
         "FROM ({touched}) x ORDER BY {keys}, {entry} DESC) last WHERE {stays}; "
         "DELETE FROM {log} l USING {tmp} b WHERE l.{entry} = b.{entry}; RETURN done; END").format(
         tmp=tmp, t=n.t, log=n.log, new=n.new, keys=key_list, touched=touched, entry=entry, was=was, now=now,
         match=sql.SQL(" AND ").join(sql.SQL("n.{} = k.{}").format(k, k) for k in keys),
-        columns=sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns),
+        columns=sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns), overriding=_overriding(rebuild),
         values=sql.SQL(", ").join(sql.SQL("(last.{}).{}").format(now, sql.Identifier(c)) for c in rebuild.columns),
         stays=sql.SQL(" AND ").join(sql.SQL("(last.{}).{} = last.{}").format(now, k, k) for k in keys))
+
+
+def _overriding(rebuild: Rebuild) -> sql.Composable:
+    """Rows copied keep their identity values (an identity GENERATED ALWAYS refuses them without it)."""
+    return sql.SQL(" OVERRIDING SYSTEM VALUE" if rebuild.identities else "")
+
+
+def sequences_away(identities: Sequence[tuple[str, str]], tag: str, suffix: str) -> list[str]:
+    """A table's identity sequences ('schema.name') renamed away (``<name>_<suffix>_<tag>``), so the table taking its
+    place has theirs."""
+    return [q("ALTER SEQUENCE {} RENAME TO {}", sql.Identifier(*seq.split(".", 1)),
+              sql.Identifier(_away(seq, suffix, tag))) for _column, seq in identities]
+
+
+def sequences_on(identities: Sequence[tuple[str, str]], table: sql.Identifier, tag: str, suffix: str) -> list[str]:
+    """Each identity sequence of ``table`` going on from where the one renamed away stands: under the swap's lock no
+    value is drawn meanwhile, so none is given twice."""
+    return [q("SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) FROM {} s",
+              sql.Literal(table.as_string(None)), sql.Literal(column),
+              sql.Identifier(seq.split(".", 1)[0], _away(seq, suffix, tag))) for column, seq in identities]
+
+
+def _away(seq: str, suffix: str, tag: str) -> str:
+    return short(f"{seq.split('.', 1)[1]}_{suffix}", tag)
 
 
 def _quoted(body: str) -> str:
@@ -239,8 +264,8 @@ def _online(ctx: Context, rebuild: Rebuild) -> list[Draft]:
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns)
     for source in rebuild.sources:
         parts = tuple(source.split(".", 1))
-        out.append(Draft(sql=q("INSERT INTO {} ({}) SELECT {} FROM ONLY {} ON CONFLICT DO NOTHING", n.new, columns,
-                               columns, sql.Identifier(*parts)), kind=COPY_KIND, object=source, tables=(source,),
+        out.append(Draft(sql=q("INSERT INTO {} ({}){} SELECT {} FROM ONLY {} ON CONFLICT DO NOTHING", n.new, columns,
+                               _overriding(rebuild), columns, sql.Identifier(*parts)), kind=COPY_KIND, object=source, tables=(source,),
                          transactional=False, stage=BACKFILL, rollback_sql="", reversible=True, identity=parts,
                          helper=True))
     # the rows copied vacuumed and analysed before the table goes live: it has statistics for the application's
@@ -282,7 +307,9 @@ def _cutover(ctx: Context, rebuild: Rebuild, n: _Names) -> list[Draft]:
                   q("DROP TRIGGER {} ON {}", sql.Identifier(n.trigger), t),
                   q("DROP TRIGGER {} ON {}", sql.Identifier(f"{n.trigger}_truncate"), t),
                   q("DROP FUNCTION {}()", n.capture), q("DROP FUNCTION {}(integer)", n.replay), q("DROP TABLE {}", n.log),
+                  *sequences_away(rebuild.identities, n.tag, "reconciler_old"),
                   *_swap(rebuild, n, moved_from=n.shadow),
+                  *sequences_on(rebuild.identities, n.t, n.tag, "reconciler_old"),
                   q("DROP SCHEMA {}", sql.Identifier(n.shadow))]  # empty by now: nothing of the rebuild is left there
     added, validations, scans = repointed(ctx, rebuild, partitioned=" PARTITION BY " in rebuild.create)
     statements += added
@@ -295,10 +322,10 @@ def _cutover(ctx: Context, rebuild: Rebuild, n: _Names) -> list[Draft]:
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns)
     values = sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in rebuild.columns)
     body = sql.SQL("BEGIN IF TG_OP <> 'INSERT' THEN DELETE FROM {old} o WHERE {was}; END IF; "
-                   "IF TG_OP <> 'DELETE' THEN DELETE FROM {old} o WHERE {now}; INSERT INTO {old} ({columns}) "
+                   "IF TG_OP <> 'DELETE' THEN DELETE FROM {old} o WHERE {now}; INSERT INTO {old} ({columns}){overriding} "
                    "VALUES ({values}); END IF; RETURN NULL; END").format(
         old=old, was=_key_match(rebuild, "o", "OLD"), now=_key_match(rebuild, "o", "NEW"), columns=columns,
-        values=values)
+        values=values, overriding=_overriding(rebuild))
     statements += [q("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS ",
                      back) + _quoted(body.as_string(None)),
                    q("CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION "
@@ -398,10 +425,13 @@ def _offline(ctx: Context, rebuild: Rebuild, big: bool) -> list[Draft]:
     statements = [q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", sql.SQL(", ").join(
         sql.Identifier(*name.split(".", 1)) for name in (*referencing, table)))]
     statements += [text for text, _kind, _object, _undo in _renames(ctx, rebuild, n)]
+    statements += sequences_away(rebuild.identities, n.tag, "reconciler_old")
     statements += _swap(rebuild, n, moved_from=None)
     statements += _definition(rebuild, {})
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns)
-    statements.append(q("INSERT INTO {} ({}) SELECT {} FROM {}", n.t, columns, columns, n.at(n.old)))
+    statements.append(q("INSERT INTO {} ({}){} SELECT {} FROM {}", n.t, columns, _overriding(rebuild), columns,
+                        n.at(n.old)))
+    statements += sequences_on(rebuild.identities, n.t, n.tag, "reconciler_old")
     statements += [q("ALTER TABLE {} ADD CONSTRAINT {} ", sql.Identifier(*ref.split(".", 1)), sql.Identifier(name))
                    + definition for ref, name, definition in rebuild.references]
     statements += [q("ALTER SEQUENCE {} OWNED BY {}", sql.Identifier(*seq.split(".", 1)),

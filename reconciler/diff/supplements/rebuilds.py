@@ -9,7 +9,8 @@ on, and swaps the names in one short lock (safety/shadow_table.py). ``rebuilds_l
 rewriter: what they added about those tables goes too, and the rebuild comes after everything it may need.
 
 What the new table cannot take over by itself is refused, naming the table and what to do: a partition name the
-live database already uses, a column the desired table drops, an identity column, triggers, row security, rules,
+live database already uses, a column the desired table drops, an identity column made or unmade (or one whose
+sequence has a name of its own), triggers, row security, rules,
 views over the table, a foreign key to itself, inheritance children.
 """
 
@@ -64,7 +65,12 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod),
             THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END,
        pg_get_expr(d.adbin, d.adrelid), a.attnotnull, a.attidentity::text, a.attgenerated::text,
        (SELECT k.conname FROM pg_constraint k WHERE k.conrelid = a.attrelid AND k.contype = 'n'
-        AND k.conkey = ARRAY[a.attnum]::int2[] LIMIT 1)
+        AND k.conkey = ARRAY[a.attnum]::int2[] LIMIT 1),
+       (SELECT format('INCREMENT BY %%s MINVALUE %%s MAXVALUE %%s START WITH %%s CACHE %%s%%s', q.seqincrement, q.seqmin,
+                      q.seqmax, q.seqstart, q.seqcache, CASE WHEN q.seqcycle THEN ' CYCLE' ELSE '' END)
+        FROM pg_sequence q WHERE a.attidentity <> ''
+        AND q.seqrelid = pg_get_serial_sequence(a.attrelid::regclass::text, a.attname)::regclass),
+       CASE WHEN a.attidentity <> '' THEN pg_get_serial_sequence(a.attrelid::regclass::text, a.attname) END
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_collation co ON co.oid = a.attcollation LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -282,12 +288,25 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
     if retyped:
         raise _refuse(table, why, f"the desired table changes the type of {', '.join(retyped)} too (change it in a "
                       "plan of its own)")
-    unfilled = [c[0] for c in desired_columns if c[0] not in had and c[4] and c[3] is None and not c[6]]
+    unfilled = [c[0] for c in desired_columns if c[0] not in had and c[4] and c[3] is None and not c[6] and not c[5]]
     if unfilled:
         raise _refuse(table, why, f"its new column {', '.join(unfilled)} is NOT NULL without a default: the rows "
                       "copied would have no value for it (add it in a plan of its own first)")
-    if any(c[5] for c in (*live_columns, *desired_columns)):
-        raise _refuse(table, why, "it has an identity column (its sequence would start again in the new table)")
+    identities = []  # the new table's identity columns take their sequence's state from the old one's at the swap
+    for c in desired_columns:
+        was = had.get(c[0])
+        if was is not None and bool(c[5]) != bool(was[5]):
+            raise _refuse(table, why, f"the desired table {'makes' if c[5] else 'no longer makes'} {c[0]} an identity column "
+                          "too (change it in a plan of its own)")
+        if not c[5]:
+            continue
+        if was is None:
+            raise _refuse(table, why, f"its new column {c[0]} is an identity column (add it in a plan of its own)")
+        default = f"{table.split('.', 1)[1]}_{c[0]}_seq"
+        if str(c[9]).split(".", 1)[-1].strip('"') != default or len(default) > 63:
+            raise _refuse(table, why, f"the sequence of its identity column {c[0]} is {c[9]}, not {default}, the "
+                          "name the new table's would take (rename it in a plan of its own)")
+        identities.append((str(c[0]), str(was[9])))
     persistence, partkey, options, comment = checks[("desired", table)][:4]
     key = tuple(checks[("live", table)][10] or ())
     new_key = tuple(checks[("desired", table)][10] or ())
@@ -344,7 +363,7 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
                    comments=tuple(c.as_string(None) for c in comments),
                    grants=tuple(g.as_string(None) for g in grants), references=references, sequences=sequences,
                    renamed=tuple(taken), retired=tuple(live_family[1:]), original=original, triggers=triggers,
-                   views=views,
+                   views=views, identities=tuple(identities),
                    **_kept(context, table, names["live"]))
 
 
@@ -400,11 +419,13 @@ def _partition(context: Context, name: str) -> str:
 
 def _column(c: tuple[object, ...]) -> str:
     """A column's definition after its name (``_COLUMNS``' row)."""
-    type_, collation, default, not_null, _identity, generated, not_null_name = c[1:]
+    type_, collation, default, not_null, identity, generated, not_null_name, sequence, _named = c[1:]
     text = str(type_)
     if collation:
         text += f" COLLATE {collation}"
-    if generated == "s":
+    if identity:
+        text += f" GENERATED {'ALWAYS' if identity == 'a' else 'BY DEFAULT'} AS IDENTITY ({sequence})"
+    elif generated == "s":
         text += f" GENERATED ALWAYS AS ({default}) STORED"
     elif generated == "v":
         text += f" GENERATED ALWAYS AS ({default}) VIRTUAL"
