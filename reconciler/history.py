@@ -398,7 +398,8 @@ def find_run(conn: psycopg.Connection[Any], schema: str, given: str) -> Run:
                         (prefix,))
             runs = [_run(r) for r in cur.fetchall()]
     if not runs:
-        raise ReconcilerError(f"no run {given} in this database's history (`reconciler history` lists them)")
+        raise ReconcilerError(f"no run {given} in this database's history (database {conn.info.dbname}: `reconciler "
+                              "history` lists its runs; `--env` names another environment's)")
     if len(runs) > 1:
         shown = ", ".join(f"{r.id} ({r.shown_status}, started {r.started_at:%Y-%m-%d %H:%M:%S})" for r in runs[:10])
         raise ReconcilerError(f"run id {given} is ambiguous: it begins the ids of "

@@ -68,7 +68,8 @@ def test_run_ids_are_taken_by_unique_prefix(target: Target, second_database: str
         assert err.startswith("error: run id abcd is ambiguous") and err.count("\n") == 1, err
         assert all(run in err for run in renamed), err
     assert cli(config, "rollback", "0000", "--env", "test") == 1
-    assert capsys.readouterr().err.startswith("error: no run 0000 in this database's history")
+    err = capsys.readouterr().err
+    assert err.startswith("error: no run 0000 in this database's history (database ") and "`--env` names" in err, err
     assert cli(config, "rollback", "abc", "--env", "test") == 1
     assert "at least its first 4 characters" in capsys.readouterr().err
     assert cli(config, "rollback", renamed[1][:9], "--env", "test", "--plan-only") == 2  # the older run
