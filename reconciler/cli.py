@@ -445,6 +445,7 @@ def cmd_backfill(args: argparse.Namespace, config: Config) -> int:
 
 
 def _backfill_status(run: history.Run) -> str:
+    from .apply.backfill import batch_time
     from .apply.backfill import describe as describe_backfill
 
     progress = (run.backfill or {}).get("progress")
@@ -464,7 +465,7 @@ def _backfill_status(run: history.Run) -> str:
     if progress.get("reason"):
         lines.append(f"  waiting: {progress['reason']}")
     if requested.get("batch_seconds"):
-        lines.append(f"  batches of about {float(requested['batch_seconds']):g}s (throttled)")
+        lines.append(f"  batches of about {batch_time(float(requested['batch_seconds']))} (throttled)")
     return "\n".join(lines)
 
 

@@ -540,7 +540,7 @@ def test_an_operator_pauses_throttles_and_resumes_a_fill_from_another_shell(
     capsys.readouterr()
     assert backfill("status", run_id) == 0
     out = capsys.readouterr().out
-    assert "(applied): backfill public.users.email_key (step 5): done" in out and "batches of about 0.02s" in out, out
+    assert "(applied): backfill public.users.email_key (step 5): done" in out and "batches of about 20ms (throttled)" in out, out
     assert backfill("pause", run_id) == 3  # ended: nothing to pause
     run_sql(project.database, "UPDATE reconciler.runs SET backfill = NULL")  # as a run an older tool recorded
     capsys.readouterr()

@@ -81,7 +81,7 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
     with _Workers(conn, count, session, step.object) as workers:
         watch.ours, fill.workers = workers.pids, workers.count
         log.info("backfill %s: %s pages to %s in batches of about %s%s", step.object, f"{pages - start:,}",
-                 {VERIFY_KIND: "check", COPY_KIND: "copy"}.get(step.kind, "fill"), _took(limits.batch_seconds),
+                 {VERIFY_KIND: "check", COPY_KIND: "copy"}.get(step.kind, "fill"), batch_time(limits.batch_seconds),
                  f", {workers.count} at a time" if workers.count > 1 else "")
         while start < pages or workers.busy:
             if start < pages and workers.free:
@@ -378,7 +378,7 @@ def describe(progress: dict[str, Any], state: str | None = None) -> str:
             + (f", went on from an earlier run's checkpoint at page {resumed:,}" if resumed else ""))
 
 
-def _took(seconds: float) -> str:
+def batch_time(seconds: float) -> str:
     """A batch time as the configuration says it (``batch: 50ms``)."""
     return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
 
