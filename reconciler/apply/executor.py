@@ -155,20 +155,16 @@ class _Sessions:
 
     def __init__(self, dsn: str, control: psycopg.Connection[Any], options: ApplyOptions) -> None:
         self.dsn, self.control, self.options = dsn, control, options
-        self.executor = connect(dsn, application_name="reconciler apply")
+        self.executor = working_session(dsn, "reconciler apply")
 
     def start(self) -> None:
         _acquire_lock(self.executor, self.control, self.options)
-        if int(self.executor.info.server_version) >= 140000:
-            # If this process dies mid-statement, the server stops the statement instead of finishing it
-            # for nobody (a concurrent index build would otherwise complete after a kill -9).
-            self.executor.execute("SET client_connection_check_interval = '1s'")
 
     def regain(self, run_id: str) -> bool:
         """After losing the executing session: a new one, holding the lock, named in the run's row."""
         try:
-            fresh = connect(self.dsn, application_name="reconciler apply")
-        except ReconcilerError as exc:
+            fresh = working_session(self.dsn, "reconciler apply")
+        except (ReconcilerError, psycopg.Error) as exc:
             log.warning("cannot reconnect to settle the run: %s", exc)
             return False
         try:
@@ -673,13 +669,15 @@ def _fill(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord], 
     dsn = options.target_dsn
     _batched(step, records, options, "rows", lambda: run_backfill(
         conn, step, limits=options.backfill, lock_retries=options.lock_retries, check=progress.check, report=report,
-        resume=progress.checkpoint, session=functools.partial(_fill_session, dsn) if dsn else None))
+        resume=progress.checkpoint,
+        session=functools.partial(working_session, dsn, "reconciler fill") if dsn else None))
 
 
-def _fill_session(dsn: str) -> psycopg.Connection[Any]:
-    """A session a fill's batches run in beside others (``backfill.run_backfill``); as the executing session, it
-    stops its statement if this process dies."""
-    conn = connect(dsn, application_name="reconciler fill")
+def working_session(dsn: str, application_name: str) -> psycopg.Connection[Any]:
+    """A session that runs the plan's statements (the executor's, or one a fill's batches run in beside others).
+    If this process dies mid-statement, the server stops the statement instead of finishing it for nobody (a
+    concurrent index build would otherwise complete after a kill -9)."""
+    conn = connect(dsn, application_name=application_name)
     if int(conn.info.server_version) >= 140000:
         conn.execute("SET client_connection_check_interval = '1s'")
     return conn

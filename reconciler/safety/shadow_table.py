@@ -220,7 +220,7 @@ def sequences_away(identities: Sequence[tuple[str, str]], tag: str, suffix: str)
     """A table's identity sequences ('schema.name') renamed away (``<name>_<suffix>_<tag>``), so the table taking its
     place has theirs."""
     return [q("ALTER SEQUENCE {} RENAME TO {}", sql.Identifier(*seq.split(".", 1)),
-              sql.Identifier(_away(seq, suffix, tag))) for _column, seq in identities]
+              sql.Identifier(renamed_away(seq, suffix, tag))) for _column, seq in identities]
 
 
 def sequences_on(identities: Sequence[tuple[str, str]], table: sql.Identifier, tag: str, suffix: str) -> list[str]:
@@ -228,10 +228,11 @@ def sequences_on(identities: Sequence[tuple[str, str]], table: sql.Identifier, t
     value is drawn meanwhile, so none is given twice."""
     return [q("SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) FROM {} s",
               sql.Literal(table.as_string(None)), sql.Literal(column),
-              sql.Identifier(seq.split(".", 1)[0], _away(seq, suffix, tag))) for column, seq in identities]
+              sql.Identifier(seq.split(".", 1)[0], renamed_away(seq, suffix, tag))) for column, seq in identities]
 
 
-def _away(seq: str, suffix: str, tag: str) -> str:
+def renamed_away(seq: str, suffix: str, tag: str) -> str:
+    """The name ``sequences_away`` gives the sequence 'schema.name'."""
     return short(f"{seq.split('.', 1)[1]}_{suffix}", tag)
 
 

@@ -19,7 +19,7 @@ from .context import Context
 from .drafts import BACKFILL, CUTOVER, POST_CUTOVER, Draft
 from .dual_column import VERIFY_KIND
 from .nodes import q, short
-from .shadow_table import repointed, rows_missing, sequences_away, sequences_on
+from .shadow_table import renamed_away, repointed, rows_missing, sequences_away, sequences_on
 from .steps import HazardCode
 from .swap import CONTRACT
 
@@ -59,7 +59,7 @@ def swap_back(ctx: Context, rebuild: Rebuild) -> list[Draft]:
     # from where the others stand (the rows kept in step were written with their values, drawing none)
     statements += sequences_away(rebuild.identities, tag, "reconciler_gone")
     statements += [q("ALTER SEQUENCE {} RENAME TO {}", sql.Identifier(seq.split(".", 1)[0],
-                                                                    short(f"{seq.split('.', 1)[1]}_reconciler_old", tag)),
+                                                                    renamed_away(seq, "reconciler_old", tag)),
                      sql.Identifier(seq.split(".", 1)[1])) for _column, seq in rebuild.identities]
     statements += sequences_on(rebuild.identities, t, tag, "reconciler_gone")
     statements += rebuild.views  # read the table back

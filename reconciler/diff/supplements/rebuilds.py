@@ -66,12 +66,14 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod),
        pg_get_expr(d.adbin, d.adrelid), a.attnotnull, a.attidentity::text, a.attgenerated::text,
        (SELECT k.conname FROM pg_constraint k WHERE k.conrelid = a.attrelid AND k.contype = 'n'
         AND k.conkey = ARRAY[a.attnum]::int2[] LIMIT 1),
-       (SELECT format('INCREMENT BY %%s MINVALUE %%s MAXVALUE %%s START WITH %%s CACHE %%s%%s', q.seqincrement, q.seqmin,
-                      q.seqmax, q.seqstart, q.seqcache, CASE WHEN q.seqcycle THEN ' CYCLE' ELSE '' END)
-        FROM pg_sequence q WHERE a.attidentity <> ''
-        AND q.seqrelid = pg_get_serial_sequence(a.attrelid::regclass::text, a.attname)::regclass),
-       CASE WHEN a.attidentity <> '' THEN pg_get_serial_sequence(a.attrelid::regclass::text, a.attname) END
+       format('INCREMENT BY %%s MINVALUE %%s MAXVALUE %%s START WITH %%s CACHE %%s%%s', q.seqincrement, q.seqmin,
+              q.seqmax, q.seqstart, q.seqcache, CASE WHEN q.seqcycle THEN ' CYCLE' ELSE '' END),
+       qn.nspname || '.' || qc.relname
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_depend qd ON a.attidentity <> '' AND qd.classid = 'pg_class'::regclass AND qd.deptype = 'i'
+     AND qd.refclassid = 'pg_class'::regclass AND qd.refobjid = a.attrelid AND qd.refobjsubid = a.attnum
+LEFT JOIN pg_sequence q ON q.seqrelid = qd.objid
+LEFT JOIN pg_class qc ON qc.oid = q.seqrelid LEFT JOIN pg_namespace qn ON qn.oid = qc.relnamespace
 LEFT JOIN pg_collation co ON co.oid = a.attcollation LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
@@ -303,7 +305,7 @@ def _read(context: Context, table: str, why: str, live_family: list[str], desire
         if was is None:
             raise _refuse(table, why, f"its new column {c[0]} is an identity column (add it in a plan of its own)")
         default = f"{table.split('.', 1)[1]}_{c[0]}_seq"
-        if str(c[9]).split(".", 1)[-1].strip('"') != default or len(default) > 63:
+        if str(c[9]).split(".", 1)[1] != default or len(default) > 63:
             raise _refuse(table, why, f"the sequence of its identity column {c[0]} is {c[9]}, not {default}, the "
                           "name the new table's would take (rename it in a plan of its own)")
         identities.append((str(c[0]), str(was[9])))
