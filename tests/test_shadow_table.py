@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -14,6 +15,7 @@ import pytest
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
 from reconciler.errors import ReconcilerError
 from reconciler.plan import render_markdown, render_text
+from reconciler.safety import Step
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
 from tests.target import Target, apply_with_cutover_blocked
@@ -184,6 +186,63 @@ def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, da
     assert fetch_one(database, "SELECT count(*) FROM pg_class WHERE relname LIKE '%reconciler%'") == 0
     assert fetch_one(database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reconciler_%'") == 0
     assert _plan(tmp_path, database, pg_server, PARTITIONED).body.steps == ()  # converged
+
+
+def test_a_cut_over_crossed_by_a_writer_taking_its_tables_in_the_other_order_takes_them_in_that_order(
+        tmp_path: Path, database: str, pg_server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """The cut-over locks ledger, then accounts (the order of an insert into ledger, which then checks its key); an
+    application's transaction inserts an account, then its ledger row. Each attempt of the cut-over, such a
+    transaction has its account inserted; the cut-over gets ledger and waits for accounts, the writer's ledger row
+    waits for the cut-over: both wait until the cut-over's lock_timeout. Locking in the same order again would cross
+    the writer again every time; the next attempt takes accounts first, and goes through."""
+    import logging
+
+    run_sql(database, LIVE + ROWS)
+    plan = _plan(tmp_path, database, pg_server, PARTITIONED)
+    lock = next(s for s in plan.body.steps if s.kind == "cutover")
+    assert lock.sql == 'LOCK TABLE "public"."ledger", "public"."accounts" IN ACCESS EXCLUSIVE MODE'
+    writer = connect(database, autocommit=False)
+    written: list[int] = []
+    crossing: list[threading.Thread] = []
+
+    def ledger_row_when_the_cut_over_waits(account: int) -> None:
+        with connect(database) as watcher:
+            for _ in range(250):
+                if watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'reconciler apply' "
+                                   "AND wait_event_type = 'Lock'").fetchone() == (1,):
+                    break
+                time.sleep(0.02)
+        writer.execute("INSERT INTO ledger (account_id, account_created_at, amount) SELECT id, created_at, 7 FROM "
+                       "accounts WHERE id = %s", (account,))
+        writer.commit()
+        written.append(account)
+
+    def on_step(step: Step) -> None:
+        if step.index != lock.index:
+            return
+        for thread in crossing:
+            thread.join(30)
+        account = 900_000 + len(crossing)
+        writer.execute("INSERT INTO accounts (id, created_at, name) VALUES (%s, '2026-01-20', 'x')", (account,))
+        crossing.append(threading.Thread(target=ledger_row_when_the_cut_over_waits, args=(account,)))
+        crossing[-1].start()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="reconciler.apply"):
+            result = apply_plan(plan, database, ApplyOptions(environment="test", metadata_schema="reconciler",
+                                                             retry_backoff_seconds=0.1, on_step=on_step))
+    finally:
+        for thread in crossing:
+            thread.join(30)
+        writer.close()
+    assert result.status == "applied", result
+    assert "waiting for a lock this step holds" in caplog.text and \
+        "locking the tables in the other order: a writer takes them in that order" in caplog.text, caplog.text
+    assert len(crossing) == 2 and written == [900_000, 900_001]  # crossed once, then not
+    applied = next(r for r in result.steps if r.index == lock.index and r.status == "applied")
+    assert applied.sql == "LOCK public.accounts, public.ledger IN ACCESS EXCLUSIVE MODE"  # as it ran
+    assert fetch_one(database, "SELECT count(*) FROM ledger WHERE amount = 7 AND account_id >= 900000") == 2
+    assert fetch_one(database, "SELECT relkind::text FROM pg_class WHERE oid = 'accounts'::regclass") == "p"
 
 
 def test_a_copy_killed_part_way_goes_on_from_its_checkpoint(target: Target) -> None:

@@ -41,6 +41,7 @@ from . import recovery
 from .backfill import run_backfill
 from .catch_up import run_catch_up
 from .checks import freshness, plan_checks, refuse_unless_target
+from .lock_order import other_order
 from .monitor import LockWaitMonitor
 from .options import ApplyOptions, ApplyResult
 from .verification import (
@@ -541,18 +542,20 @@ def _set_timeouts(conn: psycopg.Connection[Any], step: Step, *, local: bool) -> 
 
 def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecord],
               on_step: Callable[[Step], None] | None = None, monitor: LockWaitMonitor | None = None,
-              check: Callable[[], None] = lambda: None) -> None:
+              check: Callable[[], None] = lambda: None, text: str | None = None) -> None:
+    """``text``: the statement as run, when not the step's own (its tables locked in the other order)."""
     check()
     if on_step is not None:
         on_step(step)
     if monitor is not None:
         monitor.begin()
     started = time.perf_counter()
+    text = text or step.sql
     try:
-        conn.execute(step.sql.encode(), prepare=False)
+        conn.execute(text.encode(), prepare=False)
     except BaseException as exc:
         waited = monitor.end() if monitor is not None else 0.0
-        records.append(StepRecord(step.index, step.kind, step.object, step.sql, "failed",
+        records.append(StepRecord(step.index, step.kind, step.object, text, "failed",
                                   (time.perf_counter() - started) * 1000, waited))
         if isinstance(exc, psycopg.Error):
             behind = monitor.blockers() if monitor is not None and isinstance(exc, psycopg.errors.LockNotAvailable) \
@@ -561,7 +564,7 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
         raise
     took = (time.perf_counter() - started) * 1000
     waited = monitor.end() if monitor is not None else 0.0
-    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, waited))
+    records.append(StepRecord(step.index, step.kind, step.object, text, "applied", took, waited))
     log.info("step %d %s %s: %.1f ms (lock wait %.0f ms)", step.index, step.kind, step.object, took, waited)
 
 
@@ -572,8 +575,10 @@ def _is_lock_timeout(exc: BaseException) -> bool:
     return isinstance(cause, psycopg.errors.LockNotAvailable | psycopg.errors.DeadlockDetected)
 
 
-def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None]) -> None:
-    """Run a phase; a lock timeout is retried with exponential backoff, a bounded number of times."""
+def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None],
+              next_attempt: Callable[[ApplyError], str] = lambda exc: "") -> None:
+    """Run a phase; a lock timeout is retried with exponential backoff, a bounded number of times.
+    ``next_attempt`` readies the next attempt after a lock timeout, saying how it differs."""
     for attempt in range(options.lock_retries + 1):
         try:
             attempt_phase()
@@ -586,8 +591,9 @@ def _retrying(options: ApplyOptions, what: str, attempt_phase: Callable[[], None
             delay = min(options.retry_backoff_seconds * 2**attempt, 30.0)
             reason = "a deadlock" if isinstance(exc.__cause__, psycopg.errors.DeadlockDetected) else "lock_timeout"
             behind = str(exc).partition("; it waited behind ")[2]
-            log.warning("%s hit %s%s; retrying in %.1fs (attempt %d of %d)", what, reason,
-                        f" behind {behind}" if behind else "", delay, attempt + 2, options.lock_retries + 1)
+            log.warning("%s hit %s%s; retrying in %.1fs (attempt %d of %d%s)", what, reason,
+                        f" behind {behind}" if behind else "", delay, attempt + 2, options.lock_retries + 1,
+                        next_attempt(exc))
             time.sleep(delay)
 
 
@@ -605,8 +611,10 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
         progress.starting(phase)
         if phase[0].transactional:
             written = [0]
+            reordered: dict[int, str] = {}  # step index -> its LOCK with the tables in the other order, while in use
 
-            def run_transaction(phase: list[Step] = phase, last: bool = last, written: list[int] = written) -> None:
+            def run_transaction(phase: list[Step] = phase, last: bool = last, written: list[int] = written,
+                                reordered: dict[int, str] = reordered) -> None:
                 done_before = len(records)
                 try:
                     with conn.transaction():
@@ -615,7 +623,8 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                             if (step.lock_timeout, step.statement_timeout) != timeouts:  # once while they stay the same
                                 _set_timeouts(conn, step, local=True)
                                 timeouts = (step.lock_timeout, step.statement_timeout)
-                            _run_step(conn, step, records, options.on_step, monitor, progress.check)
+                            _run_step(conn, step, records, options.on_step, monitor, progress.check,
+                                      reordered.get(step.index))
                         if last and options.verify_before_commit:
                             # what would be committed is checked before it is: the phase's locks are held meanwhile
                             check_converged(plan, conn, options.metadata_schema, before,
@@ -626,7 +635,21 @@ def _execute(plan: Plan, conn: psycopg.Connection[Any], options: ApplyOptions, r
                                              for r in records[done_before:]]
                     raise
 
-            _retrying(options, f"phase {phase[0].phase}", run_transaction)
+            def crossed(exc: ApplyError, phase: list[Step] = phase, reordered: dict[int, str] = reordered) -> str:
+                """A writer took the tables the phase locks in the other order: the next attempt takes them in its."""
+                deadlock = isinstance(exc.__cause__, psycopg.errors.DeadlockDetected)
+                if not (deadlock or (monitor is not None and monitor.crossed)):
+                    return ""
+                flipped = {s.index: other for s in phase if (other := other_order(s.sql))}
+                if not flipped:
+                    return ""
+                if reordered:
+                    reordered.clear()
+                else:
+                    reordered.update(flipped)
+                return ", locking the tables in the other order: a writer takes them in that order"
+
+            _retrying(options, f"phase {phase[0].phase}", run_transaction, crossed)
             progress.committed(written[0])
         else:
             step = phase[0]

@@ -32,6 +32,7 @@ class LockWaitMonitor:
         self.dsn, self.pid = dsn, pid
         self.waited = 0.0
         self._blockers: dict[int, str] = {}  # pid -> the session as last seen holding this step up
+        self.crossed = False  # a session it waited behind was waiting for a lock the step held: the two crossed
         # autovacuum passes asked to stop, once each: a worker cancelled on one table goes on to the next of its
         # list under the same pid, and may hold up the next step there
         self._cancelled: set[tuple[int, str]] = set()  # (pid, when its pass on the table began)
@@ -50,6 +51,7 @@ class LockWaitMonitor:
     def begin(self) -> None:
         self.waited = 0.0
         self._blockers = {}
+        self.crossed = False
         self._active.set()
 
     def blockers(self) -> str:
@@ -73,8 +75,9 @@ class LockWaitMonitor:
                         if row and row[0] == "Lock":
                             self.waited += self.INTERVAL
                             found = _blocking(conn, self.pid)
-                            self._blockers.update((pid, text) for pid, (text, _vacuum, _began) in found.items())
-                            for pid, (_text, vacuum, began) in found.items():
+                            self._blockers.update((pid, text) for pid, (text, _vacuum, _began, _c) in found.items())
+                            self.crossed = self.crossed or any(crossed for *_f, crossed in found.values())
+                            for pid, (_text, vacuum, began, _crossed) in found.items():
                                 if vacuum and (pid, began) not in self._cancelled:
                                     self._cancelled.add((pid, began))
                                     self._cancel_autovacuum(conn, pid, vacuum)
@@ -101,18 +104,19 @@ SELECT b.pid, coalesce(nullif(b.application_name, ''), b.backend_type), b.state,
        extract(epoch FROM clock_timestamp() - coalesce(b.xact_start, b.backend_start))::float8,
        upper(substring(ltrim(b.query) FROM '^[A-Za-z]+')),
        CASE WHEN b.backend_type = 'autovacuum worker' AND b.query NOT LIKE '%%(to prevent wraparound)%%'
-            THEN b.query END, b.query_start
-FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(%s))
+            THEN b.query END, b.query_start, %(pid)s = ANY(pg_blocking_pids(b.pid))
+FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(%(pid)s))
 """
 
 
-def _blocking(conn: psycopg.Connection[Any], pid: int) -> dict[int, tuple[str, str | None, str]]:
+def _blocking(conn: psycopg.Connection[Any], pid: int) -> dict[int, tuple[str, str | None, str, bool]]:
     """Each blocker described, with what it vacuums when it is an autovacuum that may be cancelled (the worker's
-    query names only the table: 'autovacuum: VACUUM public.t'), and when its statement began (a worker's pass on
-    each table is a statement of its own)."""
+    query names only the table: 'autovacuum: VACUUM public.t'), when its statement began (a worker's pass on each
+    table is a statement of its own), and whether it waits in turn for a lock the step holds."""
     found = {}
-    for blocker, name, state, age, verb, vacuum, began in conn.execute(_BLOCKING, (pid,)).fetchall():
+    for blocker, name, state, age, verb, vacuum, began, crossed in conn.execute(_BLOCKING, {"pid": pid}).fetchall():
         doing = f"{state}, {verb}" if state == "active" and verb else str(state or "?")
-        found[int(blocker)] = (f"pid {blocker} ('{name}', {doing}, in its transaction for {float(age or 0):.1f} s)",
-                               str(vacuum) if vacuum else None, str(began))
+        waits = ", waiting for a lock this step holds" if crossed else ""
+        found[int(blocker)] = (f"pid {blocker} ('{name}', {doing}, in its transaction for {float(age or 0):.1f} s{waits})",
+                               str(vacuum) if vacuum else None, str(began), bool(crossed))
     return found
