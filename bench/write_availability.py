@@ -43,7 +43,8 @@ from reconciler.apply import ApplyOptions, apply_plan
 from reconciler.config import load_config
 from reconciler.diff.migra_engine import MigraEngine
 from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan, render_text
+from reconciler.plan import Plan
+from reconciler.render import render_text
 from reconciler.servers import Server, connect, drop_database, scratch_server, throwaway_database
 
 BENCH_DSN_ENV = "RECONCILER_BENCH_DSN"

@@ -43,7 +43,8 @@ from .errors import ConfigError, ReconcilerError, RefusedError
 if TYPE_CHECKING:
     from . import history
     from .apply import ApplyOptions, BackfillLimits
-    from .plan import ApprovalView, Plan
+    from .plan import Plan
+    from .render import ApprovalView
     from .safety import Step
     from .signing import PlannerKey, Requirements, Trust
 
@@ -99,6 +100,9 @@ def _drops_option(p: argparse.ArgumentParser) -> None:
                    help="plan even when the plan drops every table of a schema, or most of the target's tables")
 
 
+PLAN_FORMATS = ("text", "markdown", "json", "github", "sarif")  # reconciler.render's (not imported for --help)
+
+
 def _format_option(p: argparse.ArgumentParser, choices: Sequence[str] = ("text", "markdown", "json")) -> None:
     p.add_argument("--format", "-f", choices=list(choices), default="text", help="output format (default: text)")
 
@@ -127,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     _drops_option(p)
     p.add_argument("-o", "--out", type=Path, help="write the plan file here (a fleet: the folder for its plan files)")
     p.add_argument("--key", type=Path, help=f"sign the plan as planner with this key (or ${PLANNER_KEY_ENV})")
-    _format_option(p)
+    _format_option(p, PLAN_FORMATS)
 
     p = command("show")
     p.add_argument("plan", type=Path, help="the plan file")
-    _format_option(p)
+    _format_option(p, PLAN_FORMATS)
 
     p = command("approve")
     p.add_argument("plan", type=Path, help="the plan file (the signature is added to it)")
@@ -292,7 +296,7 @@ def _trust(config: Config, *, needed: bool) -> Trust | None:
 
 def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path | None) -> ApprovalView | None:
     from .config import APPROVER_KEY_PATH
-    from .plan import ApprovalView
+    from .render import ApprovalView
     from .signing import Requirements, approval_status
 
     base = _requirements(env)
@@ -311,7 +315,8 @@ def _approval_view(config: Config, env: Environment, plan: Plan, plan_path: Path
 
 def cmd_plan(args: argparse.Namespace, config: Config) -> int:
     from .pipeline import make_plan, open_servers
-    from .plan import render, write_plan
+    from .planfile import write_plan
+    from .render import render
     from .signing import sign_as_planner
 
     env = _env(config, args)
@@ -337,7 +342,8 @@ def cmd_plan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .plan import read_plan, render
+    from .planfile import read_plan
+    from .render import render
 
     plan = read_plan(args.plan)
     view = None
@@ -373,7 +379,7 @@ def _env_for_plan(config: Config, args: argparse.Namespace, plan: Plan) -> Envir
 def cmd_verify_plan(args: argparse.Namespace, config: Config) -> int:
     from .apply import plan_checks
     from .pipeline import open_servers
-    from .plan import read_plan
+    from .planfile import read_plan
     from .servers import connect
 
     plan = read_plan(args.plan)
@@ -588,7 +594,8 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from . import backup
     from .apply import apply_plan
     from .pipeline import auto_apply_blockers, make_plan, open_servers
-    from .plan import render, write_plan
+    from .planfile import write_plan
+    from .render import render
     from .servers import connect
 
     env = _env(config, args)
@@ -727,7 +734,8 @@ def _planner_key(args: argparse.Namespace, config: Config) -> PlannerKey | None:
 def _plan_fleet(args: argparse.Namespace, config: Config, env: Environment) -> int:
     """One plan file per distinct live state, each naming its databases; unreachable databases reported."""
     from . import fleet
-    from .plan import render, write_plan
+    from .planfile import write_plan
+    from .render import render
     from .signing import sign_as_planner
 
     key = _planner_key(args, config)
@@ -757,7 +765,7 @@ def _apply_fleet(args: argparse.Namespace, config: Config, env: Environment) -> 
     """Plan files (one per state) or --auto (plan and apply where allowed), to every database of the shard."""
     from . import fleet
     from .pipeline import auto_apply_blockers
-    from .plan import read_plan
+    from .planfile import read_plan
 
     if args.auto == (args.plan is not None):
         raise ReconcilerError("give either a plan file (or a folder of them) or --auto")
@@ -793,7 +801,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
 
     from .apply import apply_plan
     from .pipeline import auto_apply_blockers, make_plan, open_servers
-    from .plan import read_plan, render
+    from .planfile import read_plan
+    from .render import render
 
     fleet_env = _env(config, args) if args.env is not None else None
     if fleet_env is not None and fleet_env.is_fleet:

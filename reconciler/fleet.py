@@ -22,7 +22,8 @@ from .apply import ApplyOptions, apply_plan
 from .config import Config, Environment
 from .errors import ReconcilerError, RefusedError
 from .pipeline import make_plan, managed, open_servers
-from .plan import FleetTarget, Plan, body_to_json, content_id
+from .plan import FleetTarget, Plan
+from .planfile import body_to_json, content_id
 from .servers import connect
 
 

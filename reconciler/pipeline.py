@@ -31,7 +31,8 @@ from .diff.inspections import default_folder as default_inspection_folder
 from .diff.supplements import Options as SupplementOptions
 from .errors import ReconcilerError, RefusedError
 from .lint import lint_steps
-from .plan import Plan, build_plan
+from .plan import Plan
+from .planfile import build_plan
 from .policy import Catalog, Finding, evaluate, load_policies, read_catalog
 from .rehearsal import SKIPPED, LiveMoved, live_copy, prepare_live_copy, rehearse
 from .safety import SafetySettings, compile_steps
@@ -49,6 +50,7 @@ from .servers import (
 from .shadow import create_roles, load_schema, roles_named, same_cluster
 from .shadowcache import desired_database
 from .source import DesiredSchema, load_source
+from .sourcemap import with_sources
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +329,7 @@ def _make_plan(
             steps = add_data_hazards(conn, steps, facts)
     if steps and config.safety.squawk:
         steps = lint_steps(steps, exclude=config.safety.squawk_exclude, pg_version=ident.server_version.split()[0])
+    steps = with_sources(steps, source)
     policy = evaluate(rules, env.name, steps, catalog, base_approvals=env.approvals, base_groups=env.approval_groups)
     plan = build_plan(
         environment=env.name,

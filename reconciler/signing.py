@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from .config import PASSPHRASE_ENV
 from .errors import ConfigError, RefusedError
-from .plan import Plan, Signature, body_to_json, canonical_json, content_id, iso_utc, parse_time, read_plan, write_plan
+from .plan import Plan, Signature, iso_utc, parse_time
+from .planfile import body_to_json, canonical_json, content_id, read_plan, write_plan
 from .yamlfile import load_validated
 
 if TYPE_CHECKING:  # cryptography is imported where keys are used: every plan and apply imports this module

@@ -24,6 +24,7 @@ class DesiredSchema:
     fingerprint: str
     git_commit: str | None
     dirty: bool
+    folder: str = ""  # the folder's path in its git repository (where a file's line is shown in a pull request)
 
 
 def load_source(root: Path) -> DesiredSchema:
@@ -57,7 +58,18 @@ def load_source(root: Path) -> DesiredSchema:
         fingerprint="sha256:" + outer.hexdigest(),
         git_commit=commit,
         dirty=dirty,
+        folder=git_folder(root) if commit else "",
     )
+
+
+def git_folder(folder: Path) -> str:
+    """The folder's path from its repository's top ('' at the top)."""
+    try:
+        found = subprocess.run(["git", "-C", str(folder), "rev-parse", "--show-prefix"], capture_output=True, text=True,
+                               check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return found.stdout.strip().rstrip("/") if found.returncode == 0 else ""
 
 
 def git_state(folder: Path) -> tuple[str | None, bool]:

@@ -46,7 +46,8 @@ from .apply import ApplyOptions, apply_plan
 from .config import WATCH_HOST, WATCH_PORT, Config, Environment
 from .errors import ConfigError, LockTimeoutError, ReconcilerError, RefusedError
 from .pipeline import LiveMemo, Servers, auto_apply_blockers, default_engine, drift, make_plan, open_servers
-from .plan import Plan, read_plan, write_plan
+from .plan import Plan
+from .planfile import read_plan, write_plan
 from .safety.swap import CONTRACT
 from .servers import connect
 from .signing import PlanFileLock

@@ -320,7 +320,7 @@ def test_a_cancel_that_lands_after_the_last_step_still_ends_the_run_cancelled(ta
     `cancel` arrives: the run ends cancelled, committed steps undone by their rollback SQL, never failed or applied."""
     from reconciler.apply import ApplyOptions, apply_plan
     from reconciler.errors import ApplyError
-    from reconciler.plan import read_plan
+    from reconciler.planfile import read_plan
 
     target.desired(WITH_INDEX)
     plan = read_plan(target.plan())
@@ -371,7 +371,7 @@ def test_a_signal_while_the_result_is_verified_ends_the_run_cancelled(target: Ta
     (nothing of the run's is under way at the server to cancel): the run still stops there, cancelled, its
     committed steps undone, never recorded applied (found by the fault campaign)."""
     from reconciler.apply import ApplyOptions, apply_plan, executor
-    from reconciler.plan import read_plan
+    from reconciler.planfile import read_plan
 
     target.desired(WITH_INDEX)
     plan = read_plan(target.plan())

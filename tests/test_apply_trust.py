@@ -242,7 +242,7 @@ def test_an_interrupt_just_after_the_run_is_recorded_finishes_it_as_cancelled(
     """SIGTERM or Ctrl-C can land between writing the run's row and the first step: the row must not stay
     `running` (the watch test saw this under load)."""
     from reconciler import apply, history
-    from reconciler.plan import read_plan
+    from reconciler.planfile import read_plan
 
     target.desired(DESIRED)
     plan = read_plan(target.plan())

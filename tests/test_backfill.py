@@ -25,7 +25,8 @@ from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.errors import RefusedError
 from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan, render_text
+from reconciler.plan import Plan
+from reconciler.render import render_text
 from reconciler.safety.backfill import _on_new_row
 from reconciler.servers import EmbeddedCluster, Server, connect, service_account
 from reconciler.watch import Watcher, WatchOptions

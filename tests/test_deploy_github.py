@@ -231,6 +231,8 @@ class Runner:
             return str(self.temp)
         if parts[0] == "env":
             return {**self.machine.workflow_env(), **job_env}[parts[1]]
+        if parts[0] == "vars":  # the repository's variables: none set
+            return ""
         pytest.fail(f"the test's runner cannot evaluate ${{{{ {expression} }}}}")
 
     def expand(self, text: str, job_env: dict[str, str]) -> str:
@@ -241,7 +243,7 @@ class Runner:
         expression = EXPRESSION.sub(lambda m: m.group(1), text).strip()
         if "cancelled()" not in expression and "always()" not in expression and failed:
             return False
-        python = re.sub(r"\b(steps\.[\w-]+\.(?:outputs\.[\w-]+|outcome))\b",
+        python = re.sub(r"\b((?:steps\.[\w-]+\.(?:outputs\.[\w-]+|outcome))|vars\.\w+)\b",
                         lambda m: repr(self.value(m.group(1), job_env)), expression)
         python = python.replace("!cancelled()", "True").replace("always()", "True")
         python = python.replace("&&", " and ").replace("||", " or ")
@@ -289,6 +291,8 @@ class Runner:
             return StepRun(s.get("name", action), "success", f"saved {inputs['key']}" if saved else "exists")
         if action == "actions/upload-artifact":
             assert (self.checkout / inputs["path"]).is_file(), inputs
+        if action == "github/codeql-action/upload-sarif":
+            assert json.loads(Path(inputs["sarif_file"]).read_text())["version"] == "2.1.0", inputs
         return StepRun(s.get("name", action), "success")
 
     def run_step(self, s: dict[str, Any], job_env: dict[str, str]) -> StepRun:
@@ -527,6 +531,12 @@ def test_workflow_plans_on_postgresql_15_from_the_kept_shadow_and_applies(github
     assert "reconciler approve plans/staging.json --key ~/.ssh/reconciler_ed25519" in comment and "invoices" in comment
     assert "gh run download 4242 -n staging-plan -D plans" in comment
     assert "### pg-reconciler plan" in runner.summary.read_text()
+    findings = steps["Put the findings on the changed lines"]
+    assert findings.status == "success", logs(findings)
+    assert re.search(r"^::notice title=pg-reconciler plan \w+::\d+ steps? in 1 phase to apply to staging, no hazards\. "
+                     r"Risk: low\.", findings.stdout, re.M), findings.stdout
+    assert json.loads((runner.temp / "reconciler.sarif").read_text())["version"] == "2.1.0"
+    assert steps["Upload the findings to code scanning"].status == "skipped"  # RECONCILER_CODE_SCANNING unset
     gate = steps["Is the committed plan approved?"]
     assert gate.status == "failure" and "::error::commit the approved plan to plans/staging.json" in gate.stdout
 

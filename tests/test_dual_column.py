@@ -21,7 +21,8 @@ import pytest
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
 from reconciler.config import load_config
 from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan, render_markdown, render_text
+from reconciler.plan import Plan
+from reconciler.render import render_markdown, render_text
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql
 from tests.target import Target, apply_with_cutover_blocked

@@ -17,7 +17,7 @@ import yaml
 from reconciler import cli, cli_help
 from reconciler.cli import build_parser, main
 from reconciler.config import find_config
-from reconciler.plan import read_plan
+from reconciler.planfile import read_plan
 from reconciler.servers import Server
 from reconciler.signing import load_trust, signature_valid
 from reconciler.watch import DEFAULT_HOST, DEFAULT_PORT

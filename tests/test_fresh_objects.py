@@ -10,7 +10,8 @@ import pytest
 from reconciler import inspect
 from reconciler.errors import ApplyError
 from reconciler.lint import ABOUT_ALL_TABLES, ABOUT_OWN_TABLE, squawk_binary
-from reconciler.plan import Plan, render_text
+from reconciler.plan import Plan
+from reconciler.render import render_text
 from reconciler.safety import Step
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql

@@ -13,28 +13,19 @@ from typing import Any
 
 import pytest
 
-from reconciler import plan as planlib
+from reconciler import plan as planvalue
+from reconciler import planfile as planlib
 from reconciler.config import SafetyOptions
 from reconciler.diff.base import Change
 from reconciler.dsn import database_name
 from reconciler.errors import PlanFileError
 from reconciler.inspect import identity, live_facts, snapshot
-from reconciler.plan import (
-    FORMAT,
-    ApprovalView,
-    Plan,
-    Signature,
-    build_plan,
-    markdown_summary,
-    plan_from_json,
-    plan_to_json,
-    read_plan,
-    render,
-    summary_line,
-    write_plan,
-)
+from reconciler.plan import FORMAT, Plan, Signature
+from reconciler.planfile import build_plan, plan_from_json, plan_to_json, read_plan, write_plan
 from reconciler.policy import Finding, PolicyResult, Window
 from reconciler.rehearsal import RehearsalResult
+from reconciler.render import ApprovalView, markdown_summary, render, summary_line
+from reconciler.render import markdown as markdown_module
 from reconciler.safety import SafetySettings, compile_steps
 from reconciler.servers import Server, connect, throwaway_database
 from reconciler.source import load_source
@@ -356,7 +347,7 @@ def test_markdown_when_approved_and_when_unchanged(plan: Plan) -> None:
 
 def test_markdown_leaves_out_sql_past_its_budget(plan: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
     """GitHub refuses comments over 65,536 characters: past the budget a step shows its kind and object only."""
-    monkeypatch.setattr(planlib, "MARKDOWN_SQL_BUDGET", len(CHANGES[2].sql) + 1)
+    monkeypatch.setattr(markdown_module, "MARKDOWN_SQL_BUDGET", len(CHANGES[2].sql) + 1)
     md = render(plan, "markdown")
     assert CHANGES[2].sql in md  # step 1 fits
     assert CHANGES[0].sql not in md and "-- 2. add_column public.t.note" in md
@@ -413,9 +404,43 @@ def test_a_snapshots_digests_are_remembered() -> None:
     from reconciler.inspect import SchemaSnapshot
 
     live = SchemaSnapshot({("table", "public.a"): "a", ("table", "public.b"): "b"})
-    first = planlib.object_digests(live)
+    first = planvalue.object_digests(live)
     for other in range(3):  # other snapshots in between: the one used last stays remembered
-        planlib.object_digests(SchemaSnapshot({("table", f"public.t{other}"): "t"}))
-        assert planlib.object_digests(live) is first
-    assert first == planlib.object_digests(dict(live.objects))  # what a mapping that is no snapshot gets
-    assert len(planlib._DIGESTED) == 2 and planlib._DIGESTED[id(live)][0] is live
+        planvalue.object_digests(SchemaSnapshot({("table", f"public.t{other}"): "t"}))
+        assert planvalue.object_digests(live) is first
+    assert first == planvalue.object_digests(dict(live.objects))  # what a mapping that is no snapshot gets
+    assert len(planvalue._DIGESTED) == 2 and planvalue._DIGESTED[id(live)][0] is live
+
+
+def test_the_first_screen_of_the_comment_answers_the_four_questions(plan: Plan) -> None:
+    """Before any SQL, parsed as GitHub parses it (CommonMark with tables): how risky and which rule says so, what
+    blocks whom (lock mode, who waits, on which table), who must approve, and which plan this is."""
+    from markdown_it import MarkdownIt
+
+    policy = PolicyResult(findings=(Finding("locks-need-a-dba", "policies/changes.yaml", 12, "require_approval",
+                                            "step 2", "exclusive locks need a DBA", 2, ("dba",)),),
+                          approvals=2, groups=("dba",))
+    reviewed = Plan(id=plan.id, body=dataclasses.replace(plan.body, policy=policy), signatures=(_SIGNATURE,))
+    comment = render(reviewed, "markdown", ApprovalView(given=("alice",), required=2, missing_groups=("dba",),
+                                                        command="reconciler approve plan.json"))
+    tokens = MarkdownIt("commonmark").enable("table").parse(comment)
+    first_table = next(i for i, t in enumerate(tokens) if t.type == "table_open")
+    assert not [t for t in tokens[:first_table] if t.type == "fence"]  # no SQL before it
+    cells = [t.content for t in tokens[first_table:] if t.type == "inline"]
+    rows = dict(zip(cells[2:cells.index("**Plan**") + 1:2], cells[3:cells.index("**Plan**") + 2:2], strict=True))
+    # DROP TABLE's DATA_LOSS outranks the policy's require_approval
+    assert rows["**Risk**"] == "**critical**: hazard `DATA_LOSS` (step 4, public.old)"
+    assert rows["**Blocks**"] == ("phase 2 (steps 2-4, one transaction): public.old ACCESS EXCLUSIVE (reads and "
+                                  "writes wait, ~0 rows); public.t ACCESS EXCLUSIVE (reads and writes wait, ~0 rows)")
+    assert rows["**Approvals**"] == "1 of 2 given (alice); 1 more needed; still needed from group(s): dba"
+    assert rows["**Plan**"] == f"`{plan.id}`, alice (approver)"
+    text = render(reviewed, "text")
+    assert "  risk       critical (set by hazard DATA_LOSS, step 4, public.old)" in text, text
+    assert text.index("Review:") < text.index("Phase 1")
+
+    without_drop = Plan(id=plan.id, body=dataclasses.replace(
+        plan.body, policy=policy, steps=tuple(s for s in plan.body.steps if s.kind != "drop_table")))
+    cells = [t.content for t in MarkdownIt("commonmark").enable("table").parse(render(without_drop, "markdown"))
+             if t.type == "inline"]
+    assert "**high**: policy `locks-need-a-dba` (policies/changes.yaml:12)" in cells
+    assert "2 needed (from group(s): dba)" in cells

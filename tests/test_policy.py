@@ -16,7 +16,8 @@ from reconciler.cli import main
 from reconciler.config import load_config
 from reconciler.errors import ApplyError, ConfigError, RefusedError
 from reconciler.pipeline import make_plan, open_servers, shadow_cache_dir
-from reconciler.plan import Plan, read_plan
+from reconciler.plan import Plan
+from reconciler.planfile import read_plan
 from reconciler.policy import Catalog, evaluate, load_policies, read_catalog
 from reconciler.servers import EmbeddedCluster, Server, bindir_for_shadow, bindir_major, connect
 from tests.conftest import fetch_one, run_sql

@@ -18,7 +18,8 @@ from reconciler import inspect
 from reconciler.apply import ApplyOptions, apply_plan
 from reconciler.config import EMBEDDED, Environment, load_config
 from reconciler.pipeline import drift, make_plan, open_servers, shadow_cache_dir
-from reconciler.plan import Plan, plan_to_json, read_plan, write_plan
+from reconciler.plan import Plan
+from reconciler.planfile import plan_to_json, read_plan, write_plan
 from reconciler.servers import EmbeddedCluster, Server, bindir_for_shadow, connect, throwaway_database
 from reconciler.shadow import create_roles, roles_named, same_cluster
 from reconciler.source import load_source

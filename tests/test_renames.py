@@ -13,8 +13,8 @@ from reconciler.apply import ApplyOptions, apply_plan
 from reconciler.config import Environment, load_config
 from reconciler.errors import ReconcilerError, SchemaLoadError
 from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import render_markdown, render_text
 from reconciler.renames import Rename, read_renames
+from reconciler.render import render_markdown, render_text
 from reconciler.servers import Server, throwaway_database
 from reconciler.source import load_source
 from tests.conftest import fetch_one, run_sql

@@ -18,7 +18,8 @@ from reconciler.config import load_config
 from reconciler.diff.base import Change
 from reconciler.errors import ApplyError, ReconcilerError, RefusedError
 from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan, render_text
+from reconciler.plan import Plan
+from reconciler.render import render_text
 from reconciler.safety import HazardCode, Step, compile_steps
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql

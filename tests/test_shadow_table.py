@@ -14,7 +14,7 @@ import pytest
 
 from reconciler.apply import ApplyOptions, BackfillLimits, apply_plan
 from reconciler.errors import ReconcilerError
-from reconciler.plan import render_markdown, render_text
+from reconciler.render import render_markdown, render_text
 from reconciler.safety import Step
 from reconciler.servers import Server, connect
 from tests.conftest import fetch_one, run_sql

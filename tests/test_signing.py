@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli import main
-from reconciler.plan import parse_time, read_plan, write_plan
+from reconciler.plan import parse_time
+from reconciler.planfile import read_plan, write_plan
 from reconciler.servers import Server
 from reconciler.signing import (
     PASSPHRASE_ENV,

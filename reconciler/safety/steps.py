@@ -47,6 +47,19 @@ class LintFinding:
 
 
 @dataclass(frozen=True)
+class SourceLine:
+    """The desired file and line that asked for a step; ``commit`` when the object is gone from the files (a drop)
+    and was found in the folder's git history: the newest commit that still had it."""
+
+    path: str  # relative to the schemas folder
+    line: int
+    commit: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.path}:{self.line}" + (f" (removed; last in {self.commit[:12]})" if self.commit else "")
+
+
+@dataclass(frozen=True)
 class Step:
     index: int
     sql: str
@@ -63,6 +76,7 @@ class Step:
     lint: tuple[LintFinding, ...] = ()
     original_sql: str | None = None  # the diff engine's statement, when this step rewrites it
     identity: tuple[str, ...] = ()  # the object's name parts (schema first): how apply finds it in the catalog
+    source: SourceLine | None = None  # the desired line that asked for it
 
 
 @dataclass(frozen=True)
