@@ -100,7 +100,7 @@ def _drops_option(p: argparse.ArgumentParser) -> None:
                    help="plan even when the plan drops every table of a schema, or most of the target's tables")
 
 
-PLAN_FORMATS = ("text", "markdown", "json", "github", "sarif")  # reconciler.render's (not imported for --help)
+PLAN_FORMATS = ("text", "markdown", "json", "github", "sarif", "svg")  # reconciler.render's (not imported for --help)
 
 
 def _format_option(p: argparse.ArgumentParser, choices: Sequence[str] = ("text", "markdown", "json")) -> None:

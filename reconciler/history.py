@@ -102,13 +102,16 @@ class StepRecord:
     duration_ms: float
     lock_wait_ms: float = 0.0
     note: str | None = None  # how the status was learned, when not by running the step (e.g. after a crash)
+    work: tuple[str, float] | None = None  # its class of work and how much (estimates.py learns rates from these)
 
     def to_json(self) -> dict[str, Any]:
-        found = {"index": self.index, "kind": self.kind, "object": self.object, "sql": self.sql,
-                 "status": self.status, "duration_ms": round(self.duration_ms, 3),
-                 "lock_wait_ms": round(self.lock_wait_ms, 1)}
+        found: dict[str, Any] = {"index": self.index, "kind": self.kind, "object": self.object, "sql": self.sql,
+                                 "status": self.status, "duration_ms": round(self.duration_ms, 3),
+                                 "lock_wait_ms": round(self.lock_wait_ms, 1)}
         if self.note:
             found["note"] = self.note
+        if self.work:
+            found["work"] = {"class": self.work[0], "amount": self.work[1]}
         return found
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import conversions, history, inspect, massdrops, renames, roundtrip, sourcetext
+from . import conversions, estimates, history, inspect, massdrops, renames, roundtrip, sourcetext
 from .apply import settle
 from .config import EMBEDDED, Config, Environment
 from .datachecks import add_data_hazards
@@ -330,6 +330,10 @@ def _make_plan(
     if steps and config.safety.squawk:
         steps = lint_steps(steps, exclude=config.safety.squawk_exclude, pg_version=ident.server_version.split()[0])
     steps = with_sources(steps, source)
+    if steps:
+        with connect(servers.target_dsn) as conn:
+            rates = estimates.rates_from_history(conn, config.metadata_schema)
+        steps = estimates.estimate_steps(steps, facts.tables, rates)
     policy = evaluate(rules, env.name, steps, catalog, base_approvals=env.approvals, base_groups=env.approval_groups)
     plan = build_plan(
         environment=env.name,

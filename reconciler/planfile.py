@@ -42,7 +42,7 @@ from .plan import (
 )
 from .policy import Assertion, Finding, PolicyResult, Window
 from .rehearsal import SKIPPED, RehearsalResult
-from .safety import Hazard, LintFinding, SourceLine, Step
+from .safety import Estimate, Hazard, LintFinding, SourceLine, Step
 from .source import DesiredSchema
 
 
@@ -235,6 +235,8 @@ def step_to_json(s: Step) -> dict[str, Any]:
         "original_sql": s.original_sql,
         "identity": list(s.identity),
         **({"source": {"path": s.source.path, "line": s.source.line, "commit": s.source.commit}} if s.source else {}),
+        **({"estimate": {"class": e.work_class, "work": e.work, "seconds": round(e.seconds, 3), "basis": e.basis,
+                         "table": e.table}} if (e := s.estimate) else {}),
     }
 
 
@@ -256,6 +258,7 @@ def step_from_json(s: Mapping[str, Any]) -> Step:
         original_sql=s["original_sql"],
         identity=tuple(s.get("identity", ())),
         source=SourceLine(s["source"]["path"], s["source"]["line"], s["source"]["commit"]) if s.get("source") else None,
+        estimate=Estimate(e["class"], e["work"], e["seconds"], e["basis"], e["table"]) if (e := s.get("estimate")) else None,
     )
 
 

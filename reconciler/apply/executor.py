@@ -564,8 +564,13 @@ def _run_step(conn: psycopg.Connection[Any], step: Step, records: list[StepRecor
         raise
     took = (time.perf_counter() - started) * 1000
     waited = monitor.end() if monitor is not None else 0.0
-    records.append(StepRecord(step.index, step.kind, step.object, text, "applied", took, waited))
+    records.append(StepRecord(step.index, step.kind, step.object, text, "applied", took, waited, work=_work(step)))
     log.info("step %d %s %s: %.1f ms (lock wait %.0f ms)", step.index, step.kind, step.object, took, waited)
+
+
+def _work(step: Step) -> tuple[str, float] | None:
+    """What the step did, as its plan estimated it, for the next plan to learn this target's rates from."""
+    return (step.estimate.work_class, step.estimate.work) if step.estimate and step.estimate.work else None
 
 
 def _is_lock_timeout(exc: BaseException) -> bool:
@@ -724,7 +729,7 @@ def _batched(step: Step, records: list[StepRecord], options: ApplyOptions, what:
                                   (time.perf_counter() - started) * 1000, 0.0))
         raise
     took = (time.perf_counter() - started) * 1000
-    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, 0.0))
+    records.append(StepRecord(step.index, step.kind, step.object, step.sql, "applied", took, 0.0, work=_work(step)))
     log.info("step %d %s %s: %d %s in %.1f ms", step.index, step.kind, step.object, done, what, took)
 
 

@@ -1,5 +1,5 @@
-"""Ways of showing a plan, one module each (``text``, ``markdown``, ``json``, ``github``, ``sarif``), each writing the plan value to a
-stream; the plan itself knows none of them."""
+"""Ways of showing a plan, one module each (``text``, ``markdown``, ``json``, ``github``, ``sarif``, and ``svg`` in
+``timeline``), each writing the plan value to a stream; the plan itself knows none of them."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from collections.abc import Callable
 from typing import TextIO
 
 from ..plan import Plan
-from . import github, json, markdown, sarif, text
+from . import github, json, markdown, sarif, text, timeline
 from .common import POLICY_BLOCKS, ApprovalView, summary_line
 from .markdown import markdown_summary
 
 Writer = Callable[[Plan, TextIO, ApprovalView | None], None]
 WRITERS: dict[str, Writer] = {"text": text.write, "markdown": markdown.write, "json": json.write,
-                              "github": github.write, "sarif": sarif.write}
+                              "github": github.write, "sarif": sarif.write, "svg": timeline.write_svg}
 FORMATS = tuple(WRITERS)
 
 __all__ = ["FORMATS", "POLICY_BLOCKS", "ApprovalView", "markdown_summary", "render", "render_markdown", "render_text",

@@ -12,7 +12,8 @@ from ..policy import approvals_needed
 from .common import POLICY_BLOCKS, ApprovalView, phase_label, phases
 from .common import cell as _cell
 from .common import plural as _plural
-from .review import approvals_line, blocking_lines, risk
+from .review import about, approvals_line, blocking_lines, phase_locking, risk, step_range
+from .timeline import mermaid
 
 MARKDOWN_SQL_BUDGET = 40_000  # characters of SQL in a comment; GitHub refuses comments over 65,536
 
@@ -99,6 +100,17 @@ def _review(plan: Plan, approvals: ApprovalView | None) -> list[str]:
             f"| **Plan** | `{plan.id}`, {signed} |"]
 
 
+def _phases(plan: Plan) -> list[str]:
+    """Each phase: how it runs, what it locks and who waits, the tables' size, the estimate."""
+    out = ["| phase | steps | runs as | locks (who waits) | tables | estimate |", "|---:|---|---|---|---|---|"]
+    for p in phase_locking(plan):
+        locks = "<br>".join(f"`{_cell(lock.table)}` {lock.mode.label} ({lock.mode.waits})" for lock in p.locks) or \
+            "none on tables"
+        sizes = "<br>".join(f"`{_cell(t)}` {size.describe()}" for t, size in sorted(p.sizes.items()))
+        out.append(f"| {p.phase} | {step_range(p.steps)} | {p.runs_as} | {locks} | {sizes} | {about(p.seconds)} |")
+    return out
+
+
 def write(plan: Plan, stream: TextIO, approvals: ApprovalView | None = None) -> None:
     """A pull-request comment: the summary line, then hazards and policy findings, the steps folded,
     approvals given and needed, and the command that adds one."""
@@ -113,7 +125,7 @@ def write(plan: Plan, stream: TextIO, approvals: ApprovalView | None = None) -> 
         + (" with uncommitted changes" if b.desired.dirty else "") + ".",
     ]
     if b.steps:
-        out += ["", *_review(plan, approvals)]
+        out += ["", *_review(plan, approvals), "", *_phases(plan), "", *mermaid(plan)]
     if len(b.fleet) > 1:
         out += ["", f"Fleet: {_plural(len(b.fleet), 'database')} in this state: "
                 + ", ".join(f"`{m.label}`" for m in b.fleet[:20]) + (", ..." if len(b.fleet) > 20 else "") + "."]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..estimates import UNITS
+from ..online import duration
 from ..plan import Plan
 from ..safety import HazardCode, Step
 from ..safety.locks import TableLock, phase_locks
+from ..safety.nodes import human_bytes
 from .common import ApprovalView, phase_label, phases
 
 LEVELS = ("low", "medium", "high", "critical")
@@ -20,6 +23,7 @@ _HAZARD_LEVELS: dict[str, str] = {
     HazardCode.STATISTICS_RESET: "low",
 }
 _POLICY_LEVELS = {"deny": "critical", "require_approval": "high", "warn": "medium"}
+BYTES_OF = {work_class: unit == "bytes" for work_class, unit in UNITS.items()}  # an estimate's work: bytes or rows
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,24 @@ class Risk:
 
 
 @dataclass(frozen=True)
+class TableSize:
+    rows: int | None
+    bytes: int | None
+
+    def describe(self) -> str:
+        parts = ([f"~{self.rows:,} rows"] if self.rows is not None else []) + (
+            [human_bytes(self.bytes)] if self.bytes is not None else [])
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class PhaseLocks:
     phase: int
     runs_as: str  # one transaction, its own transaction, outside a transaction
     steps: tuple[int, ...]
     locks: tuple[TableLock, ...]  # strongest first
-    rows: dict[str, int]  # live rows of the tables, where the plan knows them
+    sizes: dict[str, TableSize]  # the live tables' sizes, where the plan knows them
+    seconds: float | None  # estimated, when every step of it has an estimate
 
     @property
     def blocking(self) -> tuple[TableLock, ...]:
@@ -66,12 +82,14 @@ def hazard_level(code: str) -> str:
 
 
 def phase_locking(plan: Plan) -> tuple[PhaseLocks, ...]:
-    rows = _rows(plan.body.steps)
+    sizes = table_sizes(plan.body.steps)
     out = []
     for phase, steps in phases(plan):
         locks = phase_locks(steps)
+        estimated = [s.estimate.seconds for s in steps if s.estimate is not None]
         out.append(PhaseLocks(phase, phase_label(steps), tuple(s.index for s in steps), locks,
-                              {lock.table: rows[lock.table] for lock in locks if lock.table in rows}))
+                              {lock.table: sizes[lock.table] for lock in locks if lock.table in sizes},
+                              sum(estimated) if len(estimated) == len(steps) else None))
     return tuple(out)
 
 
@@ -87,27 +105,44 @@ def approvals_line(plan: Plan, approvals: ApprovalView | None) -> str:
     return "none needed"
 
 
-def _rows(steps: tuple[Step, ...]) -> dict[str, int]:
-    """Live rows by table, as the hazards measured them at plan time."""
-    found: dict[str, int] = {}
+def table_sizes(steps: tuple[Step, ...]) -> dict[str, TableSize]:
+    """Live rows and bytes by table, as the plan measured them (its hazards, its estimates' work)."""
+    rows: dict[str, int] = {}
+    size: dict[str, int] = {}
     for step in steps:
         for hazard in step.hazards:
             if hazard.table and hazard.rows is not None:
-                found[hazard.table] = hazard.rows
-    return found
+                rows[hazard.table] = hazard.rows
+            if hazard.table and hazard.bytes is not None:
+                size[hazard.table] = hazard.bytes
+        e = step.estimate
+        if e is not None and e.table and e.work_class in BYTES_OF:
+            (size if BYTES_OF[e.work_class] else rows).setdefault(e.table, int(e.work))
+    return {t: TableSize(rows.get(t), size.get(t)) for t in {*rows, *size}}
 
 
-def describe_lock(lock: TableLock, rows: dict[str, int]) -> str:
-    size = f", ~{rows[lock.table]:,} rows" if lock.table in rows else ""
+def describe_lock(lock: TableLock, sizes: dict[str, TableSize]) -> str:
+    size = f", {sizes[lock.table].describe()}" if lock.table in sizes else ""
     return f"{lock.table} {lock.mode.label} ({lock.mode.waits}{size})"
+
+
+def about(seconds: float | None) -> str:
+    if seconds is None:
+        return "not estimated"
+    if seconds < 0.1:
+        return "under 0.1 s"
+    if seconds < 10:
+        return f"~{seconds:.1f} s"
+    return f"~{duration(seconds)}"
 
 
 def blocking_lines(plan: Plan) -> list[str]:
     """One line per phase that holds a lock reads or writes wait behind; empty when none does."""
-    return [f"phase {p.phase} (steps {_span(p.steps)}, {p.runs_as}): "
-            + "; ".join(describe_lock(lock, p.rows) for lock in p.blocking)
+    return [f"phase {p.phase} (steps {step_range(p.steps)}, {p.runs_as}, {about(p.seconds)}): "
+            + "; ".join(describe_lock(lock, p.sizes) for lock in p.blocking)
             for p in phase_locking(plan) if p.blocking]
 
 
-def _span(indexes: tuple[int, ...]) -> str:
+
+def step_range(indexes: tuple[int, ...]) -> str:
     return str(indexes[0]) if len(indexes) == 1 else f"{indexes[0]}-{indexes[-1]}"

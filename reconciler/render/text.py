@@ -9,7 +9,7 @@ from ..online import describe as describe_rewrite
 from ..online import online_rewrites
 from ..plan import Plan
 from .common import POLICY_BLOCKS, ApprovalView, indent, phase_label, phases, summary_line
-from .review import approvals_line, blocking_lines, risk
+from .review import about, approvals_line, blocking_lines, phase_locking, risk
 
 
 def write(plan: Plan, out: TextIO, approvals: ApprovalView | None = None) -> None:
@@ -42,8 +42,11 @@ def write(plan: Plan, out: TextIO, approvals: ApprovalView | None = None) -> Non
         lines += [f"  {f}" for f in b.policy.findings]
     if b.policy.windows:
         lines += ["", "Apply only within: " + "; ".join(w.describe() for w in b.policy.windows)]
+    locking = {p.phase: p for p in phase_locking(plan)}
     for phase, steps in phases(plan):
-        lines += ["", f"  Phase {phase}: {phase_label(steps)}"]
+        held = locking[phase]
+        locks = "; ".join(f"{lock.table} {lock.mode.label} ({lock.mode.waits})" for lock in held.locks)
+        lines += ["", f"  Phase {phase}: {phase_label(steps)}, {about(held.seconds)}" + (f"; locks {locks}" if locks else "")]
         for step in steps:
             lines.append(f"  {step.index:>4}. {step.kind} {step.object}")
             if step.source is not None:

@@ -18,6 +18,6 @@ lock on the table it references) keeps its hazard.
 """
 
 from .phases import compile_steps
-from .steps import Hazard, HazardCode, LintFinding, SafetySettings, SourceLine, Step
+from .steps import Estimate, Hazard, HazardCode, LintFinding, SafetySettings, SourceLine, Step
 
-__all__ = ["Hazard", "HazardCode", "LintFinding", "SafetySettings", "SourceLine", "Step", "compile_steps"]
+__all__ = ["Estimate", "Hazard", "HazardCode", "LintFinding", "SafetySettings", "SourceLine", "Step", "compile_steps"]

@@ -60,6 +60,18 @@ class SourceLine:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """How long a step should take: its class of work (``estimates.py``), how much (rows or bytes of ``table``),
+    and the seconds at the rate it was estimated with, which ``basis`` names."""
+
+    work_class: str  # catalog, scan, rewrite, index, index_concurrently, key_check, fill
+    work: float
+    seconds: float
+    basis: str
+    table: str | None = None
+
+
+@dataclass(frozen=True)
 class Step:
     index: int
     sql: str
@@ -77,6 +89,7 @@ class Step:
     original_sql: str | None = None  # the diff engine's statement, when this step rewrites it
     identity: tuple[str, ...] = ()  # the object's name parts (schema first): how apply finds it in the catalog
     source: SourceLine | None = None  # the desired line that asked for it
+    estimate: Estimate | None = None
 
 
 @dataclass(frozen=True)
