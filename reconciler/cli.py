@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _format_option(p, PLAN_FORMATS)
 
     p = command("show")
-    p.add_argument("plan", type=Path, help="the plan file")
+    p.add_argument("plan", type=Path, help="the plan file (a fleet's: the folder of its plan files)")
     _format_option(p, PLAN_FORMATS)
 
     p = command("approve")
@@ -342,17 +342,26 @@ def cmd_plan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """A plan file; a folder of them (a fleet's): each in turn, or in markdown one comment for them all."""
     from .planfile import read_plan
     from .render import render
+    from .render.fleet import write_fleet
 
-    plan = read_plan(args.plan)
-    view = None
+    paths = sorted(args.plan.glob("*.json")) if args.plan.is_dir() else [args.plan]
+    if not paths:
+        raise ConfigError(f"{args.plan}: no plan files (*.json) in this folder")
     config_path = args.config or find_config(Path.cwd())
-    if config_path is not None:
-        config = load_config(config_path)
-        if plan.body.environment in config.environments:
-            view = _approval_view(config, config.environments[plan.body.environment], plan, args.plan)
-    sys.stdout.write(render(plan, args.format, view))
+    config = load_config(config_path) if config_path is not None else None
+    shown = []
+    for path in paths:
+        plan = read_plan(path)
+        env = config.environments.get(plan.body.environment) if config is not None else None
+        shown.append((plan, _approval_view(config, env, plan, path) if config is not None and env is not None else None))
+    if args.format == "markdown" and args.plan.is_dir():
+        write_fleet(shown, sys.stdout)
+    else:
+        for plan, view in shown:
+            sys.stdout.write(render(plan, args.format, view))
     return EXIT_OK
 
 
@@ -736,6 +745,7 @@ def _plan_fleet(args: argparse.Namespace, config: Config, env: Environment) -> i
     from . import fleet
     from .planfile import write_plan
     from .render import render
+    from .render.fleet import write_fleet
     from .signing import sign_as_planner
 
     key = _planner_key(args, config)
@@ -744,17 +754,22 @@ def _plan_fleet(args: argparse.Namespace, config: Config, env: Environment) -> i
     folder: Path = args.out or config.plans_dir
     folder.mkdir(parents=True, exist_ok=True)
     status = EXIT_OK
+    shown = []
     for group in plans:
         plan = sign_as_planner(group.plan, key) if key is not None else group.plan
         path = folder / f"{env.name}-{plan.short_id}.json"
         write_plan(plan, path)
-        sys.stdout.write(render(plan, args.format, _approval_view(config, env, plan, path)))
+        shown.append((plan, _approval_view(config, env, plan, path)))
+        if args.format != "markdown":  # markdown: one comment for the fleet, below
+            sys.stdout.write(render(plan, args.format, shown[-1][1]))
         print(f"\nSaved plan {plan.short_id} for {len(group.members)} database(s) to {path}", file=sys.stderr)
         if plan.body.policy.denied:
             status = EXIT_REFUSED
         elif plan.body.steps and status == EXIT_OK:
             status = EXIT_CHANGES
     failed = [m for m in members if m.error is not None]
+    if args.format == "markdown":
+        write_fleet(shown, sys.stdout, unreachable=[m.label for m in failed])
     for member in failed:
         print(f"error: {member.label}: {member.error}", file=sys.stderr)
     print(f"{len(members)} database(s): {len(plans)} distinct state(s), {len(failed)} unreachable", file=sys.stderr)

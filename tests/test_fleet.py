@@ -113,3 +113,42 @@ def test_fleet_auto_plans_and_applies_each_state(tmp_path: Path, pg_server: Serv
         assert fetch_one(dsn, "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 1
     assert main(["--config", str(config), "apply", "--auto", "--env", "tenants"]) == 0
     assert "3 database(s): 3 nothing" in capsys.readouterr().out
+
+
+def test_a_fleet_plan_is_one_comment_a_row_per_state_with_each_plan_folded(
+        tmp_path: Path, pg_server: Server, tenants: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Two tenants in the old state, one already as desired: one comment, parsed as GitHub parses it, whose table
+    has a row per state (databases, steps, risk, approvals) and whose changing state's own comment is folded;
+    `show` of the plans' folder gives the same."""
+    from markdown_it import MarkdownIt
+
+    first, second, third = tenants
+    run_sql(first, OLD)
+    run_sql(second, OLD)
+    run_sql(third, DESIRED)
+    config = _project(tmp_path, pg_server, f'databases: ["{first}", "{second}", "{third}"]')
+    assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans"),
+                 "--format", "markdown"]) == 2
+    comment = capsys.readouterr().out
+    assert comment.count("### pg-reconciler fleet plan") == 1
+    tokens = MarkdownIt("commonmark").enable("table").parse(comment)
+    rows, row = [], None
+    for token in tokens[next(i for i, t in enumerate(tokens) if t.type == "table_open"):]:
+        if token.type == "table_close":
+            break
+        if token.type == "tr_open":
+            rows.append(row := [])
+        elif token.type == "inline" and row is not None:
+            row.append(token.content)
+    assert rows[0] == ["plan", "databases", "steps", "risk", "approvals"]
+    by_count = {r[1].split(":")[0]: r for r in rows[1:]}
+    assert sorted(by_count) == ["1", "2"]
+    assert by_count["2"][2] == "2 steps in 2 phases" and by_count["2"][3] == "**medium**"
+    assert by_count["1"][2:4] == ["no changes", "**none**"]
+    assert "**3 databases** in 2 states: 2 databases to change by 1 plan, 1 already as desired." in comment
+    folded = [t.content for t in tokens if t.type == "html_block" and "<details><summary>Plan" in t.content]
+    assert len(folded) == 1 and "for 2 databases: 2 steps, risk medium" in folded[0]
+    assert comment.index("| plan | databases |") < comment.index("### pg-reconciler plan `")  # the groups' own after
+
+    assert main(["--config", str(config), "show", str(tmp_path / "plans"), "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.count("### pg-reconciler fleet plan") == 1

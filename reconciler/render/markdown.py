@@ -62,13 +62,13 @@ def markdown_summary(plan: Plan, approvals: ApprovalView | None = None) -> str:
     ])
 
 
-def _markdown_steps(plan: Plan) -> list[str]:
+def _markdown_steps(plan: Plan, budget: int) -> list[str]:
     """The steps' SQL by phase, folded; past the size budget only each step's kind and object (the plan file has all)."""
     b = plan.body
     phase_count = len({s.phase for s in b.steps})
     out = ["<details><summary>" + f"{_plural(len(b.steps), 'step')} in {_plural(phase_count, 'phase')} (SQL)</summary>",
            "", "```sql"]
-    budget, omitted = MARKDOWN_SQL_BUDGET, 0
+    omitted = 0
     for phase, steps in phases(plan):
         out.append(f"-- Phase {phase}: {phase_label(steps)}")
         for step in steps:
@@ -112,6 +112,11 @@ def _phases(plan: Plan) -> list[str]:
 
 
 def write(plan: Plan, stream: TextIO, approvals: ApprovalView | None = None) -> None:
+    write_comment(plan, stream, approvals)
+
+
+def write_comment(plan: Plan, stream: TextIO, approvals: ApprovalView | None = None, *,
+                  sql_budget: int | None = None) -> None:
     """A pull-request comment: the summary line, then hazards and policy findings, the steps folded,
     approvals given and needed, and the command that adds one."""
     b = plan.body
@@ -160,7 +165,7 @@ def write(plan: Plan, stream: TextIO, approvals: ApprovalView | None = None) -> 
         out += ["", "#### Lint", "", "| step | squawk rule | message |", "|---:|---|---|"]
         out += [f"| {step.index} | `{f.rule}` | {_cell(f.message)} |" for step, f in findings]
     if b.steps:
-        out += ["", f"Rehearsal: {b.rehearsal.describe()}.", "", *_markdown_steps(plan)]
+        out += ["", f"Rehearsal: {b.rehearsal.describe()}.", "", *_markdown_steps(plan, sql_budget or MARKDOWN_SQL_BUDGET)]
     if plan.signatures or (approvals is not None and b.steps):
         out += ["", "#### Approvals"]
     if plan.signatures:
