@@ -30,7 +30,15 @@ def with_sources(steps: Sequence[Step], desired: DesiredSchema) -> tuple[Step, .
     if not steps:
         return tuple(steps)
     lines = desired_lines(desired.files)
-    found = {s.index: _look_up(lines, s) for s in steps}
+    found = {s.index: _look_up(lines, s, exact=True) for s in steps}
+    # an object gone from the files (a dropped column, index, table): where git last had it, before its table's line
+    gone = [s for s in steps if found[s.index] is None and _key(s) and s.kind.startswith("drop_")]
+    if gone and desired.git_commit:
+        for step, line in zip(gone, _from_history(desired.root, gone), strict=True):
+            found[step.index] = line
+    for step in steps:
+        if found[step.index] is None:
+            found[step.index] = _look_up(lines, step)
     missing = [s for s in steps if found[s.index] is None and _key(s)]
     if missing and desired.git_commit:
         for step, line in zip(missing, _from_history(desired.root, missing), strict=True):
@@ -69,13 +77,14 @@ def _first_token(text: str) -> int:
     return tokens[0].start if tokens else 0
 
 
-def _look_up(lines: dict[Key, SourceLine], step: Step) -> SourceLine | None:
+def _look_up(lines: dict[Key, SourceLine], step: Step, *, exact: bool = False) -> SourceLine | None:
+    """The step's object's line; unless ``exact``, else its table's (a helper step of a column's rewrite)."""
     key = _key(step)
     if step.kind == "comment" and ("comment", *key) in lines:
         return lines[("comment", *key)]
     if step.kind in ("grant", "revoke") and ("grant", *key) in lines:
         return lines[("grant", *key)]
-    for end in range(len(key), 1, -1):  # a column's, then its table's
+    for end in range(len(key), len(key) - 1 if exact else 1, -1):  # a column's, then its table's
         if key[:end] in lines:
             return lines[key[:end]]
     return None

@@ -4,6 +4,7 @@ as an SVG file; estimates learned from the target's own recorded runs."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -47,6 +48,15 @@ def test_each_phase_shows_its_locks_who_waits_its_tables_and_estimate_and_the_ti
     comment = render(plan, "markdown")
     tokens = MarkdownIt("commonmark").enable("table").parse(comment)
     tables = [i for i, t in enumerate(tokens) if t.type == "table_open"]
+    # the first screen, before any SQL: what blocks, for how long, which line asked for it, who must approve
+    assert not [t for t in tokens[:tables[1]] if t.type == "fence"]
+    cells = [t.content for t in tokens[tables[0]:tables[1]] if t.type == "inline"]
+    review = dict(zip(cells[0::2], cells[1::2], strict=True))
+    swap = next(s for s in plan.body.steps if s.kind == "add_check_constraint")
+    assert re.fullmatch(rf"phase {swap.phase} \(steps [\d-]+, one transaction, (under 0\.1 s|~[\d.]+ s)\): "
+                        r"public\.ledger ACCESS EXCLUSIVE \(reads and writes wait, ~60,000 rows, [\d.]+ [kM]B\); "
+                        r"asked for by 20_ledger\.sql:4", review["**Blocks**"]), review
+    assert review["**Approvals**"] == "none needed" and review["**Risk**"].startswith("**medium**: hazard ")
     rows = []
     for token in tokens[tables[1]:]:
         if token.type == "table_close":
@@ -61,7 +71,6 @@ def test_each_phase_shows_its_locks_who_waits_its_tables_and_estimate_and_the_ti
     index = next(s for s in plan.body.steps if s.kind == "create_index_concurrently")
     assert by_phase[index.phase][3] == "`public.ledger` SHARE UPDATE EXCLUSIVE (reads and writes go on)"
     assert by_phase[index.phase][4].startswith("`public.ledger` ~60,000 rows, ")
-    swap = next(s for s in plan.body.steps if s.kind == "add_check_constraint")
     assert "`public.ledger` ACCESS EXCLUSIVE (reads and writes wait)" in by_phase[swap.phase][3]
     assert all(r[5] for r in rows[1:])  # every phase estimated
 

@@ -106,3 +106,12 @@ def test_the_command_line_offers_every_rendering() -> None:
     from reconciler.cli import PLAN_FORMATS
 
     assert set(PLAN_FORMATS) == set(FORMATS)
+
+
+def test_a_dropped_column_names_its_own_line_in_git_not_its_tables_line_now(schema_repository: Path) -> None:
+    db, schemas = schema_repository / "db", schema_repository / "db" / "schemas"
+    (schemas / "10_tables.sql").write_text(TABLES.replace("    email text NOT NULL UNIQUE,\n    name text\n",
+                                                          "    email text NOT NULL UNIQUE\n"))
+    plan = plan_in(db, "plan.json")
+    (dropped,) = [s for s in plan.body.steps if s.kind == "drop_column"]
+    assert dropped.source == SourceLine("10_tables.sql", 5, git(schema_repository, "rev-parse", "HEAD"))

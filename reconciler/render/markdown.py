@@ -105,7 +105,7 @@ def _phases(plan: Plan) -> list[str]:
     out = ["| phase | steps | runs as | locks (who waits) | tables | estimate |", "|---:|---|---|---|---|---|"]
     for p in phase_locking(plan):
         locks = "<br>".join(f"`{_cell(lock.table)}` {lock.mode.label} ({lock.mode.waits})" for lock in p.locks) or \
-            "none on tables"
+            "no table lock reads or writes wait for"
         sizes = "<br>".join(f"`{_cell(t)}` {size.describe()}" for t, size in sorted(p.sizes.items()))
         out.append(f"| {p.phase} | {step_range(p.steps)} | {p.runs_as} | {locks} | {sizes} | {about(p.seconds)} |")
     return out

@@ -9,7 +9,7 @@ from ..estimates import UNITS
 from ..online import duration
 from ..plan import Plan
 from ..safety import HazardCode, Step
-from ..safety.locks import TableLock, phase_locks
+from ..safety.locks import TableLock, phase_locks, step_locks
 from ..safety.nodes import human_bytes
 from .common import ApprovalView, phase_label, phases
 
@@ -55,6 +55,7 @@ class PhaseLocks:
     locks: tuple[TableLock, ...]  # strongest first
     sizes: dict[str, TableSize]  # the live tables' sizes, where the plan knows them
     seconds: float | None  # estimated, when every step of it has an estimate
+    causes: tuple[str, ...] = ()  # the desired lines that asked for its steps that make reads or writes wait
 
     @property
     def blocking(self) -> tuple[TableLock, ...]:
@@ -72,7 +73,8 @@ def risk(plan: Plan) -> Risk:
     for step, hazard in plan.hazards:
         level = hazard_level(hazard.code)
         if LEVELS.index(level) > LEVELS.index(found.level):
-            found = Risk(level, f"hazard {hazard.code}", f"step {step.index}, {step.object}")
+            line = f", {step.source.describe()}" if step.source else ""
+            found = Risk(level, f"hazard {hazard.code}", f"step {step.index}, {step.object}{line}")
     return found
 
 
@@ -87,9 +89,11 @@ def phase_locking(plan: Plan) -> tuple[PhaseLocks, ...]:
     for phase, steps in phases(plan):
         locks = phase_locks(steps)
         estimated = [s.estimate.seconds for s in steps if s.estimate is not None]
+        causes = dict.fromkeys(s.source.describe() for s in steps if s.source is not None
+                               and any(lock.mode.blocks_writes for lock in step_locks(s)))
         out.append(PhaseLocks(phase, phase_label(steps), tuple(s.index for s in steps), locks,
                               {lock.table: sizes[lock.table] for lock in locks if lock.table in sizes},
-                              sum(estimated) if len(estimated) == len(steps) else None))
+                              sum(estimated) if len(estimated) == len(steps) else None, tuple(causes)))
     return tuple(out)
 
 
@@ -140,6 +144,7 @@ def blocking_lines(plan: Plan) -> list[str]:
     """One line per phase that holds a lock reads or writes wait behind; empty when none does."""
     return [f"phase {p.phase} (steps {step_range(p.steps)}, {p.runs_as}, {about(p.seconds)}): "
             + "; ".join(describe_lock(lock, p.sizes) for lock in p.blocking)
+            + (f"; asked for by {', '.join(p.causes)}" if p.causes else "")
             for p in phase_locking(plan) if p.blocking]
 
 
