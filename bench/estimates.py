@@ -20,18 +20,15 @@ import argparse
 import logging
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from online_rewrite import plan_for
 from write_availability import benchmark_server
 
 from reconciler.apply import ApplyOptions, apply_plan
-from reconciler.config import load_config
-from reconciler.pipeline import make_plan, open_servers
-from reconciler.plan import Plan
-from reconciler.servers import Server, connect, throwaway_database
+from reconciler.servers import connect, throwaway_database
 
 log = logging.getLogger("bench.estimates")
 
@@ -55,25 +52,9 @@ CREATE INDEX t_{n}_amount_idx ON t_{n} (amount);
 """
 
 
-def _plan(root: Path, target: str, server: Server, sizes: Sequence[int], upto: int) -> Plan:
-    (root / "schemas").mkdir(exist_ok=True)
-    text = "CREATE TABLE parents (id bigint PRIMARY KEY);\n"
-    text += "".join(DESIRED.format(n=n) for n in sizes if n <= upto)  # the larger ones are not made yet
-    (root / "schemas" / "schema.sql").write_text(text)
-    (root / "reconciler.yaml").write_text(textwrap.dedent(f"""\
-        safety:
-          online_rewrite_rows: 0
-        environments:
-          bench:
-            database: "{target}"
-            shadow: "{server.dsn}"
-            require_signed_plans: false
-            backup: none
-        """))
-    config = load_config(root / "reconciler.yaml")
-    env = config.environment("bench")
-    with open_servers(config, env) as servers:
-        return make_plan(config, env, servers).plan
+def _desired(sizes: Sequence[int], upto: int) -> str:
+    """Every table up to ``upto`` rows in its desired form (the larger ones are not made yet)."""
+    return "CREATE TABLE parents (id bigint PRIMARY KEY);\n" + "".join(DESIRED.format(n=n) for n in sizes if n <= upto)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with connect(target) as conn:
                 conn.execute(LIVE.format(n=n).encode())
             log.info("t_%d loaded in %.1fs", n, time.perf_counter() - started)
-            plan = _plan(Path(folder), target, server, sizes, n)
+            plan = plan_for(server.dsn, target, _desired(sizes, n), Path(folder), online_rows=0)
             steps = {s.index: s for s in plan.body.steps}
             result = apply_plan(plan, target, ApplyOptions(environment="bench", metadata_schema="reconciler"))
             for record in result.steps:
