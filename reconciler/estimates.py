@@ -50,24 +50,23 @@ def default_rates() -> dict[str, Rate]:
     return {work: Rate(rate, "default") for work, rate in DEFAULT_RATES.items()}
 
 
-def rates_from_history(conn: psycopg.Connection[Any], schema: str, *, runs: int = 100) -> dict[str, Rate]:
+def rates_from_history(conn: psycopg.Connection[Any], schema: str, *, runs: int = 50) -> dict[str, Rate]:
     """Each class's rate from this target's recorded steps, where it has measurable ones; the default elsewhere."""
-    found: dict[str, list[float]] = {}
     try:
-        recorded = history.list_runs(conn, schema, limit=runs)
+        records = history.recorded_work(conn, schema, runs=runs)
     except psycopg.Error as exc:  # a role that may not read the history: the defaults
         log.debug("no recorded runs to learn rates from: %s", exc)
         conn.rollback()
-        recorded = []
-    for run in recorded:
-        for record in run.statements:
-            work = record.get("work")
-            if record.get("status") != "applied" or not isinstance(work, dict) or work.get("class") not in UNITS:
-                continue
-            amount, seconds = float(work.get("amount") or 0), (float(record.get("duration_ms") or 0)
-                                                               - float(record.get("lock_wait_ms") or 0)) / 1000
-            if amount >= MEASURABLE[UNITS[work["class"]]] and seconds > 0:
-                found.setdefault(work["class"], []).append(amount / seconds)
+        records = []
+    found: dict[str, list[float]] = {}
+    for record in records:
+        work = record.get("work")
+        if not isinstance(work, dict) or work.get("class") not in UNITS:
+            continue
+        amount = float(work.get("amount") or 0)
+        seconds = (float(record.get("duration_ms") or 0) - float(record.get("lock_wait_ms") or 0)) / 1000
+        if amount >= MEASURABLE[UNITS[work["class"]]] and seconds > 0:
+            found.setdefault(work["class"], []).append(amount / seconds)
     rates = default_rates()
     for work_class, measured in found.items():
         rates[work_class] = Rate(statistics.median(measured), f"this target's last {len(measured)} "

@@ -352,6 +352,18 @@ def list_runs(conn: psycopg.Connection[Any], schema: str, *, limit: int = 50) ->
     return [_run(r) for r in rows]
 
 
+def recorded_work(conn: psycopg.Connection[Any], schema: str, *, runs: int = 50) -> list[dict[str, Any]]:
+    """The applied step records of the last ``runs`` ended runs that say what work they did (``StepRecord.work``):
+    what estimates learn this target's rates from, read without the rest of the runs' rows."""
+    if not layout(conn, schema).runs:
+        return []
+    rows = conn.execute(sql.SQL(
+        "SELECT e.value FROM (SELECT statements FROM {} WHERE status <> 'running' ORDER BY started_at DESC LIMIT %s) r, "
+        "jsonb_array_elements(r.statements) e WHERE e.value ? 'work' AND e.value->>'status' = 'applied'").format(
+            _table(schema)), (runs,)).fetchall()
+    return [dict(row[0]) for row in rows]
+
+
 def get_run(conn: psycopg.Connection[Any], schema: str, run_id: str) -> Run | None:
     found = layout(conn, schema)
     if not found.runs:
