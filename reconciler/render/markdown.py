@@ -12,7 +12,7 @@ from ..policy import approvals_needed
 from .common import POLICY_BLOCKS, ApprovalView, phase_label, phases
 from .common import cell as _cell
 from .common import plural as _plural
-from .review import about, approvals_line, blocking_lines, phase_locking, risk, step_range
+from .review import NOTHING_BLOCKS, about, approvals_line, blocking_lines, phase_locking, risk, step_range
 from .timeline import mermaid
 
 MARKDOWN_SQL_BUDGET = 40_000  # characters of SQL in a comment; GitHub refuses comments over 65,536
@@ -92,8 +92,7 @@ def _review(plan: Plan, approvals: ApprovalView | None) -> list[str]:
     level = risk(plan)
     said = f"**{level.level}**" + (f": {level.rule.split(' ', 1)[0]} `{level.rule.split(' ', 1)[1]}` "
                                     f"({_cell(level.where)})" if level.rule else "")
-    blocks = "<br>".join(_cell(line) for line in blocking_lines(plan)) or "nothing: no phase holds a lock reads or " \
-        "writes wait behind"
+    blocks = "<br>".join(_cell(line) for line in blocking_lines(plan)) or NOTHING_BLOCKS
     signed = ", ".join(f"{_cell(s.signer)} ({s.role})" for s in plan.signatures) or "not signed"
     return ["| review | |", "|---|---|", f"| **Risk** | {said} |", f"| **Blocks** | {blocks} |",
             f"| **Approvals** | {_cell(approvals_line(plan, approvals))} |",

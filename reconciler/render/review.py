@@ -9,7 +9,7 @@ from ..estimates import UNITS
 from ..online import duration
 from ..plan import Plan
 from ..safety import HazardCode, Step
-from ..safety.locks import TableLock, phase_locks, step_locks
+from ..safety.locks import TableLock, step_locks, strongest
 from ..safety.nodes import human_bytes
 from .common import ApprovalView, phase_label, phases
 
@@ -84,13 +84,29 @@ def hazard_level(code: str) -> str:
 
 
 def phase_locking(plan: Plan) -> tuple[PhaseLocks, ...]:
+    """Each phase's locks, sizes, estimate and the lines that asked for its blocking steps: read once a plan (every
+    step's statement parsed), though text and markdown ask for them three times."""
+    key = (plan.id, id(plan.body.steps), len(plan.body.steps))
+    found = _LOCKING.get(key)
+    if found is None:
+        if len(_LOCKING) >= 4:
+            _LOCKING.pop(next(iter(_LOCKING)))
+        found = _LOCKING[key] = _phase_locking(plan)
+    return found
+
+
+_LOCKING: dict[tuple[str, int, int], tuple[PhaseLocks, ...]] = {}  # by plan id (its body's hash) and steps held
+
+
+def _phase_locking(plan: Plan) -> tuple[PhaseLocks, ...]:
     sizes = table_sizes(plan.body.steps)
     out = []
     for phase, steps in phases(plan):
-        locks = phase_locks(steps)
+        taken = [(step, step_locks(step)) for step in steps]
+        locks = strongest(lock for _, held in taken for lock in held)
         estimated = [s.estimate.seconds for s in steps if s.estimate is not None]
-        causes = dict.fromkeys(s.source.describe() for s in steps if s.source is not None
-                               and any(lock.mode.blocks_writes for lock in step_locks(s)))
+        causes = dict.fromkeys(s.source.describe() for s, held in taken if s.source is not None
+                               and any(lock.mode.blocks_writes for lock in held))
         out.append(PhaseLocks(phase, phase_label(steps), tuple(s.index for s in steps), locks,
                               {lock.table: sizes[lock.table] for lock in locks if lock.table in sizes},
                               sum(estimated) if len(estimated) == len(steps) else None, tuple(causes)))
@@ -138,6 +154,9 @@ def about(seconds: float | None) -> str:
     if seconds < 10:
         return f"~{seconds:.1f} s"
     return f"~{duration(seconds)}"
+
+
+NOTHING_BLOCKS = "nothing: no phase holds a lock reads or writes wait behind"
 
 
 def blocking_lines(plan: Plan) -> list[str]:

@@ -9,7 +9,7 @@ from ..online import describe as describe_rewrite
 from ..online import online_rewrites
 from ..plan import Plan
 from .common import POLICY_BLOCKS, ApprovalView, indent, phase_label, phases, summary_line
-from .review import about, approvals_line, blocking_lines, phase_locking, risk
+from .review import NOTHING_BLOCKS, about, approvals_line, blocking_lines, phase_locking, risk
 
 
 def write(plan: Plan, out: TextIO, approvals: ApprovalView | None = None) -> None:
@@ -26,12 +26,10 @@ def write(plan: Plan, out: TextIO, approvals: ApprovalView | None = None) -> Non
         summary_line(plan),
     ]
     if b.steps:
-        blocks = blocking_lines(plan) or ["nothing: no phase holds a lock reads or writes wait behind"]
+        blocks = blocking_lines(plan) or [NOTHING_BLOCKS]
         lines += ["", "Review:", f"  risk       {risk(plan).describe()}", f"  blocks     {blocks[0]}",
                   *[f"             {line}" for line in blocks[1:]],
-                  f"  approvals  {approvals_line(plan, approvals)}"]
-    if b.steps:
-        lines += ["", f"Rehearsal: {b.rehearsal.describe()}"]
+                  f"  approvals  {approvals_line(plan, approvals)}", "", f"Rehearsal: {b.rehearsal.describe()}"]
     rewrites = online_rewrites(b.steps)
     if rewrites:
         lines += ["", "Online rewrites (expand, backfill, cut-over, contract; apply --hold-contract stops before the "

@@ -94,10 +94,14 @@ def step_locks(step: Step) -> tuple[TableLock, ...]:
 def phase_locks(steps: Iterable[Step]) -> tuple[TableLock, ...]:
     """What a phase holds, strongest first: each table's strongest lock among its steps (a transaction holds every
     lock it took to its end; a phase outside one is a single step)."""
+    return strongest(lock for step in steps for lock in step_locks(step))
+
+
+def strongest(locks: Iterable[TableLock]) -> tuple[TableLock, ...]:
+    """Each table's strongest of ``locks``, strongest first."""
     found: dict[str, LockMode] = {}
-    for step in steps:
-        for lock in step_locks(step):
-            found[lock.table] = max(found.get(lock.table, lock.mode), lock.mode)
+    for lock in locks:
+        found[lock.table] = max(found.get(lock.table, lock.mode), lock.mode)
     return tuple(sorted((TableLock(t, m) for t, m in found.items()), key=lambda lock: (-lock.mode, lock.table)))
 
 
