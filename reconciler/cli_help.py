@@ -58,8 +58,11 @@ COMMANDS: dict[str, CommandHelp] = {
         "reconciler plan --env staging -o plans/staging.json --key ci_ed25519"),
     "show": CommandHelp(
         "render a saved plan, with approvals given and needed",
-        "Print a saved plan as text, markdown (a pull-request comment) or JSON, with the approvals it has and those it "
-        "still needs when a reconciler.yaml is found. Needs no database and no project.",
+        "Print a saved plan as text, markdown (a pull-request comment: risk, what blocks and for how long, which "
+        "line asked for it, approvals), JSON, github (workflow commands on the desired lines), sarif (SARIF 2.1.0 "
+        "for code scanning) or svg (the phases on a time axis), with the approvals it has and those it still needs "
+        "when a reconciler.yaml is found. A folder of a fleet's plans: each in turn, or in markdown one comment. "
+        "Needs no database and no project.",
         ((EXIT_OK, "shown"),),
         "reconciler show plans/staging.json --format markdown"),
     "approve": CommandHelp(
