@@ -245,16 +245,24 @@ def _from_history(root: Path, steps: list[Step]) -> list[SourceLine | None]:
     except (OSError, subprocess.SubprocessError) as exc:
         log.debug("no git history for the dropped objects' lines: %s", exc)
         return found
+    # the object's own line in any of them before its table's line in the newest (a column dropped commits ago)
+    tables: list[SourceLine | None] = [None] * len(steps)
     for commit in commits:
         left = [i for i, line in enumerate(found) if line is None]
         if not left:
             break
-        lines = desired_lines(_files_at(root, commit), _names_of([steps[i] for i in left]))
+        try:
+            lines = desired_lines(_files_at(root, commit), _names_of([steps[i] for i in left]))
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.debug("cannot read the schemas folder at %s: %s", commit, exc)
+            break
         for i in left:
-            line = _look_up(lines, steps[i])
+            line, table = _look_up(lines, steps[i], exact=True), _look_up(lines, steps[i])
             if line is not None:
                 found[i] = dataclasses.replace(line, commit=commit)
-    return found
+            elif table is not None and tables[i] is None:
+                tables[i] = dataclasses.replace(table, commit=commit)
+    return [line or table for line, table in zip(found, tables, strict=True)]
 
 
 def _files_at(root: Path, commit: str) -> list[SchemaFile]:

@@ -112,6 +112,11 @@ def test_a_dropped_column_names_its_own_line_in_git_not_its_tables_line_now(sche
     db, schemas = schema_repository / "db", schema_repository / "db" / "schemas"
     (schemas / "10_tables.sql").write_text(TABLES.replace("    email text NOT NULL UNIQUE,\n    name text\n",
                                                           "    email text NOT NULL UNIQUE\n"))
+    first = git(schema_repository, "rev-parse", "HEAD")
     plan = plan_in(db, "plan.json")
     (dropped,) = [s for s in plan.body.steps if s.kind == "drop_column"]
-    assert dropped.source == SourceLine("10_tables.sql", 5, git(schema_repository, "rev-parse", "HEAD"))
+    assert dropped.source == SourceLine("10_tables.sql", 5, first)
+    # committed: the table is still at HEAD, the column only in the commit before, which is the line named
+    git(schema_repository, "commit", "-q", "-am", "name dropped")
+    (dropped,) = [s for s in plan_in(db, "again.json").body.steps if s.kind == "drop_column"]
+    assert dropped.source == SourceLine("10_tables.sql", 5, first)
