@@ -232,6 +232,39 @@ def test_batches_run_side_by_side_and_the_checkpoint_claims_only_pages_done(proj
     assert fetch_one(project.database, "SELECT count(*) FROM users WHERE email_key IS DISTINCT FROM lower(email)") == 0
 
 
+def test_while_the_last_batches_run_the_checkpoint_follows_each_one_that_ends(project: Project,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The batch holding the table's last row takes seconds: every other batch ends meanwhile, and no batch is left
+    to start (the checkpoint used to be written only before one starts). The run's row says every page before the
+    slow batch is done, so a run killed now goes on from there instead of from where the last batch started."""
+    last = int(fetch_one(project.database, "SELECT max(id) FROM users") or 0)
+    slow = f"-- reconciler: backfill lower(email) || CASE WHEN id = {last} THEN pg_sleep(4)::text ELSE '' END\n    "
+    plan = project.plan(DESIRED.format(annotation=slow))
+    caplog.set_level(logging.DEBUG, logger="reconciler.apply.backfill")
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(apply_plan(plan, project.database, ApplyOptions(
+        environment="test", metadata_schema="reconciler", backfill=BackfillLimits(batch_seconds=0.005, workers=2)))))
+    thread.start()
+    try:
+        deadline, waiting = time.monotonic() + 60, False
+        while not waiting:  # every row but the slow batch's filled, the slow one still asleep
+            assert thread.is_alive() and time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+            waiting = fetch_one(project.database, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                                  "'reconciler fill' AND state = 'active' AND query LIKE 'UPDATE%'") == 1
+        time.sleep(0.5)  # the other batches' ends written
+        ended = [int(m.group(1)) for r in caplog.records
+                 if (m := re.search(r"users\.email_key: pages \d+ to (\d+),", r.getMessage()))]
+        with connect(project.database) as conn:
+            (run,) = history.running_runs(conn, "reconciler")
+        progress = dict((run.backfill or {}).get("progress") or {})
+        assert progress.get("state") == "filling" and progress.get("pages_done") == max(ended) > 0, (progress, ended)
+        assert fetch_one(project.database, f"SELECT email_key FROM users WHERE id = {last}") is None
+    finally:
+        thread.join(timeout=120)
+    assert len(done) == 1 and getattr(done[0], "status", None) == "applied", done
+
+
 def test_a_fill_that_cannot_open_more_sessions_runs_one_batch_at_a_time(project: Project,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """The role's or the server's connection limit is no reason to fail a fill: it says so and goes on in the
@@ -310,8 +343,10 @@ CREATE TABLE items (
     note_key text NOT NULL
 );
 """
+# a fill batch waiting for the row the test's holder locked (not for another lock: the two batches side by side wait
+# for each other now and then to extend the table, which is a lock wait too, early in the fill)
 FILLING = ("SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE 'UPDATE \"public\".\"items\" SET \"note_key\"%' "
-           "AND wait_event_type = 'Lock'")
+           "AND wait_event_type = 'Lock' AND {holder} = ANY(pg_blocking_pids(pid))")
 
 
 def _filling(target: Target) -> subprocess.Popen[str]:
@@ -337,7 +372,7 @@ def test_a_fill_stopped_part_way_ends_with_every_row_right(target: Target, how: 
     holder = connect(target.database, autocommit=False)
     holder.execute("SELECT 1 FROM items WHERE id = 200000 FOR UPDATE")
     try:
-        target.wait_for(FILLING)
+        target.wait_for(FILLING.format(holder=holder.info.backend_pid))
         proc.send_signal(signal.SIGKILL if how.startswith("sigkill") else signal.SIGTERM)
     finally:
         holder.rollback()  # let go: undoing what the run committed needs the table too

@@ -106,7 +106,10 @@ def run_backfill(conn: psycopg.Connection[Any], step: Step, *, limits: BackfillL
                 # the next batch sized to take about the target: at most twice this one's pages, at least one page
                 scale = target / took[0] if took[0] > 0 else 2.0
                 size = max(1, min(MAX_PAGES, int((last - first) * min(scale, 2.0))))
+                before = done.before
                 fill.log(done.add(first, last))
+                if start >= pages and done.before > before:  # no batch left to say it before: the checkpoint now
+                    fill.say("filling", done.before)
     fill.say("done", pages)
     return fill.rows
 
