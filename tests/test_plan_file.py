@@ -440,6 +440,15 @@ def test_the_first_screen_of_the_comment_answers_the_four_questions(plan: Plan) 
     assert "  risk       critical (set by hazard DATA_LOSS, step 4, public.old)" in text, text
     assert text.index("Review:") < text.index("Phase 1")
 
+    commands = render(Plan(id=plan.id, body=dataclasses.replace(plan.body, policy=PolicyResult(findings=(
+        *policy.findings, Finding("fks-indexed", "schema.yaml", 24, "warn", "foreign key public.t.fk", "no index")),
+        approvals=2, groups=("dba",)))),
+        "github").splitlines()
+    # on no file: the steps here name no desired line, and a finding about the schema as a whole names none either
+    assert "::warning title=policy locks-need-a-dba (require_approval)%3A step 2::exclusive locks need a DBA (needs 2 " \
+           "approvals, at least 1 from dba)" in commands, commands
+    assert "::warning title=policy fks-indexed (warn)%3A foreign key public.t.fk::no index" in commands, commands
+
     without_drop = Plan(id=plan.id, body=dataclasses.replace(
         plan.body, policy=policy, steps=tuple(s for s in plan.body.steps if s.kind != "drop_table")))
     cells = [t.content for t in MarkdownIt("commonmark").enable("table").parse(render(without_drop, "markdown"))

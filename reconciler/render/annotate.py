@@ -1,5 +1,5 @@
 """A plan's findings as annotations on the desired files' lines: each hazard and squawk finding on the line that
-asked for its step, each policy finding on its step's line (or its rule's, when it is about no step). GitHub's
+asked for its step, each policy finding on its step's line (on none, when it is about no step). GitHub's
 workflow commands and SARIF are two spellings of the same list."""
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def annotate(plan: Plan) -> list[Annotation]:
         matched = _STEP_SUBJECT.match(finding.subject + " ")
         about = steps.get(int(matched.group(1))) if matched else None
         need = f" (needs {approvals_needed(finding.count, finding.groups)})" if finding.count or finding.groups else ""
-        path, line, note = _where(plan, about.source) if about is not None else (finding.file, finding.line, "")
+        # a finding about no step (the schema as a whole) has no desired line: its rule's file is named in the text
+        # (relative to the policies folder, which the plan does not place in the repository)
+        path, line, note = _where(plan, about.source) if about is not None else (None, None, "")
         out.append(Annotation(_POLICY_LEVEL.get(finding.severity, "warning"), f"policy/{finding.rule}",
                               f"policy rule {finding.rule} ({finding.file}:{finding.line})",
                               f"policy {finding.rule} ({finding.severity}): {finding.subject}",
