@@ -33,18 +33,15 @@ def with_sources(steps: Sequence[Step], desired: DesiredSchema) -> tuple[Step, .
         return tuple(steps)
     lines = desired_lines(desired.files, _names_of(steps))
     found = {s.index: _look_up(lines, s, exact=True) for s in steps}
-    # an object gone from the files (a dropped column, index, table): where git last had it, before its table's line
-    gone = [s for s in steps if found[s.index] is None and _key(s) and s.kind.startswith("drop_")]
-    if gone and desired.git_commit:
-        for step, line in zip(gone, _from_history(desired.root, gone), strict=True):
-            found[step.index] = line
-    for step in steps:
-        if found[step.index] is None:
-            found[step.index] = _look_up(lines, step)
-    missing = [s for s in steps if found[s.index] is None and _key(s)]
-    if missing and desired.git_commit:
-        for step, line in zip(missing, _from_history(desired.root, missing), strict=True):
-            found[step.index] = line
+
+    def from_history(dropped: bool) -> None:
+        left = [s for s in steps if found[s.index] is None and _key(s) and (s.kind.startswith("drop_") or not dropped)]
+        if left and desired.git_commit:
+            found.update((s.index, line) for s, line in zip(left, _from_history(desired.root, left), strict=True))
+
+    from_history(dropped=True)  # an object gone from the files: where git last had it, before its table's line now
+    found.update((s.index, _look_up(lines, s)) for s in steps if found[s.index] is None)
+    from_history(dropped=False)
     return tuple(dataclasses.replace(s, source=found[s.index]) if found[s.index] else s for s in steps)
 
 
