@@ -4,6 +4,7 @@ the annotation such a column on a table with rows is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -196,6 +197,19 @@ def test_the_backfill_fills_every_row_while_writers_go_on(project: Project, capl
     assert 'reconciler_backfill_paused{object="public.users.email_key"} 0.0' in metrics
 
 
+@contextlib.contextmanager
+def _applying(project: Project, plan: Plan) -> Iterator[tuple[threading.Thread, list[object]]]:
+    """``plan`` applied in a thread, two 5 ms batches side by side; what it returned, once the block has ended."""
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(apply_plan(plan, project.database, ApplyOptions(
+        environment="test", metadata_schema="reconciler", backfill=BackfillLimits(batch_seconds=0.005, workers=2)))))
+    thread.start()
+    try:
+        yield thread, done
+    finally:
+        thread.join(timeout=120)
+
+
 def test_batches_run_side_by_side_and_the_checkpoint_claims_only_pages_done(project: Project,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     """Two sessions fill at once: while the batch holding the table's first row takes seconds (its conversion
@@ -205,11 +219,7 @@ def test_batches_run_side_by_side_and_the_checkpoint_claims_only_pages_done(proj
     slow = "-- reconciler: backfill lower(email) || CASE WHEN id = 1 THEN pg_sleep(4)::text ELSE '' END\n    "
     plan = project.plan(DESIRED.format(annotation=slow))
     caplog.set_level(logging.INFO, logger="reconciler.apply.backfill")
-    done: list[object] = []
-    thread = threading.Thread(target=lambda: done.append(apply_plan(plan, project.database, ApplyOptions(
-        environment="test", metadata_schema="reconciler", backfill=BackfillLimits(batch_seconds=0.005, workers=2)))))
-    thread.start()
-    try:
+    with _applying(project, plan) as (thread, done):
         deadline, rest = time.monotonic() + 60, 0
         while rest < 17000:  # every row past the first pages filled, while the first batch still sleeps
             assert thread.is_alive() and time.monotonic() < deadline, (rest, [r.getMessage() for r in caplog.records])
@@ -224,8 +234,6 @@ def test_batches_run_side_by_side_and_the_checkpoint_claims_only_pages_done(proj
         said = describe(progress)  # what `reconciler backfill status` says
         assert said.startswith("backfill public.users.email_key (step 5): filling, page 0 of ") and \
             said.endswith("s left, 2 batches at a time"), said
-    finally:
-        thread.join(timeout=120)
     assert len(done) == 1 and getattr(done[0], "status", None) == "applied", done
     assert any(r.getMessage().endswith("batches of about 5ms, 2 at a time") for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
@@ -241,11 +249,7 @@ def test_while_the_last_batches_run_the_checkpoint_follows_each_one_that_ends(pr
     slow = f"-- reconciler: backfill lower(email) || CASE WHEN id = {last} THEN pg_sleep(4)::text ELSE '' END\n    "
     plan = project.plan(DESIRED.format(annotation=slow))
     caplog.set_level(logging.DEBUG, logger="reconciler.apply.backfill")
-    done: list[object] = []
-    thread = threading.Thread(target=lambda: done.append(apply_plan(plan, project.database, ApplyOptions(
-        environment="test", metadata_schema="reconciler", backfill=BackfillLimits(batch_seconds=0.005, workers=2)))))
-    thread.start()
-    try:
+    with _applying(project, plan) as (thread, done):
         deadline, waiting = time.monotonic() + 60, False
         while not waiting:  # every row but the slow batch's filled, the slow one still asleep
             assert thread.is_alive() and time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
@@ -260,8 +264,6 @@ def test_while_the_last_batches_run_the_checkpoint_follows_each_one_that_ends(pr
         progress = dict((run.backfill or {}).get("progress") or {})
         assert progress.get("state") == "filling" and progress.get("pages_done") == max(ended) > 0, (progress, ended)
         assert fetch_one(project.database, f"SELECT email_key FROM users WHERE id = {last}") is None
-    finally:
-        thread.join(timeout=120)
     assert len(done) == 1 and getattr(done[0], "status", None) == "applied", done
 
 
