@@ -193,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("apply")
     p.add_argument("plan", type=Path, nargs="?", help="a plan file (for a fleet: a plan file or a folder of them)")
     p.add_argument("--auto", action="store_true", help="plan and apply in one go where the environment allows it")
-    p.add_argument("--shard", metavar="I/N", help="fleets: only every N-th database, starting at I (0-based)")
-    p.add_argument("--concurrency", type=int, metavar="N", help="fleets: databases applied at once (default: the "
+    p.add_argument("--shard", metavar="I/N", help="fleets: shard I of N (0-based), e.g. an indexed Job's pod: each "
+                                                  "database falls in one shard, by its server and name")
+    p.add_argument("--concurrency", type=int, metavar="N", help="fleets: the most connections taken on each server "
+                                                                   "(a database being applied holds two; default: the "
                                                                    "environment's concurrency, 4)")
+    _format_option(p, ("text", "json"))
     p.add_argument("--hold-contract", action="store_true",
                    help="online rewrites: stop before each contract (the drop of the column a cut-over replaced); the "
                         "old column is kept in step, so `reconciler rollback RUN_ID` can still swap back in one short "
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("drift")
     _target_options(p)
     _schemas_option(p)
+    _format_option(p, ("text", "json"))
 
     p = command("history")
     _target_options(p)
@@ -321,7 +325,10 @@ def cmd_plan(args: argparse.Namespace, config: Config) -> int:
 
     env = _env(config, args)
     if env.is_fleet:
-        return _plan_fleet(args, config, env)
+        from . import cli_fleet
+
+        return cli_fleet.plan(args, config, env, _planner_key(args, config),
+                              lambda plan, path: _approval_view(config, env, plan, path))
     key = _planner_key(args, config)
     with open_servers(config, env) as servers:
         plan = make_plan(config, env, servers, schemas_dir=args.schemas).plan
@@ -567,6 +574,10 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from .servers import connect
 
     env = _env(config, args)
+    if env.is_fleet:
+        from . import cli_fleet
+
+        return cli_fleet.drift(args, config, env)
     with open_servers(config, env) as servers:
         differences = drift(config, servers, schemas_dir=args.schemas)
         with connect(servers.target_dsn) as conn:
@@ -740,77 +751,6 @@ def _planner_key(args: argparse.Namespace, config: Config) -> PlannerKey | None:
     return planner_key(key_path, load_trust(config.trust_file)) if key_path else None
 
 
-def _plan_fleet(args: argparse.Namespace, config: Config, env: Environment) -> int:
-    """One plan file per distinct live state, each naming its databases; unreachable databases reported."""
-    from . import fleet
-    from .planfile import write_plan
-    from .render import render
-    from .render.fleet import write_fleet
-    from .signing import sign_as_planner
-
-    key = _planner_key(args, config)
-    members = fleet.survey(config, env, env.fleet_dsns())
-    plans = fleet.plan_fleet(config, env, members, schemas_dir=args.schemas)
-    folder: Path = args.out or config.plans_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    status = EXIT_OK
-    shown = []
-    for group in plans:
-        plan = sign_as_planner(group.plan, key) if key is not None else group.plan
-        path = folder / f"{env.name}-{plan.short_id}.json"
-        write_plan(plan, path)
-        shown.append((plan, _approval_view(config, env, plan, path)))
-        if args.format != "markdown":  # markdown: one comment for the fleet, below
-            sys.stdout.write(render(plan, args.format, shown[-1][1]))
-        print(f"\nSaved plan {plan.short_id} for {len(group.members)} database(s) to {path}", file=sys.stderr)
-        if plan.body.policy.denied:
-            status = EXIT_REFUSED
-        elif plan.body.steps and status == EXIT_OK:
-            status = EXIT_CHANGES
-    failed = [m for m in members if m.error is not None]
-    if args.format == "markdown":
-        write_fleet(shown, sys.stdout, unreachable=[m.label for m in failed])
-    for member in failed:
-        print(f"error: {member.label}: {member.error}", file=sys.stderr)
-    print(f"{len(members)} database(s): {len(plans)} distinct state(s), {len(failed)} unreachable", file=sys.stderr)
-    return EXIT_ERROR if failed else status
-
-
-def _apply_fleet(args: argparse.Namespace, config: Config, env: Environment) -> int:
-    """Plan files (one per state) or --auto (plan and apply where allowed), to every database of the shard."""
-    from . import fleet
-    from .pipeline import auto_apply_blockers
-    from .planfile import read_plan
-
-    if args.auto == (args.plan is not None):
-        raise ReconcilerError("give either a plan file (or a folder of them) or --auto")
-    members = fleet.survey(config, env, fleet.select_shard(env.fleet_dsns(), args.shard))
-    if args.auto:
-        blockers = auto_apply_blockers(env)
-        if blockers:
-            raise RefusedError(f"environment {env.name!r} does not apply on its own ({'; '.join(blockers)}): "
-                               "plan, approve, then apply")
-        plans = []
-        for group in fleet.plan_fleet(config, env, members, schemas_dir=args.schemas):
-            blockers = auto_apply_blockers(env, group.plan)
-            if blockers:  # its databases are reported as skipped below, with the plan named
-                print(f"plan {group.plan.short_id} ({len(group.members)} database(s)) needs a human: "
-                      f"{'; '.join(blockers)}", file=sys.stderr)
-                continue
-            plans.append(group.plan)
-    else:
-        paths = sorted(args.plan.glob("*.json")) if args.plan.is_dir() else [args.plan]
-        plans = [p for p in map(read_plan, paths) if p.body.environment == env.name]
-        if not plans:
-            raise ReconcilerError(f"no plan for environment {env.name!r} in {args.plan}")
-    options = dataclasses.replace(_apply_options(config, env, plan_file=not args.auto), hold_contract=args.hold_contract)
-    outcomes = fleet.apply_fleet(plans, members, options, args.concurrency or env.concurrency)
-    sys.stdout.write(fleet.summary_table(outcomes))
-    if all(o.ok for o in outcomes):
-        return EXIT_OK
-    return EXIT_REFUSED if all(o.ok or o.status == "refused" for o in outcomes) else EXIT_ERROR
-
-
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     from dataclasses import replace
 
@@ -821,8 +761,13 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
 
     fleet_env = _env(config, args) if args.env is not None else None
     if fleet_env is not None and fleet_env.is_fleet:
-        return _apply_fleet(args, config, fleet_env)
-    for flag, value in (("--shard", args.shard), ("--concurrency", args.concurrency)):
+        from . import cli_fleet
+
+        options = dataclasses.replace(_apply_options(config, fleet_env, plan_file=not args.auto),
+                                      hold_contract=args.hold_contract)
+        return cli_fleet.apply(args, config, fleet_env, options)
+    for flag, value in (("--shard", args.shard), ("--concurrency", args.concurrency),
+                        ("--format", None if args.format == "text" else args.format)):
         if value is not None:
             raise ConfigError(f"{flag} is for fleets (an environment with `databases:`); "
                               + (f"environment {args.env!r} has one database" if args.env else "give --env FLEET"))
@@ -887,12 +832,20 @@ def cmd_drift(args: argparse.Namespace, config: Config) -> int:
     from .servers import connect
 
     env = _env(config, args)
+    if env.is_fleet:
+        from . import cli_fleet
+
+        return cli_fleet.drift(args, config, env)
     with open_servers(config, env) as servers:
         differences = drift(config, servers, schemas_dir=args.schemas)
         held: dict[str, str] = {}
         if differences:
             with connect(servers.target_dsn) as conn:
                 held = held_contracts(conn, config.metadata_schema)
+    if args.format == "json":
+        print(json.dumps({"differences": [{"object": d.name, "change": d.change, "held_by": held_by(held, d.name, d.change)}
+                                          for d in differences]}, indent=2))
+        return EXIT_CHANGES if differences else EXIT_OK
     if not differences:
         print("No drift: the live schema matches the desired schema.")
         return EXIT_OK
@@ -918,6 +871,10 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     from .servers import connect
 
     env = _env(config, args)
+    if env.is_fleet:
+        from . import cli_fleet
+
+        return cli_fleet.history(args, config, env)
     with open_servers(config, env, need_shadow=False) as servers, connect(servers.target_dsn) as conn:
         settle(conn, config.metadata_schema)
         runs = history.list_runs(conn, config.metadata_schema, limit=args.limit)

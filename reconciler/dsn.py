@@ -49,13 +49,24 @@ def describe(dsn: str) -> str:
         params = parse(dsn)
     except ConfigError:
         return "<invalid dsn>"
+    user = params.get("user", "")
+    return f"{user + '@' if user else ''}{_server(params)}/{params.get('dbname', '')}"
+
+
+def server(dsn: str) -> str:
+    """The server a DSN points at, as ``host:port`` (a socket's folder as ``socket:/path``): the databases of a fleet
+    that share it share its connections."""
+    try:
+        return _server(parse(dsn))
+    except ConfigError:
+        return "<invalid dsn>"
+
+
+def _server(params: dict[str, str]) -> str:
     host = params.get("host", "localhost")
     if host.startswith("/"):
         host = f"socket:{host}"
-    port = params.get("port", "5432")
-    user = params.get("user", "")
-    db = params.get("dbname", "")
-    return f"{user + '@' if user else ''}{host}:{port}/{db}"
+    return f"{host}:{params.get('port', '5432')}"
 
 
 def sqlalchemy_url(dsn: str) -> URL:

@@ -55,9 +55,14 @@ class PlanFileError(ReconcilerError):
 
 
 class RefusedError(ReconcilerError):
-    """The tool refuses to go on (stale plan, wrong target, lock held): exit code 3."""
+    """The tool refuses to go on (stale plan, wrong target, lock held): exit code 3. ``check``: the plan check that
+    refused (replay, freshness...), when one did."""
 
     exit_code = 3
+
+    def __init__(self, message: str, *, check: str | None = None) -> None:
+        self.check = check
+        super().__init__(message)
 
 
 class ApplyError(ReconcilerError):

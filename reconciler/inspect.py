@@ -258,8 +258,10 @@ _QUERIES: tuple[str, ...] = (
         FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
         WHERE NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_foreign_server'::regclass
                           AND x.objid = s.oid AND x.deptype = 'e')""",
+    # built-in objects' comments (thousands) are left out before naming each: of the objects from initdb, only the
+    # public schema may be commented by its user
     f"""SELECT 'comment', i.type || ' ' || i.identity, d.description
-        FROM pg_description d
+        FROM (SELECT * FROM pg_description WHERE objoid >= 16384 OR classoid = 'pg_namespace'::regclass) d
         CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
         CROSS JOIN LATERAL pg_identify_object_as_address(d.classoid, d.objoid, d.objsubid) o
         CROSS JOIN LATERAL (SELECT {COMMENTED_SCHEMA} AS schema) s

@@ -485,21 +485,35 @@ def _diff_after_renames(engine: DiffEngine, servers: Servers, desired_dsn: str, 
 
 def drift(config: Config, servers: Servers, *, schemas_dir: Path | None = None) -> list[inspect.ObjectDifference]:
     """What differs between live and desired, by our catalog snapshot (no diff engine needed)."""
+    with desired_snapshot(config, servers, schemas_dir=schemas_dir) as (shadow_dsn, desired):
+        return drift_of(config, shadow_dsn, desired, servers.target_dsn)
+
+
+@contextlib.contextmanager
+def desired_snapshot(config: Config, servers: Servers, *,
+                     schemas_dir: Path | None = None) -> Iterator[tuple[str, inspect.SchemaSnapshot]]:
+    """The desired schema loaded in the shadow (its DSN) and its snapshot: what live databases are compared with,
+    one or a fleet of them."""
     source = load_source(schemas_dir or config.schemas_dir)
-    excluded = (config.metadata_schema,)
     with desired_database(servers.shadow, source, lambda dsn, skip, stop: load_desired(config, source, dsn, servers, skip, stop),
                           target_dsn=servers.target_dsn, keep=config.shadow_cache, sandbox=servers.loader) as shadow:
         shadow_dsn = servers.loader.login(shadow.dsn)
         with connect(shadow_dsn) as conn:
-            desired = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
-        with connect(servers.target_dsn) as conn:
-            settle(conn, config.metadata_schema)  # a dead run's INVALID index is debris, not drift
-            live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
-        differences = inspect.compare(desired, live)
-        if not differences:
-            return []
-        with connect(shadow_dsn) as conn:  # what differs only as PostgreSQL prints it is no drift
-            return list(roundtrip.settle(conn, desired, live, differences).remaining)
+            desired = inspect.snapshot(conn, exclude_schemas=(config.metadata_schema,), **managed(config))
+        yield shadow_dsn, desired
+
+
+def drift_of(config: Config, shadow_dsn: str, desired: inspect.SchemaSnapshot,
+             target_dsn: str) -> list[inspect.ObjectDifference]:
+    excluded = (config.metadata_schema,)
+    with connect(target_dsn) as conn:
+        settle(conn, config.metadata_schema)  # a dead run's INVALID index is debris, not drift
+        live = inspect.snapshot(conn, exclude_schemas=excluded, **managed(config))
+    differences = inspect.compare(desired, live)
+    if not differences:
+        return []
+    with connect(shadow_dsn) as conn:  # what differs only as PostgreSQL prints it is no drift
+        return list(roundtrip.settle(conn, desired, live, differences).remaining)
 
 
 def lint_schema(config: Config, environment: str, *, schemas_dir: Path | None = None) -> list[Finding]:

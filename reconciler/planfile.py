@@ -15,6 +15,8 @@ import os
 import re
 import secrets
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -107,6 +109,29 @@ def content_id(body_json: Mapping[str, Any]) -> str:
     for piece in _canonical_pieces(body_json):
         digest.update(piece)
     return "sha256:" + digest.hexdigest()
+
+
+_BODY_IDS: dict[int, tuple[weakref.ref[PlanBody], str]] = {}
+_BODY_IDS_LOCK = threading.Lock()
+
+
+def body_id(body: PlanBody) -> str:
+    """``content_id`` of a body, kept while the body lives: a fleet checks one plan's integrity for each of its
+    databases, and a big body takes a while to hash."""
+    with _BODY_IDS_LOCK:
+        kept = _BODY_IDS.get(id(body))
+    if kept is not None and kept[0]() is body:
+        return kept[1]
+    digest = content_id(body_to_json(body))
+    key = id(body)
+
+    def forget(_: object) -> None:
+        with _BODY_IDS_LOCK:
+            _BODY_IDS.pop(key, None)
+
+    with _BODY_IDS_LOCK:
+        _BODY_IDS[key] = (weakref.ref(body, forget), digest)
+    return digest
 
 
 _SLICE = 2000  # entries of a large dict encoded at a time

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .config import PASSPHRASE_ENV
 from .errors import ConfigError, RefusedError
 from .plan import Plan, Signature, iso_utc, parse_time
-from .planfile import body_to_json, canonical_json, content_id, read_plan, write_plan
+from .planfile import body_id, canonical_json, read_plan, write_plan
 from .yamlfile import load_validated
 
 if TYPE_CHECKING:  # cryptography is imported where keys are used: every plan and apply imports this module
@@ -237,7 +237,7 @@ def approve_file(plan_path: Path, key_path: Path, trust: Trust) -> tuple[Plan, S
         raise RefusedError(f"the key {key_path} ({key_fingerprint(key)}) is not an approver in {trust.path}")
     with PlanFileLock(plan_path):
         plan = read_plan(plan_path)
-        if content_id(body_to_json(plan.body)) != plan.id:
+        if body_id(plan.body) != plan.id:
             raise RefusedError(f"plan {plan.short_id}: the body does not hash to the plan id: refusing to approve an altered plan")
         if any(s.role == "planner" and s.key == key for s in plan.signatures):
             raise RefusedError(f"{approver.name} signed this plan as its planner and cannot also approve it")
@@ -322,7 +322,7 @@ def approval_status(plan: Plan, trust: Trust | None, req: Requirements) -> Appro
 def offline_checks(plan: Plan, trust: Trust | None, req: Requirements, now: datetime | None = None) -> list[Check]:
     """Every check that needs neither the database nor an apply, in the order apply runs them."""
     checks: list[Check] = []
-    intact = content_id(body_to_json(plan.body)) == plan.id
+    intact = body_id(plan.body) == plan.id
     checks.append(Check("integrity", intact, "the body hashes to the plan id" if intact
                         else "the body does not hash to the plan id: the file was altered"))
     bad: list[str] = []
@@ -357,4 +357,4 @@ def offline_checks(plan: Plan, trust: Trust | None, req: Requirements, now: date
 def enforce(checks: Sequence[Check], plan: Plan) -> None:
     for check in checks:
         if not check.ok:
-            raise RefusedError(f"plan {plan.short_id} refused ({check.name}): {check.message}")
+            raise RefusedError(f"plan {plan.short_id} refused ({check.name}): {check.message}", check=check.name)

@@ -4,6 +4,7 @@ in one database reported without stopping the others."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli import main
+from reconciler.fleet.members import member_key, select_shard, shard_of
 from reconciler.servers import Server, throwaway_database
 from tests.conftest import fetch_one, run_sql
 
@@ -63,13 +65,14 @@ def test_fleet_plans_once_per_state_and_applies_to_all_reporting_the_one_that_fa
     code = main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants"])
     out = capsys.readouterr().out
     assert code == 1
-    lines = {line.split()[0]: line for line in out.splitlines()[1:-1]}
-    assert len(lines) == 3
+    lines = {line.split()[0]: line for line in out.splitlines()[1:4]}
+    assert len(lines) == 3 and all(db.startswith("postgres@") for db in lines)
     statuses = {db: line.split()[1] for db, line in lines.items()}
     assert sorted(statuses.values()) == ["applied", "applied", "failed"]
     failed_line = next(line for line in lines.values() if " failed " in line)
     assert "accounts_balance_check" in failed_line and "is violated by some row" in failed_line
-    assert "3 database(s): 2 applied, 1 failed" in out
+    assert "What to do:\n  - 1 database(s) failed (failed: " in out and "apply again to retry only them" in out
+    assert re.search(r"^3 database\(s\) in [\d.]+ s: 2 applied, 1 failed$", out, re.M)
     for dsn in (first, third):
         assert fetch_one(dsn, "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 1
     assert fetch_one(second, "SELECT status FROM reconciler.runs") == "rolled back"  # its NOT VALID step undone
@@ -82,11 +85,14 @@ def test_fleet_apply_takes_only_its_shard(tmp_path: Path, pg_server: Server, ten
     config = _project(tmp_path, pg_server, f"databases: [{quoted}]")
     assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
     capsys.readouterr()
-    assert main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants", "--shard", "1/2"]) == 0
+    index = shard_of(member_key(tenants[1]), 2)  # the shard holding the second tenant: one at least
+    ours = select_shard(tenants, f"{index}/2")
+    assert main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants", "--shard", f"{index}/2"]) == 0
     out = capsys.readouterr().out
-    assert "1 database(s): 1 applied" in out
+    assert f"{len(ours)} database(s) in " in out and f"s: {len(ours)} applied" in out
     created = [fetch_one(t, "SELECT to_regclass('public.accounts') IS NOT NULL") for t in tenants]
-    assert created == [False, True, False]
+    assert created == [t in ours for t in tenants]
+    assert sorted(select_shard(tenants, f"{1 - index}/2") + ours) == sorted(tenants)  # the shards split the fleet
 
 
 def test_a_database_missing_from_the_plan_is_skipped_and_named(tmp_path: Path, pg_server: Server,
@@ -108,11 +114,11 @@ def test_fleet_auto_plans_and_applies_each_state(tmp_path: Path, pg_server: Serv
     quoted = ", ".join(f'"{t}"' for t in tenants)
     config = _project(tmp_path, pg_server, f"databases: [{quoted}]\nauto_apply: true")
     assert main(["--config", str(config), "apply", "--auto", "--env", "tenants"]) == 0
-    assert "3 database(s): 3 applied" in capsys.readouterr().out
+    assert "s: 3 applied" in capsys.readouterr().out
     for dsn in tenants:
         assert fetch_one(dsn, "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 1
     assert main(["--config", str(config), "apply", "--auto", "--env", "tenants"]) == 0
-    assert "3 database(s): 3 nothing" in capsys.readouterr().out
+    assert "s: 3 nothing" in capsys.readouterr().out
 
 
 def test_a_fleet_plan_is_one_comment_a_row_per_state_with_each_plan_folded(

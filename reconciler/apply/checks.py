@@ -74,8 +74,10 @@ def plan_checks(plan: Plan, options: ApplyOptions, conn: psycopg.Connection[Any]
     checks += preflight_checks(conn, plan, options)
     runs = history.runs_for_plan(conn, options.metadata_schema, plan.id)
     applied = [r for r in runs if r.status == "applied"]
-    checks.append(Check("replay", not applied, "not applied before" if not applied else
-                        f"already applied to this database by run {applied[0].id}: plans are not replayed"))
+    # right after integrity: a plan already applied here says so first, whatever else it fails now (expired, say),
+    # and a fleet counts the database done
+    checks.insert(1, Check("replay", not applied, "not applied before" if not applied else
+                           f"already applied to this database by run {applied[0].id}: plans are not replayed"))
     interrupted = interrupted_since(conn, options.metadata_schema, plan)
     checks.append(Check("interrupted", interrupted is None, "no run was interrupted since it was made"
                         if interrupted is None else f"run {interrupted.id} was interrupted after this plan was made; "

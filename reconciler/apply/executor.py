@@ -28,6 +28,7 @@ from ..diff.classify import recreated
 from ..diff.inspections import catalog_token
 from ..errors import ApplyError, LockTimeoutError, ReconcilerError, RefusedError
 from ..history import StepRecord
+from ..inspect import TargetIdentity, identity
 from ..logs import current_run
 from ..plan import Plan
 from ..safety import Step
@@ -42,7 +43,7 @@ from .backfill import run_backfill
 from .catch_up import run_catch_up
 from .checks import freshness, plan_checks, refuse_unless_target
 from .lock_order import other_order
-from .monitor import LockWaitMonitor
+from .monitor import LockWaitMonitor, lock_waits
 from .options import ApplyOptions, ApplyResult
 from .verification import (
     HELD_NOTE,
@@ -149,6 +150,17 @@ def _usable(conn: psycopg.Connection[Any]) -> bool:
     return not conn.closed and not conn.broken
 
 
+def _answers(conn: psycopg.Connection[Any]) -> bool:
+    """Usable, and answers a statement now (idle in autocommit: the control session)."""
+    if not _usable(conn):
+        return False
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
 class _Sessions:
     """The run's two connections, and a new executing session when the first is lost (terminated, say): the
     leftovers of its step and the undoing of its committed steps need the lock, and the run's row must name the
@@ -191,14 +203,17 @@ class _Sessions:
             executor.close()
 
 
-def apply_plan(plan: Plan, target_dsn: str, options: ApplyOptions) -> ApplyResult:
+def apply_plan(plan: Plan | Callable[[TargetIdentity], Plan], target_dsn: str, options: ApplyOptions) -> ApplyResult:
     """Run an approved plan against the target; refuses, or records the run as applied, failed, rolled back or
-    cancelled. Nothing is written to a target that refuses the plan."""
+    cancelled. Nothing is written to a target that refuses the plan. ``plan`` may be a choice made once the target
+    says who it is (a fleet's databases, each with the plan naming it, over no connection but the run's own)."""
     schema = options.metadata_schema
     with connect(target_dsn, application_name="reconciler control") as control:
         # what it reads of the catalog waits for a table's lock no longer than for the apply lock: a DDL held for
         # hours elsewhere is an error naming the wait, not a hang
         control.execute("SELECT set_config('lock_timeout', %s, false)", (f"{max(1, int(options.lock_wait_seconds * 1000))}ms",))
+        if not isinstance(plan, Plan):
+            plan = plan(identity(control))
         refuse_unless_target(plan, control)
         sessions = _Sessions(target_dsn, control, options)
         try:
@@ -249,7 +264,7 @@ class _Run:
             # what the objects hold that the plan does not manage, when it re-creates any (nothing else can lose it)
             before = held(self.plan, self.sessions.executor, self.schema) \
                 if recreated((s.kind, s.object) for s in self.plan.body.steps) else {}
-            with LockWaitMonitor(self.options.target_dsn, self.sessions.executor.info.backend_pid) \
+            with lock_waits(self.options.target_dsn, self.sessions.executor.info.backend_pid, self.options.lock_sampler) \
                     if self.options.target_dsn else contextlib.nullcontext() as monitor:
                 _execute(self.plan, self.sessions.executor, self.options, self.records, self.progress, monitor,
                          before)
@@ -324,21 +339,35 @@ class _Run:
             return
         check = freshness(self.control, self.plan, self.options)
         if not check.ok:
-            raise RefusedError(f"plan {self.plan.short_id} refused (freshness): {check.message}")
+            raise RefusedError(f"plan {self.plan.short_id} refused (freshness): {check.message}", check="freshness")
 
     def _stopped(self, exc: BaseException) -> NoReturn:
         """Settle what the run leaves, record it, and raise: what the step under way did (read from the catalog),
         committed steps undone where each can be, debris removed, or named for the next command to remove."""
         stopped_statement = isinstance(exc, psycopg.errors.QueryCanceled) or isinstance(exc.__cause__, psycopg.errors.QueryCanceled)
         signalled = self.signals.received is not None or isinstance(exc, KeyboardInterrupt | Interrupted)
+        # asked first, over a statement: a server that went down (or restarted) leaves the control session looking
+        # usable until it is used, and nothing below can be recorded then
+        control_alive = _answers(self.control)
         cancelled = signalled or isinstance(exc, Cancelled | backup.Stopped) or (
-            stopped_statement and _usable(self.control) and history.cancel_requested(self.control, self.schema, self.run_id))
+            stopped_statement and control_alive and history.cancel_requested(self.control, self.schema, self.run_id))
         message = "cancelled" if cancelled and not isinstance(exc, ApplyError) else _error_text(exc)
-        if not _usable(self.control):
-            raise ApplyError(
-                f"run {self.run_id}: the connection to the target was lost ({message}); its history row says "
-                "running until the next command (plan, history, apply...) finds its session gone and marks it "
-                "interrupted, removing what its step under way left", self.run_id) from None
+        if not control_alive:
+            self._lost(message)
+        try:
+            self._settle(exc, message, cancelled=cancelled, signalled=signalled)
+        except psycopg.OperationalError as again:
+            if _answers(self.control):
+                raise
+            self._lost(f"{message}; then {_error_text(again)}")
+
+    def _lost(self, message: str) -> NoReturn:
+        raise ApplyError(
+            f"run {self.run_id}: the connection to the target was lost ({message}); its history row says "
+            "running until the next command (plan, history, apply...) finds its session gone and marks it "
+            "interrupted, removing what its step under way left", self.run_id) from None
+
+    def _settle(self, exc: BaseException, message: str, *, cancelled: bool, signalled: bool) -> NoReturn:
         lost = not _usable(self.sessions.executor)
         if lost and not self.sessions.regain(self.run_id):
             self._record_lost(message)
@@ -372,7 +401,8 @@ class _Run:
         if signalled:  # the command ends as an interrupted one does (exit 130), watch stops as it does on a signal
             raise KeyboardInterrupt from None
         if isinstance(exc, RefusedError):
-            raise RefusedError(f"{exc}; nothing was changed (run {self.run_id} recorded as failed)") from None
+            raise RefusedError(f"{exc}; nothing was changed (run {self.run_id} recorded as failed)",
+                               check=exc.check) from None
         raise ApplyError(f"run {self.run_id} {'was cancelled' if cancelled else 'failed'}: {message}; {outcome_text}",
                          self.run_id) from None
 

@@ -12,6 +12,7 @@ from ..backup import Backup
 from ..history import StepRecord
 from ..safety import Step
 from ..signing import NO_REQUIREMENTS, Requirements, Trust
+from .monitor import LockWaitSampler
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ApplyOptions:
     reconnect_seconds: float = 10.0  # after losing its session: how long to try for a new one to clean up with
     cleanup_lock_timeout: str = "5s"  # removing what a stopped step left (an INVALID index) waits no longer
     backfill: BackfillLimits = field(default_factory=lambda: BackfillLimits())  # apply/backfill.py
+    lock_sampler: LockWaitSampler | None = None  # a fleet's, one per server: else each apply opens its own
     hold_contract: bool = False  # leave the contract phases (the columns a cut-over replaced are kept, in step)
 
 
