@@ -958,7 +958,12 @@ def cmd_watch(args: argparse.Namespace, config: Config) -> int:
     reports = logging.getLogger("reconciler.watch")
     if reports.getEffectiveLevel() > logging.INFO:
         reports.setLevel(logging.INFO)  # what the watcher reports is its output
-    Watcher(config, env, options, _apply_options(config, env, plan_file=False)).run()
+    if env.is_fleet:
+        from .fleet.watching import FleetWatcher
+
+        FleetWatcher(config, env, options, _apply_options(config, env, plan_file=False)).run()
+    else:
+        Watcher(config, env, options, _apply_options(config, env, plan_file=False)).run()
     return EXIT_OK
 
 

@@ -115,6 +115,13 @@ def apply(args: argparse.Namespace, config: Config, env: Environment, options: A
         plans = [p for p in map(read_plan, paths) if p.body.environment == env.name]
         if not plans:
             raise ReconcilerError(f"no plan for environment {env.name!r} in {args.plan}")
+        if not args.plan.is_dir():  # one group's plan file: the databases it names, the others left alone
+            named = {_key_of_label(t.label) for p in plans for t in p.body.fleet}
+            others = [m for m in members if member_key(m.dsn) not in named]
+            members = [m for m in members if member_key(m.dsn) in named]
+            if others:
+                print(f"{len(others)} database(s) of the fleet are not named by {args.plan}: not touched (apply the "
+                      "folder of the fleet's plans for all of them)", file=sys.stderr)
     with _progress(args, "applying", len(members)) as progress:
         outcomes = apply_fleet(plans, members, options, found, done=lambda o: progress.tick(o.ok))
     notes = actions(outcomes, missing=_not_listed(plans, dsns, args.shard), fleet_list=_list_name(env))

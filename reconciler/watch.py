@@ -99,7 +99,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 class Metrics:
     """The watcher's series, in a registry of its own (never the process-wide default one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, target: bool = True) -> None:
+        """``target``: one database's series too (its newest run, what stopped runs left, its backfills); a fleet's
+        watcher has series of its own instead (fleet/watching.py)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.last_run = Gauge("reconciler_last_run_timestamp_seconds",
@@ -112,17 +114,27 @@ class Metrics:
         self.plans = Counter("reconciler_plans", "Plans made, by result", ["result"], registry=r)
         self.applies = Counter("reconciler_applies", "Applies tried, by result", ["result"], registry=r)
         self.drift_checks = Counter("reconciler_drift_checks", "Drift checks, by result", ["result"], registry=r)
+        self.stage_duration = Histogram("reconciler_stage_duration_seconds", "Time spent planning, applying and "
+                                        "checking drift (a fleet's: reading its databases too)", ["stage"], registry=r,
+                                        buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
+        self.step_duration = Histogram("reconciler_step_duration_seconds", "Duration of each applied plan step, by "
+                                       "step kind", ["kind"], registry=r,
+                                       buckets=(0.005, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600))
+        if target:
+            self._target_series(r)
+        for counter, results in ((self.plans, PLAN_RESULTS), (self.applies, APPLY_RESULTS),
+                                 (self.drift_checks, DRIFT_RESULTS)):
+            for result in results:  # every series from the start, at 0, so rate() and alerts see them
+                counter.labels(result)
+        for stage in ("plan", "apply", "drift") if target else ("survey", "plan", "apply"):
+            self.stage_duration.labels(stage)
+
+    def _target_series(self, r: CollectorRegistry) -> None:
         self.target_run = Gauge("reconciler_target_last_run", "1 for the status of the newest run in the target's history "
                                 "(by anyone), as it truly is: a run whose applier is gone is interrupted", ["status"],
                                 registry=r)
         self.left_behind = Gauge("reconciler_target_cleanup_pending", "What stopped runs left in the target (an INVALID "
                                  "index, a helper constraint) and no command could remove yet", registry=r)
-        self.stage_duration = Histogram("reconciler_stage_duration_seconds", "Time spent planning, applying and "
-                                        "checking drift", ["stage"], registry=r,
-                                        buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
-        self.step_duration = Histogram("reconciler_step_duration_seconds", "Duration of each applied plan step, by "
-                                       "step kind", ["kind"], registry=r,
-                                       buckets=(0.005, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600))
         self.backfill_pages = Gauge("reconciler_backfill_pages", "Pages of the table a running backfill fills, and how "
                                     "many it has done", ["object", "of"], registry=r)
         self.backfill_rows = Gauge("reconciler_backfill_rows", "Rows a running backfill has filled", ["object"],
@@ -133,12 +145,6 @@ class Metrics:
                                      "waiters, an old transaction, an operator's pause)", ["object"], registry=r)
         self.backfill_left = Gauge("reconciler_backfill_seconds_left", "A running backfill's time left, as estimated "
                                    "from its rate", ["object"], registry=r)
-        for counter, results in ((self.plans, PLAN_RESULTS), (self.applies, APPLY_RESULTS),
-                                 (self.drift_checks, DRIFT_RESULTS)):
-            for result in results:  # every series from the start, at 0, so rate() and alerts see them
-                counter.labels(result)
-        for stage in ("plan", "apply", "drift"):
-            self.stage_duration.labels(stage)
         for status in RUN_STATUSES:
             self.target_run.labels(status)
 
@@ -186,8 +192,8 @@ class _SourceFilter(watchfiles.DefaultFilter):
 class Watcher:
     def __init__(self, config: Config, env: Environment, options: WatchOptions, apply_options: ApplyOptions) -> None:
         self.config, self.env, self.options = config, env, options
-        self.metrics = Metrics()
-        self.apply_options = replace(apply_options, on_backfill=self.metrics.backfill)
+        self.metrics = Metrics(target=not env.is_fleet)
+        self.apply_options = apply_options if env.is_fleet else replace(apply_options, on_backfill=self.metrics.backfill)
         self.reports: deque[Report] = deque(maxlen=500)  # the recent ones, for /healthz and tests
         self.address: tuple[str, int] | None = None  # where /metrics is served, once listening
         self.listening = threading.Event()
@@ -231,7 +237,7 @@ class Watcher:
             raise ConfigError(f"the schemas folder {schemas} does not exist")
         paths = [p for p in (schemas, self.config.policies_dir) if p.is_dir()]
         tick_ms = max(50, int(min(self.options.interval_seconds, 1.0) * 1000))
-        with self._signals(), open_servers(self.config, self.env) as servers, self._serving():
+        with self._signals(), self._target() as servers, self._serving():
             log.info("watching %s for environment %s (drift checks every %gs)",
                      ", ".join(map(str, paths)), self.env.name, self.options.interval_seconds)
             before: dict[str, tuple[int, int]] | None = _files(paths)
@@ -251,6 +257,10 @@ class Watcher:
                     continue
                 next_drift = time.monotonic() + self.options.interval_seconds
         log.info("stopped watching environment %s", self.env.name)
+
+    def _target(self) -> contextlib.AbstractContextManager[Any]:
+        """What every cycle works on, kept up for the loop's lifetime: the database's servers."""
+        return open_servers(self.config, self.env)
 
     def _cycle(self, servers: Servers, trigger: str, changed: str = "") -> None:
         if self._stop.is_set() or not self._no_apply_under_way(servers, trigger):
@@ -284,7 +294,7 @@ class Watcher:
             except Exception as exc:  # a bad edit (or a database away) is reported; the loop goes on
                 self.metrics.plans.labels("error").inc()
                 raced = attempt == 1 and self._latest_run(servers) != before
-                self._report(trigger, "error", _describe_error(exc) + ("; another apply ran meanwhile: planning again"
+                self._report(trigger, "error", describe_error(exc) + ("; another apply ran meanwhile: planning again"
                                                                       if raced else ""), logging.ERROR)
                 if raced:
                     continue
@@ -421,7 +431,7 @@ class Watcher:
             write_plan(plan, path)
             self.written[path] = plan
         except (ReconcilerError, OSError) as exc:
-            self._report(trigger, "error", f"plan {plan.short_id} could not be written: {_describe_error(exc)}",
+            self._report(trigger, "error", f"plan {plan.short_id} could not be written: {describe_error(exc)}",
                          logging.ERROR)
             return False
         self._report(trigger, "denied" if denied else "written",
@@ -442,7 +452,7 @@ class Watcher:
         except RefusedError as exc:  # e.g. stale: another watcher applied while this one waited for the lock
             outcome, message, level = "refused", f"not applied: {exc}{again}", logging.WARNING
         except Exception as exc:  # ApplyError: the run is recorded failed (or rolled back) in history
-            outcome, message, level = "failed", f"apply failed: {_describe_error(exc)}", logging.ERROR
+            outcome, message, level = "failed", f"apply failed: {describe_error(exc)}", logging.ERROR
         else:
             for step in result.steps:
                 self.metrics.step_duration.labels(step.kind).observe(step.duration_ms / 1000)
@@ -461,7 +471,7 @@ class Watcher:
                 differences = drift(self.config, servers, schemas_dir=self.options.schemas_dir)
         except Exception as exc:
             self.metrics.drift_checks.labels("error").inc()
-            self._report("drift", "error", _describe_error(exc), logging.ERROR)
+            self._report("drift", "error", describe_error(exc), logging.ERROR)
             return False
         held = self._held_contracts(servers) if differences else {}
         kept = {str(d): run for d in differences for run in [history.held_by(held, d.name, d.change)] if run}
@@ -592,7 +602,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ReconcilerError):
         return str(exc)
     return f"unexpected {type(exc).__name__}: {exc}"

@@ -287,3 +287,87 @@ def test_history_drift_and_apply_of_a_fleet_are_one_table_each_or_json(
 
 def out_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
     return capsys.readouterr().out.splitlines()
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"^{name}\{{{re.escape(wanted)}\}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def test_watch_keeps_a_fleet_in_step_with_its_series_in_metrics(tmp_path: Path, pg_server: Server) -> None:
+    """`watch --env FLEET`: the first cycle applies to every database; a database changed by hand is brought back
+    at the next look; /metrics counts the fleet's databases by state and its database applies by outcome."""
+    import urllib.request
+
+    with ExitStack() as stack:
+        dsns = _tenants(stack, pg_server, 3)
+        config = _project(tmp_path, pg_server, dsns, 4, "auto_apply: true\n")
+        proc = subprocess.Popen([EXE, "--config", str(config), "watch", "--env", "tenants", "--listen", "127.0.0.1:0",
+                                 "--interval", "1s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+
+        def metrics() -> str:
+            served = next((re.search(r"http://127\.0\.0\.1:(\d+)", line) for line in lines if "/metrics" in line), None)
+            if served is None:
+                return ""
+            with urllib.request.urlopen(f"http://127.0.0.1:{served.group(1)}/metrics", timeout=30) as response:
+                return str(response.read().decode())
+
+        def wait_for(what: str, test: object) -> str:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, f"watch exited ({proc.returncode}) before {what}: {''.join(lines)}"
+                assert time.monotonic() < deadline, f"gave up waiting for {what}: {''.join(lines)}"
+                text = metrics()
+                if text and test(text):  # type: ignore[operator]
+                    return text
+                time.sleep(0.2)
+
+        try:
+            text = wait_for("the fleet in step", lambda t: _metric(t, "reconciler_fleet_databases", fleet="tenants",
+                                                                    state="matches") == 3)
+            assert _metric(text, "reconciler_fleet_database_applies_total", fleet="tenants", status="applied") == 3
+            assert _metric(text, "reconciler_fleet_states", fleet="tenants") == 1
+            assert "reconciler_target_last_run" not in text  # one database's series: not a fleet's
+            assert all(_applied_runs(d) == 1 for d in dsns)
+            run_sql(dsns[1], "ALTER TABLE accounts DROP CONSTRAINT accounts_balance_check")  # changed by hand
+            wait_for("the changed one brought back", lambda t: _metric(
+                t, "reconciler_fleet_database_applies_total", fleet="tenants", status="applied") == 4)
+            assert fetch_one(dsns[1], "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 1
+            assert [_applied_runs(d) for d in dsns] == [1, 2, 1]
+            proc.send_signal(15)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, "".join(lines)
+        assert any("3 database(s) in 1 state(s): 3 match the desired schema" in line for line in lines), "".join(lines)
+
+
+def test_a_terminal_sees_the_fleets_progress_as_it_goes(tmp_path: Path, pg_server: Server) -> None:
+    import pty
+
+    with ExitStack() as stack:
+        dsns = _tenants(stack, pg_server, 2)
+        config = _project(tmp_path, pg_server, dsns, 4)
+        assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([EXE, "--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants"],
+                                stdout=subprocess.PIPE, stderr=follower, text=True)
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal's other end closed: the command ended
+                break
+            if not chunk:
+                break
+            seen += chunk
+        os.close(leader)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))
+    assert re.search(r"applying: [12] done, 0 failed, [01] left of 2 \([\d.]+/s", text), text
+    assert re.search(r"^2 database\(s\) in [\d.]+ s: 2 applied$", out, re.M)
