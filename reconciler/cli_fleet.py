@@ -203,29 +203,37 @@ def drift(args: argparse.Namespace, config: Config, env: Environment) -> int:
                 return row | {"status": "unreachable", "error": dsnlib.redact(f"{type(exc).__name__}: {exc}")}
             return row | {"status": "drifted" if found_now else "matches", "differences": [str(d) for d in found_now]}
 
-        def tick(row: dict[str, Any]) -> None:
-            progress.tick(row["status"] != "unreachable")
+        rows = per_server(members, lambda m: m.dsn, found, 1, one, lambda r: progress.tick(r["status"] != "unreachable"))
 
-        rows = per_server(members, lambda m: m.dsn, found, 1, one, tick)
-    counted: dict[str, int] = {}
-    for row in rows:
-        counted[row["status"]] = counted.get(row["status"], 0) + 1
-    seconds = time.monotonic() - started
-    if args.format == "json":
-        print(json.dumps({"databases": rows, "totals": counted, "seconds": round(seconds, 3)}, indent=2))
-    else:
-        width = max(len("DATABASE"), *(len(r["database"]) for r in rows))
-        print(f"{'DATABASE':<{width}}  {'STATUS':<11}  DIFFERENCES")
-        for r in rows:
-            detail = r.get("error") or ", ".join(r.get("differences", [])[:5]) + (
-                f" and {len(r['differences']) - 5} more" if len(r.get("differences", [])) > 5 else "")
-            print(f"{r['database']:<{width}}  {r['status']:<11}  {detail}".rstrip())
-        print(f"{len(rows)} database(s) in {seconds:.1f} s: " + ", ".join(f"{n} {s}" for s, n in sorted(counted.items())))
-        if counted.get("drifted"):
-            print("What to do: plan again (`reconciler plan --env " + env.name + "`) to bring the drifted ones back")
+    def line(r: dict[str, Any]) -> list[str]:
+        shown = r.get("differences", [])
+        return [r["status"], r.get("error") or ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5
+                                                                       else "")]
+
+    counted = _write_rows(args, rows, time.monotonic() - started, ["STATUS", "DIFFERENCES"], line)
+    if counted.get("drifted") and args.format != "json":
+        print(f"What to do: plan again (`reconciler plan --env {env.name}`) to bring the drifted ones back")
     if counted.get("unreachable"):
         return EXIT_ERROR
     return EXIT_CHANGES if counted.get("drifted") else EXIT_OK
+
+
+def _write_rows(args: argparse.Namespace, rows: Sequence[dict[str, Any]], seconds: float, header: list[str],
+                line: Callable[[dict[str, Any]], list[str]]) -> dict[str, int]:
+    """A row per database as a table (DATABASE, then ``header``'s columns, the last one unpadded) and the totals by
+    status, or all of it as JSON; the totals returned."""
+    counted: dict[str, int] = {}
+    for row in rows:
+        counted[row["status"]] = counted.get(row["status"], 0) + 1
+    if args.format == "json":
+        print(json.dumps({"databases": list(rows), "totals": counted, "seconds": round(seconds, 3)}, indent=2))
+        return counted
+    table = [["DATABASE", *header], *([r["database"], *line(r)] for r in rows)]
+    widths = [max(len(t[i]) for t in table) for i in range(len(header))]
+    for cells in table:
+        print("  ".join(c.ljust(widths[i]) if i < len(widths) else c for i, c in enumerate(cells)).rstrip())
+    print(f"{len(rows)} database(s) in {seconds:.1f} s: " + ", ".join(f"{n} {s}" for s, n in sorted(counted.items())))
+    return counted
 
 
 def history(args: argparse.Namespace, config: Config, env: Environment) -> int:
@@ -257,18 +265,11 @@ def history(args: argparse.Namespace, config: Config, env: Environment) -> int:
 
     with _progress(args, "reading history", len(dsns)) as progress:
         rows = per_server(dsns, lambda d: d, found, 1, one, lambda r: progress.tick(r["status"] != "unreachable"))
-    counted: dict[str, int] = {}
-    for row in rows:
-        counted[row["status"]] = counted.get(row["status"], 0) + 1
-    seconds = time.monotonic() - started
-    if args.format == "json":
-        print(json.dumps({"databases": rows, "totals": counted, "seconds": round(seconds, 3)}, indent=2))
-    else:
-        width = max(len("DATABASE"), *(len(r["database"]) for r in rows))
-        print(f"{'DATABASE':<{width}}  {'STATUS':<11}  {'STARTED (UTC)':<19}  {'PLAN':<12}  {'RUN':<36}  ERROR")
-        for r in rows:
-            when = r["started_at"][:19].replace("T", " ") if r.get("started_at") else "-"
-            print(f"{r['database']:<{width}}  {r['status']:<11}  {when:<19}  {r.get('plan') or '-':<12}  "
-                  f"{r.get('run') or '-':<36}  {r.get('error') or ''}".rstrip())
-        print(f"{len(rows)} database(s) in {seconds:.1f} s: " + ", ".join(f"{n} {s}" for s, n in sorted(counted.items())))
+
+    def line(r: dict[str, Any]) -> list[str]:
+        when = r["started_at"][:19].replace("T", " ") if r.get("started_at") else "-"
+        return [r["status"], when, r.get("plan") or "-", r.get("run") or "-", r.get("error") or ""]
+
+    counted = _write_rows(args, rows, time.monotonic() - started, ["STATUS", "STARTED (UTC)", "PLAN", "RUN", "ERROR"],
+                          line)
     return EXIT_ERROR if counted.get("unreachable") else EXIT_OK

@@ -37,7 +37,9 @@ class CommandHelp:
     example: str  # one command line, with a comment
 
     def epilog(self) -> str:
-        codes = "\n".join(f"  {code:<3} {meaning}" for code, meaning in sorted((*self.exits, *_COMMON)))
+        own = {code for code, _meaning in self.exits}
+        codes = "\n".join(f"  {code:<3} {meaning}" for code, meaning in sorted(
+            (*self.exits, *((c, m) for c, m in _COMMON if c not in own))))
         return f"exit codes:\n{codes}\n\nexample:\n  {self.example}"
 
 
@@ -132,8 +134,12 @@ COMMANDS: dict[str, CommandHelp] = {
         "apply a saved plan, or plan and apply with --auto",
         "Apply exactly the saved plan, after every check verify-plan prints (to the environment it was made for, "
         "unless --env says otherwise); or with --auto plan and apply in one go where the environment allows it. "
-        "For a fleet: a plan file or a folder of them, each applied to the databases in the state it was made for.",
-        ((EXIT_OK, "applied, or nothing to apply"), (EXIT_REFUSED, "refused (a check failed, --auto not allowed)")),
+        "For a fleet: a plan file (its databases) or a folder of them (each database with the newest plan naming "
+        "it), at most --concurrency connections on each server; a database already applied is done; the end is a "
+        "table, the totals and one line per problem saying what to do.",
+        ((EXIT_OK, "applied, or nothing to apply (a fleet: every database applied, done or unchanged)"),
+         (EXIT_ERROR, "error; a fleet: some database failed (the others went on)"),
+         (EXIT_REFUSED, "refused (a check failed, --auto not allowed)")),
         "reconciler apply plans/staging.json"),
     "diff": CommandHelp(
         "print the SQL that would make live equal desired",
@@ -142,14 +148,15 @@ COMMANDS: dict[str, CommandHelp] = {
         "reconciler diff --env staging > changes.sql"),
     "drift": CommandHelp(
         "is the live schema equal to the desired one?",
-        "Compare the live schema with the desired one and list the objects that differ. Only reads the target.",
-        ((EXIT_OK, "no drift"), (EXIT_CHANGES, "drift found")),
+        "Compare the live schema with the desired one and list the objects that differ. Only reads the target. "
+        "For a fleet: every database against the desired schema, loaded once, one line each.",
+        ((EXIT_OK, "no drift"), (EXIT_CHANGES, "drift found"), (EXIT_ERROR, "error; a fleet: some database unreachable")),
         "reconciler drift --env production"),
     "history": CommandHelp(
         "list apply runs recorded in the target",
         "List the apply runs recorded in the target's metadata schema, newest first: status, time, steps, plan, who, "
-        "errors, leftovers and backups.",
-        ((EXIT_OK, "listed"),),
+        "errors, leftovers and backups. For a fleet: each database's latest run, one line each.",
+        ((EXIT_OK, "listed"), (EXIT_ERROR, "error; a fleet: some database unreachable")),
         "reconciler history --env staging --limit 5"),
     "cache": CommandHelp(
         "list or clear the desired schemas kept as templates on the shadow server",

@@ -81,6 +81,10 @@ def test_drift_after_manual_alter(repo: Repo, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "column public.customers.nickname (unexpected)" in out
     assert "index public.orders_customer_id_idx (missing)" in out
+    assert repo.run("drift", "--format", "json") == 2
+    found = json.loads(capsys.readouterr().out)["differences"]
+    assert {"object": "public.customers.nickname", "change": "unexpected", "held_by": None} in found
+    assert {(d["object"], d["change"]) for d in found} >= {("public.orders_customer_id_idx", "missing")}
     assert repo.run("plan") == 2  # and the plan puts it back
 
 
