@@ -103,6 +103,14 @@ def _drops_option(p: argparse.ArgumentParser) -> None:
 PLAN_FORMATS = ("text", "markdown", "json", "github", "sarif", "svg")  # reconciler.render's (not imported for --help)
 
 
+def _shard(text: str) -> str:
+    """``I/N`` with 0 <= I < N, checked as the arguments are read: a wrong one is a usage error."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(count) >= 1 and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N, shard I of N, with 0 <= I < N (e.g. 0/4)")
+    return text
+
+
 def _format_option(p: argparse.ArgumentParser, choices: Sequence[str] = ("text", "markdown", "json")) -> None:
     p.add_argument("--format", "-f", choices=list(choices), default="text", help="output format (default: text)")
 
@@ -193,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("apply")
     p.add_argument("plan", type=Path, nargs="?", help="a plan file (for a fleet: a plan file or a folder of them)")
     p.add_argument("--auto", action="store_true", help="plan and apply in one go where the environment allows it")
-    p.add_argument("--shard", metavar="I/N", help="fleets: shard I of N (0-based), e.g. an indexed Job's pod: each "
+    p.add_argument("--shard", metavar="I/N", type=_shard, help="fleets: shard I of N (0-based), e.g. an indexed Job's pod: each "
                                                   "database falls in one shard, by its server and name")
     p.add_argument("--concurrency", type=int, metavar="N", help="fleets: the most connections taken on each server "
                                                                    "(a database being applied holds two; default: the "
@@ -365,7 +373,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         env = config.environments.get(plan.body.environment) if config is not None else None
         shown.append((plan, _approval_view(config, env, plan, path) if config is not None and env is not None else None))
     if args.format == "markdown" and args.plan.is_dir():
-        write_fleet(shown, sys.stdout)
+        from .fleet.planning import current
+
+        newest = {p.id for p in current([plan for plan, _view in shown])[0]}
+        if len(newest) < len(shown):  # planned again: each database counted once, with its newest plan
+            print(f"{len(shown) - len(newest)} older plan(s) in {args.plan} left out: each of their databases has a "
+                  "newer plan there", file=sys.stderr)
+        write_fleet([(plan, view) for plan, view in shown if plan.id in newest], sys.stdout)
     else:
         for plan, view in shown:
             sys.stdout.write(render(plan, args.format, view))
@@ -575,9 +589,8 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
     env = _env(config, args)
     if env.is_fleet:
-        from . import cli_fleet
-
-        return cli_fleet.drift(args, config, env)
+        raise ConfigError(f"environment {env.name!r} is a fleet: verify checks one database (--database DSN); "
+                          f"`reconciler drift --env {env.name}` compares every database with the desired schema")
     with open_servers(config, env) as servers:
         differences = drift(config, servers, schemas_dir=args.schemas)
         with connect(servers.target_dsn) as conn:
@@ -751,6 +764,19 @@ def _planner_key(args: argparse.Namespace, config: Config) -> PlannerKey | None:
     return planner_key(key_path, load_trust(config.trust_file)) if key_path else None
 
 
+def _fleet_of_plans(config: Config, args: argparse.Namespace) -> Environment | None:
+    """Without --env: the fleet environment a plan file (or a folder's first plan) was made for, if it is one."""
+    from .planfile import read_plan
+
+    if args.plan is None or args.database is not None:
+        return None
+    first = min(args.plan.glob("*.json"), default=None) if args.plan.is_dir() else args.plan
+    if first is None:
+        raise ReconcilerError(f"no plan file (*.json) in {args.plan}")
+    made_for = config.environments.get(read_plan(first).body.environment)
+    return made_for if made_for is not None and made_for.is_fleet else None
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     from dataclasses import replace
 
@@ -759,7 +785,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     from .planfile import read_plan
     from .render import render
 
-    fleet_env = _env(config, args) if args.env is not None else None
+    fleet_env = _env(config, args) if args.env is not None else _fleet_of_plans(config, args)
     if fleet_env is not None and fleet_env.is_fleet:
         from . import cli_fleet
 
@@ -1044,6 +1070,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader stopped reading (`| head`): nothing left to say, and nowhere to say it
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail again
+        return EXIT_ERROR
     except Exception as exc:  # a bug: say so in one line unless --debug
         if args.debug:
             raise

@@ -1,4 +1,5 @@
-"""Logging: stdlib ``logging`` to stderr, text or JSON, every line carrying the run id when there is one."""
+"""Logging: stdlib ``logging`` to stderr, text or JSON, every line carrying the run id when there is one, and the
+database when a command works on a fleet's (set by the thread working on it)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ from datetime import UTC, datetime
 from .dsn import redact
 
 current_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("reconciler_run_id", default=None)
+current_database: contextvars.ContextVar[str | None] = contextvars.ContextVar("reconciler_database", default=None)
 
 
 class _RunIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.run_id = current_run.get()
+        record.database = current_database.get()
         return True
 
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        run = getattr(record, "run_id", None)
-        prefix = f"[run {run[:8]}] " if run else ""
+        run, database = getattr(record, "run_id", None), getattr(record, "database", None)
+        prefix = (f"[{database}] " if database else "") + (f"[run {run[:8]}] " if run else "")
         text = f"{record.levelname.lower()}: {prefix}{record.getMessage()}"
         if record.exc_info:  # --debug logs the traceback of an expected error this way
             text += "\n" + self.formatException(record.exc_info)
@@ -31,11 +34,13 @@ class _TextFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        database = getattr(record, "database", None)
         entry = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "run_id": getattr(record, "run_id", None),
+            **({"database": database} if database else {}),
             "message": redact(record.getMessage()),
         }
         if record.exc_info:

@@ -158,3 +158,11 @@ def test_a_fleet_plan_is_one_comment_a_row_per_state_with_each_plan_folded(
 
     assert main(["--config", str(config), "show", str(tmp_path / "plans"), "--format", "markdown"]) == 0
     assert capsys.readouterr().out.count("### pg-reconciler fleet plan") == 1
+
+    assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2  # again
+    assert len(list((tmp_path / "plans").glob("*.json"))) == 4
+    capsys.readouterr()
+    assert main(["--config", str(config), "show", str(tmp_path / "plans"), "--format", "markdown"]) == 0
+    again = capsys.readouterr()
+    assert "**3 databases** in 2 states: 2 databases to change by 1 plan, 1 already as desired." in again.out
+    assert "2 older plan(s) in " in again.err  # each database counted once, with its newest plan

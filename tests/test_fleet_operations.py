@@ -262,7 +262,9 @@ def test_history_drift_and_apply_of_a_fleet_are_one_table_each_or_json(
         captured = capsys.readouterr()
         report = json.loads(captured.out)
         assert report["totals"] == {"applied": 3} and report["actions"] == []
-        assert {d["status"] for d in report["databases"]} == {"applied"} and all(d["run_id"] for d in report["databases"])
+        assert {d["status"] for d in report["databases"]} == {"applied"} and all(d["run"] for d in report["databases"])
+        started = [json.loads(line) for line in captured.err.splitlines() if '"message": "applying plan ' in line]
+        assert sorted(e["database"] for e in started) == sorted(d["database"] for d in report["databases"])  # named
         progress = [json.loads(line)["message"] for line in captured.err.splitlines() if '"applying: ' in line]
         assert progress and progress[-1].startswith("applying: 3 done, 0 failed, 0 left of 3")
 
@@ -333,8 +335,11 @@ def test_watch_keeps_a_fleet_in_step_with_its_series_in_metrics(tmp_path: Path, 
             assert "reconciler_target_last_run" not in text  # one database's series: not a fleet's
             assert all(_applied_runs(d) == 1 for d in dsns)
             run_sql(dsns[1], "ALTER TABLE accounts DROP CONSTRAINT accounts_balance_check")  # changed by hand
-            wait_for("the changed one brought back", lambda t: _metric(
+            text = wait_for("the changed one brought back", lambda t: _metric(
                 t, "reconciler_fleet_database_applies_total", fleet="tenants", status="applied") == 4)
+            assert _metric(text, "reconciler_applies_total", result="applied") == 4  # the loop's own count too
+            assert (_metric(text, "reconciler_drift_checks_total", result="found") or 0) >= 1
+            assert _metric(text, "reconciler_fleet_last_apply_databases", fleet="tenants", status="applied") == 1
             assert fetch_one(dsns[1], "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 1
             assert [_applied_runs(d) for d in dsns] == [1, 2, 1]
             proc.send_signal(15)
@@ -371,3 +376,19 @@ def test_a_terminal_sees_the_fleets_progress_as_it_goes(tmp_path: Path, pg_serve
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))
     assert re.search(r"applying: [12] done, 0 failed, [01] left of 2 \([\d.]+/s", text), text
     assert re.search(r"^2 database\(s\) in [\d.]+ s: 2 applied$", out, re.M)
+
+
+def test_a_shadow_on_one_of_the_fleets_servers_keeps_no_copies_there(
+        tmp_path: Path, pg_server: Server, small: tuple[EmbeddedCluster, Server],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The shadow cache keeps templates and copies of live on a shadow server of ours, never on a target's cluster:
+    nor on a server holding any of a fleet's databases, though the plan is made against one on another server."""
+    query = "SELECT count(*) FROM pg_database WHERE datname LIKE 'reconciler\\_template\\_%'"
+    with ExitStack() as stack:
+        dsns = _tenants(stack, small[1], 1) + _tenants(stack, pg_server, 1)  # planned against the first: on small
+        config = _project(tmp_path, pg_server, dsns, 4)
+        config.write_text(config.read_text().replace("shadow_cache: 0\n", ""))  # the default: kept where allowed
+        before = fetch_one(pg_server.dsn, query)
+        assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
+        assert fetch_one(pg_server.dsn, query) == before
+        capsys.readouterr()

@@ -19,6 +19,7 @@ from ..apply import ApplyOptions, apply_plan
 from ..apply.monitor import LockWaitSampler
 from ..errors import ApplyError, ReconcilerError, RefusedError
 from ..inspect import TargetIdentity
+from ..logs import current_database
 from ..plan import Plan
 from .members import Member
 from .placement import ServerShare, per_server
@@ -105,6 +106,7 @@ def apply_one(plans: Sequence[Plan], member: Member, options: ApplyOptions) -> O
         return Outcome(member.label, member.server, status, chosen[0].short_id if chosen else None,
                        duration_ms=(time.perf_counter() - started) * 1000, **fields)
 
+    named = current_database.set(member.label)  # its log lines name it: a fleet's interleave
     try:
         result = apply_plan(choose, member.dsn, options)
     except RefusedError as exc:
@@ -121,6 +123,8 @@ def apply_one(plans: Sequence[Plan], member: Member, options: ApplyOptions) -> O
     except Exception as exc:  # a bug of ours in one database's apply must not stop the others: shown with its type
         log.debug("apply to %s raised", member.label, exc_info=True)
         return outcome("failed", error=_one_line(f"{type(exc).__name__}: {exc}"), cause="failed")
+    finally:
+        current_database.reset(named)
     return outcome(result.status, steps=len(result.steps), run_id=result.run_id)
 
 

@@ -58,8 +58,10 @@ def shares(dsns: Sequence[str], concurrency: int) -> dict[str, ServerShare]:
         free = _free_connections(members[:PROBES])
         limit = concurrency if free is None else max(1, min(concurrency, free // 2))
         if free is not None and limit < concurrency:
-            log.warning("server %s has %d connection(s) free: the fleet takes at most %d there (half of them), not %d",
-                        server, free, limit, concurrency)
+            log.warning("server %s has %d connection(s) free: the fleet takes at most %d there (half of them), not %d%s",
+                        server, free, limit, concurrency,
+                        "; still one database at a time, and an apply holds two: it fails there if none frees up"
+                        if free < 4 else "")
         found[server] = ServerShare(server, limit, free)
     return found
 

@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict
 from typing import Any, TextIO
 
 from .applying import Outcome
@@ -150,5 +149,8 @@ def write_table(outcomes: Sequence[Outcome], out: TextIO, *, seconds: float, not
 
 
 def as_json(outcomes: Sequence[Outcome], *, seconds: float, notes: Sequence[str] = ()) -> dict[str, Any]:
-    return {"databases": [asdict(o) | {"ok": o.ok} for o in outcomes], "totals": totals(outcomes),
-            "seconds": round(seconds, 3), "actions": list(notes)}
+    """The fields named as history's and drift's JSON name them (database, plan, run)."""
+    return {"databases": [{"database": o.label, "server": o.server, "status": o.status, "ok": o.ok, "plan": o.plan_id,
+                           "run": o.run_id, "steps": o.steps, "duration_ms": round(o.duration_ms, 1), "error": o.error,
+                           "cause": o.cause} for o in outcomes],
+            "totals": totals(outcomes), "seconds": round(seconds, 3), "actions": list(notes)}

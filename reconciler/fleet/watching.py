@@ -48,7 +48,7 @@ class FleetWatcher(Watcher):
             self._report(trigger, "cancelled", "stopping: the step under way was cancelled", logging.WARNING)
             ok = False
         except Exception as exc:  # the fleet list unreadable, the shadow away: reported, and the loop goes on
-            self.metrics.plans.labels("error").inc()
+            (self.metrics.drift_checks if trigger == "drift" else self.metrics.plans).labels("error").inc()
             self._report(trigger, "error", describe_error(exc), logging.ERROR)
             ok = False
         self.metrics.last_run.set(time.time())
@@ -69,12 +69,15 @@ class FleetWatcher(Watcher):
         fleet.observe_states(matches=matching, differs=sum(len(g.members) for g in differing),
                              unreachable=len(unreachable), states=len(groups))
         self.metrics.drift.set(1 if differing else 0)
+        if trigger == "drift":  # a look every interval: a drift check (its plans are counted when one is due)
+            self.metrics.drift_checks.labels("found" if differing else "none").inc()
         outcomes = []
         written = 0
         for group in groups:
             plan = group.plan
             if not plan.body.steps:
-                self.metrics.plans.labels("no_changes").inc()
+                if trigger != "drift":
+                    self.metrics.plans.labels("no_changes").inc()
                 continue
             blockers = auto_apply_blockers(self.env, plan)
             if blockers:
@@ -84,6 +87,9 @@ class FleetWatcher(Watcher):
             with self._work("apply"):
                 outcomes += apply_fleet([plan], group.members, self.apply_options, found)
         fleet.observe_outcomes(outcomes)
+        for outcome in outcomes:  # the loop's own count of applies, as one database's watcher keeps it
+            if outcome.status in ("applied", "failed", "refused"):
+                self.metrics.applies.labels(outcome.status).inc()
         counted = totals(outcomes)
         summary = (f"{len(members)} database(s) in {len(groups)} state(s): {matching} match the desired schema, "
                    f"{sum(len(g.members) for g in differing)} differ, {len(unreachable)} unreachable")
@@ -116,8 +122,8 @@ class FleetSeries:
                                ["fleet", "state"], registry=registry)
         self.states = Gauge("reconciler_fleet_states", "Distinct live schema states at the last look", ["fleet"],
                             registry=registry)
-        self.last_apply = Gauge("reconciler_fleet_last_apply_databases", "Databases by outcome of the last cycle's "
-                                "applies", ["fleet", "status"], registry=registry)
+        self.last_apply = Gauge("reconciler_fleet_last_apply_databases", "Databases by outcome of the last cycle "
+                                "that applied a plan", ["fleet", "status"], registry=registry)
         self.applies = PromCounter("reconciler_fleet_database_applies", "Database applies, by outcome",
                                    ["fleet", "status"], registry=registry)
         for state in self.STATES:
@@ -133,6 +139,9 @@ class FleetSeries:
         self.states.labels(self.fleet).set(states)
 
     def observe_outcomes(self, outcomes: list[Any]) -> None:
+        """The last cycle that applied anything sets the gauges: a cycle with nothing to apply leaves them."""
+        if not outcomes:
+            return
         counted = Counter(o.status for o in outcomes)
         for status in self.OUTCOMES:
             self.last_apply.labels(self.fleet, status).set(counted.get(status, 0))
