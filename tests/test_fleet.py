@@ -166,3 +166,15 @@ def test_a_fleet_plan_is_one_comment_a_row_per_state_with_each_plan_folded(
     again = capsys.readouterr()
     assert "**3 databases** in 2 states: 2 databases to change by 1 plan, 1 already as desired." in again.out
     assert "2 older plan(s) in " in again.err  # each database counted once, with its newest plan
+
+
+def test_a_fleets_plans_apply_without_naming_the_environment_and_verify_points_to_drift(
+        tmp_path: Path, pg_server: Server, tenants: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    quoted = ", ".join(f'"{t}"' for t in tenants)
+    config = _project(tmp_path, pg_server, f"databases: [{quoted}]")
+    assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
+    capsys.readouterr()
+    assert main(["--config", str(config), "apply", str(tmp_path / "plans")]) == 0  # the plans' environment: a fleet
+    assert "s: 3 applied" in capsys.readouterr().out
+    assert main(["--config", str(config), "verify", "--env", "tenants"]) == 1
+    assert "verify checks one database (--database DSN); `reconciler drift --env tenants`" in capsys.readouterr().err
