@@ -20,7 +20,7 @@ from .apply import ApplyOptions
 from .cli_help import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from .config import Config, Environment
 from .errors import ReconcilerError, RefusedError
-from .fleet.applying import Outcome, apply_fleet
+from .fleet.applying import Outcome, apply_fleet, cause_of
 from .fleet.members import Member, listed, member_key, select_shard, survey
 from .fleet.placement import ServerShare, shares
 from .fleet.planning import plan_fleet
@@ -77,10 +77,24 @@ def plan(args: argparse.Namespace, config: Config, env: Environment, key: Planne
     failed = [m for m in members if m.error is not None]
     if args.format == "markdown":
         write_fleet(shown, sys.stdout, unreachable=[m.label for m in failed])
-    for member in failed:
-        print(f"error: {member.label}: {member.error}", file=sys.stderr)
+    _unreachable(failed)
     print(f"{len(members)} database(s): {len(plans)} distinct state(s), {len(failed)} unreachable", file=sys.stderr)
     return EXIT_ERROR if failed else status
+
+
+def _unreachable(failed: Sequence[Member]) -> None:
+    """One error line per database, or one per server for those a server down (or restarting) kept out."""
+    down: dict[str, list[Member]] = {}
+    for member in failed:
+        if member.error is not None and cause_of(member.error) == "server":
+            down.setdefault(member.server, []).append(member)
+    for server, members in down.items():
+        print(f"error: server {server} could not be reached: {len(members)} database(s) not read "
+              f"({members[0].error})", file=sys.stderr)
+    told = {m.dsn for members in down.values() for m in members}
+    for member in failed:
+        if member.dsn not in told:
+            print(f"error: {member.label}: {member.error}", file=sys.stderr)
 
 
 def apply(args: argparse.Namespace, config: Config, env: Environment, options: ApplyOptions) -> int:

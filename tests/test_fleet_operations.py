@@ -225,6 +225,11 @@ def test_faults_during_a_fleet_apply_are_each_one_line_with_what_to_do(
         assert _applied_runs(kept) == 1  # nothing else affected
         assert fetch_one(drifted, "SELECT count(*) FROM pg_constraint WHERE conname = 'accounts_balance_check'") == 0
 
+        assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "while-down")]) == 1
+        err = capsys.readouterr().err
+        assert re.search(r"^error: server socket:\S+ could not be reached: 3 database\(s\) not read \(", err, re.M)
+        assert err.count("error: ") == 1, err  # one line for the server, not one per database
+
         _pg_ctl(cluster, server, "start")
         code = main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants"])
         out = capsys.readouterr().out

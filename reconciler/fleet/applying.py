@@ -89,7 +89,7 @@ def apply_one(plans: Sequence[Plan], member: Member, options: ApplyOptions) -> O
     """Never raises: whatever goes wrong is this database's outcome. The plan is chosen once the database, over the
     run's own connection, says who it is: a database needs no connection of its own before its apply."""
     if member.error is not None:
-        return Outcome(member.label, member.server, "failed", error=member.error, cause=_cause(member.error))
+        return Outcome(member.label, member.server, "failed", error=member.error, cause=cause_of(member.error))
     chosen: list[Plan] = []
 
     def choose(identity: TargetIdentity) -> Plan:
@@ -117,9 +117,9 @@ def apply_one(plans: Sequence[Plan], member: Member, options: ApplyOptions) -> O
             return outcome("skipped", error=str(exc), cause="unplanned")
         return outcome("refused", error=_one_line(str(exc)), cause=exc.check or "refused")
     except ApplyError as exc:
-        return outcome("failed", run_id=exc.run_id, error=_one_line(str(exc)), cause=_cause(str(exc)))
+        return outcome("failed", run_id=exc.run_id, error=_one_line(str(exc)), cause=cause_of(str(exc)))
     except (ReconcilerError, psycopg.Error) as exc:
-        return outcome("failed", error=_one_line(str(exc)), cause=_cause(str(exc)))
+        return outcome("failed", error=_one_line(str(exc)), cause=cause_of(str(exc)))
     except Exception as exc:  # a bug of ours in one database's apply must not stop the others: shown with its type
         log.debug("apply to %s raised", member.label, exc_info=True)
         return outcome("failed", error=_one_line(f"{type(exc).__name__}: {exc}"), cause="failed")
@@ -132,7 +132,8 @@ def _one_line(text: str) -> str:
     return dsnlib.redact(" ".join(text.split()))
 
 
-def _cause(error: str) -> str:
+def cause_of(error: str) -> str:
+    """Which of the outcome's causes an error message tells (server, lost, gone), else failed."""
     if _LOST in error:
         return "lost"
     if _DATABASE_GONE.search(error):

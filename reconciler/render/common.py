@@ -50,19 +50,28 @@ def phase_label(steps: Sequence[Step]) -> str:
     return "one transaction" if len(steps) > 1 else "its own transaction"
 
 
+def applies_to(plan: Plan) -> str:
+    """What the plan is for: its database, or a fleet group's databases (three named, then how many more)."""
+    names = [t.database for t in plan.body.fleet] or [plan.body.target.database]
+    if len(names) == 1:
+        return names[0]
+    return f"{len(names)} databases ({', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''})"
+
+
 def summary_line(plan: Plan) -> str:
     steps = plan.body.steps
     if not steps:
-        return f"No changes: {plan.body.target.database} already matches the desired schema."
+        verb = "match" if len(plan.body.fleet) > 1 else "matches"
+        return f"No changes: {applies_to(plan)} already {verb} the desired schema."
     codes = sorted({h.code for _, h in plan.hazards})
     hazards = f", hazards: {', '.join(codes)}" if codes else ", no hazards"
     count = len({s.phase for s in steps})
     denied = plan.body.policy.denied
     if denied:
         return (f"BLOCKED by policy {', '.join(sorted({f.rule for f in denied}))}: {len(steps)} step(s) "
-                f"for {plan.body.target.database} may not be applied.")
+                f"for {applies_to(plan)} may not be applied.")
     return (f"{len(steps)} step{'s' if len(steps) != 1 else ''} in {count} phase{'s' if count != 1 else ''} "
-            f"to apply to {plan.body.target.database}{hazards}.")
+            f"to apply to {applies_to(plan)}{hazards}.")
 
 
 POLICY_BLOCKS = "Policy blocks this plan: approvals do not change that; change the schema or the policy."

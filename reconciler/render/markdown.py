@@ -9,7 +9,7 @@ from ..online import duration as describe_seconds
 from ..online import online_rewrites, span
 from ..plan import Plan
 from ..policy import approvals_needed
-from .common import POLICY_BLOCKS, ApprovalView, phase_label, phases
+from .common import POLICY_BLOCKS, ApprovalView, applies_to, phase_label, phases
 from .common import cell as _cell
 from .common import plural as _plural
 from .review import NOTHING_BLOCKS, about, approvals_line, blocking_lines, phase_locking, risk, step_range
@@ -51,6 +51,8 @@ def markdown_summary(plan: Plan, approvals: ApprovalView | None = None) -> str:
     """The line a reviewer reads first: size, hazards, what policy requires, whether the rehearsal converged."""
     b = plan.body
     if not b.steps:
+        if len(b.fleet) > 1:
+            return f"**No changes**: {applies_to(plan)} already match the desired schema."
         return f"**No changes**: `{b.target.database}` already matches the desired schema."
     hazards = plan.hazards
     codes = sorted({h.code for _, h in hazards})
@@ -125,7 +127,9 @@ def write_comment(plan: Plan, stream: TextIO, approvals: ApprovalView | None = N
         "",
         markdown_summary(plan, approvals),
         "",
-        f"Target `{b.target.database}` (PostgreSQL {b.target.server_version}); desired schema {git}"
+        (f"Target `{b.target.database}`" if len(b.fleet) < 2 else
+         f"For {applies_to(plan)}, in one state; read from `{b.target.database}`, whose sizes the estimates use")
+        + f" (PostgreSQL {b.target.server_version}); desired schema {git}"
         + (" with uncommitted changes" if b.desired.dirty else "") + ".",
     ]
     if b.steps:

@@ -8,7 +8,7 @@ from typing import TextIO
 from ..online import describe as describe_rewrite
 from ..online import online_rewrites
 from ..plan import Plan
-from .common import POLICY_BLOCKS, ApprovalView, indent, phase_label, phases, summary_line
+from .common import POLICY_BLOCKS, ApprovalView, applies_to, indent, phase_label, phases, summary_line
 from .review import NOTHING_BLOCKS, about, approvals_line, blocking_lines, phase_locking, risk
 
 
@@ -18,7 +18,11 @@ def write(plan: Plan, out: TextIO, approvals: ApprovalView | None = None) -> Non
     lines = [
         f"Plan {plan.short_id}  ({plan.id})",
         f"  environment  {b.environment}",
-        f"  target       {b.target.database} (PostgreSQL {b.target.server_version}, system {b.target.system_identifier})",
+        *([f"  target       {b.target.database} (PostgreSQL {b.target.server_version}, system "
+             f"{b.target.system_identifier})"] if len(b.fleet) < 2 else
+          [f"  fleet        {applies_to(plan)}, in one state",
+           f"  read from    {b.target.database} (PostgreSQL {b.target.server_version}, system "
+           f"{b.target.system_identifier}): the sizes and estimates below are its"]),
         f"  desired      {len(b.desired.files)} file(s) {git}{' + uncommitted changes' if b.desired.dirty else ''}",
         f"  created      {b.created_at} by reconciler {b.tool_version} ({b.engine})",
         *([f"  manages      {', '.join(b.manages)}"] if b.manages else []),
