@@ -142,9 +142,9 @@ def scratch_server(
 def throwaway_database(server: Server, purpose: str) -> Iterator[str]:
     """Create an empty database and drop it afterwards, whatever happens, Ctrl-C included."""
     name = f"reconciler_{purpose}_{secrets.token_hex(5)}"
-    with connect(server.dsn) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
-    try:
+    try:  # made inside: an interrupt landing as it is made drops it too (IF EXISTS: also when it was not)
+        with connect(server.dsn) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
         yield server.database_dsn(name)
     finally:
         drop_database(server, name)

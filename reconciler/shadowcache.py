@@ -238,11 +238,15 @@ def cached_database(server: Server, key: CacheKey | None, build: Callable[[str],
             return
     copy: str | None = None
     if key is not None and not shared:
+        name = f"reconciler_{purpose}_{secrets.token_hex(5)}"
         try:
-            copy = _copy_template(server, key, purpose)
+            copy = _copy_template(server, key, name)
         except Exception as exc:  # the cache is an optimisation: whatever fails, build as without it
             log.warning("shadow cache: %s; building %s instead", _describe(exc), what)
             key = None
+        except BaseException:  # interrupted (Ctrl-C, watch's SIGTERM) once the copy may exist: none is left behind
+            drop_database(server, name)
+            raise
     if copy is not None and key is not None:
         log.info("shadow cache: %s is a copy of kept database %s; not built again", what, key.template)
         try:
@@ -251,10 +255,10 @@ def cached_database(server: Server, key: CacheKey | None, build: Callable[[str],
             drop_database(server, copy)
         return
     name = f"reconciler_{purpose}_{secrets.token_hex(5)}"
-    if not (key is not None and seed is not None and _seed_quietly(seed, name, what)):
-        _create_empty(server, name)
     kept = False
-    try:
+    try:  # made inside: an interrupt just after it is made drops it too (IF EXISTS: also when it was not)
+        if not (key is not None and seed is not None and _seed_quietly(seed, name, what)):
+            _create_empty(server, name)
         build(server.database_dsn(name))
         if modifies and key is not None:
             kept = _keep_quietly(server, name, key, keep, what)
@@ -389,10 +393,9 @@ def live_copy_key(server: Server, target_dsn: str, live_fingerprint: str,
 
 # --- under the lock --------------------------------------------------------------------------------
 
-def _copy_template(server: Server, key: CacheKey, purpose: str) -> str | None:
-    """A new database copied from the key's kept database, or None when there is none or a plan is reading it
-    (``CREATE DATABASE ... TEMPLATE`` needs it to have no connection; new readers wait for the lock held here)."""
-    copy = f"reconciler_{purpose}_{secrets.token_hex(5)}"
+def _copy_template(server: Server, key: CacheKey, copy: str) -> str | None:
+    """``copy``, a new database copied from the key's kept database, or None when there is none or a plan is reading
+    it (``CREATE DATABASE ... TEMPLATE`` needs it to have no connection; new readers wait for the lock held here)."""
     with _locked(server) as conn:
         if _comment_of(conn, key.template).get("key") != key.digest or not _copy_unread(conn, copy, key.template):
             return None

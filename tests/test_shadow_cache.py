@@ -758,3 +758,27 @@ def test_watch_edits_its_last_plans_database_in_place(repo: Repo, shadow: Server
     assert messages.count("holds the previous desired schema; editing it in place") == 1
     assert fetch_one(repo.database, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'edited' "
                                     "AND column_name = 'note'") == 1
+
+
+def test_an_interrupt_just_as_a_scratch_database_is_made_leaves_none_behind(pg_server: Server) -> None:
+    """A Ctrl-C (or watch's SIGTERM) lands between the CREATE DATABASE and the block that drops it on the way out:
+    the database is dropped all the same. Here the seed makes the database, as a copy of a kept prefix would, and
+    the interrupt comes right after."""
+    from psycopg import sql as pgsql
+
+    from reconciler.shadowcache import CacheKey, cached_database
+
+    made: list[str] = []
+
+    def seed(name: str) -> bool:
+        with connect(pg_server.dsn) as conn:
+            conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+        made.append(name)
+        raise KeyboardInterrupt  # as a signal handler raises it, between two statements
+
+    key = CacheKey(digest="0" * 64, fingerprint="none")  # no such kept database: built, seeded first
+    with pytest.raises(KeyboardInterrupt), cached_database(pg_server, key, lambda dsn: None, keep=1, purpose="shadow",
+                                                           what="the test's schema", seed=seed):
+        pass
+    assert made
+    assert fetch_one(pg_server.dsn, f"SELECT count(*) FROM pg_database WHERE datname = '{made[0]}'") == 0
