@@ -31,9 +31,14 @@ from .signing import PlannerKey
 
 
 def _progress(args: argparse.Namespace, what: str, total: int) -> FleetProgress:
+    """A live line on a terminal; elsewhere a line every few seconds: a JSON log line, or plain text on stderr
+    (a CI job's log, where text logs show only warnings)."""
     console = Console(stderr=True)
-    live = console.is_terminal and args.log_format != "json"
-    return FleetProgress(what, total, console.status(what) if live else None)
+    if args.log_format == "json":
+        return FleetProgress(what, total)
+    if console.is_terminal:
+        return FleetProgress(what, total, console.status(what))
+    return FleetProgress(what, total, emit=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def _list_name(env: Environment) -> str:

@@ -63,8 +63,9 @@ def test_fleet_plans_once_per_state_and_applies_to_all_reporting_the_one_that_fa
 
     run_sql(second, "INSERT INTO accounts VALUES (1, -5)")  # this tenant's data breaks the new CHECK
     code = main(["--config", str(config), "apply", str(tmp_path / "plans"), "--env", "tenants"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 1
+    assert re.search(r"^applying: 2 done, 1 failed, 0 left of 3 \(", err, re.M), err  # no terminal: a line
     lines = {line.split()[0]: line for line in out.splitlines()[1:4]}
     assert len(lines) == 3 and all(db.startswith("postgres@") for db in lines)
     statuses = {db: line.split()[1] for db, line in lines.items()}

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TextIO
 
@@ -22,8 +22,11 @@ class FleetProgress:
     """Databases done, failed and left, the rate and the time left: a live line on a terminal, else a log line every
     few seconds and one at the end."""
 
-    def __init__(self, what: str, total: int, status: AbstractContextManager[Any] | None = None) -> None:
+    def __init__(self, what: str, total: int, status: AbstractContextManager[Any] | None = None,
+                 emit: Callable[[str], None] | None = None) -> None:
+        """``status``: a live line (a terminal's); else each line goes to ``emit`` (default: an info log line)."""
         self.what, self.total = what, total
+        self.emit = emit or (lambda line: log.info("%s", line))
         self.finished = self.failed = 0
         self.started = time.monotonic()
         self._logged = self.started
@@ -41,7 +44,7 @@ class FleetProgress:
         if self._status_cm is not None:
             self._status_cm.__exit__(None, None, None)
         elif self.total:
-            log.info("%s", self.line())
+            self.emit(self.line())
 
     def tick(self, ok: bool) -> None:
         with self._guard:
@@ -55,7 +58,7 @@ class FleetProgress:
         if self._status is not None:
             self._status.update(text)
         elif due:
-            log.info("%s", text)
+            self.emit(text)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
