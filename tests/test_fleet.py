@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,9 @@ def test_a_fleet_plan_is_one_comment_a_row_per_state_with_each_plan_folded(
     assert main(["--config", str(config), "show", str(tmp_path / "plans"), "--format", "markdown"]) == 0
     assert capsys.readouterr().out.count("### pg-reconciler fleet plan") == 1
 
+    made = max(json.loads(p.read_text())["body"]["created_at"] for p in (tmp_path / "plans").glob("*.json"))
+    while datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") <= made:  # plans are stamped to the second: a later one
+        time.sleep(0.05)
     assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2  # again
     assert len(list((tmp_path / "plans").glob("*.json"))) == 4
     capsys.readouterr()
