@@ -21,9 +21,9 @@ from .cli_help import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from .config import Config, Environment
 from .errors import ReconcilerError, RefusedError
 from .fleet.applying import Outcome, apply_fleet, cause_of
-from .fleet.members import Member, listed, member_key, select_shard, survey
+from .fleet.members import Member, label_key, listed, member_key, select_shard, survey
 from .fleet.placement import ServerShare, shares
-from .fleet.planning import plan_fleet
+from .fleet.planning import not_listed, plan_fleet
 from .fleet.report import FleetProgress, actions, as_json, write_table
 from .plan import Plan
 from .render.common import ApprovalView
@@ -135,7 +135,7 @@ def apply(args: argparse.Namespace, config: Config, env: Environment, options: A
         if not plans:
             raise ReconcilerError(f"no plan for environment {env.name!r} in {args.plan}")
         if not args.plan.is_dir():  # one group's plan file: the databases it names, the others left alone
-            named = {_key_of_label(t.label) for p in plans for t in p.body.fleet}
+            named = {label_key(t.label) for p in plans for t in p.body.fleet}
             others = [m for m in members if member_key(m.dsn) not in named]
             members = [m for m in members if member_key(m.dsn) in named]
             if others:
@@ -143,46 +143,11 @@ def apply(args: argparse.Namespace, config: Config, env: Environment, options: A
                       "folder of the fleet's plans for all of them)", file=sys.stderr)
     with _progress(args, "applying", len(members)) as progress:
         outcomes = apply_fleet(plans, members, options, found, done=lambda o: progress.tick(o.ok))
-    notes = actions(outcomes, missing=_not_listed(plans, dsns, args.shard), fleet_list=_list_name(env))
+    notes = actions(outcomes, missing=not_listed(plans, dsns, args.shard), fleet_list=_list_name(env))
     _write(args, outcomes, time.monotonic() - started, notes)
     if all(o.ok for o in outcomes):
         return EXIT_OK
     return EXIT_REFUSED if all(o.ok or o.status == "refused" for o in outcomes) else EXIT_ERROR
-
-
-def _not_listed(plans: Sequence[Plan], dsns: Sequence[str], shard: str | None) -> list[str]:
-    """Databases the plans name, of this shard, that the fleet list no longer has (by server and name); a plan
-    whose listed databases all have a newer plan is left out (it was made before they left, and planned again)."""
-    listed = {member_key(d) for d in dsns}
-    newest: dict[str, str] = {}
-    for p in plans:
-        for t in p.body.fleet:
-            key = _key_of_label(t.label)
-            newest[key] = max(newest.get(key, ""), p.body.created_at)
-    missing: dict[str, str] = {}
-    for p in plans:
-        keys = [_key_of_label(t.label) for t in p.body.fleet]
-        still = [k for k in keys if k in listed]
-        if still and all(newest[k] > p.body.created_at for k in still):
-            continue
-        missing.update((k, t.label) for k, t in zip(keys, p.body.fleet, strict=True)
-                       if k not in listed and _in_shard(k, shard))
-    return sorted(missing.values())
-
-
-def _key_of_label(label: str) -> str:
-    """A plan target's label is dsn.describe's ``[user@]host:port/db``: its key drops the user."""
-    head, _, tail = label.partition("@")
-    return tail if tail and "/" not in head else label
-
-
-def _in_shard(key: str, shard: str | None) -> bool:
-    from .fleet.members import shard_of
-
-    if not shard:
-        return True
-    index, count = (int(x) for x in shard.split("/", 1))
-    return shard_of(key, count) == index
 
 
 def _write(args: argparse.Namespace, outcomes: Sequence[Outcome], seconds: float, notes: Sequence[str]) -> None:

@@ -184,3 +184,19 @@ def test_a_fleets_plans_apply_without_naming_the_environment_and_verify_points_t
     assert "s: 3 applied" in capsys.readouterr().out
     assert main(["--config", str(config), "verify", "--env", "tenants"]) == 1
     assert "verify checks one database (--database DSN); `reconciler drift --env tenants`" in capsys.readouterr().err
+
+
+def test_one_plan_file_of_a_fleet_applies_to_the_databases_it_names_only(
+        tmp_path: Path, pg_server: Server, tenants: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    first, second, _third = tenants
+    run_sql(first, OLD)
+    run_sql(second, OLD)  # two states: the first two, and the empty third
+    quoted = ", ".join(f'"{t}"' for t in tenants)
+    config = _project(tmp_path, pg_server, f"databases: [{quoted}]")
+    assert main(["--config", str(config), "plan", "--env", "tenants", "-o", str(tmp_path / "plans")]) == 2
+    pair = next(p for p in (tmp_path / "plans").glob("*.json") if len(json.loads(p.read_text())["body"]["fleet"]) == 2)
+    capsys.readouterr()
+    assert main(["--config", str(config), "apply", str(pair), "--env", "tenants"]) == 0
+    out, err = capsys.readouterr()
+    assert "s: 2 applied" in out and "1 database(s) of the fleet are not named by" in err
+    assert [fetch_one(t, "SELECT to_regclass('reconciler.runs') IS NOT NULL") for t in tenants] == [True, True, False]

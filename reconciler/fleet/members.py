@@ -43,6 +43,19 @@ def member_key(dsn: str) -> str:
     return f"{dsnlib.server(dsn)}/{dsnlib.database_name(dsn) or ''}"
 
 
+def label_key(label: str) -> str:
+    """``member_key`` of a plan's fleet target, from its label (``dsn.describe``'s ``[user@]host:port/db``)."""
+    head, _, tail = label.partition("@")
+    return tail if tail and "/" not in head else label
+
+
+def in_shard(key: str, shard: str | None) -> bool:
+    if not shard:
+        return True
+    index, count = (int(x) for x in shard.split("/", 1))
+    return shard_of(key, count) == index
+
+
 def select_shard(dsns: Sequence[str], shard: str | None) -> list[str]:
     """``I/N``: the databases whose key hashes to I modulo N (0-based), e.g. a Kubernetes indexed Job's pod I of N.
     By hash, not by position: pods reading the list at different times (a database added or removed between) still

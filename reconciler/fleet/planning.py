@@ -15,7 +15,7 @@ from ..pipeline import make_plan, open_servers
 from ..plan import FleetTarget, Plan
 from ..planfile import body_id
 from ..servers import connect
-from .members import Member
+from .members import Member, in_shard, label_key, member_key
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,23 @@ def current(plans: Sequence[Plan]) -> tuple[list[Plan], list[Plan]]:
                                         for t in p.body.fleet)
         (kept if fresh else older).append(p)
     return kept, older
+
+
+def not_listed(plans: Sequence[Plan], dsns: Sequence[str], shard: str | None) -> list[str]:
+    """Databases the plans name, of this shard, that the fleet list no longer has (by server and name); a plan
+    whose listed databases all have a newer plan is left out (it was made before they left, and planned again)."""
+    listed = {member_key(d) for d in dsns}
+    newest: dict[str, str] = {}
+    for p in plans:
+        for t in p.body.fleet:
+            key = label_key(t.label)
+            newest[key] = max(newest.get(key, ""), p.body.created_at)
+    missing: dict[str, str] = {}
+    for p in plans:
+        keys = [label_key(t.label) for t in p.body.fleet]
+        still = [k for k in keys if k in listed]
+        if still and all(newest[k] > p.body.created_at for k in still):
+            continue
+        missing.update((k, t.label) for k, t in zip(keys, p.body.fleet, strict=True)
+                       if k not in listed and in_shard(k, shard))
+    return sorted(missing.values())
