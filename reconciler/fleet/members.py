@@ -50,6 +50,7 @@ def label_key(label: str) -> str:
 
 
 def in_shard(key: str, shard: str | None) -> bool:
+    """Is the database of ``key`` in shard ``I/N`` (already checked by select_shard or the argument's parser)?"""
     if not shard:
         return True
     index, count = (int(x) for x in shard.split("/", 1))
@@ -69,7 +70,7 @@ def select_shard(dsns: Sequence[str], shard: str | None) -> list[str]:
         raise ReconcilerError(f"--shard {shard!r}: use I/N, e.g. 0/4") from None
     if count < 1 or not 0 <= index < count:
         raise ReconcilerError(f"--shard {shard!r}: I must be between 0 and N-1")
-    return [d for d in dsns if shard_of(member_key(d), count) == index]
+    return [d for d in dsns if in_shard(member_key(d), shard)]
 
 
 def shard_of(key: str, count: int) -> int:
