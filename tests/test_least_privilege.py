@@ -104,9 +104,10 @@ def _superuser(server: Server) -> str:
 
 
 # (name, statements): each tries to leave the database; {marker} a file it would write, {role} a role it would make,
-# {superuser} the server's superuser
+# {superuser} the server's superuser. A program COPY writes to reads its input first: one that exits before the server
+# has written makes the COPY fail with a broken pipe, at random.
 ESCAPES = {
-    "copy to program": "COPY (SELECT 1) TO PROGRAM 'touch {marker}'",
+    "copy to program": "COPY (SELECT 1) TO PROGRAM 'cat >/dev/null; touch {marker}'",
     "copy from program": "COPY harmless (id) FROM PROGRAM 'touch {marker}'",
     "copy to a file": "COPY (SELECT 1) TO '{marker}'",
     "copy from a file": "COPY harmless (id) FROM '/proc/self/stat'",
@@ -114,9 +115,9 @@ ESCAPES = {
     "lo_export": "SELECT lo_export(lo_from_bytea(0, '1'), '{marker}')",
     "alter system": "ALTER SYSTEM SET work_mem = '7777kB'",
     "superuser role": "CREATE ROLE {role} SUPERUSER",
-    "set role": "SET ROLE {superuser};\nCOPY (SELECT 1) TO PROGRAM 'touch {marker}'",
-    "reset role": "RESET ROLE;\nCOPY (SELECT 1) TO PROGRAM 'touch {marker}'",
-    "session authorization": "SET SESSION AUTHORIZATION {superuser};\nCOPY (SELECT 1) TO PROGRAM 'touch {marker}'",
+    "set role": "SET ROLE {superuser};\nCOPY (SELECT 1) TO PROGRAM 'cat >/dev/null; touch {marker}'",
+    "reset role": "RESET ROLE;\nCOPY (SELECT 1) TO PROGRAM 'cat >/dev/null; touch {marker}'",
+    "session authorization": "SET SESSION AUTHORIZATION {superuser};\nCOPY (SELECT 1) TO PROGRAM 'cat >/dev/null; touch {marker}'",
     "extension": "CREATE EXTENSION file_fdw",
 }
 
@@ -158,7 +159,7 @@ def test_the_traces_are_real(pg_server: Server, marker: Path) -> None:
     missing trace there means refused."""
     role = f"escaped_{secrets.token_hex(4)}"
     with connect(pg_server.dsn) as conn:
-        conn.execute(sql.SQL("COPY (SELECT 1) TO PROGRAM {}").format(sql.Literal(f"touch {marker}")))
+        conn.execute(sql.SQL("COPY (SELECT 1) TO PROGRAM {}").format(sql.Literal(f"cat >/dev/null; touch {marker}")))
         conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER").format(sql.Identifier(role)))
         conn.execute("ALTER SYSTEM SET work_mem = '7777kB'")
         try:
@@ -268,7 +269,7 @@ def test_the_load_role_is_put_right(project: Project, pg_server: Server, marker:
         conn.execute(sql.SQL("ALTER ROLE {} SUPERUSER CREATEROLE").format(sql.Identifier(LOAD_ROLE)))
         conn.execute(sql.SQL("GRANT pg_execute_server_program TO {}").format(sql.Identifier(LOAD_ROLE)))
         conn.execute(sql.SQL("ALTER ROLE {} SET statement_timeout = 0").format(sql.Identifier(LOAD_ROLE)))
-    error = project.refused("dsn", f"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n")
+    error = project.refused("dsn", f"COPY (SELECT 1) TO PROGRAM 'cat >/dev/null; touch {marker}';\n")
     assert error.line == 1 and not marker.exists()
     with connect(pg_server.dsn) as conn:
         row = conn.execute("SELECT rolsuper, rolcreaterole, pg_has_role(%s, 'pg_execute_server_program', 'MEMBER') "
@@ -319,7 +320,7 @@ def _environment(cluster: EmbeddedCluster) -> tuple[set[str], list[bytes]]:
 def _as_superuser(marker: Path) -> str:
     """PL/pgSQL that writes ``marker`` when, and only when, it runs as a superuser."""
     return ("IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN\n"
-            f"    EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {marker}''';\nEND IF;\n")
+            f"    EXECUTE 'COPY (SELECT 1) TO PROGRAM ''cat >/dev/null; touch {marker}''';\nEND IF;\n")
 
 
 @pytest.mark.parametrize("shadow", SHADOWS)
@@ -381,7 +382,7 @@ def test_what_dumps_and_scripts_hold_still_loads(tmp_path: Path, database: str, 
 def test_lint_loads_as_the_load_role(project: Project, marker: Path) -> None:
     """`reconciler lint` loads the schema into an embedded shadow of its own: as the load role too."""
     (project.root / "schemas" / "schema.sql").write_text(f"CREATE TABLE t (id int);\n"
-                                                         f"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n")
+                                                         f"COPY (SELECT 1) TO PROGRAM 'cat >/dev/null; touch {marker}';\n")
     with pytest.raises(SchemaLoadError) as caught:
         lint_schema(load_config(project.root / "reconciler.yaml"), "embedded")
     assert caught.value.line == 2 and not marker.exists()
