@@ -520,6 +520,36 @@ def test_sessions_waiting_on_the_table_or_its_rows_pause_the_fill(database: str)
             w.close()
 
 
+def test_sessions_waiting_only_for_the_fills_own_batch_do_not_pause_it(database: str) -> None:
+    """A writer waiting for a row a running batch holds goes on when that batch commits: pausing the next batch (other
+    rows) would not let it go sooner, and only made the fill a second slower each time."""
+    run_sql(database, LIVE)
+    batch = connect(database, autocommit=False)  # as a fill's session holds the rows of its batch
+    batch.execute("SELECT 1 FROM users WHERE id IN (5, 6, 7) FOR UPDATE")
+    waiters = [connect(database) for _ in range(3)]
+    threads = [threading.Thread(target=w.execute, args=(f"UPDATE users SET note = 'w' WHERE id = {5 + n}",))
+               for n, w in enumerate(waiters)]
+    for thread in threads:
+        thread.start()
+    try:
+        with connect(database) as conn:
+            watch = _Watch(conn, "public.users.email_key", '"public"."users"', BackfillLimits(max_lock_waiters=2))
+            deadline = time.monotonic() + 30
+            while not watch.reasons():  # while the holding session is another's, they are a reason to pause
+                assert time.monotonic() < deadline, "the waiting sessions were never seen"
+                time.sleep(0.05)
+            assert watch.reasons() == ["3 sessions wait for a lock on the table (limit 2)"]
+            watch.ours = [batch.info.backend_pid]
+            assert watch.reasons() == []
+            batch.rollback()
+            for thread in threads:
+                thread.join(timeout=30)
+    finally:
+        batch.close()
+        for w in waiters:
+            w.close()
+
+
 def test_an_operator_pauses_throttles_and_resumes_a_fill_from_another_shell(
         project: Project, capsys: pytest.CaptureFixture[str]) -> None:
     run_sql(project.database, "INSERT INTO users (email) SELECT 'More' || g || '@Example.com' "

@@ -348,10 +348,13 @@ class _Watch:
                 found.append(f"replica {name!r} has {_mib(behind)} of WAL still to replay (limit "
                              f"{_mib(limits.max_replica_bytes)})")
         row = self.conn.execute(
-            # sessions waiting for a lock on the table, or for a row of it (those hold a lock on the table meanwhile)
+            # sessions waiting for a lock on the table, or for a row of it (those hold a lock on the table meanwhile),
+            # but not those waiting only for a batch of the fill's own: that batch commits on its own within its
+            # time, and a pause before the next (other pages, other rows) would not let them go sooner
             "SELECT (SELECT count(DISTINCT w.pid) FROM pg_locks w WHERE NOT w.granted AND w.pid <> ALL(%(ours)s) "
             " AND (w.relation = %(t)s::regclass "
-            " OR EXISTS (SELECT FROM pg_locks h WHERE h.pid = w.pid AND h.granted AND h.relation = %(t)s::regclass))), "
+            " OR EXISTS (SELECT FROM pg_locks h WHERE h.pid = w.pid AND h.granted AND h.relation = %(t)s::regclass)) "
+            " AND NOT pg_blocking_pids(w.pid) <@ %(ours)s::int[]), "
             "(SELECT extract(epoch FROM max(now() - xact_start))::float8 FROM pg_stat_activity "
             " WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid() "
             " AND backend_type = 'client backend' AND application_name NOT LIKE 'reconciler %%')",
