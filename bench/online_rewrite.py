@@ -30,6 +30,7 @@ not a test: it asserts nothing about timings.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import random
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise RuntimeError(f"the plan ended {result.status}")
             return run
 
-        results = []
+        results, errors = [], []
         with cloned_database(server, template, "raw") as live, tempfile.TemporaryDirectory() as folder:
             print("raw ALTER under load ...", file=sys.stderr)
             if case.raw:
@@ -290,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             writes, started, ended = under_load(live, case, args.rows, args.writers, args.lead, args.tail, raw, args.rate)
             results.append((summarise("raw ALTER", writes.log, started, ended, tuple((s, 0.0) for s in statements)),
                             check_end(live, before, ledger_rows, writes, case)))
+            errors.append(writes.log.errors)
         with cloned_database(server, template, "plan") as live, tempfile.TemporaryDirectory() as folder:
             print("planning ...", file=sys.stderr)
             planned = time.perf_counter()
@@ -302,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append((summarise("compiled plan", writes.log, started, ended,
                                       tuple((s.sql, 0.0) for s in plan.body.steps)),
                             check_end(live, before, ledger_rows, writes, case)))
+            errors.append(writes.log.errors)
     pace = f"{args.rate:g} pairs/s each" if args.rate > 0 else "back to back"
     print(f"\ncase {args.case}: {args.rows:,} accounts, {ledger_rows:,} ledger rows, {args.writers} writers (each: an UPDATE "
           f"of accounts.balance, an INSERT into ledger; {pace}); backfill batches of about {args.batch}s, "
@@ -310,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for result, end in results:
         print(f"{result.mode:<14} {result.apply_seconds:>8.1f} {result.inserts:>8,} {result.stall_ms:>9.0f} "
               f"{result.p99_ms:>8.1f} {result.gap_ms:>8.0f} {result.errors:>6}  {end}")
+    for (result, _end), failed in zip(results, errors, strict=True):
+        for message, count in collections.Counter(failed).most_common():
+            print(f"  {result.mode} writers' error, {count}x: {message}")
     raw_result, plan_result = results[0][0], results[1][0]
     print(f"\nlongest stall: {plan_result.stall_ms:.0f} ms vs raw ALTER's {raw_result.stall_ms:.0f} ms "
           f"({raw_result.stall_ms / plan_result.stall_ms:.0f}x shorter); total time {plan_result.apply_seconds:.1f} s vs "
