@@ -156,6 +156,10 @@ def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, da
     kinds = [s.kind for s in plan.body.steps]
     assert kinds.index("create_trigger") < kinds.index("copy_rows") < kinds.index("catch_up") < kinds.index("cutover") \
         < kinds.index("verify_copy") < kinds.index("contract"), kinds
+    # the index that is no key built once the rows are copied, by one sort, not row by row as the copy goes
+    (index,) = [s for s in plan.body.steps if "accounts_name_idx" in s.sql and s.sql.startswith("CREATE INDEX")]
+    assert index.kind == "create_index" and kinds.index("copy_rows") < index.index - 1 < kinds.index("catch_up"), kinds
+    assert index.sql.startswith('CREATE INDEX IF NOT EXISTS accounts_name_idx ON reconciler_shadow_'), index.sql
     assert not [h for s in plan.body.steps for h in s.hazards if h.code == "TABLE_REWRITE"]
     cutover = [s for s in plan.body.steps if s.kind == "cutover"]
     assert len({s.phase for s in cutover}) == 1 and cutover[0].sql.startswith('LOCK TABLE "public"."ledger", '

@@ -2,11 +2,12 @@
 unlogged) as a shadow table, without stopping writes:
 
 1. (expand, one transaction) the old table's indexes renamed away (all of them carry the rebuild's suffix until the
-   contract); the new table, with its partitions, indexes and constraints, empty, built under the final names in a
+   contract); the new table, with its partitions and constraints, empty, built under the final names in a
    schema of its own (``reconciler_shadow_<tag>``: every name PostgreSQL gives a partition's index is then the one
    the desired schema has); a log table, and a trigger on the old table that records every insert, update and delete
    there (the row before and after);
-2. (backfill) the old table's rows copied, a range of its pages per transaction (``apply/backfill.py``); then the
+2. (backfill) the old table's rows copied, a range of its pages per transaction (``apply/backfill.py``); its other
+   indexes built on them (each by one sort, not row by row during the copy; no one else writes to it); then the
    log replayed in the order the writes were made until little is left (``apply/catch_up.py``), each entry
    deleting the row's old version from the new table by live's primary key and inserting its new one;
 3. (cut-over, one short transaction under ``lock_timeout``) the rest of the log replayed under lock, the capture
@@ -93,12 +94,19 @@ def _created(statement: str) -> str:
     return f"{node.relation.schemaname}.{node.relation.relname}"
 
 
-def _definition(rebuild: Rebuild, moved: dict[str, str]) -> list[str]:
-    """The new table, its partitions, keys, indexes, comments and grants, each table of ``moved`` ('schema.table' ->
-    schema) in the schema given (each statement IF NOT EXISTS: what a run stopped part-way made is gone on with)."""
-    statements = [rebuild.create, *rebuild.partitions, *rebuild.keys, *rebuild.indexes, *rebuild.comments,
-                  *rebuild.grants]
+def _definition(rebuild: Rebuild, moved: dict[str, str], *, indexes: bool = True) -> list[str]:
+    """The new table, its partitions, keys, indexes (unless ``indexes`` is false), comments and grants, each table of
+    ``moved`` ('schema.table' -> schema) in the schema given (each statement IF NOT EXISTS: what a run stopped
+    part-way made is gone on with)."""
+    statements = [rebuild.create, *rebuild.partitions, *rebuild.keys, *(rebuild.indexes if indexes else ()),
+                  *rebuild.comments, *rebuild.grants]
     return [_retarget(statement, moved) for statement in statements]
+
+
+def _index_name(statement: str) -> str:
+    node = pglast.parse_sql(statement)[0].stmt
+    assert isinstance(node, ast.IndexStmt) and node.relation is not None
+    return f"{node.relation.schemaname}.{node.idxname}"
 
 
 def _retarget(statement: str, moved: dict[str, str]) -> str:
@@ -254,7 +262,7 @@ def _online(ctx: Context, rebuild: Rebuild) -> list[Draft]:
         *_renames(ctx, rebuild, n),
         (q("CREATE SCHEMA IF NOT EXISTS {}", sql.Identifier(n.shadow)), "create_schema", n.shadow,
          q("DROP SCHEMA IF EXISTS {} CASCADE", sql.Identifier(n.shadow))),
-        *((text, "rebuild_table", table, "") for text in _definition(rebuild, moved)),
+        *((text, "rebuild_table", table, "") for text in _definition(rebuild, moved, indexes=False)),
         *_helpers(rebuild, n)]
     hazard = ctx.hazard(HazardCode.BLOCKS_WRITES, f"{table} {rebuild.why}: built again beside it as a shadow table "
                         "while writes go on (expand, copy, catch-up, cut-over, contract); writes wait for the brief lock "
@@ -269,6 +277,14 @@ def _online(ctx: Context, rebuild: Rebuild) -> list[Draft]:
                                _overriding(rebuild), columns, sql.Identifier(*parts)), kind=COPY_KIND, object=source, tables=(source,),
                          transactional=False, stage=BACKFILL, rollback_sql="", reversible=True, identity=parts,
                          helper=True))
+    # the indexes other than the keys built once the rows are there, each by one sort as CREATE INDEX does, not
+    # row by row as the copy went: only this run's steps write to the new table (the trigger writes to the log), so
+    # the lock a plain build takes stops no one (the keys come with the table: the copy's ON CONFLICT and the
+    # replay find rows by them)
+    for text in rebuild.indexes:
+        index = _retarget(text, moved)
+        out.append(Draft(sql=index, kind="create_index", object=_index_name(index), tables=(table,), stage=BACKFILL,
+                         rollback_sql="", reversible=True, helper=True))
     # the rows copied vacuumed and analysed before the table goes live: it has statistics for the application's
     # queries from the swap on, and autovacuum, whose threshold the copy passed, does not start on it just as the
     # cut-over needs it (the cut-over gives up in 500 ms, before autovacuum would let go of it)
