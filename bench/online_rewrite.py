@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{result.mode:<14} {result.apply_seconds:>8.1f} {result.inserts:>8,} {result.stall_ms:>9.0f} "
               f"{result.p99_ms:>8.1f} {result.gap_ms:>8.0f} {result.errors:>6}  {end}")
     for (result, _end), failed in zip(results, errors, strict=True):
-        for message, count in collections.Counter(failed).most_common():
+        for message, count in collections.Counter(m.splitlines()[0] for m in failed).most_common():
             print(f"  {result.mode} writers' error, {count}x: {message}")
     raw_result, plan_result = results[0][0], results[1][0]
     print(f"\nlongest stall: {plan_result.stall_ms:.0f} ms vs raw ALTER's {raw_result.stall_ms:.0f} ms "
