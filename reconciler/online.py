@@ -59,7 +59,8 @@ def online_rewrites(steps: Sequence[Step]) -> tuple[OnlineRewrite, ...]:
         # before the cut-over, what carries the tag (a plan that only drops what a held contract kept has none)
         tagged = [s for s in steps if cutover and s.index < cutover[0] and s.kind != "cutover"
                   and (tag in s.object or tag in s.sql)]
-        fill_kinds = ("backfill", "verify_copy", "create_index_concurrently", "copy_rows", "vacuum_analyze", "catch_up")
+        fill_kinds = ("backfill", "verify_copy", "create_index_concurrently", "create_index", "copy_rows",
+                      "vacuum_analyze", "catch_up")  # create_index: a shadow table's, built after its copy
         expanding = {s.phase for s in tagged if s.kind not in fill_kinds and s.kind != "validate_constraint"}
         expand = tuple(s.index for s in steps if s.phase in expanding)  # with what shares their transaction
         sized = next((h for s in steps if s.index in expand or s.index in cutover or s is contract for h in s.hazards

@@ -166,7 +166,9 @@ def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, da
                                                                               '"public"."accounts"')
     assert plan.body.rehearsal.status == "converged"
     text, markdown = render_text(plan), render_markdown(plan)
-    assert "public.accounts becomes partitioned by RANGE (created_at): ~20,000 rows; expand steps" in text, text
+    expand, catch_up = max(i for i, k in enumerate(kinds, 1) if k == "create_trigger"), kinds.index("catch_up") + 1
+    assert (f"public.accounts becomes partitioned by RANGE (created_at): ~20,000 rows; expand steps 1-{expand}; "
+            f"backfill steps {expand + 1}-{catch_up}, ") in text, text  # the index built after the copy is the fill's
     assert "| `public.accounts` becomes partitioned by RANGE (created_at) | 20,000 |" in markdown, markdown
 
     with _Writers(database) as writers:
