@@ -189,31 +189,42 @@ def _replay_body(rebuild: Rebuild, n: _Names) -> sql.Composed:
     """Up to ``batch`` entries of the log (all: NULL), oldest first, replayed set-wise: every key they touch deleted
     from the new table, then each key's last entry's row inserted where that entry leaves a row under the key. The
     batch is read once into a temporary table: each statement of a function sees the commits made meanwhile, and
-    all of them must work on the same entries."""
+    all of them must work on the same entries.
+
+    Where the new table's key holds live's and more (a partitioned table's holds its partition key), the rows deleted
+    are found by it, each version the entries name looked for in its one partition, not in every partition. A row
+    whose partition key changed may then stay under its old version a while, until the entry that replaced that
+    version is replayed and deletes it: the copy, done before the replay begins, put in a version that was current
+    then (the one its last entry left, or the row before its first), and each version after is the old row of the
+    next entry, so every version but the last is deleted by the time the cut-over has replayed the whole log."""
     keys = [sql.Identifier(k) for k in rebuild.key]
     first = keys[0]
     tmp = sql.Identifier(f"reconciler_replay_{n.tag}")
-
-    def key_of(row: str) -> sql.Composable:
-        return sql.SQL(", ").join(sql.SQL("({}).{} AS {}").format(sql.SQL(row), k, k) for k in keys)
-
     entry, was, now = (sql.Identifier(f"reconciler {c}") for c in ("entry", "was", "now"))
-    touched = sql.SQL("SELECT {entry}, {now}, {was_key} FROM {tmp} WHERE ({was}).{first} IS NOT NULL UNION ALL "
-                      "SELECT {entry}, {now}, {now_key} FROM {tmp} WHERE ({now}).{first} IS NOT NULL").format(
-        entry=entry, was=was, now=now, was_key=key_of('"reconciler was"'), now_key=key_of('"reconciler now"'), tmp=tmp,
-        first=first)
+
+    def touched_by(columns: Sequence[sql.Identifier]) -> sql.Composable:
+        def key_of(row: sql.Identifier) -> sql.Composable:
+            return sql.SQL(", ").join(sql.SQL("({}).{} AS {}").format(row, k, k) for k in columns)
+        return sql.SQL("SELECT {entry}, {now}, {was_key} FROM {tmp} WHERE ({was}).{first} IS NOT NULL UNION ALL "
+                       "SELECT {entry}, {now}, {now_key} FROM {tmp} WHERE ({now}).{first} IS NOT NULL").format(
+            entry=entry, was=was, now=now, was_key=key_of(was), now_key=key_of(now), tmp=tmp, first=first)
+
+    touched = touched_by(keys)
+    narrower = set(rebuild.key) < set(rebuild.new_key) <= set(rebuild.columns)
+    found_by = [sql.Identifier(k) for k in rebuild.new_key] if narrower else keys
     key_list = sql.SQL(", ").join(keys)
     return sql.SQL(
         "DECLARE done integer; BEGIN "
         "CREATE TEMP TABLE IF NOT EXISTS {tmp} ({entry} bigint, {was} {t}, {now} {t}) ON COMMIT DROP; TRUNCATE {tmp}; "
         "INSERT INTO {tmp} SELECT {entry}, {was}, {now} FROM {log} ORDER BY {entry} LIMIT batch; "
         "GET DIAGNOSTICS done = ROW_COUNT; IF done = 0 THEN RETURN 0; END IF; "
-        "DELETE FROM {new} n USING (SELECT DISTINCT {keys} FROM ({touched}) x) k WHERE {match}; "
+        "DELETE FROM {new} n USING (SELECT DISTINCT {found_by} FROM ({versions}) x) k WHERE {match}; "
         "INSERT INTO {new} ({columns}){overriding} SELECT {values} FROM (SELECT DISTINCT ON ({keys}) {entry}, {now}, {keys} "
         "FROM ({touched}) x ORDER BY {keys}, {entry} DESC) last WHERE {stays}; "
         "DELETE FROM {log} l USING {tmp} b WHERE l.{entry} = b.{entry}; RETURN done; END").format(
         tmp=tmp, t=n.t, log=n.log, new=n.new, keys=key_list, touched=touched, entry=entry, was=was, now=now,
-        match=sql.SQL(" AND ").join(sql.SQL("n.{} = k.{}").format(k, k) for k in keys),
+        found_by=sql.SQL(", ").join(found_by), versions=touched_by(found_by),
+        match=sql.SQL(" AND ").join(sql.SQL("n.{} = k.{}").format(k, k) for k in found_by),
         columns=sql.SQL(", ").join(sql.Identifier(c) for c in rebuild.columns), overriding=_overriding(rebuild),
         values=sql.SQL(", ").join(sql.SQL("(last.{}).{}").format(now, sql.Identifier(c)) for c in rebuild.columns),
         stays=sql.SQL(" AND ").join(sql.SQL("(last.{}).{} = last.{}").format(now, k, k) for k in keys))
