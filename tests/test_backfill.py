@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -494,12 +495,16 @@ def test_the_fill_waits_while_a_replica_falls_behind(replicated: tuple[Server, S
         time.sleep(0.1)
 
 
-def test_sessions_waiting_on_the_table_or_its_rows_pause_the_fill(database: str) -> None:
+@contextlib.contextmanager
+def _three_waiting(database: str, rows: tuple[int, int, int]) -> Iterator[tuple[psycopg.Connection[Any], _Watch]]:
+    """Three sessions waiting to update ``rows``, held by a session of ours; the watch has seen them (limit 2). Once
+    the holder lets go, they go on and the watch sees none."""
     run_sql(database, LIVE)
     holder = connect(database, autocommit=False)
-    holder.execute("SELECT 1 FROM users WHERE id = 5 FOR UPDATE")
-    waiters = [connect(database) for _ in range(3)]
-    threads = [threading.Thread(target=w.execute, args=("UPDATE users SET note = 'w' WHERE id = 5",)) for w in waiters]
+    holder.execute("SELECT 1 FROM users WHERE id = ANY(%s) FOR UPDATE", (list(rows),))
+    waiters = [connect(database) for _ in rows]
+    threads = [threading.Thread(target=w.execute, args=(f"UPDATE users SET note = 'w' WHERE id = {row}",))
+               for w, row in zip(waiters, rows, strict=True)]
     for thread in threads:
         thread.start()
     try:
@@ -510,6 +515,7 @@ def test_sessions_waiting_on_the_table_or_its_rows_pause_the_fill(database: str)
                 assert time.monotonic() < deadline, "the waiting sessions were never seen"
                 time.sleep(0.05)
             assert watch.reasons() == ["3 sessions wait for a lock on the table (limit 2)"]
+            yield holder, watch
             holder.rollback()
             for thread in threads:
                 thread.join(timeout=30)
@@ -520,34 +526,17 @@ def test_sessions_waiting_on_the_table_or_its_rows_pause_the_fill(database: str)
             w.close()
 
 
+def test_sessions_waiting_on_the_table_or_its_rows_pause_the_fill(database: str) -> None:
+    with _three_waiting(database, (5, 5, 5)):
+        pass
+
+
 def test_sessions_waiting_only_for_the_fills_own_batch_do_not_pause_it(database: str) -> None:
     """A writer waiting for a row a running batch holds goes on when that batch commits: pausing the next batch (other
     rows) would not let it go sooner, and only made the fill a second slower each time."""
-    run_sql(database, LIVE)
-    batch = connect(database, autocommit=False)  # as a fill's session holds the rows of its batch
-    batch.execute("SELECT 1 FROM users WHERE id IN (5, 6, 7) FOR UPDATE")
-    waiters = [connect(database) for _ in range(3)]
-    threads = [threading.Thread(target=w.execute, args=(f"UPDATE users SET note = 'w' WHERE id = {5 + n}",))
-               for n, w in enumerate(waiters)]
-    for thread in threads:
-        thread.start()
-    try:
-        with connect(database) as conn:
-            watch = _Watch(conn, "public.users.email_key", '"public"."users"', BackfillLimits(max_lock_waiters=2))
-            deadline = time.monotonic() + 30
-            while not watch.reasons():  # while the holding session is another's, they are a reason to pause
-                assert time.monotonic() < deadline, "the waiting sessions were never seen"
-                time.sleep(0.05)
-            assert watch.reasons() == ["3 sessions wait for a lock on the table (limit 2)"]
-            watch.ours = [batch.info.backend_pid]
-            assert watch.reasons() == []
-            batch.rollback()
-            for thread in threads:
-                thread.join(timeout=30)
-    finally:
-        batch.close()
-        for w in waiters:
-            w.close()
+    with _three_waiting(database, (5, 6, 7)) as (batch, watch):  # as a fill's session holds the rows of its batch
+        watch.ours = [batch.info.backend_pid]
+        assert watch.reasons() == []
 
 
 def test_an_operator_pauses_throttles_and_resumes_a_fill_from_another_shell(
