@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "environment's concurrency, 4)")
     _format_option(p, ("text", "json"))
     p.add_argument("--hold-contract", action="store_true",
-                   help="online rewrites: stop before each contract (the drop of the column a cut-over replaced); the "
-                        "old column is kept in step, so `reconciler rollback RUN_ID` can still swap back in one short "
-                        "lock; a later plan drops it")
+                   help="online rewrites: stop before each contract (the drop of the column or table a cut-over "
+                        "replaced: `show` gives its steps); the old one is kept in step, so `reconciler rollback "
+                        "RUN_ID` can still swap back in one short lock; a later plan drops it")
     _target_options(p, env_default="the plan's environment; with --auto, local")
     _schemas_option(p)
     _drops_option(p)

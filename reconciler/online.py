@@ -27,10 +27,11 @@ class OnlineRewrite:
     expand: tuple[int, ...]
     backfill: tuple[int, ...]  # fill, index builds, the check of every row
     cutover: tuple[int, ...]
-    contract: tuple[int, ...]
+    contract: tuple[int, ...]  # with what shares its transactions (the lock it takes first)
     locks: tuple[str, ...]  # the tables the cut-over locks
     reads: int = 0  # the batched passes over the table (the fill, the check of every row)
     change: str = ""  # what a table built again becomes ("becomes partitioned by RANGE (created_at)")
+    checks: tuple[int, ...] = ()  # after the cut-over, before the contract: every row checked, foreign keys validated
 
     @property
     def subject(self) -> str:
@@ -69,12 +70,18 @@ def online_rewrites(steps: Sequence[Step]) -> tuple[OnlineRewrite, ...]:
         change = next((h.message.split(": built again", 1)[0].removeprefix(f"{subject} ") for s in steps
                        if s.index in expand for h in s.hazards if ": built again" in h.message), "") if whole else ""
         sized = sized or next((h for s in steps if s.index in expand for h in s.hazards if h.rows is not None), None)
+        after = cutover[-1] if cutover else 0
+        ending = {s.phase for s in steps if s.index > after and tag in s.object
+                  and s.kind in ("contract", "drop_trigger", "drop_function")}
+        ends = tuple(s.index for s in steps if s.phase in ending)
+        relation = subject if whole else table
+        checks = tuple(s.index for s in steps if after and after < s.index < (ends[0] if ends else len(steps) + 1) and (
+            (s.kind == "verify_copy" and (tag in s.object or tag in s.sql))
+            or (s.kind == "validate_constraint" and relation in s.tables)))
         found.append(OnlineRewrite(
             column=subject, change=change, rows=sized.rows if sized else None, bytes=sized.bytes if sized else None,
             expand=expand, backfill=tuple(s.index for s in tagged if s.kind in fill_kinds), cutover=cutover,
-            contract=tuple(s.index for s in steps if s.index > (cutover[-1] if cutover else 0) and tag in s.object
-                           and s.kind in ("contract", "drop_trigger", "drop_function")),
-            locks=first.tables if first else (table,),
+            contract=ends, locks=first.tables if first else (table,), checks=checks,
             reads=sum(1 for s in tagged if s.kind in ("backfill", "verify_copy", "copy_rows"))))
     return tuple(found)
 
@@ -94,9 +101,10 @@ def describe(rewrite: OnlineRewrite) -> str:
         return f"{rewrite.subject}: the contract of an earlier cut-over, {span(rewrite.contract)} ({size})"
     estimate = "under 1 s" if rewrite.seconds and rewrite.seconds < 1 else f"about {duration(rewrite.seconds)}"
     took = f", {estimate} at ~{FILL_ROWS_PER_SECOND:,} rows/s" if rewrite.seconds else ""
+    checked = f"checked after it: {span(rewrite.checks)}; " if rewrite.checks else ""
     return (f"{rewrite.subject}: {size}; expand {span(rewrite.expand)}; backfill {span(rewrite.backfill)}{took}; "
             f"cut-over {span(rewrite.cutover)} (one short transaction, locks {', '.join(rewrite.locks)}); "
-            f"contract {span(rewrite.contract)}")
+            f"{checked}contract {span(rewrite.contract)}")
 
 
 def duration(seconds: float | None) -> str:

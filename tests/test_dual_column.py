@@ -206,7 +206,7 @@ def test_an_int_primary_key_and_the_foreign_key_to_it_become_bigint_while_writes
     shown, comment = render_text(plan), render_markdown(plan)  # each rewrite's phases, rows and estimate
     assert re.search(r"public\.accounts\.id: ~20,000 rows; expand steps \d+-\d+; backfill steps \d+-\d+, under 1 s at "
                      r"~100,000 rows/s; cut-over steps \d+-\d+ \(one short transaction, locks public\.ledger, "
-                     r"public\.accounts\); contract steps \d+-\d+", shown), shown
+                     r"public\.accounts\); checked after it: step \d+; contract steps \d+-\d+", shown), shown
     assert re.search(r"\| `public\.ledger\.account_id` \| 20,000 \| steps \d+-\d+ \| steps \d+-\d+", comment), comment
     validations = [s for s in steps if s.kind == "validate_constraint" and s.object == "public.ledger.ledger_account_id_fkey"]
     assert len(validations) == 1 and validations[0].phase > cutover[-1].phase  # once, after the cut-over

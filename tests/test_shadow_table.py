@@ -174,6 +174,12 @@ def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, da
     expand, catch_up = max(i for i, k in enumerate(kinds, 1) if k == "create_trigger"), kinds.index("catch_up") + 1
     assert (f"public.accounts becomes partitioned by RANGE (created_at): ~20,000 rows; expand steps 1-{expand}; "
             f"backfill steps {expand + 1}-{catch_up}, ") in text, text  # the index built after the copy is the fill's
+    # every row checked and the foreign key validated after the cut-over; the contract's transaction whole, from the
+    # lock it takes first
+    checked, locked = kinds.index("verify_copy") + 1, max(i for i, k in enumerate(kinds, 1) if k == "lock_table")
+    assert kinds[checked - 1:locked - 1] == ["verify_copy", "validate_constraint"], kinds
+    assert f"checked after it: steps {checked}-{locked - 1}; contract steps {locked}-{len(kinds)}" in text, text
+    assert plan.body.steps[locked - 1].phase == plan.body.steps[-1].phase
     assert "| `public.accounts` becomes partitioned by RANGE (created_at) | 20,000 |" in markdown, markdown
 
     with _Writers(database) as writers:

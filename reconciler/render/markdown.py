@@ -144,14 +144,16 @@ def write_comment(plan: Plan, stream: TextIO, approvals: ApprovalView | None = N
             out.append(f"| {step.index} | `{hazard.code}` | `{_cell(step.object)}` | {asked} | {_cell(hazard.message)} |")
     rewrites = online_rewrites(b.steps)
     if rewrites:
-        out += ["", "#### Online rewrites", "", "| rewrite | rows | expand | backfill | cut-over | contract |",
-                "|---|---:|---|---|---|---|"]
+        out += ["", "#### Online rewrites", "",
+                "| rewrite | rows | expand | backfill | cut-over | checked after it | contract |",
+                "|---|---:|---|---|---|---|---|"]
         for r in rewrites:
             took = f" (about {describe_seconds(r.seconds)})" if r.seconds else ""
             change = f" {_cell(r.change)}" if r.change else ""
             out.append(f"| `{_cell(r.column)}`{change} | {'' if r.rows is None else f'{r.rows:,}'} | {span(r.expand)} | "
                        f"{span(r.backfill)}{took} | {span(r.cutover)}: one short transaction, locks "
-                       f"{_cell(', '.join(f'`{t}`' for t in r.locks))} | {span(r.contract)} |")
+                       f"{_cell(', '.join(f'`{t}`' for t in r.locks))} | {span(r.checks) if r.checks else ''} | "
+                       f"{span(r.contract)} |")
     if b.policy.findings or b.policy.windows or b.policy.auto_apply_blocked_by:
         out += ["", "#### Policy"]
     if b.policy.findings:
