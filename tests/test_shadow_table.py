@@ -180,6 +180,7 @@ def test_a_plain_table_becomes_partitioned_while_writes_go_on(tmp_path: Path, da
     assert kinds[checked - 1:locked - 1] == ["verify_copy", "validate_constraint"], kinds
     assert f"checked after it: steps {checked}-{locked - 1}; contract steps {locked}-{len(kinds)}" in text, text
     assert plan.body.steps[locked - 1].phase == plan.body.steps[-1].phase
+    assert f"phase {index.phase} (step {index.index}, its own transaction" in text, text  # one step: "step"
     assert "| `public.accounts` becomes partitioned by RANGE (created_at) | 20,000 |" in markdown, markdown
 
     with _Writers(database) as writers:

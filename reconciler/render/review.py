@@ -161,7 +161,8 @@ NOTHING_BLOCKS = "nothing: no phase holds a lock reads or writes wait behind"
 
 def blocking_lines(plan: Plan) -> list[str]:
     """One line per phase that holds a lock reads or writes wait behind; empty when none does."""
-    return [f"phase {p.phase} (steps {step_range(p.steps)}, {p.runs_as}, {about(p.seconds)}): "
+    return [f"phase {p.phase} (step{'s' if len(p.steps) > 1 else ''} {step_range(p.steps)}, {p.runs_as}, "
+            f"{about(p.seconds)}): "
             + "; ".join(describe_lock(lock, p.sizes) for lock in p.blocking)
             + (f"; asked for by {', '.join(p.causes)}" if p.causes else "")
             for p in phase_locking(plan) if p.blocking]
