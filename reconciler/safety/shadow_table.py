@@ -9,7 +9,8 @@ unlogged) as a shadow table, without stopping writes:
 2. (backfill) the old table's rows copied, a range of its pages per transaction (``apply/backfill.py``); its other
    indexes built on them (each by one sort, not row by row during the copy; no one else writes to it); then the
    log replayed in the order the writes were made until little is left (``apply/catch_up.py``), each entry
-   deleting the row's old version from the new table by live's primary key and inserting its new one;
+   deleting the row's old version from the new table by live's primary key (by the new one where it holds live's
+   and the partition key: see ``_replay_body``) and inserting its new one;
 3. (cut-over, one short transaction under ``lock_timeout``) the rest of the log replayed under lock, the capture
    dropped, the old table (and its partitions) renamed away, the new one and its partitions moved to the table's
    schema, the shadow schema dropped, the foreign keys to the table re-pointed NOT VALID (validated after, writes going on),
